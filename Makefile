@@ -1,0 +1,34 @@
+# The README's two commands: `make run` (the whole local stack) and `make test`.
+# Both install what is missing first, so a fresh clone needs only Python 3.11 and Node 20.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PY_STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+
+.PHONY: deps run test lint bench soak clean
+
+$(PY_STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+deps: $(PY_STAMP) $(NODE_STAMP)
+
+run: deps
+	$(PY) -m devstack.run
+
+test: deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(PY_STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) node_modules .azurite .pytest_cache .ruff_cache

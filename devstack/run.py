@@ -1,0 +1,109 @@
+"""`make run`: the whole local stack in one command, stopped together on Ctrl-C.
+
+Creates local.settings.json from the sample when it is absent, starts each component on its
+loopback port, wires the endpoints the components need into the host's environment (which wins
+over local.settings.json, as it does under Core Tools), prints each URL, and stops everything
+when interrupted or when any component dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from devstack.procs import ROOT, Azurite, ManagedProcess, http_ok, port_open, python_module
+
+
+@dataclass(frozen=True)
+class Ports:
+    host: int = 7071
+    azurite: tuple[int, int, int] = (10000, 10001, 10002)
+
+
+DATA_DIR = ROOT / ".azurite"
+
+
+def ensure_local_settings(root: Path = ROOT) -> Path:
+    target = root / "local.settings.json"
+    if not target.exists():
+        shutil.copyfile(root / "local.settings.sample.json", target)
+        print(f"created {target.name} from local.settings.sample.json")
+    return target
+
+
+def local_values(settings_file: Path) -> dict[str, str]:
+    return {k: str(v) for k, v in json.loads(settings_file.read_text()).get("Values", {}).items()}
+
+
+def busy(port: int, what: str) -> None:
+    if port_open(port):
+        sys.exit(f"port {port} for {what} is already in use: stop what holds it, or pass another port")
+
+
+def build_stack(ports: Ports, settings_file: Path, data_dir: Path) -> list[tuple[ManagedProcess, str]]:
+    """Each component with the URL a person would open; started in this order."""
+    azurite = Azurite(location=data_dir, ports=ports.azurite, log_path=data_dir / "logs" / "azurite.log")
+    host_env = {
+        **os.environ,
+        **local_values(settings_file),
+        "AzureWebJobsStorage": azurite.connection_string,
+        "PYTHONUNBUFFERED": "1",
+    }
+    host = ManagedProcess(
+        "functions host",
+        python_module("devstack.host", "--port", str(ports.host), "--settings", str(settings_file)),
+        env=host_env,
+        ready=lambda: http_ok(f"http://127.0.0.1:{ports.host}/api/health"),
+    )
+    return [
+        (azurite, f"table storage http://127.0.0.1:{azurite.table_port}/devstoreaccount1 (Azurite, data in {data_dir})"),
+        (host, f"http://127.0.0.1:{ports.host}/api/health"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the relay's whole local stack.")
+    parser.add_argument("--host-port", type=int, default=Ports.host)
+    parser.add_argument("--azurite-ports", default=",".join(map(str, Ports.azurite)),
+                        help="blob,queue,table ports (default 10000,10001,10002)")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where Azurite keeps its data")
+    args = parser.parse_args(argv)
+    blob, queue, table = (int(p) for p in args.azurite_ports.split(","))
+    ports = Ports(host=args.host_port, azurite=(blob, queue, table))
+    for port in (ports.host, *ports.azurite):
+        busy(port, "the local stack")
+
+    settings_file = ensure_local_settings()
+    stack = build_stack(ports, settings_file, args.data_dir)
+    started: list[ManagedProcess] = []
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        for process, url in stack:
+            print(f"starting {process.name} ...", flush=True)
+            started.append(process.start())
+            print(f"  {process.name:<16} {url}", flush=True)
+        print("local stack is up; Ctrl-C stops it", flush=True)
+        while not stopping.wait(1):
+            dead = [p for p in started if p.process.poll() is not None]
+            if dead:
+                print(f"{dead[0].name} exited with {dead[0].process.returncode}; stopping", flush=True)
+                return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in reversed(started):
+            process.stop()
+        print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""The Direct Line relay: channel webhooks and Web Chat pages to a Bot Framework bot, statelessly."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,350 @@
+"""Every app setting the relay reads, validated in one place.
+
+The catalogue `SETTINGS` is the single list of names: the readers below may only ask for a
+catalogued name, the README's settings table and infra/'s consistency test are built from it.
+A missing or malformed value raises `SettingsError` with a message naming the setting, never
+its value (several are secrets).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    """An app setting is missing or malformed; the message names it and says what is expected."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    description: str
+    default: str | None = None
+    secret: bool = False
+    group: str = "core"
+
+
+def _catalogue(*settings: Setting) -> dict[str, Setting]:
+    return {s.name: s for s in settings}
+
+
+SETTINGS: dict[str, Setting] = _catalogue(
+    # Direct Line
+    Setting("DIRECTLINE_SECRET", "Direct Line channel secret of the bot (Key Vault reference in Azure).",
+            secret=True, group="directline"),
+    Setting("DIRECTLINE_ENDPOINT", "Direct Line 3.0 base URL; regional bots and the emulator set their own.",
+            default="https://directline.botframework.com/v3/directline", group="directline"),
+    Setting("DIRECTLINE_TIMEOUT_SECONDS", "Read timeout for one Direct Line call.", default="20",
+            group="directline"),
+    Setting("DIRECTLINE_BOT_IDS", "Comma-separated bot handles; activities from these ids (or with "
+            "from.role 'bot') are the bot's.", default="", group="directline"),
+    # Storage
+    Setting("AzureWebJobsStorage", "Storage connection string (locally Azurite). In Azure the "
+            "identity-based AzureWebJobsStorage__* settings are used instead.", default="", secret=True,
+            group="storage"),
+    Setting("AzureWebJobsStorage__tableServiceUri", "Table service URI for identity-based storage.",
+            default="", group="storage"),
+    Setting("AzureWebJobsStorage__accountName", "Storage account name for identity-based storage "
+            "(public cloud shorthand for the service URIs).", default="", group="storage"),
+    Setting("AzureWebJobsStorage__credential", "'managedidentity' for identity-based storage.",
+            default="", group="storage"),
+    Setting("AzureWebJobsStorage__clientId", "Client id of the user-assigned identity used for storage.",
+            default="", group="storage"),
+    Setting("RELAY_TABLE_PREFIX", "Prefix of the relay's table names (letters and digits).",
+            default="relay", group="storage"),
+    # Relay behaviour
+    Setting("RELAY_PUBLIC_BASE_URL", "Scheme and host the providers call (e.g. https://myrelay.azurewebsites.net);"
+            " signatures cover this plus the request path and query.", default="", group="relay"),
+    Setting("RELAY_POLL_SCHEDULE", "Six-field NCRONTAB schedule of the poller timer.",
+            default="*/5 * * * * *", group="relay"),
+    Setting("RELAY_BURST_POLL_SECONDS", "How long a webhook waits for the bot's quick replies (0 turns it off).",
+            default="2", group="relay"),
+    Setting("RELAY_POLL_CEILING_SECONDS", "Longest gap between polls of an idle conversation.",
+            default="60", group="relay"),
+    Setting("RELAY_IDLE_TIMEOUT_MINUTES", "A conversation idle this long is ended.", default="1440",
+            group="relay"),
+    Setting("RELAY_SIGNATURE_WINDOW_SECONDS", "Accepted age of a signed webhook's timestamp.",
+            default="300", group="relay"),
+    Setting("RELAY_MAX_BODY_BYTES", "Largest webhook body accepted (413 above).", default="1048576",
+            group="relay"),
+    # Web Chat token server
+    Setting("WEBCHAT_ALLOWED_ORIGINS", "Comma-separated origins allowed to call the token endpoints (CORS).",
+            default="", group="webchat"),
+    Setting("WEBCHAT_DEMO_ENABLED", "Serve the Web Chat demo page (true/false).", default="false",
+            group="webchat"),
+    Setting("WEBCHAT_TOKEN_RATE_LIMIT", "Tokens one client address may obtain per minute.", default="10",
+            group="webchat"),
+    # Twilio
+    Setting("TWILIO_ACCOUNT_SID", "Twilio account SID (enables the twilio channel).", default="", group="twilio"),
+    Setting("TWILIO_AUTH_TOKEN", "Twilio auth token: verifies webhooks and authenticates replies.",
+            default="", secret=True, group="twilio"),
+    Setting("TWILIO_API_BASE", "Twilio REST API base URL.", default="https://api.twilio.com", group="twilio"),
+    # WhatsApp Cloud API
+    Setting("WHATSAPP_APP_SECRET", "Meta app secret (verifies X-Hub-Signature-256; enables the whatsapp channel).",
+            default="", secret=True, group="whatsapp"),
+    Setting("WHATSAPP_VERIFY_TOKEN", "Token Meta echoes in the webhook verification handshake.",
+            default="", secret=True, group="whatsapp"),
+    Setting("WHATSAPP_ACCESS_TOKEN", "Graph API access token for replies.", default="", secret=True,
+            group="whatsapp"),
+    Setting("WHATSAPP_PHONE_NUMBER_ID", "Phone number id the replies are sent from.", default="",
+            group="whatsapp"),
+    Setting("WHATSAPP_API_BASE", "Graph API base URL with version.", default="https://graph.facebook.com/v21.0",
+            group="whatsapp"),
+    # MessageBird (legacy Conversations API)
+    Setting("MESSAGEBIRD_SIGNING_KEY", "MessageBird webhook signing key (enables the messagebird channel).",
+            default="", secret=True, group="messagebird"),
+    Setting("MESSAGEBIRD_ACCESS_KEY", "MessageBird access key for Conversations API replies.", default="",
+            secret=True, group="messagebird"),
+    Setting("MESSAGEBIRD_API_BASE", "Conversations API base URL.",
+            default="https://conversations.messagebird.com", group="messagebird"),
+    # Bird (api.bird.com)
+    Setting("BIRD_SIGNING_KEY", "Bird webhook signing key (enables the bird channel).", default="",
+            secret=True, group="bird"),
+    Setting("BIRD_ACCESS_KEY", "Bird access key for channel message replies.", default="", secret=True,
+            group="bird"),
+    Setting("BIRD_WORKSPACE_ID", "Bird workspace id.", default="", group="bird"),
+    Setting("BIRD_CHANNEL_ID", "Bird channel id replies are sent on.", default="", group="bird"),
+    Setting("BIRD_API_BASE", "Bird API base URL.", default="https://api.bird.com", group="bird"),
+    # Generic HMAC webhook
+    Setting("GENERIC_WEBHOOK_SECRET", "Secret of the generic webhook (enables the generic channel); "
+            "'whsec_…' for Standard Webhooks.", default="", secret=True, group="generic"),
+    Setting("GENERIC_SIGNATURE_SCHEME", "'hmac' (configurable header) or 'standard' (Standard Webhooks).",
+            default="hmac", group="generic"),
+    Setting("GENERIC_SIGNATURE_HEADER", "Header carrying the HMAC-SHA256 signature.", default="X-Signature",
+            group="generic"),
+    Setting("GENERIC_SIGNATURE_PREFIX", "Prefix before the signature in its header.", default="sha256=",
+            group="generic"),
+    Setting("GENERIC_SIGNATURE_ENCODING", "'hex' or 'base64'.", default="hex", group="generic"),
+    Setting("GENERIC_TIMESTAMP_HEADER", "Optional timestamp header folded into the signed bytes "
+            "(timestamp + '.' + body).", default="", group="generic"),
+    Setting("GENERIC_CALLBACK_URL", "URL the bot's replies are POSTed to as signed JSON.", default="",
+            group="generic"),
+    Setting("GENERIC_CALLBACK_SECRET", "Secret signing the replies (defaults to the webhook secret).",
+            default="", secret=True, group="generic"),
+)
+
+KEY_VAULT_REFERENCE_PREFIX = "@Microsoft.KeyVault("
+
+
+class _Environment:
+    """Reads catalogued settings only, so the catalogue cannot fall behind the code."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self._environ = environ
+
+    def text(self, name: str) -> str:
+        spec = SETTINGS[name]
+        value = self._environ.get(name, "").strip()
+        if value.startswith(KEY_VAULT_REFERENCE_PREFIX):
+            raise SettingsError(
+                f"{name} is an unresolved Key Vault reference: grant the app's identity "
+                "'Key Vault Secrets User' and check keyVaultReferenceIdentity"
+            )
+        return value or (spec.default or "")
+
+    def required(self, name: str, why: str = "") -> str:
+        value = self.text(name)
+        if not value:
+            raise SettingsError(f"{name} is not set{': ' + why if why else ''}")
+        return value
+
+    def number(self, name: str, *, minimum: float = 0) -> float:
+        raw = self.text(name)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+        if value < minimum:
+            raise SettingsError(f"{name} must be at least {minimum:g}")
+        return value
+
+    def integer(self, name: str, *, minimum: int = 0) -> int:
+        raw = self.text(name)
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+        if value < minimum:
+            raise SettingsError(f"{name} must be at least {minimum}")
+        return value
+
+    def flag(self, name: str) -> bool:
+        raw = self.text(name).lower()
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+    def url(self, name: str) -> str:
+        value = self.text(name)
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise SettingsError(f"{name} must be an absolute http(s) URL")
+        return value.rstrip("/")
+
+    def listing(self, name: str) -> tuple[str, ...]:
+        return tuple(item.strip() for item in self.text(name).split(",") if item.strip())
+
+    def group(self, group: str, *, enabled_by: str) -> dict[str, str] | None:
+        """The group's values when `enabled_by` is set; None when the feature is off."""
+        if not self.text(enabled_by) or self.text(enabled_by) == (SETTINGS[enabled_by].default or ""):
+            return None
+        return {n: self.text(n) for n, s in SETTINGS.items() if s.group == group}
+
+
+@dataclass(frozen=True)
+class DirectLineSettings:
+    secret: str = field(repr=False)
+    endpoint: str
+    timeout_seconds: float
+    bot_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    connection_string: str = field(repr=False)
+    table_service_uri: str
+    credential: str
+    client_id: str
+    table_prefix: str
+
+    @property
+    def uses_identity(self) -> bool:
+        return not self.connection_string
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    public_base_url: str
+    poll_schedule: str
+    burst_poll_seconds: float
+    poll_ceiling_seconds: float
+    idle_timeout_minutes: float
+    signature_window_seconds: float
+    max_body_bytes: int
+
+
+@dataclass(frozen=True)
+class WebChatSettings:
+    allowed_origins: tuple[str, ...]
+    demo_enabled: bool
+    token_rate_limit: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    directline: DirectLineSettings
+    storage: StorageSettings
+    relay: RelaySettings
+    webchat: WebChatSettings
+    channels: dict[str, dict[str, str]] = field(repr=False)
+    """Raw values of each enabled channel provider, keyed by channel name; the adapters validate them."""
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = _Environment(os.environ if environ is None else environ)
+        return cls(
+            directline=_directline(env),
+            storage=_storage(env),
+            relay=_relay(env),
+            webchat=_webchat(env),
+            channels=_channels(env),
+        )
+
+
+def _directline(env: _Environment) -> DirectLineSettings:
+    return DirectLineSettings(
+        secret=env.required("DIRECTLINE_SECRET", "the relay needs the bot's Direct Line secret"),
+        endpoint=env.url("DIRECTLINE_ENDPOINT"),
+        timeout_seconds=env.number("DIRECTLINE_TIMEOUT_SECONDS", minimum=1),
+        bot_ids=env.listing("DIRECTLINE_BOT_IDS"),
+    )
+
+
+def _storage(env: _Environment) -> StorageSettings:
+    connection_string = env.text("AzureWebJobsStorage")
+    table_uri = env.url("AzureWebJobsStorage__tableServiceUri")
+    account = env.text("AzureWebJobsStorage__accountName")
+    if not connection_string and not table_uri and account:
+        table_uri = f"https://{account}.table.core.windows.net"
+    if not connection_string and not table_uri:
+        raise SettingsError(
+            "AzureWebJobsStorage is not set: give a connection string, or AzureWebJobsStorage__tableServiceUri "
+            "(or __accountName) for identity-based access"
+        )
+    credential = env.text("AzureWebJobsStorage__credential").lower()
+    if credential not in ("", "managedidentity"):
+        raise SettingsError("AzureWebJobsStorage__credential must be 'managedidentity' when set")
+    prefix = env.text("RELAY_TABLE_PREFIX")
+    if not (prefix.isascii() and prefix.isalnum() and prefix[0].isalpha() and len(prefix) <= 40):
+        raise SettingsError("RELAY_TABLE_PREFIX must be 1-40 letters and digits, starting with a letter")
+    return StorageSettings(
+        connection_string=connection_string,
+        table_service_uri=table_uri,
+        credential=credential,
+        client_id=env.text("AzureWebJobsStorage__clientId"),
+        table_prefix=prefix,
+    )
+
+
+def _relay(env: _Environment) -> RelaySettings:
+    schedule = env.text("RELAY_POLL_SCHEDULE")
+    if len(schedule.split()) != 6:
+        raise SettingsError("RELAY_POLL_SCHEDULE must be a six-field NCRONTAB expression (seconds first)")
+    return RelaySettings(
+        public_base_url=env.url("RELAY_PUBLIC_BASE_URL"),
+        poll_schedule=schedule,
+        burst_poll_seconds=env.number("RELAY_BURST_POLL_SECONDS"),
+        poll_ceiling_seconds=env.number("RELAY_POLL_CEILING_SECONDS", minimum=1),
+        idle_timeout_minutes=env.number("RELAY_IDLE_TIMEOUT_MINUTES", minimum=1),
+        signature_window_seconds=env.number("RELAY_SIGNATURE_WINDOW_SECONDS", minimum=1),
+        max_body_bytes=env.integer("RELAY_MAX_BODY_BYTES", minimum=1024),
+    )
+
+
+def _webchat(env: _Environment) -> WebChatSettings:
+    origins = env.listing("WEBCHAT_ALLOWED_ORIGINS")
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path):
+            raise SettingsError(f"WEBCHAT_ALLOWED_ORIGINS entries must look like https://host[:port], got {origin!r}")
+    return WebChatSettings(
+        allowed_origins=origins,
+        demo_enabled=env.flag("WEBCHAT_DEMO_ENABLED"),
+        token_rate_limit=env.integer("WEBCHAT_TOKEN_RATE_LIMIT", minimum=1),
+    )
+
+
+# The setting whose presence turns each channel provider on.
+CHANNEL_SWITCHES = {
+    "twilio": "TWILIO_AUTH_TOKEN",
+    "whatsapp": "WHATSAPP_APP_SECRET",
+    "messagebird": "MESSAGEBIRD_SIGNING_KEY",
+    "bird": "BIRD_SIGNING_KEY",
+    "generic": "GENERIC_WEBHOOK_SECRET",
+}
+
+
+def _channels(env: _Environment) -> dict[str, dict[str, str]]:
+    enabled = {}
+    for channel, switch in CHANNEL_SWITCHES.items():
+        values = env.group(channel, enabled_by=switch)
+        if values is not None:
+            enabled[channel] = values
+    if enabled and not env.text("RELAY_PUBLIC_BASE_URL"):
+        raise SettingsError(
+            "RELAY_PUBLIC_BASE_URL is not set: channel webhooks are signed over the public URL the provider calls"
+        )
+    return enabled
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once; app settings change only with a restart in Azure too."""
+    return Settings.from_environ()

@@ -1,0 +1,141 @@
+"""The local Functions host, against a sample app, over real HTTP."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from devstack.host import expand_settings, load_local_settings, route_pattern
+from devstack.procs import wait_until
+
+SAMPLE = Path(__file__).parent / "apps" / "sample_app.py"
+
+
+@pytest.fixture
+def sample(start_host, tmp_path):
+    return start_host(script=SAMPLE, env={"SAMPLE_SCHEDULE": "0 0 0 1 1 *"})
+
+
+def test_route_parameters_query_headers_and_body_reach_the_function(sample):
+    response = requests.post(f"{sample.url}/api/items/42/widget?color=red&empty=", data=b"payload \xe2\x9c\x93",
+                             headers={"X-Sample": "yes"}, timeout=10)
+    assert response.status_code == 200
+    assert response.headers["X-Handled-By"] == "items"
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json() == {"method": "POST", "route": {"id": "42", "name": "widget"},
+                               "query": {"color": "red", "empty": ""}, "body": "payload ✓", "header": "yes"}
+
+
+def test_optional_route_parameter_may_be_absent(sample):
+    response = requests.get(f"{sample.url}/api/items/7", timeout=10)
+    assert response.status_code == 200
+    assert response.json()["route"] == {"id": "7"}
+
+
+def test_int_constraint_rejects_text_as_unknown_route(sample):
+    response = requests.get(f"{sample.url}/api/items/seven", timeout=10)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "NotFound"
+
+
+def test_unknown_route_and_missing_prefix_are_404(sample):
+    assert requests.get(f"{sample.url}/api/nothing-here", timeout=10).status_code == 404
+    assert requests.get(f"{sample.url}/anything", timeout=10).status_code == 404
+
+
+def test_method_not_declared_is_405(sample):
+    response = requests.delete(f"{sample.url}/api/items/1", timeout=10)
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "MethodNotAllowed"
+
+
+def test_no_declared_methods_means_every_method(sample):
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        response = requests.request(method, f"{sample.url}/api/anything", timeout=10)
+        assert (response.status_code, response.text) == (202, method)
+
+
+def test_unhandled_exception_is_500_with_traceback_logged(sample):
+    response = requests.get(f"{sample.url}/api/boom", timeout=10)
+    assert response.status_code == 500
+    log = sample.log_path.read_text()
+    assert "RuntimeError: deliberate failure" in log
+    assert "Functions.boom" in log
+
+
+def test_requests_are_served_concurrently(sample):
+    results = []
+
+    def call():
+        results.append(requests.get(f"{sample.url}/api/slow?seconds=1.5", timeout=20).text)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    assert results == ["done"] * 4
+    # Four 1.5 s requests one after another would take 6 s.
+    assert elapsed < 5.5
+
+
+def read_ticks(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_timer_fires_on_a_seconds_schedule(start_host, tmp_path):
+    ticks = tmp_path / "ticks.jsonl"
+    host = start_host(script=SAMPLE, env={"SAMPLE_SCHEDULE": "* * * * * *", "SAMPLE_TICKS_FILE": str(ticks)})
+    wait_until(lambda: len(read_ticks(ticks)) >= 3, timeout=20, what="three timer ticks")
+    runs = read_ticks(ticks)
+    starts = [run["start"] for run in runs]
+    # Every second, on the second: consecutive ticks about one second apart, not bunched.
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(0.5 < gap < 1.6 for gap in gaps), gaps
+    assert "Functions.tick" in host.log_path.read_text()
+
+
+def test_timer_runs_never_overlap_and_a_missed_tick_is_past_due(start_host, tmp_path):
+    ticks = tmp_path / "ticks.jsonl"
+    start_host(script=SAMPLE, env={"SAMPLE_SCHEDULE": "* * * * * *", "SAMPLE_TICKS_FILE": str(ticks),
+                                   "SAMPLE_TICK_SECONDS": "2.2"})
+    wait_until(lambda: len(read_ticks(ticks)) >= 3, timeout=30, what="three slow timer ticks")
+    runs = read_ticks(ticks)
+    assert not any(run["overlap"] for run in runs)
+    for earlier, later in itertools.pairwise(runs):
+        assert later["start"] >= earlier["end"] - 0.01
+    # Each run outlasts the one-second schedule, so the following tick starts late: past due.
+    assert all(run["past_due"] for run in runs[1:])
+
+
+def test_route_templates():
+    assert route_pattern("a/{id:int}").fullmatch("a/12")
+    assert not route_pattern("a/{id:int}").fullmatch("a/x")
+    assert route_pattern("a/{id?}").fullmatch("a")
+    assert route_pattern("files/{*path}").fullmatch("files/x/y/z").group("path") == "x/y/z"
+    assert route_pattern("channels/{channel:alpha}").fullmatch("channels/twilio")
+
+
+def test_local_settings_fill_the_environment_but_the_environment_wins(tmp_path):
+    settings = tmp_path / "local.settings.json"
+    settings.write_text(json.dumps({"IsEncrypted": False, "Values": {"A": "from-file", "B": "from-file"}}))
+    environ = {"A": "from-env"}
+    assert load_local_settings(settings, environ) == ["B"]
+    assert environ == {"A": "from-env", "B": "from-file"}
+    assert load_local_settings(tmp_path / "missing.json", environ) == []
+
+
+def test_binding_expressions_use_app_settings():
+    assert expand_settings("%SCHED%", {"SCHED": "*/5 * * * * *"}) == "*/5 * * * * *"
+    with pytest.raises(KeyError, match="NOPE"):
+        expand_settings("%NOPE%", {})

@@ -1,0 +1,83 @@
+"""The one settings module: defaults, validation messages, secrets kept out of reprs."""
+
+import pytest
+
+from relay.settings import SETTINGS, Settings, SettingsError
+
+BASE = {"DIRECTLINE_SECRET": "dl-secret-value", "AzureWebJobsStorage": "UseDevelopmentStorage=true"}
+
+
+def test_defaults():
+    settings = Settings.from_environ(BASE)
+    assert settings.directline.endpoint == "https://directline.botframework.com/v3/directline"
+    assert settings.relay.poll_schedule == "*/5 * * * * *"
+    assert settings.relay.burst_poll_seconds == 2
+    assert settings.channels == {}
+    assert settings.webchat.demo_enabled is False
+
+
+def test_missing_secret_is_named():
+    with pytest.raises(SettingsError, match="DIRECTLINE_SECRET"):
+        Settings.from_environ({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("DIRECTLINE_ENDPOINT", "directline.example", "absolute http"),
+    ("RELAY_BURST_POLL_SECONDS", "soon", "must be a number"),
+    ("RELAY_POLL_SCHEDULE", "*/5 * * * *", "six-field"),
+    ("WEBCHAT_DEMO_ENABLED", "maybe", "true or false"),
+    ("WEBCHAT_ALLOWED_ORIGINS", "https://a.example/path", "https://host"),
+    ("RELAY_TABLE_PREFIX", "bad-prefix", "letters and digits"),
+    ("DIRECTLINE_SECRET", "@Microsoft.KeyVault(SecretUri=https://v.vault.azure.net/secrets/x/)", "Key Vault"),
+])
+def test_malformed_values_are_named(name, value, message):
+    with pytest.raises(SettingsError, match=message) as raised:
+        Settings.from_environ({**BASE, name: value})
+    assert name in str(raised.value)
+
+
+def test_identity_based_storage_from_account_name():
+    storage = Settings.from_environ({
+        "DIRECTLINE_SECRET": "x",
+        "AzureWebJobsStorage__accountName": "relaystore",
+        "AzureWebJobsStorage__credential": "managedidentity",
+        "AzureWebJobsStorage__clientId": "00000000-0000-0000-0000-000000000001",
+    }).storage
+    assert storage.uses_identity
+    assert storage.table_service_uri == "https://relaystore.table.core.windows.net"
+    assert storage.client_id == "00000000-0000-0000-0000-000000000001"
+
+
+def test_identity_based_storage_prefers_explicit_uri():
+    storage = Settings.from_environ({
+        "DIRECTLINE_SECRET": "x",
+        "AzureWebJobsStorage__tableServiceUri": "https://relaystore.table.core.usgovcloudapi.net",
+        "AzureWebJobsStorage__accountName": "relaystore",
+    }).storage
+    assert storage.table_service_uri == "https://relaystore.table.core.usgovcloudapi.net"
+
+
+def test_storage_is_required():
+    with pytest.raises(SettingsError, match="AzureWebJobsStorage"):
+        Settings.from_environ({"DIRECTLINE_SECRET": "x"})
+
+
+def test_channel_needs_public_base_url():
+    with pytest.raises(SettingsError, match="RELAY_PUBLIC_BASE_URL"):
+        Settings.from_environ({**BASE, "TWILIO_AUTH_TOKEN": "t"})
+    settings = Settings.from_environ({**BASE, "TWILIO_AUTH_TOKEN": "t", "RELAY_PUBLIC_BASE_URL": "https://r.example/"})
+    assert set(settings.channels) == {"twilio"}
+    assert settings.relay.public_base_url == "https://r.example"
+
+
+def test_secrets_stay_out_of_repr():
+    settings = Settings.from_environ({**BASE, "TWILIO_AUTH_TOKEN": "twilio-token-value",
+                                      "RELAY_PUBLIC_BASE_URL": "https://r.example"})
+    assert "dl-secret-value" not in repr(settings)
+    assert "twilio-token-value" not in repr(settings)
+
+
+def test_catalogue_marks_every_secret():
+    secrets = {name for name, s in SETTINGS.items() if s.secret}
+    assert {"DIRECTLINE_SECRET", "TWILIO_AUTH_TOKEN", "WHATSAPP_APP_SECRET", "MESSAGEBIRD_SIGNING_KEY",
+            "BIRD_SIGNING_KEY", "GENERIC_WEBHOOK_SECRET"} <= secrets
