@@ -63,7 +63,7 @@ def build_stack(ports: Ports, settings_file: Path, data_dir: Path) -> list[tuple
         ready=lambda: http_ok(f"http://127.0.0.1:{ports.host}/api/health"),
     )
     return [
-        (azurite, f"table storage http://127.0.0.1:{azurite.table_port}/devstoreaccount1 (Azurite, data in {data_dir})"),
+        (azurite, f"table storage http://127.0.0.1:{azurite.table_port}/devstoreaccount1 (data in {data_dir})"),
         (host, f"http://127.0.0.1:{ports.host}/api/health"),
     ]
 

@@ -21,4 +21,4 @@ def test_launcher_serves_health_and_stops_everything(tmp_path):
     assert launcher.process.returncode == 0
     assert not port_open(host_port)
     assert not any(port_open(p) for p in ports)
-    assert "http://127.0.0.1:%d/api/health" % host_port in (tmp_path / "run.log").read_text()
+    assert f"http://127.0.0.1:{host_port}/api/health" in (tmp_path / "run.log").read_text()
