@@ -1,0 +1,95 @@
+"""The one small interface every channel adapter implements, and the plain data it speaks.
+
+An adapter knows one provider: how it signs webhooks, what its payloads look like, how to answer
+its handshakes and how to send through its API. It knows nothing of Direct Line or storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class WebhookRequest:
+    """A provider's call, free of any HTTP framework.
+
+    `url` is the public URL the provider called (RELAY_PUBLIC_BASE_URL + path + query), which is
+    what signatures cover; `headers` are looked up case-insensitively through `header()`."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+    query: Mapping[str, str] = field(default_factory=dict)
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        lowered = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == lowered:
+                return value
+        return default
+
+
+@dataclass(frozen=True)
+class Media:
+    url: str
+    content_type: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """One user message out of a webhook."""
+
+    message_id: str
+    """The provider's id, the dedupe key (Twilio MessageSid, wamid, Bird payload.id, ...)."""
+    user_id: str
+    """The channel user (phone number, wa_id, contact id): with the channel, it keys the conversation."""
+    text: str
+    user_name: str | None = None
+    media: tuple[Media, ...] = ()
+    locale: str | None = None
+    reply_context: Mapping[str, str] = field(default_factory=dict)
+    """What `send` needs to answer this user (e.g. Twilio's To/From pair, a MessageBird conversation id)."""
+    raw: Mapping[str, Any] = field(default_factory=dict)
+    """The provider's payload for this message, kept for the activity's channelData."""
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """One message to a user, already rendered from the bot's activity."""
+
+    text: str = ""
+    media: tuple[Media, ...] = ()
+    suggested_actions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WebhookAnswer:
+    """A complete HTTP answer an adapter gives itself (handshakes, acknowledgements)."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain"
+
+
+class ChannelAdapter(Protocol):
+    name: str
+
+    def handshake(self, request: WebhookRequest) -> WebhookAnswer | None:
+        """Answer a provider's verification call (WhatsApp's GET hub.challenge), else None."""
+
+    def verify(self, request: WebhookRequest) -> None:
+        """Raise SignatureInvalid / StaleTimestamp unless the request is signed by the provider."""
+
+    def parse(self, request: WebhookRequest) -> list[InboundMessage]:
+        """The user messages in a verified request (zero for status callbacks); BadPayload if malformed."""
+
+    def acknowledgement(self) -> WebhookAnswer:
+        """What the provider expects back once its webhook was taken (e.g. empty TwiML for Twilio)."""
+
+    def send(self, reply_context: Mapping[str, str], message: OutboundMessage) -> list[str]:
+        """Send to the user; returns the provider's message ids. ProviderRejected (permanent) or
+        ProviderUnavailable (transient, retry later) on failure."""

@@ -1,0 +1,134 @@
+"""Every exception the relay raises on purpose, in one place.
+
+    RelayError
+    ├── DirectLineError            a Direct Line call failed (status, code; never a token in the text)
+    │   ├── BadRequest             400: our request is malformed; retrying will not help
+    │   ├── AuthenticationFailed   401/403 other than expiry: wrong secret, wrong region, bot deleted
+    │   ├── TokenExpired           403 TokenExpired: recover with the secret (reconnect)
+    │   ├── ConversationNotFound   404: Direct Line forgot the conversation; start a new one
+    │   ├── Throttled              429: carries retry_after (seconds)
+    │   ├── BotFailed              502/504: the bot failed or timed out; the activity MAY have arrived
+    │   └── TransientError         500, 503, connection errors, timeouts; `ambiguous` for a POST
+    ├── ChannelError               a channel webhook or provider API problem
+    │   ├── ChannelDisabled        404: the provider's settings are absent
+    │   ├── SignatureInvalid       401: missing or wrong signature (403 in the WhatsApp handshake)
+    │   │   └── StaleTimestamp     401: signed, but outside the replay window
+    │   ├── BadPayload             400: malformed JSON or form, missing fields
+    │   ├── PayloadTooLarge        413
+    │   └── ProviderError          sending to the provider failed
+    │       ├── ProviderRejected   4xx (not 429): permanent, dead-letter the message
+    │       └── ProviderUnavailable 429/5xx/connection: transient, retry later (retry_after if known)
+    └── StoreError                 Table Storage
+        └── ConcurrencyConflict    an ETag-guarded update lost to another writer after retries
+
+`ambiguous` is true when an activity may have reached the bot although the call failed: the caller
+must look for its clientActivityID before posting again, never re-post blindly.
+"""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    status: int = 500
+    code: str = "RelayError"
+    ambiguous: bool = False
+
+    def __init__(self, message: str = "", *, status: int | None = None, code: str | None = None):
+        super().__init__(message or self.__class__.__name__)
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class DirectLineError(RelayError):
+    code = "DirectLineError"
+
+
+class BadRequest(DirectLineError):
+    status, code = 400, "BadArgument"
+
+
+class AuthenticationFailed(DirectLineError):
+    status, code = 401, "Unauthorized"
+
+
+class TokenExpired(DirectLineError):
+    status, code = 403, "TokenExpired"
+
+
+class ConversationNotFound(DirectLineError):
+    status, code = 404, "BadArgument"
+
+
+class Throttled(DirectLineError):
+    status, code = 429, "Throttled"
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class BotFailed(DirectLineError):
+    status, code = 502, "BotError"
+    ambiguous = True
+
+
+class TransientError(DirectLineError):
+    status, code = 503, "ServiceError"
+
+    def __init__(self, message: str = "", *, ambiguous: bool = False, **kwargs):
+        super().__init__(message, **kwargs)
+        self.ambiguous = ambiguous
+
+
+class ChannelError(RelayError):
+    code = "ChannelError"
+
+
+class ChannelDisabled(ChannelError):
+    status, code = 404, "ChannelDisabled"
+
+
+class SignatureInvalid(ChannelError):
+    status, code = 401, "InvalidSignature"
+
+
+class StaleTimestamp(SignatureInvalid):
+    status, code = 401, "StaleTimestamp"
+
+
+class BadPayload(ChannelError):
+    status, code = 400, "BadPayload"
+
+
+class PayloadTooLarge(ChannelError):
+    status, code = 413, "PayloadTooLarge"
+
+
+class ProviderError(ChannelError):
+    code = "ProviderError"
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class ProviderRejected(ProviderError):
+    status, code = 400, "ProviderRejected"
+
+
+class ProviderUnavailable(ProviderError):
+    status, code = 503, "ProviderUnavailable"
+
+
+class StoreError(RelayError):
+    status, code = 503, "StorageUnavailable"
+
+
+class ConcurrencyConflict(StoreError):
+    status, code = 409, "ConcurrencyConflict"
