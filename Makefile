@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: deps run test lint bench soak clean
+.PHONY: deps browser run test lint bench soak clean
 
 $(PY_STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,12 +19,21 @@ $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# Debian's Chromium for the Web Chat browser test (a browser download from the internet is not
+# possible; playwright-core drives this one). Installed when we may (root with apt-get); otherwise
+# the browser test is skipped locally and required under CI.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not installed: the browser test will be skipped"; fi; }
+
 deps: $(PY_STAMP) $(NODE_STAMP)
 
 run: deps
 	$(PY) -m devstack.run
 
-test: deps
+test: deps browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(PY_STAMP)

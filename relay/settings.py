@@ -9,6 +9,7 @@ its value (several are secrets).
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ SETTINGS: dict[str, Setting] = _catalogue(
             default="300", group="relay"),
     Setting("RELAY_MAX_BODY_BYTES", "Largest webhook body accepted (413 above).", default="1048576",
             group="relay"),
+    Setting("RELAY_OMNICHANNEL_CONTEXT", "JSON per channel: {\"twilio\": {\"channeltype\": \"sms\", "
+            "\"conversationcontext\": {...}, \"customercontext\": {\"phonenumber\": \"{user_id}\"}}} for the "
+            "activity's channelData ({user_id}, {user_name} are filled in).", default="", group="relay"),
     # Web Chat token server
     Setting("WEBCHAT_ALLOWED_ORIGINS", "Comma-separated origins allowed to call the token endpoints (CORS).",
             default="", group="webchat"),
@@ -116,7 +120,8 @@ SETTINGS: dict[str, Setting] = _catalogue(
             default="hmac", group="generic"),
     Setting("GENERIC_SIGNATURE_HEADER", "Header carrying the HMAC-SHA256 signature.", default="X-Signature",
             group="generic"),
-    Setting("GENERIC_SIGNATURE_PREFIX", "Prefix before the signature in its header.", default="sha256=",
+    Setting("GENERIC_SIGNATURE_PREFIX", "Prefix before the signature in its header ('none' for no prefix).",
+            default="sha256=",
             group="generic"),
     Setting("GENERIC_SIGNATURE_ENCODING", "'hex' or 'base64'.", default="hex", group="generic"),
     Setting("GENERIC_TIMESTAMP_HEADER", "Optional timestamp header folded into the signed bytes "
@@ -228,6 +233,7 @@ class RelaySettings:
     idle_timeout_minutes: float
     signature_window_seconds: float
     max_body_bytes: int
+    omnichannel: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -305,7 +311,21 @@ def _relay(env: _Environment) -> RelaySettings:
         idle_timeout_minutes=env.number("RELAY_IDLE_TIMEOUT_MINUTES", minimum=1),
         signature_window_seconds=env.number("RELAY_SIGNATURE_WINDOW_SECONDS", minimum=1),
         max_body_bytes=env.integer("RELAY_MAX_BODY_BYTES", minimum=1024),
+        omnichannel=_omnichannel(env),
     )
+
+
+def _omnichannel(env: _Environment) -> dict[str, dict]:
+    raw = env.text("RELAY_OMNICHANNEL_CONTEXT")
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise SettingsError(f"RELAY_OMNICHANNEL_CONTEXT must be JSON: {error.msg} at position {error.pos}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise SettingsError("RELAY_OMNICHANNEL_CONTEXT must be a JSON object of channel name to object")
+    return value
 
 
 def _webchat(env: _Environment) -> WebChatSettings:

@@ -81,3 +81,12 @@ def test_catalogue_marks_every_secret():
     secrets = {name for name, s in SETTINGS.items() if s.secret}
     assert {"DIRECTLINE_SECRET", "TWILIO_AUTH_TOKEN", "WHATSAPP_APP_SECRET", "MESSAGEBIRD_SIGNING_KEY",
             "BIRD_SIGNING_KEY", "GENERIC_WEBHOOK_SECRET"} <= secrets
+
+
+def test_omnichannel_context_is_json_per_channel():
+    settings = Settings.from_environ({**BASE, "RELAY_OMNICHANNEL_CONTEXT": '{"twilio": {"channeltype": "sms"}}'})
+    assert settings.relay.omnichannel == {"twilio": {"channeltype": "sms"}}
+    with pytest.raises(SettingsError, match="RELAY_OMNICHANNEL_CONTEXT must be JSON"):
+        Settings.from_environ({**BASE, "RELAY_OMNICHANNEL_CONTEXT": "{twilio"})
+    with pytest.raises(SettingsError, match="channel name to object"):
+        Settings.from_environ({**BASE, "RELAY_OMNICHANNEL_CONTEXT": '{"twilio": 1}'})

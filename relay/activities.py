@@ -1,0 +1,174 @@
+"""Bot Framework activities: built from a channel message, rendered back into a channel message.
+
+Inbound activities carry what Dynamics 365 Omnichannel and Copilot Studio expect in channelData
+(channeltype, conversationcontext, customercontext), a stable clientActivityID derived from the
+provider's message id (so an ambiguous post can be recognised instead of repeated), and the raw
+provider payload under "relay". They are kept under Omnichannel's 28 KB limit by trimming the
+optional parts, never the text.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from relay.channels.base import InboundMessage, Media, OutboundMessage
+
+ACTIVITY_LIMIT_BYTES = 28 * 1024
+RAW_PAYLOAD_KEY = "relay"
+
+# What Omnichannel calls each channel when no context is configured for it.
+DEFAULT_CHANNEL_TYPES = {
+    "twilio": "sms",
+    "whatsapp": "whatsapp",
+    "messagebird": "messagebird",
+    "bird": "bird",
+    "generic": "generic",
+}
+
+
+def directline_user_id(channel: str, channel_user_id: str) -> str:
+    """A stable Direct Line user id for a channel user that does not reveal the phone number."""
+    digest = hashlib.sha256(f"{channel}:{channel_user_id}".encode()).hexdigest()[:32]
+    return f"dl_{channel}_{digest}"
+
+
+def client_activity_id(channel: str, provider_message_id: str) -> str:
+    return f"{channel}:{provider_message_id}"
+
+
+def _expand(template: Any, values: Mapping[str, str]) -> Any:
+    """Fill "{user_id}"-style placeholders in configured Omnichannel context values."""
+    if isinstance(template, str):
+        try:
+            return template.format_map(values)
+        except (KeyError, ValueError, IndexError):
+            return template
+    if isinstance(template, dict):
+        return {k: _expand(v, values) for k, v in template.items()}
+    return template
+
+
+def _size(activity: dict) -> int:
+    return len(json.dumps(activity, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def build_inbound_activity(
+    message: InboundMessage,
+    *,
+    channel: str,
+    omnichannel: Mapping[str, Any] | None = None,
+    limit_bytes: int = ACTIVITY_LIMIT_BYTES,
+) -> dict:
+    """The message activity to post to Direct Line for one channel message."""
+    context = omnichannel or {}
+    values = {"user_id": message.user_id, "user_name": message.user_name or "", "channel": channel}
+    channel_data: dict[str, Any] = {
+        "clientActivityID": client_activity_id(channel, message.message_id),
+        "channeltype": context.get("channeltype", DEFAULT_CHANNEL_TYPES.get(channel, channel)),
+        "conversationcontext": _expand(context.get("conversationcontext", {}), values),
+        "customercontext": _expand(context.get("customercontext", {"phonenumber": "{user_id}"}), values),
+        RAW_PAYLOAD_KEY: {"channel": channel, "messageId": message.message_id, "payload": dict(message.raw)},
+    }
+    activity: dict[str, Any] = {
+        "type": "message",
+        "from": {"id": directline_user_id(channel, message.user_id), "name": message.user_name or message.user_id,
+                 "role": "user"},
+        "text": message.text,
+        "textFormat": "plain",
+        "channelData": channel_data,
+    }
+    if message.locale:
+        activity["locale"] = message.locale
+    if message.media:
+        activity["attachments"] = [
+            {"contentType": m.content_type or "application/octet-stream", "contentUrl": m.url,
+             **({"name": m.name} if m.name else {})}
+            for m in message.media
+        ]
+    return fit_activity(activity, limit_bytes)
+
+
+def _drop_raw_payload(activity: dict) -> None:
+    raw = activity["channelData"][RAW_PAYLOAD_KEY]
+    raw.pop("payload", None)
+    raw["trimmed"] = True
+
+
+def _drop_contexts(activity: dict) -> None:
+    activity["channelData"].update(conversationcontext={}, customercontext={})
+
+
+def _drop_attachment_names(activity: dict) -> None:
+    for attachment in activity.get("attachments", []):
+        attachment.pop("name", None)
+
+
+def fit_activity(activity: dict, limit_bytes: int = ACTIVITY_LIMIT_BYTES) -> dict:
+    """Trim optional parts (raw payload, then contexts, then attachment names) until the activity fits.
+
+    The text, the sender and the clientActivityID are never trimmed."""
+    if _size(activity) <= limit_bytes:
+        return activity
+    trimmed = copy.deepcopy(activity)
+    for trim in (_drop_raw_payload, _drop_contexts, _drop_attachment_names):
+        trim(trimmed)
+        if _size(trimmed) <= limit_bytes:
+            break
+    return trimmed
+
+
+def is_from_bot(activity: Mapping[str, Any], *, user_id: str, bot_ids: tuple[str, ...] = ()) -> bool:
+    """The bot's activities: from.role "bot" or a configured bot handle, and never our own user's."""
+    sender = activity.get("from") or {}
+    if sender.get("id") == user_id:
+        return False
+    if bot_ids:
+        return sender.get("id") in bot_ids or sender.get("role") == "bot"
+    return sender.get("role", "bot") == "bot"
+
+
+def _card_text(card: Mapping[str, Any]) -> str:
+    return "\n".join(str(card[k]) for k in ("title", "subtitle", "text") if card.get(k))
+
+
+def _action_titles(actions: Any) -> list[str]:
+    titles = []
+    for action in actions or []:
+        if isinstance(action, Mapping):
+            title = action.get("title") or action.get("value") or action.get("text")
+            if title:
+                titles.append(str(title))
+    return titles
+
+
+def render_outbound(activity: Mapping[str, Any]) -> OutboundMessage | None:
+    """The channel message for one bot activity, or None when there is nothing to deliver."""
+    if activity.get("type") != "message":
+        return None
+    parts = [str(activity["text"])] if activity.get("text") else []
+    media: list[Media] = []
+    actions = _action_titles((activity.get("suggestedActions") or {}).get("actions"))
+    for attachment in activity.get("attachments") or []:
+        content_type = attachment.get("contentType", "")
+        content = attachment.get("content") or {}
+        if content_type in ("application/vnd.microsoft.card.hero", "application/vnd.microsoft.card.thumbnail"):
+            if _card_text(content):
+                parts.append(_card_text(content))
+            media.extend(Media(url=i["url"], content_type="image/*") for i in content.get("images") or []
+                         if isinstance(i, Mapping) and i.get("url"))
+            actions.extend(_action_titles(content.get("buttons")))
+        elif content_type == "application/vnd.microsoft.card.adaptive":
+            fallback = content.get("fallbackText") or content.get("speak")
+            if fallback:
+                parts.append(str(fallback))
+        elif attachment.get("contentUrl"):
+            media.append(Media(url=attachment["contentUrl"], content_type=content_type or None,
+                               name=attachment.get("name")))
+    text = "\n\n".join(p for p in parts if p)
+    if not text and not media and not actions:
+        return None
+    return OutboundMessage(text=text, media=tuple(media), suggested_actions=tuple(dict.fromkeys(actions)))

@@ -1,0 +1,99 @@
+"""Activities built from channel messages and channel messages rendered from the bot's activities."""
+
+import json
+
+from relay.activities import (
+    ACTIVITY_LIMIT_BYTES,
+    build_inbound_activity,
+    directline_user_id,
+    is_from_bot,
+    render_outbound,
+)
+from relay.channels.base import InboundMessage, Media
+
+
+def message(**overrides):
+    values = {"message_id": "SM123", "user_id": "+15550001", "text": "Hello ✓", "user_name": "Ada",
+              "raw": {"Body": "Hello ✓", "From": "+15550001"}}
+    values.update(overrides)
+    return InboundMessage(**values)
+
+
+def test_inbound_activity_carries_identity_text_media_and_omnichannel_data():
+    activity = build_inbound_activity(
+        message(media=(Media("https://m.example/1.jpg", "image/jpeg"),), locale="en-GB"),
+        channel="twilio",
+        omnichannel={"channeltype": "sms", "conversationcontext": {"Product": "Xbox"},
+                     "customercontext": {"phonenumber": "{user_id}", "name": "{user_name}"}},
+    )
+    assert activity["type"] == "message"
+    assert activity["text"] == "Hello ✓"
+    assert activity["from"]["id"] == directline_user_id("twilio", "+15550001")
+    assert activity["from"]["id"].startswith("dl_")
+    assert "+15550001" not in activity["from"]["id"]
+    assert activity["locale"] == "en-GB"
+    assert activity["attachments"] == [{"contentType": "image/jpeg", "contentUrl": "https://m.example/1.jpg"}]
+    data = activity["channelData"]
+    assert data["clientActivityID"] == "twilio:SM123"
+    assert data["channeltype"] == "sms"
+    assert data["conversationcontext"] == {"Product": "Xbox"}
+    assert data["customercontext"] == {"phonenumber": "+15550001", "name": "Ada"}
+    assert data["relay"]["payload"] == {"Body": "Hello ✓", "From": "+15550001"}
+
+
+def test_user_id_is_stable_per_channel_user():
+    assert directline_user_id("twilio", "+1") == directline_user_id("twilio", "+1")
+    assert directline_user_id("twilio", "+1") != directline_user_id("whatsapp", "+1")
+
+
+def test_oversized_activity_drops_optional_parts_but_never_the_text():
+    text = "é" * 9000  # 18 KB of UTF-8: fits alone, not with a 20 KB raw payload
+    activity = build_inbound_activity(message(text=text, raw={"blob": "x" * 20000}), channel="twilio")
+    encoded = json.dumps(activity, ensure_ascii=False, separators=(",", ":")).encode()
+    assert len(encoded) <= ACTIVITY_LIMIT_BYTES
+    assert activity["text"] == text
+    assert activity["channelData"]["clientActivityID"] == "twilio:SM123"
+    assert activity["channelData"]["relay"]["trimmed"] is True
+
+
+def test_small_activity_is_untouched():
+    activity = build_inbound_activity(message(), channel="twilio")
+    assert "trimmed" not in activity["channelData"]["relay"]
+
+
+def test_bot_activity_detection():
+    user = "dl_user"
+    assert is_from_bot({"from": {"id": "relaybot", "role": "bot"}}, user_id=user)
+    assert not is_from_bot({"from": {"id": user, "role": "bot"}}, user_id=user)
+    assert not is_from_bot({"from": {"id": "someone", "role": "user"}}, user_id=user)
+    assert is_from_bot({"from": {"id": "handle"}}, user_id=user, bot_ids=("handle",))
+    assert not is_from_bot({"from": {"id": "other", "role": "user"}}, user_id=user, bot_ids=("handle",))
+
+
+def test_render_text_hero_card_media_and_suggested_actions():
+    rendered = render_outbound({
+        "type": "message", "text": "Pick one",
+        "suggestedActions": {"actions": [{"type": "imBack", "title": "Red", "value": "red"},
+                                         {"type": "imBack", "value": "blue"}]},
+        "attachments": [
+            {"contentType": "application/vnd.microsoft.card.hero",
+             "content": {"title": "Card", "text": "Body", "images": [{"url": "https://i.example/a.png"}],
+                         "buttons": [{"type": "imBack", "title": "Green", "value": "green"}]}},
+            {"contentType": "application/pdf", "contentUrl": "https://f.example/x.pdf", "name": "x.pdf"},
+        ],
+    })
+    assert rendered.text == "Pick one\n\nCard\nBody"
+    assert [m.url for m in rendered.media] == ["https://i.example/a.png", "https://f.example/x.pdf"]
+    assert rendered.suggested_actions == ("Red", "blue", "Green")
+
+
+def test_nothing_to_deliver_for_typing_events_and_empty_messages():
+    assert render_outbound({"type": "typing"}) is None
+    assert render_outbound({"type": "event", "name": "x"}) is None
+    assert render_outbound({"type": "message"}) is None
+
+
+def test_adaptive_card_falls_back_to_its_text():
+    rendered = render_outbound({"type": "message", "attachments": [
+        {"contentType": "application/vnd.microsoft.card.adaptive", "content": {"fallbackText": "Plain version"}}]})
+    assert rendered.text == "Plain version"
