@@ -6,6 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
+CHECKOV := .tools/checkov
+CHECKOV_STAMP := $(CHECKOV)/.installed
 
 .PHONY: deps browser run test lint bench soak clean
 
@@ -13,6 +15,12 @@ $(PY_STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+# checkov (infra/ security checks) in a venv of its own: it pins packaging<24, pytest needs >=24.
+$(CHECKOV_STAMP): infra/requirements-checks.txt
+	test -x $(CHECKOV)/bin/python || $(PYTHON) -m venv $(CHECKOV)
+	$(CHECKOV)/bin/python -m pip install -q --disable-pip-version-check -r infra/requirements-checks.txt
 	touch $@
 
 $(NODE_STAMP): package.json package-lock.json
@@ -36,8 +44,9 @@ run: deps
 test: deps browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(PY_STAMP)
+lint: $(PY_STAMP) $(CHECKOV_STAMP)
 	$(PY) -m ruff check .
+	$(CHECKOV)/bin/checkov -d infra --framework bicep --quiet --compact --skip-download
 
 clean:
-	rm -rf $(VENV) node_modules .azurite .pytest_cache .ruff_cache
+	rm -rf $(VENV) node_modules .azurite .pytest_cache .ruff_cache .tools

@@ -18,6 +18,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from devstack.bot import EchoBot
+from devstack.channels import ProviderSimulator
+from devstack.directline import DirectLineEmulator
 from devstack.procs import ROOT, Azurite, ManagedProcess, http_ok, port_open, python_module
 
 
@@ -25,6 +28,9 @@ from devstack.procs import ROOT, Azurite, ManagedProcess, http_ok, port_open, py
 class Ports:
     host: int = 7071
     azurite: tuple[int, int, int] = (10000, 10001, 10002)
+    directline: int = 3000
+    bot: int = 3978
+    simulator: int = 3001
 
 
 DATA_DIR = ROOT / ".azurite"
@@ -50,10 +56,23 @@ def busy(port: int, what: str) -> None:
 def build_stack(ports: Ports, settings_file: Path, data_dir: Path) -> list[tuple[ManagedProcess, str]]:
     """Each component with the URL a person would open; started in this order."""
     azurite = Azurite(location=data_dir, ports=ports.azurite, log_path=data_dir / "logs" / "azurite.log")
+    values = local_values(settings_file)
+    if not values.get("DIRECTLINE_SECRET"):
+        sys.exit(f"{settings_file.name} has no DIRECTLINE_SECRET: the Direct Line emulator needs one")
+    bot = EchoBot(port=ports.bot, log_path=data_dir / "logs" / "bot.log")
+    emulator = DirectLineEmulator(secret=values["DIRECTLINE_SECRET"], port=ports.directline, bot_url=bot.url,
+                                  log_path=data_dir / "logs" / "directline.log")
+    host_url = f"http://127.0.0.1:{ports.host}"
+    simulator = ProviderSimulator(port=ports.simulator, relay_url=host_url, values=values,
+                                  log_path=data_dir / "logs" / "simulator.log")
+    # Loopback provider URLs follow the ports actually used, so the simulator and the host agree.
+    loopback = {**simulator.api_bases(), "RELAY_PUBLIC_BASE_URL": host_url}
     host_env = {
         **os.environ,
-        **local_values(settings_file),
+        **values,
+        **{k: v for k, v in loopback.items() if values.get(k, "").startswith("http://127.0.0.1:")},
         "AzureWebJobsStorage": azurite.connection_string,
+        "DIRECTLINE_ENDPOINT": emulator.base_url,
         "PYTHONUNBUFFERED": "1",
     }
     host = ManagedProcess(
@@ -64,6 +83,9 @@ def build_stack(ports: Ports, settings_file: Path, data_dir: Path) -> list[tuple
     )
     return [
         (azurite, f"table storage http://127.0.0.1:{azurite.table_port}/devstoreaccount1 (data in {data_dir})"),
+        (bot, f"{bot.url} (botbuilder echo bot)"),
+        (emulator, f"{emulator.base_url} (Direct Line emulator; admin {emulator.admin_url}/)"),
+        (simulator, f"{simulator.page_url} (provider simulator: a phone per channel)"),
         (host, f"http://127.0.0.1:{ports.host}/api/health"),
     ]
 
@@ -71,13 +93,17 @@ def build_stack(ports: Ports, settings_file: Path, data_dir: Path) -> list[tuple
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the relay's whole local stack.")
     parser.add_argument("--host-port", type=int, default=Ports.host)
+    parser.add_argument("--directline-port", type=int, default=Ports.directline)
+    parser.add_argument("--bot-port", type=int, default=Ports.bot)
+    parser.add_argument("--simulator-port", type=int, default=Ports.simulator)
     parser.add_argument("--azurite-ports", default=",".join(map(str, Ports.azurite)),
                         help="blob,queue,table ports (default 10000,10001,10002)")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where Azurite keeps its data")
     args = parser.parse_args(argv)
     blob, queue, table = (int(p) for p in args.azurite_ports.split(","))
-    ports = Ports(host=args.host_port, azurite=(blob, queue, table))
-    for port in (ports.host, *ports.azurite):
+    ports = Ports(host=args.host_port, azurite=(blob, queue, table), directline=args.directline_port,
+                  bot=args.bot_port, simulator=args.simulator_port)
+    for port in (ports.host, *ports.azurite, ports.directline, ports.bot, ports.simulator):
         busy(port, "the local stack")
 
     settings_file = ensure_local_settings()

@@ -20,6 +20,7 @@
     │       └── ProviderUnavailable 429/5xx/connection: transient, retry later (retry_after if known)
     └── StoreError                 Table Storage
         └── ConcurrencyConflict    an ETag-guarded update lost to another writer after retries
+            └── LeaseLost          another poller took over the conversation's lease
 
 `ambiguous` is true when an activity may have reached the bot although the call failed: the caller
 must look for its clientActivityID before posting again, never re-post blindly.
@@ -132,3 +133,7 @@ class StoreError(RelayError):
 
 class ConcurrencyConflict(StoreError):
     status, code = 409, "ConcurrencyConflict"
+
+
+class LeaseLost(ConcurrencyConflict):
+    code = "LeaseLost"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack.directline import DirectLineEmulator
 from devstack.procs import ROOT, Azurite, ManagedProcess, free_port, http_ok, python_module
 
 
@@ -59,6 +60,61 @@ def start_host(tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
         process.port = port
         started.append(process.start())
         return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+DIRECTLINE_TEST_SECRET = "test-directline-secret"
+
+
+@pytest.fixture
+def start_emulator(tmp_path: Path) -> Iterator[Callable[..., DirectLineEmulator]]:
+    """Start a Direct Line emulator of this test's own: start_emulator(**DirectLineEmulator options).
+
+    Defaults: secret "test-directline-secret", built-in echo, a free port, its log in tmp_path.
+    Use this (not the shared `directline_emulator`) to change faults or TTLs."""
+    started: list[DirectLineEmulator] = []
+
+    def start(**options) -> DirectLineEmulator:
+        options.setdefault("secret", DIRECTLINE_TEST_SECRET)
+        options.setdefault("env", subprocess_env())
+        options.setdefault("log_path", tmp_path / f"directline-{len(started)}.log")
+        emulator = DirectLineEmulator(**options)
+        started.append(emulator.start())
+        return emulator
+
+    yield start
+    for emulator in started:
+        emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def directline_emulator(tmp_path_factory) -> Iterator[DirectLineEmulator]:
+    """One emulator for the session: built-in echo (late reply after 1 s), secret "test-directline-secret".
+
+    Shared: never change its faults; use start_emulator for that."""
+    emulator = DirectLineEmulator(secret=DIRECTLINE_TEST_SECRET, env=subprocess_env(),
+                                  extra_args=("--late-reply-seconds", "1"),
+                                  log_path=tmp_path_factory.mktemp("directline") / "directline.log")
+    with emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def start_simulator(tmp_path_factory) -> Iterator[Callable[..., ManagedProcess]]:
+    """Start the provider simulator (devstack.channels) on a free port:
+    start_simulator(relay_url=..., values={...}) -> ProviderSimulator with .url, .replies(), .fail_next(), ..."""
+    from devstack.channels import ProviderSimulator
+
+    started: list[ManagedProcess] = []
+
+    def start(relay_url: str = "http://127.0.0.1:7071", values: dict[str, str] | None = None) -> ManagedProcess:
+        simulator = ProviderSimulator(relay_url=relay_url, values=values, env=subprocess_env(),
+                                      log_path=tmp_path_factory.mktemp("simulator") / "simulator.log")
+        started.append(simulator.start())
+        return simulator
 
     yield start
     for process in started:

@@ -1,16 +1,21 @@
 """`make run`'s launcher brings the stack up, serves health, and stops everything on Ctrl-C."""
 
+import json
+
 import requests
 
-from devstack.procs import ManagedProcess, free_port, http_ok, port_open, python_module
+from devstack.procs import ROOT, ManagedProcess, free_port, http_ok, port_open, python_module
 from tests.conftest import subprocess_env
 
 
 def test_launcher_serves_health_and_stops_everything(tmp_path):
     host_port, ports = free_port(), [free_port() for _ in range(3)]
+    directline_port, bot_port, simulator_port = free_port(), free_port(), free_port()
     launcher = ManagedProcess(
         "make run", python_module("devstack.run", "--host-port", str(host_port),
-                                  "--azurite-ports", ",".join(map(str, ports)), "--data-dir", str(tmp_path / "data")),
+                                  "--azurite-ports", ",".join(map(str, ports)), "--data-dir", str(tmp_path / "data"),
+                                  "--directline-port", str(directline_port), "--bot-port", str(bot_port),
+                                  "--simulator-port", str(simulator_port)),
         env=subprocess_env(), ready=lambda: http_ok(f"http://127.0.0.1:{host_port}/api/health"),
         log_path=tmp_path / "run.log", startup_timeout=90,
     )
@@ -18,7 +23,26 @@ def test_launcher_serves_health_and_stops_everything(tmp_path):
         response = requests.get(f"http://127.0.0.1:{host_port}/api/health", timeout=20)
         assert response.status_code == 200, response.text
         assert response.json()["checks"]["table_storage"]["ok"]
+        assert_emulator_answers_through_the_bot(f"http://127.0.0.1:{directline_port}/v3/directline")
     assert launcher.process.returncode == 0
     assert not port_open(host_port)
     assert not any(port_open(p) for p in ports)
-    assert f"http://127.0.0.1:{host_port}/api/health" in (tmp_path / "run.log").read_text()
+    assert not port_open(directline_port) and not port_open(bot_port) and not port_open(simulator_port)
+    log = (tmp_path / "run.log").read_text()
+    assert f"http://127.0.0.1:{host_port}/api/health" in log
+    assert f"http://127.0.0.1:{directline_port}/v3/directline" in log
+    assert f"http://127.0.0.1:{bot_port}/api/messages" in log
+    assert f"http://127.0.0.1:{simulator_port}/" in log
+
+
+def assert_emulator_answers_through_the_bot(base_url: str) -> None:
+    """The emulator takes local.settings.json's secret and the botbuilder bot answers through it."""
+    secret = json.loads((ROOT / "local.settings.json").read_text())["Values"]["DIRECTLINE_SECRET"]
+    auth = {"Authorization": f"Bearer {secret}"}
+    conversation = requests.post(f"{base_url}/conversations", headers=auth, timeout=20).json()["conversationId"]
+    posted = requests.post(f"{base_url}/conversations/{conversation}/activities", headers=auth, timeout=20,
+                           json={"type": "message", "from": {"id": "dl_run"}, "text": "ping"})
+    assert posted.status_code == 200, posted.text
+    activities = requests.get(f"{base_url}/conversations/{conversation}/activities", headers=auth,
+                              timeout=20).json()["activities"]
+    assert "You said: ping" in [a.get("text") for a in activities if a["from"].get("role") == "bot"]

@@ -1,0 +1,111 @@
+"""A simulator of the channel providers' APIs for local runs and tests (see server.py for its routes).
+
+    python -m devstack.channels [--port 3001] [--relay-url http://127.0.0.1:7071] [--set NAME=VALUE ...]
+    python -m devstack.channels send twilio --from +15550001 "hello"
+
+It knows each provider's credentials by the relay's own setting names (TWILIO_AUTH_TOKEN, ...), read
+from the environment, so `make run` hands both the same local.settings.json values; `--set` wins,
+and DEV_VALUES fill what is unset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import requests
+
+from devstack.procs import ManagedProcess, free_port, http_ok, python_module
+from relay.settings import SETTINGS
+
+PROVIDER_GROUPS = ("twilio", "whatsapp", "messagebird", "bird", "generic")
+DEFAULT_PORT = 3001
+
+DEV_VALUES: dict[str, str] = {
+    "TWILIO_ACCOUNT_SID": "AC00000000000000000000000000000dev",
+    "TWILIO_AUTH_TOKEN": "dev-only-twilio-auth-token",
+    "TWILIO_API_BASE": "http://127.0.0.1:3001",
+    "WHATSAPP_APP_SECRET": "dev-only-whatsapp-app-secret",
+    "WHATSAPP_VERIFY_TOKEN": "dev-only-whatsapp-verify-token",
+    "WHATSAPP_ACCESS_TOKEN": "dev-only-whatsapp-access-token",
+    "WHATSAPP_PHONE_NUMBER_ID": "100000000000001",
+    "WHATSAPP_API_BASE": "http://127.0.0.1:3001/v21.0",
+    "MESSAGEBIRD_SIGNING_KEY": "dev-only-messagebird-signing-key",
+    "MESSAGEBIRD_ACCESS_KEY": "dev-only-messagebird-access-key",
+    "MESSAGEBIRD_API_BASE": "http://127.0.0.1:3001",
+    "BIRD_SIGNING_KEY": "dev-only-bird-signing-key",
+    "BIRD_ACCESS_KEY": "dev-only-bird-access-key",
+    "BIRD_WORKSPACE_ID": "dev-workspace",
+    "BIRD_CHANNEL_ID": "dev-channel",
+    "BIRD_API_BASE": "http://127.0.0.1:3001",
+    "GENERIC_WEBHOOK_SECRET": "whsec_ZGV2LW9ubHktZ2VuZXJpYy13ZWJob29rLXNlY3JldA==",
+    "GENERIC_SIGNATURE_SCHEME": "standard",
+    "GENERIC_CALLBACK_URL": "http://127.0.0.1:3001/generic/callback",
+}
+"""Obviously dev-only credentials; local.settings.sample.json carries the same values."""
+
+PROVIDER_SETTINGS = tuple(name for name, spec in SETTINGS.items() if spec.group in PROVIDER_GROUPS)
+
+
+def load_values(environ: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Provider values: the catalogue's defaults < DEV_VALUES < the environment < overrides."""
+    environ = os.environ if environ is None else environ
+    values = {name: SETTINGS[name].default or "" for name in PROVIDER_SETTINGS}
+    values |= DEV_VALUES
+    values |= {name: environ[name] for name in PROVIDER_SETTINGS if environ.get(name)}
+    values |= dict(overrides or {})
+    return values
+
+
+class ProviderSimulator(ManagedProcess):
+    """`python -m devstack.channels` as a child process on a free (or given) loopback port.
+
+    `values` are the provider settings it signs and checks with (by the relay's names); the rest
+    comes from DEV_VALUES. The helpers below wrap the admin API for tests."""
+
+    def __init__(self, *, port: int | None = None, relay_url: str = "http://127.0.0.1:7071",
+                 values: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None,
+                 log_path=None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.relay_url = relay_url
+        base_env = {k: v for k, v in (os.environ if env is None else env).items() if k not in PROVIDER_SETTINGS}
+        child_env = {**base_env, **(values or {}), "PYTHONUNBUFFERED": "1"}
+        super().__init__(
+            "provider simulator",
+            python_module("devstack.channels", "--port", str(self.port), "--relay-url", relay_url),
+            env=child_env, ready=lambda: http_ok(f"{self.url}/_sim/health"), log_path=log_path,
+        )
+
+    @property
+    def page_url(self) -> str:
+        return self.url + "/"
+
+    def api_bases(self) -> dict[str, str]:
+        """The *_API_BASE values that point the relay's adapters at this simulator."""
+        return {"TWILIO_API_BASE": self.url, "WHATSAPP_API_BASE": f"{self.url}/v21.0",
+                "MESSAGEBIRD_API_BASE": self.url, "BIRD_API_BASE": self.url,
+                "GENERIC_CALLBACK_URL": f"{self.url}/generic/callback"}
+
+    def _call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
+        response = requests.request(method, self.url + path, json=body, params=params, timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    def replies(self, provider: str | None = None, user: str | None = None) -> list[dict[str, Any]]:
+        params = {k: v for k, v in (("provider", provider), ("user", user)) if v}
+        return self._call("GET", "/_sim/replies", params=params)["replies"]
+
+    def clear(self) -> None:
+        self._call("DELETE", "/_sim/replies")
+
+    def fail_next(self, provider: str, status: int, *, count: int = 1, retry_after: float | None = None) -> None:
+        self._call("POST", "/_sim/failures",
+                   {"provider": provider, "status": status, "count": count, "retry_after": retry_after})
+
+    def send_inbound(self, provider: str, sender: str, text: str = "", *, name: str = "",
+                     media: list[dict[str, str]] | None = None) -> dict[str, Any]:
+        """Sign and POST a user's message to the relay; the relay's answer as {status, body, message_id}."""
+        return self._call("POST", "/_sim/inbound",
+                          {"provider": provider, "from": sender, "text": text, "name": name, "media": media or []})

@@ -1,0 +1,402 @@
+"""The provider simulator's HTTP server: the providers' reply APIs, inbound webhooks, an admin API, a page.
+
+Reply APIs (on each provider's real paths, auth checked as the provider does, 401 when wrong):
+    POST /2010-04-01/Accounts/{sid}/Messages.json      Twilio, Basic auth (Account SID, Auth Token)
+    POST /v{N}/{phone-number-id}/messages               WhatsApp Cloud API, Bearer access token
+    GET  /v{N}/{media-id}                               WhatsApp media object (for inbound media)
+    POST /v1/conversations/{id}/messages                MessageBird, AccessKey
+    POST /workspaces/{ws}/channels/{ch}/messages        Bird, AccessKey; answers 202
+    POST /generic/callback                              generic callback, Standard Webhooks signature
+Admin API (JSON), under /_sim:
+    GET    /_sim/health
+    GET    /_sim/replies?provider=&user=                the replies received, oldest first
+    GET    /_sim/messages?provider=&user=               both directions, for the page
+    DELETE /_sim/replies                                forget replies, messages and pending failures
+    POST   /_sim/failures {provider, status, count=1, retry_after=null}   fail the next sends
+    POST   /_sim/inbound {provider, from, text, name?, media?: [{url, contentType?}]}
+                                                        sign and POST a webhook to the relay
+    POST   /_sim/handshake {verify_token?, challenge?}  Meta's GET verification call to the relay
+    GET    /                                            the phone-like page
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections import defaultdict, deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import requests
+import standardwebhooks
+
+from devstack.channels import webhooks
+from relay.channels import whatsapp
+
+log = logging.getLogger("devstack.channels")
+PAGE = Path(__file__).with_name("page.html")
+TWILIO_PATH = re.compile(r"^/2010-04-01/Accounts/([^/]+)/Messages\.json$")
+GRAPH_MESSAGES_PATH = re.compile(r"^/v\d+(?:\.\d+)?/([^/]+)/messages$")
+GRAPH_MEDIA_PATH = re.compile(r"^/v\d+(?:\.\d+)?/(\d+)$")
+MESSAGEBIRD_PATH = re.compile(r"^/v1/conversations/([^/]+)/messages$")
+BIRD_PATH = re.compile(r"^/workspaces/([^/]+)/channels/([^/]+)/messages$")
+GENERIC_PATH = "/generic/callback"
+
+
+class Reply(Exception):
+    """An HTTP answer raised from a handler: status, JSON body, extra headers."""
+
+    def __init__(self, status: int, body: Any, headers: dict[str, str] | None = None):
+        super().__init__(status)
+        self.status, self.body, self.headers = status, body, headers or {}
+
+
+class State:
+    """Everything the simulator remembers, behind one lock."""
+
+    def __init__(self, values: dict[str, str], relay_url: str):
+        self.values = values
+        self.relay_url = relay_url
+        self.lock = threading.Lock()
+        self.messages: list[dict[str, Any]] = []
+        self.failures: dict[str, deque[tuple[int, float | None]]] = defaultdict(deque)
+        self.conversations: dict[str, str] = {}  # MessageBird conversation id -> user
+        self.media: dict[str, webhooks.Attachment] = {}  # WhatsApp media id -> attachment
+        self.sequence = 0
+
+    def record(self, provider: str, direction: str, user: str, text: str, *, media=(), actions=(),
+               message_id: str = "", request: Any = None) -> dict[str, Any]:
+        with self.lock:
+            self.sequence += 1
+            entry = {"seq": self.sequence, "provider": provider, "direction": direction, "user": user, "text": text,
+                     "media": list(media), "actions": list(actions), "id": message_id or uuid.uuid4().hex,
+                     "at": time.time(), "request": request}
+            self.messages.append(entry)
+            return entry
+
+    def select(self, provider: str | None, user: str | None, direction: str | None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [m for m in self.messages if (not provider or m["provider"] == provider)
+                    and (not user or m["user"] == user) and (not direction or m["direction"] == direction)]
+
+    def take_failure(self, provider: str) -> tuple[int, float | None] | None:
+        with self.lock:
+            queue = self.failures.get(provider)
+            return queue.popleft() if queue else None
+
+    def clear(self) -> None:
+        with self.lock:
+            self.messages.clear()
+            self.failures.clear()
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "ProviderSimulator/1.0"
+    state: State  # set on the class built by make_server
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.info("%s %s", self.address_string(), fmt % args)
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _json(self, raw: bytes) -> Any:
+        try:
+            return json.loads(raw or b"{}")
+        except ValueError:
+            raise Reply(400, {"error": {"code": "BadJson", "message": "the body is not valid JSON"}}) from None
+
+    def _answer(self, status: int, body: Any, headers: dict[str, str] | None = None,
+                content_type: str = "application/json") -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _dispatch(self, method: str) -> None:
+        parts = urlsplit(self.path)
+        try:
+            raw = self._body() if method in ("POST", "PUT", "DELETE") else b""
+            status, body, headers = self._route(method, parts.path, parse_qs(parts.query), raw)
+            if isinstance(body, tuple):  # (bytes, content type)
+                self._answer(status, body[0], headers, body[1])
+            else:
+                self._answer(status, body, headers)
+        except Reply as reply:
+            self._answer(reply.status, reply.body, reply.headers)
+        except Exception:  # a bug here must show up as a 500 the caller sees, not a hung socket
+            log.exception("simulator failed on %s %s", method, self.path)
+            self._answer(500, {"error": {"code": "SimulatorError", "message": "see the simulator's log"}})
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _route(self, method: str, path: str, query: dict[str, list[str]], raw: bytes):
+        one = {k: v[0] for k, v in query.items()}
+        if path == "/" and method == "GET":
+            return 200, (PAGE.read_bytes(), "text/html; charset=utf-8"), {}
+        if path.startswith("/_sim/"):
+            return self._admin(method, path.removeprefix("/_sim/"), one, raw)
+        if method == "POST":
+            for pattern, handler in ((TWILIO_PATH, self._twilio), (GRAPH_MESSAGES_PATH, self._whatsapp),
+                                     (MESSAGEBIRD_PATH, self._messagebird), (BIRD_PATH, self._bird)):
+                match = pattern.match(path)
+                if match:
+                    return handler(match, raw)
+            if path == GENERIC_PATH:
+                return self._generic(raw)
+        if method == "GET" and GRAPH_MEDIA_PATH.match(path):
+            return self._whatsapp_media(GRAPH_MEDIA_PATH.match(path))
+        raise Reply(404, {"error": {"code": "NotFound", "message": f"no {method} {path} here"}})
+
+    # -- failures -----------------------------------------------------------------------------
+    def _maybe_fail(self, provider: str) -> None:
+        failure = self.state.take_failure(provider)
+        if failure:
+            status, retry_after = failure
+            headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+            raise Reply(status, {"error": {"code": "InjectedFailure", "message": f"simulated {status}"}}, headers)
+
+    def _value(self, name: str) -> str:
+        return self.state.values.get(name, "")
+
+    # -- Twilio -------------------------------------------------------------------------------
+    def _twilio(self, match: re.Match, raw: bytes):
+        sid, token = self._value("TWILIO_ACCOUNT_SID"), self._value("TWILIO_AUTH_TOKEN")
+        user, password = _basic_auth(self.headers.get("Authorization"))
+        if not sid or match.group(1) != sid or user != sid or password != token:
+            raise Reply(401, {"code": 20003, "message": "Authenticate", "more_info":
+                              "https://www.twilio.com/docs/errors/20003", "status": 401})
+        self._maybe_fail("twilio")
+        form = parse_qs(raw.decode(), keep_blank_values=True)
+        to, sender = form.get("To", [""])[0], form.get("From", [""])[0]
+        body, media = form.get("Body", [""])[0], form.get("MediaUrl", [])
+        if not to or not sender:
+            raise Reply(400, {"code": 21604, "message": "A 'To' phone number is required.", "status": 400})
+        if not body and not media:
+            raise Reply(400, {"code": 21602, "message": "Message body is required.", "status": 400})
+        if len(body) > 1600:
+            raise Reply(400, {"code": 21617, "message": "The concatenated message body exceeds the 1600 character "
+                              "limit.", "status": 400})
+        message_sid = "SM" + uuid.uuid4().hex
+        self.state.record("twilio", "bot", to, body, media=[{"url": u} for u in media], message_id=message_sid,
+                          request=form)
+        return 201, {"sid": message_sid, "account_sid": sid, "to": to, "from": sender, "body": body,
+                     "status": "queued", "num_media": str(len(media)), "num_segments": "1"}, {}
+
+    # -- WhatsApp -----------------------------------------------------------------------------
+    def _whatsapp(self, match: re.Match, raw: bytes):
+        if self.headers.get("Authorization") != f"Bearer {self._value('WHATSAPP_ACCESS_TOKEN')}" \
+                or not self._value("WHATSAPP_ACCESS_TOKEN"):
+            raise Reply(401, {"error": {"message": "Invalid OAuth access token - Cannot parse access token",
+                                        "type": "OAuthException", "code": 190, "fbtrace_id": uuid.uuid4().hex}})
+        if match.group(1) != self._value("WHATSAPP_PHONE_NUMBER_ID"):
+            raise Reply(400, _graph_error(100, f"Unsupported post request. Object with ID '{match.group(1)}' does "
+                                          "not exist, cannot be loaded due to missing permissions, or does not "
+                                          "support this operation."))
+        self._maybe_fail("whatsapp")
+        body = self._json(raw)
+        if body.get("messaging_product") != "whatsapp" or not body.get("to"):
+            raise Reply(400, _graph_error(100, "The parameter messaging_product is required."))
+        kind = body.get("type", "text")
+        text, media, actions = "", [], []
+        if kind == "text":
+            text = str((body.get("text") or {}).get("body", ""))
+            if not text or len(text) > whatsapp.TEXT_LIMIT:
+                raise Reply(400, _graph_error(100, "Param text['body'] must be at most 4096 characters long."))
+        elif kind == "interactive":
+            interactive = body.get("interactive") or {}
+            text = str((interactive.get("body") or {}).get("text", ""))
+            buttons = (interactive.get("action") or {}).get("buttons") or []
+            actions = [str((b.get("reply") or {}).get("title", "")) for b in buttons]
+            if not 1 <= len(buttons) <= whatsapp.BUTTON_LIMIT or any(
+                    not 0 < len(a) <= whatsapp.BUTTON_TITLE_LIMIT for a in actions) or len(text) > 1024:
+                raise Reply(400, _graph_error(131009, "Parameter value is not valid"))
+        elif kind in ("image", "video", "audio", "document", "sticker"):
+            item = body.get(kind) or {}
+            if not item.get("link") and not item.get("id"):
+                raise Reply(400, _graph_error(100, f"Param {kind}['link'] is required"))
+            media = [{"url": item.get("link") or item.get("id"), "kind": kind}]
+            text = str(item.get("caption", ""))
+        else:
+            raise Reply(400, _graph_error(100, f"Unsupported message type {kind!r}"))
+        wamid = "wamid." + base64.b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        self.state.record("whatsapp", "bot", str(body["to"]), text, media=media, actions=actions, message_id=wamid,
+                          request=body)
+        return 200, {"messaging_product": "whatsapp", "contacts": [{"input": body["to"], "wa_id": body["to"]}],
+                     "messages": [{"id": wamid}]}, {}
+
+    def _whatsapp_media(self, match: re.Match):
+        if self.headers.get("Authorization") != f"Bearer {self._value('WHATSAPP_ACCESS_TOKEN')}":
+            raise Reply(401, {"error": {"message": "Invalid OAuth access token", "type": "OAuthException",
+                                        "code": 190}})
+        item = self.state.media.get(match.group(1))
+        if item is None:
+            raise Reply(404, _graph_error(100, "Media not found"))
+        return 200, {"messaging_product": "whatsapp", "url": item.url, "mime_type": item.content_type,
+                     "id": match.group(1)}, {}
+
+    # -- MessageBird --------------------------------------------------------------------------
+    def _messagebird(self, match: re.Match, raw: bytes):
+        key = self._value("MESSAGEBIRD_ACCESS_KEY")
+        if not key or self.headers.get("Authorization") != f"AccessKey {key}":
+            raise Reply(401, {"errors": [{"code": 2, "description": "Request not allowed (incorrect access_key)",
+                                          "parameter": "access_key"}]})
+        self._maybe_fail("messagebird")
+        body = self._json(raw)
+        kind, content = body.get("type"), body.get("content") or {}
+        if kind == "text" and content.get("text"):
+            text, media = str(content["text"]), []
+        elif kind in ("image", "video", "audio", "file") and (content.get(kind) or {}).get("url"):
+            text, media = str(content[kind].get("caption", "")), [{"url": content[kind]["url"], "kind": kind}]
+        else:
+            raise Reply(400, {"errors": [{"code": 21, "description": "content is invalid", "parameter": "content"}]})
+        conversation = match.group(1)
+        user = self.state.conversations.get(conversation, conversation)
+        message_id = uuid.uuid4().hex
+        self.state.record("messagebird", "bot", user, text, media=media, message_id=message_id,
+                          request={"conversation_id": conversation, **body})
+        return 201, {"id": message_id, "status": "accepted", "fallback": None}, {}
+
+    # -- Bird ---------------------------------------------------------------------------------
+    def _bird(self, match: re.Match, raw: bytes):
+        key = self._value("BIRD_ACCESS_KEY")
+        if not key or self.headers.get("Authorization") != f"AccessKey {key}":
+            raise Reply(401, {"code": "Unauthorized", "message": "Invalid access key"})
+        if match.group(1) != self._value("BIRD_WORKSPACE_ID"):
+            raise Reply(404, {"code": "NotFound", "message": "workspace not found"})
+        self._maybe_fail("bird")
+        body = self._json(raw)
+        contacts = (body.get("receiver") or {}).get("contacts") or []
+        content = body.get("body") or {}
+        kind = content.get("type")
+        if not contacts or kind not in ("text", "image", "file"):
+            raise Reply(422, {"code": "InvalidPayload", "message": "receiver.contacts and body.type are required"})
+        item = content.get(kind) or {}
+        media = [{"url": i.get("mediaUrl"), "kind": kind} for i in item.get("images") or item.get("files") or []]
+        user = str(contacts[0].get("identifierValue") or contacts[0].get("id"))
+        message_id = str(uuid.uuid4())
+        self.state.record("bird", "bot", user, str(item.get("text", "")), media=media, message_id=message_id,
+                          request={"channel_id": match.group(2), **body})
+        return 202, {"id": message_id, "channelId": match.group(2), "status": "accepted"}, {}
+
+    # -- generic callback ---------------------------------------------------------------------
+    def _generic(self, raw: bytes):
+        secret = self._value("GENERIC_CALLBACK_SECRET") or self._value("GENERIC_WEBHOOK_SECRET")
+        verifier = standardwebhooks.Webhook(secret if secret.startswith("whsec_") else secret.encode())
+        try:
+            verifier.verify(raw, {k: v for k, v in self.headers.items()})
+        except standardwebhooks.WebhookVerificationError as error:
+            raise Reply(401, {"error": {"code": "InvalidSignature", "message": str(error)}}) from None
+        self._maybe_fail("generic")
+        body = self._json(raw)
+        self.state.record("generic", "bot", str((body.get("user") or {}).get("id", "")), str(body.get("text", "")),
+                          media=body.get("media") or [], actions=body.get("suggestedActions") or [],
+                          message_id=str(body.get("id", "")), request=body)
+        return 200, {"ok": True}, {}
+
+    # -- admin --------------------------------------------------------------------------------
+    def _admin(self, method: str, name: str, query: dict[str, str], raw: bytes):
+        state = self.state
+        if name == "health" and method == "GET":
+            return 200, {"ok": True, "relay_url": state.relay_url, "providers": list(webhooks.PROVIDERS)}, {}
+        if name in ("replies", "messages") and method == "GET":
+            direction = "bot" if name == "replies" else None
+            found = state.select(query.get("provider"), query.get("user"), direction)
+            return 200, {name: found}, {}
+        if name == "replies" and method == "DELETE":
+            state.clear()
+            return 200, {"cleared": True}, {}
+        if name == "failures" and method == "POST":
+            return self._inject(self._json(raw))
+        if name == "inbound" and method == "POST":
+            return self._inbound(self._json(raw))
+        if name == "handshake" and method == "POST":
+            return self._handshake(self._json(raw))
+        raise Reply(404, {"error": {"code": "NotFound", "message": f"no admin {method} {name}"}})
+
+    def _inject(self, body: dict[str, Any]):
+        provider, status = body.get("provider"), body.get("status")
+        if provider not in webhooks.PROVIDERS or not isinstance(status, int) or not 400 <= status <= 599:
+            raise Reply(400, {"error": {"code": "BadFailure", "message": "give a known provider and a 4xx/5xx status"}})
+        retry_after = body.get("retry_after")
+        with self.state.lock:
+            queue = self.state.failures[provider]
+            queue.extend([(status, retry_after)] * int(body.get("count", 1)))
+            pending = len(queue)
+        return 200, {"provider": provider, "pending": pending}, {}
+
+    def _inbound(self, body: dict[str, Any]):
+        provider, sender = body.get("provider"), str(body.get("from") or "")
+        if provider not in webhooks.PROVIDERS or not sender:
+            raise Reply(400, {"error": {"code": "BadInbound", "message": "give a known provider and 'from'"}})
+        media = tuple(webhooks.Attachment.from_url(m["url"], m.get("contentType", ""))
+                      for m in body.get("media") or [] if isinstance(m, dict) and m.get("url"))
+        hook = webhooks.build(provider, self.state.values, self.state.relay_url, sender=sender,
+                              text=str(body.get("text", "")), name=str(body.get("name", "")), media=media)
+        with self.state.lock:
+            if hook.conversation_id:
+                self.state.conversations[hook.conversation_id] = sender
+            self.state.media.update(hook.media_ids)
+        self.state.record(provider, "user", sender, str(body.get("text", "")),
+                          media=[{"url": m.url, "contentType": m.content_type} for m in media],
+                          message_id=hook.message_id)
+        try:
+            response = requests.post(hook.url, data=hook.body, headers=hook.headers, timeout=30)
+        except requests.RequestException as error:
+            raise Reply(502, {"error": {"code": "RelayUnreachable",
+                                        "message": f"{hook.url}: {type(error).__name__}"}}) from None
+        return 200, {"status": response.status_code, "body": response.text, "message_id": hook.message_id,
+                     "content_type": response.headers.get("Content-Type", "")}, {}
+
+    def _handshake(self, body: dict[str, Any]):
+        challenge = str(body.get("challenge") or uuid.uuid4().int % 10**10)
+        query = urlencode({"hub.mode": "subscribe", "hub.challenge": challenge,
+                           "hub.verify_token": body.get("verify_token", self._value("WHATSAPP_VERIFY_TOKEN"))})
+        try:
+            response = requests.get(f"{self.state.relay_url}/api/channels/whatsapp?{query}", timeout=30)
+        except requests.RequestException as error:
+            raise Reply(502, {"error": {"code": "RelayUnreachable", "message": type(error).__name__}}) from None
+        return 200, {"status": response.status_code, "body": response.text, "challenge": challenge}, {}
+
+
+def _graph_error(code: int, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "OAuthException", "code": code, "fbtrace_id": uuid.uuid4().hex}}
+
+
+def _basic_auth(header: str | None) -> tuple[str, str]:
+    if not header or not header.startswith("Basic "):
+        return "", ""
+    try:
+        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return "", ""
+    return user, password
+
+
+def make_server(port: int, values: dict[str, str], relay_url: str, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    handler = type("BoundHandler", (Handler,), {"state": State(values, relay_url.rstrip("/"))})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server

@@ -1,0 +1,214 @@
+"""Inbound webhooks built and signed the way each provider builds and signs them.
+
+`build(provider, values, relay_url, sender=..., text=...)` returns the request to POST to the relay:
+the URL (relay_url + /api/channels/{provider}), headers with the provider's signature, raw body,
+and the provider message id the relay will dedupe on.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import mimetypes
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
+
+from relay.channels import bird, generic, twilio, whatsapp
+
+PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic")
+TWILIO_SMS_NUMBER = "+15005550006"
+TWILIO_WHATSAPP_NUMBER = "whatsapp:+14155238886"
+WHATSAPP_DISPLAY_NUMBER = "15550100"
+MESSAGEBIRD_CHANNEL_ID = "619747f69cf940a98fb443140ce9aed2"
+MESSAGEBIRD_NUMBER = "+31612345678"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    url: str
+    content_type: str = ""
+
+    @classmethod
+    def from_url(cls, url: str, content_type: str = "") -> Attachment:
+        return cls(url, content_type or mimetypes.guess_type(url)[0] or "application/octet-stream")
+
+
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    message_id: str
+    conversation_id: str = ""
+    media_ids: dict[str, Attachment] = field(default_factory=dict)
+
+
+def conversation_id(user: str) -> str:
+    """MessageBird's conversation id for a user: stable, like the real one per contact and channel."""
+    return hashlib.sha256(f"conversation:{user}".encode()).hexdigest()[:32]
+
+
+def contact_id(user: str) -> str:
+    return hashlib.sha256(f"contact:{user}".encode()).hexdigest()[:32]
+
+
+def encode_jwt(claims: Mapping[str, object], key: str, algorithm: str = "HS256") -> str:
+    """A compact HMAC JWT, as MessageBird signs its webhooks."""
+    digests = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    head = part(json.dumps({"alg": algorithm, "typ": "JWT"}, separators=(",", ":")).encode())
+    body = part(json.dumps(dict(claims), separators=(",", ":")).encode())
+    signature = hmac.new(key.encode(), f"{head}.{body}".encode(), digests[algorithm]).digest()
+    return f"{head}.{body}.{part(signature)}"
+
+
+def _iso(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+
+
+def build(provider: str, values: Mapping[str, str], relay_url: str, *, sender: str, text: str = "",
+          name: str = "", media: tuple[Attachment, ...] = (), now: float | None = None) -> Webhook:
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; one of {', '.join(PROVIDERS)}")
+    now = time.time() if now is None else now
+    url = f"{relay_url.rstrip('/')}/api/channels/{provider}"
+    return globals()[f"_{provider}"](values, url, sender, text, name, media, now)
+
+
+def _twilio(values, url, sender, text, name, media, now) -> Webhook:
+    sid = "SM" + uuid.uuid4().hex
+    on_whatsapp = sender.startswith("whatsapp:")
+    params = {
+        "ToCountry": "US", "SmsMessageSid": sid, "NumMedia": str(len(media)), "SmsSid": sid, "SmsStatus": "received",
+        "Body": text, "To": TWILIO_WHATSAPP_NUMBER if on_whatsapp else TWILIO_SMS_NUMBER, "NumSegments": "1",
+        "MessageSid": sid, "AccountSid": values.get("TWILIO_ACCOUNT_SID", ""), "From": sender,
+        "ApiVersion": "2010-04-01",
+    }
+    if on_whatsapp:
+        params |= {"ProfileName": name or "", "WaId": sender.removeprefix("whatsapp:+"), "MessageType": "text"}
+    for index, item in enumerate(media):
+        params |= {f"MediaContentType{index}": item.content_type, f"MediaUrl{index}": item.url}
+    signature = twilio.compute_signature(values.get("TWILIO_AUTH_TOKEN", ""), url, params)
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature,
+               "I-Twilio-Idempotency-Token": str(uuid.uuid4()), "User-Agent": "TwilioProxy/1.1"}
+    return Webhook(url, headers, urlencode(params).encode(), sid)
+
+
+def _whatsapp(values, url, sender, text, name, media, now) -> Webhook:
+    wamid = "wamid." + base64.b64encode(uuid.uuid4().bytes + uuid.uuid4().bytes).decode().rstrip("=")
+    message: dict[str, object] = {"from": sender, "id": wamid, "timestamp": str(int(now))}
+    media_ids = {}
+    if media:
+        item = media[0]
+        media_id = str(uuid.uuid4().int)[:16]
+        media_ids[media_id] = item
+        kind = whatsapp.media_kind(item.content_type)
+        message |= {"type": kind, kind: {"mime_type": item.content_type, "sha256": "", "id": media_id,
+                                         **({"caption": text} if text and kind != "audio" else {})}}
+    else:
+        message |= {"type": "text", "text": {"body": text}}
+    body = {"object": "whatsapp_business_account", "entry": [{"id": "102290129340398", "changes": [{
+        "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": WHATSAPP_DISPLAY_NUMBER,
+                         "phone_number_id": values.get("WHATSAPP_PHONE_NUMBER_ID", "")},
+            "contacts": [{"profile": {"name": name or sender}, "wa_id": sender}],
+            "messages": [message],
+        },
+        "field": "messages",
+    }]}]}
+    raw = json.dumps(body, separators=(",", ":")).encode()  # Meta escapes non-ASCII as \\uXXXX
+    headers = {"Content-Type": "application/json",
+               "X-Hub-Signature-256": whatsapp.compute_signature(values.get("WHATSAPP_APP_SECRET", ""), raw)}
+    return Webhook(url, headers, raw, wamid, media_ids=media_ids)
+
+
+def _messagebird(values, url, sender, text, name, media, now) -> Webhook:
+    conversation, contact = conversation_id(sender), contact_id(sender)
+    message_id = uuid.uuid4().hex
+    first, _, last = (name or "").partition(" ")
+    content: dict[str, object] = {"text": text}
+    kind = "text"
+    if media:
+        major = media[0].content_type.split("/")[0]
+        kind = major if major in ("image", "video", "audio") else "file"
+        content = {kind: {"url": media[0].url, **({"caption": text} if text else {})}}
+    stamp = _iso(now)
+    body = {
+        "type": "message.created",
+        "contact": {"id": contact, "href": "", "msisdn": sender.lstrip("+"), "displayName": name or sender,
+                    "firstName": first, "lastName": last, "customDetails": {}, "attributes": {},
+                    "createdDatetime": stamp, "updatedDatetime": stamp},
+        "conversation": {"id": conversation, "contactId": contact, "status": "active", "createdDatetime": stamp,
+                         "updatedDatetime": stamp, "lastReceivedDatetime": stamp},
+        "message": {"id": message_id, "conversationId": conversation, "platform": "sms", "to": MESSAGEBIRD_NUMBER,
+                    "from": sender, "channelId": MESSAGEBIRD_CHANNEL_ID, "type": kind, "content": content,
+                    "direction": "received", "status": "received", "createdDatetime": stamp,
+                    "updatedDatetime": stamp},
+    }
+    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    claims = {"iss": "MessageBird", "nbf": int(now), "exp": int(now) + 60, "jti": str(uuid.uuid4()),
+              "url_hash": hashlib.sha256(url.encode()).hexdigest(), "payload_hash": hashlib.sha256(raw).hexdigest()}
+    headers = {"Content-Type": "application/json",
+               "MessageBird-Signature-JWT": encode_jwt(claims, values.get("MESSAGEBIRD_SIGNING_KEY", ""))}
+    return Webhook(url, headers, raw, message_id, conversation_id=conversation)
+
+
+def _bird(values, url, sender, text, name, media, now) -> Webhook:
+    message_id = str(uuid.uuid4())
+    if media:
+        images = [m for m in media if m.content_type.startswith("image/")]
+        content = ({"type": "image", "image": {"images": [{"mediaUrl": m.url} for m in images], "text": text}}
+                   if len(images) == len(media) else
+                   {"type": "file", "file": {"files": [{"mediaUrl": m.url, "contentType": m.content_type,
+                                                        "filename": m.url.rsplit("/", 1)[-1]} for m in media],
+                                             "text": text}})
+    else:
+        content = {"type": "text", "text": {"text": text}}
+    stamp = _iso(now)
+    body = {"service": "channels", "event": "whatsapp.inbound", "payload": {
+        "id": message_id, "channelId": values.get("BIRD_CHANNEL_ID", ""),
+        "sender": {"contact": {"id": str(uuid.UUID(contact_id(sender))), "identifierKey": "phonenumber",
+                               "identifierValue": sender, "annotations": {"name": name or sender}}},
+        "receiver": {"connector": {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "bird-connector")),
+                                   "identifierValue": "+15550100"}},
+        "body": content, "status": "delivered", "reason": "", "direction": "incoming",
+        "lastStatusAt": stamp, "createdAt": stamp, "updatedAt": stamp,
+    }}
+    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    stamp_header = str(int(now))
+    headers = {"Content-Type": "application/json", "messagebird-request-timestamp": stamp_header,
+               "messagebird-signature": bird.compute_signature(values.get("BIRD_SIGNING_KEY", ""), stamp_header, url,
+                                                               raw)}
+    return Webhook(url, headers, raw, message_id)
+
+
+def _generic(values, url, sender, text, name, media, now) -> Webhook:
+    message_id = f"msg_{uuid.uuid4().hex}"
+    body = {"id": message_id, "user": {"id": sender, **({"name": name} if name else {})}, "text": text}
+    if media:
+        body["media"] = [{"url": m.url, "contentType": m.content_type} for m in media]
+    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    key = generic.secret_key(values.get("GENERIC_WEBHOOK_SECRET", ""))
+    headers = {"Content-Type": "application/json"}
+    if (values.get("GENERIC_SIGNATURE_SCHEME") or "hmac").lower() == "standard":
+        headers |= generic.standard_headers(key, message_id, raw, timestamp=int(now))
+    else:
+        stamp_header = values.get("GENERIC_TIMESTAMP_HEADER", "")
+        stamp = str(int(now)) if stamp_header else None
+        prefix = values.get("GENERIC_SIGNATURE_PREFIX", "sha256=")
+        prefix = "" if prefix.lower() == "none" else prefix
+        signature = generic.hmac_signature(key, raw, timestamp=stamp,
+                                           encoding=(values.get("GENERIC_SIGNATURE_ENCODING") or "hex").lower())
+        headers[values.get("GENERIC_SIGNATURE_HEADER") or "X-Signature"] = prefix + signature
+        if stamp_header:
+            headers[stamp_header] = stamp
+    return Webhook(url, headers, raw, message_id)

@@ -1,0 +1,170 @@
+"""A Direct Line 3.0 emulator: the documented service, offline, for development and every relay test.
+
+    python -m devstack.directline --port 3000 --secret S [--token-ttl 1800] [--echo | --bot-url URL]
+
+The secret may also come from the DIRECTLINE_SECRET environment variable (keeps it out of `ps`).
+Multi-threaded, bound to 127.0.0.1 only, all state in memory. The Direct Line API is served under
+http://127.0.0.1:PORT/v3/directline with every call of the reference table (tokens/generate,
+tokens/refresh, start conversation, reconnect, GET/POST activities, upload), the documented statuses
+and error bodies `{"error": {"code": "...", "message": "..."}}`.
+
+The bot
+- `--echo` (default): a built-in echo bot, no other process. It says what devstack/bot.py says
+  (devstack/directline/echo.py): "You said: <text>" with replyToId; "later" also gets
+  "Late reply: later" `--late-reply-seconds` after the turn; "card" a hero card with suggested
+  actions; "bye" "Goodbye." then endOfConversation. Replies come from {id: --bot-id (default
+  "relaybot"), name: --bot-name, role: "bot"} and are in the activity set before the user's POST
+  returns, as a real bot's in-turn replies are.
+- `--bot-url URL`: each client activity is POSTed to the bot's messaging endpoint (Bot Connector
+  protocol, no auth header) with `serviceUrl` = http://127.0.0.1:PORT; the bot answers through
+  `POST /v3/conversations/{id}/activities[/{replyToId}]` here (anonymous accepted, as locally
+  without an app id). No answer within `--bot-timeout` (15 s) -> 504 BotError; connection refused
+  or a 4xx/5xx from the bot -> 502 BotRejectedActivity. In both cases the user's activity is
+  already in the activity set (so clients must look for it before re-posting).
+- `--no-bot`: activities are stored and nothing answers (tests drive the bot side through the
+  connector endpoint).
+
+Choices where the documentation is silent or inconsistent (configurable where it matters)
+- Tokens: opaque `<base64url payload>.<HMAC>` strings signed with a key made at start-up, bound to
+  one conversation, the user and the trusted origins given to generate/start. A token survives
+  its conversation being forgotten (then calls answer 404), as a signed token would.
+- Auth: no Authorization header, or not `Bearer <value>` -> 401 BadArgument; a value that is
+  neither the secret nor a valid token (malformed, forged, from an earlier emulator run) -> 403
+  BadArgument "Invalid token or secret"; an expired token -> 403 TokenExpired (also for refresh).
+  A token used on another conversation -> 403 BadArgument. tokens/generate with a token and
+  tokens/refresh with the secret -> 403 BadArgument. A request whose Origin header is not among
+  the token's trusted origins -> 403 BadArgument (no Origin header: allowed).
+- The user id bound to a token wins over the activity's from.id (as with enhanced auth). "dl_"
+  prefixes are not required.
+- tokens/generate reserves the conversation without contacting the bot; the first start with that
+  token answers 201 (and greets the bot), every later one 200 with the same token and its
+  remaining lifetime. Start with the secret always makes a new conversation (201).
+- Start conversation sends the `--bot-url` bot a conversationUpdate (membersAdded: bot, user if
+  known) in the background; a failure there does not fail the start.
+- Reconnect returns a new token with `expires_in` (= --token-ttl) and a streamUrl; an invalid
+  watermark -> 400 BadArgument. streamUrl is ws://...: WebSocket streaming itself is NOT
+  emulated (clients must poll; `webSocket: false` in DirectLineJS).
+- Watermarks: `<4 random letters>-<position>`, e.g. "qkzd-12": never a plain integer, specific to
+  one conversation; a watermark that does not belong to the conversation -> 400 BadArgument. An
+  empty watermark means "from the start". No watermark in the answer while the conversation has
+  no activities. Pages hold at most `--page-size` (100) activities.
+- Activity ids: `<conversationId>|0000012` (7 digits, one sequence per conversation, bot and user).
+  typing activities get an id but are never in the polled activity set (WebSocket only).
+- POST activity: `type` and `from.id` required (400 MissingProperty); larger than
+  `--max-activity-chars` (256K characters) -> 413 MessageSizeTooBig.
+- endOfConversation from the client is stored and forwarded to the bot
+  (`--no-forward-end-of-conversation` stores it only); the conversation stays usable afterwards.
+- Upload: `?userId=` or the activity part's from.id is required (400 MissingProperty); larger than
+  `--max-upload-bytes` (4 MiB) -> 413 MessageSizeTooBig. Files are served without auth at their
+  contentUrl (http://127.0.0.1:PORT/v3/directline/attachments/<random>/<name>) for 24 h.
+- Idle conversations (no activity posted by anyone, no start or reconnect; polling does not count)
+  are forgotten after `--conversation-ttl` seconds (15 days), then every call on them answers
+  404 BadArgument "Unknown conversation".
+- 429: `Retry-After` is in seconds (the HTTP unit), default "1"; code TooManyRequests. Injected
+  500/502: code ServiceError.
+
+Admin API (no auth, loopback only; JSON in and out)
+- `GET /_emulator/`: {"faults": {...}, "counters": {"requests": {endpoint: n},
+  "conversations": {conversationId: {endpoint: n}}, "faults": {"429"|"poll-limit"|"500"|"502"|"drop": n}},
+  "conversations": <number alive>, "options": {... no secret}}. Endpoints counted:
+  tokens/generate, tokens/refresh, conversations/start, conversations/reconnect, activities/get,
+  activities/post, upload, attachments/get, connector/send, connector/reply.
+- `POST /_emulator/counters/reset`: zero the counters.
+- `PUT /_emulator/faults` with any of (merged into the current settings; 400 on an unknown key):
+    latency_ms (0)           added to every matching request
+    throttle_rate (0.0)      share of requests answered 429 with Retry-After
+    retry_after ("1")        the Retry-After header value
+    poll_limit (false)       429 when one conversation's activities are polled faster than
+    min_poll_interval (1.0)  once every this many seconds (50 ms tolerance)
+    error_500_rate, error_502_rate (0.0)   share answered 500 / 502 ServiceError
+    drop_rate (0.0)          share whose connection is closed without an answer
+    phase ("before")         "after": the request is processed (activity stored, bot called) and
+                             then the fault replaces the answer: the ambiguous failure
+    endpoints ([] = all)     Direct Line endpoint names the faults apply to
+    limit (null)             inject at most this many rate-based faults, then none
+  Faults (and the CLI flags of the same names) apply only to the Direct Line endpoints, never to
+  the admin, connector or attachment ones.
+- `DELETE /_emulator/faults`: back to no faults.
+- `GET /_emulator/conversations/{id}`: {"conversationId", "started", "user", "activities", "watermark"}.
+- `POST /_emulator/conversations/{id}/forget`: forget it now (next call 404).
+- `POST /_emulator/conversations/{id}/expire-tokens`: every token issued so far for it is expired (403 TokenExpired).
+- `POST /_emulator/conversations/{id}/reset-watermark`: the next GET activities replays the
+  history from the first activity whatever watermark it sends.
+A bot activity can be injected with `POST /v3/conversations/{id}/activities` (the connector endpoint).
+
+From Python use `DirectLineEmulator` (a devstack.procs.ManagedProcess).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from devstack.procs import ManagedProcess, free_port, http_ok, python_module
+
+__all__ = ["DirectLineEmulator"]
+
+
+class DirectLineEmulator(ManagedProcess):
+    """`python -m devstack.directline` on a loopback port, with helpers for its admin API."""
+
+    def __init__(self, *, secret: str, port: int | None = None, token_ttl: float = 1800, echo: bool = True,
+                 bot_url: str | None = None, extra_args: Sequence[str] = (), log_path: Path | None = None,
+                 env: dict[str, str] | None = None, startup_timeout: float = 30):
+        self.port = port or free_port()
+        self.secret = secret
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{self.url}/v3/directline"
+        self.admin_url = f"{self.url}/_emulator"
+        argv = python_module("devstack.directline", "--port", str(self.port), "--token-ttl", f"{token_ttl:g}")
+        if bot_url:
+            argv += ["--bot-url", bot_url]
+        elif not echo:
+            argv += ["--no-bot"]
+        argv += list(extra_args)
+        child_env = {**(env if env is not None else os.environ), "DIRECTLINE_SECRET": secret, "PYTHONUNBUFFERED": "1"}
+        super().__init__("directline emulator", argv, env=child_env, log_path=log_path,
+                         ready=lambda: http_ok(f"{self.admin_url}/"), startup_timeout=startup_timeout)
+
+    def __repr__(self) -> str:
+        return f"DirectLineEmulator(base_url={self.base_url!r})"
+
+    def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        response = requests.request(method, f"{self.admin_url}{path}", json=body, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def state(self) -> dict[str, Any]:
+        """Everything GET /_emulator/ says: faults, counters, live conversations, options."""
+        return self._admin("GET", "/")
+
+    def counters(self) -> dict[str, Any]:
+        """{"requests": {endpoint: n}, "conversations": {id: {endpoint: n}}, "faults": {kind: n}}."""
+        return self.state()["counters"]
+
+    def reset_counters(self) -> None:
+        self._admin("POST", "/counters/reset")
+
+    def set_faults(self, **faults: Any) -> dict[str, Any]:
+        """Merge fault settings (see the package docstring); returns them all."""
+        return self._admin("PUT", "/faults", faults)
+
+    def clear_faults(self) -> dict[str, Any]:
+        return self._admin("DELETE", "/faults")
+
+    def conversation(self, conversation_id: str) -> dict[str, Any]:
+        """The whole activity set of a conversation, without auth or paging."""
+        return self._admin("GET", f"/conversations/{conversation_id}")
+
+    def forget(self, conversation_id: str) -> None:
+        self._admin("POST", f"/conversations/{conversation_id}/forget")
+
+    def expire_tokens(self, conversation_id: str) -> None:
+        self._admin("POST", f"/conversations/{conversation_id}/expire-tokens")
+
+    def reset_watermark(self, conversation_id: str) -> None:
+        self._admin("POST", f"/conversations/{conversation_id}/reset-watermark")

@@ -1,0 +1,172 @@
+"""What every adapter shares: settings checks, signature helpers, and the one way to call a provider's API.
+
+Provider errors are mapped here once: 4xx (not 429) is permanent (ProviderRejected, dead-letter it),
+429, 5xx, timeouts and connection errors are transient (ProviderUnavailable, retry later, after
+`retry_after` seconds when the provider said so).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import hmac
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from relay.channels.base import WebhookAnswer, WebhookRequest
+from relay.errors import PayloadTooLarge, ProviderRejected, ProviderUnavailable, SignatureInvalid, StaleTimestamp
+from relay.settings import SettingsError
+
+TIMEOUT = (5.0, 20.0)
+"""(connect, read) seconds for one provider call: long enough for a slow API, short enough for a timer run."""
+
+
+class AdapterBase:
+    """Plumbing shared by the adapters; each subclass reads and validates its own settings."""
+
+    name = ""
+
+    def __init__(self, config: Mapping[str, str], *, session: requests.Session, window_seconds: float = 300,
+                 max_body_bytes: int = 1_048_576, clock: Callable[[], float] = time.time):
+        self._config = dict(config)
+        self.session = session
+        self.window_seconds = window_seconds
+        self.max_body_bytes = max_body_bytes
+        self.clock = clock
+
+    def __repr__(self) -> str:  # never the settings: several are secrets
+        return f"<{type(self).__name__} channel={self.name!r}>"
+
+    def _setting(self, name: str, *, required: bool = False, why: str = "") -> str:
+        value = (self._config.get(name) or "").strip()
+        if required and not value:
+            raise SettingsError(f"{name} is not set: the {self.name} channel needs it{' ' + why if why else ''}")
+        return value
+
+    def handshake(self, request: WebhookRequest) -> WebhookAnswer | None:
+        return None
+
+    def acknowledgement(self) -> WebhookAnswer:
+        return WebhookAnswer(200, b"", "text/plain")
+
+    def check_size(self, request: WebhookRequest) -> None:
+        if len(request.body) > self.max_body_bytes:
+            raise PayloadTooLarge(f"the body has {len(request.body)} bytes, over the {self.max_body_bytes} allowed")
+
+    def check_timestamp(self, raw: str | None, header: str) -> int:
+        """The request's Unix timestamp, StaleTimestamp when it is outside the replay window."""
+        if not raw:
+            raise SignatureInvalid(f"the {header} header is missing")
+        try:
+            stamp = int(raw.strip())
+        except ValueError:
+            raise SignatureInvalid(f"the {header} header is not a Unix timestamp") from None
+        if abs(self.clock() - stamp) > self.window_seconds:
+            raise StaleTimestamp(f"the {header} is outside the {self.window_seconds:g}s replay window")
+        return stamp
+
+
+def require_header(request: WebhookRequest, name: str) -> str:
+    value = request.header(name)
+    if not value:
+        raise SignatureInvalid(f"the {name} header is missing")
+    return value.strip()
+
+
+def same(expected: bytes | str, given: bytes | str) -> bool:
+    """Constant-time equality of two signatures."""
+    if isinstance(expected, str):
+        expected = expected.encode()
+    if isinstance(given, str):
+        given = given.encode()
+    return hmac.compare_digest(expected, given)
+
+
+def b64decode_or_none(value: str) -> bytes | None:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """Pieces of at most `limit` characters, cut at the last line break or space when there is one."""
+    pieces = []
+    while len(text) > limit:
+        cut = max(text.rfind("\n", 0, limit + 1), text.rfind(" ", 0, limit + 1))
+        if cut > limit // 2:  # drop the blank the text is cut at
+            pieces.append(text[:cut])
+            text = text[cut + 1:]
+        else:
+            pieces.append(text[:limit])
+            text = text[limit:]
+    if text or not pieces:
+        pieces.append(text)
+    return pieces
+
+
+def numbered_list(text: str, actions: tuple[str, ...]) -> str:
+    """Suggested actions as text, for channels (or cases) without buttons."""
+    if not actions:
+        return text
+    lines = [f"{number}. {title}" for number, title in enumerate(actions, start=1)]
+    return "\n".join([text, "", *lines] if text else lines)
+
+
+def new_session() -> requests.Session:
+    """One pooled session per process; no automatic retries: the relay's outbox retries with backoff."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=8, pool_maxsize=32, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def call_provider(session: requests.Session, provider: str, method: str, url: str, **kwargs: Any) -> requests.Response:
+    """Make one API call; raise ProviderRejected or ProviderUnavailable unless it succeeded."""
+    try:
+        response = session.request(method, url, timeout=TIMEOUT, **kwargs)
+    except requests.Timeout:
+        raise ProviderUnavailable(f"the {provider} API did not answer in time") from None
+    except requests.RequestException as error:
+        raise ProviderUnavailable(f"the {provider} API is unreachable ({type(error).__name__})") from None
+    if response.status_code < 400:
+        return response
+    detail = _detail(response)
+    if response.status_code == 429 or response.status_code >= 500:
+        raise ProviderUnavailable(f"the {provider} API answered {response.status_code}: {detail}",
+                                  retry_after=retry_after_seconds(response.headers.get("Retry-After")))
+    raise ProviderRejected(f"the {provider} API rejected the message with {response.status_code}: {detail}")
+
+
+def _detail(response: requests.Response) -> str:
+    text = " ".join(response.text.split())
+    return (text[:300] + "...") if len(text) > 300 else (text or response.reason or "no details")
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds: it may be a number or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def response_json(response: requests.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -1,0 +1,165 @@
+"""Twilio SMS and WhatsApp: X-Twilio-Signature webhooks in, the Messages API out.
+
+Twilio signs the URL it called plus every POST parameter sorted by name (HMAC-SHA1 with the Auth
+Token, base64). JSON webhooks carry `bodySHA256` in the URL instead and sign the URL alone. There
+is no timestamp, so no replay window: the relay dedupes on MessageSid.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from urllib.parse import parse_qs, parse_qsl, urlsplit, urlunsplit
+
+from relay.channels.base import InboundMessage, Media, OutboundMessage, WebhookAnswer, WebhookRequest
+from relay.channels.common import (
+    AdapterBase,
+    call_provider,
+    numbered_list,
+    require_header,
+    response_json,
+    same,
+    split_text,
+)
+from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
+
+TEXT_LIMIT = 1600
+MEDIA_PER_MESSAGE = 10
+_HASHES = {"HMAC_SHA1": hashlib.sha1, "HMAC_SHA256": hashlib.sha256}
+
+
+def compute_signature(auth_token: str, url: str, params: Mapping[str, str | list[str]] | None = None,
+                      *, algorithm: str = "HMAC_SHA1") -> str:
+    """Twilio's signature of `url` and form `params` (values may be lists for repeated names)."""
+    signed = url
+    for name in sorted(params or {}):
+        values = params[name]
+        for value in sorted(set([values] if isinstance(values, str) else values)):
+            signed += name + value
+    digest = hmac.new(auth_token.encode(), signed.encode(), _HASHES[algorithm]).digest()
+    return base64.b64encode(digest).decode()
+
+
+def _url_variants(url: str) -> list[str]:
+    """The URL as called, without and with its default port: Twilio signs either, its validator tries both."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    userinfo = parts.netloc.rpartition("@")[0]
+    prefix = userinfo + "@" if userinfo else ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    without = urlunsplit(parts._replace(netloc=prefix + host))
+    with_port = urlunsplit(parts._replace(netloc=f"{prefix}{host}:{port}"))
+    return [without, with_port]
+
+
+class TwilioAdapter(AdapterBase):
+    name = "twilio"
+
+    def __init__(self, config: Mapping[str, str], **options):
+        super().__init__(config, **options)
+        self._token = self._setting("TWILIO_AUTH_TOKEN", required=True)
+        self.account_sid = self._setting("TWILIO_ACCOUNT_SID", required=True, why="to send replies")
+        self.api_base = (self._setting("TWILIO_API_BASE") or "https://api.twilio.com").rstrip("/")
+
+    def verify(self, request: WebhookRequest) -> None:
+        self.check_size(request)
+        signature = require_header(request, "X-Twilio-Signature")
+        settings = request.header("X-Twilio-Webhooks-Signature-Settings", "") or ""
+        algorithm = "HMAC_SHA1"
+        for part in settings.split(","):
+            key, _, value = part.partition("=")
+            if key.strip() == "algorithm" and value.strip():
+                algorithm = value.strip().upper()
+        if algorithm not in _HASHES:
+            raise SignatureInvalid(f"unsupported Twilio signature algorithm {algorithm!r}")
+        body_hash = parse_qs(urlsplit(request.url).query).get("bodySHA256")
+        if body_hash:
+            if not same(hashlib.sha256(request.body).hexdigest(), body_hash[0].lower()):
+                raise SignatureInvalid("the body does not match the bodySHA256 in the URL")
+            params: dict[str, list[str]] = {}
+        else:
+            params = {}
+            for name, value in self._form(request):
+                params.setdefault(name, []).append(value)
+        for url in _url_variants(request.url):
+            if same(compute_signature(self._token, url, params, algorithm=algorithm), signature):
+                return
+        raise SignatureInvalid("the X-Twilio-Signature does not match the URL and parameters")
+
+    def _form(self, request: WebhookRequest) -> list[tuple[str, str]]:
+        try:
+            return parse_qsl(request.body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError:
+            raise BadPayload("the form body is not UTF-8") from None
+
+    def parse(self, request: WebhookRequest) -> list[InboundMessage]:
+        fields = self._fields(request)
+        if "MessageSid" not in fields and "SmsMessageSid" not in fields:
+            raise BadPayload("the Twilio webhook has no MessageSid")
+        try:
+            count = int(fields.get("NumMedia", "0") or 0)
+        except ValueError:
+            raise BadPayload("NumMedia is not a number") from None
+        if "Body" not in fields and not count:
+            return []  # a status callback (MessageStatus) or another event: acknowledged, not relayed
+        if "From" not in fields or "To" not in fields:
+            raise BadPayload("the Twilio message has no From or To")
+        media = tuple(
+            Media(url=fields[f"MediaUrl{index}"], content_type=fields.get(f"MediaContentType{index}") or None)
+            for index in range(count) if fields.get(f"MediaUrl{index}")
+        )
+        return [InboundMessage(
+            message_id=fields.get("MessageSid") or fields["SmsMessageSid"],
+            user_id=fields["From"],
+            text=fields.get("Body", ""),
+            user_name=fields.get("ProfileName") or None,
+            media=media,
+            reply_context={"to": fields["From"], "from": fields["To"]},
+            raw=fields,
+        )]
+
+    def _fields(self, request: WebhookRequest) -> dict[str, str]:
+        content_type = (request.header("Content-Type", "") or "").lower()
+        if "json" in content_type or "bodySHA256" in request.url:
+            try:
+                body = json.loads(request.body)
+            except (UnicodeDecodeError, ValueError):
+                raise BadPayload("the body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise BadPayload("the JSON body is not an object")
+            return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in body.items()}
+        return dict(self._form(request))
+
+    def acknowledgement(self) -> WebhookAnswer:
+        """Empty TwiML: Twilio sends nothing back on its own; replies go through the API."""
+        return WebhookAnswer(200, b'<?xml version="1.0" encoding="UTF-8"?><Response/>', "text/xml")
+
+    def send(self, reply_context: Mapping[str, str], message: OutboundMessage) -> list[str]:
+        to, sender = reply_context.get("to"), reply_context.get("from")
+        if not to or not sender:
+            raise ProviderRejected("the Twilio reply context needs 'to' and 'from'")
+        text = numbered_list(message.text, message.suggested_actions)
+        pieces = split_text(text, TEXT_LIMIT) if text else []
+        media_urls = [m.url for m in message.media]
+        batches = [media_urls[i:i + MEDIA_PER_MESSAGE] for i in range(0, len(media_urls), MEDIA_PER_MESSAGE)]
+        # Media ride with the first pieces of text (one message can carry both), extra batches go alone.
+        count = max(len(pieces), len(batches))
+        sids = []
+        for index in range(count):
+            form: dict[str, str | list[str]] = {"To": to, "From": sender}
+            if index < len(pieces):
+                form["Body"] = pieces[index]
+            if index < len(batches):
+                form["MediaUrl"] = batches[index]
+            response = call_provider(
+                self.session, self.name, "POST",
+                f"{self.api_base}/2010-04-01/Accounts/{self.account_sid}/Messages.json",
+                data=form, auth=(self.account_sid, self._token),
+            )
+            sids.append(str(response_json(response).get("sid", "")))
+        return sids

@@ -1,0 +1,179 @@
+"""Meta WhatsApp Cloud API: the GET verification handshake, X-Hub-Signature-256 webhooks, Graph replies.
+
+One POST may carry several messages and delivery `statuses[]`; statuses are acknowledged, not
+relayed. Media arrive as ids: `Media.url` is the Graph media object (`{API_BASE}/{media-id}`),
+readable with the access token, which answers with the short-lived download URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from relay.channels.base import InboundMessage, Media, OutboundMessage, WebhookAnswer, WebhookRequest
+from relay.channels.common import (
+    AdapterBase,
+    call_provider,
+    numbered_list,
+    require_header,
+    response_json,
+    same,
+    split_text,
+)
+from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
+
+TEXT_LIMIT = 4096
+BUTTON_LIMIT = 3
+BUTTON_TITLE_LIMIT = 20
+INTERACTIVE_BODY_LIMIT = 1024
+MEDIA_TYPES = ("image", "video", "audio", "document", "sticker")
+
+
+def compute_signature(app_secret: str, body: bytes) -> str:
+    """The X-Hub-Signature-256 header value Meta sends for `body`."""
+    return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def media_kind(content_type: str | None) -> str:
+    major = (content_type or "").split("/")[0]
+    return major if major in ("image", "video", "audio") else "document"
+
+
+class WhatsAppAdapter(AdapterBase):
+    name = "whatsapp"
+
+    def __init__(self, config: Mapping[str, str], **options):
+        super().__init__(config, **options)
+        self._app_secret = self._setting("WHATSAPP_APP_SECRET", required=True)
+        self._verify_token = self._setting("WHATSAPP_VERIFY_TOKEN", required=True, why="for Meta's handshake")
+        self._access_token = self._setting("WHATSAPP_ACCESS_TOKEN", required=True, why="to send replies")
+        self.phone_number_id = self._setting("WHATSAPP_PHONE_NUMBER_ID", required=True, why="to send replies")
+        self.api_base = (self._setting("WHATSAPP_API_BASE") or "https://graph.facebook.com/v21.0").rstrip("/")
+
+    def handshake(self, request: WebhookRequest) -> WebhookAnswer | None:
+        if request.method.upper() != "GET":
+            return None
+        query = dict(request.query) or dict(parse_qsl(urlsplit(request.url).query, keep_blank_values=True))
+        token = query.get("hub.verify_token", "")
+        if query.get("hub.mode") != "subscribe" or not same(self._verify_token, token):
+            raise SignatureInvalid("the hub.verify_token does not match WHATSAPP_VERIFY_TOKEN", status=403)
+        return WebhookAnswer(200, query.get("hub.challenge", "").encode(), "text/plain")
+
+    def verify(self, request: WebhookRequest) -> None:
+        self.check_size(request)
+        given = require_header(request, "X-Hub-Signature-256")
+        if not same(compute_signature(self._app_secret, request.body), given.lower()):
+            raise SignatureInvalid("the X-Hub-Signature-256 does not match the body")
+
+    def parse(self, request: WebhookRequest) -> list[InboundMessage]:
+        try:
+            body = json.loads(request.body)
+        except (UnicodeDecodeError, ValueError):
+            raise BadPayload("the body is not valid JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("entry"), list):
+            raise BadPayload("the WhatsApp webhook has no entry[] list")
+        messages = []
+        for entry in body["entry"]:
+            for change in (entry or {}).get("changes") or []:
+                value = (change or {}).get("value") or {}
+                if isinstance(value, dict):
+                    messages.extend(self._messages(value))
+        return messages
+
+    def _messages(self, value: dict[str, Any]) -> list[InboundMessage]:
+        phone_number_id = str((value.get("metadata") or {}).get("phone_number_id") or self.phone_number_id)
+        contacts = {}
+        for contact in value.get("contacts") or []:
+            for key in ("wa_id", "user_id"):
+                if contact.get(key):
+                    contacts[contact[key]] = contact
+        found = []
+        for message in value.get("messages") or []:
+            if not isinstance(message, dict) or not message.get("id"):
+                raise BadPayload("a WhatsApp message has no id")
+            sender = message.get("from") or message.get("from_user_id")
+            contact = contacts.get(sender) or (next(iter(contacts.values())) if len(contacts) == 1 else {})
+            user = sender or contact.get("wa_id") or contact.get("user_id")
+            if not user:
+                raise BadPayload(f"WhatsApp message {message['id']} has no sender")
+            content = self._content(message)
+            if content is None:
+                continue  # reactions, system notices, unsupported types: nothing for the bot
+            text, media = content
+            found.append(InboundMessage(
+                message_id=message["id"],
+                user_id=user,
+                text=text,
+                user_name=(contact.get("profile") or {}).get("name"),
+                media=media,
+                reply_context={"to": user, "phone_number_id": phone_number_id},
+                raw={"message": message, "contact": contact, "metadata": value.get("metadata") or {}},
+            ))
+        return found
+
+    def _content(self, message: dict[str, Any]) -> tuple[str, tuple[Media, ...]] | None:
+        kind = message.get("type")
+        if kind == "text":
+            return str((message.get("text") or {}).get("body", "")), ()
+        if kind in MEDIA_TYPES:
+            item = message.get(kind) or {}
+            if not item.get("id"):
+                raise BadPayload(f"WhatsApp {kind} message {message['id']} has no media id")
+            media = Media(url=f"{self.api_base}/{item['id']}", content_type=item.get("mime_type"),
+                          name=item.get("filename"))
+            return str(item.get("caption", "")), (media,)
+        if kind == "interactive":
+            interactive = message.get("interactive") or {}
+            reply = interactive.get("button_reply") or interactive.get("list_reply") or {}
+            return str(reply.get("title") or reply.get("id") or ""), ()
+        if kind == "button":
+            button = message.get("button") or {}
+            return str(button.get("text") or button.get("payload") or ""), ()
+        if kind == "location":
+            place = message.get("location") or {}
+            label = ", ".join(str(place[k]) for k in ("name", "address") if place.get(k))
+            coordinates = f"{place.get('latitude')},{place.get('longitude')}"
+            return (f"{label} ({coordinates})" if label else coordinates), ()
+        return None
+
+    def send(self, reply_context: Mapping[str, str], message: OutboundMessage) -> list[str]:
+        to = reply_context.get("to")
+        if not to:
+            raise ProviderRejected("the WhatsApp reply context needs 'to'")
+        url = f"{self.api_base}/{reply_context.get('phone_number_id') or self.phone_number_id}/messages"
+        ids = [self._post(url, to, body) for body in self._bodies(message)]
+        return ids
+
+    def _bodies(self, message: OutboundMessage) -> list[dict[str, Any]]:
+        bodies: list[dict[str, Any]] = [
+            {"type": media_kind(m.content_type), media_kind(m.content_type): {"link": m.url}} for m in message.media
+        ]
+        actions = message.suggested_actions
+        fits = (0 < len(actions) <= BUTTON_LIMIT and all(0 < len(a) <= BUTTON_TITLE_LIMIT for a in actions)
+                and len(set(actions)) == len(actions) and len(message.text) <= INTERACTIVE_BODY_LIMIT)
+        if fits:
+            bodies.append({"type": "interactive", "interactive": {
+                "type": "button",
+                "body": {"text": message.text or "Choose one:"},
+                "action": {"buttons": [
+                    {"type": "reply", "reply": {"id": f"action-{n}", "title": title}}
+                    for n, title in enumerate(actions, start=1)
+                ]},
+            }})
+        else:
+            text = numbered_list(message.text, actions)
+            if text:
+                bodies.extend({"type": "text", "text": {"body": piece, "preview_url": False}}
+                              for piece in split_text(text, TEXT_LIMIT))
+        return bodies
+
+    def _post(self, url: str, to: str, body: dict[str, Any]) -> str:
+        payload = {"messaging_product": "whatsapp", "recipient_type": "individual", "to": to, **body}
+        response = call_provider(self.session, self.name, "POST", url, json=payload,
+                                 headers={"Authorization": f"Bearer {self._access_token}"})
+        messages = response_json(response).get("messages") or [{}]
+        return str(messages[0].get("id", ""))

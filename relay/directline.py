@@ -1,0 +1,385 @@
+"""Direct Line 3.0 client: every call the relay and the token server make, on one pooled session.
+
+Failures are raised as relay.errors.DirectLineError subclasses. Throttling (429) and transient
+faults are retried with capped exponential backoff and full jitter within a bounded time budget,
+honouring Retry-After (read as seconds, capped). A POST that may have reached the bot (502/504, a
+read timeout, a dropped connection) is NEVER sent again here: BotFailed or
+TransientError(ambiguous=True) is raised, and the caller looks for the activity's clientActivityID
+(find_activity_by_client_id) before deciding to post again.
+
+Secrets and tokens never appear in log lines, exception messages or reprs. `requests` is imported
+on first use: the module stays cheap to import at a cold start.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from relay.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    BotFailed,
+    ConversationNotFound,
+    DirectLineError,
+    Throttled,
+    TokenExpired,
+    TransientError,
+)
+from relay.settings import DirectLineSettings, get_settings
+
+if TYPE_CHECKING:
+    import requests
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 3.05  # seconds; just above a TCP retransmission window
+ACTIVITY_CONTENT_TYPE = "application/vnd.microsoft.activity"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard one call tries. The budget bounds the total time spent waiting between tries."""
+
+    attempts: int = 4  # tries in all, the first included
+    backoff: float = 0.5  # seconds before the first retry (full jitter), doubled per retry
+    backoff_cap: float = 4.0
+    max_retry_after: float = 30.0  # a longer Retry-After is capped to this
+    budget: float = 10.0
+
+
+@dataclass(frozen=True)
+class ConversationToken:
+    """A token bound to one conversation: from generate, refresh, start or reconnect.
+
+    `expires_in` is None when Direct Line did not say (reconnect); `stream_url` carries the token too.
+    """
+
+    conversation_id: str
+    token: str = field(repr=False)
+    expires_in: int | None = None
+    stream_url: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class ActivitySet:
+    """One page of activities. `watermark` is opaque: store it, send it back, never parse or compare it."""
+
+    activities: tuple[dict[str, Any], ...]
+    watermark: str | None
+
+
+@dataclass(frozen=True)
+class UploadFile:
+    name: str
+    content: bytes = field(repr=False)
+    content_type: str = "application/octet-stream"
+
+
+class DirectLineClient:
+    """Direct Line 3.0 on one pooled requests.Session (thread-safe for the poller's workers).
+
+    Every conversation call authenticates with the secret unless a `token` is given.
+    """
+
+    def __init__(self, settings: DirectLineSettings, *, retry: RetryPolicy = RetryPolicy(),
+                 sleep: Callable[[float], None] = time.sleep, pool_size: int = 32):
+        self._settings = settings
+        self._retry = retry
+        self._sleep = sleep
+        self._pool_size = pool_size
+        self._session: requests.Session | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"DirectLineClient(endpoint={self._settings.endpoint!r})"
+
+    def with_options(self, *, timeout_seconds: float | None = None,
+                     retry: RetryPolicy | None = None) -> DirectLineClient:
+        """A client sharing this one's connection pool with another read timeout or retry policy.
+
+        For callers with a deadline of their own, e.g. a webhook that must answer a provider within 15 s.
+        Close only the original client.
+        """
+        settings = replace(self._settings, timeout_seconds=timeout_seconds) if timeout_seconds else self._settings
+        clone = DirectLineClient(settings, retry=retry or self._retry, sleep=self._sleep, pool_size=self._pool_size)
+        clone._session = self._http()
+        return clone
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    # ------------------------------------------------------------------------------------ tokens
+
+    def generate_token(self, *, user_id: str | None = None, user_name: str | None = None,
+                       trusted_origins: Sequence[str] = ()) -> ConversationToken:
+        """A token for a new conversation (with the secret); starts nothing, contacts no bot."""
+        body = _token_body(user_id, user_name, trusted_origins)
+        payload = self._call("tokens/generate", "POST", "/tokens/generate", auth=self._settings.secret,
+                             json_body=body, idempotent=True)
+        return _conversation_token(payload)
+
+    def refresh_token(self, *, token: str) -> ConversationToken:
+        """A fresh token for the same conversation; an expired token raises TokenExpired."""
+        payload = self._call("tokens/refresh", "POST", "/tokens/refresh", auth=token, idempotent=True)
+        return _conversation_token(payload)
+
+    # ----------------------------------------------------------------------------- conversations
+
+    def start_conversation(self, *, token: str | None = None, user_id: str | None = None,
+                           user_name: str | None = None, trusted_origins: Sequence[str] = ()) -> ConversationToken:
+        """Start a conversation: with the secret a new one; with a generated token, that token's one."""
+        body = _token_body(user_id, user_name, trusted_origins)
+        payload = self._call("conversations/start", "POST", "/conversations", auth=token or self._settings.secret,
+                             json_body=body, idempotent=True)
+        return _conversation_token(payload)
+
+    def reconnect(self, conversation_id: str, *, watermark: str | None = None,
+                  token: str | None = None) -> ConversationToken:
+        """A new token (and stream URL) for an existing conversation; recovers from an expired token."""
+        payload = self._call("conversations/reconnect", "GET", f"/conversations/{_segment(conversation_id)}",
+                             auth=token or self._settings.secret, params=_watermark(watermark), idempotent=True)
+        return _conversation_token(payload)
+
+    # ------------------------------------------------------------------------------- activities
+
+    def get_activities(self, conversation_id: str, *, watermark: str | None = None,
+                       token: str | None = None) -> ActivitySet:
+        """The activities after `watermark`; the answer keeps `watermark` when Direct Line sends none."""
+        payload = self._call("activities/get", "GET", f"/conversations/{_segment(conversation_id)}/activities",
+                             auth=token or self._settings.secret, params=_watermark(watermark), idempotent=True)
+        activities = payload.get("activities") or []
+        return ActivitySet(tuple(activities), payload.get("watermark") or watermark)
+
+    def post_activity(self, conversation_id: str, activity: Mapping[str, Any], *, token: str | None = None) -> str:
+        """Send one activity; returns its id. Never re-sent after an ambiguous failure (see the module doc)."""
+        payload = self._call("activities/post", "POST", f"/conversations/{_segment(conversation_id)}/activities",
+                             auth=token or self._settings.secret, json_body=dict(activity), idempotent=False)
+        return payload["id"]
+
+    def upload(self, conversation_id: str, files: Iterable[UploadFile], *, user_id: str,
+               activity: Mapping[str, Any] | None = None, token: str | None = None) -> str:
+        """Send files (and optionally the activity carrying them) as one message; returns the activity id."""
+        parts: list[tuple[str, tuple[str, bytes, str]]] = []
+        if activity is not None:
+            parts.append(("activity", ("activity", json.dumps(dict(activity)).encode(), ACTIVITY_CONTENT_TYPE)))
+        parts += [("file", (f.name, f.content, f.content_type)) for f in files]
+        payload = self._call("upload", "POST", f"/conversations/{_segment(conversation_id)}/upload",
+                             auth=token or self._settings.secret, params={"userId": user_id}, files=parts,
+                             idempotent=False)
+        return payload["id"]
+
+    def find_activity_by_client_id(self, conversation_id: str, client_activity_id: str, *,
+                                   watermark: str | None = None, token: str | None = None,
+                                   max_pages: int = 50) -> dict[str, Any] | None:
+        """The activity posted with `channelData.clientActivityID`, or None: the check after an ambiguous post.
+
+        Reads from `watermark` (None: the whole retained history) until a page comes back empty.
+        """
+        for _ in range(max_pages):
+            page = self.get_activities(conversation_id, watermark=watermark, token=token)
+            for activity in page.activities:
+                channel_data = activity.get("channelData")
+                if isinstance(channel_data, dict) and channel_data.get("clientActivityID") == client_activity_id:
+                    return activity
+            if not page.activities or page.watermark == watermark:
+                return None
+            watermark = page.watermark
+        return None
+
+    def is_from_bot(self, activity: Mapping[str, Any]) -> bool:
+        """The bot's activities have from.role "bot" (not guaranteed) or a from.id in DIRECTLINE_BOT_IDS."""
+        sender = activity.get("from") or {}
+        return sender.get("role") == "bot" or sender.get("id") in self._settings.bot_ids
+
+    # -------------------------------------------------------------------------------- transport
+
+    def _http(self) -> requests.Session:
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    import requests
+                    from requests.adapters import HTTPAdapter
+
+                    session = requests.Session()
+                    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self._pool_size, max_retries=0)
+                    session.mount("https://", adapter)
+                    session.mount("http://", adapter)
+                    session.headers["User-Agent"] = "directline-relay/0.1"
+                    self._session = session
+        return self._session
+
+    def _call(self, operation: str, method: str, path: str, *, auth: str, idempotent: bool,
+              json_body: Any = None, params: dict[str, str] | None = None,
+              files: list | None = None) -> dict[str, Any]:
+        import requests
+
+        session = self._http()
+        url = self._settings.endpoint + path
+        headers = {"Authorization": f"Bearer {auth}"}
+        timeout = (CONNECT_TIMEOUT, self._settings.timeout_seconds)
+        waited = 0.0
+        for attempt in range(1, self._retry.attempts + 1):
+            started = time.monotonic()
+            try:
+                response = session.request(method, url, headers=headers, params=params, json=json_body, files=files,
+                                           timeout=timeout)
+            except requests.RequestException as exc:
+                error = _connection_error(operation, exc, idempotent)
+            else:
+                log.debug("Direct Line %s: %s in %.0f ms", operation, response.status_code,
+                          (time.monotonic() - started) * 1000)
+                if response.status_code < 300:
+                    return _json(response, operation)
+                error = _status_error(operation, response, idempotent, secrets=(auth, self._settings.secret),
+                                      retry_after_cap=self._retry.max_retry_after)
+            delay = self._retry_delay(error, attempt, waited)
+            if delay is None:
+                raise error
+            log.info("Direct Line %s failed (%s %s), retry %d in %.2f s", operation, error.status, error.code,
+                     attempt, delay)
+            self._sleep(delay)
+            waited += delay
+        raise AssertionError("unreachable")  # the last attempt always raises
+
+    def _retry_delay(self, error: DirectLineError, attempt: int, waited: float) -> float | None:
+        """Seconds to wait before trying again, or None to give up and raise `error`."""
+        policy = self._retry
+        if error.ambiguous or not isinstance(error, Throttled | TransientError) or attempt >= policy.attempts:
+            return None
+        remaining = policy.budget - waited
+        if isinstance(error, Throttled) and error.retry_after is not None:
+            delay = error.retry_after
+        else:
+            delay = random.uniform(0, min(policy.backoff_cap, policy.backoff * 2 ** (attempt - 1)))
+        return delay if delay <= remaining else None
+
+
+@functools.lru_cache(maxsize=1)
+def get_directline_client() -> DirectLineClient:
+    """The process's client on the app settings: one connection pool shared by every invocation."""
+    return DirectLineClient(get_settings().directline)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _token_body(user_id: str | None, user_name: str | None, trusted_origins: Sequence[str]) -> dict | None:
+    body: dict[str, Any] = {}
+    if user_id:
+        body["user"] = {"id": user_id, **({"name": user_name} if user_name else {})}
+    if trusted_origins:
+        body["trustedOrigins"] = list(trusted_origins)
+    return body or None
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _watermark(watermark: str | None) -> dict[str, str] | None:
+    return None if watermark is None else {"watermark": watermark}
+
+
+def _conversation_token(payload: Mapping[str, Any]) -> ConversationToken:
+    expires_in = payload.get("expires_in")
+    return ConversationToken(conversation_id=payload["conversationId"], token=payload["token"],
+                             expires_in=int(expires_in) if expires_in is not None else None,
+                             stream_url=payload.get("streamUrl"))
+
+
+def _json(response: requests.Response, operation: str) -> dict[str, Any]:
+    if not response.content:
+        return {}
+    try:
+        payload = response.json()
+    except ValueError:
+        raise TransientError(f"Direct Line {operation} answered {response.status_code} without JSON",
+                             status=502, code="InvalidResponse") from None
+    return payload if isinstance(payload, dict) else {}
+
+
+def _status_error(operation: str, response: requests.Response, idempotent: bool, *, secrets: Sequence[str],
+                  retry_after_cap: float) -> DirectLineError:
+    status = response.status_code
+    code, message = _error_body(response)
+    text = _redact(f"Direct Line {operation} answered {status} {code}: {message}", secrets)
+    options = {"status": status, "code": code}
+    if status == 401:
+        return AuthenticationFailed(text, **options)
+    if status == 403:
+        return (TokenExpired if code == "TokenExpired" else AuthenticationFailed)(text, **options)
+    if status == 404:
+        return ConversationNotFound(text, **options)
+    if status == 429:
+        retry_after = _retry_after(response.headers.get("Retry-After"), cap=retry_after_cap)
+        return Throttled(text, retry_after=retry_after, **options)
+    if status < 500:
+        return BadRequest(text, **options)
+    if status in (502, 504) and not idempotent:
+        return BotFailed(text, **options)
+    # 500 after a POST may come after the activity was stored: as ambiguous as a 502
+    return TransientError(text, ambiguous=not idempotent and status == 500, **options)
+
+
+def _error_body(response: requests.Response) -> tuple[str, str]:
+    try:
+        error = response.json().get("error") or {}
+    except (ValueError, AttributeError):
+        error = {}
+    if not isinstance(error, dict):
+        error = {}
+    code = str(error.get("code") or response.reason or "Error")[:80]
+    return code, str(error.get("message") or "")[:200]
+
+
+def _retry_after(value: str | None, *, cap: float) -> float | None:
+    """Retry-After as seconds (the HTTP unit; an HTTP date works too), never negative, capped."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        import email.utils
+
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), cap)
+
+
+def _connection_error(operation: str, exc: Exception, idempotent: bool) -> TransientError:
+    """A request that failed on the wire; ambiguous for a POST unless it surely never left."""
+    import requests
+
+    never_sent = isinstance(exc, requests.ConnectTimeout) or _refused(exc)
+    what = "timed out" if isinstance(exc, requests.Timeout) else "lost its connection"
+    return TransientError(f"Direct Line {operation} {what} ({type(exc).__name__})",
+                          ambiguous=not idempotent and not never_sent, status=504 if "timed" in what else 503,
+                          code="Timeout" if "timed" in what else "ConnectionError")
+
+
+def _refused(exc: Exception) -> bool:
+    """True when no connection was made (refused, DNS): nothing reached Direct Line."""
+    from urllib3.exceptions import NameResolutionError, NewConnectionError
+
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, NewConnectionError | NameResolutionError)
+
+
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text

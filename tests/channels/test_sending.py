@@ -1,0 +1,130 @@
+"""Sending through each provider's API, against the running simulator: text, media, long text,
+suggested actions, and provider errors (4xx permanent, 429/5xx/connection transient)."""
+
+from __future__ import annotations
+
+import pytest
+
+from devstack.procs import free_port
+from relay.channels.base import Media, OutboundMessage
+from relay.errors import ProviderRejected, ProviderUnavailable
+from tests.channels.conftest import make_adapter
+
+CONTEXTS = {
+    "twilio": ("+15550001", {"to": "+15550001", "from": "+15005550006"}),
+    "whatsapp": ("15550001", {"to": "15550001", "phone_number_id": "100000000000001"}),
+    "messagebird": ("conv-1", {"conversation_id": "conv-1"}),
+    "bird": ("+15550002", {"channel_id": "dev-channel", "identifier_key": "phonenumber",
+                           "identifier_value": "+15550002"}),
+    "generic": ("u-1", {"user_id": "u-1", "reply_to_id": "m-1"}),
+}
+PROVIDERS = list(CONTEXTS)
+
+
+def adapter_for(sim, provider: str, **values: str):
+    return make_adapter(provider, {**sim.api_bases(), **values})
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_text_reaches_the_user(sim, provider):
+    user, context = CONTEXTS[provider]
+    ids = adapter_for(sim, provider).send(context, OutboundMessage(text="Grüß Gott 👋"))
+    [reply] = sim.replies(provider, user)
+    assert reply["text"] == "Grüß Gott 👋"
+    assert ids == [reply["id"]]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_media_reaches_the_user(sim, provider):
+    user, context = CONTEXTS[provider]
+    media = (Media("https://cdn.example/cat.png", "image/png"),)
+    adapter_for(sim, provider).send(context, OutboundMessage(text="a cat", media=media))
+    replies = sim.replies(provider, user)
+    assert [m["url"] for r in replies for m in r["media"]] == ["https://cdn.example/cat.png"]
+    assert "a cat" in [r["text"] for r in replies]
+
+
+def test_twilio_splits_long_text_at_1600_characters(sim):
+    user, context = CONTEXTS["twilio"]
+    words = " ".join(f"word{n}" for n in range(700))  # about 5,400 characters
+    ids = adapter_for(sim, "twilio").send(context, OutboundMessage(text=words))
+    replies = sim.replies("twilio", user)
+    assert len(ids) == len(replies) == 4
+    assert all(len(r["text"]) <= 1600 for r in replies)
+    assert " ".join(r["text"] for r in replies) == words
+
+
+def test_whatsapp_splits_long_text_at_4096_characters(sim):
+    user, context = CONTEXTS["whatsapp"]
+    text = "x" * 5000
+    adapter_for(sim, "whatsapp").send(context, OutboundMessage(text=text))
+    assert [len(r["text"]) for r in sim.replies("whatsapp", user)] == [4096, 904]
+
+
+def test_whatsapp_suggested_actions_become_reply_buttons_when_they_fit(sim):
+    user, context = CONTEXTS["whatsapp"]
+    adapter_for(sim, "whatsapp").send(context, OutboundMessage(text="Pick one", suggested_actions=("Yes", "No")))
+    [reply] = sim.replies("whatsapp", user)
+    assert (reply["text"], reply["actions"]) == ("Pick one", ["Yes", "No"])
+    assert reply["request"]["type"] == "interactive"
+
+
+@pytest.mark.parametrize("actions", [("A", "B", "C", "D"), ("A title longer than twenty",)])
+def test_whatsapp_suggested_actions_become_a_numbered_list_when_they_do_not_fit(sim, actions):
+    user, context = CONTEXTS["whatsapp"]
+    adapter_for(sim, "whatsapp").send(context, OutboundMessage(text="Pick one", suggested_actions=actions))
+    [reply] = sim.replies("whatsapp", user)
+    assert reply["actions"] == []
+    assert reply["text"] == "Pick one\n\n" + "\n".join(f"{n}. {a}" for n, a in enumerate(actions, start=1))
+
+
+def test_suggested_actions_elsewhere(sim):
+    for provider in ("twilio", "messagebird", "bird"):
+        user, context = CONTEXTS[provider]
+        adapter_for(sim, provider).send(context, OutboundMessage(text="Pick", suggested_actions=("Red", "Blue")))
+        assert [r["text"] for r in sim.replies(provider, user)] == ["Pick\n\n1. Red\n2. Blue"]
+    adapter_for(sim, "generic").send(CONTEXTS["generic"][1], OutboundMessage(text="Pick",
+                                                                             suggested_actions=("Red", "Blue")))
+    [reply] = sim.replies("generic", "u-1")
+    assert reply["actions"] == ["Red", "Blue"] and reply["request"]["replyToId"] == "m-1"
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_provider_4xx_is_permanent(sim, provider):
+    sim.fail_next(provider, 400)
+    with pytest.raises(ProviderRejected, match="400"):
+        adapter_for(sim, provider).send(CONTEXTS[provider][1], OutboundMessage(text="hi"))
+    adapter_for(sim, provider).send(CONTEXTS[provider][1], OutboundMessage(text="hi"))  # only the next one failed
+    assert len(sim.replies(provider)) == 1
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_provider_429_and_5xx_are_transient(sim, provider):
+    sim.fail_next(provider, 429, retry_after=7)
+    sim.fail_next(provider, 503)
+    adapter = adapter_for(sim, provider)
+    with pytest.raises(ProviderUnavailable) as throttled:
+        adapter.send(CONTEXTS[provider][1], OutboundMessage(text="hi"))
+    assert throttled.value.retry_after == 7
+    with pytest.raises(ProviderUnavailable) as failed:
+        adapter.send(CONTEXTS[provider][1], OutboundMessage(text="hi"))
+    assert failed.value.retry_after is None
+    assert sim.replies(provider) == []
+
+
+@pytest.mark.parametrize(("provider", "wrong"), [
+    ("twilio", {"TWILIO_AUTH_TOKEN": "wrong-token"}), ("whatsapp", {"WHATSAPP_ACCESS_TOKEN": "wrong-token"}),
+    ("messagebird", {"MESSAGEBIRD_ACCESS_KEY": "wrong-key"}), ("bird", {"BIRD_ACCESS_KEY": "wrong-key"}),
+    ("generic", {"GENERIC_CALLBACK_SECRET": "whsec_d3Jvbmctc2VjcmV0"}),
+])
+def test_wrong_credentials_are_rejected_permanently_without_echoing_them(sim, provider, wrong):
+    with pytest.raises(ProviderRejected, match="401") as caught:
+        adapter_for(sim, provider, **wrong).send(CONTEXTS[provider][1], OutboundMessage(text="hi"))
+    assert "wrong-" not in str(caught.value) and "d3Jvbmc" not in str(caught.value)
+    assert sim.replies(provider) == []
+
+
+def test_an_unreachable_provider_is_transient():
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ProviderUnavailable, match="unreachable"):
+        make_adapter("twilio", {"TWILIO_API_BASE": nowhere}).send(CONTEXTS["twilio"][1], OutboundMessage(text="x"))

@@ -1,0 +1,372 @@
+"""The Direct Line client against the emulator: every call, every error type, retries, no blind re-post."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from devstack.procs import free_port, wait_until
+from relay.directline import ActivitySet, DirectLineClient, RetryPolicy, UploadFile
+from relay.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    BotFailed,
+    ConversationNotFound,
+    DirectLineError,
+    Throttled,
+    TokenExpired,
+    TransientError,
+)
+from relay.settings import DirectLineSettings
+
+
+class Sleeps(list):
+    """Stands in for time.sleep: records how long the client chose to wait, without waiting."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def make_client(emulator=None, *, secret: str | None = None, endpoint: str | None = None, timeout: float = 10,
+                retry: RetryPolicy | None = None, sleep=None) -> DirectLineClient:
+    settings = DirectLineSettings(secret=secret if secret is not None else emulator.secret,
+                                  endpoint=endpoint or emulator.base_url, timeout_seconds=timeout,
+                                  bot_ids=("relaybot",))
+    return DirectLineClient(settings, retry=retry or RetryPolicy(), sleep=sleep if sleep is not None else Sleeps())
+
+
+@pytest.fixture
+def client(directline_emulator):
+    client = make_client(directline_emulator)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def emulator(start_emulator):
+    """An emulator of this test's own, for faults."""
+    return start_emulator()
+
+
+def message(text: str, user_id: str = "dl_user1", client_id: str | None = None) -> dict:
+    activity = {"type": "message", "from": {"id": user_id, "name": "User"}, "text": text}
+    if client_id:
+        activity["channelData"] = {"clientActivityID": client_id}
+    return activity
+
+
+def all_activities(client: DirectLineClient, conversation_id: str, **auth) -> list[dict]:
+    page = client.get_activities(conversation_id, **auth)
+    return list(page.activities)
+
+
+# ------------------------------------------------------------------------------------------ every call
+
+
+def test_generate_then_start_with_the_token(client):
+    granted = client.generate_token(user_id="dl_web1", user_name="Web", trusted_origins=["https://shop.example"])
+    assert granted.conversation_id and granted.token and granted.expires_in == 1800
+    assert granted.stream_url is None
+
+    started = client.start_conversation(token=granted.token)
+    assert started.conversation_id == granted.conversation_id
+    again = client.start_conversation(token=granted.token)  # 200 for the token's own conversation
+    assert again.conversation_id == granted.conversation_id
+
+    client.post_activity(granted.conversation_id, message("hi", user_id="someone-else"), token=granted.token)
+    [user_activity, reply] = all_activities(client, granted.conversation_id, token=granted.token)
+    assert user_activity["from"]["id"] == "dl_web1"  # the token's user wins
+    assert reply["text"] == "You said: hi" and client.is_from_bot(reply) and not client.is_from_bot(user_activity)
+
+
+def test_refresh_keeps_the_conversation_and_refuses_an_expired_token(client, directline_emulator):
+    granted = client.generate_token(user_id="dl_web2")
+    refreshed = client.refresh_token(token=granted.token)
+    assert refreshed.conversation_id == granted.conversation_id
+    assert refreshed.token != granted.token and refreshed.expires_in == 1800
+    client.start_conversation(token=refreshed.token)
+
+    directline_emulator.expire_tokens(granted.conversation_id)
+    with pytest.raises(TokenExpired) as raised:
+        client.refresh_token(token=refreshed.token)
+    assert raised.value.status == 403 and raised.value.code == "TokenExpired"
+    with pytest.raises(TokenExpired):
+        client.get_activities(granted.conversation_id, token=refreshed.token)
+
+
+def test_start_post_and_page_activities_with_the_secret(client):
+    conversation = client.start_conversation(user_id="dl_sms1")
+    assert conversation.stream_url and conversation.expires_in == 1800
+    first = client.get_activities(conversation.conversation_id)
+    assert first == ActivitySet((), None)
+
+    posted_id = client.post_activity(conversation.conversation_id, message("one", "dl_sms1"))
+    page = client.get_activities(conversation.conversation_id)
+    assert page.activities[0]["id"] == posted_id
+    assert [a.get("text") for a in page.activities] == ["one", "You said: one"]
+    assert page.watermark
+
+    empty = client.get_activities(conversation.conversation_id, watermark=page.watermark)
+    assert empty.activities == () and empty.watermark == page.watermark  # the same opaque string back
+
+    client.post_activity(conversation.conversation_id, message("two", "dl_sms1"))
+    newer = client.get_activities(conversation.conversation_id, watermark=page.watermark)
+    assert [a.get("text") for a in newer.activities] == ["two", "You said: two"]
+
+
+def test_reconnect_with_and_without_watermark_recovers_an_expired_token(client, directline_emulator):
+    conversation = client.start_conversation(user_id="dl_sms2")
+    client.post_activity(conversation.conversation_id, message("hello", "dl_sms2"), token=conversation.token)
+    watermark = client.get_activities(conversation.conversation_id, token=conversation.token).watermark
+    directline_emulator.expire_tokens(conversation.conversation_id)
+
+    with_watermark = client.reconnect(conversation.conversation_id, watermark=watermark)
+    without = client.reconnect(conversation.conversation_id)
+    for token in (with_watermark, without):
+        assert token.conversation_id == conversation.conversation_id and token.stream_url
+        assert client.get_activities(conversation.conversation_id, watermark=watermark, token=token.token).activities \
+            == ()
+    with pytest.raises(BadRequest) as raised:
+        client.reconnect(conversation.conversation_id, watermark="not-a-watermark-of-this-conversation")
+    assert raised.value.status == 400
+
+
+def test_upload_files_with_an_activity(client):
+    conversation = client.start_conversation(user_id="dl_sms3")
+    activity_id = client.upload(
+        conversation.conversation_id,
+        [UploadFile("photo.png", b"\x89PNG fake image", "image/png"), UploadFile("note.txt", b"hello", "text/plain")],
+        user_id="dl_sms3", activity={"type": "message", "text": "look", "from": {"id": "dl_sms3"}},
+    )
+    activities = all_activities(client, conversation.conversation_id)
+    uploaded = next(a for a in activities if a["id"] == activity_id)
+    assert uploaded["text"] == "look"
+    assert [a["contentType"] for a in uploaded["attachments"]] == ["image/png", "text/plain"]
+    assert requests.get(uploaded["attachments"][0]["contentUrl"], timeout=10).content == b"\x89PNG fake image"
+
+    alone = client.upload(conversation.conversation_id, [UploadFile("a.txt", b"x", "text/plain")], user_id="dl_sms3")
+    assert any(a["id"] == alone for a in all_activities(client, conversation.conversation_id))
+
+
+def test_find_activity_by_client_id(client):
+    conversation = client.start_conversation(user_id="dl_sms4")
+    for n in range(3):
+        client.post_activity(conversation.conversation_id, message(f"m{n}", "dl_sms4", client_id=f"SM{n}"))
+    found = client.find_activity_by_client_id(conversation.conversation_id, "SM1")
+    assert found["text"] == "m1"
+    assert client.find_activity_by_client_id(conversation.conversation_id, "SM-unknown") is None
+
+
+class _NoWatermark(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'{"activities": []}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_answer_without_watermark_keeps_the_previous_one():
+    # Direct Line has answered without a watermark; the emulator always sends one, so a two-line server stands in.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NoWatermark)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = make_client(secret="s", endpoint=f"http://127.0.0.1:{server.server_port}/v3/directline")
+        assert client.get_activities("c1", watermark="0000a-42") == ActivitySet((), "0000a-42")
+        assert client.get_activities("c1").watermark is None
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_error_types(client, directline_emulator):
+    conversation = client.start_conversation(user_id="dl_sms5")
+    with pytest.raises(BadRequest) as raised:
+        client.post_activity(conversation.conversation_id, {"type": "message", "text": "no sender"})
+    assert (raised.value.status, raised.value.code) == (400, "MissingProperty")
+
+    with pytest.raises(AuthenticationFailed) as raised:
+        make_client(directline_emulator, secret="wrong-secret").start_conversation()
+    assert raised.value.status == 403
+
+    with pytest.raises(AuthenticationFailed) as raised:
+        make_client(directline_emulator, secret="").start_conversation()
+    assert raised.value.status == 401
+
+    directline_emulator.forget(conversation.conversation_id)
+    with pytest.raises(ConversationNotFound) as raised:
+        client.get_activities(conversation.conversation_id)
+    assert raised.value.status == 404
+    with pytest.raises(ConversationNotFound):
+        client.reconnect(conversation.conversation_id)
+
+
+def test_throttling_is_retried_honouring_retry_after(emulator):
+    sleeps = Sleeps()
+    client = make_client(emulator, sleep=sleeps)
+    conversation = client.start_conversation(user_id="dl_t1")
+    emulator.set_faults(throttle_rate=1.0, retry_after="2", limit=2, endpoints=["activities/post"])
+    activity_id = client.post_activity(conversation.conversation_id, message("hi", "dl_t1"))
+    assert sleeps == [2.0, 2.0]  # waited exactly what the service asked, twice
+    assert [a["id"] for a in all_activities(client, conversation.conversation_id)].count(activity_id) == 1
+
+
+def test_throttling_beyond_the_budget_is_raised_with_retry_after(emulator):
+    sleeps = Sleeps()
+    client = make_client(emulator, sleep=sleeps, retry=RetryPolicy(budget=10, max_retry_after=30))
+    conversation = client.start_conversation(user_id="dl_t2")
+    emulator.set_faults(throttle_rate=1.0, retry_after="20", endpoints=["activities/get"])
+    with pytest.raises(Throttled) as raised:
+        client.get_activities(conversation.conversation_id)
+    assert raised.value.retry_after == 20 and sleeps == []  # no point waiting past the budget: the caller reschedules
+
+    emulator.set_faults(retry_after="86400")
+    with pytest.raises(Throttled) as raised:
+        client.get_activities(conversation.conversation_id)
+    assert raised.value.retry_after == 30  # capped
+
+    emulator.set_faults(retry_after="1")
+    with pytest.raises(Throttled):
+        client.get_activities(conversation.conversation_id)
+    assert sleeps == [1.0, 1.0, 1.0]  # every attempt used, then given up
+
+
+def test_server_errors_on_reads_are_retried_with_backoff(emulator):
+    sleeps = Sleeps()
+    client = make_client(emulator, sleep=sleeps, retry=RetryPolicy(backoff=0.5, backoff_cap=4))
+    conversation = client.start_conversation(user_id="dl_t3")
+    client.post_activity(conversation.conversation_id, message("hi", "dl_t3"))
+    emulator.set_faults(error_500_rate=1.0, limit=1, endpoints=["activities/get"])
+    assert len(client.get_activities(conversation.conversation_id).activities) == 2
+    emulator.set_faults(error_500_rate=0.0, error_502_rate=1.0, limit=1)
+    assert len(client.get_activities(conversation.conversation_id).activities) == 2
+    emulator.set_faults(error_502_rate=0.0, drop_rate=1.0, limit=1)
+    assert len(client.get_activities(conversation.conversation_id).activities) == 2
+    assert len(sleeps) == 3 and all(0 <= s <= 0.5 for s in sleeps)  # first retry: jitter within the first step
+
+    emulator.set_faults(drop_rate=0.0, error_500_rate=1.0, limit=None)
+    with pytest.raises(TransientError) as raised:
+        client.get_activities(conversation.conversation_id)
+    assert not raised.value.ambiguous and raised.value.status == 500
+    assert all(s <= 4 for s in sleeps)
+
+
+def test_502_after_a_post_is_not_reposted(emulator):
+    client = make_client(emulator)
+    conversation = client.start_conversation(user_id="dl_t4")
+    emulator.set_faults(error_502_rate=1.0, limit=1, phase="after", endpoints=["activities/post"])
+    with pytest.raises(BotFailed) as raised:
+        client.post_activity(conversation.conversation_id, message("once", "dl_t4", client_id="SM-502"))
+    assert raised.value.ambiguous and raised.value.status == 502
+    # the activity did arrive; the client sent it once, and the ambiguity check finds it
+    texts = [a["text"] for a in emulator.conversation(conversation.conversation_id)["activities"]
+             if a["from"]["id"] == "dl_t4"]
+    assert texts == ["once"]
+    assert client.find_activity_by_client_id(conversation.conversation_id, "SM-502")["text"] == "once"
+
+    emulator.set_faults(error_502_rate=0.0, error_500_rate=1.0, limit=1)  # a 500 after storing: as ambiguous
+    with pytest.raises(TransientError) as raised:
+        client.post_activity(conversation.conversation_id, message("twice?", "dl_t4"))
+    assert raised.value.ambiguous and raised.value.status == 500
+    texts = [a["text"] for a in emulator.conversation(conversation.conversation_id)["activities"]
+             if a["from"]["id"] == "dl_t4"]
+    assert texts == ["once", "twice?"]
+
+
+def test_504_from_a_silent_bot_is_not_reposted(start_emulator):
+    with socket.create_server(("127.0.0.1", free_port())) as silent_bot:  # accepts, never answers
+        port = silent_bot.getsockname()[1]
+        emulator = start_emulator(bot_url=f"http://127.0.0.1:{port}/api/messages",
+                                  extra_args=("--bot-timeout", "0.5"))
+        client = make_client(emulator)
+        conversation = client.start_conversation(user_id="dl_t5")
+        with pytest.raises(BotFailed) as raised:
+            client.post_activity(conversation.conversation_id, message("slow", "dl_t5", client_id="SM-504"))
+    assert raised.value.status == 504 and raised.value.ambiguous
+    assert emulator.counters()["conversations"][conversation.conversation_id]["activities/post"] == 1
+    assert client.find_activity_by_client_id(conversation.conversation_id, "SM-504") is not None
+
+
+def test_read_timeout_or_dropped_connection_on_post_is_ambiguous(emulator):
+    sleeps = Sleeps()
+    patient = make_client(emulator, sleep=sleeps)
+    client = patient.with_options(timeout_seconds=0.3)  # same pool, the webhook's short deadline
+    conversation = client.start_conversation(user_id="dl_t6")
+    emulator.set_faults(latency_ms=1500, endpoints=["activities/post"])
+    with pytest.raises(TransientError) as raised:
+        client.post_activity(conversation.conversation_id, message("late", "dl_t6", client_id="SM-timeout"))
+    assert raised.value.ambiguous and sleeps == []
+    emulator.clear_faults()
+    # it did arrive after all: exactly why the caller must look before posting again
+    wait_until(lambda: client.find_activity_by_client_id(conversation.conversation_id, "SM-timeout") is not None,
+               timeout=10, what="the timed-out activity to be stored")
+
+    emulator.set_faults(drop_rate=1.0, limit=1, endpoints=["activities/post"])
+    with pytest.raises(TransientError) as raised:
+        client.post_activity(conversation.conversation_id, message("dropped", "dl_t6"))
+    assert raised.value.ambiguous and sleeps == []
+    assert emulator.counters()["conversations"][conversation.conversation_id]["activities/post"] == 2
+
+
+def test_post_is_retried_when_it_surely_never_arrived(emulator):
+    sleeps = Sleeps()
+    client = make_client(emulator, sleep=sleeps)
+    conversation = client.start_conversation(user_id="dl_t7")
+    emulator.set_faults(throttle_rate=1.0, retry_after="0", limit=1, endpoints=["activities/post"])
+    client.post_activity(conversation.conversation_id, message("after 429", "dl_t7"))
+    assert sleeps == [0.0]
+
+    nowhere = make_client(secret="s", endpoint=f"http://127.0.0.1:{free_port()}/v3/directline", sleep=sleeps)
+    with pytest.raises(TransientError) as raised:
+        nowhere.post_activity("c1", message("x"))
+    assert not raised.value.ambiguous  # connection refused: nothing was sent
+    assert len(sleeps) == 1 + 3  # and so it was tried again, up to the attempts
+
+
+# ------------------------------------------------------------------------------------------ secrets
+
+
+def test_secrets_and_tokens_stay_out_of_logs_errors_and_reprs(start_emulator, caplog):
+    secret = "s3cr3t-" + uuid.uuid4().hex
+    emulator = start_emulator(secret=secret)
+    caplog.set_level(logging.DEBUG)
+    client = make_client(emulator, sleep=Sleeps())
+    seen: list[str] = [repr(client)]
+
+    granted = client.generate_token(user_id="dl_s1")
+    conversation = client.start_conversation(user_id="dl_s2")
+    seen += [repr(granted), str(granted), repr(conversation), repr(UploadFile("f", b"bytes"))]
+    tokens = [granted.token, conversation.token, client.refresh_token(token=granted.token).token]
+    emulator.set_faults(throttle_rate=1.0, limit=2)
+    client.get_activities(conversation.conversation_id, token=conversation.token)
+    emulator.clear_faults()
+    emulator.expire_tokens(conversation.conversation_id)
+    failures = [
+        lambda: client.get_activities(conversation.conversation_id, token=conversation.token),
+        lambda: client.refresh_token(token=conversation.token),
+        lambda: make_client(emulator, secret=secret + "x").start_conversation(),
+        lambda: client.get_activities(conversation.conversation_id, token=granted.token + "forged"),
+    ]
+    for fail in failures:
+        with pytest.raises(DirectLineError) as raised:
+            fail()
+        seen += [str(raised.value), repr(raised.value), str(raised.value.__cause__ or ""), str(raised.value.args)]
+    seen += [record.getMessage() for record in caplog.records]
+    text = "\n".join(seen)
+    assert caplog.records  # the retries were logged
+    for value in (secret, *tokens, *(t[:20] for t in tokens)):
+        assert value not in text

@@ -1,0 +1,494 @@
+"""Offline checks of infra/ (the Bicep CLI cannot run here): every file parses, the function app's
+app settings match what relay/settings.py reads, secrets arrive through Key Vault, the role ids are
+Azure's built-in ones, and each check is shown to catch the mistake it exists for.
+
+The Bicep is read with pycep-parser, whose tree keeps identifiers and string literals alike as
+Python strings: `name: site` and `name: 'site'` both give "site". The checks below only compare
+names, so that is enough; `checkov -d infra --framework bicep` (make lint) covers security settings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pycep import BicepParser
+
+from relay.settings import CHANNEL_SWITCHES, SETTINGS
+
+ROOT = Path(__file__).resolve().parent.parent
+INFRA = ROOT / "infra"
+MAIN = INFRA / "main.bicep"
+FUNCTION_APP = INFRA / "modules" / "function-app.bicep"
+ROLE_ASSIGNMENTS = INFRA / "modules" / "role-assignments.bicep"
+PARAMETERS = INFRA / "main.parameters.json"
+
+# Azure's built-in role definition ids (docs: "Azure built-in roles"), as the issue lists them.
+BUILT_IN_ROLES = {
+    "Storage Blob Data Owner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
+    "Storage Table Data Contributor": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",
+    "Storage Queue Data Contributor": "974c5e8b-45b9-4653-ba55-5f855dd0fb88",
+    "Monitoring Metrics Publisher": "3913510d-42f4-4e42-8a64-420c390055eb",
+    "Key Vault Secrets User": "4633458b-17de-408a-b874-0445c86b69e6",
+}
+
+# App settings read by the platform, the Functions host or the Azure SDKs rather than by
+# relay/settings.py. Each must be provisioned: the deployment does not work without it.
+PLATFORM_SETTINGS = {
+    "AzureWebJobsStorage__blobServiceUri": "host: leases, timer schedules (identity-based storage)",
+    "AzureWebJobsStorage__queueServiceUri": "host: identity-based storage",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING": "host: where telemetry goes",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "host: send telemetry with the identity (local auth is off)",
+    "AZURE_CLIENT_ID": "azure-identity: DefaultAzureCredential picks the user-assigned identity",
+}
+
+# Catalogued settings with a default that a deployment must still set explicitly.
+DEPLOYMENT_MUST_SET = {
+    "RELAY_POLL_SCHEDULE": "the host resolves %RELAY_POLL_SCHEDULE% in the timer binding itself: no setting, no poller",
+    "RELAY_PUBLIC_BASE_URL": "providers sign over the public URL; in Azure that is the app's own host name",
+    "AzureWebJobsStorage__credential": "identity-based storage",
+    "AzureWebJobsStorage__clientId": "identity-based storage with the user-assigned identity",
+    "AzureWebJobsStorage__tableServiceUri": "identity-based storage for the relay's tables",
+}
+
+# Catalogued settings without a useful default that Azure deliberately does not get.
+NOT_PROVISIONED = {
+    "AzureWebJobsStorage": "a connection string needs shared keys, which are off; the identity settings replace it",
+    "AzureWebJobsStorage__accountName": "a shorthand for the service URIs, which are provisioned instead",
+}
+
+
+def parse(text: str) -> dict:
+    return BicepParser().parse(text=text)
+
+
+def accessor(*names: str) -> dict:
+    """pycep's tree of `a.b.c`."""
+    head, *rest = names
+    tail = accessor(*rest) if len(rest) > 1 else rest[0]
+    return {"operator": {"type": "property_accessor", "operands": {"operand_1": head, "operand_2": tail}}}
+
+
+def unquote(key: str) -> str:
+    return key[1:-1] if key.startswith("'") and key.endswith("'") else key
+
+
+def strings(node) -> Iterator[str]:
+    """Every string leaf of a parsed expression (identifiers and literals alike)."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from strings(value)
+
+
+def _dict_literal(node, *, where: str, problems: list[str]) -> dict:
+    if isinstance(node, dict) and "function" not in node and "operator" not in node:
+        return {unquote(k): v for k, v in node.items()}
+    problems.append(f"{where} is not an object literal, so its setting names cannot be checked")
+    return {}
+
+
+def provisioned_app_settings(main: dict, function_app: dict, problems: list[str]) -> dict[str, object]:
+    """The function app's app settings (name -> parsed value expression), from the `appsettings`
+    config resource in function-app.bicep: an object literal or `union(...)` of variables, of module
+    parameters (whose object literal main.bicep passes) and of object literals."""
+    configs = [
+        r["config"] for r in function_app.get("resources", {}).values()
+        if r["type"] == "Microsoft.Web/sites/config" and r["config"].get("name") == "appsettings"
+    ]
+    if len(configs) != 1:
+        problems.append(f"expected one appsettings config resource in {FUNCTION_APP.name}, found {len(configs)}")
+        return {}
+    properties = configs[0]["properties"]
+    if isinstance(properties, dict) and properties.get("function", {}).get("type") == "union":
+        parts = list(properties["function"]["parameters"].values())
+    else:
+        parts = [properties]
+    module_params = next(
+        (m["config"]["params"] for m in main.get("modules", {}).values()
+         if m["detail"]["path"] == f"modules/{FUNCTION_APP.name}"),
+        {},
+    )
+    settings: dict[str, object] = {}
+    for part in parts:
+        if isinstance(part, str) and part in function_app.get("variables", {}):
+            block = _dict_literal(function_app["variables"][part]["value"], where=f"variable {part}", problems=problems)
+        elif isinstance(part, str) and part in function_app.get("parameters", {}):
+            block = _dict_literal(module_params.get(part), where=f"main.bicep's {part}", problems=problems)
+        else:
+            block = _dict_literal(part, where="an appsettings part", problems=problems)
+        for name in block.keys() & settings.keys():
+            problems.append(f"{name} is provisioned twice")
+        settings.update(block)
+    return settings
+
+
+def is_key_vault_reference(value) -> bool:
+    return any(s.startswith("${kvRef}") or s.startswith("@Microsoft.KeyVault(SecretUri=") for s in strings(value))
+
+
+def check_app_settings(settings: dict[str, object]) -> list[str]:
+    """What is wrong between the app settings and the catalogue: a setting the relay needs in Azure
+    that is missing, one nobody reads, a secret given in clear, a fallback that differs from the
+    relay's default."""
+    problems = []
+    for name in settings:
+        if name not in SETTINGS and name not in PLATFORM_SETTINGS:
+            problems.append(
+                f"{name} is provisioned but nothing reads it: remove it, catalogue it in relay/settings.py, "
+                "or add it to PLATFORM_SETTINGS here with who reads it"
+            )
+    for name, setting in SETTINGS.items():
+        needed = not setting.default or name in DEPLOYMENT_MUST_SET
+        if needed and name not in NOT_PROVISIONED and name not in settings:
+            why = DEPLOYMENT_MUST_SET.get(name) or (
+                "required" if setting.default is None else "no default: only the deployer knows its value"
+            )
+            problems.append(
+                f"{name} is not provisioned ({why}): add it to the app settings in infra/ "
+                "(and a parameter in main.bicep and main.parameters.json), or to NOT_PROVISIONED here with the reason"
+            )
+    for name in PLATFORM_SETTINGS:
+        if name not in settings:
+            problems.append(f"{name} is not provisioned ({PLATFORM_SETTINGS[name]})")
+    for name, value in settings.items():
+        setting = SETTINGS.get(name)
+        if setting and setting.secret and not is_key_vault_reference(value):
+            problems.append(f"{name} is a secret but its app setting is not a Key Vault reference")
+        conditional = value.get("operator", {}) if isinstance(value, dict) else {}
+        if setting and not setting.secret and conditional.get("type") == "conditional":
+            fallback = conditional["operands"]["true_value"]
+            if fallback != (setting.default or ""):
+                problems.append(
+                    f"{name} falls back to {fallback!r} but relay/settings.py's default is {setting.default!r}")
+    return problems
+
+
+def check_parameter_wiring(main: dict, parameters: dict) -> list[str]:
+    """Each relay setting in main.bicep is fed by parameters that azd fills from the environment
+    variable of the same name, and each Key Vault reference names the secret holding that parameter."""
+    problems = []
+    params = main["parameters"]
+    secrets = {unquote(k): v for k, v in main["variables"]["secrets"]["value"].items()}
+    mapped = {name: entry.get("value") for name, entry in parameters["parameters"].items()}
+    relay_settings = main["modules"]["app"]["config"]["params"]["relaySettings"]
+    for setting, value in relay_settings.items():
+        leaves = list(strings(value))
+        for param in {s for s in leaves if s in params}:
+            if mapped.get(param) != f"${{{setting}}}":
+                problems.append(f"{setting} is fed by parameter {param}, which azd fills from {mapped.get(param)!r}")
+        for leaf in leaves:
+            match = re.fullmatch(r"\$\{kvRef\}([a-z0-9-]+)/\)", leaf)
+            if not match:
+                continue
+            stored = secrets.get(match[1])
+            if stored is None:
+                problems.append(f"{setting} references Key Vault secret {match[1]}, which main.bicep does not store")
+            elif mapped.get(stored) != f"${{{setting}}}":
+                problems.append(f"{setting} references Key Vault secret {match[1]}, which holds parameter {stored} "
+                                f"(filled from {mapped.get(stored)!r})")
+    for name in mapped.keys() - params.keys():
+        problems.append(f"main.parameters.json sets {name}, which main.bicep does not declare")
+    for name in params:
+        if name not in mapped and params[name].get("default") is None:
+            problems.append(f"parameter {name} has no default and no value in main.parameters.json")
+    return problems
+
+
+def role_reference(node, variables: dict, loop: dict | None) -> list[str]:
+    """The role ids a roleDefinitionId's role name expression stands for."""
+    if isinstance(node, str):
+        if loop and node == loop["detail"].get("item_name"):
+            items = variables[loop["detail"]["array_name"]]["value"]
+            return [rid for item in items for rid in role_reference(item, variables, None)]
+        return [node]
+    operator = node.get("operator", {})
+    if operator.get("type") == "property_accessor" and operator["operands"]["operand_1"] in variables:
+        table = variables[operator["operands"]["operand_1"]]["value"]
+        return [table.get(operator["operands"]["operand_2"], "<no such role>")]
+    return ["<unreadable>"]
+
+
+def check_role_assignments(parsed: dict) -> list[str]:
+    """Every role assigned is a built-in role of the issue's list, named guid(scope.id, principal, role),
+    and the relay's identity holds each of them."""
+    problems = []
+    known = set(BUILT_IN_ROLES.values())
+    held_by_identity: set[str] = set()
+    variables = parsed.get("variables", {})
+    for name, resource in parsed.get("resources", {}).items():
+        if resource["type"] != "Microsoft.Authorization/roleAssignments":
+            continue
+        config = resource["config"]
+        loop = config.get("loop_type")
+        body = config["config"] if loop or "condition" in config else config
+        definition = body["properties"]["roleDefinitionId"]["function"]
+        if definition["type"] != "subscription_resource_id" or (
+            definition["parameters"]["resource_type"] != "Microsoft.Authorization/roleDefinitions"
+        ):
+            problems.append(f"{name}: roleDefinitionId is not subscriptionResourceId('...roleDefinitions', id)")
+            continue
+        role_ids = role_reference(definition["parameters"]["resource_name_1"], variables, loop)
+        problems += [f"{name}: {rid} is not one of the built-in roles" for rid in role_ids if rid not in known]
+        guid = body["name"].get("function", {}) if isinstance(body["name"], dict) else {}
+        args = list(guid.get("parameters", {}).values())
+        scope_id = accessor(body["scope"], "id")
+        role_arg = definition["parameters"]["resource_name_1"]
+        if guid.get("type") != "guid" or args != [scope_id, body["properties"]["principalId"], role_arg]:
+            problems.append(f"{name}: name is not guid(scope.id, principalId, roleId)")
+        if body["properties"].get("principalType") not in ("ServicePrincipal", "userPrincipalType"):
+            problems.append(f"{name}: principalType must be set")
+        if body["properties"]["principalId"] == "identityPrincipalId":
+            held_by_identity.update(role_ids)
+    for role, rid in BUILT_IN_ROLES.items():
+        if rid not in held_by_identity:
+            problems.append(f"the relay's identity is not assigned {role} ({rid})")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def main() -> dict:
+    return parse(MAIN.read_text())
+
+
+@pytest.fixture(scope="module")
+def function_app() -> dict:
+    return parse(FUNCTION_APP.read_text())
+
+
+@pytest.fixture(scope="module")
+def parameters() -> dict:
+    return json.loads(PARAMETERS.read_text())
+
+
+# --- every file parses --------------------------------------------------------------------------
+
+
+BICEP_FILES = sorted(INFRA.rglob("*.bicep"))
+
+
+def test_infra_has_the_main_template_and_modules():
+    assert MAIN in BICEP_FILES and FUNCTION_APP in BICEP_FILES and ROLE_ASSIGNMENTS in BICEP_FILES
+
+
+@pytest.mark.parametrize("path", BICEP_FILES, ids=lambda p: str(p.relative_to(INFRA)))
+def test_bicep_file_parses(path: Path):
+    parsed = parse(path.read_text())
+    assert parsed.get("resources") or parsed.get("modules")
+
+
+def test_a_syntax_error_fails_the_parse():
+    broken = MAIN.read_text().replace("location: location\n  tags: tags\n}", "location: location\n  tags: \n}", 1)
+    assert broken != MAIN.read_text()
+    with pytest.raises(Exception, match="Unexpected"):
+        parse(broken)
+
+
+def test_modules_are_local_files_not_registry_modules(main):
+    for name, module in main["modules"].items():
+        assert module["type"] == "local", f"module {name} must be a local file so offline tools can read it"
+        assert (INFRA / module["detail"]["path"]).is_file()
+
+
+# --- app settings against relay/settings.py ------------------------------------------------------
+
+
+def test_app_settings_match_the_settings_catalogue(main, function_app):
+    problems: list[str] = []
+    settings = provisioned_app_settings(main, function_app, problems)
+    problems += check_app_settings(settings)
+    assert problems == []
+
+
+def test_the_app_settings_check_catches_a_removed_setting(main):
+    text = FUNCTION_APP.read_text()
+    mutated = re.sub(r"\n\s*AZURE_CLIENT_ID: identityClientId", "", text)
+    assert mutated != text
+    problems: list[str] = []
+    settings = provisioned_app_settings(main, parse(mutated), problems)
+    assert any(p.startswith("AZURE_CLIENT_ID is not provisioned") for p in check_app_settings(settings))
+
+    main_text = MAIN.read_text()
+    mutated_main = re.sub(r"\n\s*DIRECTLINE_SECRET: .*", "", main_text)
+    assert mutated_main != main_text
+    problems = []
+    settings = provisioned_app_settings(parse(mutated_main), parse(text), problems)
+    assert any(p.startswith("DIRECTLINE_SECRET is not provisioned (required)") for p in check_app_settings(settings))
+
+
+def test_the_app_settings_check_catches_an_unread_setting_and_a_clear_secret(main, function_app):
+    problems: list[str] = []
+    settings = provisioned_app_settings(main, function_app, problems)
+    settings["FUNCTIONS_WORKER_RUNTIME"] = "python"  # Flex Consumption rejects it; nothing reads it
+    settings["TWILIO_AUTH_TOKEN"] = "twilioAuthToken"
+    settings["RELAY_POLL_SCHEDULE"] = {"operator": {"type": "conditional", "operands": {
+        "condition": {}, "true_value": "*/1 * * * * *", "false_value": "pollSchedule"}}}
+    problems = check_app_settings(settings)
+    assert any(p.startswith("FUNCTIONS_WORKER_RUNTIME is provisioned but nothing reads it") for p in problems)
+    assert "TWILIO_AUTH_TOKEN is a secret but its app setting is not a Key Vault reference" in problems
+    assert any(p.startswith("RELAY_POLL_SCHEDULE falls back to") for p in problems)
+
+
+def test_a_duplicated_setting_is_reported(main):
+    text = FUNCTION_APP.read_text().replace(
+        "AZURE_CLIENT_ID: identityClientId", "AZURE_CLIENT_ID: identityClientId\n  DIRECTLINE_BOT_IDS: ''")
+    problems: list[str] = []
+    provisioned_app_settings(main, parse(text), problems)
+    assert problems == ["DIRECTLINE_BOT_IDS is provisioned twice"]
+
+
+def test_identity_and_telemetry_settings_name_the_user_assigned_identity(main, function_app):
+    settings = provisioned_app_settings(main, function_app, [])
+    assert settings["AzureWebJobsStorage__credential"] == "managedidentity"
+    assert settings["AzureWebJobsStorage__clientId"] == settings["AZURE_CLIENT_ID"] == "identityClientId"
+    assert settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == "ClientId=${identityClientId};Authorization=AAD"
+    assert settings["RELAY_PUBLIC_BASE_URL"] == "https://${site.properties.defaultHostName}"
+    assert main["modules"]["app"]["config"]["params"]["identityClientId"] == accessor("identity", "outputs", "clientId")
+
+
+def test_each_setting_is_fed_by_the_azd_variable_of_its_name(main, parameters):
+    assert check_parameter_wiring(main, parameters) == []
+
+
+def test_the_wiring_check_catches_a_crossed_parameter(main, parameters):
+    text = MAIN.read_text()
+    mutated = text.replace("BIRD_WORKSPACE_ID: birdWorkspaceId", "BIRD_WORKSPACE_ID: birdChannelId")
+    assert mutated != text
+    assert check_parameter_wiring(parse(mutated), parameters) == [
+        "BIRD_WORKSPACE_ID is fed by parameter birdChannelId, which azd fills from '${BIRD_CHANNEL_ID}'"
+    ]
+    mutated = text.replace("empty(birdAccessKey) ? '' : '${kvRef}bird-access-key/)'",
+                           "empty(birdAccessKey) ? '' : '${kvRef}bird-signing-key/)'")
+    assert mutated != text
+    assert check_parameter_wiring(parse(mutated), parameters) == [
+        "BIRD_ACCESS_KEY references Key Vault secret bird-signing-key, which holds parameter birdSigningKey "
+        "(filled from '${BIRD_SIGNING_KEY}')"
+    ]
+
+
+def test_the_wiring_check_catches_a_parameter_azd_cannot_fill(main, parameters):
+    entries = dict(parameters["parameters"])
+    del entries["directLineSecret"]
+    entries["directLineSecrets"] = {"value": "${DIRECTLINE_SECRET}"}
+    assert sorted(check_parameter_wiring(main, {"parameters": entries})) == [
+        "DIRECTLINE_SECRET references Key Vault secret directline-secret, which holds parameter directLineSecret "
+        "(filled from None)",
+        "main.parameters.json sets directLineSecrets, which main.bicep does not declare",
+        "parameter directLineSecret has no default and no value in main.parameters.json",
+    ]
+
+
+def test_every_secret_parameter_is_secure_and_stored_in_key_vault(main):
+    secrets = {unquote(k): v for k, v in main["variables"]["secrets"]["value"].items()}
+    for name in secrets.values():
+        assert {"type": "secure"} in main["parameters"][name]["decorators"], f"{name} must be @secure()"
+    key_vault = main["modules"]["keyVault"]["config"]["params"]
+    assert key_vault["secrets"] == "secrets"
+    vault_module = parse((INFRA / main["modules"]["keyVault"]["detail"]["path"]).read_text())
+    assert {"type": "secure"} in vault_module["parameters"]["secrets"]["decorators"]
+
+
+# --- roles --------------------------------------------------------------------------------------
+
+
+def test_role_assignments_use_the_built_in_role_ids():
+    assert check_role_assignments(parse(ROLE_ASSIGNMENTS.read_text())) == []
+
+
+def test_the_role_check_catches_a_wrong_role_id():
+    text = ROLE_ASSIGNMENTS.read_text()
+    mutated = text.replace("b7e6dc6d-f1e8-4753-8033-0f276bb0955b", "b7e6dc6d-f1e8-4753-8033-0f276bb0955c")
+    assert mutated != text
+    problems = check_role_assignments(parse(mutated))
+    assert "identityStorage: b7e6dc6d-f1e8-4753-8033-0f276bb0955c is not one of the built-in roles" in problems
+    assert ("the relay's identity is not assigned Storage Blob Data Owner (b7e6dc6d-f1e8-4753-8033-0f276bb0955b)"
+            in problems)
+
+
+def test_the_role_check_catches_a_missing_role_and_a_bad_name():
+    text = ROLE_ASSIGNMENTS.read_text()
+    mutated = text.replace("  roles.storageQueueDataContributor\n", "")
+    assert mutated != text
+    assert check_role_assignments(parse(mutated)) == [
+        "the relay's identity is not assigned Storage Queue Data Contributor (974c5e8b-45b9-4653-ba55-5f855dd0fb88)"
+    ]
+    mutated = text.replace("guid(vault.id, identityPrincipalId, roles.keyVaultSecretsUser)",
+                           "guid(vault.id, roles.keyVaultSecretsUser)")
+    assert mutated != text
+    assert check_role_assignments(parse(mutated)) == [
+        "identitySecrets: name is not guid(scope.id, principalId, roleId)"]
+
+
+def test_no_other_guid_hides_in_the_templates():
+    guid = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+    for path in BICEP_FILES:
+        for found in guid.findall(path.read_text()):
+            assert found in BUILT_IN_ROLES.values(), f"{path.name}: {found} is not a known built-in role id"
+
+
+# --- the resources the issue asks for -----------------------------------------------------------
+
+
+def _resources(path: Path) -> dict[str, dict]:
+    return {r["type"] + ":" + name: r["config"] for name, r in parse(path.read_text())["resources"].items()}
+
+
+def test_flex_consumption_app_is_python_311_https_only_without_ftp(main, function_app):
+    resources = {r["type"]: r["config"] for r in function_app["resources"].values()
+                 if r["type"] != "Microsoft.Web/sites/basicPublishingCredentialsPolicies"}
+    plan = resources["Microsoft.Web/serverfarms"]
+    assert plan["sku"] == {"name": "FC1", "tier": "FlexConsumption"} and plan["properties"]["reserved"] is True
+    site = resources["Microsoft.Web/sites"]
+    assert site["kind"] == "functionapp,linux"
+    assert site["identity"]["type"] == "UserAssigned"
+    props = site["properties"]
+    assert props["httpsOnly"] is True
+    assert props["keyVaultReferenceIdentity"] == "identityId"
+    assert props["siteConfig"]["minTlsVersion"] == "1.2" and props["siteConfig"]["ftpsState"] == "Disabled"
+    config = props["functionAppConfig"]
+    assert config["runtime"] == {"name": "python", "version": "3.11"}
+    assert config["scaleAndConcurrency"] == {"maximumInstanceCount": "maximumInstanceCount",
+                                             "instanceMemoryMB": "instanceMemoryMB"}
+    assert config["deployment"]["storage"]["authentication"] == {
+        "type": "UserAssignedIdentity", "userAssignedIdentityResourceId": "identityId"}
+    policies = {r["config"]["name"]: r["config"]["properties"] for r in function_app["resources"].values()
+                if r["type"] == "Microsoft.Web/sites/basicPublishingCredentialsPolicies"}
+    assert policies == {"ftp": {"allow": False}, "scm": {"allow": False}}
+    assert main["modules"]["app"]["config"]["params"]["maximumInstanceCount"] == "maximumInstanceCount"
+    assert main["modules"]["app"]["config"]["params"]["instanceMemoryMB"] == "instanceMemoryMB"
+
+
+def test_storage_key_vault_and_monitoring_are_keyless():
+    storage = _resources(INFRA / "modules" / "storage.bicep")["Microsoft.Storage/storageAccounts:storage"]["properties"]
+    assert storage["allowSharedKeyAccess"] is False and storage["allowBlobPublicAccess"] is False
+    assert storage["minimumTlsVersion"] == "TLS1_2"
+    vault = _resources(INFRA / "modules" / "key-vault.bicep")["Microsoft.KeyVault/vaults:vault"]["properties"]
+    assert vault["enableRbacAuthorization"] is True
+    assert vault["enableSoftDelete"] is True and vault["enablePurgeProtection"] is True
+    monitoring = _resources(INFRA / "modules" / "monitoring.bicep")
+    assert monitoring["Microsoft.Insights/components:applicationInsights"]["properties"]["DisableLocalAuth"] is True
+    workspace = monitoring["Microsoft.OperationalInsights/workspaces:workspace"]["properties"]
+    assert workspace["features"]["disableLocalAuth"] is True
+
+
+def test_outputs_give_each_channel_webhook_and_the_token_endpoint(main):
+    outputs = {name: out["value"] for name, out in main["outputs"].items()}
+    for channel in CHANNEL_SWITCHES:
+        assert outputs[f"{channel.upper()}_WEBHOOK_URL"] == f"${{app.outputs.url}}/api/channels/{channel}"
+    assert outputs["DIRECTLINE_TOKEN_URL"] == "${app.outputs.url}/api/directline/token"
+    assert outputs["RELAY_URL"] == accessor("app", "outputs", "url")
+    assert "AZURE_LOCATION" in outputs
+
+
+def test_azure_yaml_deploys_the_relay_service_to_the_tagged_function_app(function_app):
+    text = (ROOT / "azure.yaml").read_text()
+    assert re.search(r"^services:\n  relay:\n    project: \.\n    language: python\n    host: function$", text, re.M)
+    site = next(r["config"] for r in function_app["resources"].values() if r["type"] == "Microsoft.Web/sites")
+    assert site["tags"]["function"]["parameters"]["arg_2"] == {"'azd-service-name'": "relay"}
