@@ -307,7 +307,11 @@ class FunctionsHost:
                       (time.perf_counter() - started) * 1000, traceback.format_exc())
 
     def _run_timer(self, timer: TimerFunction) -> None:
-        schedule = expand_settings(timer.schedule, self.environ)
+        try:
+            schedule = expand_settings(timer.schedule, self.environ)
+        except KeyError as error:
+            log.error("function %s is not scheduled: %s", timer.name, error.args[0])
+            return
         if not croniter.is_valid(schedule, second_at_beginning=True) or len(schedule.split()) != 6:
             log.error("function %s: schedule %r is not a six-field NCRONTAB expression", timer.name, schedule)
             return

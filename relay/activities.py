@@ -121,16 +121,6 @@ def fit_activity(activity: dict, limit_bytes: int = ACTIVITY_LIMIT_BYTES) -> dic
     return trimmed
 
 
-def is_from_bot(activity: Mapping[str, Any], *, user_id: str, bot_ids: tuple[str, ...] = ()) -> bool:
-    """The bot's activities: from.role "bot" or a configured bot handle, and never our own user's."""
-    sender = activity.get("from") or {}
-    if sender.get("id") == user_id:
-        return False
-    if bot_ids:
-        return sender.get("id") in bot_ids or sender.get("role") == "bot"
-    return sender.get("role", "bot") == "bot"
-
-
 def _card_text(card: Mapping[str, Any]) -> str:
     return "\n".join(str(card[k]) for k in ("title", "subtitle", "text") if card.get(k))
 

@@ -308,7 +308,7 @@ def _relay(env: _Environment) -> RelaySettings:
         poll_schedule=schedule,
         burst_poll_seconds=env.number("RELAY_BURST_POLL_SECONDS"),
         poll_ceiling_seconds=env.number("RELAY_POLL_CEILING_SECONDS", minimum=1),
-        idle_timeout_minutes=env.number("RELAY_IDLE_TIMEOUT_MINUTES", minimum=1),
+        idle_timeout_minutes=env.number("RELAY_IDLE_TIMEOUT_MINUTES", minimum=0.1),
         signature_window_seconds=env.number("RELAY_SIGNATURE_WINDOW_SECONDS", minimum=1),
         max_body_bytes=env.integer("RELAY_MAX_BODY_BYTES", minimum=1024),
         omnichannel=_omnichannel(env),

@@ -47,8 +47,8 @@ def start_host(tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
     started: list[ManagedProcess] = []
 
     def start(script: Path = ROOT / "function_app.py", env: dict[str, str] | None = None,
-              settings_file: Path | None = None) -> ManagedProcess:
-        port = free_port()
+              settings_file: Path | None = None, port: int | None = None) -> ManagedProcess:
+        port = port or free_port()
         argv = python_module("devstack.host", "--port", str(port), "--script", str(script),
                              "--settings", str(settings_file or tmp_path / "absent.settings.json"))
         process = ManagedProcess(

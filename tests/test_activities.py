@@ -6,7 +6,6 @@ from relay.activities import (
     ACTIVITY_LIMIT_BYTES,
     build_inbound_activity,
     directline_user_id,
-    is_from_bot,
     render_outbound,
 )
 from relay.channels.base import InboundMessage, Media
@@ -59,15 +58,6 @@ def test_oversized_activity_drops_optional_parts_but_never_the_text():
 def test_small_activity_is_untouched():
     activity = build_inbound_activity(message(), channel="twilio")
     assert "trimmed" not in activity["channelData"]["relay"]
-
-
-def test_bot_activity_detection():
-    user = "dl_user"
-    assert is_from_bot({"from": {"id": "relaybot", "role": "bot"}}, user_id=user)
-    assert not is_from_bot({"from": {"id": user, "role": "bot"}}, user_id=user)
-    assert not is_from_bot({"from": {"id": "someone", "role": "user"}}, user_id=user)
-    assert is_from_bot({"from": {"id": "handle"}}, user_id=user, bot_ids=("handle",))
-    assert not is_from_bot({"from": {"id": "other", "role": "user"}}, user_id=user, bot_ids=("handle",))
 
 
 def test_render_text_hero_card_media_and_suggested_actions():

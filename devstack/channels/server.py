@@ -367,8 +367,11 @@ class Handler(BaseHTTPRequestHandler):
         except requests.RequestException as error:
             raise Reply(502, {"error": {"code": "RelayUnreachable",
                                         "message": f"{hook.url}: {type(error).__name__}"}}) from None
+        body = hook.body if isinstance(hook.body, bytes) else str(hook.body).encode()
+        # The signed request itself, so a test can deliver it again exactly as a provider's retry does.
+        webhook = {"url": hook.url, "headers": dict(hook.headers), "body_b64": base64.b64encode(body).decode()}
         return 200, {"status": response.status_code, "body": response.text, "message_id": hook.message_id,
-                     "content_type": response.headers.get("Content-Type", "")}, {}
+                     "content_type": response.headers.get("Content-Type", ""), "webhook": webhook}, {}
 
     def _handshake(self, body: dict[str, Any]):
         challenge = str(body.get("challenge") or uuid.uuid4().int % 10**10)

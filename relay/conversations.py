@@ -1,0 +1,345 @@
+"""Working one conversation: the shared core of the webhook (burst) and the timer (poller).
+
+Everything here runs under the conversation's lease, so exactly one worker talks to Direct Line and
+the provider for a conversation at a time. Progress is saved as it is made (each delivered
+activity id right after the provider accepted it, the watermark once its whole page is handled),
+so an instance that dies between any two lines loses nothing and repeats at most the one
+provider call that was in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from relay.activities import render_outbound
+from relay.channels import get_adapter
+from relay.channels.base import ChannelAdapter
+from relay.directline import DirectLineClient, get_directline_client
+from relay.errors import (
+    BadRequest,
+    ConcurrencyConflict,
+    ConversationNotFound,
+    DirectLineError,
+    ProviderRejected,
+    ProviderUnavailable,
+    Throttled,
+    TokenExpired,
+)
+from relay.settings import Settings, get_settings
+from relay.store import ACTIVE, ENDED, ConversationKey, ConversationRecord, RelayStore, get_store, utcnow
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LEASE_SECONDS = 60.0
+MIN_POLL_GAP = timedelta(seconds=1)  # never poll one conversation more than once a second
+REPLY_LIKELY_FOR = timedelta(minutes=2)  # after a user or bot message, poll at every tick this long
+FIRST_IDLE_INTERVAL = 5.0
+TOKEN_RENEW_MARGIN = timedelta(seconds=60)
+TOKEN_REFRESH_REMAINING = timedelta(minutes=15)  # refresh at about half of the usual 30-minute lifetime
+
+
+@dataclass
+class RelayContext:
+    """What a function invocation needs: settings, storage, Direct Line and the channel adapters."""
+
+    settings: Settings
+    store: RelayStore
+    directline: DirectLineClient
+    adapter: Callable[[str], ChannelAdapter]
+    clock: Callable[[], datetime] = utcnow
+    sleep: Callable[[float], None] = time.sleep
+
+
+@functools.lru_cache(maxsize=1)
+def get_context() -> RelayContext:
+    """The process's context: one store, one Direct Line pool and one provider pool for every invocation."""
+    settings = get_settings()
+    return RelayContext(settings=settings, store=get_store(), directline=get_directline_client(),
+                        adapter=functools.cache(lambda name: get_adapter(name, settings)))
+
+
+def new_owner(kind: str) -> str:
+    return f"{kind}:{uuid.uuid4().hex[:16]}"
+
+
+@dataclass
+class WorkResult:
+    posted: int = 0
+    delivered: int = 0
+    dead_letters: int = 0
+    ended: bool = False
+    error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ConversationWorker:
+    """One leased conversation for one invocation: start it, post its outbox, deliver the bot's replies."""
+
+    def __init__(self, ctx: RelayContext, record: ConversationRecord, *, owner: str):
+        self.ctx = ctx
+        self.record = record
+        self.owner = owner
+        self.started_at = ctx.clock()
+        self.result = WorkResult()
+        self._retry_at: datetime | None = None
+        self._last_poll: float | None = None
+
+    @property
+    def key(self) -> ConversationKey:
+        return self.record.key
+
+    # ------------------------------------------------------------------------------------ storage
+    def _save(self, change: Callable[[ConversationRecord], ConversationRecord]) -> None:
+        """Apply `change` to the freshest record under our lease (re-applied after an ETag conflict)."""
+        self.record = self.ctx.store.update_conversation(
+            self.key, lambda stored: stored if stored is None else change(stored),
+            current=self.record, lease_owner=self.owner) or self.record
+
+    # --------------------------------------------------------------------------------- Direct Line
+    def _start_directline(self) -> None:
+        """A new Direct Line conversation for this user (the first, or after one was forgotten or ended)."""
+        started = self.ctx.directline.start_conversation(user_id=self.record.user_id)
+        now = self.ctx.clock()
+        expires = now + timedelta(seconds=started.expires_in or 1800)
+        log.info("started Direct Line conversation %s for a %s user", started.conversation_id, self.key.channel)
+        self._save(lambda r: replace(r, conversation_id=started.conversation_id, token=started.token,
+                                     token_expires_at=expires, watermark=None, state=ACTIVE))
+
+    def _reconnect(self) -> None:
+        """Recover an expired token with the secret; the stored watermark stays as it is."""
+        renewed = self.ctx.directline.reconnect(self.record.conversation_id)
+        expires = self.ctx.clock() + timedelta(seconds=renewed.expires_in or 1800)
+        self._save(lambda r: replace(r, token=renewed.token, token_expires_at=expires))
+
+    def _token(self) -> str | None:
+        """A usable token: refreshed at about half its lifetime (with jitter), renewed when it has lapsed."""
+        record, now = self.record, self.ctx.clock()
+        if not record.token or record.token_expires_at is None:
+            return None  # the secret is used instead
+        remaining = record.token_expires_at - now
+        if remaining <= TOKEN_RENEW_MARGIN:
+            self._reconnect()
+        elif remaining <= TOKEN_REFRESH_REMAINING * random.uniform(0.9, 1.1):
+            try:
+                refreshed = self.ctx.directline.refresh_token(token=record.token)
+            except TokenExpired:
+                self._reconnect()
+            else:
+                expires = now + timedelta(seconds=refreshed.expires_in or 1800)
+                self._save(lambda r: replace(r, token=refreshed.token, token_expires_at=expires))
+        return self.record.token
+
+    def _call(self, operation: Callable[[str | None], T]) -> T:
+        """Run a Direct Line call with the conversation's token; an expired token is renewed once."""
+        try:
+            return operation(self._token())
+        except TokenExpired:
+            self._reconnect()
+            return operation(self.record.token)
+
+    # -------------------------------------------------------------------------------------- inbound
+    def drain_outbox(self) -> bool:
+        """Post the waiting user messages in order; False when one must wait (Direct Line unavailable)."""
+        for message in self.ctx.store.list_outbox(self.key):
+            if not self.record.conversation_id:
+                self._start_directline()
+            client_id = (message.activity.get("channelData") or {}).get("clientActivityID", "")
+            if message.in_doubt:
+                # An earlier post may have arrived although it failed: look before posting again.
+                found = self._call(lambda token, cid=client_id: self.ctx.directline.find_activity_by_client_id(
+                    self.record.conversation_id, cid, token=token))
+                if found is not None:
+                    self.ctx.store.complete_inbound(message, activity_id=found.get("id", ""))
+                    self.result.posted += 1
+                    continue
+            try:
+                message = self.ctx.store.mark_post_attempt(message)
+            except ConcurrencyConflict:
+                return False  # someone else is posting it; they keep the order
+            try:
+                activity_id = self._post(message.activity)
+            except BadRequest as error:
+                self.ctx.store.dead_letter_inbound(message, reason=f"Direct Line refused the message: {error}")
+                self.result.dead_letters += 1
+                continue
+            except DirectLineError as error:
+                self.ctx.store.release_inbound(message, error=f"{error.status} {error.code}", in_doubt=error.ambiguous)
+                self._wait(getattr(error, "retry_after", None), attempts=message.attempts)
+                log.info("a %s message waits in the outbox (%s %s, attempt %d)", self.key.channel, error.status,
+                         error.code, message.attempts)
+                return False
+            self.ctx.store.complete_inbound(message, activity_id=activity_id)
+            self.result.posted += 1
+        return True
+
+    def _post(self, activity) -> str:
+        try:
+            return self._call(lambda token: self.ctx.directline.post_activity(
+                self.record.conversation_id, activity, token=token))
+        except ConversationNotFound:
+            # Direct Line forgot the conversation: this user gets a new one, the message goes there.
+            log.info("Direct Line forgot conversation %s; starting a new one", self.record.conversation_id)
+            self._start_directline()
+            return self._call(lambda token: self.ctx.directline.post_activity(
+                self.record.conversation_id, activity, token=token))
+
+    # ------------------------------------------------------------------------------------- outbound
+    def deliver(self) -> bool:
+        """Page the bot's activities from the stored watermark and deliver each one not yet delivered.
+
+        False when the provider asked us to wait (the watermark then stays where it was)."""
+        if not self.record.conversation_id or not self.record.active:
+            return True
+        for _ in range(20):  # a bounded number of pages per invocation; the rest comes next time
+            self._pace()
+            watermark = self.record.watermark
+            try:
+                page = self._call(lambda token, w=watermark: self.ctx.directline.get_activities(
+                    self.record.conversation_id, watermark=w, token=token))
+            except ConversationNotFound:
+                log.info("Direct Line forgot conversation %s; the next user message starts a new one",
+                         self.record.conversation_id)
+                self._save(lambda r: replace(r, conversation_id="", token="", token_expires_at=None, watermark=None))
+                return True
+            for activity in page.activities:
+                if not self._deliver_one(activity):
+                    return False  # the provider cannot take it now: keep the watermark, retry later
+            if page.watermark != watermark:
+                self._save(lambda r, w=page.watermark: replace(r, watermark=w))
+            if not page.activities or page.watermark == watermark or not self.record.active:
+                break
+        return True
+
+    def _deliver_one(self, activity: dict) -> bool:
+        """Deliver one activity if it is the bot's and new; False when the provider asks us to wait."""
+        activity_id = activity.get("id") or ""
+        sender = activity.get("from") or {}
+        if sender.get("id") == self.record.user_id or not self.ctx.directline.is_from_bot(activity):
+            return True
+        if activity_id and self.record.is_delivered(activity_id):
+            return True  # a replay or a watermark reset: never sent twice
+        now = self.ctx.clock()
+        if activity.get("type") == "endOfConversation":
+            log.info("the bot ended conversation %s", self.record.conversation_id)
+            self._save(lambda r: replace(r.with_delivered(activity_id), state=ENDED, last_bot_activity_at=now))
+            self.result.ended = True
+            return True
+        message = render_outbound(activity)
+        if message is None:
+            return True  # typing, events and empty messages have nothing for the channel
+        started = time.perf_counter()
+        try:
+            self.ctx.adapter(self.key.channel).send(self.record.reply_context, message)
+        except ProviderRejected as error:
+            self.ctx.store.add_dead_letter(self.key, kind="reply", reason=f"{error.status} {error}",
+                                           payload={"activity": activity})
+            self.result.dead_letters += 1
+        except ProviderUnavailable as error:
+            log.info("the %s provider cannot take a reply now (%s); retrying later", self.key.channel, error.status)
+            self._wait(error.retry_after)
+            return False
+        else:
+            self.result.delivered += 1
+            log.info("delivered activity %s to %s in %.0f ms", activity_id, self.key.channel,
+                     (time.perf_counter() - started) * 1000)
+        self._save(lambda r: replace(r.with_delivered(activity_id), last_bot_activity_at=now))
+        return True
+
+    def _pace(self) -> None:
+        """Keep at least MIN_POLL_GAP between two polls of this conversation (Direct Line asks for it)."""
+        if self._last_poll is not None:
+            gap = MIN_POLL_GAP.total_seconds() - (time.monotonic() - self._last_poll)
+            if gap > 0:
+                self.ctx.sleep(gap)
+        self._last_poll = time.monotonic()
+
+    # ------------------------------------------------------------------------------------- lifecycle
+    def end_if_idle(self) -> bool:
+        """End a conversation idle past RELAY_IDLE_TIMEOUT_MINUTES: the bot gets endOfConversation."""
+        idle_limit = timedelta(minutes=self.ctx.settings.relay.idle_timeout_minutes)
+        last = self.record.last_activity_at
+        if last is None or self.ctx.clock() - last < idle_limit:
+            return False
+        if self.record.conversation_id:
+            end = {"type": "endOfConversation", "from": {"id": self.record.user_id, "role": "user"},
+                   "code": "completedSuccessfully", "text": "The conversation was idle."}
+            with contextlib.suppress(ConversationNotFound):
+                self._call(lambda token: self.ctx.directline.post_activity(
+                    self.record.conversation_id, end, token=token))
+        log.info("ended idle %s conversation %s", self.key.channel, self.record.conversation_id)
+        self._save(lambda r: replace(r, state=ENDED))
+        self.result.ended = True
+        return True
+
+    def _wait(self, retry_after: float | None, attempts: int = 1) -> None:
+        """Come back after the provider's or Direct Line's Retry-After, else after a growing backoff."""
+        delay = retry_after if retry_after else min(300.0, 5.0 * 2 ** max(0, attempts - 1))
+        at = self.ctx.clock() + timedelta(seconds=max(1.0, delay))
+        self._retry_at = at if self._retry_at is None else max(self._retry_at, at)
+
+    def finish(self) -> None:
+        """Schedule the next poll and give the lease back, in one write."""
+        now = self.ctx.clock()
+        ceiling = self.ctx.settings.relay.poll_ceiling_seconds
+        started_at, retry_at, delivered = self.started_at, self._retry_at, self.result.delivered
+
+        def schedule(record: ConversationRecord) -> ConversationRecord:
+            if not record.active:
+                return replace(record.without_lease(), next_poll_at=None)
+            user_wrote_meanwhile = bool(record.last_user_activity_at and record.last_user_activity_at >= started_at)
+            recent = max((t for t in (record.last_user_activity_at, record.last_bot_activity_at) if t),
+                         default=None)
+            if retry_at is not None and not user_wrote_meanwhile:
+                interval, next_poll = record.poll_interval, retry_at
+            elif user_wrote_meanwhile or delivered or (recent and now - recent < REPLY_LIKELY_FOR):
+                interval, next_poll = 0.0, now + MIN_POLL_GAP
+            elif not record.conversation_id:
+                interval, next_poll = 0.0, None  # nothing to poll until the user writes
+            else:
+                interval = min(ceiling, max(FIRST_IDLE_INTERVAL, record.poll_interval * 2))
+                next_poll = now + timedelta(seconds=interval)
+            return replace(record.without_lease(), poll_interval=interval, next_poll_at=next_poll)
+
+        try:
+            self._save(schedule)
+        except ConcurrencyConflict as error:
+            log.warning("could not schedule a %s conversation: %s (its lease expires on its own)",
+                        self.key.channel, error)
+
+
+def work_conversation(ctx: RelayContext, record: ConversationRecord, *, owner: str, poll: bool = True,
+                      burst_until: datetime | None = None, idle_check: bool = True) -> WorkResult:
+    """Post the outbox, deliver the bot's replies (`poll`), keep polling until `burst_until` (a webhook's
+    burst), end the conversation when idle (`idle_check`, the timer's job). Always schedules and releases."""
+    worker = ConversationWorker(ctx, record, owner=owner)
+    try:
+        if idle_check and worker.end_if_idle():
+            return worker.result
+        if worker.drain_outbox() and poll and worker.deliver():
+            while burst_until is not None and worker.record.active:
+                remaining = (burst_until - ctx.clock()).total_seconds()
+                if remaining < MIN_POLL_GAP.total_seconds():
+                    break
+                before = worker.result.delivered
+                if not worker.deliver() or (before and worker.result.delivered == before):
+                    break  # the provider asked us to wait, or the bot answered and went quiet
+    except Throttled as error:
+        worker._wait(error.retry_after)
+        worker.result.error = f"{error.status} {error.code}"
+    except DirectLineError as error:
+        worker._wait(None, attempts=2)
+        worker.result.error = f"{error.status} {error.code}"
+        log.warning("Direct Line failed for a %s conversation: %s %s", record.key.channel, error.status, error.code)
+    finally:
+        worker.finish()
+    return worker.result

@@ -1,0 +1,223 @@
+"""End to end: a provider's signed webhook reaches the bot, and the bot's replies reach the provider,
+exactly once, through the local host, Azurite, the Direct Line emulator and the provider simulator."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import requests
+
+from devstack.bot import EchoBot
+from devstack.procs import wait_until
+from relay.store import ENDED
+from tests.conftest import subprocess_env
+from tests.relay.conftest import NEVER, PROVIDERS
+
+USERS = {"twilio": "+15550000001", "whatsapp": "15550000002", "messagebird": "+15550000003",
+         "bird": "+15550000004", "generic": "user-5"}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_signed_webhook_gets_the_bots_reply_at_the_provider(relay_stack, provider):
+    stack = relay_stack()
+    user = USERS[provider]
+    stack.send(provider, user, f"hello from {provider} ✓")
+    assert stack.wait_for_replies(provider, user, 1) == [f"You said: hello from {provider} ✓"]
+    record = stack.record(provider, user)
+    assert record.conversation_id
+    assert stack.user_messages_at_bot(record.conversation_id) == [f"hello from {provider} ✓"]
+
+
+def test_burst_polling_answers_before_the_webhook_returns(relay_stack):
+    stack = relay_stack(schedule=NEVER)
+    stack.send("twilio", "+15550001000", "quick")
+    # No timer runs here: the reply can only have come from the webhook's own burst.
+    assert stack.replies("twilio", "+15550001000") == ["You said: quick"]
+
+
+def test_with_burst_off_the_timer_delivers(relay_stack):
+    stack = relay_stack(burst="0")
+    answer = stack.send("twilio", "+15550001001", "no burst")
+    assert answer["status"] == 200
+    assert stack.wait_for_replies("twilio", "+15550001001", 1) == ["You said: no burst"]
+
+
+def test_late_proactive_reply_arrives_through_the_timer(relay_stack):
+    stack = relay_stack()
+    stack.send("whatsapp", "15550002000", "later")
+    replies = stack.wait_for_replies("whatsapp", "15550002000", 2)
+    assert replies == ["You said: later", "Late reply: later"]
+
+
+def test_hero_card_and_suggested_actions_are_rendered_for_the_channel(relay_stack):
+    stack = relay_stack()
+    stack.send("whatsapp", "15550002001", "card")
+    wait_until(lambda: stack.simulator.replies("whatsapp", "15550002001"), timeout=20, what="the card")
+    reply = stack.simulator.replies("whatsapp", "15550002001")[0]
+    assert "Here is a card." in reply["text"]
+    assert reply["actions"], reply
+
+
+def test_retried_webhook_is_relayed_once(relay_stack):
+    stack = relay_stack()
+    user = "+15550003000"
+    answer = stack.send("twilio", user, "only once")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(stack.replay(answer).status_code)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [200, 200, 200]
+    stack.send("twilio", user, "and then this")
+    assert stack.wait_for_replies("twilio", user, 2) == ["You said: only once", "You said: and then this"]
+    record = stack.record("twilio", user)
+    assert stack.user_messages_at_bot(record.conversation_id) == ["only once", "and then this"]
+
+
+def test_messages_of_one_user_reach_the_bot_in_order(relay_stack):
+    stack = relay_stack()
+    user = "15550003001"
+    for n in range(5):
+        stack.send("whatsapp", user, f"message {n}")
+    replies = stack.wait_for_replies("whatsapp", user, 5)
+    assert replies == [f"You said: message {n}" for n in range(5)]
+
+
+def test_host_killed_between_ticks_loses_and_duplicates_nothing(relay_stack):
+    stack = relay_stack(burst="0")
+    users = [f"+1555000400{n}" for n in range(4)]
+    for user in users:
+        stack.send("twilio", user, "later")
+    stack.host.kill()  # SIGKILL: no clean-up, leases and outbox rows stay as they were
+    stack.restart_host()
+    for user in users:
+        assert stack.wait_for_replies("twilio", user, 2) == ["You said: later", "Late reply: later"]
+    for user in users:
+        record = stack.record("twilio", user)
+        assert stack.user_messages_at_bot(record.conversation_id) == ["later"]
+    # Nothing more trickles in afterwards.
+    wait_until(lambda: all(stack.record("twilio", u).next_poll_at is not None for u in users), timeout=10)
+    assert all(stack.replies("twilio", u) == ["You said: later", "Late reply: later"] for u in users)
+
+
+def test_expired_token_is_recovered(relay_stack):
+    stack = relay_stack()
+    user = "+15550005000"
+    stack.send("twilio", user, "first")
+    stack.wait_for_replies("twilio", user, 1)
+    conversation_id = stack.record("twilio", user).conversation_id
+    stack.emulator.expire_tokens(conversation_id)
+    stack.send("twilio", user, "second")
+    assert stack.wait_for_replies("twilio", user, 2) == ["You said: first", "You said: second"]
+    assert stack.record("twilio", user).conversation_id == conversation_id
+
+
+def test_forgotten_conversation_starts_a_new_one(relay_stack):
+    stack = relay_stack()
+    user = "+15550006000"
+    stack.send("messagebird", user, "before")
+    stack.wait_for_replies("messagebird", user, 1)
+    forgotten = stack.record("messagebird", user).conversation_id
+    stack.emulator.forget(forgotten)
+    stack.send("messagebird", user, "after")
+    assert stack.wait_for_replies("messagebird", user, 2) == ["You said: before", "You said: after"]
+    record = stack.record("messagebird", user)
+    assert record.conversation_id != forgotten
+    assert stack.user_messages_at_bot(record.conversation_id) == ["after"]
+
+
+def test_end_of_conversation_ends_the_record_and_the_next_message_starts_anew(relay_stack):
+    stack = relay_stack()
+    user = "+15550007000"
+    stack.send("bird", user, "bye")
+    assert stack.wait_for_replies("bird", user, 1) == ["Goodbye."]
+    wait_until(lambda: stack.record("bird", user).state == ENDED, timeout=20, what="the record to end")
+    ended = stack.record("bird", user)
+    assert ended.next_poll_at is None
+    stack.send("bird", user, "hello again")
+    assert stack.wait_for_replies("bird", user, 2) == ["Goodbye.", "You said: hello again"]
+    assert stack.record("bird", user).conversation_id != ended.conversation_id
+
+
+def test_idle_conversation_is_ended_and_the_bot_told(relay_stack):
+    stack = relay_stack(env={"RELAY_IDLE_TIMEOUT_MINUTES": "0.1"})
+    user = "user-idle"
+    stack.send("generic", user, "hi")
+    stack.wait_for_replies("generic", user, 1)
+    wait_until(lambda: stack.record("generic", user).state == ENDED, timeout=30, what="idle expiry")
+    conversation_id = stack.record("generic", user).conversation_id
+    activities = stack.emulator.conversation(conversation_id)["activities"]
+    assert any(a["type"] == "endOfConversation" and a["from"]["role"] != "bot" for a in activities)
+
+
+def test_direct_line_down_keeps_messages_in_the_outbox_until_it_returns(relay_stack):
+    stack = relay_stack()
+    user = "+15550008000"
+    stack.emulator.set_faults(error_500_rate=1.0, endpoints=["conversations/start", "activities/post"])
+    answer = stack.send("twilio", user, "while down")
+    assert answer["status"] == 200  # stored: the provider must not retry (Twilio never would)
+    wait_until(lambda: stack.emulator.counters()["faults"].get("500", 0) >= 2, timeout=20,
+               what="the poller to try again")
+    assert stack.replies("twilio", user) == []
+    stack.emulator.clear_faults()
+    assert stack.wait_for_replies("twilio", user, 1, timeout=60) == ["You said: while down"]
+    record = stack.record("twilio", user)
+    assert stack.user_messages_at_bot(record.conversation_id) == ["while down"]
+
+
+def test_ambiguous_post_is_not_repeated(relay_stack):
+    stack = relay_stack()
+    user = "+15550008001"
+    # Direct Line takes the message and then fails the call: the relay must find it, not post it again.
+    stack.emulator.set_faults(error_502_rate=1.0, phase="after", endpoints=["activities/post"], limit=1)
+    stack.send("twilio", user, "maybe arrived")
+    assert stack.wait_for_replies("twilio", user, 1) == ["You said: maybe arrived"]
+    assert stack.emulator.counters()["faults"]["502"] == 1
+    record = stack.record("twilio", user)
+    wait_until(lambda: stack.store.list_outbox(record.key) == [], timeout=20, what="the outbox to empty")
+    assert stack.user_messages_at_bot(record.conversation_id) == ["maybe arrived"]
+
+
+def test_provider_outage_is_retried_and_a_refusal_dead_lettered(relay_stack):
+    stack = relay_stack()
+    user = "15550009000"
+    stack.simulator.fail_next("whatsapp", 503, retry_after=1)
+    stack.send("whatsapp", user, "retry me")
+    assert stack.wait_for_replies("whatsapp", user, 1) == ["You said: retry me"]
+    stack.simulator.fail_next("whatsapp", 400)
+    stack.send("whatsapp", user, "refused")
+    key = stack.record("whatsapp", user).key
+    wait_until(lambda: stack.store.list_dead_letters(key), timeout=20, what="a dead letter")
+    assert stack.store.list_dead_letters(key)[0].kind == "reply"
+    stack.send("whatsapp", user, "next")
+    assert stack.wait_for_replies("whatsapp", user, 2) == ["You said: retry me", "You said: next"]
+
+
+def test_disabled_or_unknown_channel_is_404(relay_stack):
+    stack = relay_stack(env={"BIRD_SIGNING_KEY": ""})
+    for channel in ("bird", "telegram"):
+        response = requests.post(f"{stack.host.url}/api/channels/{channel}", data=b"{}", timeout=10)
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "ChannelDisabled"
+
+
+def test_bad_signature_is_401_and_relays_nothing(relay_stack):
+    stack = relay_stack()
+    answer = stack.send("twilio", "+15550010000", "genuine")
+    hook = answer["webhook"]
+    headers = {**hook["headers"], "X-Twilio-Signature": "AAAAAAAAAAAAAAAAAAAAAAAAAAA="}
+    response = requests.post(hook["url"], data=b"Body=forged&From=%2B15550010001&MessageSid=SMforged",
+                             headers=headers, timeout=10)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "InvalidSignature"
+    assert stack.record("twilio", "+15550010001") is None
+
+
+def test_botbuilder_bot_answers_through_the_relay_including_a_late_reply(relay_stack, tmp_path):
+    with EchoBot(late_reply_seconds=1, env=subprocess_env(), log_path=tmp_path / "bot.log") as bot:
+        stack = relay_stack(emulator_options={"echo": False, "bot_url": bot.url})
+        stack.send("twilio", "+15550011000", "later")
+        replies = stack.wait_for_replies("twilio", "+15550011000", 2)
+    assert replies == ["You said: later", "Late reply: later"]
