@@ -36,11 +36,10 @@ class Ports:
 DATA_DIR = ROOT / ".azurite"
 
 
-def ensure_local_settings(root: Path = ROOT) -> Path:
-    target = root / "local.settings.json"
+def ensure_local_settings(target: Path = ROOT / "local.settings.json") -> Path:
     if not target.exists():
-        shutil.copyfile(root / "local.settings.sample.json", target)
-        print(f"created {target.name} from local.settings.sample.json")
+        shutil.copyfile(ROOT / "local.settings.sample.json", target)
+        print(f"created {target} from local.settings.sample.json")
     return target
 
 
@@ -99,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--azurite-ports", default=",".join(map(str, Ports.azurite)),
                         help="blob,queue,table ports (default 10000,10001,10002)")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where Azurite keeps its data")
+    parser.add_argument("--settings", type=Path, default=ROOT / "local.settings.json",
+                        help="the settings file (created from local.settings.sample.json when absent)")
     args = parser.parse_args(argv)
     blob, queue, table = (int(p) for p in args.azurite_ports.split(","))
     ports = Ports(host=args.host_port, azurite=(blob, queue, table), directline=args.directline_port,
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     for port in (ports.host, *ports.azurite, ports.directline, ports.bot, ports.simulator):
         busy(port, "the local stack")
 
-    settings_file = ensure_local_settings()
+    settings_file = ensure_local_settings(args.settings)
     stack = build_stack(ports, settings_file, args.data_dir)
     started: list[ManagedProcess] = []
     stopping = threading.Event()

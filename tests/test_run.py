@@ -4,7 +4,7 @@ import json
 
 import requests
 
-from devstack.procs import ROOT, ManagedProcess, free_port, http_ok, port_open, python_module
+from devstack.procs import ManagedProcess, free_port, http_ok, port_open, python_module, wait_until
 from tests.conftest import subprocess_env
 
 
@@ -15,7 +15,8 @@ def test_launcher_serves_health_and_stops_everything(tmp_path):
         "make run", python_module("devstack.run", "--host-port", str(host_port),
                                   "--azurite-ports", ",".join(map(str, ports)), "--data-dir", str(tmp_path / "data"),
                                   "--directline-port", str(directline_port), "--bot-port", str(bot_port),
-                                  "--simulator-port", str(simulator_port)),
+                                  "--simulator-port", str(simulator_port),
+                                  "--settings", str(tmp_path / "local.settings.json")),
         env=subprocess_env(), ready=lambda: http_ok(f"http://127.0.0.1:{host_port}/api/health"),
         log_path=tmp_path / "run.log", startup_timeout=90,
     )
@@ -23,7 +24,10 @@ def test_launcher_serves_health_and_stops_everything(tmp_path):
         response = requests.get(f"http://127.0.0.1:{host_port}/api/health", timeout=20)
         assert response.status_code == 200, response.text
         assert response.json()["checks"]["table_storage"]["ok"]
-        assert_emulator_answers_through_the_bot(f"http://127.0.0.1:{directline_port}/v3/directline")
+        settings = json.loads((tmp_path / "local.settings.json").read_text())["Values"]
+        assert_emulator_answers_through_the_bot(f"http://127.0.0.1:{directline_port}/v3/directline",
+                                                settings["DIRECTLINE_SECRET"])
+        assert_phone_gets_the_bots_answer(f"http://127.0.0.1:{simulator_port}")
     assert launcher.process.returncode == 0
     assert not port_open(host_port)
     assert not any(port_open(p) for p in ports)
@@ -35,9 +39,22 @@ def test_launcher_serves_health_and_stops_everything(tmp_path):
     assert f"http://127.0.0.1:{simulator_port}/" in log
 
 
-def assert_emulator_answers_through_the_bot(base_url: str) -> None:
-    """The emulator takes local.settings.json's secret and the botbuilder bot answers through it."""
-    secret = json.loads((ROOT / "local.settings.json").read_text())["Values"]["DIRECTLINE_SECRET"]
+def assert_phone_gets_the_bots_answer(simulator_url: str) -> None:
+    """What a person does with `make run`: type on a simulated phone, see the bot answer there."""
+    sent = requests.post(f"{simulator_url}/_sim/inbound", timeout=60,
+                         json={"provider": "twilio", "from": "+15550123456", "text": "hello from make run"}).json()
+    assert sent["status"] == 200, sent
+
+    def answered() -> bool:
+        replies = requests.get(f"{simulator_url}/_sim/replies", params={"provider": "twilio", "user": "+15550123456"},
+                               timeout=10).json()["replies"]
+        return "You said: hello from make run" in [r["text"] for r in replies]
+
+    wait_until(answered, timeout=30, what="the bot's answer on the simulated phone")
+
+
+def assert_emulator_answers_through_the_bot(base_url: str, secret: str) -> None:
+    """The emulator takes the settings file's secret and the botbuilder bot answers through it."""
     auth = {"Authorization": f"Bearer {secret}"}
     conversation = requests.post(f"{base_url}/conversations", headers=auth, timeout=20).json()["conversationId"]
     posted = requests.post(f"{base_url}/conversations/{conversation}/activities", headers=auth, timeout=20,
