@@ -4,8 +4,20 @@ import logging
 
 import azure.functions as func
 
+from relay.conversations import get_context
 from relay.health import get_health
-from relay.http import json_response
+from relay.http import (
+    answer_response,
+    bearer_token,
+    guarded,
+    json_response,
+    serve_webchat_file,
+    token_server_call,
+    webhook_request,
+)
+from relay.inbound import handle_webhook
+from relay.poller import poll_tick, sweep
+from relay.tokens import parse_resume_body
 
 # The Azure SDK logs every storage request at INFO; keep the app's log about the relay.
 logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
@@ -18,3 +30,56 @@ app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 def health(req: func.HttpRequest) -> func.HttpResponse:
     status, body = get_health()
     return json_response(body, status)
+
+
+@app.function_name("channel_webhook")
+@app.route(route="channels/{channel}", methods=["GET", "POST"])
+def channel_webhook(req: func.HttpRequest) -> func.HttpResponse:
+    """A provider's webhook (the signature is the auth); GET answers handshakes."""
+
+    def handle() -> func.HttpResponse:
+        ctx = get_context()
+        request = webhook_request(req, ctx.settings.relay.public_base_url)
+        return answer_response(handle_webhook(ctx, req.route_params["channel"], request))
+
+    return guarded(handle)
+
+
+@app.function_name("directline_token")
+@app.route(route="directline/token", methods=["POST", "OPTIONS"])
+def directline_token(req: func.HttpRequest) -> func.HttpResponse:
+    """A Web Chat page's first token, with the resume key that proves the conversation is its own."""
+    return token_server_call(req, lambda tokens, caller: tokens.issue_token(caller))
+
+
+@app.function_name("directline_refresh")
+@app.route(route="directline/refresh", methods=["POST", "OPTIONS"])
+def directline_refresh(req: func.HttpRequest) -> func.HttpResponse:
+    return token_server_call(req, lambda tokens, caller: tokens.refresh_token(bearer_token(req), caller=caller))
+
+
+@app.function_name("directline_resume")
+@app.route(route="directline/resume", methods=["POST", "OPTIONS"])
+def directline_resume(req: func.HttpRequest) -> func.HttpResponse:
+    """A new token for the page's conversation after its token expired: {conversationId, resumeKey, watermark?}."""
+    return token_server_call(req, lambda tokens, caller: tokens.resume(**parse_resume_body(req.get_body()),
+                                                                        caller=caller))
+
+
+@app.function_name("webchat_file")
+@app.route(route="webchat/{name}", methods=["GET"])
+def webchat_file(req: func.HttpRequest) -> func.HttpResponse:
+    """relay-webchat.js; with WEBCHAT_DEMO_ENABLED also the demo page (`demo`) and Web Chat's bundle."""
+    return serve_webchat_file(req.route_params["name"])
+
+
+@app.function_name("poller")
+@app.timer_trigger(schedule="%RELAY_POLL_SCHEDULE%", arg_name="timer", run_on_startup=False, use_monitor=True)
+def poller(timer: func.TimerRequest) -> None:
+    poll_tick(get_context())
+
+
+@app.function_name("sweeper")
+@app.timer_trigger(schedule="0 17 * * * *", arg_name="timer", run_on_startup=False, use_monitor=True)
+def sweeper(timer: func.TimerRequest) -> None:
+    sweep(get_context())

@@ -85,7 +85,7 @@ def build_stack(ports: Ports, settings_file: Path, data_dir: Path) -> list[tuple
         (bot, f"{bot.url} (botbuilder echo bot)"),
         (emulator, f"{emulator.base_url} (Direct Line emulator; admin {emulator.admin_url}/)"),
         (simulator, f"{simulator.page_url} (provider simulator: a phone per channel)"),
-        (host, f"http://127.0.0.1:{ports.host}/api/health"),
+        (host, f"http://127.0.0.1:{ports.host}/api/health (Web Chat demo: http://127.0.0.1:{ports.host}/api/webchat/demo)"),
     ]
 
 

@@ -18,6 +18,8 @@
     │   └── ProviderError          sending to the provider failed
     │       ├── ProviderRejected   4xx (not 429): permanent, dead-letter the message
     │       └── ProviderUnavailable 429/5xx/connection: transient, retry later (retry_after if known)
+    ├── WebChatError               the Web Chat token server refuses a request: status and code say why
+    │                              (retry_after, in seconds, for 429 and 503)
     └── StoreError                 Table Storage
         └── ConcurrencyConflict    an ETag-guarded update lost to another writer after retries
             └── LeaseLost          another poller took over the conversation's lease
@@ -125,6 +127,14 @@ class ProviderRejected(ProviderError):
 
 class ProviderUnavailable(ProviderError):
     status, code = 503, "ProviderUnavailable"
+
+
+class WebChatError(RelayError):
+    status, code = 400, "BadRequest"
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
 
 
 class StoreError(RelayError):

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
+import math
+from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import azure.functions as func
+
+from relay.channels.base import WebhookAnswer, WebhookRequest
+from relay.errors import RelayError
+from relay.settings import SettingsError, get_settings
+from relay.tokens import Caller, TokenServer, get_token_server, get_webchat_asset
+
+log = logging.getLogger(__name__)
 
 
 def json_response(body: dict | list, status: int = 200, headers: dict[str, str] | None = None) -> func.HttpResponse:
@@ -19,3 +31,124 @@ def json_response(body: dict | list, status: int = 200, headers: dict[str, str] 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> func.HttpResponse:
     """The one error shape every function answers with: {"error": {"code", "message"}}."""
     return json_response({"error": {"code": code, "message": message}}, status, headers)
+
+
+def relay_error_response(error: RelayError, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    """A RelayError as the one error shape, with Retry-After when it says how long to wait."""
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after)))}
+    return error_response(error.status, error.code, error.message, headers)
+
+
+def client_address(req: func.HttpRequest) -> str:
+    """The caller's IP address, for per-client limits.
+
+    The last X-Forwarded-For entry is the one the platform's front end added; earlier entries are
+    whatever the caller claimed. Azure writes it with a port ("203.0.113.7:51234"), dropped here.
+    """
+    hop = (req.headers.get("X-Forwarded-For") or "").rsplit(",", 1)[-1].strip()
+    if hop.startswith("["):
+        hop = hop[1:].partition("]")[0]
+    elif hop.count(":") == 1:
+        hop = hop.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return hop[:64] or "unknown"
+
+
+def bearer_token(req: func.HttpRequest) -> str:
+    """The value of `Authorization: Bearer <value>`, or "" when there is none."""
+    scheme, _, value = (req.headers.get("Authorization") or "").strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def own_origin(req: func.HttpRequest) -> str:
+    """scheme://host[:port] of the URL this request was made to: a page served by the app has this origin."""
+    parts = urlsplit(req.url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+
+
+PREFLIGHT_HEADERS = {
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Max-Age": "600",
+}
+
+
+def token_server_call(req: func.HttpRequest, call: Callable[[TokenServer, Caller], dict]) -> func.HttpResponse:
+    """One call of the Web Chat token server with the caller's address and origins, CORS and errors translated."""
+
+    def answer() -> func.HttpResponse:
+        tokens = get_token_server()
+        caller = Caller(address=client_address(req), origin=req.headers.get("Origin") or "",
+                        own_origin=own_origin(req))
+        return cors_call(req, lambda: call(tokens, caller), origin_allowed=tokens.is_origin_allowed(caller))
+
+    return guarded(answer)
+
+
+def cors_call(req: func.HttpRequest, call: Callable[[], dict], *, origin_allowed: bool) -> func.HttpResponse:
+    """Answer a JSON endpoint browsers call from other origins.
+
+    An allowed Origin gets CORS headers (its preflight too); any other gets none, so the browser
+    keeps the answer from the page. A RelayError becomes its JSON error.
+    """
+    origin = req.headers.get("Origin") or ""
+    cors = {}
+    if origin and origin_allowed:
+        cors = {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": "Retry-After",
+                "Vary": "Origin"}
+    if origin and not cors:
+        return error_response(403, "OriginNotAllowed", f"The origin {origin[:100]} may not call this endpoint")
+    if req.method == "OPTIONS":
+        return func.HttpResponse(status_code=204, headers={**cors, **PREFLIGHT_HEADERS, "Allow": "POST, OPTIONS"})
+    try:
+        return json_response(call(), headers=cors)
+    except RelayError as error:
+        if error.status >= 500:
+            log.warning("answering %d %s: %s", error.status, error.code, error)
+        return relay_error_response(error, {**cors, "Vary": "Origin"})
+
+
+def file_response(content: bytes, mimetype: str, *, max_age: int = 300) -> func.HttpResponse:
+    """A static UTF-8 text file (a page or a script)."""
+    return func.HttpResponse(content, status_code=200, mimetype=mimetype, charset="utf-8",
+                             headers={"Cache-Control": f"public, max-age={max_age}",
+                                      "X-Content-Type-Options": "nosniff"})
+
+
+def webhook_request(req: func.HttpRequest, public_base_url: str) -> WebhookRequest:
+    """The provider's call as adapters see it: the public URL it signed, its headers and raw body."""
+    from relay.channels import public_url
+
+    return WebhookRequest(method=req.method.upper(), url=public_url(public_base_url, req.url),
+                          headers=dict(req.headers), body=req.get_body() or b"", query=dict(req.params))
+
+
+def answer_response(answer: WebhookAnswer) -> func.HttpResponse:
+    return func.HttpResponse(answer.body, status_code=answer.status, mimetype=answer.content_type)
+
+
+def guarded(handler: Callable[[], func.HttpResponse]) -> func.HttpResponse:
+    """Run a handler; the relay's own errors become their JSON answer, a bad setting a 503 naming it."""
+    try:
+        return handler()
+    except RelayError as error:
+        if error.status >= 500:
+            log.warning("answering %d %s: %s", error.status, error.code, error)
+        return relay_error_response(error)
+    except SettingsError as error:
+        log.error("app settings are not valid: %s", error)
+        return error_response(503, "Misconfigured", str(error))
+
+
+def serve_webchat_file(name: str) -> func.HttpResponse:
+    """GET /api/webchat/{name}: relay-webchat.js always; the demo page and Web Chat's bundle when the demo is on."""
+
+    def answer() -> func.HttpResponse:
+        asset = get_webchat_asset(name, demo_enabled=get_settings().webchat.demo_enabled)
+        return file_response(asset.content, asset.mimetype)
+
+    return guarded(answer)

@@ -34,6 +34,9 @@ Choices where the documentation is silent or inconsistent (configurable where it
   A token used on another conversation -> 403 BadArgument. tokens/generate with a token and
   tokens/refresh with the secret -> 403 BadArgument. A request whose Origin header is not among
   the token's trusted origins -> 403 BadArgument (no Origin header: allowed).
+- CORS: every answer to a request with an Origin carries `Access-Control-Allow-Origin: *`, and
+  OPTIONS preflights are answered 204, so Web Chat pages on any origin can call it (token-bound
+  trusted origins still apply).
 - The user id bound to a token wins over the activity's from.id (as with enhanced auth). "dl_"
   prefixes are not required.
 - tokens/generate reserves the conversation without contacting the bot; the first start with that

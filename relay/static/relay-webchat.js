@@ -9,18 +9,24 @@
  * Why a wrapper: a Direct Line token lives about 30 minutes, and a page that sleeps past that (a
  * closed lid, a phone in a pocket) comes back with a dead connection; DirectLineJS stops polling
  * for good after a network error or an expired token. Web Chat keeps one stable connection object
- * (the one returned here); underneath, this script refreshes the token at about half its lifetime
- * and, when the token has expired or the network comes back, asks the relay to resume the same
- * conversation (proved by a rotating resume key) and recreates the Direct Line connection from the
- * last watermark. Activities are de-duplicated by id, so the transcript neither loses nor repeats.
+ * (the one returned here); underneath, this script refreshes the token at about half its lifetime,
+ * and when the token has expired or the network comes back it asks the relay to resume the same
+ * conversation (proved by a resume key the relay rotates on every use) and recreates the Direct
+ * Line connection from the last watermark. Activities are de-duplicated by id, so the transcript
+ * neither loses nor repeats a message.
  *
- * sessionStorage (per tab) keeps conversationId, resumeKey and watermark; the token is never stored.
+ * sessionStorage (per tab) keeps conversationId, userId, resumeKey and watermark; the token is never
+ * stored. Options: baseUrl (the relay; default this page's origin), pollingInterval (ms, 1000),
+ * hiddenResumeMs (a tab hidden this long checks its connection when shown again, 60000),
+ * storage, createDirectLine, log (function receiving diagnostic strings, never tokens or keys).
  */
 (function (global) {
   'use strict';
 
   var STATUS = { Uninitialized: 0, Connecting: 1, Online: 2, ExpiredToken: 3, FailedToConnect: 4, Ended: 5 };
   var STORAGE_KEY = 'relayWebChat';
+  var MAX_RETRY_MS = 30 * 1000;
+  var POST_WAIT_MS = 15 * 1000;
 
   // A minimal multicast observable: Web Chat only needs subscribe() with next/error/complete.
   function Subject(initial) {
@@ -35,9 +41,7 @@
       },
       getValue: function () { return value; },
       subscribe: function (observerOrNext, error, complete) {
-        var observer = typeof observerOrNext === 'function'
-          ? { next: observerOrNext, error: error, complete: complete }
-          : (observerOrNext || {});
+        var observer = toObserver(observerOrNext, error, complete);
         observers.push(observer);
         if (hasValue && observer.next) { observer.next(value); }
         var subscription = {
@@ -52,12 +56,16 @@
     };
   }
 
+  function toObserver(observerOrNext, error, complete) {
+    return typeof observerOrNext === 'function'
+      ? { next: observerOrNext, error: error, complete: complete }
+      : (observerOrNext || {});
+  }
+
   function fromPromise(promise) {
     return {
       subscribe: function (observerOrNext, error, complete) {
-        var observer = typeof observerOrNext === 'function'
-          ? { next: observerOrNext, error: error, complete: complete }
-          : (observerOrNext || {});
+        var observer = toObserver(observerOrNext, error, complete);
         var closed = false;
         promise.then(function (result) {
           if (closed) { return; }
@@ -71,16 +79,17 @@
     };
   }
 
-  function RelayError(status, code, message) {
+  function RelayError(status, code, message, retryAfter) {
     var error = new Error(message || code);
     error.status = status;
     error.code = code;
+    error.retryAfter = retryAfter;
     return error;
   }
 
   function connect(options) {
     options = options || {};
-    var baseUrl = (options.baseUrl || '').replace(/\/$/, '');
+    var baseUrl = (options.baseUrl || (global.location && global.location.origin) || '').replace(/\/$/, '');
     var storage = options.storage || global.sessionStorage;
     var createDirectLine = options.createDirectLine || (global.WebChat && global.WebChat.createDirectLine);
     var hiddenResumeMs = options.hiddenResumeMs === undefined ? 60 * 1000 : options.hiddenResumeMs;
@@ -94,11 +103,15 @@
     var connectionStatus$ = Subject(STATUS.Uninitialized);
     var seen = {};
     var current = null;         // the DirectLineJS instance underneath
+    var currentStatus = STATUS.Uninitialized;
+    var underlyingStatus$ = Subject();  // every status of the connection underneath, repeats included
     var currentSubscriptions = [];
     var token = null;
     var expiresAt = 0;
     var refreshTimer = null;
-    var resuming = null;
+    var retryTimer = null;
+    var retryMs = 1000;
+    var recovering = null;
     var hiddenAt = null;
     var ended = false;
 
@@ -111,94 +124,89 @@
       storage.setItem(STORAGE_KEY, JSON.stringify(state));
       return state;
     }
-    function forget() { storage.removeItem(STORAGE_KEY); }
+    function setStatus(status) {
+      if (connectionStatus$.getValue() !== status) { connectionStatus$.next(status); }
+    }
+    function offline() { return global.navigator && global.navigator.onLine === false; }
 
     function call(path, body, bearer) {
       var headers = { 'Content-Type': 'application/json' };
       if (bearer) { headers.Authorization = 'Bearer ' + bearer; }
       return global.fetch(baseUrl + '/api/directline/' + path, {
-        method: 'POST', headers: headers, body: JSON.stringify(body || {}), credentials: 'omit'
+        method: 'POST', headers: headers, body: JSON.stringify(body || {}), credentials: 'omit', cache: 'no-store'
       }).then(function (response) {
         return response.json().catch(function () { return {}; }).then(function (json) {
           if (!response.ok) {
             var error = json.error || {};
-            throw RelayError(response.status, error.code || 'HttpError', error.message);
+            var retryAfter = Number(response.headers.get('Retry-After')) || 0;
+            throw RelayError(response.status, error.code || 'HttpError', error.message, retryAfter);
           }
           return json;
         });
+      }, function (error) {
+        throw RelayError(0, 'NetworkError', error && error.message);
       });
     }
 
+    // Take a grant from the relay: the token for this page, and what survives a reload.
     function adopt(grant) {
+      var lifetime = grant.expires_in || 1800;
       token = grant.token;
-      expiresAt = Date.now() + (grant.expires_in || 1800) * 1000;
+      expiresAt = Date.now() + lifetime * 1000;
       var patch = { conversationId: grant.conversationId };
       if (grant.resumeKey) { patch.resumeKey = grant.resumeKey; }
       if (grant.userId) { patch.userId = grant.userId; }
       if (grant.domain) { patch.domain = grant.domain; }
       save(patch);
-      scheduleRefresh(grant.expires_in || 1800);
-    }
-
-    function scheduleRefresh(lifetimeSeconds) {
       clearTimeout(refreshTimer);
       // About half the lifetime, with jitter so a room of pages does not refresh in step.
-      var delay = lifetimeSeconds * 1000 * (0.45 + Math.random() * 0.1);
-      refreshTimer = setTimeout(refresh, delay);
+      refreshTimer = setTimeout(refresh, lifetime * 1000 * (0.45 + Math.random() * 0.1));
     }
 
-    function refresh() {
-      if (ended || !token) { return Promise.resolve(); }
-      return call('refresh', {}, token).then(function (grant) {
-        token = grant.token;
-        expiresAt = Date.now() + (grant.expires_in || 1800) * 1000;
-        if (current) {
-          current.reconnect({ conversationId: grant.conversationId, token: grant.token, streamUrl: current.streamUrl });
-        }
-        scheduleRefresh(grant.expires_in || 1800);
-      }, function (error) {
-        log('refresh failed', error.code);
-        return resume();
-      });
-    }
-
-    function attach(watermark) {
+    // A new DirectLineJS underneath. `from` null: the token's new conversation; otherwise this
+    // conversation from `from.watermark` ('' = its whole history), with the resume's streamUrl if any.
+    function attach(from) {
       detach();
       var state = load();
       var dlOptions = { token: token, webSocket: false, pollingInterval: pollingInterval };
       if (state.domain) { dlOptions.domain = state.domain; }
-      if (watermark !== null) {
-        // Resume: reconnect to the same conversation from where this page got to.
+      if (from) {
         dlOptions.conversationId = state.conversationId;
-        dlOptions.watermark = watermark || '';
+        dlOptions.watermark = from.watermark || '';
+        if (from.streamUrl) { dlOptions.streamUrl = from.streamUrl; }  // the relay reconnected already
       }
-      current = createDirectLine(dlOptions);
-      var instance = current;
+      var instance = current = createDirectLine(dlOptions);
+      currentStatus = STATUS.Uninitialized;
       currentSubscriptions.push(instance.activity$.subscribe({
         next: function (activity) {
           if (instance !== current) { return; }
           if (instance.watermark) { save({ watermark: instance.watermark }); }
-          if (activity.id && seen[activity.id]) { return; }
-          if (activity.id) { seen[activity.id] = true; }
+          if (activity.id) {
+            if (seen[activity.id]) { return; }
+            seen[activity.id] = true;
+          }
           activity$.next(activity);
         },
-        error: function () { if (instance === current) { resume(); } },
-        complete: function () { if (instance === current && !ended) { resume(); } }
+        error: function () { if (instance === current) { recover(); } },
+        complete: function () { if (instance === current && !ended) { recover(); } }
       }));
       currentSubscriptions.push(instance.connectionStatus$.subscribe(function (status) {
         if (instance !== current) { return; }
+        currentStatus = status;
+        underlyingStatus$.next(status);
         if (status === STATUS.Online) {
-          connectionStatus$.next(STATUS.Online);
+          retryMs = 1000;
+          setStatus(STATUS.Online);
         } else if (status === STATUS.ExpiredToken || status === STATUS.FailedToConnect) {
           // Not the end for this page: show "connecting" and resume underneath.
-          connectionStatus$.next(STATUS.Connecting);
-          resume();
+          setStatus(STATUS.Connecting);
+          recover();
         } else if (status === STATUS.Ended) {
-          // Direct Line forgot the conversation: start over with a new one.
-          connectionStatus$.next(STATUS.Connecting);
-          startOver();
+          // Direct Line forgot the conversation (404): resume finds out and starts over if so.
+          setStatus(STATUS.Connecting);
+          recover();
         } else if (connectionStatus$.getValue() !== STATUS.Online) {
-          connectionStatus$.next(status);
+          setStatus(status);
         }
       }));
     }
@@ -214,57 +222,149 @@
 
     function start() {
       return call('token', {}).then(function (grant) {
-        seen = {};
         save({ watermark: '' });
         adopt(grant);
         attach(null);
       });
     }
 
-    function startOver() {
-      forget();
-      return start();
-    }
-
-    // Resume the stored conversation. `fromWatermark` false replays the whole history (a new page).
-    function resume(fromWatermark) {
-      if (ended) { return Promise.resolve(); }
-      if (resuming) { return resuming; }
+    // Resume the stored conversation: from the stored watermark, or (withWatermark false: a
+    // reloaded page with an empty transcript) from its beginning.
+    function resume(withWatermark) {
       var state = load();
-      if (!state.conversationId || !state.resumeKey) { return startOver(); }
+      if (!state.conversationId || !state.resumeKey) { return start(); }
+      var watermark = withWatermark && state.watermark ? state.watermark : '';
       var body = { conversationId: state.conversationId, resumeKey: state.resumeKey };
-      var keepWatermark = fromWatermark !== false && state.watermark;
-      if (keepWatermark) { body.watermark = state.watermark; }
-      connectionStatus$.next(STATUS.Connecting);
-      resuming = call('resume', body).then(function (grant) {
+      if (watermark) { body.watermark = watermark; }
+      return call('resume', body).then(function (grant) {
         adopt(grant);
-        attach(keepWatermark ? state.watermark : '');
+        attach({ watermark: watermark, streamUrl: grant.streamUrl });
       }, function (error) {
-        log('resume failed', error.status, error.code);
-        if (error.status === 404 || error.status === 403) { return startOver(); }
-        // Offline or the relay is unreachable: try again when the network returns.
-        connectionStatus$.next(STATUS.Connecting);
+        log('resume refused: ' + error.status + ' ' + error.code);
+        if (error.status === 400 && watermark) { return resume(false); }  // a watermark Direct Line refused
+        if (error.status === 403 || error.status === 404) {
+          // Not this page's conversation any more (gone, expired, revoked): start a new one.
+          storage.removeItem(STORAGE_KEY);
+          return start();
+        }
         throw error;
-      }).then(function () { resuming = null; }, function (error) { resuming = null; throw error; });
-      return resuming;
+      });
     }
 
-    function wake() {
+    // Get back to a working connection; one attempt at a time, retried until it works.
+    function recover() {
+      if (ended) { return Promise.resolve(); }
+      if (recovering) { return recovering; }
+      clearTimeout(retryTimer);
+      setStatus(STATUS.Connecting);
+      recovering = resume(true).then(function () {
+        recovering = null;
+        retryMs = 1000;
+      }, function (error) {
+        recovering = null;
+        scheduleRetry(error);
+      });
+      return recovering;
+    }
+
+    function scheduleRetry(error) {
       if (ended) { return; }
-      // Sleep does not run timers: if the token may have lapsed, resume rather than trust it.
-      if (!token || Date.now() > expiresAt - 60 * 1000) { resume().catch(function () {}); } else { refresh(); }
+      clearTimeout(retryTimer);
+      if (offline()) { return; }  // the 'online' event resumes
+      var delay = error && error.retryAfter ? error.retryAfter * 1000 : retryMs;
+      retryMs = Math.min(retryMs * 2, MAX_RETRY_MS);
+      log('retrying in ' + delay + ' ms');
+      retryTimer = setTimeout(recover, delay);
+    }
+
+    function refresh() {
+      if (ended || !token) { return Promise.resolve(); }
+      if (recovering || Date.now() >= expiresAt) { return recover(); }
+      return call('refresh', {}, token).then(function (grant) {
+        adopt(grant);
+        // A fresh DirectLineJS from the watermark: also revives polling that stopped on an error.
+        attach({ watermark: load().watermark || '' });
+      }, function (error) {
+        log('refresh refused: ' + error.status + ' ' + error.code);
+        return recover();
+      });
+    }
+
+    // The network or the tab is back: reuse a token that still has a while to live, else resume.
+    function wake() {
+      if (ended || recovering) { return; }
+      if (token && Date.now() < expiresAt - 60 * 1000) {
+        refresh();
+      } else {
+        recover();
+      }
+    }
+
+    // Web Chat replaces a "dl_" user id it is given by a random one (only a token may carry it),
+    // and a token from a resume carries none: so every activity is stamped with the session's user
+    // here, and the bot sees one user before and after a resume.
+    function asPageUser(activity) {
+      var userId = load().userId;
+      if (!userId) { return activity; }
+      var copy = {};
+      Object.keys(activity).forEach(function (key) { copy[key] = activity[key]; });
+      copy.from = {};
+      Object.keys(activity.from || {}).forEach(function (key) { copy.from[key] = activity.from[key]; });
+      copy.from.id = userId;
+      return copy;
+    }
+
+    // The connection underneath once it is online (a post waits out a resume), for a while.
+    function whenOnline() {
+      if (current && currentStatus === STATUS.Online) { return Promise.resolve(current); }
+      return new Promise(function (resolve, reject) {
+        var subscription = underlyingStatus$.subscribe(function () {
+          if (current && currentStatus === STATUS.Online) {
+            clearTimeout(timer);
+            subscription.unsubscribe();
+            resolve(current);
+          }
+        });
+        var timer = setTimeout(function () {
+          subscription.unsubscribe();
+          reject(RelayError(0, 'NotConnected', 'Not connected to the bot'));
+        }, POST_WAIT_MS);
+      });
+    }
+
+    // Post on the current connection. An expired token means Direct Line did not take the
+    // activity, so it is posted once more after resuming; any other failure is reported, never
+    // retried here (the activity may have arrived).
+    function post(activity, mayRetry) {
+      return whenOnline().then(function (instance) {
+        return new Promise(function (resolve, reject) {
+          instance.postActivity(activity).subscribe(function (id) {
+            if (id !== 'retry') { resolve(id); return; }
+            var expired = instance.connectionStatus$.getValue() === STATUS.ExpiredToken;
+            if (expired && mayRetry) {
+              recover().then(function () { return post(activity, false); }).then(resolve, reject);
+            } else {
+              reject(RelayError(0, 'PostFailed', 'The message could not be sent'));
+            }
+          }, reject);
+        });
+      });
     }
 
     if (global.addEventListener) {
-      global.addEventListener('online', function () { resume().catch(function () {}); });
+      global.addEventListener('offline', function () {
+        if (!ended) { setStatus(STATUS.Connecting); }
+      });
+      global.addEventListener('online', wake);
     }
     if (global.document && global.document.addEventListener) {
       global.document.addEventListener('visibilitychange', function () {
         if (global.document.visibilityState === 'hidden') {
           hiddenAt = Date.now();
-        } else if (hiddenAt !== null && Date.now() - hiddenAt > hiddenResumeMs) {
+        } else if (hiddenAt !== null) {
+          // Sleep does not run timers: after a long absence the token may have lapsed.
+          if (Date.now() - hiddenAt > hiddenResumeMs) { wake(); }
           hiddenAt = null;
-          wake();
         }
       });
     }
@@ -272,35 +372,26 @@
     var directLine = {
       activity$: activity$,
       connectionStatus$: connectionStatus$,
-      postActivity: function (activity) {
-        if (!current) { return fromPromise(Promise.reject(new Error('not connected'))); }
-        var instance = current;
-        return fromPromise(new Promise(function (resolve, reject) {
-          instance.postActivity(activity).subscribe(resolve, function (error) {
-            if (error && error.status === 403) { resume().catch(function () {}); }
-            reject(error);
-          });
-        }));
-      },
+      postActivity: function (activity) { return fromPromise(post(asPageUser(activity), true)); },
       end: function () {
         ended = true;
         clearTimeout(refreshTimer);
+        clearTimeout(retryTimer);
         detach();
-        connectionStatus$.next(STATUS.Ended);
+        setStatus(STATUS.Ended);
       },
       getSessionId: function () {
         return current && current.getSessionId ? current.getSessionId() : fromPromise(Promise.resolve(''));
       },
-      // For tests and diagnostics: which conversation this page is on, and resume on demand.
+      // Diagnostics: the conversation this page is on, its user, and when its token expires (ms).
       get conversationId() { return load().conversationId; },
       get userId() { return load().userId; },
-      resume: function () { return resume(); }
+      get tokenExpiresAt() { return expiresAt; },
+      resume: function () { return recover(); }
     };
 
     var saved = load();
-    var ready = saved.conversationId && saved.resumeKey
-      ? resume(false).catch(function () { return startOver(); })
-      : start();
+    var ready = saved.conversationId && saved.resumeKey ? resume(false) : start();
     return ready.then(function () { return directLine; });
   }
 

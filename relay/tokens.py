@@ -1,0 +1,290 @@
+"""The Web Chat token server: issue, refresh, and resume a page's own conversation.
+
+A Direct Line token lives about 30 minutes and an expired one cannot be refreshed, so a page that
+slept past it (a closed lid, a phone in a pocket) would lose its conversation. Here the page gets,
+with its first token, a resume key: random (256 bits), stored only as a SHA-256 hash with the
+session, checked in constant time. Presenting it gets a new token for the same conversation
+(reconnect with the secret, from the page's watermark) and a new key; the old key is kept as a
+hash, and presenting a rotated key again revokes the session: two holders of one key means one
+of them copied it.
+
+Choices:
+- Tokens are bound to a fresh `dl_` user id and to the allowed origins (trustedOrigins): the
+  configured WEBCHAT_ALLOWED_ORIGINS plus the calling page's origin when it is allowed. A token from
+  a resume comes from reconnect, which Direct Line gives no user or origins; the page keeps its user
+  id. An Origin that is not allowed is refused (403), and gets no CORS headers.
+- The key is checked before Direct Line is called, and rotated only after the reconnect worked: a
+  failed reconnect (Direct Line busy, the network) leaves the page's key valid for its next try.
+- Sessions last SESSION_LIFETIME past their last issue or resume (Direct Line keeps messages about
+  24 h). Refresh does not need the store, but a revoked session's tokens are not refreshed.
+- Token issuance is rate limited per client address in Table Storage (so it holds across
+  instances); refresh and resume need a token or a key, which cannot be guessed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from relay.directline import ConversationToken, DirectLineClient, RetryPolicy, get_directline_client
+from relay.errors import (
+    AuthenticationFailed,
+    ConversationNotFound,
+    DirectLineError,
+    Throttled,
+    TokenExpired,
+    WebChatError,
+)
+from relay.settings import Settings, get_settings
+from relay.store import (
+    REUSED_KEY,
+    SESSION_EXPIRED,
+    SESSION_REVOKED,
+    RelayStore,
+    get_store,
+    hash_resume_key,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+SESSION_LIFETIME = timedelta(hours=24)
+RATE_WINDOW_SECONDS = 60
+DEFAULT_TOKEN_SECONDS = 1800  # Direct Line's documented lifetime, when a reconnect does not say
+MAX_FIELD_CHARS = 512
+# A page waits on these calls: fail within seconds rather than ride out a long Direct Line outage.
+TOKEN_SERVER_RETRY = RetryPolicy(attempts=3, backoff=0.25, backoff_cap=1.0, max_retry_after=2.0, budget=3.0)
+
+STATIC_DIR = Path(__file__).with_name("static")
+WEBCHAT_BUNDLE = Path(__file__).resolve().parent.parent / "node_modules/botframework-webchat/dist/webchat.js"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: the client address (rate limit), the page's Origin, and the origin the relay was called on."""
+
+    address: str = "unknown"
+    origin: str = ""
+    own_origin: str = ""
+
+
+class TokenServer:
+    """The three token endpoints as plain calls; each answers the JSON body or raises WebChatError."""
+
+    def __init__(self, settings: Settings, *, client: DirectLineClient, store: RelayStore):
+        self._webchat = settings.webchat
+        self._domain = settings.directline.endpoint
+        self._public_origin = _origin_of(settings.relay.public_base_url)
+        self._client = client
+        self._store = store
+
+    def __repr__(self) -> str:
+        return f"TokenServer(domain={self._domain!r})"
+
+    def is_origin_allowed(self, caller: Caller) -> bool:
+        """No Origin (not a browser), listed in WEBCHAT_ALLOWED_ORIGINS ("*": any), or the relay's own (the demo)."""
+        allowed = self._webchat.allowed_origins
+        return (not caller.origin or "*" in allowed or caller.origin in allowed
+                or caller.origin in {caller.own_origin, self._public_origin} - {""})
+
+    def issue_token(self, caller: Caller) -> dict[str, Any]:
+        """A token for a new conversation, with the resume key that proves the page owns it."""
+        self._check_origin(caller)
+        limit = self._store.hit_rate_limit(caller.address, limit=self._webchat.token_rate_limit,
+                                           window_seconds=RATE_WINDOW_SECONDS)
+        if not limit.allowed:
+            raise WebChatError(f"Too many tokens for this client address: at most {limit.limit} per minute",
+                               status=429, code="TooManyRequests", retry_after=limit.retry_after)
+        user_id = "dl_" + secrets.token_hex(16)
+        trusted = [o for o in self._webchat.allowed_origins if o != "*"]
+        if caller.origin and caller.origin not in trusted and "*" not in self._webchat.allowed_origins:
+            trusted.append(caller.origin)
+        grant = self._directline(lambda: self._client.generate_token(user_id=user_id, trusted_origins=trusted))
+        resume_key = new_resume_key()
+        self._store.create_webchat_session(grant.conversation_id, user_id=user_id, resume_key=resume_key,
+                                           expires_at=utcnow() + SESSION_LIFETIME)
+        log.info("Web Chat token issued for conversation %s", grant.conversation_id)
+        return {**self._grant(grant), "userId": user_id, "resumeKey": resume_key, "domain": self._domain}
+
+    def refresh_token(self, token: str, *, caller: Caller = Caller()) -> dict[str, Any]:
+        """A fresh token for the same conversation; an expired one is 403 TokenExpired (the page resumes)."""
+        self._check_origin(caller)
+        if not token:
+            raise WebChatError("Send the token to refresh as 'Authorization: Bearer <token>'", status=401,
+                               code="MissingToken")
+        grant = self._directline(lambda: self._client.refresh_token(token=token), callers_token=True)
+        session = self._store.get_webchat_session(grant.conversation_id)
+        if session is not None and session.revoked:
+            raise WebChatError("This conversation's session was revoked: start a new conversation", status=403,
+                               code="SessionRevoked")
+        return self._grant(grant)
+
+    def resume(self, *, conversation_id: str, resume_key: str, watermark: str | None = None,
+               caller: Caller = Caller()) -> dict[str, Any]:
+        """A new token for the page's own conversation, from its watermark, and the next resume key."""
+        self._check_origin(caller)
+        now = utcnow()
+        session = self._store.get_webchat_session(conversation_id)
+        presented = hash_resume_key(resume_key)
+        grant = None
+        if (session is not None and not session.revoked and session.expires_at > now
+                and hmac.compare_digest(presented, session.resume_key_hash)):
+            grant = self._reconnect(conversation_id, watermark)
+        next_key = new_resume_key()
+        result = self._store.resume_webchat_session(conversation_id, resume_key=resume_key, new_resume_key=next_key,
+                                                    expires_at=now + SESSION_LIFETIME, now=now)
+        if not result.ok:
+            raise _refusal(result.outcome, conversation_id)
+        if grant is None:  # only if the session changed between the check and the rotation
+            grant = self._reconnect(conversation_id, watermark)
+        log.info("Web Chat conversation %s resumed", conversation_id)
+        return {**self._grant(grant), "streamUrl": grant.stream_url, "resumeKey": next_key,
+                "userId": result.session.user_id, "domain": self._domain}
+
+    # ----------------------------------------------------------------------------------------- helpers
+
+    def _check_origin(self, caller: Caller) -> None:
+        if not self.is_origin_allowed(caller):
+            raise WebChatError("This origin may not use the token server: add it to WEBCHAT_ALLOWED_ORIGINS",
+                               status=403, code="OriginNotAllowed")
+
+    def _reconnect(self, conversation_id: str, watermark: str | None) -> ConversationToken:
+        try:
+            return self._directline(lambda: self._client.reconnect(conversation_id, watermark=watermark))
+        except WebChatError as error:
+            if error.code == "ConversationGone":
+                self._store.revoke_webchat_session(conversation_id)
+            raise
+
+    def _directline(self, call, *, callers_token: bool = False) -> ConversationToken:
+        """Direct Line's answer, or its failure as what the page should do next."""
+        try:
+            return call()
+        except TokenExpired:
+            raise WebChatError("The token has expired: resume the conversation with its resume key", status=403,
+                               code="TokenExpired") from None
+        except ConversationNotFound:
+            raise WebChatError("Direct Line no longer knows this conversation: start a new one", status=404,
+                               code="ConversationGone") from None
+        except AuthenticationFailed as error:
+            if callers_token:
+                raise WebChatError("Direct Line does not accept this token", status=403, code="InvalidToken") from None
+            log.error("Direct Line refused the relay's secret: %s", error)  # our configuration, not the page's
+            raise WebChatError("Direct Line refused the relay's credentials", status=502,
+                               code="DirectLineRejected") from None
+        except Throttled as error:
+            raise WebChatError("Direct Line is busy: try again shortly", status=503, code="DirectLineBusy",
+                               retry_after=error.retry_after or 1) from None
+        except DirectLineError as error:
+            log.warning("Direct Line token call failed: %s", error)
+            status, code = (400, "InvalidWatermark") if error.status == 400 else (503, "DirectLineUnavailable")
+            message = ("Direct Line refused the watermark: resume without one" if status == 400
+                       else "Direct Line is unavailable: try again shortly")
+            raise WebChatError(message, status=status, code=code, retry_after=None if status == 400 else 2) from None
+
+    @staticmethod
+    def _grant(grant: ConversationToken) -> dict[str, Any]:
+        return {"token": grant.token, "conversationId": grant.conversation_id,
+                "expires_in": grant.expires_in or DEFAULT_TOKEN_SECONDS}
+
+
+def new_resume_key() -> str:
+    """256 random bits, URL-safe: guessing one is hopeless, so a plain hash may store it."""
+    return secrets.token_urlsafe(32)
+
+
+def parse_resume_body(body: bytes) -> dict[str, Any]:
+    """`{conversationId, resumeKey, watermark?}` as keyword arguments of TokenServer.resume; 400 otherwise."""
+    try:
+        payload = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
+        raise WebChatError("The body is not valid JSON", code="InvalidJson") from None
+    if not isinstance(payload, Mapping):
+        raise WebChatError('Send a JSON object: {"conversationId", "resumeKey", "watermark"?}',
+                           code="InvalidRequest")
+    watermark = _text_field(payload, "watermark", required=False)
+    return {"conversation_id": _text_field(payload, "conversationId"),
+            "resume_key": _text_field(payload, "resumeKey"), "watermark": watermark or None}
+
+
+def _text_field(payload: Mapping[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = payload.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value):
+        raise WebChatError(f"'{name}' must be a non-empty string", code="InvalidRequest")
+    if len(value) > MAX_FIELD_CHARS:
+        raise WebChatError(f"'{name}' is longer than {MAX_FIELD_CHARS} characters", code="InvalidRequest")
+    return value
+
+
+def _refusal(outcome: str, conversation_id: str) -> WebChatError:
+    if outcome == REUSED_KEY:
+        log.warning("Web Chat session %s revoked: a rotated resume key was presented again", conversation_id)
+        return WebChatError("This resume key was already used: the session is revoked, start a new conversation",
+                            status=403, code="ResumeKeyReused")
+    if outcome == SESSION_REVOKED:
+        return WebChatError("This session was revoked: start a new conversation", status=403,
+                            code="SessionRevoked")
+    if outcome == SESSION_EXPIRED:
+        return WebChatError("This session has expired: start a new conversation", status=403,
+                            code="SessionExpired")
+    # A wrong key and an unknown conversation answer alike: no oracle for which conversations exist.
+    return WebChatError("The resume key does not match this conversation", status=403, code="InvalidResumeKey")
+
+
+def _origin_of(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}" if rest else ""
+
+
+@dataclass(frozen=True)
+class Asset:
+    content: bytes
+    mimetype: str
+
+
+_ASSETS = {  # name: (file, mimetype, served only when the demo is on)
+    "demo": (STATIC_DIR / "demo.html", "text/html", True),
+    "webchat.js": (WEBCHAT_BUNDLE, "application/javascript", True),
+    "relay-webchat.js": (STATIC_DIR / "relay-webchat.js", "application/javascript", False),
+}
+
+
+def get_webchat_asset(name: str, *, demo_enabled: bool) -> Asset:
+    """The script pages include (always), and the demo page with its Web Chat bundle (when the demo is on)."""
+    if name not in _ASSETS:
+        raise WebChatError(f"No Web Chat file named {name!r}", status=404, code="NotFound")
+    path, mimetype, demo_only = _ASSETS[name]
+    if demo_only and not demo_enabled:
+        raise WebChatError("The Web Chat demo is off: set WEBCHAT_DEMO_ENABLED=true", status=404,
+                           code="DemoDisabled")
+    content = _read_asset(path)
+    if content is None:
+        raise WebChatError("The Web Chat bundle is not installed here: run `npm ci` (botframework-webchat)",
+                           status=404, code="BundleMissing")
+    return Asset(content, mimetype)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_asset(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def get_token_server() -> TokenServer:
+    """The process's token server on the app settings, the shared Direct Line pool and the store."""
+    client = get_directline_client().with_options(retry=TOKEN_SERVER_RETRY)
+    return TokenServer(get_settings(), client=client, store=get_store())
+

@@ -1,0 +1,60 @@
+"""The demo page in headless Chromium survives a token that expired while the page was offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from devstack.procs import ROOT
+from tests.conftest import subprocess_env
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCRIPT = Path(__file__).with_name("browser_chat.js")
+TOKEN_TTL = 6  # seconds: the page refreshes at about 3 s and is offline past expiry within the test's time
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: `make browser` installs Debian's chromium")
+        pytest.skip(f"{CHROMIUM} is not installed (`make browser`)")
+    return CHROMIUM
+
+
+def test_web_chat_resumes_its_conversation_after_its_token_expired_offline(chromium, new_stack):
+    stack = new_stack(token_ttl=TOKEN_TTL, env={"WEBCHAT_DEMO_ENABLED": "true"})
+    run = subprocess.run(["node", str(SCRIPT), f"{stack.url}/api/webchat/demo", str(chromium)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env=subprocess_env())
+    lines = run.stdout.strip().splitlines()
+    result = json.loads(lines[-1]) if lines else {}
+    assert run.returncode == 0, f"{result.get('error')}\nsteps: {result.get('steps')}\nconsole: " + \
+        "\n".join(result.get("console", [])) + f"\nstderr: {run.stderr[-2000:]}"
+
+    assert result["offlineSeen"] is True
+    assert result["statusWhileOffline"] != "2"  # the page did not pretend to be online
+    # Back online, the same conversation goes on: its earlier transcript exactly once, then the new answer.
+    transcript = ["hello", "You said: hello", "refreshed", "You said: refreshed", "after the break",
+                  "You said: after the break"]
+    assert result["conversationAfter"] == result["conversationBefore"]
+    assert result["bubbles"] == transcript
+    # Reloaded, the tab resumes the same conversation and shows its whole history once.
+    assert result["conversationAfterReload"] == result["conversationBefore"]
+    assert result["bubblesAfterReload"] == transcript
+
+    # Direct Line got each message once, from the page's own dl_ user.
+    activities = stack.emulator.conversation(result["conversationBefore"])["activities"]
+    messages = [(a["from"]["id"], a["text"]) for a in activities if a["type"] == "message"]
+    user, bot = result["userId"], "relaybot"
+    assert user.startswith("dl_")
+    assert messages == [(user if n % 2 == 0 else bot, text) for n, text in enumerate(transcript)]
+    log = stack.log_text()
+    assert "Executed 'Functions.directline_refresh' (Succeeded, Status=200" in log
+    assert "Executed 'Functions.directline_resume' (Succeeded, Status=200" in log
+    assert stack.emulator.secret not in log

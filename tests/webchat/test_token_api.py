@@ -1,0 +1,340 @@
+"""The token server through the local host, with Azurite and the Direct Line emulator (echo bot)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import requests
+from azure.data.tables import TableServiceClient
+
+from devstack.procs import wait_until
+from tests.webchat.conftest import SHOP, Stack
+
+EVIL = "https://evil.example"
+
+
+def dl(stack: Stack, method: str, path: str, token: str, **options) -> requests.Response:
+    """A call to Direct Line (the emulator) the way a page makes it, with the token it got."""
+    headers = {"Authorization": f"Bearer {token}", **options.pop("headers", {})}
+    return requests.request(method, f"{stack.emulator.base_url}{path}", headers=headers, timeout=10, **options)
+
+
+def chat(stack: Stack, grant: dict, text: str) -> str:
+    """Say `text` in the conversation as the page's user; the watermark after the bot's answer."""
+    cid = grant["conversationId"]
+    posted = dl(stack, "POST", f"/conversations/{cid}/activities", grant["token"],
+                json={"type": "message", "from": {"id": grant.get("userId", "user")}, "text": text})
+    assert posted.status_code == 200, posted.text
+    page = dl(stack, "GET", f"/conversations/{cid}/activities", grant["token"]).json()
+    assert page["activities"][-1]["text"] == f"You said: {text}"
+    return page["watermark"]
+
+
+def texts(activities: list[dict]) -> list[str]:
+    return [a.get("text") for a in activities if a.get("type") == "message"]
+
+
+def assert_error(response: requests.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"], error
+    return error
+
+
+# ------------------------------------------------------------------------------------------------ token
+
+
+def test_token_starts_a_conversation_of_a_fresh_dl_user_with_a_resume_key(stack):
+    first, second = stack.token(), stack.token()
+    assert set(first) == {"token", "conversationId", "expires_in", "userId", "resumeKey", "domain"}
+    assert first["domain"] == stack.emulator.base_url
+    assert first["expires_in"] == 1800
+    assert first["userId"].startswith("dl_") and len(first["userId"]) > 20
+    assert len(first["resumeKey"]) >= 22  # 128 bits as URL-safe base64 at the very least
+    assert first["conversationId"] != second["conversationId"]
+    assert first["userId"] != second["userId"] and first["resumeKey"] != second["resumeKey"]
+
+    # The page starts the conversation with its token; the user id bound in it is the one Direct Line uses.
+    started = dl(stack, "POST", "/conversations", first["token"])
+    assert started.status_code == 201 and started.json()["conversationId"] == first["conversationId"]
+    posted = dl(stack, "POST", f"/conversations/{first['conversationId']}/activities", first["token"],
+                json={"type": "message", "from": {"id": "someone-else"}, "text": "hi"})
+    assert posted.status_code == 200
+    activities = stack.emulator.conversation(first["conversationId"])["activities"]
+    assert activities[0]["from"]["id"] == first["userId"]
+    assert texts(activities) == ["hi", "You said: hi"]
+
+
+def test_token_is_bound_to_the_allowed_origins(stack):
+    grant = stack.token(Origin=SHOP)
+    cid = grant["conversationId"]
+    assert dl(stack, "GET", f"/conversations/{cid}/activities", grant["token"], headers={"Origin": SHOP}).ok
+    refused = dl(stack, "GET", f"/conversations/{cid}/activities", grant["token"], headers={"Origin": EVIL})
+    assert refused.status_code == 403
+
+
+def test_only_the_resume_keys_hash_is_stored(stack, storage_connection_string):
+    grant = stack.token()
+    service = TableServiceClient.from_connection_string(storage_connection_string)
+    rows = list(service.get_table_client(f"{stack.table_prefix}webchatsessions").list_entities())
+    row = next(r for r in rows if r["conversation_id"] == grant["conversationId"])
+    assert row["resume_key_hash"] == hashlib.sha256(grant["resumeKey"].encode()).hexdigest()
+    stored = " ".join(str(value) for r in rows for value in r.values())
+    assert grant["resumeKey"] not in stored
+    assert grant["token"] not in stored
+
+
+def test_token_ignores_whatever_body_it_is_sent(stack):
+    response = stack.post("token", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+
+
+# ---------------------------------------------------------------------------------------------- refresh
+
+
+def test_refresh_gives_a_new_token_for_the_same_conversation(stack):
+    grant = stack.token()
+    response = stack.refresh(grant["token"])
+    assert response.status_code == 200, response.text
+    fresh = response.json()
+    assert set(fresh) == {"token", "conversationId", "expires_in"}
+    assert fresh["conversationId"] == grant["conversationId"] and fresh["expires_in"] == 1800
+    assert fresh["token"] != grant["token"]
+    chat(stack, {**fresh, "userId": grant["userId"]}, "with the refreshed token")
+
+
+def test_refresh_after_expiry_is_refused_with_token_expired(stack):
+    grant = stack.token()
+    stack.emulator.expire_tokens(grant["conversationId"])
+    assert_error(stack.refresh(grant["token"]), 403, "TokenExpired")
+
+
+def test_refresh_needs_a_bearer_token_direct_line_accepts(stack):
+    assert_error(stack.post("refresh"), 401, "MissingToken")
+    assert_error(stack.post("refresh", headers={"Authorization": "Basic abc"}), 401, "MissingToken")
+    assert_error(stack.refresh("not-a-token"), 403, "InvalidToken")
+
+
+def test_refresh_of_a_forgotten_conversation_says_start_over(stack):
+    grant = stack.token()
+    stack.emulator.forget(grant["conversationId"])
+    assert_error(stack.refresh(grant["token"]), 404, "ConversationGone")
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_with_a_watermark_continues_from_it_and_rotates_the_key(stack):
+    grant = stack.token()
+    cid = grant["conversationId"]
+    assert dl(stack, "POST", "/conversations", grant["token"]).ok
+    watermark = chat(stack, grant, "first")
+    chat(stack, grant, "second")
+    stack.emulator.expire_tokens(cid)
+    assert dl(stack, "GET", f"/conversations/{cid}/activities", grant["token"]).status_code == 403
+
+    response = stack.resume(cid, grant["resumeKey"], watermark=watermark)
+    assert response.status_code == 200, response.text
+    resumed = response.json()
+    assert set(resumed) == {"token", "conversationId", "expires_in", "streamUrl", "resumeKey", "userId", "domain"}
+    assert resumed["conversationId"] == cid and resumed["userId"] == grant["userId"]
+    assert resumed["resumeKey"] != grant["resumeKey"] and len(resumed["resumeKey"]) >= 22
+    assert resumed["domain"] == stack.emulator.base_url
+    assert f"watermark={watermark}" in resumed["streamUrl"]
+    after = dl(stack, "GET", f"/conversations/{cid}/activities", resumed["token"], params={"watermark": watermark})
+    assert texts(after.json()["activities"]) == ["second", "You said: second"]
+    chat(stack, {**resumed, "userId": grant["userId"]}, "third")
+
+    again = stack.resume(cid, resumed["resumeKey"])  # the new key works, once more
+    assert again.status_code == 200, again.text
+
+
+def test_resume_without_a_watermark_gets_a_working_token(stack):
+    grant = stack.token()
+    cid = grant["conversationId"]
+    chat(stack, grant, "before")
+    response = stack.resume(cid, grant["resumeKey"])
+    assert response.status_code == 200, response.text
+    resumed = response.json()
+    assert "watermark=" not in resumed["streamUrl"]
+    everything = dl(stack, "GET", f"/conversations/{cid}/activities", resumed["token"]).json()
+    assert texts(everything["activities"]) == ["before", "You said: before"]
+
+
+def test_a_watermark_direct_line_refuses_leaves_the_key_valid(stack):
+    grant = stack.token()
+    assert_error(stack.resume(grant["conversationId"], grant["resumeKey"], watermark="zzzz-99"), 400,
+                 "InvalidWatermark")
+    assert stack.resume(grant["conversationId"], grant["resumeKey"]).status_code == 200
+
+
+def test_a_wrong_key_is_refused_and_does_not_harm_the_session(stack):
+    grant = stack.token()
+    other = stack.token()
+    assert_error(stack.resume(grant["conversationId"], other["resumeKey"]), 403, "InvalidResumeKey")
+    assert_error(stack.resume(grant["conversationId"], "x" * 43), 403, "InvalidResumeKey")
+    assert_error(stack.resume("NoSuchConversation", grant["resumeKey"]), 403, "InvalidResumeKey")
+    assert stack.resume(grant["conversationId"], grant["resumeKey"]).status_code == 200
+
+
+def test_a_rotated_key_presented_again_revokes_the_session(stack):
+    grant = stack.token()
+    cid = grant["conversationId"]
+    owner = stack.resume(cid, grant["resumeKey"]).json()
+    # Someone copied the first key and presents it now: the session is revoked for everyone.
+    assert_error(stack.resume(cid, grant["resumeKey"]), 403, "ResumeKeyReused")
+    assert_error(stack.resume(cid, owner["resumeKey"]), 403, "SessionRevoked")
+    assert_error(stack.refresh(owner["token"]), 403, "SessionRevoked")
+
+
+def test_a_conversation_direct_line_forgot_says_start_over(stack):
+    grant = stack.token()
+    cid = grant["conversationId"]
+    stack.emulator.forget(cid)
+    assert_error(stack.resume(cid, grant["resumeKey"]), 404, "ConversationGone")
+    assert_error(stack.resume(cid, grant["resumeKey"]), 403, "SessionRevoked")
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    (b"", "InvalidRequest"),
+    (b"{not json", "InvalidJson"),
+    (b"\xff\xfe", "InvalidJson"),
+    (b"[]", "InvalidRequest"),
+    (b'"text"', "InvalidRequest"),
+    (b'{"conversationId": "c"}', "InvalidRequest"),
+    (b'{"resumeKey": "k"}', "InvalidRequest"),
+    (b'{"conversationId": 5, "resumeKey": "k"}', "InvalidRequest"),
+    (b'{"conversationId": "c", "resumeKey": ["k"]}', "InvalidRequest"),
+    (b'{"conversationId": "", "resumeKey": "k"}', "InvalidRequest"),
+    (b'{"conversationId": "c", "resumeKey": "k", "watermark": 7}', "InvalidRequest"),
+    (b'{"conversationId": "' + b"c" * 600 + b'", "resumeKey": "k"}', "InvalidRequest"),
+])
+def test_a_malformed_resume_request_is_400_saying_what_is_wrong(stack, body, code):
+    assert_error(stack.post("resume", data=body, headers={"Content-Type": "application/json"}), 400, code)
+
+
+def test_resume_after_the_token_expired_by_itself(new_stack):
+    short = new_stack(token_ttl=2)
+    grant = short.token()
+    cid = grant["conversationId"]
+    watermark = chat(short, grant, "hello")
+    wait_until(lambda: short.refresh(grant["token"]).status_code == 403, timeout=15, interval=0.25,
+               what="the token to expire")
+    assert_error(short.refresh(grant["token"]), 403, "TokenExpired")
+    response = short.resume(cid, grant["resumeKey"], watermark=watermark)
+    assert response.status_code == 200, response.text
+    chat(short, {**response.json(), "userId": grant["userId"]}, "back again")
+
+
+# ------------------------------------------------------------------------------------------------- CORS
+
+
+@pytest.mark.parametrize("path", ["token", "refresh", "resume"])
+def test_preflight_is_answered_for_allowed_origins_only(stack, path):
+    url = f"{stack.url}/api/directline/{path}"
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    allowed = requests.options(url, headers={"Origin": SHOP, **preflight}, timeout=10)
+    assert allowed.status_code == 204
+    assert allowed.headers["Access-Control-Allow-Origin"] == SHOP
+    assert "POST" in allowed.headers["Access-Control-Allow-Methods"]
+    assert {"authorization", "content-type"} <= {
+        h.strip().lower() for h in allowed.headers["Access-Control-Allow-Headers"].split(",")}
+    refused = requests.options(url, headers={"Origin": EVIL, **preflight}, timeout=10)
+    assert refused.status_code == 403
+    assert not any(h.lower().startswith("access-control-") for h in refused.headers)
+
+
+def test_cors_headers_go_to_allowed_origins_and_the_apps_own_pages_only(stack):
+    allowed = stack.post("token", headers={"Origin": SHOP})
+    assert allowed.status_code == 200 and allowed.headers["Access-Control-Allow-Origin"] == SHOP
+    assert "Origin" in allowed.headers["Vary"]
+
+    own = stack.post("token", headers={"Origin": stack.url})  # the demo page, served by the app itself
+    assert own.status_code == 200 and own.headers["Access-Control-Allow-Origin"] == stack.url
+
+    no_origin = stack.post("token")  # not a browser: no CORS involved
+    assert no_origin.status_code == 200 and "Access-Control-Allow-Origin" not in no_origin.headers
+
+    for path in ("token", "refresh", "resume"):
+        refused = stack.post(path, headers={"Origin": EVIL, "Authorization": "Bearer x"})
+        assert_error(refused, 403, "OriginNotAllowed")
+        assert "Access-Control-Allow-Origin" not in refused.headers
+
+    error = stack.post("resume", data=b"{", headers={"Origin": SHOP})  # errors reach allowed pages too
+    assert error.status_code == 400 and error.headers["Access-Control-Allow-Origin"] == SHOP
+
+
+# ------------------------------------------------------------------------------------------- rate limit
+
+
+def test_token_issuance_is_rate_limited_per_client_address_across_instances(new_stack):
+    first = new_stack(env={"WEBCHAT_TOKEN_RATE_LIMIT": "3"})
+    client = {"X-Forwarded-For": "198.51.100.7:50123"}
+    for _ in range(3):
+        assert first.post("token", headers=client).status_code == 200
+    limited = first.post("token", headers=client)
+    assert_error(limited, 429, "TooManyRequests")
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    # What a client claims before the platform's own entry does not make it someone else.
+    assert first.post("token", headers={"X-Forwarded-For": "203.0.113.9, 198.51.100.7:4000"}).status_code == 429
+    assert first.post("token", headers={"X-Forwarded-For": "198.51.100.8:50123"}).status_code == 200
+    assert first.post("token", headers={"X-Forwarded-For": "[2001:db8::5]:443"}).status_code == 200
+
+    # A second instance on the same storage counts the same window.
+    second = new_stack(env={"WEBCHAT_TOKEN_RATE_LIMIT": "3", "RELAY_TABLE_PREFIX": first.table_prefix})
+    assert_error(second.post("token", headers=client), 429, "TooManyRequests")
+    # Refresh and resume are not limited: they need a token or a key.
+    grant = second.token(**{"X-Forwarded-For": "198.51.100.9"})
+    for _ in range(4):
+        assert second.refresh(grant["token"]).status_code == 200
+
+
+# -------------------------------------------------------------------------------------- static files
+
+
+def test_the_script_demo_and_bundle_are_served(stack):
+    script = requests.get(f"{stack.url}/api/webchat/relay-webchat.js", timeout=10)
+    assert script.status_code == 200 and "RelayWebChat" in script.text
+    assert script.headers["Content-Type"].startswith("application/javascript")
+    demo = requests.get(f"{stack.url}/api/webchat/demo", timeout=10)
+    assert demo.status_code == 200 and demo.headers["Content-Type"].startswith("text/html")
+    assert 'src="webchat.js"' in demo.text and 'src="relay-webchat.js"' in demo.text
+    bundle = requests.get(f"{stack.url}/api/webchat/webchat.js", timeout=30)
+    assert bundle.status_code == 200 and len(bundle.content) > 1_000_000
+    assert_error(requests.get(f"{stack.url}/api/webchat/secrets.txt", timeout=10), 404, "NotFound")
+
+
+def test_the_demo_is_off_unless_enabled(new_stack):
+    off = new_stack()
+    for name in ("demo", "webchat.js"):
+        assert_error(requests.get(f"{off.url}/api/webchat/{name}", timeout=10), 404, "DemoDisabled")
+    assert requests.get(f"{off.url}/api/webchat/relay-webchat.js", timeout=10).status_code == 200
+
+
+# --------------------------------------------------------------------------------------------- secrets
+
+
+def test_no_secret_token_or_key_in_any_answer_or_log_line(stack):
+    """Runs last in this module: checks what every test above made the app answer and log (at DEBUG)."""
+    grant = stack.token(Origin=SHOP)
+    refreshed = stack.refresh(grant["token"]).json()
+    resumed = stack.resume(grant["conversationId"], grant["resumeKey"]).json()
+    stack.resume(grant["conversationId"], grant["resumeKey"])  # reused: revokes, logs a warning
+    stack.refresh("not-a-token")
+
+    secret = stack.emulator.secret
+    assert all(secret not in answer.text for answer in stack.answers)
+    log = stack.log_text()
+    assert "Executed 'Functions.directline_resume'" in log
+    for value in (secret, grant["token"], refreshed["token"], resumed["token"], grant["resumeKey"],
+                  resumed["resumeKey"], "not-a-token"):
+        assert value not in log
+    # Every token the emulator handed out, and every key, across all tests of the module.
+    issued = [a.json() for a in stack.answers if a.ok and a.headers.get("Content-Type", "").startswith("app")]
+    for body in issued:
+        for name in ("token", "resumeKey"):
+            if body.get(name):
+                assert body[name] not in log, name
