@@ -44,6 +44,16 @@ run: deps
 test: deps browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The full chaos run (200 users, 2,000 messages, every fault at once); `make test` runs a small one.
+# Sizes: make soak SOAK_ARGS="--conversations 50 --messages 500" (or SOAK_CONVERSATIONS, SOAK_MESSAGES).
+soak: deps
+	$(PY) -m tests.chaos.soak $(SOAK_ARGS)
+
+# Benchmarks on the local stack (a few minutes): docs/benchmarks.{md,json,png} and a summary.
+# Never part of `make test`. Smaller: make bench BENCH_ARGS="--sizes 10,100 --idle-hours 0.25".
+bench: deps
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
 lint: $(PY_STAMP) $(CHECKOV_STAMP)
 	$(PY) -m ruff check .
 	$(CHECKOV)/bin/checkov -d infra --framework bicep --quiet --compact --skip-download

@@ -22,6 +22,7 @@ from devstack.bot import EchoBot
 from devstack.channels import ProviderSimulator
 from devstack.directline import DirectLineEmulator
 from devstack.procs import ROOT, Azurite, ManagedProcess, http_ok, port_open, python_module
+from relay.settings import SETTINGS
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ def busy(port: int, what: str) -> None:
 def build_stack(ports: Ports, settings_file: Path, data_dir: Path) -> list[tuple[ManagedProcess, str]]:
     """Each component with the URL a person would open; started in this order."""
     azurite = Azurite(location=data_dir, ports=ports.azurite, log_path=data_dir / "logs" / "azurite.log")
-    values = local_values(settings_file)
+    # As under Core Tools, an app setting exported in the shell wins over the settings file.
+    values = {**local_values(settings_file), **{k: v for k, v in os.environ.items() if k in SETTINGS}}
     if not values.get("DIRECTLINE_SECRET"):
         sys.exit(f"{settings_file.name} has no DIRECTLINE_SECRET: the Direct Line emulator needs one")
     bot = EchoBot(port=ports.bot, log_path=data_dir / "logs" / "bot.log")

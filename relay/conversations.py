@@ -23,14 +23,16 @@ from typing import Any, TypeVar
 from relay.activities import render_outbound
 from relay.channels import get_adapter
 from relay.channels.base import ChannelAdapter
-from relay.directline import DirectLineClient, get_directline_client
+from relay.directline import ActivitySet, DirectLineClient, get_directline_client
 from relay.errors import (
+    AuthenticationFailed,
     BadRequest,
     ConcurrencyConflict,
     ConversationNotFound,
     DirectLineError,
     ProviderRejected,
     ProviderUnavailable,
+    StoreError,
     Throttled,
     TokenExpired,
 )
@@ -40,12 +42,30 @@ from relay.store import ACTIVE, ENDED, ConversationKey, ConversationRecord, Rela
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-LEASE_SECONDS = 60.0
 MIN_POLL_GAP = timedelta(seconds=1)  # never poll one conversation more than once a second
 REPLY_LIKELY_FOR = timedelta(minutes=2)  # after a user or bot message, poll at every tick this long
 FIRST_IDLE_INTERVAL = 5.0
 TOKEN_RENEW_MARGIN = timedelta(seconds=60)
 TOKEN_REFRESH_REMAINING = timedelta(minutes=15)  # refresh at about half of the usual 30-minute lifetime
+
+
+def next_idle_poll(now: datetime, *, last_activity: datetime | None, interval: float,
+                   ceiling: float) -> tuple[float, datetime]:
+    """(interval, next poll) with nothing new: every tick while a reply is likely, then backing off to `ceiling`."""
+    if last_activity and now - last_activity < REPLY_LIKELY_FOR:
+        return 0.0, now + MIN_POLL_GAP
+    interval = min(ceiling, max(FIRST_IDLE_INTERVAL, interval * 2))
+    return interval, now + timedelta(seconds=interval)
+
+
+@dataclass(frozen=True)
+class Peek:
+    """A page the poller read without the lease, from the due index's copy of the watermark."""
+
+    conversation_id: str
+    watermark: str | None
+    page: ActivitySet
+    at: float  # time.monotonic() of the request
 
 
 @dataclass
@@ -85,14 +105,18 @@ class WorkResult:
 class ConversationWorker:
     """One leased conversation for one invocation: start it, post its outbox, deliver the bot's replies."""
 
-    def __init__(self, ctx: RelayContext, record: ConversationRecord, *, owner: str):
+    def __init__(self, ctx: RelayContext, record: ConversationRecord, *, owner: str, peek: Peek | None = None):
         self.ctx = ctx
         self.record = record
+        self.claimed = record
         self.owner = owner
         self.started_at = ctx.clock()
         self.result = WorkResult()
+        self.settled = False  # the outbox was drained and the bot's activities delivered, with no error
         self._retry_at: datetime | None = None
         self._last_poll: float | None = None
+        self._peek = peek
+        self.patient = True  # wait out MIN_POLL_GAP for the next page (a burst); else leave it to the next tick
 
     @property
     def key(self) -> ConversationKey:
@@ -100,10 +124,22 @@ class ConversationWorker:
 
     # ------------------------------------------------------------------------------------ storage
     def _save(self, change: Callable[[ConversationRecord], ConversationRecord]) -> None:
-        """Apply `change` to the freshest record under our lease (re-applied after an ETag conflict)."""
-        self.record = self.ctx.store.update_conversation(
-            self.key, lambda stored: stored if stored is None else change(stored),
-            current=self.record, lease_owner=self.owner) or self.record
+        """Apply `change` to the freshest record under our lease (re-applied after an ETag conflict).
+
+        Every save also renews the lease: a slow but live worker keeps its conversation, so only a
+        dead one's conversation is taken over (two workers would deliver the same reply twice)."""
+        lease = timedelta(seconds=self.ctx.settings.relay.lease_seconds)
+
+        def apply(stored: ConversationRecord | None) -> ConversationRecord | None:
+            if stored is None:
+                return None
+            wanted = change(stored)
+            if wanted is stored or wanted.lease_owner != self.owner:
+                return wanted
+            return replace(wanted, lease_expires_at=self.ctx.clock() + lease)
+
+        self.record = self.ctx.store.update_conversation(self.key, apply, current=self.record,
+                                                         lease_owner=self.owner) or self.record
 
     # --------------------------------------------------------------------------------- Direct Line
     def _start_directline(self) -> None:
@@ -140,10 +176,16 @@ class ConversationWorker:
         return self.record.token
 
     def _call(self, operation: Callable[[str | None], T]) -> T:
-        """Run a Direct Line call with the conversation's token; an expired token is renewed once."""
+        """Run a Direct Line call with the conversation's token; an expired or refused token is renewed once.
+
+        A token Direct Line no longer accepts (403 other than expiry: the service restarted, the
+        secret was rotated) is replaced through reconnect with the secret, as an expired one is."""
+        token = self._token()
         try:
-            return operation(self._token())
-        except TokenExpired:
+            return operation(token)
+        except (TokenExpired, AuthenticationFailed) as error:
+            if isinstance(error, AuthenticationFailed) and not token:
+                raise  # the secret itself was refused: nothing to renew
             self._reconnect()
             return operation(self.record.token)
 
@@ -201,11 +243,17 @@ class ConversationWorker:
         if not self.record.conversation_id or not self.record.active:
             return True
         for _ in range(20):  # a bounded number of pages per invocation; the rest comes next time
-            self._pace()
             watermark = self.record.watermark
+            peek, self._peek = self._peek, None
             try:
-                page = self._call(lambda token, w=watermark: self.ctx.directline.get_activities(
-                    self.record.conversation_id, watermark=w, token=token))
+                if peek and (peek.conversation_id, peek.watermark) == (self.record.conversation_id, watermark):
+                    page, self._last_poll = peek.page, peek.at  # what the poller just read: not asked twice
+                elif not self.patient and self._pace_gap() > 0:
+                    break  # the timer pages on at its next tick (scheduled a second on): no worker sleeps
+                else:
+                    self._pace()
+                    page = self._call(lambda token, w=watermark: self.ctx.directline.get_activities(
+                        self.record.conversation_id, watermark=w, token=token))
             except ConversationNotFound:
                 log.info("Direct Line forgot conversation %s; the next user message starts a new one",
                          self.record.conversation_id)
@@ -237,6 +285,7 @@ class ConversationWorker:
         message = render_outbound(activity)
         if message is None:
             return True  # typing, events and empty messages have nothing for the channel
+        message = replace(message, idempotency_key=activity_id)
         started = time.perf_counter()
         try:
             self.ctx.adapter(self.key.channel).send(self.record.reply_context, message)
@@ -252,15 +301,38 @@ class ConversationWorker:
             self.result.delivered += 1
             log.info("delivered activity %s to %s in %.0f ms", activity_id, self.key.channel,
                      (time.perf_counter() - started) * 1000)
-        self._save(lambda r: replace(r.with_delivered(activity_id), last_bot_activity_at=now))
+        self._save_delivered(lambda r: replace(r.with_delivered(activity_id), last_bot_activity_at=now))
         return True
+
+    def _save_delivered(self, change: Callable[[ConversationRecord], ConversationRecord]) -> None:
+        """Record that the provider took a reply, riding out a storage blip of up to 10 s (within the lease).
+
+        Giving up here means the next worker finds the reply undelivered and sends it again (no
+        provider takes an idempotency key), so this one write is worth waiting for; we still hold
+        the lease meanwhile, so nobody else sends it."""
+        deadline = time.monotonic() + min(10.0, self.ctx.settings.relay.lease_seconds / 2)
+        while True:
+            try:
+                self._save(change)
+                return
+            except ConcurrencyConflict:
+                raise  # not a storage outage: the lease or the record moved on
+            except StoreError as error:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("could not record a %s delivery yet (%s); trying again", self.key.channel, error.code)
+                self.ctx.sleep(1.0)
+
+    def _pace_gap(self) -> float:
+        if self._last_poll is None:
+            return 0.0
+        return MIN_POLL_GAP.total_seconds() - (time.monotonic() - self._last_poll)
 
     def _pace(self) -> None:
         """Keep at least MIN_POLL_GAP between two polls of this conversation (Direct Line asks for it)."""
-        if self._last_poll is not None:
-            gap = MIN_POLL_GAP.total_seconds() - (time.monotonic() - self._last_poll)
-            if gap > 0:
-                self.ctx.sleep(gap)
+        gap = self._pace_gap()
+        if gap > 0:
+            self.ctx.sleep(gap)
         self._last_poll = time.monotonic()
 
     # ------------------------------------------------------------------------------------- lifecycle
@@ -288,27 +360,36 @@ class ConversationWorker:
         self._retry_at = at if self._retry_at is None else max(self._retry_at, at)
 
     def finish(self) -> None:
-        """Schedule the next poll and give the lease back, in one write."""
+        """Schedule the next poll and give the lease back, in one write.
+
+        The conversation is left peekable (polled without the lease until something happens) only when
+        this worker settled it and nobody else wrote the record since this worker's last write: a webhook
+        writes it before and after queuing a message, so a message can never wait unseen in the outbox."""
         now = self.ctx.clock()
         ceiling = self.ctx.settings.relay.poll_ceiling_seconds
         started_at, retry_at, delivered = self.started_at, self._retry_at, self.result.delivered
+        settled, claimed, ours = self.settled, self.claimed, self.record.etag
 
         def schedule(record: ConversationRecord) -> ConversationRecord:
             if not record.active:
-                return replace(record.without_lease(), next_poll_at=None)
+                return replace(record.without_lease(), next_poll_at=None, peekable=False)
             user_wrote_meanwhile = bool(record.last_user_activity_at and record.last_user_activity_at >= started_at)
             recent = max((t for t in (record.last_user_activity_at, record.last_bot_activity_at) if t),
                          default=None)
+            peekable = False
             if retry_at is not None and not user_wrote_meanwhile:
                 interval, next_poll = record.poll_interval, retry_at
-            elif user_wrote_meanwhile or delivered or (recent and now - recent < REPLY_LIKELY_FOR):
+            elif user_wrote_meanwhile or delivered:
                 interval, next_poll = 0.0, now + MIN_POLL_GAP
-            elif not record.conversation_id:
+            elif not record.conversation_id and not (recent and now - recent < REPLY_LIKELY_FOR):
                 interval, next_poll = 0.0, None  # nothing to poll until the user writes
             else:
-                interval = min(ceiling, max(FIRST_IDLE_INTERVAL, record.poll_interval * 2))
-                next_poll = now + timedelta(seconds=interval)
-            return replace(record.without_lease(), poll_interval=interval, next_poll_at=next_poll)
+                interval, next_poll = next_idle_poll(now, last_activity=recent, interval=record.poll_interval,
+                                                     ceiling=ceiling)
+            if next_poll is not None and retry_at is None and not user_wrote_meanwhile:
+                peekable = (settled and bool(record.conversation_id) and record.etag == ours
+                            and record.last_user_activity_at == claimed.last_user_activity_at)
+            return replace(record.without_lease(), poll_interval=interval, next_poll_at=next_poll, peekable=peekable)
 
         try:
             self._save(schedule)
@@ -318,28 +399,40 @@ class ConversationWorker:
 
 
 def work_conversation(ctx: RelayContext, record: ConversationRecord, *, owner: str, poll: bool = True,
-                      burst_until: datetime | None = None, idle_check: bool = True) -> WorkResult:
+                      burst_until: datetime | None = None, idle_check: bool = True,
+                      peek: Peek | None = None) -> WorkResult:
     """Post the outbox, deliver the bot's replies (`poll`), keep polling until `burst_until` (a webhook's
-    burst), end the conversation when idle (`idle_check`, the timer's job). Always schedules and releases."""
-    worker = ConversationWorker(ctx, record, owner=owner)
+    burst), end the conversation when idle (`idle_check`, the timer's job). Always schedules and releases.
+    `peek`: the page the poller already read for this conversation (used instead of asking again)."""
+    worker = ConversationWorker(ctx, record, owner=owner, peek=peek)
+    worker.patient = burst_until is not None
     try:
         if idle_check and worker.end_if_idle():
             return worker.result
         if worker.drain_outbox() and poll and worker.deliver():
+            worker.settled = True
             while burst_until is not None and worker.record.active:
                 remaining = (burst_until - ctx.clock()).total_seconds()
                 if remaining < MIN_POLL_GAP.total_seconds():
                     break
                 before = worker.result.delivered
-                if not worker.deliver() or (before and worker.result.delivered == before):
-                    break  # the provider asked us to wait, or the bot answered and went quiet
+                if not worker.deliver():
+                    worker.settled = False
+                    break  # the provider asked us to wait
+                if before and worker.result.delivered == before:
+                    break  # the bot answered and went quiet
     except Throttled as error:
+        worker.settled = False
         worker._wait(error.retry_after)
         worker.result.error = f"{error.status} {error.code}"
     except DirectLineError as error:
+        worker.settled = False
         worker._wait(None, attempts=2)
         worker.result.error = f"{error.status} {error.code}"
         log.warning("Direct Line failed for a %s conversation: %s %s", record.key.channel, error.status, error.code)
+    except BaseException:
+        worker.settled = False
+        raise
     finally:
         worker.finish()
     return worker.result

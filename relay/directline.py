@@ -268,7 +268,7 @@ class DirectLineClient:
 @functools.lru_cache(maxsize=1)
 def get_directline_client() -> DirectLineClient:
     """The process's client on the app settings: one connection pool shared by every invocation."""
-    return DirectLineClient(get_settings().directline)
+    return DirectLineClient(get_settings().directline, pool_size=64)  # one connection per poller worker
 
 
 # ------------------------------------------------------------------------------------------ helpers

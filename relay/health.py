@@ -1,8 +1,18 @@
-"""`GET /api/health`: is this instance able to do its job, and if not, which dependency is down."""
+"""`GET /api/health`: is this instance able to do its job, and if not, which dependency is down.
+
+Table Storage and valid settings are critical: without them no webhook can be accepted, so the
+answer is 503 (and the platform may replace the instance). Direct Line is not: while it is down,
+webhooks are still accepted into the outbox and flow when it returns, so the answer stays 200
+with status "degraded" and names it; a 503 there would have the platform evict healthy instances
+that are keeping messages safe. The Direct Line check is a bare HTTP request with a short timeout:
+no secret is sent and no bot is called.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import requests
 
 from relay import __version__
 from relay.settings import Settings, SettingsError
@@ -14,6 +24,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    critical: bool = True  # failing makes the instance unhealthy (503); else it is only degraded
 
 
 def check_table_storage(settings: Settings) -> Check:
@@ -26,23 +37,34 @@ def check_table_storage(settings: Settings) -> Check:
 
 
 def check_directline(settings: Settings) -> Check:
-    return Check("directline", True, f"endpoint {settings.directline.endpoint}")
+    """Reachable when Direct Line answers HTTP at all (any status): connection and name resolution work."""
+    endpoint = settings.directline.endpoint
+    try:
+        requests.get(endpoint.rstrip("/") + "/", timeout=(2, 3), allow_redirects=False).close()
+    except requests.RequestException as error:
+        return Check("directline", False, f"not reachable at {endpoint} ({type(error).__name__}); messages wait "
+                     "in the outbox", critical=False)
+    return Check("directline", True, f"reachable at {endpoint}", critical=False)
 
 
 def get_health(load_settings=Settings.from_environ) -> tuple[int, dict]:
-    """(status, body): 200 when every check passes, else 503 naming the failing checks."""
+    """(status, body): 503 naming the failing checks when a critical one fails; else 200, "degraded"
+    naming the non-critical ones that fail."""
     try:
         settings = load_settings()
     except SettingsError as error:
         checks = [Check("settings", False, str(error))]
     else:
         checks = [Check("settings", True, "valid"), check_directline(settings), check_table_storage(settings)]
-    healthy = all(c.ok for c in checks)
+    failing = [c.name for c in checks if not c.ok and c.critical]
+    degraded = [c.name for c in checks if not c.ok and not c.critical]
     body = {
-        "status": "healthy" if healthy else "unhealthy",
+        "status": "unhealthy" if failing else "degraded" if degraded else "healthy",
         "version": __version__,
         "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks},
     }
-    if not healthy:
-        body["failing"] = [c.name for c in checks if not c.ok]
-    return (200 if healthy else 503), body
+    if failing:
+        body["failing"] = failing
+    if degraded:
+        body["degraded"] = degraded
+    return (503 if failing else 200), body

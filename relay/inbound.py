@@ -16,9 +16,9 @@ from dataclasses import replace
 from datetime import timedelta
 
 from relay.activities import build_inbound_activity, directline_user_id
-from relay.channels.base import InboundMessage, WebhookAnswer, WebhookRequest
-from relay.conversations import LEASE_SECONDS, RelayContext, new_owner, work_conversation
-from relay.errors import RelayError
+from relay.channels.base import ChannelAdapter, InboundMessage, WebhookAnswer, WebhookRequest
+from relay.conversations import RelayContext, new_owner, work_conversation
+from relay.errors import BadPayload, RelayError
 from relay.store import ACTIVE, PENDING, ConversationKey, ConversationRecord
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> 
         raise RelayError(f"{request.method} is not accepted here: providers POST their webhooks",
                          status=405, code="MethodNotAllowed")
     adapter.verify(request)
-    messages = adapter.parse(request)
+    messages = parse_messages(adapter, channel, request)
     to_work: dict[ConversationKey, None] = {}
     for message in messages:
         key = ConversationKey(channel, message.user_id)
@@ -49,6 +49,23 @@ def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> 
     log.info("webhook %s: %d message(s), %d new, relayed in %.0f ms", channel, len(messages), len(to_work),
              (time.perf_counter() - started) * 1000)
     return adapter.acknowledgement()
+
+
+def parse_messages(adapter: ChannelAdapter, channel: str, request: WebhookRequest) -> list[InboundMessage]:
+    """The adapter's messages; a payload of the wrong shape is the sender's mistake (400), never a crash.
+
+    Signed payloads are trusted to be the provider's, not to be well formed: a list where an object
+    belongs, a number for an id. Adapters check what they rely on; this catches what slips through."""
+    try:
+        messages = adapter.parse(request)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as error:
+        log.warning("webhook %s: the payload has an unexpected shape (%s)", channel, type(error).__name__)
+        raise BadPayload(f"the {channel} payload does not have the expected shape") from None
+    for message in messages:
+        if not all(isinstance(v, str) and v for v in (message.message_id, message.user_id)) \
+                or not isinstance(message.text, str):
+            raise BadPayload(f"a {channel} message needs a string id, sender and text")
+    return messages
 
 
 def accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMessage) -> bool:
@@ -77,7 +94,7 @@ def touched(record: ConversationRecord | None, key: ConversationKey, message: In
         # The bot or the idle timer ended the last conversation: this message starts a new one.
         record = replace(record, state=ACTIVE, conversation_id="", token="", token_expires_at=None, watermark=None)
     return replace(record, reply_context=dict(message.reply_context) or record.reply_context,
-                   last_user_activity_at=now, next_poll_at=now, poll_interval=0.0)
+                   last_user_activity_at=now, next_poll_at=now, poll_interval=0.0, peekable=False)
 
 
 def relay_now(ctx: RelayContext, key: ConversationKey, *, burst_seconds: float) -> None:
@@ -87,11 +104,16 @@ def relay_now(ctx: RelayContext, key: ConversationKey, *, burst_seconds: float) 
     owner = new_owner("webhook")
     deadline = ctx.clock() + timedelta(seconds=burst_seconds)
     try:
-        record = ctx.store.acquire_lease(key, owner=owner, lease_seconds=LEASE_SECONDS)
+        lease = ctx.settings.relay.lease_seconds
+        record = ctx.store.acquire_lease(key, owner=owner, lease_seconds=lease)
         while record is None and ctx.clock() + timedelta(seconds=LEASE_WAIT_STEP) < deadline:
             ctx.sleep(LEASE_WAIT_STEP)  # the poller is working this conversation right now
-            record = ctx.store.acquire_lease(key, owner=owner, lease_seconds=LEASE_SECONDS)
+            record = ctx.store.acquire_lease(key, owner=owner, lease_seconds=lease)
         if record is None:
+            # Written again AFTER the message was queued: the busy worker then cannot leave the
+            # conversation peekable (its finish sees a record changed by someone else).
+            ctx.store.update_conversation(key, lambda r: r and replace(r, last_user_activity_at=ctx.clock(),
+                                                                       next_poll_at=ctx.clock(), peekable=False))
             log.info("a %s conversation is busy; the poller will post its message", key.channel)
             return
         work_conversation(ctx, record, owner=owner, poll=burst_seconds > 0, burst_until=deadline, idle_check=False)

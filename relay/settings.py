@@ -68,6 +68,9 @@ SETTINGS: dict[str, Setting] = _catalogue(
             default="60", group="relay"),
     Setting("RELAY_IDLE_TIMEOUT_MINUTES", "A conversation idle this long is ended.", default="1440",
             group="relay"),
+    Setting("RELAY_LEASE_SECONDS", "How long one instance holds a conversation it works (renewed as it makes "
+            "progress); after a crash, others take the conversation over when this has passed.", default="60",
+            group="relay"),
     Setting("RELAY_SIGNATURE_WINDOW_SECONDS", "Accepted age of a signed webhook's timestamp.",
             default="300", group="relay"),
     Setting("RELAY_MAX_BODY_BYTES", "Largest webhook body accepted (413 above).", default="1048576",
@@ -80,7 +83,8 @@ SETTINGS: dict[str, Setting] = _catalogue(
             default="", group="webchat"),
     Setting("WEBCHAT_DEMO_ENABLED", "Serve the Web Chat demo page (true/false).", default="false",
             group="webchat"),
-    Setting("WEBCHAT_TOKEN_RATE_LIMIT", "Tokens one client address may obtain per minute.", default="10",
+    Setting("WEBCHAT_TOKEN_RATE_LIMIT", "Tokens one client address may obtain per minute (and, separately, "
+            "resume attempts it may make).", default="10",
             group="webchat"),
     # Twilio
     Setting("TWILIO_ACCOUNT_SID", "Twilio account SID (enables the twilio channel).", default="", group="twilio"),
@@ -233,6 +237,7 @@ class RelaySettings:
     idle_timeout_minutes: float
     signature_window_seconds: float
     max_body_bytes: int
+    lease_seconds: float = 60.0
     omnichannel: dict[str, dict] = field(default_factory=dict)
 
 
@@ -311,6 +316,7 @@ def _relay(env: _Environment) -> RelaySettings:
         idle_timeout_minutes=env.number("RELAY_IDLE_TIMEOUT_MINUTES", minimum=0.1),
         signature_window_seconds=env.number("RELAY_SIGNATURE_WINDOW_SECONDS", minimum=1),
         max_body_bytes=env.integer("RELAY_MAX_BODY_BYTES", minimum=1024),
+        lease_seconds=env.number("RELAY_LEASE_SECONDS", minimum=5),
         omnichannel=_omnichannel(env),
     )
 

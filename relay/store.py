@@ -8,7 +8,11 @@ Tables (each name starts with `RELAY_TABLE_PREFIX`, created on first use, once p
 
     {prefix}conversations   one row per (channel, channel user): PartitionKey = the key, RowKey "conversation"
     {prefix}duepolls        the due index: PartitionKey "due", RowKey "<next poll ms>|<key>|<nonce>", so the
-                            timer reads only the rows that are due with one RowKey range; idle rows cost nothing
+                            timer reads only the rows that are due with one RowKey range; idle rows cost nothing.
+                            A settled conversation's row also carries what a peek needs (conversation id,
+                            watermark, last activity, next peek time `peek_after`): the poller looks for new
+                            activities without reading the record or taking the lease, and when there are none
+                            it only moves `peek_after` on, for up to 100 conversations in one batch
     {prefix}inbound         per conversation key: "dedupe|<provider message id>" rows (pending/posted/dead) and
                             "outbox|<received ms>|<id>" rows (messages not yet taken by Direct Line), written
                             together in one entity-group transaction so a message is never deduped but lost
@@ -31,7 +35,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -43,7 +47,10 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
+from azure.core.pipeline.transport import RequestsTransport
 from azure.data.tables import TableClient, TableServiceClient, TableTransactionError, UpdateMode
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from relay.errors import ConcurrencyConflict, LeaseLost, StoreError
 from relay.settings import StorageSettings, get_settings
@@ -51,7 +58,26 @@ from relay.settings import StorageSettings, get_settings
 log = logging.getLogger(__name__)
 
 # Short timeouts: a function invocation must fail fast and answer, not hang on storage.
-CLIENT_OPTIONS = {"connection_timeout": 5, "read_timeout": 10, "retry_total": 2}
+CLIENT_OPTIONS = {"retry_total": 2}
+TRANSPORT_OPTIONS = {"connection_timeout": 5, "read_timeout": 10}
+CONNECTION_POOL_SIZE = 64  # as many as the poller's workers (requests keeps only 10 by default)
+
+
+class PooledTransport(RequestsTransport):
+    """azure-core's requests transport with a connection pool as large as the poller's worker pool.
+
+    With the default pool of 10, concurrent workers open and drop a TCP connection per request."""
+
+    def __init__(self, *, pool_size: int = CONNECTION_POOL_SIZE, **kwargs):
+        super().__init__(**{**TRANSPORT_OPTIONS, **kwargs})
+        self._pool_size = pool_size
+
+    def _init_session(self, session) -> None:
+        super()._init_session(session)
+        adapter = HTTPAdapter(pool_maxsize=self._pool_size, max_retries=Retry(total=False, redirect=False,
+                                                                               raise_on_status=False))
+        for prefix in self._protocols:
+            session.mount(prefix, adapter)
 
 
 def storage_credential(storage: StorageSettings):
@@ -73,6 +99,7 @@ DEVELOPMENT_STORAGE = (
 
 def table_service_client(storage: StorageSettings, **options) -> TableServiceClient:
     options = {**CLIENT_OPTIONS, **options}
+    options.setdefault("transport", PooledTransport())
     if storage.connection_string:
         connection_string = storage.connection_string
         if connection_string.replace(" ", "").lower() == "usedevelopmentstorage=true":
@@ -94,6 +121,7 @@ PREVIOUS_KEYS_LIMIT = 20
 UPDATE_ATTEMPTS = 5
 _MAX_STRING = 30_000  # characters per string property (Table Storage allows 64 KiB of UTF-16)
 _DUE_PARTITION = "due"
+_BATCH_LIMIT = 100  # operations in one entity-group transaction
 _CONVERSATION_ROW = "conversation"
 _DEDUPE = "dedupe|"
 _OUTBOX = "outbox|"
@@ -135,6 +163,8 @@ class ConversationRecord:
     poll_interval: float = 0.0
     state: str = ACTIVE
     reply_context: Mapping[str, Any] = field(default_factory=dict)
+    peekable: bool = False
+    """Settled: nothing waits in the outbox, so the poller may look for the bot's activities without the lease."""
     lease_owner: str | None = None
     lease_expires_at: datetime | None = None
     created_at: datetime | None = None
@@ -169,11 +199,25 @@ class ConversationRecord:
 
 @dataclass(frozen=True)
 class DueConversation:
-    """A row of the due index: this conversation wants polling at `due_at`."""
+    """A row of the due index: this conversation wants polling at `due_at`.
+
+    A settled conversation's row (`peekable`) carries its Direct Line conversation id, a watermark no
+    newer than the record's, the last message of the user or the bot and its current idle interval:
+    enough to look for new activities without reading the record. A stale copy only ever sends the
+    poller down the full path."""
 
     key: ConversationKey
     due_at: datetime
     index_key: str = field(repr=False)
+    conversation_id: str = ""
+    watermark: str | None = None
+    last_activity_at: datetime | None = None
+    poll_interval: float = 0.0
+    etag: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def peekable(self) -> bool:
+        return bool(self.conversation_id)
 
 
 @dataclass(frozen=True)
@@ -223,18 +267,50 @@ class WebChatSession:
     revoked: bool = False
     created_at: datetime | None = None
     updated_at: datetime | None = None
-    resume_key_hash: str = field(default="", repr=False)
-    previous_key_hashes: tuple[str, ...] = field(default=(), repr=False)
+    resume_key_hash: str = field(default="", repr=False)  # the newest key
+    # Keys answered earlier in the grace period (retries of grace_key_hash): valid until one of them is used.
+    retry_key_hashes: tuple[str, ...] = field(default=(), repr=False)
+    grace_key_hash: str = field(default="", repr=False)  # the key the last resume used and rotated away
+    rotated_at: datetime | None = None  # when that resume happened: the grace period starts then
+    previous_key_hashes: tuple[str, ...] = field(default=(), repr=False)  # every key rotated away (poison)
     etag: str | None = field(default=None, repr=False, compare=False)
+
+    def resume_outcome(self, resume_key: str, *, now: datetime) -> str:
+        """What presenting `resume_key` at `now` means (RESUMED or RETRIED: accepted), hashes compared in constant time.
+
+        The key the last resume used is good once more (RETRIED) within RESUME_GRACE while none of
+        the keys it was rotated to has been used: that resume's answer was lost, or two resumes raced.
+        """
+        presented = hash_resume_key(resume_key)
+        if self.revoked:
+            return SESSION_REVOKED
+        if self.expires_at <= now:
+            return SESSION_EXPIRED
+        if _any_digest_equal(presented, (self.resume_key_hash, *self.retry_key_hashes)):
+            return RESUMED
+        if (self.grace_key_hash and hmac.compare_digest(presented, self.grace_key_hash)
+                and self.rotated_at is not None and now < self.rotated_at + RESUME_GRACE
+                and len(self.retry_key_hashes) + 1 < GRACE_KEYS_LIMIT):
+            return RETRIED
+        if _any_digest_equal(presented, self.previous_key_hashes):
+            return REUSED_KEY
+        return WRONG_KEY
 
 
 # Outcomes of resume_webchat_session
 RESUMED = "resumed"  # key matched: rotated to the new key, session extended
+RETRIED = "retried"  # the key the last resume used, again within the grace period: one more new key
 UNKNOWN_SESSION = "unknown_session"
 SESSION_EXPIRED = "expired"
 SESSION_REVOKED = "revoked"  # revoked earlier
 WRONG_KEY = "wrong_key"
 REUSED_KEY = "reused_key"  # an already rotated key: the session is revoked now (a stolen key)
+
+RESUME_GRACE = timedelta(seconds=60)
+"""How long a rotated-away key stays good for a retry while no key it was rotated to was used. A page
+whose resume answer was lost retries with the key it still holds (relay-webchat.js after 1, 3, 7, 15
+and 31 s while online); short, so that a copied key presented later still revokes the session."""
+GRACE_KEYS_LIMIT = 8  # valid keys at once in a grace period (keeps the row small); past it a retry is a reuse
 
 
 @dataclass(frozen=True)
@@ -244,7 +320,7 @@ class ResumeResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome == RESUMED
+        return self.outcome in (RESUMED, RETRIED)
 
 
 @dataclass(frozen=True)
@@ -341,7 +417,8 @@ class RelayStore:
             written_at = now or utcnow()
             wanted = replace(wanted, created_at=wanted.created_at or written_at, updated_at=written_at)
             old_index = stored.due_index_key if stored is not None else None
-            new_index = self._schedule(wanted, old_index)
+            new_index = self._schedule(wanted, old_index, reusable=stored is not None
+                                       and _peek_view(stored) == _peek_view(wanted))
             entity = _conversation_to_entity(replace(wanted, due_index_key=new_index))
             try:
                 if stored is None:
@@ -362,26 +439,39 @@ class RelayStore:
             return replace(wanted, etag=result.get("etag"), due_index_key=new_index)
         raise ConcurrencyConflict(f"a {key.channel} conversation kept changing under {UPDATE_ATTEMPTS} attempts")
 
-    def _schedule(self, record: ConversationRecord, old_index: str | None) -> str | None:
-        """The due-index row for the record, inserted BEFORE the record points at it (so none is ever missing)."""
+    def _schedule(self, record: ConversationRecord, old_index: str | None, *, reusable: bool) -> str | None:
+        """The due-index row for the record, inserted BEFORE the record points at it (so none is ever missing).
+
+        The row is kept while the schedule and what a peek relies on (`reusable`) stay the same."""
         if record.state != ACTIVE or record.next_poll_at is None:
             return None
-        if old_index and old_index.startswith(_due_prefix(record.next_poll_at, record.key)):
+        if reusable and old_index and old_index.startswith(_due_prefix(record.next_poll_at, record.key)):
             return old_index
         index = f"{_due_prefix(record.next_poll_at, record.key)}{secrets.token_hex(4)}"
-        self._write("duepolls", {"PartitionKey": _DUE_PARTITION, "RowKey": index,
-                                 "channel": record.key.channel, "user": record.key.user})
+        row = {"PartitionKey": _DUE_PARTITION, "RowKey": index, "channel": record.key.channel,
+               "user": record.key.user, "peek_after": record.next_poll_at}
+        if _peek_view(record):
+            row |= {"conversation_id": record.conversation_id, "watermark": record.watermark,
+                    "last_activity_at": max((t for t in (record.last_user_activity_at, record.last_bot_activity_at)
+                                             if t), default=None),
+                    "poll_interval": float(record.poll_interval)}
+        self._write("duepolls", row)
         return index
 
     def list_due_conversations(self, *, now: datetime | None = None, limit: int = 200) -> list[DueConversation]:
-        """Conversations whose next poll time has come, earliest first: one RowKey range of the due index.
+        """Conversations whose next poll (or peek) time has come, earliest first: one RowKey range of the index.
 
-        Conversations that are not due are not read at all, so thousands of idle ones cost nothing here.
+        Conversations that are not due are not read at all, so thousands of idle ones cost nothing here
+        (a query page of up to 1000 rows is one transaction).
         """
-        upper = f"{_millis(now or utcnow()) + 1:015d}"
+        now = now or utcnow()
         query = self._table("duepolls").query_entities(
-            "PartitionKey eq @pk and RowKey lt @upper", parameters={"pk": _DUE_PARTITION, "upper": upper},
-            select=["RowKey", "channel", "user"], results_per_page=min(max(limit, 1), 1000),
+            # `not (... gt ...)`: a row without peek_after (older code wrote none) is due by its RowKey alone.
+            # (The space before ")" lets the SDK find the @now parameter.)
+            "PartitionKey eq @pk and RowKey lt @upper and not (peek_after gt @now )",
+            parameters={"pk": _DUE_PARTITION, "upper": f"{_millis(now) + 1:015d}", "now": now},
+            select=["RowKey", "channel", "user", "conversation_id", "watermark", "last_activity_at", "poll_interval"],
+            results_per_page=min(max(limit, 1), 1000),
         )
         due: dict[ConversationKey, DueConversation] = {}
         try:
@@ -389,12 +479,48 @@ class RelayStore:
                 key = ConversationKey(entity["channel"], entity["user"])
                 if key not in due:
                     at = datetime.fromtimestamp(int(entity["RowKey"][:15]) / 1000, UTC)
-                    due[key] = DueConversation(key, at, entity["RowKey"])
+                    due[key] = DueConversation(
+                        key, at, entity["RowKey"], conversation_id=entity.get("conversation_id") or "",
+                        watermark=entity.get("watermark"), last_activity_at=entity.get("last_activity_at"),
+                        poll_interval=entity.get("poll_interval") or 0.0, etag=entity.metadata.get("etag"))
                     if len(due) >= limit:
                         break
         except AzureError as error:
             raise StoreError(f"cannot read the due index: {type(error).__name__}") from error
         return list(due.values())
+
+    def postpone_due(self, postponements: Sequence[tuple[DueConversation, datetime, float]]) -> int:
+        """Move the next peek of conversations that had nothing new: (row, peek after, idle interval) each.
+
+        Rows are updated in place under their ETags, up to 100 in one entity-group transaction (one
+        billed transaction). A row rescheduled or removed meanwhile (a webhook, a worker's finish) is
+        left alone: that schedule wins. Best effort: a row not moved is only peeked again. Returns how
+        many moved."""
+        moved = 0
+        operations = [("update", {"PartitionKey": _DUE_PARTITION, "RowKey": row.index_key, "peek_after": after,
+                                  "poll_interval": float(interval)},
+                       {"mode": UpdateMode.MERGE, "etag": row.etag, "match_condition": MatchConditions.IfNotModified})
+                      for row, after, interval in postponements if row.etag]
+        table = self._table("duepolls")
+        for start in range(0, len(operations), _BATCH_LIMIT):
+            batch = operations[start:start + _BATCH_LIMIT]
+            for _ in range(3):  # a conflicting row fails its whole batch: drop it and try the rest again
+                try:
+                    table.submit_transaction(batch)
+                except TableTransactionError as error:
+                    if error.error_code not in ("UpdateConditionNotSatisfied", "ResourceNotFound"):
+                        log.warning("could not postpone due rows: %s", error.error_code)
+                        break
+                    batch = batch[:error.index] + batch[error.index + 1:]
+                    if not batch:
+                        break
+                    continue
+                except AzureError as error:
+                    log.warning("could not postpone due rows: %s", type(error).__name__)
+                    break
+                moved += len(batch)
+                break
+        return moved
 
     def claim_due(self, due: DueConversation, *, owner: str, lease_seconds: float,
                   now: datetime | None = None) -> ConversationRecord | None:
@@ -573,34 +699,41 @@ class RelayStore:
                                expires_at: datetime, now: datetime | None = None) -> ResumeResult:
         """Check a page's resume key (constant time) and rotate it.
 
-        A key that was already rotated away revokes the session: whoever presents it copied it.
+        A key that was already rotated away revokes the session: whoever presents it copied it. The
+        exception is WebChatSession.resume_outcome's grace period (RETRIED). Each decision is written
+        under the ETag of the row it was made on, so two racing resumes with one key are decided one
+        after the other: the second sees the first's rotation and is a retry, never a reuse.
         """
         now = now or utcnow()
-        presented = hash_resume_key(resume_key)
         table = self._table("webchatsessions")
-        for _ in range(UPDATE_ATTEMPTS):
+        for attempt in range(UPDATE_ATTEMPTS):
             session = self.get_webchat_session(conversation_id)
             if session is None:
                 return ResumeResult(UNKNOWN_SESSION)
-            if session.revoked:
-                return ResumeResult(SESSION_REVOKED, session)
-            if session.expires_at <= now:
-                return ResumeResult(SESSION_EXPIRED, session)
-            if hmac.compare_digest(presented, session.resume_key_hash):
-                outcome = RESUMED
+            outcome = session.resume_outcome(resume_key, now=now)
+            if outcome == RESUMED:
+                # This key is used now: every other valid key becomes poison, and this one is the grace key.
+                updated = replace(session, resume_key_hash=hash_resume_key(new_resume_key), retry_key_hashes=(),
+                                  grace_key_hash=hash_resume_key(resume_key), rotated_at=now, expires_at=expires_at,
+                                  previous_key_hashes=(*session.previous_key_hashes, session.resume_key_hash,
+                                                       *session.retry_key_hashes)[-PREVIOUS_KEYS_LIMIT:],
+                                  updated_at=now)
+            elif outcome == RETRIED:
+                # One more key; the ones answered before stay good (the page keeps whichever answer it got last).
                 updated = replace(session, resume_key_hash=hash_resume_key(new_resume_key), expires_at=expires_at,
-                                  previous_key_hashes=(*session.previous_key_hashes, session.resume_key_hash)
-                                  [-PREVIOUS_KEYS_LIMIT:], updated_at=now)
-            elif any([hmac.compare_digest(presented, old) for old in session.previous_key_hashes]):
-                outcome = REUSED_KEY
+                                  retry_key_hashes=(*session.retry_key_hashes, session.resume_key_hash),
+                                  updated_at=now)
+            elif outcome == REUSED_KEY:
                 updated = replace(session, revoked=True, updated_at=now)
-            else:
+            elif outcome == WRONG_KEY:
                 return ResumeResult(WRONG_KEY)
+            else:
+                return ResumeResult(outcome, session)
             try:
                 result = table.update_entity(_session_to_entity(updated), mode=UpdateMode.REPLACE, etag=session.etag,
                                              match_condition=MatchConditions.IfNotModified)
             except (ResourceModifiedError, ResourceNotFoundError):
-                _pause_after_conflict(0)
+                _pause_after_conflict(attempt)
                 continue
             except AzureError as error:
                 raise StoreError(f"cannot update a Web Chat session: {type(error).__name__}") from error
@@ -621,24 +754,24 @@ class RelayStore:
 
     def hit_rate_limit(self, client_address: str, *, limit: int, window_seconds: float = 60,
                        now: datetime | None = None) -> RateLimitResult:
-        """Count one request for `client_address` in its fixed window; allowed is False past `limit`.
+        """Count one request for `client_address` in its window; allowed is False past `limit`.
 
-        The address is stored only as a hash. Counting is ETag-guarded, so instances never lose a hit.
+        A window opens at the client's first request and lasts `window_seconds` (not aligned to the
+        clock, so a burst cannot straddle two windows to get twice the limit). The address is stored
+        only as a hash. Counting is ETag-guarded, so instances never lose a hit.
         """
         now = now or utcnow()
-        window_ms = int(window_seconds * 1000)
-        start_ms = _millis(now) // window_ms * window_ms
-        window_start = datetime.fromtimestamp(start_ms / 1000, UTC)
-        window_end = window_start + timedelta(milliseconds=window_ms)
-        retry_after = max((window_end - now).total_seconds(), 0.001)
         pk = hashlib.sha256(client_address.encode()).hexdigest()[:40]
         table = self._table("ratelimits")
         for _ in range(UPDATE_ATTEMPTS * 2):
             entity = self._get("ratelimits", pk, "window")
-            fresh = entity is None or entity["window_start"] != window_start
-            count = 1 if fresh else entity["count"] + 1
+            fresh = entity is None or entity["expires_at"] <= now
+            if fresh:
+                window_start, window_end, count = now, now + timedelta(seconds=window_seconds), 1
+            else:
+                window_start, window_end, count = entity["window_start"], entity["expires_at"], entity["count"] + 1
             if count > limit:
-                return RateLimitResult(False, entity["count"], limit, retry_after)
+                return RateLimitResult(False, entity["count"], limit, max((window_end - now).total_seconds(), 0.001))
             new = {"PartitionKey": pk, "RowKey": "window", "window_start": window_start, "expires_at": window_end,
                    "count": count}
             try:
@@ -748,6 +881,11 @@ def hash_resume_key(resume_key: str) -> str:
     return hashlib.sha256(resume_key.encode()).hexdigest()
 
 
+def _any_digest_equal(presented: str, stored: Iterable[str]) -> bool:
+    """Compares with every stored hash (no early exit), each in constant time."""
+    return any([hmac.compare_digest(presented, candidate) for candidate in stored])
+
+
 # ------------------------------------------------------------------------------------------- encoding
 
 _UNSAFE_KEY_CHARS = set("/\\#?%|")
@@ -765,6 +903,14 @@ def _millis(moment: datetime) -> int:
 
 def _due_prefix(at: datetime, key: ConversationKey) -> str:
     return f"{_millis(at):015d}|{key.partition_key}|"
+
+
+def _peek_view(record: ConversationRecord) -> tuple | None:
+    """What the due-index row of a peekable record promises; a change needs a new row.
+
+    The watermark is not part of it: a row's older watermark only makes a peek see activities the
+    record already handled, which sends the poller down the full path (never a missed message)."""
+    return (record.conversation_id,) if record.peekable and record.conversation_id else None
 
 
 def _put_json(entity: dict[str, Any], name: str, value: Any) -> None:
@@ -797,6 +943,7 @@ def _conversation_to_entity(record: ConversationRecord) -> dict[str, Any]:
         "poll_interval": float(record.poll_interval), "state": record.state,
         "lease_owner": record.lease_owner, "lease_expires_at": record.lease_expires_at,
         "created_at": record.created_at, "updated_at": record.updated_at, "due_index_key": record.due_index_key,
+        "peekable": record.peekable,
     }
     _put_json(entity, "delivered_ids", list(record.delivered_ids))
     _put_json(entity, "reply_context", dict(record.reply_context))
@@ -811,7 +958,8 @@ def _conversation_from_entity(key: ConversationKey, entity) -> ConversationRecor
         last_user_activity_at=entity.get("last_user_activity_at"),
         last_bot_activity_at=entity.get("last_bot_activity_at"), next_poll_at=entity.get("next_poll_at"),
         poll_interval=entity.get("poll_interval") or 0.0, state=entity.get("state", ACTIVE),
-        reply_context=_get_json(entity, "reply_context", {}), lease_owner=entity.get("lease_owner"),
+        reply_context=_get_json(entity, "reply_context", {}), peekable=bool(entity.get("peekable")),
+        lease_owner=entity.get("lease_owner"),
         lease_expires_at=entity.get("lease_expires_at"), created_at=entity.get("created_at"),
         updated_at=entity.get("updated_at"), etag=entity.metadata["etag"],
         due_index_key=entity.get("due_index_key"),
@@ -829,7 +977,9 @@ def _session_to_entity(session: WebChatSession) -> dict[str, Any]:
     entity = {"PartitionKey": _escape(session.conversation_id), "RowKey": "session",
               "conversation_id": session.conversation_id, "user_id": session.user_id,
               "expires_at": session.expires_at, "revoked": session.revoked, "created_at": session.created_at,
-              "updated_at": session.updated_at, "resume_key_hash": session.resume_key_hash}
+              "updated_at": session.updated_at, "resume_key_hash": session.resume_key_hash,
+              "grace_key_hash": session.grace_key_hash, "rotated_at": session.rotated_at}
+    _put_json(entity, "retry_key_hashes", list(session.retry_key_hashes))
     _put_json(entity, "previous_key_hashes", list(session.previous_key_hashes))
     return entity
 
@@ -838,5 +988,7 @@ def _session_from_entity(entity) -> WebChatSession:
     return WebChatSession(entity["conversation_id"], entity["user_id"], entity["expires_at"],
                           revoked=bool(entity.get("revoked")), created_at=entity.get("created_at"),
                           updated_at=entity.get("updated_at"), resume_key_hash=entity.get("resume_key_hash", ""),
+                          retry_key_hashes=tuple(_get_json(entity, "retry_key_hashes", [])),
+                          grace_key_hash=entity.get("grace_key_hash", ""), rotated_at=entity.get("rotated_at"),
                           previous_key_hashes=tuple(_get_json(entity, "previous_key_hashes", [])),
                           etag=entity.metadata["etag"])

@@ -6,7 +6,9 @@ with its first token, a resume key: random (256 bits), stored only as a SHA-256 
 session, checked in constant time. Presenting it gets a new token for the same conversation
 (reconnect with the secret, from the page's watermark) and a new key; the old key is kept as a
 hash, and presenting a rotated key again revokes the session: two holders of one key means one
-of them copied it.
+of them copied it. Except briefly (store.RESUME_GRACE): the key the last resume used answers again,
+with another new key, while none of its successors was used, so a page whose answer the network
+lost, or whose two resumes raced, keeps its conversation.
 
 Choices:
 - Tokens are bound to a fresh `dl_` user id and to the allowed origins (trustedOrigins): the
@@ -17,14 +19,14 @@ Choices:
   failed reconnect (Direct Line busy, the network) leaves the page's key valid for its next try.
 - Sessions last SESSION_LIFETIME past their last issue or resume (Direct Line keeps messages about
   24 h). Refresh does not need the store, but a revoked session's tokens are not refreshed.
-- Token issuance is rate limited per client address in Table Storage (so it holds across
-  instances); refresh and resume need a token or a key, which cannot be guessed.
+- Token issuance and resume attempts are rate limited per client address in Table Storage (so
+  it holds across instances), each up to WEBCHAT_TOKEN_RATE_LIMIT a minute; refresh needs a token
+  Direct Line issued, which cannot be guessed.
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import logging
 import secrets
@@ -45,12 +47,13 @@ from relay.errors import (
 )
 from relay.settings import Settings, get_settings
 from relay.store import (
+    RESUMED,
+    RETRIED,
     REUSED_KEY,
     SESSION_EXPIRED,
     SESSION_REVOKED,
     RelayStore,
     get_store,
-    hash_resume_key,
     utcnow,
 )
 
@@ -131,12 +134,16 @@ class TokenServer:
                caller: Caller = Caller()) -> dict[str, Any]:
         """A new token for the page's own conversation, from its watermark, and the next resume key."""
         self._check_origin(caller)
+        # A 256-bit key cannot be guessed anyway; the limit keeps anyone from trying at our expense.
+        limit = self._store.hit_rate_limit(f"resume|{caller.address}", limit=self._webchat.token_rate_limit,
+                                           window_seconds=RATE_WINDOW_SECONDS)
+        if not limit.allowed:
+            raise WebChatError(f"Too many resume attempts from this client address: at most {limit.limit} per minute",
+                               status=429, code="TooManyRequests", retry_after=limit.retry_after)
         now = utcnow()
         session = self._store.get_webchat_session(conversation_id)
-        presented = hash_resume_key(resume_key)
         grant = None
-        if (session is not None and not session.revoked and session.expires_at > now
-                and hmac.compare_digest(presented, session.resume_key_hash)):
+        if session is not None and session.resume_outcome(resume_key, now=now) in (RESUMED, RETRIED):
             grant = self._reconnect(conversation_id, watermark)
         next_key = new_resume_key()
         result = self._store.resume_webchat_session(conversation_id, resume_key=resume_key, new_resume_key=next_key,
@@ -145,7 +152,8 @@ class TokenServer:
             raise _refusal(result.outcome, conversation_id)
         if grant is None:  # only if the session changed between the check and the rotation
             grant = self._reconnect(conversation_id, watermark)
-        log.info("Web Chat conversation %s resumed", conversation_id)
+        log.info("Web Chat conversation %s resumed%s", conversation_id,
+                 " (the previous key again, within the grace period)" if result.outcome == RETRIED else "")
         return {**self._grant(grant), "streamUrl": grant.stream_url, "resumeKey": next_key,
                 "userId": result.session.user_id, "domain": self._domain}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -11,6 +12,29 @@ import pytest
 
 from devstack.directline import DirectLineEmulator
 from devstack.procs import ROOT, Azurite, ManagedProcess, free_port, http_ok, python_module
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log(tmp_path_factory) -> Iterator[None]:
+    """The suite's whole log output is scanned when it ends: this process's records (INFO and up, DEBUG
+    where a test asks) and every *.log its hosts, emulators and simulators wrote. A configured secret,
+    an encoding of one, or a Direct Line token anywhere fails the run (tests/security/leaks.py)."""
+    from tests.security.leaks import LogCapture, log_files, scan
+
+    capture, root = LogCapture(), logging.getLogger()
+    # As in function_app.py: the SDK's line per storage request (headers already redacted) is noise here too.
+    sdk = logging.getLogger("azure.core.pipeline.policies.http_logging_policy")
+    previous, previous_sdk = root.level, sdk.level
+    root.addHandler(capture)
+    root.setLevel(min(previous, logging.INFO))
+    sdk.setLevel(logging.WARNING)
+    yield
+    root.removeHandler(capture)
+    root.setLevel(previous)
+    sdk.setLevel(previous_sdk)
+    leaks = scan([("this process's log records", capture.text()), *log_files(tmp_path_factory.getbasetemp()).items()])
+    if leaks:
+        pytest.fail("secrets in the test suite's logs: " + "; ".join(sorted(set(leaks))[:20]), pytrace=False)
 
 
 @pytest.fixture(scope="session")

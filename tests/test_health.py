@@ -7,9 +7,9 @@ import requests
 from devstack.procs import free_port
 
 
-def test_health_is_200_with_version_and_checks(start_host, storage_connection_string):
+def test_health_is_200_with_version_and_checks(start_host, storage_connection_string, directline_emulator):
     host = start_host(env={"AzureWebJobsStorage": storage_connection_string, "DIRECTLINE_SECRET": "s3cret-value",
-                           "DIRECTLINE_ENDPOINT": "http://127.0.0.1:9/v3/directline"})
+                           "DIRECTLINE_ENDPOINT": directline_emulator.base_url})
     response = requests.get(f"{host.url}/api/health", timeout=20)
     assert response.status_code == 200, response.text
     body = response.json()

@@ -83,6 +83,7 @@ Admin API (no auth, loopback only; JSON in and out)
     drop_rate (0.0)          share whose connection is closed without an answer
     phase ("before")         "after": the request is processed (activity stored, bot called) and
                              then the fault replaces the answer: the ambiguous failure
+                             (500, 502 and dropped connections only: a 429 always comes first)
     endpoints ([] = all)     Direct Line endpoint names the faults apply to
     limit (null)             inject at most this many rate-based faults, then none
   Faults (and the CLI flags of the same names) apply only to the Direct Line endpoints, never to

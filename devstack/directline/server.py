@@ -755,7 +755,8 @@ class Handler(BaseHTTPRequestHandler):
         if latency:
             time.sleep(latency)
         try:
-            if fault and (emulator.faults.phase == "before" or fault == "poll-limit"):
+            # Throttling happens before any work, as in the real service: a 429 never follows processing.
+            if fault and (emulator.faults.phase == "before" or fault in ("poll-limit", "429")):
                 self._fail(fault)
                 return
             try:

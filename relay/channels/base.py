@@ -64,6 +64,7 @@ class OutboundMessage:
     text: str = ""
     media: tuple[Media, ...] = ()
     suggested_actions: tuple[str, ...] = ()
+    idempotency_key: str = ""  # the same for every attempt to send this message (the bot activity's id)
 
 
 @dataclass(frozen=True)

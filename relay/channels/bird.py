@@ -56,7 +56,7 @@ class BirdAdapter(AdapterBase):
     def parse(self, request: WebhookRequest) -> list[InboundMessage]:
         try:
             body = json.loads(request.body)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
             raise BadPayload("the body is not valid JSON") from None
         if not isinstance(body, dict) or not isinstance(body.get("payload"), dict):
             raise BadPayload("the Bird webhook has no payload object")

@@ -123,7 +123,7 @@ class GenericAdapter(AdapterBase):
     def parse(self, request: WebhookRequest) -> list[InboundMessage]:
         try:
             body = json.loads(request.body)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
             raise BadPayload("the body is not valid JSON") from None
         if isinstance(body, dict) and isinstance(body.get("messages"), list):
             items = body["messages"]
@@ -170,7 +170,10 @@ class GenericAdapter(AdapterBase):
         user_id = reply_context.get("user_id")
         if not user_id:
             raise ProviderRejected("the generic reply context needs 'user_id'")
-        message_id = f"msg_{uuid.uuid4().hex}"
+        # Standard Webhooks receivers deduplicate on webhook-id: a resend of the same reply (after a
+        # crash between sending and saving) carries the same id, so it is recognised as one message.
+        key = message.idempotency_key
+        message_id = f"msg_{hashlib.sha256(key.encode()).hexdigest()[:32] if key else uuid.uuid4().hex}"
         payload: dict[str, Any] = {"type": "message", "id": message_id, "user": {"id": user_id}, "text": message.text}
         if reply_context.get("reply_to_id"):
             payload["replyToId"] = reply_context["reply_to_id"]

@@ -55,7 +55,7 @@ def decode_jwt(token: str, key: str, *, now: float) -> dict[str, Any]:
         header = json.loads(_b64url_decode(header_part))
         claims = json.loads(_b64url_decode(claims_part))
         signature = _b64url_decode(signature_part)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise SignatureInvalid("the MessageBird-Signature-JWT is not a JWT") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise SignatureInvalid("the MessageBird-Signature-JWT is not a JWT")
@@ -121,7 +121,7 @@ class MessageBirdAdapter(AdapterBase):
     def parse(self, request: WebhookRequest) -> list[InboundMessage]:
         try:
             body = json.loads(request.body)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
             raise BadPayload("the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise BadPayload("the MessageBird webhook is not a JSON object")

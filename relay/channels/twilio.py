@@ -99,7 +99,8 @@ class TwilioAdapter(AdapterBase):
 
     def parse(self, request: WebhookRequest) -> list[InboundMessage]:
         fields = self._fields(request)
-        if "MessageSid" not in fields and "SmsMessageSid" not in fields:
+        message_id = fields.get("MessageSid") or fields.get("SmsMessageSid")
+        if not message_id:
             raise BadPayload("the Twilio webhook has no MessageSid")
         try:
             count = int(fields.get("NumMedia", "0") or 0)
@@ -107,14 +108,14 @@ class TwilioAdapter(AdapterBase):
             raise BadPayload("NumMedia is not a number") from None
         if "Body" not in fields and not count:
             return []  # a status callback (MessageStatus) or another event: acknowledged, not relayed
-        if "From" not in fields or "To" not in fields:
+        if not fields.get("From") or not fields.get("To"):
             raise BadPayload("the Twilio message has no From or To")
         media = tuple(
             Media(url=fields[f"MediaUrl{index}"], content_type=fields.get(f"MediaContentType{index}") or None)
             for index in range(count) if fields.get(f"MediaUrl{index}")
         )
         return [InboundMessage(
-            message_id=fields.get("MessageSid") or fields["SmsMessageSid"],
+            message_id=message_id,
             user_id=fields["From"],
             text=fields.get("Body", ""),
             user_name=fields.get("ProfileName") or None,
@@ -128,7 +129,7 @@ class TwilioAdapter(AdapterBase):
         if "json" in content_type or "bodySHA256" in request.url:
             try:
                 body = json.loads(request.body)
-            except (UnicodeDecodeError, ValueError):
+            except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
                 raise BadPayload("the body is not valid JSON") from None
             if not isinstance(body, dict):
                 raise BadPayload("the JSON body is not an object")

@@ -72,7 +72,7 @@ class WhatsAppAdapter(AdapterBase):
     def parse(self, request: WebhookRequest) -> list[InboundMessage]:
         try:
             body = json.loads(request.body)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
             raise BadPayload("the body is not valid JSON") from None
         if not isinstance(body, dict) or not isinstance(body.get("entry"), list):
             raise BadPayload("the WhatsApp webhook has no entry[] list")

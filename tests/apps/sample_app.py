@@ -38,6 +38,19 @@ def boom(req: func.HttpRequest) -> func.HttpResponse:
     raise RuntimeError("deliberate failure")
 
 
+_rendezvous = threading.Barrier(4)
+
+
+@app.route(route="rendezvous", methods=["GET"])
+def rendezvous(req: func.HttpRequest) -> func.HttpResponse:
+    """Answers only once four requests are inside the function together: proof they run concurrently."""
+    try:
+        _rendezvous.wait(timeout=float(req.params.get("timeout", "20")))
+    except threading.BrokenBarrierError:
+        return func.HttpResponse("alone", status_code=503)
+    return func.HttpResponse("together")
+
+
 @app.route(route="slow", methods=["GET"])
 async def slow(req: func.HttpRequest) -> func.HttpResponse:
     import asyncio

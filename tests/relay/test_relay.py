@@ -4,6 +4,7 @@ exactly once, through the local host, Azurite, the Direct Line emulator and the 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 import requests
@@ -221,3 +222,16 @@ def test_botbuilder_bot_answers_through_the_relay_including_a_late_reply(relay_s
         stack.send("twilio", "+15550011000", "later")
         replies = stack.wait_for_replies("twilio", "+15550011000", 2)
     assert replies == ["You said: later", "Late reply: later"]
+
+
+def test_token_direct_line_no_longer_accepts_is_replaced(relay_stack):
+    stack = relay_stack()
+    user = "+15550012000"
+    stack.send("twilio", user, "first")
+    stack.wait_for_replies("twilio", user, 1)
+    record = stack.record("twilio", user)
+    # As after the service restarted: a token Direct Line refuses (403), not merely an expired one.
+    stack.store.update_conversation(record.key, lambda r: replace(r, token="not-a-token-any-more"))
+    stack.send("twilio", user, "second")
+    assert stack.wait_for_replies("twilio", user, 2) == ["You said: first", "You said: second"]
+    assert stack.record("twilio", user).conversation_id == record.conversation_id

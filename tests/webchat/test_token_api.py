@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -183,10 +184,49 @@ def test_a_rotated_key_presented_again_revokes_the_session(stack):
     grant = stack.token()
     cid = grant["conversationId"]
     owner = stack.resume(cid, grant["resumeKey"]).json()
+    owner = stack.resume(cid, owner["resumeKey"]).json()  # the owner used its new key: the first is poison
     # Someone copied the first key and presents it now: the session is revoked for everyone.
     assert_error(stack.resume(cid, grant["resumeKey"]), 403, "ResumeKeyReused")
     assert_error(stack.resume(cid, owner["resumeKey"]), 403, "SessionRevoked")
     assert_error(stack.refresh(owner["token"]), 403, "SessionRevoked")
+
+
+def test_a_resume_whose_answer_was_lost_is_retried_with_the_same_key(stack):
+    grant = stack.token()
+    cid = grant["conversationId"]
+    watermark = chat(stack, grant, "before the network dropped")
+    stack.emulator.expire_tokens(cid)
+    lost = stack.resume(cid, grant["resumeKey"], watermark=watermark)
+    assert lost.status_code == 200  # the relay rotated the key, but the page never got this answer
+
+    retried = stack.resume(cid, grant["resumeKey"], watermark=watermark)  # the page retries with what it holds
+    assert retried.status_code == 200, retried.text
+    resumed = retried.json()
+    assert resumed["conversationId"] == cid and resumed["userId"] == grant["userId"]
+    assert resumed["resumeKey"] not in (grant["resumeKey"], lost.json()["resumeKey"])
+    chat(stack, {**resumed, "userId": grant["userId"]}, "after the retry")
+    history = dl(stack, "GET", f"/conversations/{cid}/activities", resumed["token"]).json()
+    assert texts(history["activities"]) == ["before the network dropped", "You said: before the network dropped",
+                                            "after the retry", "You said: after the retry"]
+
+    # The key it got works; once it was used, the first key is a copied key again.
+    assert stack.resume(cid, resumed["resumeKey"]).status_code == 200
+    assert_error(stack.resume(cid, grant["resumeKey"]), 403, "ResumeKeyReused")
+
+
+def test_two_racing_resumes_with_one_key_both_succeed(stack):
+    """A page's `online` and `visibilitychange` handlers (or two tabs) resuming at once."""
+    grant = stack.token()
+    cid = grant["conversationId"]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: stack.resume(cid, grant["resumeKey"]), range(2)))
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    first, second = (a.json() for a in answers)
+    assert first["resumeKey"] != second["resumeKey"]
+    for resumed in (first, second):  # both tokens are good for the conversation
+        assert dl(stack, "GET", f"/conversations/{cid}/activities", resumed["token"]).ok
+    # Whichever answer the page kept, its key works.
+    assert stack.resume(cid, second["resumeKey"]).status_code == 200
 
 
 def test_a_conversation_direct_line_forgot_says_start_over(stack):
@@ -322,6 +362,8 @@ def test_no_secret_token_or_key_in_any_answer_or_log_line(stack):
     grant = stack.token(Origin=SHOP)
     refreshed = stack.refresh(grant["token"]).json()
     resumed = stack.resume(grant["conversationId"], grant["resumeKey"]).json()
+    retried = stack.resume(grant["conversationId"], grant["resumeKey"]).json()  # within the grace period
+    again = stack.resume(grant["conversationId"], retried["resumeKey"]).json()
     stack.resume(grant["conversationId"], grant["resumeKey"])  # reused: revokes, logs a warning
     stack.refresh("not-a-token")
 
@@ -330,7 +372,7 @@ def test_no_secret_token_or_key_in_any_answer_or_log_line(stack):
     log = stack.log_text()
     assert "Executed 'Functions.directline_resume'" in log
     for value in (secret, grant["token"], refreshed["token"], resumed["token"], grant["resumeKey"],
-                  resumed["resumeKey"], "not-a-token"):
+                  resumed["resumeKey"], retried["token"], retried["resumeKey"], again["resumeKey"], "not-a-token"):
         assert value not in log
     # Every token the emulator handed out, and every key, across all tests of the module.
     issued = [a.json() for a in stack.answers if a.ok and a.headers.get("Content-Type", "").startswith("app")]

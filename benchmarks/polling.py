@@ -1,0 +1,191 @@
+"""Measurements 1 and 2: one poll tick at several sizes beside a naive poller, and an idle hour.
+
+The relay runs in this process (poll_tick on a RelayContext with counted storage and a simulated
+clock) against the real Azurite, Direct Line emulator and provider simulator.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import requests
+
+from benchmarks.stack import PeakMemory, SimulatedClock, Stack, timed
+from relay.activities import render_outbound
+from relay.poller import poll_tick
+from relay.store import ConversationKey, ConversationRecord
+
+CHANNEL = "twilio"
+RELAY_NUMBER = "+15550000000"
+TICK_SECONDS = 5.0
+
+
+def _prefix(kind: str) -> str:
+    return f"b{kind}{uuid.uuid4().hex[:8]}"
+
+
+def seed(ctx, count: int, *, last_activity_ago: float) -> list[ConversationRecord]:
+    """`count` conversations as the relay leaves them after a user wrote and the bot's echo was delivered.
+
+    Each has a Direct Line conversation (user message + echo reply), a record at the end of it, and
+    is due now. Made with no added latency (latency is set before measuring)."""
+    now = ctx.clock()
+
+    def one(number: int) -> ConversationRecord:
+        user = f"+1555{number:07d}"
+        key = ConversationKey(CHANNEL, user)
+        user_id = f"dl_bench_{number}"
+        started = ctx.directline.start_conversation(user_id=user_id)
+        ctx.directline.post_activity(started.conversation_id, {"type": "message", "from": {"id": user_id},
+                                                               "text": "hi"}, token=started.token)
+        page = ctx.directline.get_activities(started.conversation_id, token=started.token)
+        record = ConversationRecord(
+            key, conversation_id=started.conversation_id, user_id=user_id, token=started.token,
+            token_expires_at=now + timedelta(seconds=started.expires_in or 1800), watermark=page.watermark,
+            delivered_ids=tuple(a["id"] for a in page.activities if (a.get("from") or {}).get("role") == "bot"),
+            last_user_activity_at=now - timedelta(seconds=last_activity_ago),
+            last_bot_activity_at=now - timedelta(seconds=last_activity_ago),
+            next_poll_at=now, poll_interval=0.0, reply_context={"to": user, "from": RELAY_NUMBER})
+        return ctx.store.update_conversation(key, lambda _: record)
+
+    with ThreadPoolExecutor(32) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def bot_says(emulator_url: str, conversation_id: str, text: str) -> None:
+    """A proactive bot message through the emulator's connector endpoint (what a bot's SDK calls)."""
+    response = requests.post(f"{emulator_url}/v3/conversations/{conversation_id}/activities", timeout=10,
+                             json={"type": "message", "from": {"id": "relaybot", "role": "bot"}, "text": text})
+    response.raise_for_status()
+
+
+def naive_tick(stack: Stack, ctx, records: list[ConversationRecord], state_table) -> dict:
+    """The stateless design without an index, a lease or a pool: for each conversation, one after another,
+    read its record, GET its activities from the stored watermark, deliver the bot's new ones, write the record."""
+    conversations = ctx.store._table("conversations")
+    session = requests.Session()
+    headers = {"Authorization": f"Bearer {ctx.settings.directline.secret}"}
+    delivered = 0
+    for record in records:
+        entity = conversations.get_entity(record.key.partition_key, "conversation")
+        params = {"watermark": entity["watermark"]} if entity.get("watermark") else {}
+        response = session.get(f"{stack.emulator.base_url}/conversations/{entity['conversation_id']}/activities",
+                               params=params, headers=headers, timeout=10)
+        response.raise_for_status()
+        page = response.json()
+        known = set(record.delivered_ids)
+        for activity in page.get("activities", []):
+            if (activity.get("from") or {}).get("role") == "bot" and activity["id"] not in known:
+                message = render_outbound(activity)
+                if message is not None:
+                    ctx.adapter(CHANNEL).send(record.reply_context, message)
+                    delivered += 1
+        state_table.upsert_entity({"PartitionKey": record.key.partition_key, "RowKey": "conversation",
+                                   "watermark": page.get("watermark") or entity.get("watermark"),
+                                   "polled_at": ctx.clock()})
+    session.close()
+    return {"delivered": delivered}
+
+
+def tick_benchmark(stack: Stack, sizes: list[int], *, latency_ms: int = 50, workers: int | None = None) -> list[dict]:
+    results = []
+    for size in sizes:
+        clock = SimulatedClock()
+        ctx, transport = stack.context(_prefix("tick"), clock=clock)
+        stack.emulator.set_faults(latency_ms=0)
+        records = seed(ctx, size, last_activity_ago=30)
+        poll_tick(ctx)  # the tick after the users wrote: every conversation is worked once (not measured)
+        with_replies = records[::50]  # a few (2 %) have a new bot reply waiting
+        for record in with_replies:
+            bot_says(stack.emulator.url, record.conversation_id, "A new reply")
+        clock.advance(2)
+        stack.emulator.set_faults(latency_ms=latency_ms)
+
+        # The naive poller on the same conversations (its own state table, so the relay's stays as it is).
+        naive_state = ctx.store._table("naivestate")
+        transport.reset()
+        stack.emulator.reset_counters()
+        naive_seconds, naive = timed(functools.partial(naive_tick, stack, ctx, records, naive_state))
+        naive_dl = sum(stack.directline_requests().values())
+        naive_tx = transport.total
+
+        transport.reset()
+        stack.emulator.reset_counters()
+        options = {"workers": workers} if workers else {}
+        with PeakMemory() as memory:
+            seconds, tick = timed(functools.partial(poll_tick, ctx, **options))
+        dl = stack.directline_requests()
+        tx = transport.snapshot()
+        stack.emulator.set_faults(latency_ms=0)
+        results.append({
+            "conversations": size, "with_new_replies": len(with_replies), "latency_ms": latency_ms,
+            "relay": {
+                "seconds": seconds, "conversations_per_second": size / seconds, "due": tick.due,
+                "worked": tick.worked, "quiet": tick.quiet, "delivered": tick.delivered, "failed": tick.failed,
+                "directline_requests": sum(dl.values()), "directline_by_endpoint": dict(dl),
+                "table_transactions": sum(tx.values()), "table_by_kind": dict(tx),
+                "table_transactions_per_conversation": sum(tx.values()) / size,
+                "directline_requests_per_conversation": sum(dl.values()) / size,
+                "peak_rss_mb": memory.peak / 2**20, "rss_growth_mb": (memory.peak - memory.before) / 2**20,
+            },
+            "naive": {
+                "seconds": naive_seconds, "conversations_per_second": size / naive_seconds,
+                "delivered": naive["delivered"], "directline_requests": naive_dl, "table_transactions": naive_tx,
+                "table_transactions_per_conversation": naive_tx / size,
+                "directline_requests_per_conversation": naive_dl / size,
+            },
+            "speedup": naive_seconds / seconds,
+        })
+        ctx.directline.close()
+    return results
+
+
+def idle_benchmark(stack: Stack, *, conversations: int = 100, hours: float = 1.0, latency_ms: int = 50) -> dict:
+    """Every conversation idle for `hours` of simulated ticks, TICK_SECONDS apart: what does waiting cost?"""
+    clock = SimulatedClock()
+    ctx, transport = stack.context(_prefix("idle"), clock=clock)
+    stack.emulator.set_faults(latency_ms=0)
+    seed(ctx, conversations, last_activity_ago=1)
+    stack.emulator.set_faults(latency_ms=latency_ms)
+    transport.reset()
+    stack.emulator.reset_counters()
+    series = []
+    ticks = int(hours * 3600 / TICK_SECONDS)
+    for number in range(ticks):
+        before_tx, before_dl = transport.total, stack.directline_requests()
+        tick = poll_tick(ctx)
+        after_dl = stack.directline_requests()
+        series.append({"t": number * TICK_SECONDS, "due": tick.due, "worked": tick.worked, "quiet": tick.quiet,
+                       "seconds": tick.seconds, "table_transactions": transport.total - before_tx,
+                       "directline_requests": sum(after_dl.values()) - sum(before_dl.values())})
+        clock.advance(TICK_SECONDS)
+    stack.emulator.set_faults(latency_ms=0)
+    ctx.directline.close()
+    total_tx = sum(s["table_transactions"] for s in series)
+    total_dl = sum(s["directline_requests"] for s in series)
+    settled = [s for s in series if s["t"] >= 300]  # idle for 5 minutes or more
+    settled_minutes = len(settled) * TICK_SECONDS / 60
+    per_minute_peak = max(
+        (sum(s["directline_requests"] for s in series[i:i + int(60 / TICK_SECONDS)]) / conversations
+         for i in range(int(300 / TICK_SECONDS), len(series) - int(60 / TICK_SECONDS) + 1)), default=0.0)
+    return {
+        "conversations": conversations, "hours": hours, "tick_seconds": TICK_SECONDS, "ticks": ticks,
+        "latency_ms": latency_ms,
+        "table_transactions_per_conversation_hour": total_tx / conversations / hours,
+        "directline_requests_per_conversation_hour": total_dl / conversations / hours,
+        "table_transactions_per_conversation_tick": total_tx / conversations / ticks,
+        "table_transactions_total": total_tx, "directline_requests_total": total_dl,
+        "empty_tick_seconds": statistics.median([s["seconds"] for s in series if not s["due"]] or [0.0]),
+        "settled": {
+            "table_transactions_per_conversation_tick": sum(s["table_transactions"] for s in settled)
+            / conversations / max(1, len(settled)),
+            "directline_requests_per_conversation_minute": sum(s["directline_requests"] for s in settled)
+            / conversations / max(settled_minutes, 1e-9),
+            "directline_requests_per_conversation_minute_peak": per_minute_peak,
+        },
+        "series": series,
+    }

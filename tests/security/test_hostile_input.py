@@ -1,0 +1,232 @@
+"""Hostile input against every HTTP function through the local host, property-based (hypothesis).
+
+Whatever arrives (random, truncated or invalid UTF-8 bodies, deep or huge JSON, wrong content
+types, missing, garbage or repeated headers, odd route values), the answer comes, is never a 500,
+and every refusal is the JSON error shape with a status that says whose mistake it was.
+Fixed seed (derandomize) and a bounded number of examples, so CI runs the same cases every time.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import string
+from urllib.parse import quote
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.security.conftest import ALLOWED_ORIGIN, PROVIDERS, sign
+
+HOSTILE = settings(max_examples=25, derandomize=True, deadline=None, database=None,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+CLIENTS = itertools.count()
+CONTENT_TYPES = ["application/json", "application/x-www-form-urlencoded", "text/plain", "text/xml",
+                 "multipart/form-data; boundary=xyz", "application/json; charset=utf-16", "", "*/*",
+                 "application/octet-stream"]
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+def shaped_like(provider: str):
+    """JSON that looks a little like the provider's payload: the right keys with the wrong kinds of values."""
+    keys = {"whatsapp": ["object", "entry", "changes", "value", "messages", "contacts", "from", "id", "text",
+                         "type", "body", "statuses"],
+            "bird": ["service", "event", "payload", "id", "sender", "contact", "identifierValue", "body", "type",
+                     "text", "direction"],
+            "messagebird": ["type", "contact", "conversation", "message", "id", "content", "text", "from",
+                            "direction", "msisdn"],
+            "generic": ["type", "id", "user", "text", "media", "messages", "url", "locale", "name"],
+            "twilio": ["From", "Body", "MessageSid", "NumMedia", "MediaUrl0", "To"]}[provider]
+    return st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=12) | st.sampled_from(keys),
+        lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(keys), children,
+                                                                           max_size=5),
+        max_leaves=25,
+    ).map(lambda value: json.dumps(value).encode())
+
+
+def hostile_bodies(genuine: bytes = b""):
+    return st.one_of(
+        st.binary(max_size=512),
+        st.integers(0, max(0, len(genuine) - 1)).map(lambda n: genuine[:n]),  # truncated
+        st.binary(min_size=1, max_size=32).map(lambda b: b'{"text": "\xff\xfe' + b + b'\xc3\x28"}'),  # bad UTF-8
+        st.integers(50, 100_000).map(lambda depth: b"[" * depth + b"]" * depth),  # deep
+        st.integers(50, 100_000).map(lambda depth: b'{"a":' * depth + b"1" + b"}" * depth),
+        st.just(b'{"text":"' + b"x" * 1_100_000 + b'"}'),  # over RELAY_MAX_BODY_BYTES
+        json_values.map(lambda value: json.dumps(value).encode()),
+    )
+
+
+def assert_json_error(response, allowed: set[int]) -> None:
+    """The refusal a client can act on: an expected status and {"error": {"code", "message"}}."""
+    assert response.status_code in allowed, (response.status_code, response.text[:300])
+    assert response.headers.get("Content-Type", "").startswith("application/json"), response.headers
+    error = response.json()["error"]
+    assert isinstance(error["code"], str) and error["code"]
+    assert isinstance(error["message"], str) and error["message"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_unsigned_or_wrongly_signed_webhooks_are_refused_cleanly(exposed_relay, provider):
+    genuine = exposed_relay.webhook(provider, "+15550300001", "genuine")
+    signature_headers = [k for k in genuine.headers if k.lower() not in ("content-type", "user-agent")]
+
+    @HOSTILE
+    @given(body=hostile_bodies(genuine.body), content_type=st.sampled_from(CONTENT_TYPES),
+           keep=st.lists(st.sampled_from(signature_headers), unique=True),
+           garbage=st.text(string.printable.strip(), max_size=80))
+    def check(body, content_type, keep, garbage):
+        headers = {"Content-Type": content_type} if content_type else {}
+        # Real signature headers (which sign the genuine body, not this one) or garbage in their place.
+        headers |= {name: genuine.headers[name] if name in keep else garbage for name in signature_headers
+                    if name in keep or garbage}
+        response = exposed_relay.request("POST", f"/api/channels/{provider}", data=body, headers=headers)
+        assert_json_error(response, {400, 401, 413})
+
+    check()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_signed_garbage_is_a_bad_payload_never_a_crash(exposed_relay, provider):
+    """Someone holding the key (or a provider's bug) sends validly signed nonsense: 400, or 200 for nothing."""
+    url = f"{exposed_relay.public_url}/api/channels/{provider}"
+    if provider == "twilio":
+        bodies = st.dictionaries(st.sampled_from(["From", "Body", "MessageSid", "NumMedia", "MediaUrl0", "To",
+                                                  "MediaContentType0", "AccountSid"]),
+                                 st.text(max_size=20), max_size=6).map(
+            lambda form: "&".join(f"{quote(k)}={quote(v)}" for k, v in form.items()).encode())
+    else:
+        bodies = st.one_of(shaped_like(provider), hostile_bodies())
+
+    @HOSTILE
+    @given(body=bodies)
+    def check(body):
+        content_type = "application/x-www-form-urlencoded" if provider == "twilio" else "application/json"
+        headers = {"Content-Type": content_type, **sign(provider, body, url)}
+        response = exposed_relay.request("POST", f"/api/channels/{provider}", data=body, headers=headers)
+        if response.status_code != 200:
+            assert_json_error(response, {400, 413})
+
+    check()
+
+
+@HOSTILE
+@given(name=st.text(min_size=1, max_size=300), method=st.sampled_from(["GET", "POST"]))
+def test_odd_channel_names_are_404(exposed_relay, name, method):
+    response = exposed_relay.request(method, "/api/channels/" + quote(name, safe=""), data=b"{}")
+    if name in PROVIDERS:
+        assert response.status_code in (400, 401, 403, 405)
+    else:
+        assert_json_error(response, {404})
+
+
+@HOSTILE
+@given(name=st.text(min_size=1, max_size=300))
+def test_odd_webchat_file_names_are_404(exposed_relay, name):
+    response = exposed_relay.request("GET", "/api/webchat/" + quote(name, safe=""))
+    if name == "relay-webchat.js":
+        assert response.status_code == 200
+    else:
+        assert_json_error(response, {404})
+
+
+@HOSTILE
+@given(authorization=st.one_of(st.none(), st.text(string.printable.strip(), max_size=200),
+                               st.text(string.ascii_letters + string.digits + "-_.", max_size=400).map(
+                                   lambda t: "Bearer " + t)),
+       body=hostile_bodies())
+def test_refresh_with_anything_but_a_token_is_refused(exposed_relay, authorization, body):
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    response = exposed_relay.request("POST", "/api/directline/refresh", data=body, headers=headers)
+    assert_json_error(response, {401, 403})
+
+
+resume_bodies = st.one_of(
+    hostile_bodies(),
+    st.fixed_dictionaries({}, optional={"conversationId": json_values | st.text(max_size=600),
+                                        "resumeKey": json_values | st.text(max_size=600),
+                                        "watermark": json_values}).map(lambda d: json.dumps(d).encode()),
+)
+
+
+@HOSTILE
+@given(body=resume_bodies, content_type=st.sampled_from(CONTENT_TYPES))
+def test_resume_with_a_wrong_body_or_key_is_refused(exposed_relay, body, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    n = next(CLIENTS)
+    headers["X-Forwarded-For"] = f"198.18.{n // 250}.{n % 250 + 1}"  # a client each: the rate limit is tested apart
+    response = exposed_relay.request("POST", "/api/directline/resume", data=body, headers=headers)
+    assert_json_error(response, {400, 403})
+
+
+@HOSTILE
+@given(origin=st.text(string.printable.strip(), min_size=1, max_size=100), method=st.sampled_from(["POST", "OPTIONS"]),
+       endpoint=st.sampled_from(["token", "refresh", "resume"]))
+def test_token_endpoints_refuse_unknown_origins(exposed_relay, origin, method, endpoint):
+    response = exposed_relay.request(method, f"/api/directline/{endpoint}", headers={"Origin": origin})
+    if origin == ALLOWED_ORIGIN:
+        return
+    assert "Access-Control-Allow-Origin" not in response.headers
+    assert_json_error(response, {403})
+
+
+def test_token_issuance_answers_json_whatever_the_body(exposed_relay):
+    """The token endpoint reads no body: junk gets a token (or 429 once the address used its share)."""
+    statuses = []
+    for body in (b"\xff\xfe", b"[" * 50_000, b'{"user": {"id": "admin"}}', b"x" * 1_100_000):
+        response = exposed_relay.request("POST", "/api/directline/token", data=body,
+                                         headers={"X-Forwarded-For": "203.0.113.99"})
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            assert response.json()["userId"].startswith("dl_") and response.json()["userId"] != "admin"
+        else:
+            assert_json_error(response, {429})
+            assert int(response.headers["Retry-After"]) >= 1
+    assert statuses[:3] == [200, 200, 200] and statuses[3] == 429
+
+
+@HOSTILE
+@given(query=st.dictionaries(st.text(max_size=20), st.text(max_size=40), max_size=4),
+       method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]))
+def test_health_and_unknown_methods(exposed_relay, query, method):
+    response = exposed_relay.request(method, "/api/health", params=query)
+    if method == "GET":
+        assert response.status_code == 200 and response.json()["status"] == "healthy"
+    else:
+        assert_json_error(response, {405})
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_repeated_and_missing_headers(exposed_relay, provider):
+    """A signature header sent twice (genuine and forged) or not at all never gets a message through."""
+    genuine = exposed_relay.webhook(provider, "+15550300002", "twice")
+    host, port = exposed_relay.url.removeprefix("http://").split(":")
+    signature_names = [k for k in genuine.headers if k.lower() not in ("content-type", "user-agent")]
+    for forged_first in (True, False):
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.putrequest("POST", f"/api/channels/{provider}")
+        for name, value in genuine.headers.items():
+            if name in signature_names and forged_first:
+                connection.putheader(name, "forged")
+            connection.putheader(name, value)
+            if name in signature_names and not forged_first:
+                connection.putheader(name, "forged")
+        connection.putheader("Content-Length", str(len(genuine.body)))
+        connection.endheaders(genuine.body)
+        response = connection.getresponse()
+        payload = response.read()
+        connection.close()
+        assert response.status in (200, 400, 401), payload
+        if response.status != 200:
+            assert json.loads(payload)["error"]["code"]
+    missing = exposed_relay.request("POST", f"/api/channels/{provider}", data=genuine.body,
+                                    headers={"Content-Type": genuine.headers.get("Content-Type", "")})
+    assert_json_error(missing, {401})

@@ -1,0 +1,80 @@
+"""Nobody gets a message in without the provider's key: forged, stale and cross-provider signatures."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from devstack.procs import wait_until
+from relay.store import ConversationKey
+from tests.security.conftest import PROVIDERS
+
+TIMESTAMPED = ("messagebird", "bird", "generic")  # the schemes that sign a time (window: 300 s by default)
+
+
+def nothing_stored(relay, provider: str, user: str) -> bool:
+    return relay.store.get_conversation(ConversationKey(provider, user)) is None
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_forged_body_is_401_and_stores_nothing(exposed_relay, provider):
+    user = f"+1555040{PROVIDERS.index(provider):04d}"
+    hook = exposed_relay.webhook(provider, user, "payme")
+    forged = hook.body.replace(b"payme", b"payME")
+    assert forged != hook.body
+    response = exposed_relay.request("POST", f"/api/channels/{provider}", data=forged, headers=hook.headers)
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "InvalidSignature"
+    assert nothing_stored(exposed_relay, provider, user)
+
+
+@pytest.mark.parametrize("provider", TIMESTAMPED)
+@pytest.mark.parametrize("age", [-3600, 3600])
+def test_a_replay_outside_the_window_is_refused(exposed_relay, provider, age):
+    """Genuinely signed, but an hour old (or from the future): a captured webhook cannot be replayed later."""
+    user = f"+1555041{TIMESTAMPED.index(provider):02d}{'1' if age > 0 else '2'}0"
+    hook = exposed_relay.webhook(provider, user, "old news", now=time.time() - age)
+    response = exposed_relay.deliver(hook)
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] in ("StaleTimestamp", "InvalidSignature")
+    assert nothing_stored(exposed_relay, provider, user)
+
+
+@pytest.mark.parametrize("provider", ("twilio", "whatsapp"))
+def test_a_replay_of_an_untimed_signature_is_deduplicated(exposed_relay, provider):
+    """Twilio and Meta sign no time: a replayed webhook is accepted (200) and relayed no second time."""
+    user = {"twilio": "+15550420001", "whatsapp": "15550420002"}[provider]
+    hook = exposed_relay.webhook(provider, user, "once only")
+    assert exposed_relay.deliver(hook).status_code == 200
+    assert exposed_relay.deliver(hook).status_code == 200
+    record = exposed_relay.store.get_conversation(ConversationKey(provider, user))
+    wait_until(lambda: not exposed_relay.store.list_outbox(record.key), timeout=20, what="the outbox to empty")
+    conversation_id = exposed_relay.store.get_conversation(record.key).conversation_id
+    texts = [a.get("text") for a in exposed_relay.emulator.conversation(conversation_id)["activities"]
+             if a.get("type") == "message" and a["from"].get("role") != "bot"]
+    assert texts == ["once only"]
+
+
+@pytest.mark.parametrize("signed_for", PROVIDERS)
+def test_a_signature_for_one_provider_opens_no_other(exposed_relay, signed_for):
+    for target in PROVIDERS:
+        if target == signed_for:
+            continue
+        user = f"+1555043{PROVIDERS.index(signed_for)}{PROVIDERS.index(target)}00"
+        hook = exposed_relay.webhook(signed_for, user, "wrong door")
+        response = exposed_relay.deliver(hook, channel=target)
+        assert response.status_code in (400, 401), (signed_for, target, response.status_code, response.text)
+        assert response.json()["error"]["code"], response.text
+        assert nothing_stored(exposed_relay, target, user) and nothing_stored(exposed_relay, signed_for, user)
+
+
+def test_whatsapp_handshake_needs_the_verify_token(exposed_relay):
+    query = {"hub.mode": "subscribe", "hub.challenge": "12345"}
+    wrong = exposed_relay.request("GET", "/api/channels/whatsapp", params={**query, "hub.verify_token": "guess"})
+    assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "InvalidSignature"
+    from devstack.channels import DEV_VALUES
+
+    right = exposed_relay.request("GET", "/api/channels/whatsapp",
+                                  params={**query, "hub.verify_token": DEV_VALUES["WHATSAPP_VERIFY_TOKEN"]})
+    assert right.status_code == 200 and right.text == "12345"
