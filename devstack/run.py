@@ -113,7 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     stack = build_stack(ports, settings_file, args.data_dir)
     started: list[ManagedProcess] = []
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+
+    def interrupt(*_) -> None:
+        """The first Ctrl-C (or SIGTERM) stops the stack; more of them must not cut the clean-up short."""
+        if not stopping.is_set():
+            stopping.set()
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         for process, url in stack:
             print(f"starting {process.name} ...", flush=True)

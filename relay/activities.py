@@ -19,6 +19,8 @@ from relay.channels.base import InboundMessage, Media, OutboundMessage
 
 ACTIVITY_LIMIT_BYTES = 28 * 1024
 RAW_PAYLOAD_KEY = "relay"
+PENDING_MEDIA_KEY = "relayPendingMedia"
+"""Top-level key of a stored activity listing the protected media still to fetch; never posted."""
 
 # What Omnichannel calls each channel when no context is configured for it.
 DEFAULT_CHANNEL_TYPES = {
@@ -83,13 +85,37 @@ def build_inbound_activity(
     }
     if message.locale:
         activity["locale"] = message.locale
-    if message.media:
+    public = [m for m in message.media if not m.protected]
+    if public:
         activity["attachments"] = [
             {"contentType": m.content_type or "application/octet-stream", "contentUrl": m.url,
              **({"name": m.name} if m.name else {})}
-            for m in message.media
+            for m in public
         ]
+    # A protected URL would be useless to the bot: the relay fetches those files when it posts the message.
+    pending = [{"url": m.url, "contentType": m.content_type, "name": m.name} for m in message.media if m.protected]
+    if pending:
+        activity[PENDING_MEDIA_KEY] = pending
     return fit_activity(activity, limit_bytes)
+
+
+def take_pending_media(activity: Mapping[str, Any]) -> tuple[dict, tuple[Media, ...]]:
+    """The activity as Direct Line gets it (without the pending-media marker) and the media to fetch for it."""
+    ready = {k: v for k, v in activity.items() if k != PENDING_MEDIA_KEY}
+    media = tuple(Media(url=str(item["url"]), content_type=item.get("contentType"), name=item.get("name"),
+                        protected=True)
+                  for item in activity.get(PENDING_MEDIA_KEY) or [] if isinstance(item, Mapping) and item.get("url"))
+    return ready, media
+
+
+def with_unavailable_media(activity: Mapping[str, Any], missing: list[tuple[Media, str]]) -> dict:
+    """The activity telling the bot, under channelData.relay.unavailableMedia, which files could not be fetched."""
+    channel_data = dict(activity.get("channelData") or {})
+    channel_data[RAW_PAYLOAD_KEY] = {**(channel_data.get(RAW_PAYLOAD_KEY) or {}), "unavailableMedia": [
+        {"contentType": m.content_type or "application/octet-stream", "reason": reason,
+         **({"name": m.name} if m.name else {})}
+        for m, reason in missing]}
+    return {**activity, "channelData": channel_data}
 
 
 def _drop_raw_payload(activity: dict) -> None:

@@ -20,16 +20,17 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from relay.activities import render_outbound
+from relay.activities import render_outbound, take_pending_media, with_unavailable_media
 from relay.channels import get_adapter
-from relay.channels.base import ChannelAdapter
-from relay.directline import ActivitySet, DirectLineClient, get_directline_client
+from relay.channels.base import ChannelAdapter, Media
+from relay.directline import ActivitySet, DirectLineClient, UploadFile, get_directline_client
 from relay.errors import (
     AuthenticationFailed,
     BadRequest,
     ConcurrencyConflict,
     ConversationNotFound,
     DirectLineError,
+    ProviderError,
     ProviderRejected,
     ProviderUnavailable,
     StoreError,
@@ -38,6 +39,7 @@ from relay.errors import (
 )
 from relay.settings import Settings, get_settings
 from relay.store import ACTIVE, ENDED, ConversationKey, ConversationRecord, RelayStore, get_store, utcnow
+from relay.store import InboundMessage as OutboxMessage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +49,12 @@ REPLY_LIKELY_FOR = timedelta(minutes=2)  # after a user or bot message, poll at 
 FIRST_IDLE_INTERVAL = 5.0
 TOKEN_RENEW_MARGIN = timedelta(seconds=60)
 TOKEN_REFRESH_REMAINING = timedelta(minutes=15)  # refresh at about half of the usual 30-minute lifetime
+UPLOAD_LIMIT_BYTES = 4_000_000
+"""All of one message's fetched media together: under Direct Line's upload limit (4 MiB in the emulator; the
+service publishes none), leaving room for the activity part."""
+MEDIA_ATTEMPTS = 8
+"""Attempts of a message (about 10 minutes with the outbox's backoff) before a media file the provider
+cannot give is left out, so the text reaches the bot and the user's later messages are not held up."""
 
 
 def next_idle_poll(now: datetime, *, last_activity: datetime | None, interval: float,
@@ -56,6 +64,29 @@ def next_idle_poll(now: datetime, *, last_activity: datetime | None, interval: f
         return 0.0, now + MIN_POLL_GAP
     interval = min(ceiling, max(FIRST_IDLE_INTERVAL, interval * 2))
     return interval, now + timedelta(seconds=interval)
+
+
+PARTS_MARK = "#"
+"""A reply sent part-way is remembered among the delivered ids as "<activity id>#<parts the provider took>"."""
+
+
+def _marked_parts(marker: str, activity_id: str) -> int | None:
+    prefix = activity_id + PARTS_MARK
+    count = marker[len(prefix):]
+    return int(count) if marker.startswith(prefix) and count.isdigit() else None
+
+
+def parts_done(record: ConversationRecord, activity_id: str) -> int:
+    """How many parts of the activity's reply the provider already accepted (0 unless it failed part-way)."""
+    counts = [n for n in (_marked_parts(m, activity_id) for m in record.delivered_ids) if n is not None]
+    return max(counts, default=0)
+
+
+def with_parts_done(record: ConversationRecord, activity_id: str, parts: int) -> ConversationRecord:
+    """`record` remembering that `parts` of the activity's reply were accepted; 0 forgets it."""
+    kept = replace(record, delivered_ids=tuple(m for m in record.delivered_ids
+                                               if _marked_parts(m, activity_id) is None))
+    return kept.with_delivered(f"{activity_id}{PARTS_MARK}{parts}") if parts else kept
 
 
 @dataclass(frozen=True)
@@ -209,7 +240,16 @@ class ConversationWorker:
             except ConcurrencyConflict:
                 return False  # someone else is posting it; they keep the order
             try:
-                activity_id = self._post(message.activity)
+                activity, files, missing = self._with_media(message)
+            except ProviderUnavailable as error:
+                # Nothing was posted: the download is tried again later, as a post is after a Direct Line outage.
+                self.ctx.store.release_inbound(message, error=f"media {error.status} {error.code}", in_doubt=False)
+                self._wait(error.retry_after, attempts=message.attempts)
+                log.info("a %s message waits in the outbox for its media (%s %s, attempt %d)", self.key.channel,
+                         error.status, error.code, message.attempts)
+                return False
+            try:
+                activity_id = self._post(activity, files)
             except BadRequest as error:
                 self.ctx.store.dead_letter_inbound(message, reason=f"Direct Line refused the message: {error}")
                 self.result.dead_letters += 1
@@ -222,18 +262,63 @@ class ConversationWorker:
                 return False
             self.ctx.store.complete_inbound(message, activity_id=activity_id)
             self.result.posted += 1
+            if missing:
+                self._dead_letter_media(message, missing)
         return True
 
-    def _post(self, activity) -> str:
+    def _with_media(self, message: OutboxMessage) -> tuple[dict, list[UploadFile], list[tuple[Media, ProviderError]]]:
+        """The activity to post, the user's protected media fetched to upload with it, and those that could not be.
+
+        A file the provider refuses for good (gone, too large) is left out and named in channelData, so
+        the text still reaches the bot; one it cannot give now (ProviderUnavailable) holds the message
+        back to be tried again, for MEDIA_ATTEMPTS attempts."""
+        activity, pending = take_pending_media(message.activity)
+        files: list[UploadFile] = []
+        missing: list[tuple[Media, ProviderError]] = []
+        room = UPLOAD_LIMIT_BYTES
+        for media in pending:
+            try:
+                fetched = self.ctx.adapter(self.key.channel).fetch_media(media, max_bytes=room)
+            except ProviderRejected as error:
+                missing.append((media, error))
+                continue
+            except ProviderUnavailable as error:
+                if message.attempts < MEDIA_ATTEMPTS:
+                    raise
+                missing.append((media, error))
+                continue
+            room -= len(fetched.content)
+            files.append(UploadFile(fetched.name, fetched.content, fetched.content_type))
+        if missing:
+            activity = with_unavailable_media(activity, [(media, error.code) for media, error in missing])
+        return activity, files, missing
+
+    def _dead_letter_media(self, message: OutboxMessage, missing: list[tuple[Media, ProviderError]]) -> None:
+        """Keep a record of the files the bot did not get; the message itself was posted."""
+        reason = "; ".join(f"{error.status} {error.code}: {error}" for _, error in missing)
         try:
-            return self._call(lambda token: self.ctx.directline.post_activity(
-                self.record.conversation_id, activity, token=token))
+            self.ctx.store.add_dead_letter(self.key, kind="media", reason=reason, payload={
+                "message_id": message.message_id, "media": [{"url": m.url, "contentType": m.content_type}
+                                                            for m, _ in missing]})
+        except StoreError as error:
+            log.warning("could not record a %s media dead letter (%s)", self.key.channel, error.code)
+        self.result.dead_letters += 1
+
+    def _post(self, activity: dict, files: list[UploadFile]) -> str:
+        """Post the activity, or upload it with its files as one message: the same clientActivityID either way."""
+        def send(token: str | None) -> str:
+            if files:
+                return self.ctx.directline.upload(self.record.conversation_id, files, user_id=self.record.user_id,
+                                                  activity=activity, token=token)
+            return self.ctx.directline.post_activity(self.record.conversation_id, activity, token=token)
+
+        try:
+            return self._call(send)
         except ConversationNotFound:
             # Direct Line forgot the conversation: this user gets a new one, the message goes there.
             log.info("Direct Line forgot conversation %s; starting a new one", self.record.conversation_id)
             self._start_directline()
-            return self._call(lambda token: self.ctx.directline.post_activity(
-                self.record.conversation_id, activity, token=token))
+            return self._call(send)
 
     # ------------------------------------------------------------------------------------- outbound
     def deliver(self) -> bool:
@@ -286,22 +371,29 @@ class ConversationWorker:
         if message is None:
             return True  # typing, events and empty messages have nothing for the channel
         message = replace(message, idempotency_key=activity_id)
+        first_part = parts_done(self.record, activity_id)
         started = time.perf_counter()
         try:
-            self.ctx.adapter(self.key.channel).send(self.record.reply_context, message)
+            self.ctx.adapter(self.key.channel).send(self.record.reply_context, message, first_part=first_part)
         except ProviderRejected as error:
-            self.ctx.store.add_dead_letter(self.key, kind="reply", reason=f"{error.status} {error}",
+            where = f" (part {error.parts_sent + 1} of {error.parts_total})" if error.parts_total > 1 else ""
+            self.ctx.store.add_dead_letter(self.key, kind="reply", reason=f"{error.status} {error}{where}",
                                            payload={"activity": activity})
             self.result.dead_letters += 1
         except ProviderUnavailable as error:
-            log.info("the %s provider cannot take a reply now (%s); retrying later", self.key.channel, error.status)
+            log.info("the %s provider cannot take a reply now (%s, %d of %d parts sent); retrying later",
+                     self.key.channel, error.status, error.parts_sent, error.parts_total)
+            if activity_id and error.parts_sent > first_part:
+                # The parts the provider took stay sent: the retry resumes at the first one it did not.
+                self._save_delivered(lambda r, n=error.parts_sent: with_parts_done(r, activity_id, n))
             self._wait(error.retry_after)
             return False
         else:
             self.result.delivered += 1
             log.info("delivered activity %s to %s in %.0f ms", activity_id, self.key.channel,
                      (time.perf_counter() - started) * 1000)
-        self._save_delivered(lambda r: replace(r.with_delivered(activity_id), last_bot_activity_at=now))
+        self._save_delivered(lambda r: replace(with_parts_done(r, activity_id, 0).with_delivered(activity_id),
+                                               last_bot_activity_at=now))
         return True
 
     def _save_delivered(self, change: Callable[[ConversationRecord], ConversationRecord]) -> None:

@@ -15,7 +15,7 @@
     │   │   └── StaleTimestamp     401: signed, but outside the replay window
     │   ├── BadPayload             400: malformed JSON or form, missing fields
     │   ├── PayloadTooLarge        413
-    │   └── ProviderError          sending to the provider failed
+    │   └── ProviderError          sending to the provider failed (parts_sent: how far a multi-part reply got)
     │       ├── ProviderRejected   4xx (not 429): permanent, dead-letter the message
     │       └── ProviderUnavailable 429/5xx/connection: transient, retry later (retry_after if known)
     ├── WebChatError               the Web Chat token server refuses a request: status and code say why
@@ -115,6 +115,9 @@ class PayloadTooLarge(ChannelError):
 
 class ProviderError(ChannelError):
     code = "ProviderError"
+    parts_sent = 0
+    """Of a reply sent as several provider calls, how many the provider accepted before this one failed."""
+    parts_total = 1
 
     def __init__(self, message: str = "", *, retry_after: float | None = None, **kwargs):
         super().__init__(message, **kwargs)

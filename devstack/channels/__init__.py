@@ -100,9 +100,15 @@ class ProviderSimulator(ManagedProcess):
     def clear(self) -> None:
         self._call("DELETE", "/_sim/replies")
 
-    def fail_next(self, provider: str, status: int, *, count: int = 1, retry_after: float | None = None) -> None:
-        self._call("POST", "/_sim/failures",
-                   {"provider": provider, "status": status, "count": count, "retry_after": retry_after})
+    def fail_next(self, provider: str, status: int, *, count: int = 1, retry_after: float | None = None,
+                  after: int = 0) -> None:
+        """Fail `provider`'s next `count` sends with `status`, once `after` more sends went through."""
+        self._call("POST", "/_sim/failures", {"provider": provider, "status": status, "count": count,
+                                              "retry_after": retry_after, "after": after})
+
+    def pending_failures(self, provider: str) -> int:
+        """How many of the failures given to fail_next (with their `after` pass-throughs) no send has met yet."""
+        return self._call("GET", "/_sim/failures", params={"provider": provider})["pending"]
 
     def send_inbound(self, provider: str, sender: str, text: str = "", *, name: str = "",
                      media: list[dict[str, str]] | None = None) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Reply APIs (on each provider's real paths, auth checked as the provider does, 401 when wrong):
     POST /2010-04-01/Accounts/{sid}/Messages.json      Twilio, Basic auth (Account SID, Auth Token)
     POST /v{N}/{phone-number-id}/messages               WhatsApp Cloud API, Bearer access token
-    GET  /v{N}/{media-id}                               WhatsApp media object (for inbound media)
+    GET  /v{N}/{media-id}                               WhatsApp media object {url, mime_type, sha256, file_size, id}
+    GET  /whatsapp_business/attachments/?mid={media-id} WhatsApp media bytes (the object's url), Bearer token
+    GET  /2010-04-01/Accounts/{sid}/Messages/{sid}/Media/{sid}   Twilio inbound media bytes, Basic auth
     POST /v1/conversations/{id}/messages                MessageBird, AccessKey
     POST /workspaces/{ws}/channels/{ch}/messages        Bird, AccessKey; answers 202
     POST /generic/callback                              generic callback, Standard Webhooks signature
@@ -12,9 +14,12 @@ Admin API (JSON), under /_sim:
     GET    /_sim/replies?provider=&user=                the replies received, oldest first
     GET    /_sim/messages?provider=&user=               both directions, for the page
     DELETE /_sim/replies                                forget replies, messages and pending failures
-    POST   /_sim/failures {provider, status, count=1, retry_after=null}   fail the next sends
+    POST   /_sim/failures {provider, status, count=1, retry_after=null, after=0}
+                                                        fail the next `count` sends, once `after` went through
+    GET    /_sim/failures?provider=                     how many injected failures (and pass-throughs) are pending
     POST   /_sim/inbound {provider, from, text, name?, media?: [{url, contentType?}]}
-                                                        sign and POST a webhook to the relay
+                                                        sign and POST a webhook to the relay; a media url
+                                                        may be a data: URL (the file the user sends)
     POST   /_sim/handshake {verify_token?, challenge?}  Meta's GET verification call to the relay
     GET    /                                            the phone-like page
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import re
@@ -33,7 +39,7 @@ from collections import defaultdict, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote_to_bytes, urlencode, urlsplit
 
 import requests
 import standardwebhooks
@@ -46,6 +52,8 @@ PAGE = Path(__file__).with_name("page.html")
 TWILIO_PATH = re.compile(r"^/2010-04-01/Accounts/([^/]+)/Messages\.json$")
 GRAPH_MESSAGES_PATH = re.compile(r"^/v\d+(?:\.\d+)?/([^/]+)/messages$")
 GRAPH_MEDIA_PATH = re.compile(r"^/v\d+(?:\.\d+)?/(\d+)$")
+WHATSAPP_DOWNLOAD_PATH = "/whatsapp_business/attachments/"
+TWILIO_MEDIA_PATH = re.compile(r"^/2010-04-01/Accounts/([^/]+)/Messages/[^/]+/Media/([^/]+)$")
 MESSAGEBIRD_PATH = re.compile(r"^/v1/conversations/([^/]+)/messages$")
 BIRD_PATH = re.compile(r"^/workspaces/([^/]+)/channels/([^/]+)/messages$")
 GENERIC_PATH = "/generic/callback"
@@ -67,9 +75,10 @@ class State:
         self.relay_url = relay_url
         self.lock = threading.Lock()
         self.messages: list[dict[str, Any]] = []
-        self.failures: dict[str, deque[tuple[int, float | None]]] = defaultdict(deque)
+        self.failures: dict[str, deque[tuple[int, float | None] | None]] = defaultdict(deque)  # None: let one through
         self.conversations: dict[str, str] = {}  # MessageBird conversation id -> user
-        self.media: dict[str, webhooks.Attachment] = {}  # WhatsApp media id -> attachment
+        self.media: dict[str, webhooks.Attachment] = {}  # WhatsApp media id or Twilio media sid -> the user's file
+        self.base_url = ""  # where this simulator listens, for the media URLs it hands out
         self.sequence = 0
 
     def record(self, provider: str, direction: str, user: str, text: str, *, media=(), actions=(),
@@ -168,6 +177,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self._generic(raw)
         if method == "GET" and GRAPH_MEDIA_PATH.match(path):
             return self._whatsapp_media(GRAPH_MEDIA_PATH.match(path))
+        if method == "GET" and path == WHATSAPP_DOWNLOAD_PATH:
+            return self._whatsapp_download(one.get("mid", ""))
+        if method == "GET" and TWILIO_MEDIA_PATH.match(path):
+            return self._twilio_media(TWILIO_MEDIA_PATH.match(path))
         raise Reply(404, {"error": {"code": "NotFound", "message": f"no {method} {path} here"}})
 
     # -- failures -----------------------------------------------------------------------------
@@ -204,6 +217,17 @@ class Handler(BaseHTTPRequestHandler):
                           request=form)
         return 201, {"sid": message_sid, "account_sid": sid, "to": to, "from": sender, "body": body,
                      "status": "queued", "num_media": str(len(media)), "num_segments": "1"}, {}
+
+    def _twilio_media(self, match: re.Match):
+        """A user's file as Twilio keeps it: under the API, behind the account's Basic auth."""
+        sid, token = self._value("TWILIO_ACCOUNT_SID"), self._value("TWILIO_AUTH_TOKEN")
+        if match.group(1) != sid or _basic_auth(self.headers.get("Authorization")) != (sid, token):
+            raise Reply(401, {"code": 20003, "message": "Authenticate", "status": 401})
+        self._maybe_fail("twilio")
+        data = _file_bytes(self.state.media.get(match.group(2)))
+        if data is None:
+            raise Reply(404, {"code": 20404, "message": "The requested resource was not found", "status": 404})
+        return 200, (data, self.state.media[match.group(2)].content_type), {}
 
     # -- WhatsApp -----------------------------------------------------------------------------
     def _whatsapp(self, match: re.Match, raw: bytes):
@@ -251,11 +275,25 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Authorization") != f"Bearer {self._value('WHATSAPP_ACCESS_TOKEN')}":
             raise Reply(401, {"error": {"message": "Invalid OAuth access token", "type": "OAuthException",
                                         "code": 190}})
-        item = self.state.media.get(match.group(1))
-        if item is None:
+        self._maybe_fail("whatsapp")
+        media_id = match.group(1)
+        data = _file_bytes(self.state.media.get(media_id))
+        if data is None:
             raise Reply(404, _graph_error(100, "Media not found"))
-        return 200, {"messaging_product": "whatsapp", "url": item.url, "mime_type": item.content_type,
-                     "id": match.group(1)}, {}
+        return 200, {"messaging_product": "whatsapp", "id": media_id,
+                     "mime_type": self.state.media[media_id].content_type,
+                     "sha256": hashlib.sha256(data).hexdigest(), "file_size": len(data),
+                     "url": f"{self.state.base_url}{WHATSAPP_DOWNLOAD_PATH}?{urlencode({'mid': media_id})}"}, {}
+
+    def _whatsapp_download(self, media_id: str):
+        """The bytes behind a media object's url: like Meta's, readable only with the access token."""
+        if self.headers.get("Authorization") != f"Bearer {self._value('WHATSAPP_ACCESS_TOKEN')}":
+            raise Reply(401, {"error": {"message": "Invalid OAuth access token", "type": "OAuthException",
+                                        "code": 190}})
+        data = _file_bytes(self.state.media.get(media_id))
+        if data is None:
+            raise Reply(404, _graph_error(100, "Media not found"))
+        return 200, (data, self.state.media[media_id].content_type), {}
 
     # -- MessageBird --------------------------------------------------------------------------
     def _messagebird(self, match: re.Match, raw: bytes):
@@ -330,6 +368,10 @@ class Handler(BaseHTTPRequestHandler):
             return 200, {"cleared": True}, {}
         if name == "failures" and method == "POST":
             return self._inject(self._json(raw))
+        if name == "failures" and method == "GET":
+            with state.lock:
+                pending = len(state.failures.get(query.get("provider", ""), ()))
+            return 200, {"provider": query.get("provider"), "pending": pending}, {}
         if name == "inbound" and method == "POST":
             return self._inbound(self._json(raw))
         if name == "handshake" and method == "POST":
@@ -337,13 +379,15 @@ class Handler(BaseHTTPRequestHandler):
         raise Reply(404, {"error": {"code": "NotFound", "message": f"no admin {method} {name}"}})
 
     def _inject(self, body: dict[str, Any]):
-        provider, status = body.get("provider"), body.get("status")
+        provider, status, after = body.get("provider"), body.get("status"), body.get("after", 0)
         if provider not in webhooks.PROVIDERS or not isinstance(status, int) or not 400 <= status <= 599:
             raise Reply(400, {"error": {"code": "BadFailure", "message": "give a known provider and a 4xx/5xx status"}})
+        if not isinstance(after, int) or after < 0:
+            raise Reply(400, {"error": {"code": "BadFailure", "message": "'after' must be a whole number of sends"}})
         retry_after = body.get("retry_after")
         with self.state.lock:
             queue = self.state.failures[provider]
-            queue.extend([(status, retry_after)] * int(body.get("count", 1)))
+            queue.extend([None] * after + [(status, retry_after)] * int(body.get("count", 1)))
             pending = len(queue)
         return 200, {"provider": provider, "pending": pending}, {}
 
@@ -353,12 +397,19 @@ class Handler(BaseHTTPRequestHandler):
             raise Reply(400, {"error": {"code": "BadInbound", "message": "give a known provider and 'from'"}})
         media = tuple(webhooks.Attachment.from_url(m["url"], m.get("contentType", ""))
                       for m in body.get("media") or [] if isinstance(m, dict) and m.get("url"))
+        sent, hosted = media, {}
+        if provider == "twilio":  # Twilio keeps the user's files under its API and sends those URLs
+            account, message = self._value("TWILIO_ACCOUNT_SID"), "MM" + uuid.uuid4().hex
+            hosted = {"ME" + uuid.uuid4().hex: item for item in media}
+            sent = tuple(webhooks.Attachment(f"{self.state.base_url}/2010-04-01/Accounts/{account}/Messages/{message}"
+                                             f"/Media/{sid}", item.content_type) for sid, item in hosted.items())
         hook = webhooks.build(provider, self.state.values, self.state.relay_url, sender=sender,
-                              text=str(body.get("text", "")), name=str(body.get("name", "")), media=media)
+                              text=str(body.get("text", "")), name=str(body.get("name", "")), media=sent)
         with self.state.lock:
             if hook.conversation_id:
                 self.state.conversations[hook.conversation_id] = sender
             self.state.media.update(hook.media_ids)
+            self.state.media.update(hosted)
         self.state.record(provider, "user", sender, str(body.get("text", "")),
                           media=[{"url": m.url, "contentType": m.content_type} for m in media],
                           message_id=hook.message_id)
@@ -384,6 +435,23 @@ class Handler(BaseHTTPRequestHandler):
         return 200, {"status": response.status_code, "body": response.text, "challenge": challenge}, {}
 
 
+def _file_bytes(item: webhooks.Attachment | None) -> bytes | None:
+    """The bytes of a file a user sent: a data: URL's own, else fetched from its URL; None when there are none."""
+    if item is None:
+        return None
+    if item.url.startswith("data:"):
+        header, _, data = item.url[5:].partition(",")
+        try:
+            return base64.b64decode(data) if header.endswith(";base64") else unquote_to_bytes(data)
+        except (binascii.Error, ValueError):
+            return None
+    try:
+        response = requests.get(item.url, timeout=10)
+    except requests.RequestException:
+        return None
+    return response.content if response.ok else None
+
+
 def _graph_error(code: int, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": "OAuthException", "code": code, "fbtrace_id": uuid.uuid4().hex}}
 
@@ -399,7 +467,9 @@ def _basic_auth(header: str | None) -> tuple[str, str]:
 
 
 def make_server(port: int, values: dict[str, str], relay_url: str, host: str = "127.0.0.1") -> ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"state": State(values, relay_url.rstrip("/"))})
+    state = State(values, relay_url.rstrip("/"))
+    handler = type("BoundHandler", (Handler,), {"state": state})
     server = ThreadingHTTPServer((host, port), handler)
+    state.base_url = f"http://{host}:{server.server_address[1]}"
     server.daemon_threads = True
     return server

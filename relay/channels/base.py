@@ -37,6 +37,18 @@ class Media:
     url: str
     content_type: str | None = None
     name: str | None = None
+    protected: bool = False
+    """The URL needs our provider credentials (WhatsApp's Graph media object, Twilio's MediaUrl): a bot
+    cannot open it, so the relay fetches the bytes with the adapter's `fetch_media` and uploads them."""
+
+
+@dataclass(frozen=True)
+class MediaContent:
+    """A user's media file, downloaded from the provider."""
+
+    content: bytes = field(repr=False)
+    content_type: str
+    name: str
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,10 @@ class ChannelAdapter(Protocol):
     def acknowledgement(self) -> WebhookAnswer:
         """What the provider expects back once its webhook was taken (e.g. empty TwiML for Twilio)."""
 
-    def send(self, reply_context: Mapping[str, str], message: OutboundMessage) -> list[str]:
+    def send(self, reply_context: Mapping[str, str], message: OutboundMessage, *, first_part: int = 0) -> list[str]:
         """Send to the user; returns the provider's message ids. ProviderRejected (permanent) or
-        ProviderUnavailable (transient, retry later) on failure."""
+        ProviderUnavailable (transient, retry later) on failure.
+
+        A message may take several provider calls (parts), planned the same way for the same message;
+        the error's `parts_sent` says how many the provider accepted, and a retry passes that as
+        `first_part` so no part reaches the user twice."""

@@ -23,6 +23,7 @@ from relay.channels.common import (
     require_header,
     response_json,
     same,
+    send_parts,
 )
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
 
@@ -104,7 +105,7 @@ class BirdAdapter(AdapterBase):
             return f"{item.get('coordinates', {}).get('latitude')},{item.get('coordinates', {}).get('longitude')}", ()
         return str(item.get("text") or ""), ()
 
-    def send(self, reply_context: Mapping[str, str], message: OutboundMessage) -> list[str]:
+    def send(self, reply_context: Mapping[str, str], message: OutboundMessage, *, first_part: int = 0) -> list[str]:
         if reply_context.get("identifier_value"):
             receiver = {"identifierKey": reply_context.get("identifier_key") or "phonenumber",
                         "identifierValue": reply_context["identifier_value"]}
@@ -126,10 +127,11 @@ class BirdAdapter(AdapterBase):
         text = numbered_list(message.text, message.suggested_actions)
         if text:
             bodies.append({"type": "text", "text": {"text": text}})
-        ids = []
-        for body in bodies:
+
+        def post(body: dict[str, Any]) -> str:
             response = call_provider(self.session, self.name, "POST", url,
                                      json={"receiver": {"contacts": [receiver]}, "body": body},
                                      headers={"Authorization": f"AccessKey {self._access_key}"})
-            ids.append(str(response_json(response).get("id", "")))
-        return ids
+            return str(response_json(response).get("id", ""))
+
+        return send_parts(bodies, post, first_part=first_part)

@@ -11,19 +11,31 @@ import base64
 import binascii
 import email.utils
 import hmac
+import mimetypes
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from relay.channels.base import WebhookAnswer, WebhookRequest
-from relay.errors import PayloadTooLarge, ProviderRejected, ProviderUnavailable, SignatureInvalid, StaleTimestamp
+from relay.channels.base import Media, MediaContent, WebhookAnswer, WebhookRequest
+from relay.errors import (
+    PayloadTooLarge,
+    ProviderError,
+    ProviderRejected,
+    ProviderUnavailable,
+    SignatureInvalid,
+    StaleTimestamp,
+)
 from relay.settings import SettingsError
 
 TIMEOUT = (5.0, 20.0)
 """(connect, read) seconds for one provider call: long enough for a slow API, short enough for a timer run."""
+DOWNLOAD_SECONDS = 30.0
+"""Longest time one media download may take in all: a trickling server is given up on (and retried later)."""
+
+Part = TypeVar("Part")
 
 
 class AdapterBase:
@@ -53,6 +65,9 @@ class AdapterBase:
 
     def acknowledgement(self) -> WebhookAnswer:
         return WebhookAnswer(200, b"", "text/plain")
+
+    def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
+        raise ProviderRejected(f"the {self.name} channel's media are public: nothing to fetch", code="MediaNotFetched")
 
     def check_size(self, request: WebhookRequest) -> None:
         if len(request.body) > self.max_body_bytes:
@@ -127,6 +142,21 @@ def new_session() -> requests.Session:
     return session
 
 
+def send_parts(parts: Sequence[Part], send_one: Callable[[Part], str], *, first_part: int = 0) -> list[str]:
+    """Send a reply's provider calls in order from `first_part`; the provider's ids of those sent now.
+
+    A failure carries how many parts are done (`parts_sent`, of `parts_total`), so a retry resumes at
+    the first part not yet accepted instead of showing the user the accepted ones twice."""
+    ids = []
+    for index in range(first_part, len(parts)):
+        try:
+            ids.append(send_one(parts[index]))
+        except ProviderError as error:
+            error.parts_sent, error.parts_total = index, len(parts)
+            raise
+    return ids
+
+
 def call_provider(session: requests.Session, provider: str, method: str, url: str, **kwargs: Any) -> requests.Response:
     """Make one API call; raise ProviderRejected or ProviderUnavailable unless it succeeded."""
     try:
@@ -142,6 +172,36 @@ def call_provider(session: requests.Session, provider: str, method: str, url: st
         raise ProviderUnavailable(f"the {provider} API answered {response.status_code}: {detail}",
                                   retry_after=retry_after_seconds(response.headers.get("Retry-After")))
     raise ProviderRejected(f"the {provider} API rejected the message with {response.status_code}: {detail}")
+
+
+def download(session: requests.Session, provider: str, url: str, *, max_bytes: int,
+             **kwargs: Any) -> tuple[bytes, str]:
+    """The bytes at `url` and their content type, read as they come and refused for good past `max_bytes`."""
+    too_large = ProviderRejected(f"the {provider} media is larger than the {max_bytes} bytes the relay forwards",
+                                 code="MediaTooLarge")
+    deadline = time.monotonic() + DOWNLOAD_SECONDS
+    response = call_provider(session, provider, "GET", url, stream=True, **kwargs)
+    with response:
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise too_large
+        chunks, size = [], 0
+        try:
+            for chunk in response.iter_content(64 * 1024):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise too_large
+                if time.monotonic() > deadline:
+                    raise ProviderUnavailable(f"the {provider} media download took over {DOWNLOAD_SECONDS:g}s")
+                chunks.append(chunk)
+        except requests.RequestException as error:
+            raise ProviderUnavailable(f"the {provider} media download broke off ({type(error).__name__})") from None
+    return b"".join(chunks), (response.headers.get("Content-Type") or "").split(";")[0].strip()
+
+
+def media_file_name(stem: str, content_type: str) -> str:
+    """A file name for a media item that came without one: its provider id and the type's extension."""
+    return stem + (mimetypes.guess_extension(content_type or "") or "")
 
 
 def _detail(response: requests.Response) -> str:

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from relay.channels.base import InboundMessage, Media, OutboundMessage, WebhookRequest
-from relay.channels.common import AdapterBase, b64decode_or_none, call_provider, require_header, same
+from relay.channels.common import AdapterBase, b64decode_or_none, call_provider, require_header, same, send_parts
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
 from relay.settings import SettingsError
 
@@ -166,7 +166,7 @@ class GenericAdapter(AdapterBase):
             raw=item,
         )
 
-    def send(self, reply_context: Mapping[str, str], message: OutboundMessage) -> list[str]:
+    def send(self, reply_context: Mapping[str, str], message: OutboundMessage, *, first_part: int = 0) -> list[str]:
         user_id = reply_context.get("user_id")
         if not user_id:
             raise ProviderRejected("the generic reply context needs 'user_id'")
@@ -182,7 +182,11 @@ class GenericAdapter(AdapterBase):
                                  if v} for m in message.media]
         if message.suggested_actions:
             payload["suggestedActions"] = list(message.suggested_actions)
+        # One callback carries the whole reply: a single part, so its webhook-id stays the key's own.
+        return send_parts([payload], self._post, first_part=first_part)
+
+    def _post(self, payload: dict[str, Any]) -> str:
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-        headers = {"Content-Type": "application/json", **standard_headers(self._callback_key, message_id, body)}
+        headers = {"Content-Type": "application/json", **standard_headers(self._callback_key, payload["id"], body)}
         call_provider(self.session, self.name, "POST", self.callback_url, data=body, headers=headers)
-        return [message_id]
+        return payload["id"]

@@ -25,6 +25,7 @@ from relay.channels.common import (
     numbered_list,
     response_json,
     same,
+    send_parts,
 )
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid, StaleTimestamp
 
@@ -163,7 +164,7 @@ class MessageBirdAdapter(AdapterBase):
             return f"{place.get('latitude')},{place.get('longitude')}", ()
         return str(content.get("text") or ""), ()
 
-    def send(self, reply_context: Mapping[str, str], message: OutboundMessage) -> list[str]:
+    def send(self, reply_context: Mapping[str, str], message: OutboundMessage, *, first_part: int = 0) -> list[str]:
         conversation_id = reply_context.get("conversation_id")
         if not conversation_id:
             raise ProviderRejected("the MessageBird reply context needs 'conversation_id'")
@@ -172,12 +173,13 @@ class MessageBirdAdapter(AdapterBase):
         text = numbered_list(message.text, message.suggested_actions)
         if text:
             bodies.append({"type": "text", "content": {"text": text}})
-        ids = []
-        for body in bodies:
+
+        def post(body: dict[str, Any]) -> str:
             response = call_provider(self.session, self.name, "POST", url, json=body,
                                      headers={"Authorization": f"AccessKey {self._access_key}"})
-            ids.append(str(response_json(response).get("id", "")))
-        return ids
+            return str(response_json(response).get("id", ""))
+
+        return send_parts(bodies, post, first_part=first_part)
 
     @staticmethod
     def _media_body(media: Media) -> dict[str, Any]:

@@ -3,6 +3,11 @@
 Twilio signs the URL it called plus every POST parameter sorted by name (HMAC-SHA1 with the Auth
 Token, base64). JSON webhooks carry `bodySHA256` in the URL instead and sign the URL alone. There
 is no timestamp, so no replay window: the relay dedupes on MessageSid.
+
+Inbound media (`MediaUrl{N}`) live under the API (`/2010-04-01/Accounts/{sid}/Messages/{sid}/Media/{sid}`),
+readable with the account's Basic auth unless the account turned HTTP auth off: they are marked
+protected and `fetch_media` downloads them with the credentials (Twilio then redirects to its CDN;
+`requests` drops the credentials on that other host).
 """
 
 from __future__ import annotations
@@ -14,14 +19,17 @@ import json
 from collections.abc import Mapping
 from urllib.parse import parse_qs, parse_qsl, urlsplit, urlunsplit
 
-from relay.channels.base import InboundMessage, Media, OutboundMessage, WebhookAnswer, WebhookRequest
+from relay.channels.base import InboundMessage, Media, MediaContent, OutboundMessage, WebhookAnswer, WebhookRequest
 from relay.channels.common import (
     AdapterBase,
     call_provider,
+    download,
+    media_file_name,
     numbered_list,
     require_header,
     response_json,
     same,
+    send_parts,
     split_text,
 )
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
@@ -111,7 +119,8 @@ class TwilioAdapter(AdapterBase):
         if not fields.get("From") or not fields.get("To"):
             raise BadPayload("the Twilio message has no From or To")
         media = tuple(
-            Media(url=fields[f"MediaUrl{index}"], content_type=fields.get(f"MediaContentType{index}") or None)
+            Media(url=fields[f"MediaUrl{index}"], content_type=fields.get(f"MediaContentType{index}") or None,
+                  protected=self._is_api_url(fields[f"MediaUrl{index}"]))
             for index in range(count) if fields.get(f"MediaUrl{index}")
         )
         return [InboundMessage(
@@ -123,6 +132,20 @@ class TwilioAdapter(AdapterBase):
             reply_context={"to": fields["From"], "from": fields["To"]},
             raw=fields,
         )]
+
+    def _is_api_url(self, url: str) -> bool:
+        """True for media on Twilio's API host: only there do our credentials go."""
+        media, api = urlsplit(url), urlsplit(self.api_base)
+        return (media.scheme, media.netloc.lower()) == (api.scheme, api.netloc.lower())
+
+    def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
+        if not self._is_api_url(media.url):
+            raise ProviderRejected("the Twilio media URL is not on the Twilio API host", code="MediaNotFetched")
+        content, served_type = download(self.session, self.name, media.url, max_bytes=max_bytes,
+                                        auth=(self.account_sid, self._token))
+        content_type = served_type or media.content_type or "application/octet-stream"
+        name = media.name or media_file_name(urlsplit(media.url).path.rstrip("/").rsplit("/", 1)[-1], content_type)
+        return MediaContent(content, content_type, name)
 
     def _fields(self, request: WebhookRequest) -> dict[str, str]:
         content_type = (request.header("Content-Type", "") or "").lower()
@@ -140,7 +163,7 @@ class TwilioAdapter(AdapterBase):
         """Empty TwiML: Twilio sends nothing back on its own; replies go through the API."""
         return WebhookAnswer(200, b'<?xml version="1.0" encoding="UTF-8"?><Response/>', "text/xml")
 
-    def send(self, reply_context: Mapping[str, str], message: OutboundMessage) -> list[str]:
+    def send(self, reply_context: Mapping[str, str], message: OutboundMessage, *, first_part: int = 0) -> list[str]:
         to, sender = reply_context.get("to"), reply_context.get("from")
         if not to or not sender:
             raise ProviderRejected("the Twilio reply context needs 'to' and 'from'")
@@ -149,18 +172,19 @@ class TwilioAdapter(AdapterBase):
         media_urls = [m.url for m in message.media]
         batches = [media_urls[i:i + MEDIA_PER_MESSAGE] for i in range(0, len(media_urls), MEDIA_PER_MESSAGE)]
         # Media ride with the first pieces of text (one message can carry both), extra batches go alone.
-        count = max(len(pieces), len(batches))
-        sids = []
-        for index in range(count):
+        forms: list[dict[str, str | list[str]]] = []
+        for index in range(max(len(pieces), len(batches))):
             form: dict[str, str | list[str]] = {"To": to, "From": sender}
             if index < len(pieces):
                 form["Body"] = pieces[index]
             if index < len(batches):
                 form["MediaUrl"] = batches[index]
-            response = call_provider(
-                self.session, self.name, "POST",
-                f"{self.api_base}/2010-04-01/Accounts/{self.account_sid}/Messages.json",
-                data=form, auth=(self.account_sid, self._token),
-            )
-            sids.append(str(response_json(response).get("sid", "")))
-        return sids
+            forms.append(form)
+        return send_parts(forms, self._post, first_part=first_part)
+
+    def _post(self, form: dict[str, str | list[str]]) -> str:
+        response = call_provider(
+            self.session, self.name, "POST", f"{self.api_base}/2010-04-01/Accounts/{self.account_sid}/Messages.json",
+            data=form, auth=(self.account_sid, self._token),
+        )
+        return str(response_json(response).get("sid", ""))

@@ -1,8 +1,9 @@
 """Meta WhatsApp Cloud API: the GET verification handshake, X-Hub-Signature-256 webhooks, Graph replies.
 
 One POST may carry several messages and delivery `statuses[]`; statuses are acknowledged, not
-relayed. Media arrive as ids: `Media.url` is the Graph media object (`{API_BASE}/{media-id}`),
-readable with the access token, which answers with the short-lived download URL.
+relayed. Media arrive as ids: `Media.url` is the Graph media object (`{API_BASE}/{media-id}`), marked
+protected: `fetch_media` reads it with the access token (`{url, mime_type, sha256, file_size, id}`) and
+downloads the short-lived `url` with the same bearer, as Meta documents.
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ import hmac
 import json
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
-from relay.channels.base import InboundMessage, Media, OutboundMessage, WebhookAnswer, WebhookRequest
+from relay.channels.base import InboundMessage, Media, MediaContent, OutboundMessage, WebhookAnswer, WebhookRequest
 from relay.channels.common import (
     AdapterBase,
     call_provider,
+    download,
+    media_file_name,
     numbered_list,
     require_header,
     response_json,
     same,
+    send_parts,
     split_text,
 )
-from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
+from relay.errors import BadPayload, ProviderRejected, ProviderUnavailable, SignatureInvalid
 
 TEXT_LIMIT = 4096
 BUTTON_LIMIT = 3
@@ -123,8 +127,8 @@ class WhatsAppAdapter(AdapterBase):
             item = message.get(kind) or {}
             if not item.get("id"):
                 raise BadPayload(f"WhatsApp {kind} message {message['id']} has no media id")
-            media = Media(url=f"{self.api_base}/{item['id']}", content_type=item.get("mime_type"),
-                          name=item.get("filename"))
+            media = Media(url=f"{self.api_base}/{quote(str(item['id']), safe='')}",
+                          content_type=item.get("mime_type"), name=item.get("filename"), protected=True)
             return str(item.get("caption", "")), (media,)
         if kind == "interactive":
             interactive = message.get("interactive") or {}
@@ -140,13 +144,31 @@ class WhatsAppAdapter(AdapterBase):
             return (f"{label} ({coordinates})" if label else coordinates), ()
         return None
 
-    def send(self, reply_context: Mapping[str, str], message: OutboundMessage) -> list[str]:
+    def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
+        """The media object first (download URL, type, size, hash), then its bytes, both with the access token."""
+        bearer = {"Authorization": f"Bearer {self._access_token}"}
+        info = response_json(call_provider(self.session, self.name, "GET", media.url, headers=bearer))
+        if not isinstance(info.get("url"), str) or not info["url"].startswith(("https://", "http://")):
+            raise ProviderRejected("the WhatsApp media object has no download url", code="MediaNotFound")
+        size = str(info.get("file_size") or "")
+        if size.isdigit() and int(size) > max_bytes:
+            raise ProviderRejected(f"the WhatsApp media has {size} bytes, over the {max_bytes} the relay forwards",
+                                   code="MediaTooLarge")
+        content, served_type = download(self.session, self.name, info["url"], max_bytes=max_bytes, headers=bearer)
+        expected = str(info.get("sha256") or "").lower()
+        if expected and not hmac.compare_digest(hashlib.sha256(content).hexdigest(), expected):
+            raise ProviderUnavailable("the WhatsApp media download does not match its sha256")
+        content_type = (str(info.get("mime_type") or "") or served_type or media.content_type
+                        or "application/octet-stream").split(";")[0].strip()
+        name = media.name or media_file_name(str(info.get("id") or media.url.rsplit("/", 1)[-1]), content_type)
+        return MediaContent(content, content_type, name)
+
+    def send(self, reply_context: Mapping[str, str], message: OutboundMessage, *, first_part: int = 0) -> list[str]:
         to = reply_context.get("to")
         if not to:
             raise ProviderRejected("the WhatsApp reply context needs 'to'")
         url = f"{self.api_base}/{reply_context.get('phone_number_id') or self.phone_number_id}/messages"
-        ids = [self._post(url, to, body) for body in self._bodies(message)]
-        return ids
+        return send_parts(self._bodies(message), lambda body: self._post(url, to, body), first_part=first_part)
 
     def _bodies(self, message: OutboundMessage) -> list[dict[str, Any]]:
         bodies: list[dict[str, Any]] = [

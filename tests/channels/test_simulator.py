@@ -3,6 +3,8 @@ is one, by the provider's own library), checks reply credentials, serves its pag
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import subprocess
 from urllib.parse import parse_qsl
@@ -111,10 +113,15 @@ def test_page_and_cli(sim, fake_relay):
 
 
 def test_whatsapp_media_ids_resolve_through_the_graph_media_endpoint(sim, fake_relay):
-    sim.send_inbound("whatsapp", "15550001", "", media=[{"url": "https://cdn.example/v.mp4"}])
+    video = b"\x00\x00\x00\x18ftypmp42 not really a video"
+    sim.send_inbound("whatsapp", "15550001", "", media=[{"url": "data:video/mp4;base64," +
+                                                          base64.b64encode(video).decode()}])
     [(_, _, [message])] = fake_relay.received
     media_url = message.media[0].url.replace("http://127.0.0.1:3001", sim.url)
-    resolved = requests.get(media_url, headers={"Authorization": f"Bearer {DEV_VALUES['WHATSAPP_ACCESS_TOKEN']}"},
-                            timeout=10)
-    assert resolved.json()["url"] == "https://cdn.example/v.mp4"
+    bearer = {"Authorization": f"Bearer {DEV_VALUES['WHATSAPP_ACCESS_TOKEN']}"}
+    resolved = requests.get(media_url, headers=bearer, timeout=10).json()
+    assert (resolved["mime_type"], resolved["file_size"]) == ("video/mp4", len(video))
+    assert resolved["sha256"] == hashlib.sha256(video).hexdigest()
+    assert requests.get(resolved["url"], timeout=10).status_code == 401  # like Meta's: only with the token
+    assert requests.get(resolved["url"], headers=bearer, timeout=10).content == video
     assert json.loads(json.dumps(message.raw))["message"]["type"] == "video"

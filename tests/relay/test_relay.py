@@ -3,6 +3,7 @@ exactly once, through the local host, Azurite, the Direct Line emulator and the 
 
 from __future__ import annotations
 
+import base64
 import threading
 from dataclasses import replace
 
@@ -10,10 +11,11 @@ import pytest
 import requests
 
 from devstack.bot import EchoBot
-from devstack.procs import wait_until
+from devstack.channels import DEV_VALUES
+from devstack.procs import free_port, wait_until
 from relay.store import ENDED
 from tests.conftest import subprocess_env
-from tests.relay.conftest import NEVER, PROVIDERS
+from tests.relay.conftest import NEVER, PROVIDERS, RelayStack
 
 USERS = {"twilio": "+15550000001", "whatsapp": "15550000002", "messagebird": "+15550000003",
          "bird": "+15550000004", "generic": "user-5"}
@@ -235,3 +237,102 @@ def test_token_direct_line_no_longer_accepts_is_replaced(relay_stack):
     stack.send("twilio", user, "second")
     assert stack.wait_for_replies("twilio", user, 2) == ["You said: first", "You said: second"]
     assert stack.record("twilio", user).conversation_id == record.conversation_id
+
+
+LONG_TEXT = " ".join(f"word{n:03d}" for n in range(250))  # 1,999 characters: "You said: ..." takes 2 Twilio messages
+
+
+def test_a_long_reply_failing_part_way_is_resumed_not_repeated(relay_stack):
+    stack = relay_stack()
+    user = "+15550014000"
+    stack.simulator.fail_next("twilio", 503, after=1, retry_after=1)  # the reply's 2nd message fails once
+    stack.send("twilio", user, LONG_TEXT)
+    stack.wait_for_replies("twilio", user, 2)
+    wait_until(lambda: stack.simulator.pending_failures("twilio") == 0, timeout=10, what="the 503 to be served")
+    # Settled: the reply is recorded as delivered, with no part-way progress left to resume from.
+    wait_until(lambda: (ids := stack.record("twilio", user).delivered_ids) and not any("#" in i for i in ids),
+               timeout=20, what="the reply to be recorded as delivered")
+    replies = stack.replies("twilio", user)
+    assert len(replies) == 2  # each part once: the first was not sent again with the retry
+    assert " ".join(replies) == f"You said: {LONG_TEXT}"
+
+
+def test_a_long_reply_refused_part_way_is_dead_lettered_naming_the_part(relay_stack):
+    stack = relay_stack()
+    user = "+15550015000"
+    stack.simulator.fail_next("twilio", 400, after=1)
+    stack.send("twilio", user, LONG_TEXT)
+    key = stack.record("twilio", user).key
+    wait_until(lambda: stack.store.list_dead_letters(key), timeout=20, what="a dead letter")
+    [dead] = stack.store.list_dead_letters(key)
+    assert dead.kind == "reply" and "part 2 of 2" in dead.reason, dead.reason
+    stack.send("twilio", user, "next")
+    first, *rest = stack.wait_for_replies("twilio", user, 2)
+    assert f"You said: {LONG_TEXT}".startswith(first) and rest == ["You said: next"]  # the refused part is not retried
+
+
+PHOTO = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40  # binary, every byte value, ~10 KB
+PHOTO_URL = "data:image/png;base64," + base64.b64encode(PHOTO).decode()  # the file on the user's phone
+
+
+def user_activities(stack: RelayStack, provider: str, user: str) -> list[dict]:
+    activities = stack.emulator.conversation(stack.record(provider, user).conversation_id)["activities"]
+    return [a for a in activities if a.get("type") == "message" and (a.get("from") or {}).get("role") != "bot"]
+
+
+@pytest.mark.parametrize(("provider", "user"), [("whatsapp", "15550017000"), ("twilio", "whatsapp:+15550017001")])
+def test_media_behind_the_providers_credentials_reach_the_bot_as_files_it_can_open(relay_stack, provider, user):
+    stack = relay_stack()
+    answer = stack.send(provider, user, "look", media=[{"url": PHOTO_URL, "contentType": "image/png"}])
+    assert stack.wait_for_replies(provider, user, 1) == ["You said: look"]
+    [activity] = user_activities(stack, provider, user)  # exactly once
+    assert activity["channelData"]["clientActivityID"] == f"{provider}:{answer['message_id']}"
+    [attachment] = activity["attachments"]
+    assert attachment["contentType"] == "image/png"
+    assert not attachment["contentUrl"].startswith(stack.simulator.url)  # not the provider's protected URL
+    assert requests.get(attachment["contentUrl"], timeout=10).content == PHOTO  # the bot opens it, no credentials
+    assert "relayPendingMedia" not in activity
+    wait_until(lambda: stack.store.list_outbox(stack.record(provider, user).key) == [], timeout=20,
+               what="the outbox to empty")
+    assert len(user_activities(stack, provider, user)) == 1
+
+
+def test_a_media_download_outage_holds_the_message_until_the_provider_is_back(relay_stack):
+    stack = relay_stack()
+    user = "15550017002"
+    stack.simulator.fail_next("whatsapp", 503, retry_after=1)  # the media object cannot be read at first
+    stack.send("whatsapp", user, "look", media=[{"url": PHOTO_URL, "contentType": "image/png"}])
+    assert stack.wait_for_replies("whatsapp", user, 1) == ["You said: look"]
+    assert stack.simulator.pending_failures("whatsapp") == 0
+    [activity] = user_activities(stack, "whatsapp", user)
+    assert requests.get(activity["attachments"][0]["contentUrl"], timeout=10).content == PHOTO
+
+
+def test_media_the_provider_cannot_give_leave_the_text_for_the_bot_and_a_dead_letter(relay_stack):
+    stack = relay_stack()
+    user = "15550017003"
+    gone = f"http://127.0.0.1:{free_port()}/expired.png"  # nothing listens: the provider has no such file
+    stack.send("whatsapp", user, "look", media=[{"url": gone, "contentType": "image/png"}])
+    assert stack.wait_for_replies("whatsapp", user, 1) == ["You said: look"]
+    [activity] = user_activities(stack, "whatsapp", user)
+    assert not activity.get("attachments")
+    assert activity["channelData"]["relay"]["unavailableMedia"] == [{"contentType": "image/png",
+                                                                     "reason": "ProviderRejected"}]
+    key = stack.record("whatsapp", user).key
+    [dead] = stack.store.list_dead_letters(key)
+    assert dead.kind == "media" and "404" in dead.reason
+    assert DEV_VALUES["WHATSAPP_ACCESS_TOKEN"] not in dead.reason
+
+
+def test_an_ambiguous_upload_is_not_repeated(relay_stack):
+    stack = relay_stack()
+    user = "15550017004"
+    # Direct Line takes the upload and then fails the call: the relay must find it by clientActivityID.
+    stack.emulator.set_faults(error_502_rate=1.0, phase="after", endpoints=["upload"], limit=1)
+    stack.send("whatsapp", user, "look", media=[{"url": PHOTO_URL, "contentType": "image/png"}])
+    assert stack.wait_for_replies("whatsapp", user, 1) == ["You said: look"]
+    assert stack.emulator.counters()["faults"]["502"] == 1
+    wait_until(lambda: stack.store.list_outbox(stack.record("whatsapp", user).key) == [], timeout=20,
+               what="the outbox to empty")
+    [activity] = user_activities(stack, "whatsapp", user)
+    assert requests.get(activity["attachments"][0]["contentUrl"], timeout=10).content == PHOTO
