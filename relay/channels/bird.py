@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +18,7 @@ from relay.channels.common import (
     AdapterBase,
     b64decode_or_none,
     call_provider,
+    json_body,
     numbered_list,
     require_header,
     response_json,
@@ -55,10 +55,7 @@ class BirdAdapter(AdapterBase):
             raise SignatureInvalid("the messagebird-signature does not match the request")
 
     def parse(self, request: WebhookRequest) -> list[InboundMessage]:
-        try:
-            body = json.loads(request.body)
-        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
-            raise BadPayload("the body is not valid JSON") from None
+        body = json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("payload"), dict):
             raise BadPayload("the Bird webhook has no payload object")
         payload = body["payload"]

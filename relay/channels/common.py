@@ -11,6 +11,7 @@ import base64
 import binascii
 import email.utils
 import hmac
+import json
 import mimetypes
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from requests.adapters import HTTPAdapter
 
 from relay.channels.base import Media, MediaContent, WebhookAnswer, WebhookRequest
 from relay.errors import (
+    BadPayload,
     PayloadTooLarge,
     ProviderError,
     ProviderRejected,
@@ -84,6 +86,14 @@ class AdapterBase:
         if abs(self.clock() - stamp) > self.window_seconds:
             raise StaleTimestamp(f"the {header} is outside the {self.window_seconds:g}s replay window")
         return stamp
+
+
+def json_body(request: WebhookRequest) -> Any:
+    """The request's JSON body; BadPayload for anything that is not JSON (invalid UTF-8, nested too deeply)."""
+    try:
+        return json.loads(request.body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadPayload("the body is not valid JSON") from None
 
 
 def require_header(request: WebhookRequest, name: str) -> str:

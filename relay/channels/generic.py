@@ -27,7 +27,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from relay.channels.base import InboundMessage, Media, OutboundMessage, WebhookRequest
-from relay.channels.common import AdapterBase, b64decode_or_none, call_provider, require_header, same, send_parts
+from relay.channels.common import (
+    AdapterBase,
+    b64decode_or_none,
+    call_provider,
+    json_body,
+    require_header,
+    same,
+    send_parts,
+)
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
 from relay.settings import SettingsError
 
@@ -121,10 +129,7 @@ class GenericAdapter(AdapterBase):
         raise SignatureInvalid("no webhook-signature matches the body")
 
     def parse(self, request: WebhookRequest) -> list[InboundMessage]:
-        try:
-            body = json.loads(request.body)
-        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
-            raise BadPayload("the body is not valid JSON") from None
+        body = json_body(request)
         if isinstance(body, dict) and isinstance(body.get("messages"), list):
             items = body["messages"]
         elif isinstance(body, dict):

@@ -22,6 +22,7 @@ from relay.channels.common import (
     AdapterBase,
     b64decode_or_none,
     call_provider,
+    json_body,
     numbered_list,
     response_json,
     same,
@@ -120,10 +121,7 @@ class MessageBirdAdapter(AdapterBase):
             raise SignatureInvalid("the MessageBird-Signature does not match the request")
 
     def parse(self, request: WebhookRequest) -> list[InboundMessage]:
-        try:
-            body = json.loads(request.body)
-        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
-            raise BadPayload("the body is not valid JSON") from None
+        body = json_body(request)
         if not isinstance(body, dict):
             raise BadPayload("the MessageBird webhook is not a JSON object")
         message = body.get("message")

@@ -24,6 +24,7 @@ from relay.channels.common import (
     AdapterBase,
     call_provider,
     download,
+    json_body,
     media_file_name,
     numbered_list,
     require_header,
@@ -150,10 +151,7 @@ class TwilioAdapter(AdapterBase):
     def _fields(self, request: WebhookRequest) -> dict[str, str]:
         content_type = (request.header("Content-Type", "") or "").lower()
         if "json" in content_type or "bodySHA256" in request.url:
-            try:
-                body = json.loads(request.body)
-            except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
-                raise BadPayload("the body is not valid JSON") from None
+            body = json_body(request)
             if not isinstance(body, dict):
                 raise BadPayload("the JSON body is not an object")
             return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in body.items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -20,6 +19,7 @@ from relay.channels.common import (
     AdapterBase,
     call_provider,
     download,
+    json_body,
     media_file_name,
     numbered_list,
     require_header,
@@ -74,10 +74,7 @@ class WhatsAppAdapter(AdapterBase):
             raise SignatureInvalid("the X-Hub-Signature-256 does not match the body")
 
     def parse(self, request: WebhookRequest) -> list[InboundMessage]:
-        try:
-            body = json.loads(request.body)
-        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
-            raise BadPayload("the body is not valid JSON") from None
+        body = json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("entry"), list):
             raise BadPayload("the WhatsApp webhook has no entry[] list")
         messages = []
