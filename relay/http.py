@@ -104,12 +104,7 @@ def cors_call(req: func.HttpRequest, call: Callable[[], dict], *, origin_allowed
         return error_response(403, "OriginNotAllowed", f"The origin {origin[:100]} may not call this endpoint")
     if req.method == "OPTIONS":
         return func.HttpResponse(status_code=204, headers={**cors, **PREFLIGHT_HEADERS, "Allow": "POST, OPTIONS"})
-    try:
-        return json_response(call(), headers=cors)
-    except RelayError as error:
-        if error.status >= 500:
-            log.warning("answering %d %s: %s", error.status, error.code, error)
-        return relay_error_response(error, {**cors, "Vary": "Origin"})
+    return guarded(lambda: json_response(call(), headers=cors), error_headers={**cors, "Vary": "Origin"})
 
 
 def file_response(content: bytes, mimetype: str, *, max_age: int = 300) -> func.HttpResponse:
@@ -131,14 +126,16 @@ def answer_response(answer: WebhookAnswer) -> func.HttpResponse:
     return func.HttpResponse(answer.body, status_code=answer.status, mimetype=answer.content_type)
 
 
-def guarded(handler: Callable[[], func.HttpResponse]) -> func.HttpResponse:
-    """Run a handler; the relay's own errors become their JSON answer, a bad setting a 503 naming it."""
+def guarded(handler: Callable[[], func.HttpResponse], *,
+            error_headers: dict[str, str] | None = None) -> func.HttpResponse:
+    """Run a handler; the relay's own errors become their JSON answer (with `error_headers`), a bad
+    setting a 503 naming it."""
     try:
         return handler()
     except RelayError as error:
         if error.status >= 500:
             log.warning("answering %d %s: %s", error.status, error.code, error)
-        return relay_error_response(error)
+        return relay_error_response(error, error_headers)
     except SettingsError as error:
         log.error("app settings are not valid: %s", error)
         return error_response(503, "Misconfigured", str(error))

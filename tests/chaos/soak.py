@@ -51,14 +51,13 @@ from devstack.procs import ROOT, Azurite, ManagedProcess, free_port, http_ok, py
 from relay.activities import directline_user_id
 from relay.settings import StorageSettings
 from relay.store import ConversationKey, RelayStore
+from tests.conftest import subprocess_env
 from tests.security.leaks import log_files, scan
 
 PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic")
 SECRET = "chaos-directline-secret"
 ECHO = "You said: "
 STALE_LEASE_AFTER = timedelta(seconds=15)  # past expiry, with pollers ticking every second: nobody takes it over
-CLEAN_ENV_PREFIXES = ("DIRECTLINE_", "RELAY_", "TWILIO_", "WHATSAPP_", "MESSAGEBIRD_", "BIRD_", "GENERIC_",
-                      "WEBCHAT_", "AzureWebJobs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,11 +123,6 @@ class ChaosReport:
         return "\n".join(lines)
 
 
-def child_env(**values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_ENV_PREFIXES)}
-    return {**env, "PYTHONUNBUFFERED": "1", **values}
-
-
 def user_address(provider: str, index: int) -> str:
     return {"twilio": f"+1555{index:07d}", "whatsapp": f"4477{index:08d}", "messagebird": f"+3161{index:07d}",
             "bird": f"+4915{index:08d}", "generic": f"chaos-user-{index}"}[provider]
@@ -152,11 +146,11 @@ class ChaosStack:
     def __init__(self, workdir: Path, seed: int):
         self.workdir = workdir
         self.azurite = Azurite(location=workdir / "azurite", log_path=workdir / "azurite.log")
-        self.emulator = DirectLineEmulator(secret=SECRET, env=child_env(), log_path=workdir / "directline.log",
+        self.emulator = DirectLineEmulator(secret=SECRET, env=subprocess_env(), log_path=workdir / "directline.log",
                                            extra_args=("--late-reply-seconds", "1", "--seed", str(seed)))
         self.ports = {"a": free_port(), "b": free_port()}
         self.public_url = f"http://127.0.0.1:{self.ports['a']}"
-        self.simulator = ProviderSimulator(relay_url=self.public_url, env=child_env(),
+        self.simulator = ProviderSimulator(relay_url=self.public_url, env=subprocess_env(),
                                            log_path=workdir / "simulator.log")
         self.hosts: dict[str, ManagedProcess] = {}
         self.prefix = "chaos" + format(seed, "x")
@@ -185,7 +179,7 @@ class ChaosStack:
             process.stop()
 
     def host_env(self) -> dict[str, str]:
-        return child_env(**{
+        return subprocess_env(**{
             **DEV_VALUES, **self.simulator.api_bases(),
             "AzureWebJobsStorage": self.azurite.connection_string,
             "RELAY_TABLE_PREFIX": self.prefix,
