@@ -9,7 +9,7 @@ NODE_STAMP := node_modules/.installed
 CHECKOV := .tools/checkov
 CHECKOV_STAMP := $(CHECKOV)/.installed
 
-.PHONY: deps browser run test lint bench soak clean
+.PHONY: deps browser run test lint bench soak package clean
 
 $(PY_STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,9 +54,13 @@ soak: deps
 bench: deps
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
+# The zip `azd deploy` uploads, built as azd builds it (honouring .funcignore): dist/relay.zip.
+package: $(PY_STAMP)
+	$(PY) -m devstack.package --output dist/relay.zip
+
 lint: $(PY_STAMP) $(CHECKOV_STAMP)
 	$(PY) -m ruff check .
 	$(CHECKOV)/bin/checkov -d infra --framework bicep --quiet --compact --skip-download
 
 clean:
-	rm -rf $(VENV) node_modules .azurite .pytest_cache .ruff_cache .tools
+	rm -rf $(VENV) node_modules .azurite .pytest_cache .ruff_cache .tools dist

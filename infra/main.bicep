@@ -9,7 +9,42 @@ targetScope = 'subscription'
 @description('azd environment name: names the resource group and seeds every resource name.')
 param environmentName string
 
-@minLength(1)
+// The regions that offer Flex Consumption (`az functionapp list-flexconsumption-locations`; the same
+// list as Azure-Samples' Flex Consumption azd templates, less the eastus2euap canary). A region
+// outside it fails here, before anything is created. Add a region here when Azure adds it.
+@allowed([
+  'australiaeast'
+  'australiasoutheast'
+  'brazilsouth'
+  'canadacentral'
+  'centralindia'
+  'centralus'
+  'eastasia'
+  'eastus'
+  'eastus2'
+  'francecentral'
+  'germanywestcentral'
+  'italynorth'
+  'japaneast'
+  'koreacentral'
+  'northcentralus'
+  'northeurope'
+  'norwayeast'
+  'southafricanorth'
+  'southcentralus'
+  'southeastasia'
+  'southindia'
+  'spaincentral'
+  'swedencentral'
+  'uaenorth'
+  'uksouth'
+  'ukwest'
+  'westcentralus'
+  'westeurope'
+  'westus'
+  'westus2'
+  'westus3'
+])
 @description('Azure region of every resource (one that offers Flex Consumption).')
 @metadata({
   azd: {
@@ -18,8 +53,11 @@ param environmentName string
 })
 param location string
 
-@description('Object id of the deploying user (azd fills it in): gets data access to the relay\'s storage and secrets for local runs. Empty: none.')
+@description('Object id of the deploying user (azd fills it in).')
 param principalId string = ''
+
+@description('Give the deploying principal data access (Storage Blob/Table/Queue data roles, Key Vault Secrets User) to run the relay locally against these resources. Off in production, where a CI service principal deploys.')
+param deployerDataAccess bool = true
 
 @allowed([
   'User'
@@ -43,6 +81,9 @@ param instanceMemoryMB int = 2048
 
 @description('Daily ingestion cap of the Log Analytics workspace in GB (-1: no cap).')
 param logDailyCapGb int = 1
+
+@description('Key Vault purge protection: on for production (a deleted vault cannot be purged for 7 days, and the setting is permanent); off by default so `azd down --purge` frees the vault\'s name for the next `azd up`.')
+param keyVaultPurgeProtection bool = false
 
 // Secrets: stored in Key Vault, referenced from app settings. Empty means the channel is off.
 @secure()
@@ -108,6 +149,9 @@ param webChatAllowedOrigins string = ''
 
 @description('WEBCHAT_DEMO_ENABLED: serve the Web Chat demo page (true/false).')
 param webChatDemoEnabled string = ''
+
+@description('WEBCHAT_BUNDLE_URL: where the demo page loads Web Chat from (empty: Microsoft\'s published bundle).')
+param webChatBundleUrl string = ''
 
 @description('TWILIO_ACCOUNT_SID.')
 param twilioAccountSid string = ''
@@ -208,6 +252,8 @@ module keyVault 'modules/key-vault.bicep' = {
     name: 'kv-${resourceToken}'
     location: location
     tags: tags
+    purgeProtection: keyVaultPurgeProtection
+    workspaceId: monitoring.outputs.workspaceId
     secrets: secrets
   }
 }
@@ -217,7 +263,7 @@ module roles 'modules/role-assignments.bicep' = {
   scope: rg
   params: {
     identityPrincipalId: identity.outputs.principalId
-    userPrincipalId: principalId
+    userPrincipalId: deployerDataAccess ? principalId : ''
     userPrincipalType: principalType
     storageAccountName: storage.outputs.name
     applicationInsightsName: monitoring.outputs.applicationInsightsName
@@ -254,6 +300,7 @@ module app 'modules/function-app.bicep' = {
       RELAY_OMNICHANNEL_CONTEXT: omnichannelContext
       WEBCHAT_ALLOWED_ORIGINS: webChatAllowedOrigins
       WEBCHAT_DEMO_ENABLED: webChatDemoEnabled
+      WEBCHAT_BUNDLE_URL: webChatBundleUrl
       TWILIO_ACCOUNT_SID: twilioAccountSid
       TWILIO_AUTH_TOKEN: empty(twilioAuthToken) ? '' : '${kvRef}twilio-auth-token/)'
       WHATSAPP_APP_SECRET: empty(whatsAppAppSecret) ? '' : '${kvRef}whatsapp-app-secret/)'

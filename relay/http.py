@@ -145,7 +145,10 @@ def serve_webchat_file(name: str) -> func.HttpResponse:
     """GET /api/webchat/{name}: relay-webchat.js always; the demo page and Web Chat's bundle when the demo is on."""
 
     def answer() -> func.HttpResponse:
-        asset = get_webchat_asset(name, demo_enabled=get_settings().webchat.demo_enabled)
+        asset = get_webchat_asset(name, webchat=get_settings().webchat)
+        if asset.redirect_to:
+            return func.HttpResponse(status_code=302, headers={"Location": asset.redirect_to,
+                                                               "Cache-Control": "public, max-age=300"})
         return file_response(asset.content, asset.mimetype)
 
     return guarded(answer)

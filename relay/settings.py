@@ -29,6 +29,10 @@ class Setting:
     group: str = "core"
 
 
+# Microsoft's published Web Chat bundle, the version package.json installs for the local demo and tests.
+WEBCHAT_CDN_BUNDLE = "https://cdn.botframework.com/botframework-webchat/4.18.1/webchat.js"
+
+
 def _catalogue(*settings: Setting) -> dict[str, Setting]:
     return {s.name: s for s in settings}
 
@@ -82,6 +86,9 @@ SETTINGS: dict[str, Setting] = _catalogue(
     Setting("WEBCHAT_ALLOWED_ORIGINS", "Comma-separated origins allowed to call the token endpoints (CORS).",
             default="", group="webchat"),
     Setting("WEBCHAT_DEMO_ENABLED", "Serve the Web Chat demo page (true/false).", default="false",
+            group="webchat"),
+    Setting("WEBCHAT_BUNDLE_URL", "Where the demo page loads Bot Framework Web Chat from when the app has no "
+            "bundle of its own (always in Azure: node_modules is not deployed).", default=WEBCHAT_CDN_BUNDLE,
             group="webchat"),
     Setting("WEBCHAT_TOKEN_RATE_LIMIT", "Tokens one client address may obtain per minute (and, separately, "
             "resume attempts it may make).", default="10",
@@ -246,6 +253,7 @@ class WebChatSettings:
     allowed_origins: tuple[str, ...]
     demo_enabled: bool
     token_rate_limit: int
+    bundle_url: str
 
 
 @dataclass(frozen=True)
@@ -344,6 +352,7 @@ def _webchat(env: _Environment) -> WebChatSettings:
         allowed_origins=origins,
         demo_enabled=env.flag("WEBCHAT_DEMO_ENABLED"),
         token_rate_limit=env.integer("WEBCHAT_TOKEN_RATE_LIMIT", minimum=1),
+        bundle_url=env.url("WEBCHAT_BUNDLE_URL"),
     )
 
 

@@ -45,7 +45,7 @@ from relay.errors import (
     TokenExpired,
     WebChatError,
 )
-from relay.settings import Settings, get_settings
+from relay.settings import Settings, WebChatSettings, get_settings
 from relay.store import (
     RESUMED,
     RETRIED,
@@ -256,8 +256,11 @@ def _origin_of(url: str) -> str:
 
 @dataclass(frozen=True)
 class Asset:
-    content: bytes
-    mimetype: str
+    """A file the app serves, or (`redirect_to`) the URL the browser fetches it from instead."""
+
+    content: bytes = b""
+    mimetype: str = ""
+    redirect_to: str = ""
 
 
 _ASSETS = {  # name: (file, mimetype, served only when the demo is on)
@@ -267,18 +270,22 @@ _ASSETS = {  # name: (file, mimetype, served only when the demo is on)
 }
 
 
-def get_webchat_asset(name: str, *, demo_enabled: bool) -> Asset:
-    """The script pages include (always), and the demo page with its Web Chat bundle (when the demo is on)."""
+def get_webchat_asset(name: str, *, webchat: WebChatSettings) -> Asset:
+    """The script pages include (always), and the demo page with its Web Chat bundle (when the demo is on).
+
+    The bundle is served from node_modules where npm installed it (the local stack); a deployed app
+    has no node_modules, so the page is sent to WEBCHAT_BUNDLE_URL (Microsoft's CDN by default)."""
     if name not in _ASSETS:
         raise WebChatError(f"No Web Chat file named {name!r}", status=404, code="NotFound")
     path, mimetype, demo_only = _ASSETS[name]
-    if demo_only and not demo_enabled:
+    if demo_only and not webchat.demo_enabled:
         raise WebChatError("The Web Chat demo is off: set WEBCHAT_DEMO_ENABLED=true", status=404,
                            code="DemoDisabled")
     content = _read_asset(path)
+    if content is None and path == WEBCHAT_BUNDLE:
+        return Asset(redirect_to=webchat.bundle_url)
     if content is None:
-        raise WebChatError("The Web Chat bundle is not installed here: run `npm ci` (botframework-webchat)",
-                           status=404, code="BundleMissing")
+        raise WebChatError(f"{name} is missing from this deployment", status=404, code="NotFound")
     return Asset(content, mimetype)
 
 

@@ -54,6 +54,34 @@ DEPLOYMENT_MUST_SET = {
     "AzureWebJobsStorage__tableServiceUri": "identity-based storage for the relay's tables",
 }
 
+# What Flex Consumption refuses or ignores (Learn, "Flex Consumption plan deprecations",
+# https://learn.microsoft.com/azure/azure-functions/functions-app-settings#flex-consumption-plan-deprecations).
+# A site property of these names fails the deployment (ftpsState: ARM error 51021) or is ignored.
+FLEX_REJECTED_PROPERTIES = {
+    "alwaysOn", "isReserved", "IsXenon", "windowsFxVersion", "containerSize", "dnsConfiguration", "ftpsState",
+    "javaVersion", "netFrameworkVersion", "powerShellVersion", "linuxFxVersion", "functionAppScaleLimit",
+    "preWarmedInstanceCount", "use32BitWorkerProcess", "vnetBackupRestoreEnabled", "vnetContentShareEnabled",
+    "vnetImagePullEnabled", "vnetRouteAllEnabled",
+}
+FLEX_REJECTED_SETTINGS = {
+    "ENABLE_ORYX_BUILD", "SCM_DO_BUILD_DURING_DEPLOYMENT", "FUNCTIONS_EXTENSION_VERSION", "FUNCTIONS_WORKER_RUNTIME",
+    "FUNCTIONS_WORKER_RUNTIME_VERSION", "WEBSITE_NODE_DEFAULT_VERSION", "FUNCTIONS_MAX_HTTP_CONCURRENCY",
+    "FUNCTIONS_WORKER_PROCESS_COUNT", "FUNCTIONS_WORKER_DYNAMIC_CONCURRENCY_ENABLED",
+    "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING", "WEBSITE_CONTENTSHARE", "WEBSITE_CONTENTOVERVNET",
+    "WEBSITE_VNET_ROUTE_ALL", "WEBSITE_DNS_SERVER", "WEBSITE_MAX_DYNAMIC_APPLICATION_SCALE_OUT",
+    "WEBSITE_RUN_FROM_PACKAGE", "WEBSITE_SKIP_CONTENTSHARE_VALIDATION",
+}
+
+# The regions that offer Flex Consumption: `az functionapp list-flexconsumption-locations`, as the
+# Azure-Samples Flex Consumption azd templates list them (less the eastus2euap canary).
+FLEX_REGIONS = {
+    "australiaeast", "australiasoutheast", "brazilsouth", "canadacentral", "centralindia", "centralus", "eastasia",
+    "eastus", "eastus2", "francecentral", "germanywestcentral", "italynorth", "japaneast", "koreacentral",
+    "northcentralus", "northeurope", "norwayeast", "southafricanorth", "southcentralus", "southeastasia",
+    "southindia", "spaincentral", "swedencentral", "uaenorth", "uksouth", "ukwest", "westcentralus", "westeurope",
+    "westus", "westus2", "westus3",
+}
+
 # Catalogued settings without a useful default that Azure deliberately does not get.
 NOT_PROVISIONED = {
     "AzureWebJobsStorage": "a connection string needs shared keys, which are off; the identity settings replace it",
@@ -168,6 +196,30 @@ def check_app_settings(settings: dict[str, object]) -> list[str]:
             if fallback != (setting.default or ""):
                 problems.append(
                     f"{name} falls back to {fallback!r} but relay/settings.py's default is {setting.default!r}")
+    return problems
+
+
+def keys(node) -> Iterator[str]:
+    """Every object key of a parsed template, at any depth."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield unquote(key)
+            yield from keys(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from keys(value)
+
+
+def check_flex_consumption(templates: dict[str, dict], settings: dict[str, object]) -> list[str]:
+    """Every property and app setting Flex Consumption rejects, wherever it appears."""
+    rejected = {name.lower(): name for name in FLEX_REJECTED_PROPERTIES}
+    problems = [
+        f"{file}: {key} is rejected on Flex Consumption (Learn: Flex Consumption plan deprecations)"
+        for file, parsed in templates.items()
+        for key in sorted(set(keys(parsed.get("resources", {})))) if key.lower() in rejected
+    ]
+    problems += [f"app setting {name} is rejected on Flex Consumption (Learn: Flex Consumption plan deprecations)"
+                 for name in sorted(settings) if name.upper() in FLEX_REJECTED_SETTINGS]
     return problems
 
 
@@ -451,7 +503,7 @@ def test_flex_consumption_app_is_python_311_https_only_without_ftp(main, functio
     props = site["properties"]
     assert props["httpsOnly"] is True
     assert props["keyVaultReferenceIdentity"] == "identityId"
-    assert props["siteConfig"]["minTlsVersion"] == "1.2" and props["siteConfig"]["ftpsState"] == "Disabled"
+    assert props["siteConfig"]["minTlsVersion"] == "1.2" and "ftpsState" not in props["siteConfig"]
     config = props["functionAppConfig"]
     assert config["runtime"] == {"name": "python", "version": "3.11"}
     assert config["scaleAndConcurrency"] == {"maximumInstanceCount": "maximumInstanceCount",
@@ -471,7 +523,7 @@ def test_storage_key_vault_and_monitoring_are_keyless():
     assert storage["minimumTlsVersion"] == "TLS1_2"
     vault = _resources(INFRA / "modules" / "key-vault.bicep")["Microsoft.KeyVault/vaults:vault"]["properties"]
     assert vault["enableRbacAuthorization"] is True
-    assert vault["enableSoftDelete"] is True and vault["enablePurgeProtection"] is True
+    assert vault["enableSoftDelete"] is True
     monitoring = _resources(INFRA / "modules" / "monitoring.bicep")
     assert monitoring["Microsoft.Insights/components:applicationInsights"]["properties"]["DisableLocalAuth"] is True
     workspace = monitoring["Microsoft.OperationalInsights/workspaces:workspace"]["properties"]
@@ -492,3 +544,109 @@ def test_azure_yaml_deploys_the_relay_service_to_the_tagged_function_app(functio
     assert re.search(r"^services:\n  relay:\n    project: \.\n    language: python\n    host: function$", text, re.M)
     site = next(r["config"] for r in function_app["resources"].values() if r["type"] == "Microsoft.Web/sites")
     assert site["tags"]["function"]["parameters"]["arg_2"] == {"'azd-service-name'": "relay"}
+
+
+# --- Flex Consumption, and a second `azd up` --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def templates() -> dict[str, dict]:
+    """Every file of infra/, parsed (pycep takes seconds a file: once per module)."""
+    return {str(path.relative_to(INFRA)): parse(path.read_text()) for path in BICEP_FILES}
+
+
+def test_nothing_flex_consumption_rejects_is_provisioned(main, function_app, templates):
+    settings = provisioned_app_settings(main, function_app, [])
+    assert check_flex_consumption(templates, settings) == []
+
+
+@pytest.mark.parametrize(("old", "new", "problem"), [
+    ("      minTlsVersion: '1.2'\n", "      minTlsVersion: '1.2'\n      ftpsState: 'Disabled'\n",
+     "modules/function-app.bicep: ftpsState is rejected"),
+    ("      minTlsVersion: '1.2'\n", "      minTlsVersion: '1.2'\n      linuxFxVersion: 'Python|3.11'\n",
+     "modules/function-app.bicep: linuxFxVersion is rejected"),
+    ("    httpsOnly: true\n", "    httpsOnly: true\n    use32BitWorkerProcess: false\n",
+     "modules/function-app.bicep: use32BitWorkerProcess is rejected"),
+    ("  AZURE_CLIENT_ID: identityClientId\n",
+     "  AZURE_CLIENT_ID: identityClientId\n  FUNCTIONS_WORKER_RUNTIME: 'python'\n",
+     "app setting FUNCTIONS_WORKER_RUNTIME is rejected"),
+    ("  AZURE_CLIENT_ID: identityClientId\n",
+     "  AZURE_CLIENT_ID: identityClientId\n  WEBSITE_RUN_FROM_PACKAGE: '1'\n",
+     "app setting WEBSITE_RUN_FROM_PACKAGE is rejected"),
+    ("  AZURE_CLIENT_ID: identityClientId\n",
+     "  AZURE_CLIENT_ID: identityClientId\n  WEBSITE_CONTENTSHARE: name\n  FUNCTIONS_EXTENSION_VERSION: '~4'\n",
+     "app setting WEBSITE_CONTENTSHARE is rejected"),
+])
+def test_the_flex_check_refuses_each_rejected_property_and_setting(main, templates, old, new, problem):
+    text = FUNCTION_APP.read_text()
+    mutated = text.replace(old, new, 1)
+    assert mutated != text
+    mutated_templates = {**templates, "modules/function-app.bicep": parse(mutated)}
+    settings = provisioned_app_settings(main, mutated_templates["modules/function-app.bicep"], [])
+    assert any(p.startswith(problem) for p in check_flex_consumption(mutated_templates, settings))
+
+
+def test_ftp_stays_off_through_the_publishing_policy_and_checkov_knows_why(function_app):
+    policies = {r["config"]["name"]: r["config"]["properties"] for r in function_app["resources"].values()
+                if r["type"] == "Microsoft.Web/sites/basicPublishingCredentialsPolicies"}
+    assert policies["ftp"] == {"allow": False}
+    assert re.search(r"checkov:skip=CKV_AZURE_78: Flex Consumption rejects siteConfig\.ftpsState",
+                     FUNCTION_APP.read_text())
+
+
+def test_the_location_must_be_a_flex_consumption_region(main):
+    location = main["parameters"]["location"]
+    allowed = next(d["argument"] for d in location["decorators"] if d["type"] == "allowed")
+    assert set(allowed) == FLEX_REGIONS and len(allowed) == len(FLEX_REGIONS)
+    assert {"eastus2euap", "westindia", "brazilsoutheast"}.isdisjoint(allowed)  # a canary; regions without FC1
+
+
+def test_purge_protection_is_a_parameter_off_by_default_and_never_sent_as_false(main, parameters):
+    param = main["parameters"]["keyVaultPurgeProtection"]
+    assert param["type"] == "bool" and param["default"] is False
+    assert parameters["parameters"]["keyVaultPurgeProtection"] == {"value": "${AZURE_KEY_VAULT_PURGE_PROTECTION=false}"}
+    assert main["modules"]["keyVault"]["config"]["params"]["purgeProtection"] == "keyVaultPurgeProtection"
+    vault = _resources(INFRA / "modules" / "key-vault.bicep")["Microsoft.KeyVault/vaults:vault"]["properties"]
+    # Key Vault refuses enablePurgeProtection=false on a vault that has it; absent (null) leaves it off.
+    assert vault["enablePurgeProtection"] == {"operator": {"type": "conditional", "operands": {
+        "condition": "purgeProtection", "true_value": True, "false_value": None}}}
+    assert vault["softDeleteRetentionInDays"] == 7
+
+
+def test_key_vault_audits_every_secret_read_to_log_analytics(main):
+    resources = _resources(INFRA / "modules" / "key-vault.bicep")
+    setting = resources["Microsoft.Insights/diagnosticSettings:audit"]
+    assert setting["scope"] == "vault"
+    assert setting["properties"]["workspaceId"] == "workspaceId"
+    assert {"category": "AuditEvent", "enabled": True} in setting["properties"]["logs"]
+    assert main["modules"]["keyVault"]["config"]["params"]["workspaceId"] == accessor("monitoring", "outputs",
+                                                                                         "workspaceId")
+    monitoring = parse((INFRA / "modules" / "monitoring.bicep").read_text())
+    assert monitoring["outputs"]["workspaceId"]["value"] == accessor("workspace", "id")
+
+
+def test_the_deployers_data_access_is_a_parameter(main, parameters):
+    param = main["parameters"]["deployerDataAccess"]
+    assert param["type"] == "bool" and param["default"] is True
+    assert parameters["parameters"]["deployerDataAccess"] == {"value": "${AZURE_DEPLOYER_DATA_ACCESS=true}"}
+    # Without it the role module gets no user, and every user assignment is conditional on one.
+    user = main["modules"]["roles"]["config"]["params"]["userPrincipalId"]
+    assert user == {"operator": {"type": "conditional", "operands": {
+        "condition": "deployerDataAccess", "true_value": "principalId", "false_value": ""}}}
+    roles = parse(ROLE_ASSIGNMENTS.read_text())["resources"]
+    user_assignments = {name: r["config"] for name, r in roles.items()
+                        if r["type"] == "Microsoft.Authorization/roleAssignments"
+                        and r["config"].get("config", r["config"])["properties"]["principalId"] == "userPrincipalId"}
+    assert set(user_assignments) == {"userStorage", "userSecrets"}
+    for name, config in user_assignments.items():
+        assert config.get("condition") == {"operator": {"type": "not", "operands": {"bool_value": {
+            "function": {"type": "empty", "parameters": {"item_to_test": "userPrincipalId"}}}}}}, name
+
+
+def test_production_sizes_come_from_azd_variables(main, parameters):
+    wired = {name: entry["value"] for name, entry in parameters["parameters"].items()}
+    for param, variable in (("maximumInstanceCount", "AZURE_MAXIMUM_INSTANCE_COUNT"),
+                            ("instanceMemoryMB", "AZURE_INSTANCE_MEMORY_MB"),
+                            ("logDailyCapGb", "AZURE_LOG_DAILY_CAP_GB")):
+        default = main["parameters"][param]["default"]
+        assert wired[param] == f"${{{variable}={default}}}"

@@ -1,5 +1,8 @@
 """The one settings module: defaults, validation messages, secrets kept out of reprs."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from relay.settings import SETTINGS, Settings, SettingsError
@@ -28,6 +31,7 @@ def test_missing_secret_is_named():
     ("WEBCHAT_DEMO_ENABLED", "maybe", "true or false"),
     ("WEBCHAT_ALLOWED_ORIGINS", "https://a.example/path", "https://host"),
     ("RELAY_TABLE_PREFIX", "bad-prefix", "letters and digits"),
+    ("WEBCHAT_BUNDLE_URL", "cdn.example/webchat.js", "absolute http"),
     ("DIRECTLINE_SECRET", "@Microsoft.KeyVault(SecretUri=https://v.vault.azure.net/secrets/x/)", "Key Vault"),
 ])
 def test_malformed_values_are_named(name, value, message):
@@ -90,3 +94,10 @@ def test_omnichannel_context_is_json_per_channel():
         Settings.from_environ({**BASE, "RELAY_OMNICHANNEL_CONTEXT": "{twilio"})
     with pytest.raises(SettingsError, match="channel name to object"):
         Settings.from_environ({**BASE, "RELAY_OMNICHANNEL_CONTEXT": '{"twilio": 1}'})
+
+
+def test_the_web_chat_bundle_defaults_to_microsofts_cdn_at_the_version_the_demo_is_tested_with():
+    tested = json.loads((Path(__file__).resolve().parent.parent / "package.json").read_text())
+    version = tested["devDependencies"]["botframework-webchat"]
+    assert Settings.from_environ(BASE).webchat.bundle_url == (
+        f"https://cdn.botframework.com/botframework-webchat/{version}/webchat.js")

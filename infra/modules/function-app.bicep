@@ -1,6 +1,9 @@
 // The Flex Consumption (FC1) plan and the function app: Linux, Python 3.11, one user-assigned
 // identity for everything, HTTPS only with TLS 1.2, no FTP or basic-auth publishing. The package
 // is deployed to a blob container the identity reads, so the storage account needs no keys.
+// Flex Consumption rejects the site properties and app settings of the older plans (Learn,
+// functions-app-settings#flex-consumption-plan-deprecations: ftpsState, linuxFxVersion,
+// FUNCTIONS_WORKER_RUNTIME, WEBSITE_RUN_FROM_PACKAGE, ...); tests/test_infra.py refuses every one.
 param name string
 param planName string
 param location string
@@ -43,6 +46,7 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
   // checkov:skip=CKV_AZURE_17: messaging providers and browsers present no client certificates
   // checkov:skip=CKV_AZURE_212: scale to zero is the point of Flex Consumption; state is in tables, so no instance needs to stay up for failover
   // checkov:skip=CKV_AZURE_213: platform health-check pings would keep an instance running around the clock; /api/health is there for an external monitor
+  // checkov:skip=CKV_AZURE_78: Flex Consumption rejects siteConfig.ftpsState (ARM error 51021, "FTPS not supported"); FTP is off through the ftp basicPublishingCredentialsPolicies below
   name: name
   location: location
   // azd finds the app to deploy `relay` (azure.yaml) to by this tag.
@@ -63,7 +67,6 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
     siteConfig: {
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
-      ftpsState: 'Disabled'
       http20Enabled: true
     }
     functionAppConfig: {

@@ -1,6 +1,6 @@
 // Least-privilege data-plane roles: the relay's identity gets exactly what the host and the relay
-// use; the deploying user (optional) gets the storage and secret roles to run the relay locally
-// against these resources. Ids are Azure's built-in role definitions (checked by tests/test_infra.py).
+// use; the deploying user (main.bicep's deployerDataAccess, on by default, off in production) gets
+// the storage and secret roles to run the relay locally against these resources. Ids are Azure's built-in role definitions (checked by tests/test_infra.py).
 param identityPrincipalId string
 @description('Deploying user\'s object id; empty: no user assignments.')
 param userPrincipalId string

@@ -1,7 +1,8 @@
 // The Web Chat demo in headless Chromium (Debian's, driven by playwright-core): chat, go offline until
 // the token has expired, come back online, chat again.
-// Usage: node browser_chat.js <demo page URL> [chromium path]
+// Usage: node browser_chat.js <demo page URL> [chromium path] [--chat-only]
 // Prints one JSON line with what the page showed at each step; exits non-zero on a failed step.
+// --chat-only: stop after the first answer (the page loads, connects and chats).
 'use strict';
 
 const fs = require('fs');
@@ -11,6 +12,7 @@ const { chromium } = require('playwright-core');
 
 const demoUrl = process.argv[2];
 const executablePath = process.argv[3] || '/usr/bin/chromium';
+const chatOnly = process.argv.includes('--chat-only');
 const STEP_MS = 20000;  // the deadline of each wait below
 const result = { steps: [], console: [] };
 
@@ -63,6 +65,10 @@ async function main() {
     await page.waitForSelector(SEND_BOX, { timeout: STEP_MS });
     await say(page, 'hello');
     result.steps.push('chatted');
+    if (chatOnly) {
+      result.bubbles = await bubbles(page);
+      return;
+    }
 
     // At about half its lifetime the page refreshes its token, and goes on chatting.
     const firstExpiry = await page.evaluate(() => window.relayDirectLine.tokenExpiresAt);

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 
 from devstack.directline import DirectLineEmulator
+from devstack.package import build_package
 from devstack.procs import ROOT, ManagedProcess, free_port, http_ok, python_module
 from tests.conftest import subprocess_env
 
@@ -49,8 +53,9 @@ class Stack:
 
 
 def start_stack(tmp: Path, storage_connection_string: str, *, token_ttl: float = 1800,
-                env: dict[str, str] | None = None, secret: str | None = None) -> Stack:
-    """Emulator then host; the caller stops both (stop_stack)."""
+                env: dict[str, str] | None = None, secret: str | None = None, app: Path = ROOT) -> Stack:
+    """Emulator then host, serving the app in `app` (this checkout, or an unpacked `make package`);
+    the caller stops both (stop_stack)."""
     secret = secret or "dl-secret-" + uuid.uuid4().hex
     emulator = DirectLineEmulator(secret=secret, token_ttl=token_ttl, env=subprocess_env(),
                                   log_path=tmp / "directline.log").start()
@@ -58,10 +63,12 @@ def start_stack(tmp: Path, storage_connection_string: str, *, token_ttl: float =
     port = free_port()
     values = {"AzureWebJobsStorage": storage_connection_string, "RELAY_TABLE_PREFIX": prefix,
               "DIRECTLINE_SECRET": secret, "DIRECTLINE_ENDPOINT": emulator.base_url, **(env or {})}
-    host = ManagedProcess("host", python_module("devstack.host", "--port", str(port), "--settings",
+    # The host runs in the app's folder, as in Azure; devstack comes from this checkout.
+    host = ManagedProcess("host", python_module("devstack.host", "--port", str(port), "--script",
+                                                str(app / "function_app.py"), "--settings",
                                                 str(tmp / "absent.settings.json")),
-                          env=subprocess_env(**values), ready=lambda: http_ok(f"http://127.0.0.1:{port}/"),
-                          log_path=tmp / "host.log", cwd=ROOT)
+                          env=subprocess_env(PYTHONPATH=str(ROOT), **values),
+                          ready=lambda: http_ok(f"http://127.0.0.1:{port}/"), log_path=tmp / "host.log", cwd=app)
     try:
         host.start()
     except BaseException:
@@ -97,3 +104,53 @@ def new_stack(tmp_path, storage_connection_string) -> Iterator[Callable[..., Sta
     yield start
     for each in started:
         stop_stack(each)
+
+
+@pytest.fixture
+def packaged_app(tmp_path) -> Path:
+    """`make package` unpacked: the app as Azure runs it, with no node_modules beside it."""
+    archive = tmp_path / "relay.zip"
+    build_package(ROOT, archive)
+    app = tmp_path / "wwwroot"
+    with zipfile.ZipFile(archive) as package:
+        package.extractall(app)
+    return app
+
+
+WEBCHAT_BUNDLE = ROOT / "node_modules/botframework-webchat/dist/webchat.js"
+
+
+@dataclass
+class BundleHost:
+    """A stand-in for Microsoft's CDN: the npm Web Chat bundle at `url`; `requests` lists the paths asked for."""
+
+    url: str
+    requests: list[str]
+
+
+@pytest.fixture
+def bundle_host() -> Iterator[BundleHost]:
+    content = WEBCHAT_BUNDLE.read_bytes()
+    path = "/botframework-webchat/test/webchat.js"
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            found = self.path == path
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "application/javascript")
+            self.send_header("Content-Length", str(len(content) if found else 0))
+            self.end_headers()
+            if found:
+                self.wfile.write(content)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield BundleHost(f"http://127.0.0.1:{server.server_port}{path}", asked)
+    server.shutdown()
+    server.server_close()

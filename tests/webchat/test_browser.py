@@ -28,14 +28,28 @@ def chromium() -> Path:
     return CHROMIUM
 
 
-def test_web_chat_resumes_its_conversation_after_its_token_expired_offline(chromium, new_stack):
-    stack = new_stack(token_ttl=TOKEN_TTL, env={"WEBCHAT_DEMO_ENABLED": "true"})
-    run = subprocess.run(["node", str(SCRIPT), f"{stack.url}/api/webchat/demo", str(chromium)], cwd=ROOT,
+def chat_in_browser(chromium: Path, demo_url: str, *options: str) -> dict:
+    """Run browser_chat.js on the demo page; what the page showed, or a failure with its console."""
+    run = subprocess.run(["node", str(SCRIPT), demo_url, str(chromium), *options], cwd=ROOT,
                          capture_output=True, text=True, timeout=120, env=subprocess_env())
     lines = run.stdout.strip().splitlines()
     result = json.loads(lines[-1]) if lines else {}
     assert run.returncode == 0, f"{result.get('error')}\nsteps: {result.get('steps')}\nconsole: " + \
         "\n".join(result.get("console", [])) + f"\nstderr: {run.stderr[-2000:]}"
+    return result
+
+
+def test_the_deployed_demo_chats_with_web_chat_from_the_bundle_url(chromium, new_stack, packaged_app, bundle_host):
+    """As in Azure: the app from `make package`, no node_modules, Web Chat from WEBCHAT_BUNDLE_URL."""
+    stack = new_stack(app=packaged_app, env={"WEBCHAT_DEMO_ENABLED": "true", "WEBCHAT_BUNDLE_URL": bundle_host.url})
+    result = chat_in_browser(chromium, f"{stack.url}/api/webchat/demo", "--chat-only")
+    assert result["bubbles"] == ["hello", "You said: hello"]
+    assert bundle_host.requests == ["/botframework-webchat/test/webchat.js"]
+
+
+def test_web_chat_resumes_its_conversation_after_its_token_expired_offline(chromium, new_stack):
+    stack = new_stack(token_ttl=TOKEN_TTL, env={"WEBCHAT_DEMO_ENABLED": "true"})
+    result = chat_in_browser(chromium, f"{stack.url}/api/webchat/demo")
 
     assert result["offlineSeen"] is True
     assert result["statusWhileOffline"] != "2"  # the page did not pretend to be online

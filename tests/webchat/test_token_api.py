@@ -10,6 +10,7 @@ import requests
 from azure.data.tables import TableServiceClient
 
 from devstack.procs import wait_until
+from relay.settings import SETTINGS
 from tests.webchat.conftest import SHOP, Stack
 
 EVIL = "https://evil.example"
@@ -345,6 +346,23 @@ def test_the_script_demo_and_bundle_are_served(stack):
     bundle = requests.get(f"{stack.url}/api/webchat/webchat.js", timeout=30)
     assert bundle.status_code == 200 and len(bundle.content) > 1_000_000
     assert_error(requests.get(f"{stack.url}/api/webchat/secrets.txt", timeout=10), 404, "NotFound")
+
+
+def test_a_deployed_demo_loads_web_chat_from_the_configured_url(new_stack, packaged_app):
+    """Azure gets no node_modules: the page's webchat.js is a redirect to WEBCHAT_BUNDLE_URL."""
+    assert not (packaged_app / "node_modules").exists()
+    bundle_url = "https://cdn.example/botframework-webchat/4.18.1/webchat.js"
+    deployed = new_stack(app=packaged_app, env={"WEBCHAT_DEMO_ENABLED": "true", "WEBCHAT_BUNDLE_URL": bundle_url})
+    demo = requests.get(f"{deployed.url}/api/webchat/demo", timeout=10)
+    assert demo.status_code == 200 and 'src="webchat.js"' in demo.text
+    bundle = requests.get(f"{deployed.url}/api/webchat/webchat.js", timeout=10, allow_redirects=False)
+    assert bundle.status_code == 302 and bundle.headers["Location"] == bundle_url
+    assert requests.get(f"{deployed.url}/api/webchat/relay-webchat.js", timeout=10).status_code == 200
+    # Unset, the demo uses Microsoft's bundle of the version the local demo is tested with.
+    default = new_stack(app=packaged_app, env={"WEBCHAT_DEMO_ENABLED": "true"})
+    bundle = requests.get(f"{default.url}/api/webchat/webchat.js", timeout=10, allow_redirects=False)
+    assert bundle.headers["Location"] == SETTINGS["WEBCHAT_BUNDLE_URL"].default
+    assert bundle.headers["Location"].startswith("https://cdn.botframework.com/botframework-webchat/")
 
 
 def test_the_demo_is_off_unless_enabled(new_stack):
