@@ -35,7 +35,7 @@ def package_files(project: Path) -> list[str]:
     lines = ignore_path.read_text(encoding="utf-8-sig").splitlines() if ignore_path.exists() else []
     ignored = pathspec.GitIgnoreSpec.from_lines(lines)
     files = []
-    for folder, dirs, names in os.walk(project):
+    for folder, dirs, names in os.walk(project, followlinks=True):  # azd follows links too
         base = Path(folder).relative_to(project)
         dirs[:] = sorted(d for d in dirs if d not in ALWAYS_LEFT_OUT
                          and not ignored.match_file((base / d).as_posix() + "/"))

@@ -29,6 +29,8 @@ class Setting:
     group: str = "core"
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 # Microsoft's published Web Chat bundle, the version package.json installs for the local demo and tests.
 WEBCHAT_CDN_BUNDLE = "https://cdn.botframework.com/botframework-webchat/4.18.1/webchat.js"
 
@@ -348,11 +350,15 @@ def _webchat(env: _Environment) -> WebChatSettings:
         parts = urlsplit(origin)
         if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path):
             raise SettingsError(f"WEBCHAT_ALLOWED_ORIGINS entries must look like https://host[:port], got {origin!r}")
+    bundle_url = env.url("WEBCHAT_BUNDLE_URL")
+    if urlsplit(bundle_url).scheme != "https" and urlsplit(bundle_url).hostname not in LOOPBACK_HOSTS:
+        # An https page may not load an http script (mixed content): the demo would break without a word.
+        raise SettingsError("WEBCHAT_BUNDLE_URL must be an https URL (http only on 127.0.0.1 or localhost)")
     return WebChatSettings(
         allowed_origins=origins,
         demo_enabled=env.flag("WEBCHAT_DEMO_ENABLED"),
         token_rate_limit=env.integer("WEBCHAT_TOKEN_RATE_LIMIT", minimum=1),
-        bundle_url=env.url("WEBCHAT_BUNDLE_URL"),
+        bundle_url=bundle_url,
     )
 
 

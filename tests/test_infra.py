@@ -72,15 +72,9 @@ FLEX_REJECTED_SETTINGS = {
     "WEBSITE_RUN_FROM_PACKAGE", "WEBSITE_SKIP_CONTENTSHARE_VALIDATION",
 }
 
-# The regions that offer Flex Consumption: `az functionapp list-flexconsumption-locations`, as the
-# Azure-Samples Flex Consumption azd templates list them (less the eastus2euap canary).
-FLEX_REGIONS = {
-    "australiaeast", "australiasoutheast", "brazilsouth", "canadacentral", "centralindia", "centralus", "eastasia",
-    "eastus", "eastus2", "francecentral", "germanywestcentral", "italynorth", "japaneast", "koreacentral",
-    "northcentralus", "northeurope", "norwayeast", "southafricanorth", "southcentralus", "southeastasia",
-    "southindia", "spaincentral", "swedencentral", "uaenorth", "uksouth", "ukwest", "westcentralus", "westeurope",
-    "westus", "westus2", "westus3",
-}
+# Regions that do not offer Flex Consumption (absent from `az functionapp list-flexconsumption-locations`
+# and from the Azure-Samples Flex Consumption templates' lists), and the early-access canary.
+NOT_FLEX_REGIONS = {"eastus2euap", "centraluseuap", "westindia", "brazilsoutheast", "jioindiawest", "qatarcentral"}
 
 # Catalogued settings without a useful default that Azure deliberately does not get.
 NOT_PROVISIONED = {
@@ -210,14 +204,24 @@ def keys(node) -> Iterator[str]:
             yield from keys(value)
 
 
+def _site_config_app_settings(parsed: dict) -> list[dict]:
+    return [entry for resource in parsed.get("resources", {}).values()
+            for entry in (resource["config"].get("properties", {}).get("siteConfig", {}).get("appSettings") or [])
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str)]
+
+
 def check_flex_consumption(templates: dict[str, dict], settings: dict[str, object]) -> list[str]:
     """Every property and app setting Flex Consumption rejects, wherever it appears."""
     rejected = {name.lower(): name for name in FLEX_REJECTED_PROPERTIES}
     problems = [
         f"{file}: {key} is rejected on Flex Consumption (Learn: Flex Consumption plan deprecations)"
         for file, parsed in templates.items()
-        for key in sorted(set(keys(parsed.get("resources", {})))) if key.lower() in rejected
+        for key in sorted(set(keys([parsed.get(part, {}) for part in ("resources", "variables", "modules")])))
+        if key.lower() in rejected
     ]
+    # siteConfig.appSettings, the other way to give app settings: [{name: ..., value: ...}, ...]
+    settings = {**settings, **{unquote(entry["name"]): entry.get("value")
+                               for parsed in templates.values() for entry in _site_config_app_settings(parsed)}}
     problems += [f"app setting {name} is rejected on Flex Consumption (Learn: Flex Consumption plan deprecations)"
                  for name in sorted(settings) if name.upper() in FLEX_REJECTED_SETTINGS]
     return problems
@@ -576,6 +580,12 @@ def test_nothing_flex_consumption_rejects_is_provisioned(main, function_app, tem
     ("  AZURE_CLIENT_ID: identityClientId\n",
      "  AZURE_CLIENT_ID: identityClientId\n  WEBSITE_CONTENTSHARE: name\n  FUNCTIONS_EXTENSION_VERSION: '~4'\n",
      "app setting WEBSITE_CONTENTSHARE is rejected"),
+    ("      http20Enabled: true\n",
+     "      http20Enabled: true\n      appSettings: [\n        {\n          name: 'FUNCTIONS_EXTENSION_VERSION'\n"
+     "          value: '~4'\n        }\n      ]\n",
+     "app setting FUNCTIONS_EXTENSION_VERSION is rejected"),
+    ("var platformSettings = {\n", "var webConfig = {\n  alwaysOn: false\n}\nvar platformSettings = {\n",
+     "modules/function-app.bicep: alwaysOn is rejected"),
 ])
 def test_the_flex_check_refuses_each_rejected_property_and_setting(main, templates, old, new, problem):
     text = FUNCTION_APP.read_text()
@@ -597,8 +607,9 @@ def test_ftp_stays_off_through_the_publishing_policy_and_checkov_knows_why(funct
 def test_the_location_must_be_a_flex_consumption_region(main):
     location = main["parameters"]["location"]
     allowed = next(d["argument"] for d in location["decorators"] if d["type"] == "allowed")
-    assert set(allowed) == FLEX_REGIONS and len(allowed) == len(FLEX_REGIONS)
-    assert {"eastus2euap", "westindia", "brazilsoutheast"}.isdisjoint(allowed)  # a canary; regions without FC1
+    assert len(allowed) == len(set(allowed)) and all(re.fullmatch(r"[a-z]+[0-9]?", r) for r in allowed)
+    assert {"eastus", "westeurope", "northeurope", "australiaeast"} <= set(allowed)  # where most users deploy
+    assert NOT_FLEX_REGIONS.isdisjoint(allowed)
 
 
 def test_purge_protection_is_a_parameter_off_by_default_and_never_sent_as_false(main, parameters):

@@ -32,6 +32,7 @@ def test_missing_secret_is_named():
     ("WEBCHAT_ALLOWED_ORIGINS", "https://a.example/path", "https://host"),
     ("RELAY_TABLE_PREFIX", "bad-prefix", "letters and digits"),
     ("WEBCHAT_BUNDLE_URL", "cdn.example/webchat.js", "absolute http"),
+    ("WEBCHAT_BUNDLE_URL", "http://cdn.example/webchat.js", "https URL"),
     ("DIRECTLINE_SECRET", "@Microsoft.KeyVault(SecretUri=https://v.vault.azure.net/secrets/x/)", "Key Vault"),
 ])
 def test_malformed_values_are_named(name, value, message):
