@@ -23,7 +23,8 @@ from benchmarks.stack import Stack
 from devstack.channels import webhooks
 from devstack.procs import ManagedProcess, http_ok, python_module, wait_until
 from relay.settings import Settings
-from relay.store import ConversationKey, RelayStore
+from relay.store import RelayStore
+from relay.store.conversations import ConversationKey
 
 PROVIDER = "twilio"
 SCHEDULE_SECONDS = 5
@@ -49,7 +50,7 @@ def relay_host(stack: Stack, *, burst: float, env: dict[str, str], log_name: str
 
 
 def _bot_reply_time(stack: Stack, store: RelayStore, user: str, text: str) -> float | None:
-    record = store.get_conversation(ConversationKey(PROVIDER, user))
+    record = store.conversations.get_record(ConversationKey(PROVIDER, user))
     if record is None or not record.conversation_id:
         return None
     for activity in stack.emulator.conversation(record.conversation_id)["activities"]:

@@ -17,7 +17,7 @@ import requests
 from benchmarks.stack import PeakMemory, SimulatedClock, Stack, timed
 from relay.activities import render_outbound
 from relay.poller import poll_tick
-from relay.store import ConversationKey, ConversationRecord
+from relay.store.conversations import ConversationKey, ConversationRecord
 
 CHANNEL = "twilio"
 RELAY_NUMBER = "+15550000000"
@@ -50,7 +50,7 @@ def seed(ctx, count: int, *, last_activity_ago: float) -> list[ConversationRecor
             last_user_activity_at=now - timedelta(seconds=last_activity_ago),
             last_bot_activity_at=now - timedelta(seconds=last_activity_ago),
             next_poll_at=now, poll_interval=0.0, reply_context={"to": user, "from": RELAY_NUMBER})
-        return ctx.store.update_conversation(key, lambda _: record)
+        return ctx.store.conversations.update_record(key, lambda _: record)
 
     with ThreadPoolExecutor(32) as pool:
         return list(pool.map(one, range(count)))
@@ -66,14 +66,13 @@ def bot_says(emulator_url: str, conversation_id: str, text: str) -> None:
 def naive_tick(stack: Stack, ctx, records: list[ConversationRecord], state_table) -> dict:
     """The stateless design without an index, a lease or a pool: for each conversation, one after another,
     read its record, GET its activities from the stored watermark, deliver the bot's new ones, write the record."""
-    conversations = ctx.store._table("conversations")
     session = requests.Session()
     headers = {"Authorization": f"Bearer {ctx.settings.directline.secret}"}
     delivered = 0
     for record in records:
-        entity = conversations.get_entity(record.key.partition_key, "conversation")
-        params = {"watermark": entity["watermark"]} if entity.get("watermark") else {}
-        response = session.get(f"{stack.emulator.base_url}/conversations/{entity['conversation_id']}/activities",
+        stored = ctx.store.conversations.get_record(record.key)
+        params = {"watermark": stored.watermark} if stored.watermark else {}
+        response = session.get(f"{stack.emulator.base_url}/conversations/{stored.conversation_id}/activities",
                                params=params, headers=headers, timeout=10)
         response.raise_for_status()
         page = response.json()
@@ -85,7 +84,7 @@ def naive_tick(stack: Stack, ctx, records: list[ConversationRecord], state_table
                     ctx.adapter(CHANNEL).send(record.reply_context, message)
                     delivered += 1
         state_table.upsert_entity({"PartitionKey": record.key.partition_key, "RowKey": "conversation",
-                                   "watermark": page.get("watermark") or entity.get("watermark"),
+                                   "watermark": page.get("watermark") or stored.watermark,
                                    "polled_at": ctx.clock()})
     session.close()
     return {"delivered": delivered}
@@ -106,7 +105,7 @@ def tick_benchmark(stack: Stack, sizes: list[int], *, latency_ms: int = 50, work
         stack.emulator.set_faults(latency_ms=latency_ms)
 
         # The naive poller on the same conversations (its own state table, so the relay's stays as it is).
-        naive_state = ctx.store._table("naivestate")
+        naive_state = ctx.store.tables.client("naivestate")
         transport.reset()
         stack.emulator.reset_counters()
         naive_seconds, naive = timed(functools.partial(naive_tick, stack, ctx, records, naive_state))

@@ -27,7 +27,8 @@ from relay.channels import get_adapter
 from relay.conversations import RelayContext
 from relay.directline import DirectLineClient
 from relay.settings import Settings
-from relay.store import RelayStore, utcnow
+from relay.store import RelayStore
+from relay.store.tables import utcnow
 
 SECRET = "bench-directline-secret"  # noqa: S105 - the local emulator's, nothing real
 

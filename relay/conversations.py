@@ -38,8 +38,10 @@ from relay.errors import (
     TokenExpired,
 )
 from relay.settings import Settings, get_settings
-from relay.store import ACTIVE, ENDED, ConversationKey, ConversationRecord, RelayStore, get_store, utcnow
-from relay.store import InboundMessage as OutboxMessage
+from relay.store import RelayStore, get_store
+from relay.store.conversations import ACTIVE, ENDED, ConversationKey, ConversationRecord
+from relay.store.outbox import OutboxMessage
+from relay.store.tables import utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -169,8 +171,8 @@ class ConversationWorker:
                 return wanted
             return replace(wanted, lease_expires_at=self.ctx.clock() + lease)
 
-        self.record = self.ctx.store.update_conversation(self.key, apply, current=self.record,
-                                                         lease_owner=self.owner) or self.record
+        self.record = self.ctx.store.conversations.update_record(self.key, apply, current=self.record,
+                                                                 lease_owner=self.owner) or self.record
 
     # --------------------------------------------------------------------------------- Direct Line
     def _start_directline(self) -> None:
@@ -223,7 +225,7 @@ class ConversationWorker:
     # -------------------------------------------------------------------------------------- inbound
     def drain_outbox(self) -> bool:
         """Post the waiting user messages in order; False when one must wait (Direct Line unavailable)."""
-        for message in self.ctx.store.list_outbox(self.key):
+        for message in self.ctx.store.outbox.list_messages(self.key):
             if not self.record.conversation_id:
                 self._start_directline()
             client_id = (message.activity.get("channelData") or {}).get("clientActivityID", "")
@@ -232,18 +234,19 @@ class ConversationWorker:
                 found = self._call(lambda token, cid=client_id: self.ctx.directline.find_activity_by_client_id(
                     self.record.conversation_id, cid, token=token))
                 if found is not None:
-                    self.ctx.store.complete_inbound(message, activity_id=found.get("id", ""))
+                    self.ctx.store.outbox.complete_message(message, activity_id=found.get("id", ""))
                     self.result.posted += 1
                     continue
             try:
-                message = self.ctx.store.mark_post_attempt(message)
+                message = self.ctx.store.outbox.mark_post_attempt(message)
             except ConcurrencyConflict:
                 return False  # someone else is posting it; they keep the order
             try:
                 activity, files, missing = self._with_media(message)
             except ProviderUnavailable as error:
                 # Nothing was posted: the download is tried again later, as a post is after a Direct Line outage.
-                self.ctx.store.release_inbound(message, error=f"media {error.status} {error.code}", in_doubt=False)
+                self.ctx.store.outbox.release_message(message, error=f"media {error.status} {error.code}",
+                                                      in_doubt=False)
                 self._wait(error.retry_after, attempts=message.attempts)
                 log.info("a %s message waits in the outbox for its media (%s %s, attempt %d)", self.key.channel,
                          error.status, error.code, message.attempts)
@@ -251,16 +254,17 @@ class ConversationWorker:
             try:
                 activity_id = self._post(activity, files)
             except BadRequest as error:
-                self.ctx.store.dead_letter_inbound(message, reason=f"Direct Line refused the message: {error}")
+                self.ctx.store.outbox.dead_letter_message(message, reason=f"Direct Line refused the message: {error}")
                 self.result.dead_letters += 1
                 continue
             except DirectLineError as error:
-                self.ctx.store.release_inbound(message, error=f"{error.status} {error.code}", in_doubt=error.ambiguous)
+                self.ctx.store.outbox.release_message(message, error=f"{error.status} {error.code}",
+                                                      in_doubt=error.ambiguous)
                 self._wait(getattr(error, "retry_after", None), attempts=message.attempts)
                 log.info("a %s message waits in the outbox (%s %s, attempt %d)", self.key.channel, error.status,
                          error.code, message.attempts)
                 return False
-            self.ctx.store.complete_inbound(message, activity_id=activity_id)
+            self.ctx.store.outbox.complete_message(message, activity_id=activity_id)
             self.result.posted += 1
             if missing:
                 self._dead_letter_media(message, missing)
@@ -297,7 +301,7 @@ class ConversationWorker:
         """Keep a record of the files the bot did not get; the message itself was posted."""
         reason = "; ".join(f"{error.status} {error.code}: {error}" for _, error in missing)
         try:
-            self.ctx.store.add_dead_letter(self.key, kind="media", reason=reason, payload={
+            self.ctx.store.dead_letters.add_letter(self.key, kind="media", reason=reason, payload={
                 "message_id": message.message_id, "media": [{"url": m.url, "contentType": m.content_type}
                                                             for m, _ in missing]})
         except StoreError as error:
@@ -377,8 +381,8 @@ class ConversationWorker:
             self.ctx.adapter(self.key.channel).send(self.record.reply_context, message, first_part=first_part)
         except ProviderRejected as error:
             where = f" (part {error.parts_sent + 1} of {error.parts_total})" if error.parts_total > 1 else ""
-            self.ctx.store.add_dead_letter(self.key, kind="reply", reason=f"{error.status} {error}{where}",
-                                           payload={"activity": activity})
+            self.ctx.store.dead_letters.add_letter(self.key, kind="reply", reason=f"{error.status} {error}{where}",
+                                                   payload={"activity": activity})
             self.result.dead_letters += 1
         except ProviderUnavailable as error:
             log.info("the %s provider cannot take a reply now (%s, %d of %d parts sent); retrying later",

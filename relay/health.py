@@ -16,7 +16,7 @@ import requests
 
 from relay import __version__
 from relay.settings import Settings, SettingsError
-from relay.store import table_service_client
+from relay.store.tables import table_service_client
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from relay.activities import build_inbound_activity, directline_user_id
 from relay.channels.base import ChannelAdapter, InboundMessage, WebhookAnswer, WebhookRequest
 from relay.conversations import RelayContext, new_owner, work_conversation
 from relay.errors import BadPayload, RelayError
-from relay.store import ACTIVE, PENDING, ConversationKey, ConversationRecord
+from relay.store.conversations import ACTIVE, ConversationKey, ConversationRecord
+from relay.store.outbox import PENDING
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,10 @@ def accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMess
     True when it waits to be posted; False for a duplicate that was already handled."""
     now = ctx.clock()
     # The record first: an outbox entry must never exist without a record the poller will find.
-    ctx.store.update_conversation(key, lambda record: touched(record, key, message, now))
+    ctx.store.conversations.update_record(key, lambda record: touched(record, key, message, now))
     activity = build_inbound_activity(message, channel=key.channel,
                                       omnichannel=ctx.settings.relay.omnichannel.get(key.channel))
-    result = ctx.store.record_inbound(key, message.message_id, activity, now=now)
+    result = ctx.store.outbox.add_message(key, message.message_id, activity, now=now)
     if not result.is_new:
         log.info("webhook %s: message already %s, not relayed again", key.channel, result.state)
     return result.is_new or result.state == PENDING
@@ -105,15 +106,16 @@ def relay_now(ctx: RelayContext, key: ConversationKey, *, burst_seconds: float) 
     deadline = ctx.clock() + timedelta(seconds=burst_seconds)
     try:
         lease = ctx.settings.relay.lease_seconds
-        record = ctx.store.acquire_lease(key, owner=owner, lease_seconds=lease)
+        record = ctx.store.conversations.acquire_lease(key, owner=owner, lease_seconds=lease)
         while record is None and ctx.clock() + timedelta(seconds=LEASE_WAIT_STEP) < deadline:
             ctx.sleep(LEASE_WAIT_STEP)  # the poller is working this conversation right now
-            record = ctx.store.acquire_lease(key, owner=owner, lease_seconds=lease)
+            record = ctx.store.conversations.acquire_lease(key, owner=owner, lease_seconds=lease)
         if record is None:
             # Written again AFTER the message was queued: the busy worker then cannot leave the
             # conversation peekable (its finish sees a record changed by someone else).
-            ctx.store.update_conversation(key, lambda r: r and replace(r, last_user_activity_at=ctx.clock(),
-                                                                       next_poll_at=ctx.clock(), peekable=False))
+            ctx.store.conversations.update_record(
+                key, lambda r: r and replace(r, last_user_activity_at=ctx.clock(), next_poll_at=ctx.clock(),
+                                             peekable=False))
             log.info("a %s conversation is busy; the poller will post its message", key.channel)
             return
         work_conversation(ctx, record, owner=owner, poll=burst_seconds > 0, burst_until=deadline, idle_check=False)

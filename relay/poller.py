@@ -18,7 +18,8 @@ from datetime import datetime, timedelta
 
 from relay.conversations import Peek, RelayContext, WorkResult, new_owner, next_idle_poll, work_conversation
 from relay.errors import DirectLineError
-from relay.store import DueConversation
+from relay.store.due_polls import DueConversation
+from relay.store.sweep import sweep_tables
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
     started = time.perf_counter()
     tick = new_owner("poller")
     now = ctx.clock()
-    due = ctx.store.list_due_conversations(now=now, limit=limit)
+    due = ctx.store.due_polls.list_due(now=now, limit=limit)
     quiet: list[tuple[DueConversation, datetime, float]] = []
 
     def work(item: DueConversation) -> WorkResult | None:
@@ -60,8 +61,8 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
                                                      ceiling=ctx.settings.relay.poll_ceiling_seconds)
                     quiet.append((item, after, interval))  # list.append is atomic: no lock needed
                     return None
-            record = ctx.store.claim_due(item, owner=owner, lease_seconds=ctx.settings.relay.lease_seconds,
-                                         now=ctx.clock())
+            record = ctx.store.conversations.claim_due(item, owner=owner,
+                                                       lease_seconds=ctx.settings.relay.lease_seconds, now=ctx.clock())
             if record is None:
                 return None  # not due after all, or another poller holds it
             return work_conversation(ctx, record, owner=owner, peek=peek)
@@ -75,7 +76,7 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
     else:
         results = []
     if quiet:
-        ctx.store.postpone_due(quiet)
+        ctx.store.due_polls.postpone_rows(quiet)
     result = TickResult(
         due=len(due),
         worked=len(results),
@@ -114,5 +115,5 @@ def _peek(ctx: RelayContext, item: DueConversation) -> Peek | None:
 def sweep(ctx: RelayContext) -> None:
     """Remove ended and long-idle conversations, old dedupe rows, expired sessions and counters."""
     idle = timedelta(minutes=ctx.settings.relay.idle_timeout_minutes) * 2
-    result = ctx.store.sweep(idle_after=max(idle, timedelta(days=1)))
+    result = sweep_tables(ctx.store, idle_after=max(idle, timedelta(days=1)))
     log.info("sweep: %s", result)

@@ -6,9 +6,9 @@ with its first token, a resume key: random (256 bits), stored only as a SHA-256 
 session, checked in constant time. Presenting it gets a new token for the same conversation
 (reconnect with the secret, from the page's watermark) and a new key; the old key is kept as a
 hash, and presenting a rotated key again revokes the session: two holders of one key means one
-of them copied it. Except briefly (store.RESUME_GRACE): the key the last resume used answers again,
-with another new key, while none of its successors was used, so a page whose answer the network
-lost, or whose two resumes raced, keeps its conversation.
+of them copied it. Except briefly (RESUME_GRACE in relay/store/sessions.py): the key the last resume
+used answers again, with another new key, while none of its successors was used, so a page whose
+answer the network lost, or whose two resumes raced, keeps its conversation.
 
 Choices:
 - Tokens are bound to a fresh `dl_` user id and to the allowed origins (trustedOrigins): the
@@ -46,16 +46,9 @@ from relay.errors import (
     WebChatError,
 )
 from relay.settings import Settings, WebChatSettings, get_settings
-from relay.store import (
-    RESUMED,
-    RETRIED,
-    REUSED_KEY,
-    SESSION_EXPIRED,
-    SESSION_REVOKED,
-    RelayStore,
-    get_store,
-    utcnow,
-)
+from relay.store import RelayStore, get_store
+from relay.store.sessions import RESUMED, RETRIED, REUSED_KEY, SESSION_EXPIRED, SESSION_REVOKED
+from relay.store.tables import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +94,8 @@ class TokenServer:
     def issue_token(self, caller: Caller) -> dict[str, Any]:
         """A token for a new conversation, with the resume key that proves the page owns it."""
         self._check_origin(caller)
-        limit = self._store.hit_rate_limit(caller.address, limit=self._webchat.token_rate_limit,
-                                           window_seconds=RATE_WINDOW_SECONDS)
+        limit = self._store.rate_limits.count_request(caller.address, limit=self._webchat.token_rate_limit,
+                                                      window_seconds=RATE_WINDOW_SECONDS)
         if not limit.allowed:
             raise WebChatError(f"Too many tokens for this client address: at most {limit.limit} per minute",
                                status=429, code="TooManyRequests", retry_after=limit.retry_after)
@@ -112,8 +105,8 @@ class TokenServer:
             trusted.append(caller.origin)
         grant = self._directline(lambda: self._client.generate_token(user_id=user_id, trusted_origins=trusted))
         resume_key = new_resume_key()
-        self._store.create_webchat_session(grant.conversation_id, user_id=user_id, resume_key=resume_key,
-                                           expires_at=utcnow() + SESSION_LIFETIME)
+        self._store.sessions.create_session(grant.conversation_id, user_id=user_id, resume_key=resume_key,
+                                            expires_at=utcnow() + SESSION_LIFETIME)
         log.info("Web Chat token issued for conversation %s", grant.conversation_id)
         return {**self._grant(grant), "userId": user_id, "resumeKey": resume_key, "domain": self._domain}
 
@@ -124,7 +117,7 @@ class TokenServer:
             raise WebChatError("Send the token to refresh as 'Authorization: Bearer <token>'", status=401,
                                code="MissingToken")
         grant = self._directline(lambda: self._client.refresh_token(token=token), callers_token=True)
-        session = self._store.get_webchat_session(grant.conversation_id)
+        session = self._store.sessions.get_session(grant.conversation_id)
         if session is not None and session.revoked:
             raise WebChatError("This conversation's session was revoked: start a new conversation", status=403,
                                code="SessionRevoked")
@@ -135,19 +128,20 @@ class TokenServer:
         """A new token for the page's own conversation, from its watermark, and the next resume key."""
         self._check_origin(caller)
         # A 256-bit key cannot be guessed anyway; the limit keeps anyone from trying at our expense.
-        limit = self._store.hit_rate_limit(f"resume|{caller.address}", limit=self._webchat.token_rate_limit,
-                                           window_seconds=RATE_WINDOW_SECONDS)
+        limit = self._store.rate_limits.count_request(f"resume|{caller.address}",
+                                                      limit=self._webchat.token_rate_limit,
+                                                      window_seconds=RATE_WINDOW_SECONDS)
         if not limit.allowed:
             raise WebChatError(f"Too many resume attempts from this client address: at most {limit.limit} per minute",
                                status=429, code="TooManyRequests", retry_after=limit.retry_after)
         now = utcnow()
-        session = self._store.get_webchat_session(conversation_id)
+        session = self._store.sessions.get_session(conversation_id)
         grant = None
         if session is not None and session.resume_outcome(resume_key, now=now) in (RESUMED, RETRIED):
             grant = self._reconnect(conversation_id, watermark)
         next_key = new_resume_key()
-        result = self._store.resume_webchat_session(conversation_id, resume_key=resume_key, new_resume_key=next_key,
-                                                    expires_at=now + SESSION_LIFETIME, now=now)
+        result = self._store.sessions.resume_session(conversation_id, resume_key=resume_key, new_resume_key=next_key,
+                                                     expires_at=now + SESSION_LIFETIME, now=now)
         if not result.ok:
             raise _refusal(result.outcome, conversation_id)
         if grant is None:  # only if the session changed between the check and the rotation
@@ -169,7 +163,7 @@ class TokenServer:
             return self._directline(lambda: self._client.reconnect(conversation_id, watermark=watermark))
         except WebChatError as error:
             if error.code == "ConversationGone":
-                self._store.revoke_webchat_session(conversation_id)
+                self._store.sessions.revoke_session(conversation_id)
             raise
 
     def _directline(self, call, *, callers_token: bool = False) -> ConversationToken:

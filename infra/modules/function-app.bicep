@@ -112,7 +112,7 @@ resource scm 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01'
 // Settings the platform, the host and the relay need in every deployment. No FUNCTIONS_WORKER_RUNTIME:
 // Flex Consumption takes the runtime from functionAppConfig and rejects that setting.
 var platformSettings = {
-  // Identity-based host storage: the host and relay/store.py use the identity, never a key.
+  // Identity-based host storage: the host and relay/store/ use the identity, never a key.
   AzureWebJobsStorage__credential: 'managedidentity'
   AzureWebJobsStorage__clientId: identityClientId
   AzureWebJobsStorage__blobServiceUri: storage.properties.primaryEndpoints.blob

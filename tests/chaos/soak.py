@@ -50,7 +50,8 @@ from devstack.directline import DirectLineEmulator
 from devstack.procs import ROOT, Azurite, ManagedProcess, free_port, http_ok, python_module, wait_until
 from relay.activities import directline_user_id
 from relay.settings import StorageSettings
-from relay.store import ConversationKey, RelayStore
+from relay.store import RelayStore
+from relay.store.conversations import ConversationKey
 from tests.conftest import subprocess_env
 from tests.security.leaks import log_files, scan
 
@@ -378,7 +379,7 @@ class ChaosRun:
         chosen = self.random.sample(started, min(len(started), max(2, len(self.users) // 10)))
         done = 0
         for user in chosen:
-            record = self.stack.store.get_conversation(user.key)
+            record = self.stack.store.conversations.get_record(user.key)
             if record is not None and record.conversation_id:
                 try:
                     self.stack.emulator.reset_watermark(record.conversation_id)
@@ -422,13 +423,13 @@ class ChaosRun:
             self.report.problems.append(str(error))
 
     def nothing_pending(self) -> bool:
-        return not any(self.stack.store.list_outbox(u.key, limit=1) or self.stale_lease(u) for u in self.users)
+        return not any(self.stack.store.outbox.list_messages(u.key, limit=1) or self.stale_lease(u) for u in self.users)
 
     def stale_lease(self, user: User) -> bool:
         """A lease still recorded long after it expired: its holder died and nobody took the conversation over.
 
         (Live leases are normal: both pollers keep polling active conversations.)"""
-        record = self.stack.store.get_conversation(user.key)
+        record = self.stack.store.conversations.get_record(user.key)
         return bool(record is not None and record.lease_owner and record.lease_expires_at
                     and record.lease_expires_at < datetime.now(UTC) - STALE_LEASE_AFTER)
 
@@ -489,10 +490,10 @@ class ChaosRun:
             report.reply_lost += lost
             report.reply_duplicates += doubled - min(doubled, self.crash_resent(user, replies))
             report.reply_out_of_order += disordered
-            report.outbox_left += len(store.list_outbox(user.key, limit=100))
+            report.outbox_left += len(store.outbox.list_messages(user.key, limit=100))
             report.stale_leases += self.stale_lease(user)
         stray = sum(len(v) for v in at_bot.values()) + sum(len(v) for v in at_provider.values())
-        report.dead_letters = len(store.list_dead_letters(limit=1000))
+        report.dead_letters = len(store.dead_letters.list_letters(limit=1000))
         checks = [("messages lost before the bot", report.bot_lost), ("messages doubled at the bot",
                   report.bot_duplicates), ("users whose messages reached the bot out of order",
                   report.bot_out_of_order), ("replies lost", report.reply_lost), ("replies doubled",

@@ -41,7 +41,7 @@ def test_directline_down_keeps_messages_in_the_outbox_and_they_flow_when_it_retu
     answer = stack.send("twilio", user, "while Direct Line is down")
     assert answer["status"] == 200  # stored: Twilio would never retry, so the relay must keep it
     key = stack.record("twilio", user).key
-    assert [m.activity["text"] for m in stack.store.list_outbox(key)] == ["while Direct Line is down"]
+    assert [m.activity["text"] for m in stack.store.outbox.list_messages(key)] == ["while Direct Line is down"]
     degraded = health(stack)
     assert degraded.status_code == 200, degraded.text  # still accepting webhooks: not to be evicted
     assert degraded.json()["status"] == "degraded" and degraded.json()["degraded"] == ["directline"]
@@ -49,5 +49,5 @@ def test_directline_down_keeps_messages_in_the_outbox_and_they_flow_when_it_retu
     stack.emulator = start_emulator(port=port, extra_args=("--late-reply-seconds", "1"))
     assert stack.wait_for_replies("twilio", user, 1, timeout=60) == ["You said: while Direct Line is down"]
     assert user_texts_at_bot(stack, "twilio", user) == ["while Direct Line is down"]
-    wait_until(lambda: not stack.store.list_outbox(key), timeout=20, what="the outbox to empty")
+    wait_until(lambda: not stack.store.outbox.list_messages(key), timeout=20, what="the outbox to empty")
     assert health(stack).json()["status"] == "healthy"

@@ -14,7 +14,8 @@ from devstack.channels import DEV_VALUES, ProviderSimulator
 from devstack.directline import DirectLineEmulator
 from devstack.procs import ManagedProcess, free_port, wait_until
 from relay.settings import StorageSettings
-from relay.store import ConversationKey, ConversationRecord, RelayStore
+from relay.store import RelayStore
+from relay.store.conversations import ConversationKey, ConversationRecord
 from tests.conftest import subprocess_env
 
 PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic")
@@ -51,7 +52,7 @@ class RelayStack:
         return self.replies(provider, user)
 
     def record(self, provider: str, user: str) -> ConversationRecord | None:
-        return self.store.get_conversation(ConversationKey(provider, user))
+        return self.store.conversations.get_record(ConversationKey(provider, user))
 
     def user_messages_at_bot(self, conversation_id: str) -> list[str]:
         """The texts the bot received in a conversation (the emulator's own activity set)."""

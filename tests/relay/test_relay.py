@@ -13,7 +13,7 @@ import requests
 from devstack.bot import EchoBot
 from devstack.channels import DEV_VALUES
 from devstack.procs import free_port, wait_until
-from relay.store import ENDED
+from relay.store.conversations import ENDED
 from tests.conftest import subprocess_env
 from tests.relay.conftest import NEVER, PROVIDERS, RelayStack
 
@@ -179,7 +179,7 @@ def test_ambiguous_post_is_not_repeated(relay_stack):
     assert stack.wait_for_replies("twilio", user, 1) == ["You said: maybe arrived"]
     assert stack.emulator.counters()["faults"]["502"] == 1
     record = stack.record("twilio", user)
-    wait_until(lambda: stack.store.list_outbox(record.key) == [], timeout=20, what="the outbox to empty")
+    wait_until(lambda: stack.store.outbox.list_messages(record.key) == [], timeout=20, what="the outbox to empty")
     assert stack.user_messages_at_bot(record.conversation_id) == ["maybe arrived"]
 
 
@@ -192,8 +192,8 @@ def test_provider_outage_is_retried_and_a_refusal_dead_lettered(relay_stack):
     stack.simulator.fail_next("whatsapp", 400)
     stack.send("whatsapp", user, "refused")
     key = stack.record("whatsapp", user).key
-    wait_until(lambda: stack.store.list_dead_letters(key), timeout=20, what="a dead letter")
-    assert stack.store.list_dead_letters(key)[0].kind == "reply"
+    wait_until(lambda: stack.store.dead_letters.list_letters(key), timeout=20, what="a dead letter")
+    assert stack.store.dead_letters.list_letters(key)[0].kind == "reply"
     stack.send("whatsapp", user, "next")
     assert stack.wait_for_replies("whatsapp", user, 2) == ["You said: retry me", "You said: next"]
 
@@ -233,7 +233,7 @@ def test_token_direct_line_no_longer_accepts_is_replaced(relay_stack):
     stack.wait_for_replies("twilio", user, 1)
     record = stack.record("twilio", user)
     # As after the service restarted: a token Direct Line refuses (403), not merely an expired one.
-    stack.store.update_conversation(record.key, lambda r: replace(r, token="not-a-token-any-more"))
+    stack.store.conversations.update_record(record.key, lambda r: replace(r, token="not-a-token-any-more"))
     stack.send("twilio", user, "second")
     assert stack.wait_for_replies("twilio", user, 2) == ["You said: first", "You said: second"]
     assert stack.record("twilio", user).conversation_id == record.conversation_id
@@ -263,8 +263,8 @@ def test_a_long_reply_refused_part_way_is_dead_lettered_naming_the_part(relay_st
     stack.simulator.fail_next("twilio", 400, after=1)
     stack.send("twilio", user, LONG_TEXT)
     key = stack.record("twilio", user).key
-    wait_until(lambda: stack.store.list_dead_letters(key), timeout=20, what="a dead letter")
-    [dead] = stack.store.list_dead_letters(key)
+    wait_until(lambda: stack.store.dead_letters.list_letters(key), timeout=20, what="a dead letter")
+    [dead] = stack.store.dead_letters.list_letters(key)
     assert dead.kind == "reply" and "part 2 of 2" in dead.reason, dead.reason
     stack.send("twilio", user, "next")
     first, *rest = stack.wait_for_replies("twilio", user, 2)
@@ -292,7 +292,7 @@ def test_media_behind_the_providers_credentials_reach_the_bot_as_files_it_can_op
     assert not attachment["contentUrl"].startswith(stack.simulator.url)  # not the provider's protected URL
     assert requests.get(attachment["contentUrl"], timeout=10).content == PHOTO  # the bot opens it, no credentials
     assert "relayPendingMedia" not in activity
-    wait_until(lambda: stack.store.list_outbox(stack.record(provider, user).key) == [], timeout=20,
+    wait_until(lambda: stack.store.outbox.list_messages(stack.record(provider, user).key) == [], timeout=20,
                what="the outbox to empty")
     assert len(user_activities(stack, provider, user)) == 1
 
@@ -319,7 +319,7 @@ def test_media_the_provider_cannot_give_leave_the_text_for_the_bot_and_a_dead_le
     assert activity["channelData"]["relay"]["unavailableMedia"] == [{"contentType": "image/png",
                                                                      "reason": "ProviderRejected"}]
     key = stack.record("whatsapp", user).key
-    [dead] = stack.store.list_dead_letters(key)
+    [dead] = stack.store.dead_letters.list_letters(key)
     assert dead.kind == "media" and "404" in dead.reason
     assert DEV_VALUES["WHATSAPP_ACCESS_TOKEN"] not in dead.reason
 
@@ -332,7 +332,7 @@ def test_an_ambiguous_upload_is_not_repeated(relay_stack):
     stack.send("whatsapp", user, "look", media=[{"url": PHOTO_URL, "contentType": "image/png"}])
     assert stack.wait_for_replies("whatsapp", user, 1) == ["You said: look"]
     assert stack.emulator.counters()["faults"]["502"] == 1
-    wait_until(lambda: stack.store.list_outbox(stack.record("whatsapp", user).key) == [], timeout=20,
+    wait_until(lambda: stack.store.outbox.list_messages(stack.record("whatsapp", user).key) == [], timeout=20,
                what="the outbox to empty")
     [activity] = user_activities(stack, "whatsapp", user)
     assert requests.get(activity["attachments"][0]["contentUrl"], timeout=10).content == PHOTO

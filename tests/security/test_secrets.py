@@ -6,7 +6,8 @@ from __future__ import annotations
 import requests
 
 from devstack.procs import wait_until
-from relay.store import ConversationKey, hash_resume_key
+from relay.store.conversations import ConversationKey
+from relay.store.sessions import hash_resume_key
 from tests.security.conftest import ALLOWED_ORIGIN, PROVIDERS
 from tests.security.leaks import configured_secrets, directline_tokens, find_leaks, log_files
 
@@ -60,7 +61,7 @@ def test_no_secret_token_or_resume_key_in_any_log_or_answer(exposed_relay):
                   "the rotated resume key": resumed.json()["resumeKey"],
                   "the twice rotated resume key": moved_on.json()["resumeKey"]}
     for provider in PROVIDERS:
-        record = relay.store.get_conversation(ConversationKey(provider, USERS[provider]))
+        record = relay.store.conversations.get_record(ConversationKey(provider, USERS[provider]))
         handed_out[f"the {provider} conversation's token"] = record.token
     secrets = {**configured_secrets(), **handed_out}
     logs = {**log_files(relay.log_path.parent), str(relay.emulator.log_path): relay.emulator.log_path.read_text(),
@@ -78,7 +79,7 @@ def test_resume_keys_are_long_random_and_stored_only_as_a_hash(exposed_relay):
     keys = [g["resumeKey"] for g in grants]
     assert len(set(keys)) == 3 and all(len(k) >= 43 for k in keys)  # >= 256 bits of base64url
     for grant in grants:
-        session = exposed_relay.store.get_webchat_session(grant["conversationId"])
+        session = exposed_relay.store.sessions.get_session(grant["conversationId"])
         assert session.resume_key_hash == hash_resume_key(grant["resumeKey"]) != grant["resumeKey"]
 
 

@@ -7,14 +7,14 @@ import time
 import pytest
 
 from devstack.procs import wait_until
-from relay.store import ConversationKey
+from relay.store.conversations import ConversationKey
 from tests.security.conftest import PROVIDERS
 
 TIMESTAMPED = ("messagebird", "bird", "generic")  # the schemes that sign a time (window: 300 s by default)
 
 
 def nothing_stored(relay, provider: str, user: str) -> bool:
-    return relay.store.get_conversation(ConversationKey(provider, user)) is None
+    return relay.store.conversations.get_record(ConversationKey(provider, user)) is None
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -48,9 +48,9 @@ def test_a_replay_of_an_untimed_signature_is_deduplicated(exposed_relay, provide
     hook = exposed_relay.webhook(provider, user, "once only")
     assert exposed_relay.deliver(hook).status_code == 200
     assert exposed_relay.deliver(hook).status_code == 200
-    record = exposed_relay.store.get_conversation(ConversationKey(provider, user))
-    wait_until(lambda: not exposed_relay.store.list_outbox(record.key), timeout=20, what="the outbox to empty")
-    conversation_id = exposed_relay.store.get_conversation(record.key).conversation_id
+    record = exposed_relay.store.conversations.get_record(ConversationKey(provider, user))
+    wait_until(lambda: not exposed_relay.store.outbox.list_messages(record.key), timeout=20, what="the outbox to empty")
+    conversation_id = exposed_relay.store.conversations.get_record(record.key).conversation_id
     texts = [a.get("text") for a in exposed_relay.emulator.conversation(conversation_id)["activities"]
              if a.get("type") == "message" and a["from"].get("role") != "bot"]
     assert texts == ["once only"]

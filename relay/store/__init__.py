@@ -1,0 +1,61 @@
+"""Table Storage: the relay's only state between invocations.
+
+One module per table; each owns its table's name, row layout, entity mapping and queries, and its
+docstring describes the layout. Every name starts with `RELAY_TABLE_PREFIX`:
+
+    {prefix}conversations    conversations.py  conversation records and their leases
+    {prefix}duepolls         due_polls.py      the due index: which conversations want polling and when
+    {prefix}inbound          outbox.py         dedupe rows and the outbox of messages for Direct Line
+    {prefix}deadletters      dead_letters.py   what a provider or Direct Line refused, with the reason
+    {prefix}webchatsessions  sessions.py       Web Chat sessions of the token server
+    {prefix}ratelimits       rate_limits.py    fixed-window counters per client address (hashed)
+
+`tables.py` holds the connection and what every table shares (table creation, error translation,
+key escaping, JSON properties); `sweep.py` is the clean-up across all of them.
+
+Every conditional write uses the entity's ETag: a conflicting update is re-applied on fresh data or
+raised as ConcurrencyConflict, never silently overwritten.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from relay.settings import StorageSettings, get_settings
+from relay.store.conversations import Conversations
+from relay.store.dead_letters import DeadLetters
+from relay.store.due_polls import DuePolls
+from relay.store.outbox import Outbox
+from relay.store.rate_limits import RateLimits
+from relay.store.sessions import WebChatSessions
+from relay.store.tables import Tables, table_service_client
+
+__all__ = ["RelayStore", "get_store"]
+
+
+class RelayStore:
+    """Every table the relay and the token server read and write, on one connection: `store.conversations`,
+    `store.due_polls`, `store.outbox`, `store.dead_letters`, `store.sessions`, `store.rate_limits`."""
+
+    def __init__(self, tables: Tables):
+        self.tables = tables
+        self.due_polls = DuePolls(tables)
+        self.conversations = Conversations(tables, due_polls=self.due_polls)
+        self.dead_letters = DeadLetters(tables)
+        self.outbox = Outbox(tables, dead_letters=self.dead_letters)
+        self.sessions = WebChatSessions(tables)
+        self.rate_limits = RateLimits(tables)
+
+    @classmethod
+    def from_settings(cls, storage: StorageSettings, **client_options) -> RelayStore:
+        """The store on the account and table prefix of `storage`; `client_options` go to the SDK client."""
+        return cls(Tables(table_service_client(storage, **client_options), prefix=storage.table_prefix))
+
+    def __repr__(self) -> str:
+        return f"RelayStore(account={self.tables.service.account_name!r}, prefix={self.tables.prefix!r})"
+
+
+@functools.lru_cache(maxsize=1)
+def get_store() -> RelayStore:
+    """The process's store on the app settings (one pooled connection for every invocation)."""
+    return RelayStore.from_settings(get_settings().storage)

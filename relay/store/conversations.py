@@ -1,0 +1,267 @@
+"""Conversation records and their leases: `{prefix}conversations`.
+
+One row per (channel, channel user): PartitionKey = the conversation key, RowKey "conversation".
+The record holds the user's Direct Line conversation, its token, the watermark, the activity ids
+already delivered, the schedule of its next poll and the lease of the one worker that may work it.
+
+Every write is conditional on the record's ETag: a conflicting update is re-applied on fresh data
+or raised as ConcurrencyConflict, never silently overwritten. The due index (`due_polls`) follows
+`next_poll_at` and `state` on every write, its row inserted before the record points at it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableEntity, UpdateMode
+
+from relay.errors import ConcurrencyConflict, LeaseLost
+from relay.store.tables import UPDATE_ATTEMPTS, escape, get_json, pause_after_conflict, put_json, storage_errors, utcnow
+
+if TYPE_CHECKING:
+    from relay.store.due_polls import DueConversation, DuePolls
+    from relay.store.tables import Tables
+
+__all__ = [
+    "ACTIVE",
+    "DELIVERED_IDS_LIMIT",
+    "ENDED",
+    "ConversationKey",
+    "ConversationRecord",
+    "Conversations",
+]
+
+log = logging.getLogger(__name__)
+
+ACTIVE = "active"
+ENDED = "ended"
+
+DELIVERED_IDS_LIMIT = 300
+"""Activity ids remembered per conversation: far more than one watermark reset can replay in 24 h of chat."""
+
+_TABLE = "conversations"
+_ROW = "conversation"
+
+
+@dataclass(frozen=True)
+class ConversationKey:
+    """Who a conversation belongs to: a channel and the user's address on it (phone number, wa id...)."""
+
+    channel: str
+    user: str
+
+    @property
+    def partition_key(self) -> str:
+        """The PartitionKey of this conversation's rows in every table keyed by conversation."""
+        return f"{escape(self.channel)}|{escape(self.user)}"
+
+
+@dataclass(frozen=True)
+class ConversationRecord:
+    """One channel user's Direct Line conversation. Change it with dataclasses.replace inside update_record."""
+
+    key: ConversationKey
+    conversation_id: str
+    user_id: str
+    token: str = field(default="", repr=False)
+    token_expires_at: datetime | None = None
+    watermark: str | None = None
+    delivered_ids: tuple[str, ...] = ()
+    last_user_activity_at: datetime | None = None
+    last_bot_activity_at: datetime | None = None
+    next_poll_at: datetime | None = None
+    poll_interval: float = 0.0
+    state: str = ACTIVE
+    reply_context: Mapping[str, Any] = field(default_factory=dict)
+    peekable: bool = False
+    """Settled: nothing waits in the outbox, so the poller may look for the bot's activities without the lease."""
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    etag: str | None = field(default=None, repr=False, compare=False)
+    due_index_key: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def active(self) -> bool:
+        return self.state == ACTIVE
+
+    def is_delivered(self, activity_id: str) -> bool:
+        return activity_id in self.delivered_ids
+
+    def with_delivered(self, *activity_ids: str) -> ConversationRecord:
+        """This record remembering `activity_ids` as delivered (the oldest are forgotten past the bound)."""
+        known = [i for i in self.delivered_ids if i not in activity_ids] + list(dict.fromkeys(activity_ids))
+        return replace(self, delivered_ids=tuple(known[-DELIVERED_IDS_LIMIT:]))
+
+    def lease_held_by_other(self, owner: str, now: datetime) -> bool:
+        return bool(self.lease_owner and self.lease_owner != owner and self.lease_expires_at
+                    and self.lease_expires_at > now)
+
+    def without_lease(self) -> ConversationRecord:
+        return replace(self, lease_owner=None, lease_expires_at=None)
+
+    @property
+    def last_activity_at(self) -> datetime | None:
+        times = [t for t in (self.last_user_activity_at, self.last_bot_activity_at, self.created_at) if t]
+        return max(times) if times else None
+
+
+class Conversations:
+    """Reads and writes of conversation records. Methods taking `now` use it instead of the clock."""
+
+    def __init__(self, tables: Tables, *, due_polls: DuePolls):
+        self._table = tables.table(_TABLE)
+        self._due_polls = due_polls
+
+    def get_record(self, key: ConversationKey) -> ConversationRecord | None:
+        """The stored record, or None when the user has none."""
+        entity = self._table.get(key.partition_key, _ROW)
+        return None if entity is None else _from_entity(key, entity)
+
+    def update_record(
+        self,
+        key: ConversationKey,
+        change: Callable[[ConversationRecord | None], ConversationRecord | None],
+        *,
+        current: ConversationRecord | None = None,
+        lease_owner: str | None = None,
+        now: datetime | None = None,
+    ) -> ConversationRecord | None:
+        """Create or change a conversation record under its ETag and return what is stored.
+
+        `change` gets the stored record (None when there is none) and returns the record to store;
+        returning its argument unchanged writes nothing. On a conflict it is called again on fresh
+        data (so it must be free of side effects); after UPDATE_ATTEMPTS conflicts ConcurrencyConflict.
+        Pass `current` (a record you just read, with its ETag) to save the first read. With
+        `lease_owner`, LeaseLost is raised instead when another poller has taken the lease over.
+        The due index follows `next_poll_at` and `state` automatically.
+        """
+        for attempt in range(UPDATE_ATTEMPTS):
+            stored = current if attempt == 0 and current is not None else self.get_record(key)
+            if lease_owner is not None and (stored is None or (stored.lease_owner or lease_owner) != lease_owner):
+                raise LeaseLost(f"the lease on a {key.channel} conversation is no longer held by this poller")
+            wanted = change(stored)
+            if wanted is None or wanted is stored or (stored is not None and wanted == stored):
+                return stored
+            if wanted.key != key:
+                raise ValueError("change() must not change the conversation key")
+            written_at = now or utcnow()
+            wanted = replace(wanted, created_at=wanted.created_at or written_at, updated_at=written_at)
+            old_index = stored.due_index_key if stored is not None else None
+            new_index = self._due_polls.schedule(wanted, previous=stored)
+            entity = _to_entity(replace(wanted, due_index_key=new_index))
+            with storage_errors("write a conversation record"):
+                try:
+                    if stored is None:
+                        result = self._table.client.create_entity(entity)
+                    else:
+                        result = self._table.client.update_entity(entity, mode=UpdateMode.REPLACE, etag=stored.etag,
+                                                                  match_condition=MatchConditions.IfNotModified)
+                except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+                    if new_index != old_index:
+                        self._due_polls.delete_row(new_index)
+                    log.info("conversation update conflicted; retrying on fresh data (attempt %d)", attempt + 1)
+                    pause_after_conflict(attempt)
+                    continue
+            if old_index and old_index != new_index:
+                self._due_polls.delete_row(old_index)
+            return replace(wanted, etag=result.get("etag"), due_index_key=new_index)
+        raise ConcurrencyConflict(f"a {key.channel} conversation kept changing under {UPDATE_ATTEMPTS} attempts")
+
+    def claim_due(self, due: DueConversation, *, owner: str, lease_seconds: float,
+                  now: datetime | None = None) -> ConversationRecord | None:
+        """Take the lease of a due conversation; None when it is not ours to poll now.
+
+        A stale index row (the record moved on, ended or vanished) is removed here.
+        """
+        now = now or utcnow()
+        record = self.get_record(due.key)
+        if record is None or record.due_index_key != due.index_key:
+            self._due_polls.delete_row(due.index_key)
+        if record is None or not record.active or record.next_poll_at is None or record.next_poll_at > now:
+            return None
+        return self.acquire_lease(due.key, owner=owner, lease_seconds=lease_seconds, now=now, current=record)
+
+    def acquire_lease(self, key: ConversationKey, *, owner: str, lease_seconds: float, now: datetime | None = None,
+                      current: ConversationRecord | None = None) -> ConversationRecord | None:
+        """Hold the conversation for `lease_seconds` (renews our own lease); None while another owner holds it.
+
+        A lease ends on its own when its holder dies: after expiry anyone may take it over.
+        """
+        now = now or utcnow()
+        held_by_other = False
+
+        def take(record: ConversationRecord | None) -> ConversationRecord | None:
+            nonlocal held_by_other
+            held_by_other = record is not None and record.lease_held_by_other(owner, now)
+            if record is None or held_by_other:
+                return record
+            return replace(record, lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+
+        record = self.update_record(key, take, current=current, now=now)
+        return None if record is None or held_by_other else record
+
+    def release_lease(self, record: ConversationRecord, *, owner: str, now: datetime | None = None) -> None:
+        """Give the lease back early (a no-op when it is no longer ours)."""
+
+        def drop(stored: ConversationRecord | None) -> ConversationRecord | None:
+            if stored is None or stored.lease_owner != owner:
+                return stored
+            return stored.without_lease()
+
+        self.update_record(record.key, drop, current=record, now=now)
+
+    def delete_inactive(self, *, idle_before: datetime, limit: int) -> int:
+        """Delete up to `limit` records that ended or saw no activity since `idle_before`, and their index rows.
+
+        A table scan, for the sweep; a record that changed since it was read is left alone. Returns how many went.
+        """
+        deleted = 0
+        for entity in self._table.query("state eq @ended or last_activity_at lt @cutoff",
+                                        {"ended": ENDED, "cutoff": idle_before}, limit=limit):
+            if self._table.delete_if_unchanged(entity):
+                deleted += 1
+                if entity.get("due_index_key"):
+                    self._due_polls.delete_row(entity["due_index_key"])
+        return deleted
+
+
+def _to_entity(record: ConversationRecord) -> dict[str, Any]:
+    entity = {
+        "PartitionKey": record.key.partition_key, "RowKey": _ROW,
+        "channel": record.key.channel, "user": record.key.user,
+        "conversation_id": record.conversation_id, "user_id": record.user_id, "token": record.token,
+        "token_expires_at": record.token_expires_at, "watermark": record.watermark,
+        "last_user_activity_at": record.last_user_activity_at, "last_bot_activity_at": record.last_bot_activity_at,
+        "last_activity_at": record.last_activity_at, "next_poll_at": record.next_poll_at,
+        "poll_interval": float(record.poll_interval), "state": record.state,
+        "lease_owner": record.lease_owner, "lease_expires_at": record.lease_expires_at,
+        "created_at": record.created_at, "updated_at": record.updated_at, "due_index_key": record.due_index_key,
+        "peekable": record.peekable,
+    }
+    put_json(entity, "delivered_ids", list(record.delivered_ids))
+    put_json(entity, "reply_context", dict(record.reply_context))
+    return entity
+
+
+def _from_entity(key: ConversationKey, entity: TableEntity) -> ConversationRecord:
+    return ConversationRecord(
+        key=key, conversation_id=entity["conversation_id"], user_id=entity["user_id"],
+        token=entity.get("token") or "", token_expires_at=entity.get("token_expires_at"),
+        watermark=entity.get("watermark"), delivered_ids=tuple(get_json(entity, "delivered_ids", [])),
+        last_user_activity_at=entity.get("last_user_activity_at"),
+        last_bot_activity_at=entity.get("last_bot_activity_at"), next_poll_at=entity.get("next_poll_at"),
+        poll_interval=entity.get("poll_interval") or 0.0, state=entity.get("state", ACTIVE),
+        reply_context=get_json(entity, "reply_context", {}), peekable=bool(entity.get("peekable")),
+        lease_owner=entity.get("lease_owner"),
+        lease_expires_at=entity.get("lease_expires_at"), created_at=entity.get("created_at"),
+        updated_at=entity.get("updated_at"), etag=entity.metadata["etag"],
+        due_index_key=entity.get("due_index_key"),
+    )

@@ -1,0 +1,67 @@
+"""Dead letters: `{prefix}deadletters`, what could not be delivered and why.
+
+Replies a provider refused ("reply"), media that could not be carried ("media") and inbound
+messages Direct Line refused ("inbound"), with the reason and the payload, kept for an operator.
+PartitionKey = the conversation key, RowKey "<created ms>|<random>"; the sweep removes them after
+30 days.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from relay.store.conversations import ConversationKey
+from relay.store.tables import Tables, get_json, millis, put_json, utcnow
+
+__all__ = ["DeadLetter", "DeadLetters"]
+
+log = logging.getLogger(__name__)
+
+_TABLE = "deadletters"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    key: ConversationKey
+    kind: str  # "reply", "media" or "inbound": see the module docstring
+    reason: str
+    payload: Mapping[str, Any] = field(repr=False)
+    created_at: datetime
+    row_key: str = field(default="", repr=False, compare=False)
+
+
+class DeadLetters:
+    """Reads and writes of dead letters."""
+
+    def __init__(self, tables: Tables):
+        self._table = tables.table(_TABLE)
+
+    def add_letter(self, key: ConversationKey, *, kind: str, reason: str, payload: Mapping[str, Any],
+                   now: datetime | None = None) -> DeadLetter:
+        """Store a dead letter (the reason cut to 2000 characters) and log that there is one."""
+        now = now or utcnow()
+        row = f"{millis(now):015d}|{secrets.token_hex(6)}"
+        entity = {"PartitionKey": key.partition_key, "RowKey": row, "kind": kind, "reason": reason[:2000],
+                  "created_at": now, "channel": key.channel, "user": key.user}
+        put_json(entity, "payload", payload)
+        self._table.create(entity)
+        log.warning("dead letter (%s) for a %s conversation: %s", kind, key.channel, reason[:200])
+        return DeadLetter(key, kind, reason, dict(payload), now, row_key=row)
+
+    def list_letters(self, key: ConversationKey | None = None, *, limit: int = 100) -> list[DeadLetter]:
+        """Up to `limit` dead letters of one conversation, or of all when `key` is None."""
+        if key is None:
+            entities = self._table.query("", {}, limit=limit)
+        else:
+            entities = self._table.query("PartitionKey eq @pk", {"pk": key.partition_key}, limit=limit)
+        return [DeadLetter(ConversationKey(e["channel"], e["user"]), e["kind"], e["reason"], get_json(e, "payload"),
+                           e["created_at"], row_key=e["RowKey"]) for e in entities]
+
+    def delete_old(self, *, created_before: datetime, limit: int) -> int:
+        """Delete up to `limit` dead letters created before `created_before` (a scan, for the sweep); how many went."""
+        return self._table.delete_matching("created_at lt @cut", {"cut": created_before}, limit=limit)

@@ -1,0 +1,163 @@
+"""The due index: `{prefix}duepolls`, which conversations want polling and when.
+
+PartitionKey "due", RowKey "<next poll ms>|<conversation key>|<nonce>", so the timer reads only the
+rows that are due with one RowKey range; idle rows cost nothing. A settled conversation's row also
+carries what a peek needs (conversation id, watermark, last activity, next peek time `peek_after`):
+the poller looks for new activities without reading the record or taking the lease, and when there
+are none it only moves `peek_after` on, for up to 100 conversations in one batch.
+
+The record points at its row (`due_index_key`); a row is written before the record points at it,
+so none is ever missing, and a row nothing points at any more is removed when it is claimed.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from azure.core import MatchConditions
+from azure.core.exceptions import AzureError
+from azure.data.tables import TableTransactionError, UpdateMode
+
+from relay.store.conversations import ACTIVE, ConversationKey, ConversationRecord
+from relay.store.tables import BATCH_LIMIT, Tables, millis, storage_errors, utcnow
+
+__all__ = ["DueConversation", "DuePolls"]
+
+log = logging.getLogger(__name__)
+
+_TABLE = "duepolls"
+_PARTITION = "due"
+
+
+@dataclass(frozen=True)
+class DueConversation:
+    """A row of the due index: this conversation wants polling at `due_at`.
+
+    A settled conversation's row (`peekable`) carries its Direct Line conversation id, a watermark no
+    newer than the record's, the last message of the user or the bot and its current idle interval:
+    enough to look for new activities without reading the record. A stale copy only ever sends the
+    poller down the full path."""
+
+    key: ConversationKey
+    due_at: datetime
+    index_key: str = field(repr=False)
+    conversation_id: str = ""
+    watermark: str | None = None
+    last_activity_at: datetime | None = None
+    poll_interval: float = 0.0
+    etag: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def peekable(self) -> bool:
+        return bool(self.conversation_id)
+
+
+class DuePolls:
+    """Reads and writes of the due index."""
+
+    def __init__(self, tables: Tables):
+        self._table = tables.table(_TABLE)
+
+    def list_due(self, *, now: datetime | None = None, limit: int = 200) -> list[DueConversation]:
+        """Conversations whose next poll (or peek) time has come, earliest first: one RowKey range of the index.
+
+        Conversations that are not due are not read at all, so thousands of idle ones cost nothing here
+        (a query page of up to 1000 rows is one transaction).
+        """
+        now = now or utcnow()
+        query = self._table.client.query_entities(
+            # `not (... gt ...)`: a row without peek_after (older code wrote none) is due by its RowKey alone.
+            # (The space before ")" lets the SDK find the @now parameter.)
+            "PartitionKey eq @pk and RowKey lt @upper and not (peek_after gt @now )",
+            parameters={"pk": _PARTITION, "upper": f"{millis(now) + 1:015d}", "now": now},
+            select=["RowKey", "channel", "user", "conversation_id", "watermark", "last_activity_at", "poll_interval"],
+            results_per_page=min(max(limit, 1), 1000),
+        )
+        due: dict[ConversationKey, DueConversation] = {}
+        with storage_errors("read the due index"):
+            for entity in query:
+                key = ConversationKey(entity["channel"], entity["user"])
+                if key not in due:
+                    at = datetime.fromtimestamp(int(entity["RowKey"][:15]) / 1000, UTC)
+                    due[key] = DueConversation(
+                        key, at, entity["RowKey"], conversation_id=entity.get("conversation_id") or "",
+                        watermark=entity.get("watermark"), last_activity_at=entity.get("last_activity_at"),
+                        poll_interval=entity.get("poll_interval") or 0.0, etag=entity.metadata.get("etag"))
+                    if len(due) >= limit:
+                        break
+        return list(due.values())
+
+    def postpone_rows(self, postponements: Sequence[tuple[DueConversation, datetime, float]]) -> int:
+        """Move the next peek of conversations that had nothing new: (row, peek after, idle interval) each.
+
+        Rows are updated in place under their ETags, up to 100 in one entity-group transaction (one
+        billed transaction). A row rescheduled or removed meanwhile (a webhook, a worker's finish) is
+        left alone: that schedule wins. Best effort: a row not moved is only peeked again. Returns how
+        many moved."""
+        moved = 0
+        operations = [("update", {"PartitionKey": _PARTITION, "RowKey": row.index_key, "peek_after": after,
+                                  "poll_interval": float(interval)},
+                       {"mode": UpdateMode.MERGE, "etag": row.etag, "match_condition": MatchConditions.IfNotModified})
+                      for row, after, interval in postponements if row.etag]
+        for start in range(0, len(operations), BATCH_LIMIT):
+            batch = operations[start:start + BATCH_LIMIT]
+            for _ in range(3):  # a conflicting row fails its whole batch: drop it and try the rest again
+                try:
+                    self._table.client.submit_transaction(batch)
+                except TableTransactionError as error:
+                    if error.error_code not in ("UpdateConditionNotSatisfied", "ResourceNotFound"):
+                        log.warning("could not postpone due rows: %s", error.error_code)
+                        break
+                    batch = batch[:error.index] + batch[error.index + 1:]
+                    if not batch:
+                        break
+                    continue
+                except AzureError as error:
+                    log.warning("could not postpone due rows: %s", type(error).__name__)
+                    break
+                moved += len(batch)
+                break
+        return moved
+
+    def schedule(self, record: ConversationRecord, *, previous: ConversationRecord | None) -> str | None:
+        """The RowKey of the record's index row, inserted first when `previous` (the stored record) has none to keep.
+
+        A row is kept while the schedule and what a peek relies on stay the same; None when the
+        record wants no polling (ended, or nothing scheduled). Raises StoreError when the row cannot
+        be written."""
+        if record.state != ACTIVE or record.next_poll_at is None:
+            return None
+        old_index = previous.due_index_key if previous is not None else None
+        reusable = previous is not None and _peek_view(previous) == _peek_view(record)
+        if reusable and old_index and old_index.startswith(_row_prefix(record.next_poll_at, record.key)):
+            return old_index
+        index = f"{_row_prefix(record.next_poll_at, record.key)}{secrets.token_hex(4)}"
+        row = {"PartitionKey": _PARTITION, "RowKey": index, "channel": record.key.channel,
+               "user": record.key.user, "peek_after": record.next_poll_at}
+        if _peek_view(record):
+            row |= {"conversation_id": record.conversation_id, "watermark": record.watermark,
+                    "last_activity_at": max((t for t in (record.last_user_activity_at, record.last_bot_activity_at)
+                                             if t), default=None),
+                    "poll_interval": float(record.poll_interval)}
+        self._table.create(row)
+        return index
+
+    def delete_row(self, index_key: str) -> None:
+        """Best effort: a leftover row is harmless (Conversations.claim_due removes it later)."""
+        self._table.delete_quietly(_PARTITION, index_key)
+
+
+def _row_prefix(at: datetime, key: ConversationKey) -> str:
+    return f"{millis(at):015d}|{key.partition_key}|"
+
+
+def _peek_view(record: ConversationRecord) -> tuple | None:
+    """What the due-index row of a peekable record promises; a change needs a new row.
+
+    The watermark is not part of it: a row's older watermark only makes a peek see activities the
+    record already handled, which sends the poller down the full path (never a missed message)."""
+    return (record.conversation_id,) if record.peekable and record.conversation_id else None

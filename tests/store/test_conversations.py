@@ -1,0 +1,161 @@
+"""Conversation records against Azurite: every field kept, ETags that lose no update, leases."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+
+from relay.errors import ConcurrencyConflict, LeaseLost
+from relay.store.conversations import DELIVERED_IDS_LIMIT, ConversationKey
+from tests.store.conftest import T0, create, make_store, new_record
+
+
+def test_conversation_round_trip_keeps_every_field(store):
+    key = ConversationKey("whatsapp", "+1 555/0100#?%|x")  # characters Table keys forbid, and our separator
+    record = new_record(
+        key, token="dl-token-secret", token_expires_at=T0 + timedelta(minutes=30), watermark="0000a-42",
+        delivered_ids=("c|1", "c|2"), last_user_activity_at=T0, next_poll_at=T0 + timedelta(seconds=5),
+        poll_interval=5.0, reply_context={"to": "+1555", "nested": {"a": [1, 2]}},
+    )
+    stored = store.conversations.update_record(key, lambda _: record, now=T0)
+    read = store.conversations.get_record(key)
+    assert read == stored
+    assert read.watermark == "0000a-42"
+    assert read.reply_context == {"to": "+1555", "nested": {"a": [1, 2]}}
+    assert read.token_expires_at == T0 + timedelta(minutes=30)
+    assert read.created_at == T0
+    assert store.conversations.get_record(ConversationKey("whatsapp", "+1 555")) is None
+    assert "dl-token-secret" not in repr(read)
+
+
+def test_delivered_ids_are_bounded_and_keep_the_newest(store):
+    key = ConversationKey("twilio", "+1555")
+    record = new_record(key).with_delivered(*[f"c|{i}" for i in range(DELIVERED_IDS_LIMIT + 50)])
+    store.conversations.update_record(key, lambda _: record)
+    read = store.conversations.get_record(key)
+    assert len(read.delivered_ids) == DELIVERED_IDS_LIMIT
+    assert read.is_delivered(f"c|{DELIVERED_IDS_LIMIT + 49}")
+    assert not read.is_delivered("c|0")
+
+
+def test_unchanged_record_writes_nothing(store):
+    key = ConversationKey("twilio", "+1555")
+    first = create(store, key)
+    again = store.conversations.update_record(key, lambda stored: stored)
+    assert again.etag == first.etag
+
+
+# ------------------------------------------------------------------------------------------ ETags
+
+
+def test_conflicting_writers_both_changes_survive(store, other_store):
+    key = ConversationKey("twilio", "+1555")
+    stale = create(store, key)
+    other_store.conversations.update_record(key, lambda r: replace(r, last_user_activity_at=T0 + timedelta(seconds=1)))
+    calls = []
+
+    def set_watermark(record):
+        calls.append(record)
+        return replace(record, watermark="7")
+
+    result = store.conversations.update_record(key, set_watermark, current=stale)
+    assert len(calls) == 2  # applied to the stale copy, refused by the ETag, applied again on fresh data
+    read = other_store.conversations.get_record(key)
+    assert read.watermark == "7"
+    assert read.last_user_activity_at == T0 + timedelta(seconds=1)
+    assert result.etag == read.etag
+
+
+def test_persistent_conflict_is_reported_not_overwritten(store, other_store):
+    key = ConversationKey("twilio", "+1555")
+    create(store, key)
+    rounds = iter(range(100))
+
+    def competing_change(record):
+        # another writer gets in between every read and write of ours
+        other_store.conversations.update_record(key, lambda r: replace(r, watermark=f"other-{next(rounds)}"))
+        return replace(record, watermark="mine")
+
+    with pytest.raises(ConcurrencyConflict):
+        store.conversations.update_record(key, competing_change)
+    assert other_store.conversations.get_record(key).watermark.startswith("other-")
+
+
+def test_concurrent_writers_lose_no_update(storage_connection_string, table_prefix):
+    key = ConversationKey("twilio", "+1555")
+    stores = [make_store(storage_connection_string, table_prefix) for _ in range(4)]
+    create(stores[0], key)
+
+    def deliver(worker: int):
+        for n in range(3):
+            stores[worker].conversations.update_record(key, lambda r, w=worker, n=n: r.with_delivered(f"c|{w}-{n}"))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(deliver, range(4)))
+    delivered = stores[0].conversations.get_record(key).delivered_ids
+    assert set(delivered) == {f"c|{w}-{n}" for w in range(4) for n in range(3)}
+
+
+def test_concurrent_creation_keeps_the_first_conversation(storage_connection_string, table_prefix):
+    key = ConversationKey("twilio", "+1555")
+    stores = [make_store(storage_connection_string, table_prefix) for _ in range(4)]
+    barrier = threading.Barrier(4)
+
+    def start(worker: int) -> str:
+        barrier.wait()
+        record = stores[worker].conversations.update_record(
+            key, lambda stored: stored or replace(new_record(key), conversation_id=f"conv-{worker}"))
+        return record.conversation_id
+
+    with ThreadPoolExecutor(4) as pool:
+        winners = set(pool.map(start, range(4)))
+    assert len(winners) == 1  # every instance ends up using the same Direct Line conversation
+
+
+# ------------------------------------------------------------------------------------------ leases
+
+
+def test_lease_excludes_others_until_it_expires_then_can_be_taken_over(store, other_store):
+    key = ConversationKey("twilio", "+1555")
+    create(store, key)
+    mine = store.conversations.acquire_lease(key, owner="poller-a", lease_seconds=30, now=T0)
+    assert mine.lease_owner == "poller-a"
+    assert other_store.conversations.acquire_lease(key, owner="poller-b", lease_seconds=30,
+                                                   now=T0 + timedelta(seconds=29)) is None
+    renewed = store.conversations.acquire_lease(key, owner="poller-a", lease_seconds=30, now=T0 + timedelta(seconds=20))
+    assert renewed.lease_expires_at == T0 + timedelta(seconds=50)
+    assert other_store.conversations.acquire_lease(key, owner="poller-b", lease_seconds=30,
+                                                   now=T0 + timedelta(seconds=49)) is None
+
+    # poller-a dies: its lease runs out on its own and poller-b takes over
+    taken = other_store.conversations.acquire_lease(key, owner="poller-b", lease_seconds=30,
+                                                    now=T0 + timedelta(seconds=51))
+    assert taken.lease_owner == "poller-b"
+    with pytest.raises(LeaseLost):  # the old holder waking up cannot write over the new one
+        store.conversations.update_record(key, lambda r: replace(r, watermark="stale"), lease_owner="poller-a")
+    assert store.conversations.get_record(key).watermark is None
+
+    other_store.conversations.update_record(key, lambda r: replace(r, watermark="9"), lease_owner="poller-b")
+    other_store.conversations.release_lease(store.conversations.get_record(key), owner="poller-b")
+    assert store.conversations.acquire_lease(key, owner="poller-a", lease_seconds=30,
+                                             now=T0 + timedelta(seconds=52)) is not None
+    assert store.conversations.get_record(key).watermark == "9"
+
+
+def test_only_one_of_many_concurrent_pollers_gets_the_lease(storage_connection_string, table_prefix):
+    key = ConversationKey("twilio", "+1555")
+    stores = [make_store(storage_connection_string, table_prefix) for _ in range(5)]
+    create(stores[0], key)
+    barrier = threading.Barrier(5)
+
+    def claim(worker: int):
+        barrier.wait()
+        return stores[worker].conversations.acquire_lease(key, owner=f"poller-{worker}", lease_seconds=30, now=T0)
+
+    with ThreadPoolExecutor(5) as pool:
+        won = [r for r in pool.map(claim, range(5)) if r is not None]
+    assert len(won) == 1
