@@ -1,0 +1,175 @@
+"""Outbound: the bot's activities of one leased conversation delivered to the provider, part by part.
+
+Each activity is delivered once: its id is saved among the delivered ones right after the provider
+took it (a reply sent part-way is remembered as "<id>#<parts taken>" and resumes at the first part
+the provider did not take), and the watermark moves on only once its whole page is handled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from relay.activities import render_outbound
+from relay.errors import ConcurrencyConflict, ConversationNotFound, ProviderRejected, ProviderUnavailable, StoreError
+from relay.store.conversations import ENDED, ConversationRecord
+
+if TYPE_CHECKING:
+    from relay.conversations import ConversationWorker, Peek
+
+__all__ = ["MIN_POLL_GAP", "PARTS_MARK", "ReplyDelivery", "parts_done", "with_parts_done"]
+
+log = logging.getLogger(__name__)
+
+MIN_POLL_GAP = timedelta(seconds=1)  # never poll one conversation more than once a second
+
+
+PARTS_MARK = "#"
+"""A reply sent part-way is remembered among the delivered ids as "<activity id>#<parts the provider took>"."""
+
+
+def _marked_parts(marker: str, activity_id: str) -> int | None:
+    prefix = activity_id + PARTS_MARK
+    count = marker[len(prefix):]
+    return int(count) if marker.startswith(prefix) and count.isdigit() else None
+
+
+def parts_done(record: ConversationRecord, activity_id: str) -> int:
+    """How many parts of the activity's reply the provider already accepted (0 unless it failed part-way)."""
+    counts = [n for n in (_marked_parts(m, activity_id) for m in record.delivered_ids) if n is not None]
+    return max(counts, default=0)
+
+
+def with_parts_done(record: ConversationRecord, activity_id: str, parts: int) -> ConversationRecord:
+    """`record` remembering that `parts` of the activity's reply were accepted; 0 forgets it."""
+    kept = replace(record, delivered_ids=tuple(m for m in record.delivered_ids
+                                               if _marked_parts(m, activity_id) is None))
+    return kept.with_delivered(f"{activity_id}{PARTS_MARK}{parts}") if parts else kept
+
+
+class ReplyDelivery:
+    """Delivers the bot's activities of the worker's conversation from its stored watermark.
+
+    `peek`: the page the poller already read (used instead of asking again); `patient`: wait out
+    MIN_POLL_GAP for the next page (a webhook's burst), else leave it to the next tick."""
+
+    def __init__(self, worker: ConversationWorker, *, peek: Peek | None = None, patient: bool = False):
+        self.worker = worker
+        self.ctx = worker.ctx
+        self.peek = peek
+        self.patient = patient
+        self.last_poll: float | None = None
+
+    def deliver(self) -> bool:
+        """Page the bot's activities from the stored watermark and deliver each one not yet delivered.
+
+        False when the provider asked us to wait (the watermark then stays where it was)."""
+        if not self.worker.record.conversation_id or not self.worker.record.active:
+            return True
+        for _ in range(20):  # a bounded number of pages per invocation; the rest comes next time
+            watermark = self.worker.record.watermark
+            peek, self.peek = self.peek, None
+            try:
+                if peek and (peek.conversation_id, peek.watermark) == (self.worker.record.conversation_id, watermark):
+                    page, self.last_poll = peek.page, peek.at  # what the poller just read: not asked twice
+                elif not self.patient and self._pace_gap() > 0:
+                    break  # the timer pages on at its next tick (scheduled a second on): no worker sleeps
+                else:
+                    self._pace()
+                    page = self.worker.call(lambda token, w=watermark: self.ctx.directline.get_activities(
+                        self.worker.record.conversation_id, watermark=w, token=token))
+            except ConversationNotFound:
+                log.info("Direct Line forgot conversation %s; the next user message starts a new one",
+                         self.worker.record.conversation_id)
+                self.worker.save(lambda r: replace(r, conversation_id="", token="", token_expires_at=None,
+                                                   watermark=None))
+                return True
+            for activity in page.activities:
+                if not self._deliver_one(activity):
+                    return False  # the provider cannot take it now: keep the watermark, retry later
+            if page.watermark != watermark:
+                self.worker.save(lambda r, w=page.watermark: replace(r, watermark=w))
+            if not page.activities or page.watermark == watermark or not self.worker.record.active:
+                break
+        return True
+
+    def _deliver_one(self, activity: dict) -> bool:
+        """Deliver one activity if it is the bot's and new; False when the provider asks us to wait."""
+        activity_id = activity.get("id") or ""
+        sender = activity.get("from") or {}
+        if sender.get("id") == self.worker.record.user_id or not self.ctx.directline.is_from_bot(activity):
+            return True
+        if activity_id and self.worker.record.is_delivered(activity_id):
+            return True  # a replay or a watermark reset: never sent twice
+        now = self.ctx.clock()
+        if activity.get("type") == "endOfConversation":
+            log.info("the bot ended conversation %s", self.worker.record.conversation_id)
+            self.worker.save(lambda r: replace(r.with_delivered(activity_id), state=ENDED, last_bot_activity_at=now))
+            self.worker.result.ended = True
+            return True
+        message = render_outbound(activity)
+        if message is None:
+            return True  # typing, events and empty messages have nothing for the channel
+        message = replace(message, idempotency_key=activity_id)
+        first_part = parts_done(self.worker.record, activity_id)
+        started = time.perf_counter()
+        try:
+            self.ctx.adapter(self.worker.key.channel).send(self.worker.record.reply_context, message,
+                                                           first_part=first_part)
+        except ProviderRejected as error:
+            where = f" (part {error.parts_sent + 1} of {error.parts_total})" if error.parts_total > 1 else ""
+            self.ctx.store.dead_letters.add_letter(self.worker.key, kind="reply",
+                                                   reason=f"{error.status} {error}{where}",
+                                                   payload={"activity": activity})
+            self.worker.result.dead_letters += 1
+        except ProviderUnavailable as error:
+            log.info("the %s provider cannot take a reply now (%s, %d of %d parts sent); retrying later",
+                     self.worker.key.channel, error.status, error.parts_sent, error.parts_total)
+            if activity_id and error.parts_sent > first_part:
+                # The parts the provider took stay sent: the retry resumes at the first one it did not.
+                self._save_delivered(lambda r, n=error.parts_sent: with_parts_done(r, activity_id, n))
+            self.worker.wait(error.retry_after)
+            return False
+        else:
+            self.worker.result.delivered += 1
+            log.info("delivered activity %s to %s in %.0f ms", activity_id, self.worker.key.channel,
+                     (time.perf_counter() - started) * 1000)
+        self._save_delivered(lambda r: replace(with_parts_done(r, activity_id, 0).with_delivered(activity_id),
+                                               last_bot_activity_at=now))
+        return True
+
+    def _save_delivered(self, change: Callable[[ConversationRecord], ConversationRecord]) -> None:
+        """Record that the provider took a reply, riding out a storage blip of up to 10 s (within the lease).
+
+        Giving up here means the next worker finds the reply undelivered and sends it again (no
+        provider takes an idempotency key), so this one write is worth waiting for; we still hold
+        the lease meanwhile, so nobody else sends it."""
+        deadline = time.monotonic() + min(10.0, self.ctx.settings.relay.lease_seconds / 2)
+        while True:
+            try:
+                self.worker.save(change)
+                return
+            except ConcurrencyConflict:
+                raise  # not a storage outage: the lease or the record moved on
+            except StoreError as error:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("could not record a %s delivery yet (%s); trying again", self.worker.key.channel,
+                            error.code)
+                self.ctx.sleep(1.0)
+
+    def _pace_gap(self) -> float:
+        if self.last_poll is None:
+            return 0.0
+        return MIN_POLL_GAP.total_seconds() - (time.monotonic() - self.last_poll)
+
+    def _pace(self) -> None:
+        """Keep at least MIN_POLL_GAP between two polls of this conversation (Direct Line asks for it)."""
+        gap = self._pace_gap()
+        if gap > 0:
+            self.ctx.sleep(gap)
+        self.last_poll = time.monotonic()
