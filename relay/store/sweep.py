@@ -34,8 +34,8 @@ class SweepResult:
 
 
 def sweep_tables(store: RelayStore, *, now: datetime | None = None, idle_after: timedelta = timedelta(days=3),
-          dedupe_after: timedelta = timedelta(days=7), dead_letters_after: timedelta = timedelta(days=30),
-          limit: int = 1000) -> SweepResult:
+                 dedupe_after: timedelta = timedelta(days=7), dead_letters_after: timedelta = timedelta(days=30),
+                 limit: int = 1000) -> SweepResult:
     """Delete ended and long-idle conversations, old dedupe entries, expired sessions and counters, old dead
     letters: up to `limit` rows of each. What was removed comes back (and is logged)."""
     now = now or utcnow()
