@@ -56,10 +56,12 @@ def _environment_folder(path: str) -> str:
     if parts[-1] == "pyvenv.cfg":
         return "/".join(parts[:-1]) or "."
     if "site-packages" in parts:
-        top = parts.index("site-packages")
-        top -= 2 if top >= 2 and parts[top - 2] == "lib" else 0  # <env>/lib/pythonX.Y/site-packages
-        top -= 1 if parts[top - 1] == "lib" else 0  # <env>/lib/site-packages
-        return "/".join(parts[:top]) or "."
+        head = parts[:parts.index("site-packages")]
+        if head[-2:-1] == ["lib"]:
+            head = head[:-2]  # <env>/lib/pythonX.Y/site-packages
+        elif head[-1:] == ["lib"]:
+            head = head[:-1]  # <env>/lib/site-packages
+        return "/".join(head) or "."
     return ""
 
 

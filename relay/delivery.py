@@ -21,7 +21,7 @@ from relay.store.conversations import ENDED, ConversationRecord
 if TYPE_CHECKING:
     from relay.conversations import ConversationWorker, Peek
 
-__all__ = ["MIN_POLL_GAP", "PARTS_MARK", "ReplyDelivery", "parts_done", "with_parts_done"]
+__all__ = ["MIN_POLL_GAP", "ReplyDelivery"]
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from relay.store.outbox import OutboxMessage
 if TYPE_CHECKING:
     from relay.conversations import ConversationWorker
 
-__all__ = ["MEDIA_ATTEMPTS", "UPLOAD_LIMIT_BYTES", "OutboxPoster"]
+__all__ = ["OutboxPoster"]
 
 log = logging.getLogger(__name__)
 

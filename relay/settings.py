@@ -351,9 +351,10 @@ def _webchat(env: _Environment) -> WebChatSettings:
         if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path):
             raise SettingsError(f"WEBCHAT_ALLOWED_ORIGINS entries must look like https://host[:port], got {origin!r}")
     bundle_url = env.url("WEBCHAT_BUNDLE_URL")
-    if urlsplit(bundle_url).scheme != "https" and urlsplit(bundle_url).hostname not in LOOPBACK_HOSTS:
+    bundle = urlsplit(bundle_url)
+    if bundle.scheme != "https" and bundle.hostname not in LOOPBACK_HOSTS:
         # An https page may not load an http script (mixed content): the demo would break without a word.
-        raise SettingsError("WEBCHAT_BUNDLE_URL must be an https URL (http only on 127.0.0.1 or localhost)")
+        raise SettingsError("WEBCHAT_BUNDLE_URL must be an https URL (http only on a loopback host)")
     return WebChatSettings(
         allowed_origins=origins,
         demo_enabled=env.flag("WEBCHAT_DEMO_ENABLED"),
