@@ -8,7 +8,6 @@ the provider did not take), and the watermark moves on only once its whole page 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
@@ -105,7 +104,7 @@ class ReplyDelivery:
             return True
         if activity_id and self.worker.record.is_delivered(activity_id):
             return True  # a replay or a watermark reset: never sent twice
-        now = self.ctx.clock()
+        now = self.ctx.clock.now()
         if activity.get("type") == "endOfConversation":
             log.info("the bot ended conversation %s", self.worker.record.conversation_id)
             self.worker.save(lambda r: replace(r.with_delivered(activity_id), state=ENDED, last_bot_activity_at=now))
@@ -116,7 +115,7 @@ class ReplyDelivery:
             return True  # typing, events and empty messages have nothing for the channel
         message = replace(message, idempotency_key=activity_id)
         first_part = parts_done(self.worker.record, activity_id)
-        started = time.perf_counter()
+        started = self.ctx.clock.monotonic()
         try:
             self.ctx.adapter(self.worker.key.channel).send(self.worker.record.reply_context, message,
                                                            first_part=first_part)
@@ -137,7 +136,7 @@ class ReplyDelivery:
         else:
             self.worker.result.delivered += 1
             log.info("delivered activity %s to %s in %.0f ms", activity_id, self.worker.key.channel,
-                     (time.perf_counter() - started) * 1000)
+                     (self.ctx.clock.monotonic() - started) * 1000)
         self._save_delivered(lambda r: replace(with_parts_done(r, activity_id, 0).with_delivered(activity_id),
                                                last_bot_activity_at=now))
         return True
@@ -148,7 +147,7 @@ class ReplyDelivery:
         Giving up here means the next worker finds the reply undelivered and sends it again (no
         provider takes an idempotency key), so this one write is worth waiting for; we still hold
         the lease meanwhile, so nobody else sends it."""
-        deadline = time.monotonic() + min(10.0, self.ctx.settings.relay.lease_seconds / 2)
+        deadline = self.ctx.clock.monotonic() + min(10.0, self.ctx.settings.relay.lease_seconds / 2)
         while True:
             try:
                 self.worker.save(change)
@@ -156,20 +155,20 @@ class ReplyDelivery:
             except ConcurrencyConflict:
                 raise  # not a storage outage: the lease or the record moved on
             except StoreError as error:
-                if time.monotonic() >= deadline:
+                if self.ctx.clock.monotonic() >= deadline:
                     raise
                 log.warning("could not record a %s delivery yet (%s); trying again", self.worker.key.channel,
                             error.code)
-                self.ctx.sleep(1.0)
+                self.ctx.clock.sleep(1.0)
 
     def _pace_gap(self) -> float:
         if self.last_poll is None:
             return 0.0
-        return MIN_POLL_GAP.total_seconds() - (time.monotonic() - self.last_poll)
+        return MIN_POLL_GAP.total_seconds() - (self.ctx.clock.monotonic() - self.last_poll)
 
     def _pace(self) -> None:
         """Keep at least MIN_POLL_GAP between two polls of this conversation (Direct Line asks for it)."""
         gap = self._pace_gap()
         if gap > 0:
-            self.ctx.sleep(gap)
-        self.last_poll = time.monotonic()
+            self.ctx.clock.sleep(gap)
+        self.last_poll = self.ctx.clock.monotonic()

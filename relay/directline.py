@@ -16,14 +16,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import random
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from relay.clock import SYSTEM_CLOCK, Clock
 from relay.errors import (
     AuthenticationFailed,
     BadRequest,
@@ -87,14 +87,15 @@ class UploadFile:
 class DirectLineClient:
     """Direct Line 3.0 on one pooled requests.Session (thread-safe for the poller's workers).
 
-    Every conversation call authenticates with the secret unless a `token` is given.
+    Every conversation call authenticates with the secret unless a `token` is given. The waits between
+    tries, their jitter and the reading of a Retry-After date go through `clock`.
     """
 
     def __init__(self, settings: DirectLineSettings, *, retry: RetryPolicy = RetryPolicy(),
-                 sleep: Callable[[float], None] = time.sleep, pool_size: int = 32):
+                 clock: Clock = SYSTEM_CLOCK, pool_size: int = 32):
         self._settings = settings
         self._retry = retry
-        self._sleep = sleep
+        self._clock = clock
         self._pool_size = pool_size
         self._session: requests.Session | None = None
         self._lock = threading.Lock()
@@ -110,7 +111,7 @@ class DirectLineClient:
         Close only the original client.
         """
         settings = replace(self._settings, timeout_seconds=timeout_seconds) if timeout_seconds else self._settings
-        clone = DirectLineClient(settings, retry=retry or self._retry, sleep=self._sleep, pool_size=self._pool_size)
+        clone = DirectLineClient(settings, retry=retry or self._retry, clock=self._clock, pool_size=self._pool_size)
         clone._session = self._http()
         return clone
 
@@ -230,7 +231,7 @@ class DirectLineClient:
         timeout = (CONNECT_TIMEOUT, self._settings.timeout_seconds)
         waited = 0.0
         for attempt in range(1, self._retry.attempts + 1):
-            started = time.monotonic()
+            started = self._clock.monotonic()
             try:
                 response = session.request(method, url, headers=headers, params=params, json=json_body, files=files,
                                            timeout=timeout)
@@ -238,17 +239,17 @@ class DirectLineClient:
                 error = _connection_error(operation, exc, idempotent)
             else:
                 log.debug("Direct Line %s: %s in %.0f ms", operation, response.status_code,
-                          (time.monotonic() - started) * 1000)
+                          (self._clock.monotonic() - started) * 1000)
                 if response.status_code < 300:
                     return _json(response, operation)
                 error = _status_error(operation, response, idempotent, secrets=(auth, self._settings.secret),
-                                      retry_after_cap=self._retry.max_retry_after)
+                                      retry_after_cap=self._retry.max_retry_after, now=self._clock.now())
             delay = self._retry_delay(error, attempt, waited)
             if delay is None:
                 raise error
             log.info("Direct Line %s failed (%s %s), retry %d in %.2f s", operation, error.status, error.code,
                      attempt, delay)
-            self._sleep(delay)
+            self._clock.sleep(delay)
             waited += delay
         raise AssertionError("unreachable")  # the last attempt always raises
 
@@ -261,14 +262,14 @@ class DirectLineClient:
         if isinstance(error, Throttled) and error.retry_after is not None:
             delay = error.retry_after
         else:
-            delay = random.uniform(0, min(policy.backoff_cap, policy.backoff * 2 ** (attempt - 1)))
+            delay = self._clock.uniform(0, min(policy.backoff_cap, policy.backoff * 2 ** (attempt - 1)))
         return delay if delay <= remaining else None
 
 
 @functools.lru_cache(maxsize=1)
 def get_directline_client() -> DirectLineClient:
-    """The process's client on the app settings: one connection pool shared by every invocation."""
-    return DirectLineClient(get_settings().directline, pool_size=64)  # one connection per poller worker
+    """The process's client on the app settings and the system clock: one connection pool shared by every invocation."""
+    return DirectLineClient(get_settings().directline, clock=SYSTEM_CLOCK, pool_size=64)  # one per poller worker
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -310,7 +311,7 @@ def _json(response: requests.Response, operation: str) -> dict[str, Any]:
 
 
 def _status_error(operation: str, response: requests.Response, idempotent: bool, *, secrets: Sequence[str],
-                  retry_after_cap: float) -> DirectLineError:
+                  retry_after_cap: float, now: datetime) -> DirectLineError:
     status = response.status_code
     code, message = _error_body(response)
     text = _redact(f"Direct Line {operation} answered {status} {code}: {message}", secrets)
@@ -322,7 +323,7 @@ def _status_error(operation: str, response: requests.Response, idempotent: bool,
     if status == 404:
         return ConversationNotFound(text, **options)
     if status == 429:
-        retry_after = _retry_after(response.headers.get("Retry-After"), cap=retry_after_cap)
+        retry_after = _retry_after(response.headers.get("Retry-After"), cap=retry_after_cap, now=now)
         return Throttled(text, retry_after=retry_after, **options)
     if status < 500:
         return BadRequest(text, **options)
@@ -343,8 +344,8 @@ def _error_body(response: requests.Response) -> tuple[str, str]:
     return code, str(error.get("message") or "")[:200]
 
 
-def _retry_after(value: str | None, *, cap: float) -> float | None:
-    """Retry-After as seconds (the HTTP unit; an HTTP date works too), never negative, capped."""
+def _retry_after(value: str | None, *, cap: float, now: datetime) -> float | None:
+    """Retry-After as seconds (the HTTP unit; an HTTP date works too, counted from `now`), never negative, capped."""
     if not value:
         return None
     try:
@@ -353,7 +354,7 @@ def _retry_after(value: str | None, *, cap: float) -> float | None:
         import email.utils
 
         try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now.timestamp()
         except (TypeError, ValueError):
             return None
     return min(max(seconds, 0.0), cap)

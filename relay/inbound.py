@@ -11,7 +11,6 @@ delivered before the provider is answered, so a prompt bot does not wait for the
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 from datetime import timedelta
 
@@ -44,11 +43,11 @@ def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> 
         if accept_message(ctx, key, message):
             to_work[key] = None
     burst = ctx.settings.relay.burst_poll_seconds
-    started = time.perf_counter()
+    started = ctx.clock.monotonic()
     for key in to_work:
         relay_now(ctx, key, burst_seconds=burst)
     log.info("webhook %s: %d message(s), %d new, relayed in %.0f ms", channel, len(messages), len(to_work),
-             (time.perf_counter() - started) * 1000)
+             (ctx.clock.monotonic() - started) * 1000)
     return adapter.acknowledgement()
 
 
@@ -73,7 +72,7 @@ def accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMess
     """Store one message (StoreError when storage is down: nothing is acknowledged then).
 
     True when it waits to be posted; False for a duplicate that was already handled."""
-    now = ctx.clock()
+    now = ctx.clock.now()
     # The record first: an outbox entry must never exist without a record the poller will find.
     ctx.store.conversations.update_record(key, lambda record: touched(record, key, message, now))
     activity = build_inbound_activity(message, channel=key.channel,
@@ -103,18 +102,18 @@ def relay_now(ctx: RelayContext, key: ConversationKey, *, burst_seconds: float) 
 
     Failures here are logged, never raised: the messages are stored, and the provider must hear 200."""
     owner = new_owner("webhook")
-    deadline = ctx.clock() + timedelta(seconds=burst_seconds)
+    deadline = ctx.clock.now() + timedelta(seconds=burst_seconds)
     try:
         lease = ctx.settings.relay.lease_seconds
         record = ctx.store.conversations.acquire_lease(key, owner=owner, lease_seconds=lease)
-        while record is None and ctx.clock() + timedelta(seconds=LEASE_WAIT_STEP) < deadline:
-            ctx.sleep(LEASE_WAIT_STEP)  # the poller is working this conversation right now
+        while record is None and ctx.clock.now() + timedelta(seconds=LEASE_WAIT_STEP) < deadline:
+            ctx.clock.sleep(LEASE_WAIT_STEP)  # the poller is working this conversation right now
             record = ctx.store.conversations.acquire_lease(key, owner=owner, lease_seconds=lease)
         if record is None:
             # Written again AFTER the message was queued: the busy worker then cannot leave the
             # conversation peekable (its finish sees a record changed by someone else).
             ctx.store.conversations.update_record(
-                key, lambda r: r and replace(r, last_user_activity_at=ctx.clock(), next_poll_at=ctx.clock(),
+                key, lambda r: r and replace(r, last_user_activity_at=ctx.clock.now(), next_poll_at=ctx.clock.now(),
                                              peekable=False))
             log.info("a %s conversation is busy; the poller will post its message", key.channel)
             return

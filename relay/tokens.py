@@ -36,6 +36,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from relay.clock import SYSTEM_CLOCK, Clock
 from relay.directline import ConversationToken, DirectLineClient, RetryPolicy, get_directline_client
 from relay.errors import (
     AuthenticationFailed,
@@ -48,7 +49,6 @@ from relay.errors import (
 from relay.settings import Settings, WebChatSettings, get_settings
 from relay.store import RelayStore, get_store
 from relay.store.sessions import RESUMED, RETRIED, REUSED_KEY, SESSION_EXPIRED, SESSION_REVOKED
-from relay.store.tables import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,13 @@ class Caller:
 
 
 class TokenServer:
-    """The three token endpoints as plain calls; each answers the JSON body or raises WebChatError."""
+    """The three token endpoints as plain calls; each answers the JSON body or raises WebChatError.
 
-    def __init__(self, settings: Settings, *, client: DirectLineClient, store: RelayStore):
+    Sessions expire SESSION_LIFETIME after `clock`'s now."""
+
+    def __init__(self, settings: Settings, *, client: DirectLineClient, store: RelayStore,
+                 clock: Clock = SYSTEM_CLOCK):
+        self._clock = clock
         self._webchat = settings.webchat
         self._domain = settings.directline.endpoint
         self._public_origin = _origin_of(settings.relay.public_base_url)
@@ -105,8 +109,9 @@ class TokenServer:
             trusted.append(caller.origin)
         grant = self._directline(lambda: self._client.generate_token(user_id=user_id, trusted_origins=trusted))
         resume_key = new_resume_key()
+        now = self._clock.now()
         self._store.sessions.create_session(grant.conversation_id, user_id=user_id, resume_key=resume_key,
-                                            expires_at=utcnow() + SESSION_LIFETIME)
+                                            expires_at=now + SESSION_LIFETIME, now=now)
         log.info("Web Chat token issued for conversation %s", grant.conversation_id)
         return {**self._grant(grant), "userId": user_id, "resumeKey": resume_key, "domain": self._domain}
 
@@ -134,7 +139,7 @@ class TokenServer:
         if not limit.allowed:
             raise WebChatError(f"Too many resume attempts from this client address: at most {limit.limit} per minute",
                                status=429, code="TooManyRequests", retry_after=limit.retry_after)
-        now = utcnow()
+        now = self._clock.now()
         session = self._store.sessions.get_session(conversation_id)
         grant = None
         if session is not None and session.resume_outcome(resume_key, now=now) in (RESUMED, RETRIED):
@@ -293,7 +298,7 @@ def _read_asset(path: Path) -> bytes | None:
 
 @functools.lru_cache(maxsize=1)
 def get_token_server() -> TokenServer:
-    """The process's token server on the app settings, the shared Direct Line pool and the store."""
+    """The process's token server on the app settings, the shared Direct Line pool, the store and the system clock."""
     client = get_directline_client().with_options(retry=TOKEN_SERVER_RETRY)
-    return TokenServer(get_settings(), client=client, store=get_store())
+    return TokenServer(get_settings(), client=client, store=get_store(), clock=SYSTEM_CLOCK)
 

@@ -128,7 +128,7 @@ class BirdAdapter(AdapterBase):
         def post(body: dict[str, Any]) -> str:
             response = call_provider(self.session, self.name, "POST", url,
                                      json={"receiver": {"contacts": [receiver]}, "body": body},
-                                     headers={"Authorization": f"AccessKey {self._access_key}"})
+                                     headers={"Authorization": f"AccessKey {self._access_key}"}, clock=self.clock)
             return str(response_json(response).get("id", ""))
 
         return send_parts(bodies, post, first_part=first_part)

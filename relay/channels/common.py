@@ -13,14 +13,15 @@ import email.utils
 import hmac
 import json
 import mimetypes
-import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from relay.channels.base import Media, MediaContent, WebhookAnswer, WebhookRequest
+from relay.clock import SYSTEM_CLOCK, Clock
 from relay.errors import (
     BadPayload,
     PayloadTooLarge,
@@ -41,12 +42,14 @@ Part = TypeVar("Part")
 
 
 class AdapterBase:
-    """Plumbing shared by the adapters; each subclass reads and validates its own settings."""
+    """Plumbing shared by the adapters; each subclass reads and validates its own settings.
+
+    `clock` is what a signature's timestamp is checked against and what provider calls time themselves by."""
 
     name = ""
 
     def __init__(self, config: Mapping[str, str], *, session: requests.Session, window_seconds: float = 300,
-                 max_body_bytes: int = 1_048_576, clock: Callable[[], float] = time.time):
+                 max_body_bytes: int = 1_048_576, clock: Clock = SYSTEM_CLOCK):
         self._config = dict(config)
         self.session = session
         self.window_seconds = window_seconds
@@ -83,7 +86,7 @@ class AdapterBase:
             stamp = int(raw.strip())
         except ValueError:
             raise SignatureInvalid(f"the {header} header is not a Unix timestamp") from None
-        if abs(self.clock() - stamp) > self.window_seconds:
+        if abs(self.clock.now().timestamp() - stamp) > self.window_seconds:
             raise StaleTimestamp(f"the {header} is outside the {self.window_seconds:g}s replay window")
         return stamp
 
@@ -167,8 +170,10 @@ def send_parts(parts: Sequence[Part], send_one: Callable[[Part], str], *, first_
     return ids
 
 
-def call_provider(session: requests.Session, provider: str, method: str, url: str, **kwargs: Any) -> requests.Response:
-    """Make one API call; raise ProviderRejected or ProviderUnavailable unless it succeeded."""
+def call_provider(session: requests.Session, provider: str, method: str, url: str, *, clock: Clock,
+                  **kwargs: Any) -> requests.Response:
+    """Make one API call; raise ProviderRejected or ProviderUnavailable unless it succeeded (a Retry-After
+    date counted from `clock`)."""
     try:
         response = session.request(method, url, timeout=TIMEOUT, **kwargs)
     except requests.Timeout:
@@ -180,17 +185,18 @@ def call_provider(session: requests.Session, provider: str, method: str, url: st
     detail = _detail(response)
     if response.status_code == 429 or response.status_code >= 500:
         raise ProviderUnavailable(f"the {provider} API answered {response.status_code}: {detail}",
-                                  retry_after=retry_after_seconds(response.headers.get("Retry-After")))
+                                  retry_after=retry_after_seconds(response.headers.get("Retry-After"), now=clock.now()))
     raise ProviderRejected(f"the {provider} API rejected the message with {response.status_code}: {detail}")
 
 
-def download(session: requests.Session, provider: str, url: str, *, max_bytes: int,
+def download(session: requests.Session, provider: str, url: str, *, max_bytes: int, clock: Clock,
              **kwargs: Any) -> tuple[bytes, str]:
-    """The bytes at `url` and their content type, read as they come and refused for good past `max_bytes`."""
+    """The bytes at `url` and their content type, read as they come and refused for good past `max_bytes`
+    or after DOWNLOAD_SECONDS on `clock`."""
     too_large = ProviderRejected(f"the {provider} media is larger than the {max_bytes} bytes the relay forwards",
                                  code="MediaTooLarge")
-    deadline = time.monotonic() + DOWNLOAD_SECONDS
-    response = call_provider(session, provider, "GET", url, stream=True, **kwargs)
+    deadline = clock.monotonic() + DOWNLOAD_SECONDS
+    response = call_provider(session, provider, "GET", url, stream=True, clock=clock, **kwargs)
     with response:
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > max_bytes:
@@ -201,7 +207,7 @@ def download(session: requests.Session, provider: str, url: str, *, max_bytes: i
                 size += len(chunk)
                 if size > max_bytes:
                     raise too_large
-                if time.monotonic() > deadline:
+                if clock.monotonic() > deadline:
                     raise ProviderUnavailable(f"the {provider} media download took over {DOWNLOAD_SECONDS:g}s")
                 chunks.append(chunk)
         except requests.RequestException as error:
@@ -219,8 +225,8 @@ def _detail(response: requests.Response) -> str:
     return (text[:300] + "...") if len(text) > 300 else (text or response.reason or "no details")
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds: it may be a number or an HTTP date."""
+def retry_after_seconds(value: str | None, *, now: datetime) -> float | None:
+    """Retry-After as seconds: it may be a number or an HTTP date (counted from `now`)."""
     if not value:
         return None
     try:
@@ -231,7 +237,7 @@ def retry_after_seconds(value: str | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return max(0.0, when.timestamp() - now.timestamp())
 
 
 def response_json(response: requests.Response) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import binascii
 import hashlib
 import hmac
 import json
-import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -58,8 +57,9 @@ def standard_signature(key: bytes, message_id: str, timestamp: str, body: bytes)
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-def standard_headers(key: bytes, message_id: str, body: bytes, *, timestamp: int | None = None) -> dict[str, str]:
-    stamp = str(int(time.time()) if timestamp is None else timestamp)
+def standard_headers(key: bytes, message_id: str, body: bytes, *, timestamp: int) -> dict[str, str]:
+    """The Standard Webhooks headers of `body`, signed at `timestamp` (Unix seconds)."""
+    stamp = str(timestamp)
     return {"webhook-id": message_id, "webhook-timestamp": stamp,
             "webhook-signature": standard_signature(key, message_id, stamp, body)}
 
@@ -192,6 +192,7 @@ class GenericAdapter(AdapterBase):
 
     def _post(self, payload: dict[str, Any]) -> str:
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-        headers = {"Content-Type": "application/json", **standard_headers(self._callback_key, payload["id"], body)}
-        call_provider(self.session, self.name, "POST", self.callback_url, data=body, headers=headers)
+        signed = standard_headers(self._callback_key, payload["id"], body, timestamp=int(self.clock.now().timestamp()))
+        headers = {"Content-Type": "application/json", **signed}
+        call_provider(self.session, self.name, "POST", self.callback_url, data=body, headers=headers, clock=self.clock)
         return payload["id"]

@@ -100,7 +100,7 @@ class MessageBirdAdapter(AdapterBase):
             raise SignatureInvalid("the MessageBird-Signature-JWT header is missing")
 
     def _verify_jwt(self, request: WebhookRequest, token: str) -> None:
-        claims = decode_jwt(token, self._signing_key, now=self.clock())
+        claims = decode_jwt(token, self._signing_key, now=self.clock.now().timestamp())
         if not same(hashlib.sha256(request.url.encode()).hexdigest(), str(claims.get("url_hash", ""))):
             raise SignatureInvalid("the MessageBird-Signature-JWT was issued for another URL")
         payload_hash = claims.get("payload_hash")
@@ -174,7 +174,7 @@ class MessageBirdAdapter(AdapterBase):
 
         def post(body: dict[str, Any]) -> str:
             response = call_provider(self.session, self.name, "POST", url, json=body,
-                                     headers={"Authorization": f"AccessKey {self._access_key}"})
+                                     headers={"Authorization": f"AccessKey {self._access_key}"}, clock=self.clock)
             return str(response_json(response).get("id", ""))
 
         return send_parts(bodies, post, first_part=first_part)

@@ -142,7 +142,7 @@ class TwilioAdapter(AdapterBase):
     def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
         if not self._is_api_url(media.url):
             raise ProviderRejected("the Twilio media URL is not on the Twilio API host", code="MediaNotFetched")
-        content, served_type = download(self.session, self.name, media.url, max_bytes=max_bytes,
+        content, served_type = download(self.session, self.name, media.url, max_bytes=max_bytes, clock=self.clock,
                                         auth=(self.account_sid, self._token))
         content_type = served_type or media.content_type or "application/octet-stream"
         name = media.name or media_file_name(urlsplit(media.url).path.rstrip("/").rsplit("/", 1)[-1], content_type)
@@ -183,6 +183,6 @@ class TwilioAdapter(AdapterBase):
     def _post(self, form: dict[str, str | list[str]]) -> str:
         response = call_provider(
             self.session, self.name, "POST", f"{self.api_base}/2010-04-01/Accounts/{self.account_sid}/Messages.json",
-            data=form, auth=(self.account_sid, self._token),
+            data=form, auth=(self.account_sid, self._token), clock=self.clock,
         )
         return str(response_json(response).get("sid", ""))

@@ -144,14 +144,16 @@ class WhatsAppAdapter(AdapterBase):
     def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
         """The media object first (download URL, type, size, hash), then its bytes, both with the access token."""
         bearer = {"Authorization": f"Bearer {self._access_token}"}
-        info = response_json(call_provider(self.session, self.name, "GET", media.url, headers=bearer))
+        info = response_json(call_provider(self.session, self.name, "GET", media.url, headers=bearer,
+                                                   clock=self.clock))
         if not isinstance(info.get("url"), str) or not info["url"].startswith(("https://", "http://")):
             raise ProviderRejected("the WhatsApp media object has no download url", code="MediaNotFound")
         size = str(info.get("file_size") or "")
         if size.isdigit() and int(size) > max_bytes:
             raise ProviderRejected(f"the WhatsApp media has {size} bytes, over the {max_bytes} the relay forwards",
                                    code="MediaTooLarge")
-        content, served_type = download(self.session, self.name, info["url"], max_bytes=max_bytes, headers=bearer)
+        content, served_type = download(self.session, self.name, info["url"], max_bytes=max_bytes, headers=bearer,
+                                         clock=self.clock)
         expected = str(info.get("sha256") or "").lower()
         if expected and not hmac.compare_digest(hashlib.sha256(content).hexdigest(), expected):
             raise ProviderUnavailable("the WhatsApp media download does not match its sha256")
@@ -193,6 +195,6 @@ class WhatsAppAdapter(AdapterBase):
     def _post(self, url: str, to: str, body: dict[str, Any]) -> str:
         payload = {"messaging_product": "whatsapp", "recipient_type": "individual", "to": to, **body}
         response = call_provider(self.session, self.name, "POST", url, json=payload,
-                                 headers={"Authorization": f"Bearer {self._access_token}"})
+                                 headers={"Authorization": f"Bearer {self._access_token}"}, clock=self.clock)
         messages = response_json(response).get("messages") or [{}]
         return str(messages[0].get("id", ""))

@@ -22,9 +22,10 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableEntity, UpdateMode
 
 from relay.errors import ConcurrencyConflict, LeaseLost
-from relay.store.tables import UPDATE_ATTEMPTS, escape, get_json, pause_after_conflict, put_json, storage_errors, utcnow
+from relay.store.tables import UPDATE_ATTEMPTS, escape, get_json, pause_after_conflict, put_json, storage_errors
 
 if TYPE_CHECKING:
+    from relay.clock import Clock
     from relay.store.due_polls import DueConversation, DuePolls
     from relay.store.tables import Tables
 
@@ -116,9 +117,10 @@ class ConversationRecord:
 class Conversations:
     """Reads and writes of conversation records. Methods taking `now` use it instead of the clock."""
 
-    def __init__(self, tables: Tables, *, due_polls: DuePolls):
+    def __init__(self, tables: Tables, *, due_polls: DuePolls, clock: Clock):
         self._table = tables.table(_TABLE)
         self._due_polls = due_polls
+        self._clock = clock
 
     def get_record(self, key: ConversationKey) -> ConversationRecord | None:
         """The stored record, or None when the user has none."""
@@ -152,7 +154,7 @@ class Conversations:
                 return stored
             if wanted.key != key:
                 raise ValueError("change() must not change the conversation key")
-            written_at = now or utcnow()
+            written_at = now or self._clock.now()
             wanted = replace(wanted, created_at=wanted.created_at or written_at, updated_at=written_at)
             old_index = stored.due_index_key if stored is not None else None
             new_index = self._due_polls.schedule(wanted, previous=stored)
@@ -168,7 +170,7 @@ class Conversations:
                     if new_index != old_index:
                         self._due_polls.delete_row(new_index)
                     log.info("conversation update conflicted; retrying on fresh data (attempt %d)", attempt + 1)
-                    pause_after_conflict(attempt)
+                    pause_after_conflict(self._clock, attempt)
                     continue
             if old_index and old_index != new_index:
                 self._due_polls.delete_row(old_index)
@@ -181,7 +183,7 @@ class Conversations:
 
         A stale index row (the record moved on, ended or vanished) is removed here.
         """
-        now = now or utcnow()
+        now = now or self._clock.now()
         record = self.get_record(due.key)
         if record is None or record.due_index_key != due.index_key:
             self._due_polls.delete_row(due.index_key)
@@ -195,7 +197,7 @@ class Conversations:
 
         A lease ends on its own when its holder dies: after expiry anyone may take it over.
         """
-        now = now or utcnow()
+        now = now or self._clock.now()
         held_by_other = False
 
         def take(record: ConversationRecord | None) -> ConversationRecord | None:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from relay.clock import Clock
 from relay.store.conversations import ConversationKey
-from relay.store.tables import Tables, get_json, millis, put_json, utcnow
+from relay.store.tables import Tables, get_json, millis, put_json
 
 __all__ = ["DeadLetter", "DeadLetters"]
 
@@ -38,13 +39,14 @@ class DeadLetter:
 class DeadLetters:
     """Reads and writes of dead letters."""
 
-    def __init__(self, tables: Tables):
+    def __init__(self, tables: Tables, *, clock: Clock):
         self._table = tables.table(_TABLE)
+        self._clock = clock
 
     def add_letter(self, key: ConversationKey, *, kind: str, reason: str, payload: Mapping[str, Any],
                    now: datetime | None = None) -> DeadLetter:
         """Store a dead letter (the reason cut to 2000 characters) and log that there is one."""
-        now = now or utcnow()
+        now = now or self._clock.now()
         row = f"{millis(now):015d}|{secrets.token_hex(6)}"
         entity = {"PartitionKey": key.partition_key, "RowKey": row, "kind": kind, "reason": reason[:2000],
                   "created_at": now, "channel": key.channel, "user": key.user}

@@ -22,8 +22,9 @@ from azure.core import MatchConditions
 from azure.core.exceptions import AzureError
 from azure.data.tables import TableTransactionError, UpdateMode
 
+from relay.clock import Clock
 from relay.store.conversations import ACTIVE, ConversationKey, ConversationRecord
-from relay.store.tables import BATCH_LIMIT, Tables, millis, storage_errors, utcnow
+from relay.store.tables import BATCH_LIMIT, Tables, millis, storage_errors
 
 __all__ = ["DueConversation", "DuePolls"]
 
@@ -59,8 +60,9 @@ class DueConversation:
 class DuePolls:
     """Reads and writes of the due index."""
 
-    def __init__(self, tables: Tables):
+    def __init__(self, tables: Tables, *, clock: Clock):
         self._table = tables.table(_TABLE)
+        self._clock = clock
 
     def list_due(self, *, now: datetime | None = None, limit: int = 200) -> list[DueConversation]:
         """Conversations whose next poll (or peek) time has come, earliest first: one RowKey range of the index.
@@ -68,7 +70,7 @@ class DuePolls:
         Conversations that are not due are not read at all, so thousands of idle ones cost nothing here
         (a query page of up to 1000 rows is one transaction).
         """
-        now = now or utcnow()
+        now = now or self._clock.now()
         query = self._table.client.query_entities(
             # `not (... gt ...)`: a row without peek_after (older code wrote none) is due by its RowKey alone.
             # (The space before ")" lets the SDK find the @now parameter.)

@@ -21,10 +21,11 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableEntity, TableTransactionError, UpdateMode
 
+from relay.clock import Clock
 from relay.errors import ConcurrencyConflict, StoreError
 from relay.store.conversations import ConversationKey
 from relay.store.dead_letters import DeadLetters
-from relay.store.tables import Tables, escape, get_json, millis, put_json, storage_errors, utcnow
+from relay.store.tables import Tables, escape, get_json, millis, put_json, storage_errors
 
 __all__ = ["DEAD", "PENDING", "POSTED", "InboundResult", "Outbox", "OutboxMessage"]
 
@@ -69,8 +70,9 @@ class InboundResult:
 class Outbox:
     """Reads and writes of inbound messages. Methods taking `now` use it instead of the clock."""
 
-    def __init__(self, tables: Tables, *, dead_letters: DeadLetters):
+    def __init__(self, tables: Tables, *, dead_letters: DeadLetters, clock: Clock):
         self._table = tables.table(_TABLE)
+        self._clock = clock
         self._dead_letters = dead_letters
 
     def add_message(self, key: ConversationKey, message_id: str, activity: Mapping[str, Any], *,
@@ -80,7 +82,7 @@ class Outbox:
         A retried webhook (same message id) gets is_new=False and the message's state: PENDING while
         it still waits in the outbox, POSTED once Direct Line took it, DEAD if Direct Line refused it.
         """
-        now = now or utcnow()
+        now = now or self._clock.now()
         pk = key.partition_key
         outbox_row = f"{_OUTBOX}{millis(now):015d}|{escape(message_id)}"
         dedupe = {"PartitionKey": pk, "RowKey": _DEDUPE + escape(message_id), "message_id": message_id,
@@ -119,7 +121,7 @@ class Outbox:
 
     def complete_message(self, message: OutboxMessage, *, activity_id: str, now: datetime | None = None) -> None:
         """Direct Line took the message: out of the outbox and marked POSTED, atomically."""
-        self._finish(message, {"state": POSTED, "activity_id": activity_id, "posted_at": now or utcnow()})
+        self._finish(message, {"state": POSTED, "activity_id": activity_id, "posted_at": now or self._clock.now()})
 
     def dead_letter_message(self, message: OutboxMessage, *, reason: str, now: datetime | None = None) -> None:
         """Direct Line refused the message for good (a 400): keep it as a dead letter and unblock the outbox."""

@@ -15,8 +15,9 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
+from relay.clock import Clock
 from relay.errors import ConcurrencyConflict
-from relay.store.tables import UPDATE_ATTEMPTS, Tables, pause_after_conflict, storage_errors, utcnow
+from relay.store.tables import UPDATE_ATTEMPTS, Tables, pause_after_conflict, storage_errors
 
 __all__ = ["RateLimitResult", "RateLimits"]
 
@@ -35,8 +36,9 @@ class RateLimitResult:
 class RateLimits:
     """Fixed-window request counters. Methods taking `now` use it instead of the clock."""
 
-    def __init__(self, tables: Tables):
+    def __init__(self, tables: Tables, *, clock: Clock):
         self._table = tables.table(_TABLE)
+        self._clock = clock
 
     def count_request(self, client_address: str, *, limit: int, window_seconds: float = 60,
                       now: datetime | None = None) -> RateLimitResult:
@@ -46,7 +48,7 @@ class RateLimits:
         clock, so a burst cannot straddle two windows to get twice the limit). ConcurrencyConflict
         when the counter kept changing under every attempt.
         """
-        now = now or utcnow()
+        now = now or self._clock.now()
         pk = hashlib.sha256(client_address.encode()).hexdigest()[:40]
         for _ in range(UPDATE_ATTEMPTS * 2):
             entity = self._table.get(pk, _ROW)
@@ -67,7 +69,7 @@ class RateLimits:
                         self._table.client.update_entity(new, mode=UpdateMode.REPLACE, etag=entity.metadata["etag"],
                                                          match_condition=MatchConditions.IfNotModified)
                 except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
-                    pause_after_conflict(0)
+                    pause_after_conflict(self._clock, 0)
                     continue
             return RateLimitResult(True, count, limit, 0.0)
         raise ConcurrencyConflict("the rate-limit counter kept changing")

@@ -21,9 +21,10 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableEntity, UpdateMode
 
 from relay.errors import ConcurrencyConflict
-from relay.store.tables import UPDATE_ATTEMPTS, escape, get_json, pause_after_conflict, put_json, storage_errors, utcnow
+from relay.store.tables import UPDATE_ATTEMPTS, escape, get_json, pause_after_conflict, put_json, storage_errors
 
 if TYPE_CHECKING:
+    from relay.clock import Clock
     from relay.store.tables import Tables
 
 __all__ = [
@@ -113,13 +114,14 @@ class WebChatSession:
 class WebChatSessions:
     """Reads and writes of Web Chat sessions. Methods taking `now` use it instead of the clock."""
 
-    def __init__(self, tables: Tables):
+    def __init__(self, tables: Tables, *, clock: Clock):
         self._table = tables.table(_TABLE)
+        self._clock = clock
 
     def create_session(self, conversation_id: str, *, user_id: str, resume_key: str, expires_at: datetime,
                        now: datetime | None = None) -> WebChatSession:
         """Store a new session; only the resume key's hash is kept. ConcurrencyConflict if one exists."""
-        now = now or utcnow()
+        now = now or self._clock.now()
         session = WebChatSession(conversation_id, user_id, expires_at, created_at=now, updated_at=now,
                                  resume_key_hash=hash_resume_key(resume_key))
         with storage_errors("store a Web Chat session"):
@@ -143,7 +145,7 @@ class WebChatSessions:
         under the ETag of the row it was made on, so two racing resumes with one key are decided one
         after the other: the second sees the first's rotation and is a retry, never a reuse.
         """
-        now = now or utcnow()
+        now = now or self._clock.now()
         for attempt in range(UPDATE_ATTEMPTS):
             session = self.get_session(conversation_id)
             if session is None:
@@ -173,7 +175,7 @@ class WebChatSessions:
                                                               etag=session.etag,
                                                               match_condition=MatchConditions.IfNotModified)
                 except (ResourceModifiedError, ResourceNotFoundError):
-                    pause_after_conflict(attempt)
+                    pause_after_conflict(self._clock, attempt)
                     continue
             return ResumeResult(outcome, replace(updated, etag=result.get("etag")))
         raise ConcurrencyConflict("the Web Chat session kept changing")
@@ -181,7 +183,7 @@ class WebChatSessions:
     def revoke_session(self, conversation_id: str, *, now: datetime | None = None) -> None:
         """Mark the session revoked (a no-op when there is none): its page must start a new conversation."""
         entity = {"PartitionKey": escape(conversation_id), "RowKey": _ROW, "revoked": True,
-                  "updated_at": now or utcnow()}
+                  "updated_at": now or self._clock.now()}
         with storage_errors("revoke a Web Chat session"):
             try:
                 self._table.client.update_entity(entity, mode=UpdateMode.MERGE)

@@ -15,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 import threading
-import time
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from azure.core import MatchConditions
@@ -29,6 +27,7 @@ from azure.data.tables import TableClient, TableEntity, TableServiceClient
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from relay.clock import Clock
 from relay.errors import StoreError
 from relay.settings import StorageSettings
 
@@ -44,7 +43,6 @@ __all__ = [
     "put_json",
     "storage_errors",
     "table_service_client",
-    "utcnow",
 ]
 
 log = logging.getLogger(__name__)
@@ -201,13 +199,9 @@ class Table:
             log.warning("could not delete a %s row: %s", self.name, type(error).__name__)
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def pause_after_conflict(attempt: int) -> None:
-    """A short random pause so writers that collided do not collide again in lockstep."""
-    time.sleep(random.uniform(0, 0.01 * 2**attempt))
+def pause_after_conflict(clock: Clock, attempt: int) -> None:
+    """A short random pause on `clock` so writers that collided do not collide again in lockstep."""
+    clock.sleep(clock.uniform(0, 0.01 * 2**attempt))
 
 
 _UNSAFE_KEY_CHARS = set("/\\#?%|")
