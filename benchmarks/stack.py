@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 from azure.core.pipeline.transport import RequestsTransport
@@ -24,6 +25,7 @@ from devstack.channels import DEV_VALUES, ProviderSimulator
 from devstack.directline import DirectLineEmulator
 from devstack.procs import Azurite, free_port
 from relay.channels import get_adapter
+from relay.channels.base import ChannelAdapter
 from relay.conversations import RelayContext
 from relay.directline import DirectLineClient
 from relay.settings import Settings
@@ -31,6 +33,7 @@ from relay.store import RelayStore
 from relay.store.tables import utcnow
 
 SECRET = "bench-directline-secret"  # noqa: S105 - the local emulator's, nothing real
+T = TypeVar("T")
 
 
 class CountingTransport(RequestsTransport):
@@ -122,10 +125,10 @@ def relay_context(environ: dict[str, str], *, clock: Callable[[], datetime] = ut
     transport = CountingTransport(connection_timeout=5, read_timeout=30)
     store = RelayStore.from_settings(settings.storage, transport=transport)
     directline = DirectLineClient(settings.directline, pool_size=pool_size)
-    adapters: dict[str, object] = {}
+    adapters: dict[str, ChannelAdapter] = {}
     lock = threading.Lock()
 
-    def adapter(name: str):
+    def adapter(name: str) -> ChannelAdapter:
         with lock:
             if name not in adapters:
                 adapters[name] = get_adapter(name, settings)
@@ -181,7 +184,7 @@ def _rss() -> int:
     return pages * resource.getpagesize()
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
     started = time.perf_counter()
     result = fn()
     return time.perf_counter() - started, result

@@ -40,6 +40,17 @@ from relay.store import RelayStore, get_store
 from relay.store.conversations import ACTIVE, ENDED, ConversationKey, ConversationRecord
 from relay.store.tables import utcnow
 
+__all__ = [
+    "ConversationWorker",
+    "Peek",
+    "RelayContext",
+    "WorkResult",
+    "get_context",
+    "new_owner",
+    "next_idle_poll",
+    "work_conversation",
+]
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 

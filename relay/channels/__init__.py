@@ -26,7 +26,9 @@ from relay.channels.whatsapp import WhatsAppAdapter
 from relay.errors import ChannelDisabled
 from relay.settings import Settings
 
-ADAPTERS: dict[str, type] = {
+__all__ = ["ADAPTERS", "get_adapter", "list_enabled", "public_url"]
+
+ADAPTERS: dict[str, type[ChannelAdapter]] = {
     adapter.name: adapter
     for adapter in (TwilioAdapter, WhatsAppAdapter, MessageBirdAdapter, BirdAdapter, GenericAdapter)
 }
