@@ -47,7 +47,7 @@ def _check_directline(settings: Settings) -> _Check:
         requests.get(endpoint.rstrip("/") + "/", timeout=(2, 3), allow_redirects=False).close()
     except requests.RequestException as error:
         return _Check("directline", False, f"not reachable at {endpoint} ({type(error).__name__}); messages wait "
-                     "in the outbox", critical=False)
+                      "in the outbox", critical=False)
     return _Check("directline", True, f"reachable at {endpoint}", critical=False)
 
 

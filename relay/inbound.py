@@ -87,7 +87,7 @@ def _accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMes
 
 
 def _touched(record: ConversationRecord | None, key: ConversationKey, message: InboundMessage,
-            now) -> ConversationRecord:
+             now) -> ConversationRecord:
     """The user's record after a new message: due for polling now, answering where the user wrote from."""
     if record is None:
         return ConversationRecord(key, conversation_id="", user_id=directline_user_id(key.channel, key.user),
