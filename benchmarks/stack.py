@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 from azure.core.pipeline.transport import RequestsTransport
@@ -24,6 +25,7 @@ from devstack.channels import DEV_VALUES, ProviderSimulator
 from devstack.directline import DirectLineEmulator
 from devstack.procs import Azurite, free_port
 from relay.channels import get_adapter
+from relay.channels.base import ChannelAdapter
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.conversations import RelayContext
 from relay.directline import DirectLineClient
@@ -31,6 +33,7 @@ from relay.settings import Settings
 from relay.store import RelayStore
 
 SECRET = "bench-directline-secret"  # noqa: S105 - the local emulator's, nothing real
+T = TypeVar("T")
 
 
 class CountingTransport(RequestsTransport):
@@ -128,10 +131,10 @@ def relay_context(environ: dict[str, str], *, clock: Clock = SYSTEM_CLOCK,
     transport = CountingTransport(connection_timeout=5, read_timeout=30)
     store = RelayStore.from_settings(settings.storage, clock=clock, transport=transport)
     directline = DirectLineClient(settings.directline, clock=clock, pool_size=pool_size)
-    adapters: dict[str, object] = {}
+    adapters: dict[str, ChannelAdapter] = {}
     lock = threading.Lock()
 
-    def adapter(name: str):
+    def adapter(name: str) -> ChannelAdapter:
         with lock:
             if name not in adapters:
                 adapters[name] = get_adapter(name, settings, clock=clock)
@@ -187,7 +190,7 @@ def _rss() -> int:
     return pages * resource.getpagesize()
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
     started = time.perf_counter()
     result = fn()
     return time.perf_counter() - started, result

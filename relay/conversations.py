@@ -38,6 +38,17 @@ from relay.settings import Settings, get_settings
 from relay.store import RelayStore, get_store
 from relay.store.conversations import ACTIVE, ENDED, ConversationKey, ConversationRecord
 
+__all__ = [
+    "ConversationWorker",
+    "Peek",
+    "RelayContext",
+    "WorkResult",
+    "get_context",
+    "new_owner",
+    "next_idle_poll",
+    "work_conversation",
+]
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 

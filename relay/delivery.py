@@ -19,6 +19,7 @@ from relay.store.conversations import ENDED, ConversationRecord
 
 if TYPE_CHECKING:
     from relay.conversations import ConversationWorker, Peek
+    from relay.directline import ActivitySet
 
 __all__ = ["MIN_POLL_GAP", "ReplyDelivery"]
 
@@ -37,13 +38,13 @@ def _marked_parts(marker: str, activity_id: str) -> int | None:
     return int(count) if marker.startswith(prefix) and count.isdigit() else None
 
 
-def parts_done(record: ConversationRecord, activity_id: str) -> int:
+def _parts_done(record: ConversationRecord, activity_id: str) -> int:
     """How many parts of the activity's reply the provider already accepted (0 unless it failed part-way)."""
     counts = [n for n in (_marked_parts(m, activity_id) for m in record.delivered_ids) if n is not None]
     return max(counts, default=0)
 
 
-def with_parts_done(record: ConversationRecord, activity_id: str, parts: int) -> ConversationRecord:
+def _with_parts_done(record: ConversationRecord, activity_id: str, parts: int) -> ConversationRecord:
     """`record` remembering that `parts` of the activity's reply were accepted; 0 forgets it."""
     kept = replace(record, delivered_ids=tuple(m for m in record.delivered_ids
                                                if _marked_parts(m, activity_id) is None))
@@ -79,8 +80,7 @@ class ReplyDelivery:
                     break  # the timer pages on at its next tick (scheduled a second on): no worker sleeps
                 else:
                     self._pace()
-                    page = self.worker.call(lambda token, w=watermark: self.ctx.directline.get_activities(
-                        self.worker.record.conversation_id, watermark=w, token=token))
+                    page = self._read(watermark)
             except ConversationNotFound:
                 log.info("Direct Line forgot conversation %s; the next user message starts a new one",
                          self.worker.record.conversation_id)
@@ -91,10 +91,19 @@ class ReplyDelivery:
                 if not self._deliver_one(activity):
                     return False  # the provider cannot take it now: keep the watermark, retry later
             if page.watermark != watermark:
-                self.worker.save(lambda r, w=page.watermark: replace(r, watermark=w))
+                self._save_watermark(page.watermark)
             if not page.activities or page.watermark == watermark or not self.worker.record.active:
                 break
         return True
+
+    def _read(self, watermark: str | None) -> ActivitySet:
+        """The page of activities after `watermark`, read with the conversation's token."""
+        return self.worker.call(lambda token: self.ctx.directline.get_activities(
+            self.worker.record.conversation_id, watermark=watermark, token=token))
+
+    def _save_watermark(self, watermark: str | None) -> None:
+        """Move the stored watermark on, once its whole page is handled."""
+        self.worker.save(lambda r: replace(r, watermark=watermark))
 
     def _deliver_one(self, activity: dict) -> bool:
         """Deliver one activity if it is the bot's and new; False when the provider asks us to wait."""
@@ -114,7 +123,7 @@ class ReplyDelivery:
         if message is None:
             return True  # typing, events and empty messages have nothing for the channel
         message = replace(message, idempotency_key=activity_id)
-        first_part = parts_done(self.worker.record, activity_id)
+        first_part = _parts_done(self.worker.record, activity_id)
         started = self.ctx.clock.monotonic()
         try:
             self.ctx.adapter(self.worker.key.channel).send(self.worker.record.reply_context, message,
@@ -130,14 +139,15 @@ class ReplyDelivery:
                      self.worker.key.channel, error.status, error.parts_sent, error.parts_total)
             if activity_id and error.parts_sent > first_part:
                 # The parts the provider took stay sent: the retry resumes at the first one it did not.
-                self._save_delivered(lambda r, n=error.parts_sent: with_parts_done(r, activity_id, n))
+                parts_sent = error.parts_sent
+                self._save_delivered(lambda r: _with_parts_done(r, activity_id, parts_sent))
             self.worker.wait(error.retry_after)
             return False
         else:
             self.worker.result.delivered += 1
             log.info("delivered activity %s to %s in %.0f ms", activity_id, self.worker.key.channel,
                      (self.ctx.clock.monotonic() - started) * 1000)
-        self._save_delivered(lambda r: replace(with_parts_done(r, activity_id, 0).with_delivered(activity_id),
+        self._save_delivered(lambda r: replace(_with_parts_done(r, activity_id, 0).with_delivered(activity_id),
                                                last_bot_activity_at=now))
         return True
 

@@ -39,6 +39,8 @@ from relay.settings import DirectLineSettings, get_settings
 if TYPE_CHECKING:
     import requests
 
+__all__ = ["ActivitySet", "ConversationToken", "DirectLineClient", "RetryPolicy", "UploadFile", "get_directline_client"]
+
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 3.05  # seconds; just above a TCP retransmission window
@@ -232,6 +234,7 @@ class DirectLineClient:
         waited = 0.0
         for attempt in range(1, self._retry.attempts + 1):
             started = self._clock.monotonic()
+            error: DirectLineError
             try:
                 response = session.request(method, url, headers=headers, params=params, json=json_body, files=files,
                                            timeout=timeout)
@@ -315,22 +318,21 @@ def _status_error(operation: str, response: requests.Response, idempotent: bool,
     status = response.status_code
     code, message = _error_body(response)
     text = _redact(f"Direct Line {operation} answered {status} {code}: {message}", secrets)
-    options = {"status": status, "code": code}
     if status == 401:
-        return AuthenticationFailed(text, **options)
+        return AuthenticationFailed(text, status=status, code=code)
     if status == 403:
-        return (TokenExpired if code == "TokenExpired" else AuthenticationFailed)(text, **options)
+        return (TokenExpired if code == "TokenExpired" else AuthenticationFailed)(text, status=status, code=code)
     if status == 404:
-        return ConversationNotFound(text, **options)
+        return ConversationNotFound(text, status=status, code=code)
     if status == 429:
         retry_after = _retry_after(response.headers.get("Retry-After"), cap=retry_after_cap, now=now)
-        return Throttled(text, retry_after=retry_after, **options)
+        return Throttled(text, retry_after=retry_after, status=status, code=code)
     if status < 500:
-        return BadRequest(text, **options)
+        return BadRequest(text, status=status, code=code)
     if status in (502, 504) and not idempotent:
-        return BotFailed(text, **options)
+        return BotFailed(text, status=status, code=code)
     # 500 after a POST may come after the activity was stored: as ambiguous as a 502
-    return TransientError(text, ambiguous=not idempotent and status == 500, **options)
+    return TransientError(text, ambiguous=not idempotent and status == 500, status=status, code=code)
 
 
 def _error_body(response: requests.Response) -> tuple[str, str]:

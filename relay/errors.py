@@ -30,6 +30,31 @@ must look for its clientActivityID before posting again, never re-post blindly.
 
 from __future__ import annotations
 
+__all__ = [
+    "AuthenticationFailed",
+    "BadPayload",
+    "BadRequest",
+    "BotFailed",
+    "ChannelDisabled",
+    "ChannelError",
+    "ConcurrencyConflict",
+    "ConversationNotFound",
+    "DirectLineError",
+    "LeaseLost",
+    "PayloadTooLarge",
+    "ProviderError",
+    "ProviderRejected",
+    "ProviderUnavailable",
+    "RelayError",
+    "SignatureInvalid",
+    "StaleTimestamp",
+    "StoreError",
+    "Throttled",
+    "TokenExpired",
+    "TransientError",
+    "WebChatError",
+]
+
 
 class RelayError(Exception):
     status: int = 500

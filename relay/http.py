@@ -16,6 +16,18 @@ from relay.errors import RelayError
 from relay.settings import SettingsError, get_settings
 from relay.tokens import Caller, TokenServer, get_token_server, get_webchat_asset
 
+__all__ = [
+    "answer_response",
+    "bearer_token",
+    "error_response",
+    "guarded",
+    "json_response",
+    "relay_error_response",
+    "serve_webchat_file",
+    "token_server_call",
+    "webhook_request",
+]
+
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +53,7 @@ def relay_error_response(error: RelayError, headers: dict[str, str] | None = Non
     return error_response(error.status, error.code, error.message, headers)
 
 
-def client_address(req: func.HttpRequest) -> str:
+def _client_address(req: func.HttpRequest) -> str:
     """The caller's IP address, for per-client limits.
 
     The last X-Forwarded-For entry is the one the platform's front end added; earlier entries are
@@ -64,7 +76,7 @@ def bearer_token(req: func.HttpRequest) -> str:
     return value.strip() if scheme.lower() == "bearer" else ""
 
 
-def own_origin(req: func.HttpRequest) -> str:
+def _own_origin(req: func.HttpRequest) -> str:
     """scheme://host[:port] of the URL this request was made to: a page served by the app has this origin."""
     parts = urlsplit(req.url)
     return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
@@ -82,14 +94,14 @@ def token_server_call(req: func.HttpRequest, call: Callable[[TokenServer, Caller
 
     def answer() -> func.HttpResponse:
         tokens = get_token_server()
-        caller = Caller(address=client_address(req), origin=req.headers.get("Origin") or "",
-                        own_origin=own_origin(req))
-        return cors_call(req, lambda: call(tokens, caller), origin_allowed=tokens.is_origin_allowed(caller))
+        caller = Caller(address=_client_address(req), origin=req.headers.get("Origin") or "",
+                        own_origin=_own_origin(req))
+        return _cors_call(req, lambda: call(tokens, caller), origin_allowed=tokens.is_origin_allowed(caller))
 
     return guarded(answer)
 
 
-def cors_call(req: func.HttpRequest, call: Callable[[], dict], *, origin_allowed: bool) -> func.HttpResponse:
+def _cors_call(req: func.HttpRequest, call: Callable[[], dict], *, origin_allowed: bool) -> func.HttpResponse:
     """Answer a JSON endpoint browsers call from other origins.
 
     An allowed Origin gets CORS headers (its preflight too); any other gets none, so the browser
@@ -107,7 +119,7 @@ def cors_call(req: func.HttpRequest, call: Callable[[], dict], *, origin_allowed
     return guarded(lambda: json_response(call(), headers=cors), error_headers={**cors, "Vary": "Origin"})
 
 
-def file_response(content: bytes, mimetype: str, *, max_age: int = 300) -> func.HttpResponse:
+def _file_response(content: bytes, mimetype: str, *, max_age: int = 300) -> func.HttpResponse:
     """A static UTF-8 text file (a page or a script)."""
     return func.HttpResponse(content, status_code=200, mimetype=mimetype, charset="utf-8",
                              headers={"Cache-Control": f"public, max-age={max_age}",
@@ -149,6 +161,6 @@ def serve_webchat_file(name: str) -> func.HttpResponse:
         if asset.redirect_to:
             return func.HttpResponse(status_code=302, headers={"Location": asset.redirect_to,
                                                                "Cache-Control": "public, max-age=300"})
-        return file_response(asset.content, asset.mimetype)
+        return _file_response(asset.content, asset.mimetype)
 
     return guarded(answer)

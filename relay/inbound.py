@@ -21,6 +21,8 @@ from relay.errors import BadPayload, RelayError
 from relay.store.conversations import ACTIVE, ConversationKey, ConversationRecord
 from relay.store.outbox import PENDING
 
+__all__ = ["handle_webhook"]
+
 log = logging.getLogger(__name__)
 
 LEASE_WAIT_STEP = 0.2
@@ -36,22 +38,22 @@ def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> 
         raise RelayError(f"{request.method} is not accepted here: providers POST their webhooks",
                          status=405, code="MethodNotAllowed")
     adapter.verify(request)
-    messages = parse_messages(adapter, channel, request)
+    messages = _parse_messages(adapter, channel, request)
     to_work: dict[ConversationKey, None] = {}
     for message in messages:
         key = ConversationKey(channel, message.user_id)
-        if accept_message(ctx, key, message):
+        if _accept_message(ctx, key, message):
             to_work[key] = None
     burst = ctx.settings.relay.burst_poll_seconds
     started = ctx.clock.monotonic()
     for key in to_work:
-        relay_now(ctx, key, burst_seconds=burst)
+        _relay_now(ctx, key, burst_seconds=burst)
     log.info("webhook %s: %d message(s), %d new, relayed in %.0f ms", channel, len(messages), len(to_work),
              (ctx.clock.monotonic() - started) * 1000)
     return adapter.acknowledgement()
 
 
-def parse_messages(adapter: ChannelAdapter, channel: str, request: WebhookRequest) -> list[InboundMessage]:
+def _parse_messages(adapter: ChannelAdapter, channel: str, request: WebhookRequest) -> list[InboundMessage]:
     """The adapter's messages; a payload of the wrong shape is the sender's mistake (400), never a crash.
 
     Signed payloads are trusted to be the provider's, not to be well formed: a list where an object
@@ -68,13 +70,13 @@ def parse_messages(adapter: ChannelAdapter, channel: str, request: WebhookReques
     return messages
 
 
-def accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMessage) -> bool:
+def _accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMessage) -> bool:
     """Store one message (StoreError when storage is down: nothing is acknowledged then).
 
     True when it waits to be posted; False for a duplicate that was already handled."""
     now = ctx.clock.now()
     # The record first: an outbox entry must never exist without a record the poller will find.
-    ctx.store.conversations.update_record(key, lambda record: touched(record, key, message, now))
+    ctx.store.conversations.update_record(key, lambda record: _touched(record, key, message, now))
     activity = build_inbound_activity(message, channel=key.channel,
                                       omnichannel=ctx.settings.relay.omnichannel.get(key.channel))
     result = ctx.store.outbox.add_message(key, message.message_id, activity, now=now)
@@ -83,8 +85,8 @@ def accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMess
     return result.is_new or result.state == PENDING
 
 
-def touched(record: ConversationRecord | None, key: ConversationKey, message: InboundMessage,
-            now) -> ConversationRecord:
+def _touched(record: ConversationRecord | None, key: ConversationKey, message: InboundMessage,
+             now) -> ConversationRecord:
     """The user's record after a new message: due for polling now, answering where the user wrote from."""
     if record is None:
         return ConversationRecord(key, conversation_id="", user_id=directline_user_id(key.channel, key.user),
@@ -97,7 +99,7 @@ def touched(record: ConversationRecord | None, key: ConversationKey, message: In
                    last_user_activity_at=now, next_poll_at=now, poll_interval=0.0, peekable=False)
 
 
-def relay_now(ctx: RelayContext, key: ConversationKey, *, burst_seconds: float) -> None:
+def _relay_now(ctx: RelayContext, key: ConversationKey, *, burst_seconds: float) -> None:
     """Post what waits and deliver quick replies under the lease; the poller does it if we cannot.
 
     Failures here are logged, never raised: the messages are stored, and the provider must hear 200."""

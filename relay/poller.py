@@ -20,6 +20,8 @@ from relay.errors import DirectLineError
 from relay.store.due_polls import DueConversation
 from relay.store.sweep import sweep_tables
 
+__all__ = ["TickResult", "poll_tick", "sweep"]
+
 log = logging.getLogger(__name__)
 
 MAX_CONVERSATIONS_PER_TICK = 1000

@@ -8,7 +8,7 @@ posted again, so the bot gets each message once.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from relay.activities import take_pending_media, with_unavailable_media
 from relay.channels.base import Media
@@ -55,8 +55,7 @@ class OutboxPoster:
             client_id = (message.activity.get("channelData") or {}).get("clientActivityID", "")
             if message.in_doubt:
                 # An earlier post may have arrived although it failed: look before posting again.
-                found = self.worker.call(lambda token, cid=client_id: self.ctx.directline.find_activity_by_client_id(
-                    self.worker.record.conversation_id, cid, token=token))
+                found = self._find_posted(client_id)
                 if found is not None:
                     self.ctx.store.outbox.complete_message(message, activity_id=found.get("id", ""))
                     self.worker.result.posted += 1
@@ -93,6 +92,11 @@ class OutboxPoster:
             if missing:
                 self._dead_letter_media(message, missing)
         return True
+
+    def _find_posted(self, client_id: str) -> dict[str, Any] | None:
+        """The activity an earlier post with this clientActivityID left at Direct Line, or None."""
+        return self.worker.call(lambda token: self.ctx.directline.find_activity_by_client_id(
+            self.worker.record.conversation_id, client_id, token=token))
 
     def _with_media(self, message: OutboxMessage) -> tuple[dict, list[UploadFile], list[tuple[Media, ProviderError]]]:
         """The activity to post, the user's protected media fetched to upload with it, and those that could not be.

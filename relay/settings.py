@@ -15,6 +15,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+__all__ = [
+    "CHANNEL_SWITCHES",
+    "SETTINGS",
+    "DirectLineSettings",
+    "RelaySettings",
+    "Setting",
+    "Settings",
+    "SettingsError",
+    "StorageSettings",
+    "WebChatSettings",
+    "get_settings",
+]
+
 
 class SettingsError(ValueError):
     """An app setting is missing or malformed; the message names it and says what is expected."""

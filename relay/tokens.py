@@ -50,6 +50,8 @@ from relay.settings import Settings, WebChatSettings, get_settings
 from relay.store import RelayStore, get_store
 from relay.store.sessions import RESUMED, RETRIED, REUSED_KEY, SESSION_EXPIRED, SESSION_REVOKED
 
+__all__ = ["Asset", "Caller", "TokenServer", "get_token_server", "get_webchat_asset", "parse_resume_body"]
+
 log = logging.getLogger(__name__)
 
 SESSION_LIFETIME = timedelta(hours=24)
@@ -108,7 +110,7 @@ class TokenServer:
         if caller.origin and caller.origin not in trusted and "*" not in self._webchat.allowed_origins:
             trusted.append(caller.origin)
         grant = self._directline(lambda: self._client.generate_token(user_id=user_id, trusted_origins=trusted))
-        resume_key = new_resume_key()
+        resume_key = _new_resume_key()
         now = self._clock.now()
         self._store.sessions.create_session(grant.conversation_id, user_id=user_id, resume_key=resume_key,
                                             expires_at=now + SESSION_LIFETIME, now=now)
@@ -144,10 +146,10 @@ class TokenServer:
         grant = None
         if session is not None and session.resume_outcome(resume_key, now=now) in (RESUMED, RETRIED):
             grant = self._reconnect(conversation_id, watermark)
-        next_key = new_resume_key()
+        next_key = _new_resume_key()
         result = self._store.sessions.resume_session(conversation_id, resume_key=resume_key, new_resume_key=next_key,
                                                      expires_at=now + SESSION_LIFETIME, now=now)
-        if not result.ok:
+        if not result.ok or result.session is None:  # an accepted resume always carries the session
             raise _refusal(result.outcome, conversation_id)
         if grant is None:  # only if the session changed between the check and the rotation
             grant = self._reconnect(conversation_id, watermark)
@@ -203,7 +205,7 @@ class TokenServer:
                 "expires_in": grant.expires_in or DEFAULT_TOKEN_SECONDS}
 
 
-def new_resume_key() -> str:
+def _new_resume_key() -> str:
     """256 random bits, URL-safe: guessing one is hopeless, so a plain hash may store it."""
     return secrets.token_urlsafe(32)
 

@@ -175,12 +175,14 @@ class Handler(BaseHTTPRequestHandler):
                     return handler(match, raw)
             if path == GENERIC_PATH:
                 return self._generic(raw)
-        if method == "GET" and GRAPH_MEDIA_PATH.match(path):
-            return self._whatsapp_media(GRAPH_MEDIA_PATH.match(path))
+        media = GRAPH_MEDIA_PATH.match(path) if method == "GET" else None
+        if media:
+            return self._whatsapp_media(media)
         if method == "GET" and path == WHATSAPP_DOWNLOAD_PATH:
             return self._whatsapp_download(one.get("mid", ""))
-        if method == "GET" and TWILIO_MEDIA_PATH.match(path):
-            return self._twilio_media(TWILIO_MEDIA_PATH.match(path))
+        media = TWILIO_MEDIA_PATH.match(path) if method == "GET" else None
+        if media:
+            return self._twilio_media(media)
         raise Reply(404, {"error": {"code": "NotFound", "message": f"no {method} {path} here"}})
 
     # -- failures -----------------------------------------------------------------------------
@@ -418,9 +420,9 @@ class Handler(BaseHTTPRequestHandler):
         except requests.RequestException as error:
             raise Reply(502, {"error": {"code": "RelayUnreachable",
                                         "message": f"{hook.url}: {type(error).__name__}"}}) from None
-        body = hook.body if isinstance(hook.body, bytes) else str(hook.body).encode()
+        signed_body = hook.body if isinstance(hook.body, bytes) else str(hook.body).encode()
         # The signed request itself, so a test can deliver it again exactly as a provider's retry does.
-        webhook = {"url": hook.url, "headers": dict(hook.headers), "body_b64": base64.b64encode(body).decode()}
+        webhook = {"url": hook.url, "headers": dict(hook.headers), "body_b64": base64.b64encode(signed_body).decode()}
         return 200, {"status": response.status_code, "body": response.text, "message_id": hook.message_id,
                      "content_type": response.headers.get("Content-Type", ""), "webhook": webhook}, {}
 

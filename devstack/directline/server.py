@@ -20,6 +20,7 @@ import string
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -428,7 +429,9 @@ class Emulator:
         activity, files = _parse_upload(headers, raw)
         if not files:
             raise ErrorResponse(400, "BadArgument", "The upload holds no file")
-        sender = activity.get("from") if isinstance(activity.get("from"), dict) else {}
+        sender = activity.get("from")
+        if not isinstance(sender, dict):
+            sender = {}
         if user_id:
             sender["id"] = user_id
         if token is not None and token.user_id:
@@ -497,7 +500,9 @@ class Emulator:
         return self._append(conversation, activity)
 
     def append_bot(self, conversation: Conversation, activity: dict[str, Any], reply_to: str | None) -> str:
-        sender = activity.get("from") if isinstance(activity.get("from"), dict) else {}
+        sender = activity.get("from")
+        if not isinstance(sender, dict):
+            sender = {}
         sender.setdefault("id", self.options.bot_id)
         sender.setdefault("name", self.options.bot_name)
         sender.setdefault("role", "bot")
@@ -511,7 +516,7 @@ class Emulator:
         if activity["type"] == "endOfConversation" and not self.options.forward_end_of_conversation:
             return
         if self.options.bot_url:
-            self._forward(conversation, activity)
+            self._forward(self.options.bot_url, conversation, activity)
         elif self.options.echo:
             self._echo(conversation, activity)
 
@@ -529,8 +534,12 @@ class Emulator:
 
             self._later(self.options.late_reply_seconds, send_late)
 
-    def _later(self, delay: float, action) -> None:
-        timer = threading.Timer(delay, lambda: (self._timers.discard(timer), action()))
+    def _later(self, delay: float, action: Callable[[], None]) -> None:
+        def run() -> None:
+            self._timers.discard(timer)
+            action()
+
+        timer = threading.Timer(delay, run)
         timer.daemon = True
         self._timers.add(timer)
         timer.start()
@@ -538,9 +547,9 @@ class Emulator:
     def _to_bot(self, activity: dict[str, Any]) -> dict[str, Any]:
         return {**activity, "serviceUrl": self.root_url, "recipient": self.bot_account()}
 
-    def _forward(self, conversation: Conversation, activity: dict[str, Any]) -> None:
+    def _forward(self, bot_url: str, conversation: Conversation, activity: dict[str, Any]) -> None:
         try:
-            response = self._http.post(self.options.bot_url, json=self._to_bot(activity),
+            response = self._http.post(bot_url, json=self._to_bot(activity),
                                        timeout=(5, self.options.bot_timeout))
         except requests.Timeout as error:
             message = f"The bot did not answer within {self.options.bot_timeout:g}s"
@@ -552,7 +561,8 @@ class Emulator:
 
     def _greet_bot(self, conversation: Conversation) -> None:
         """Tell a real bot the conversation started (conversationUpdate), without holding up the client."""
-        if not self.options.bot_url:
+        bot_url = self.options.bot_url
+        if not bot_url:
             return
         members = [self.bot_account()] + ([conversation.user] if conversation.user else [])
         update = {"type": "conversationUpdate", "membersAdded": members, "from": conversation.user or {"id": ""},
@@ -561,7 +571,7 @@ class Emulator:
 
         def send() -> None:
             try:
-                self._forward(conversation, update)
+                self._forward(bot_url, conversation, update)
             except ErrorResponse as error:
                 log.warning("conversationUpdate for %s not delivered: %s", conversation.id, error.message)
 
@@ -652,7 +662,9 @@ def _parse_upload(headers, raw: bytes) -> tuple[dict[str, Any], list[tuple[str, 
     files = []
     for index, part in enumerate(message.iter_parts()):
         field_name = part.get_param("name", header="content-disposition")
-        data = part.get_payload(decode=True) or b""
+        data = part.get_payload(decode=True)
+        if not isinstance(data, bytes):
+            data = b""
         part_type = part.get_content_type()
         if field_name == "activity" or part_type == "application/vnd.microsoft.activity":
             try:
@@ -744,8 +756,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(error.status, error.body(), error.headers)
             return
         if endpoint is None:
-            error = params
-            self._send_json(error.status, error.body())
+            refusal = params
+            self._send_json(refusal.status, refusal.body())
             return
         conversation_id = params.get("cid")
         emulator = self.emulator
@@ -791,7 +803,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks, total = [], 0
+            chunks: list[bytes] = []
+            total = 0
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
@@ -824,7 +837,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, endpoint: str, params: dict[str, str], query: dict[str, str], raw: bytes) -> tuple:
         emulator = self.emulator
-        cid = params.get("cid")
+        cid = params.get("cid", "")  # every endpoint that uses it has it in its route
         if endpoint.startswith("admin/"):
             return self._admin(endpoint, cid, raw)
         if endpoint == "attachments/get":
@@ -851,7 +864,7 @@ class Handler(BaseHTTPRequestHandler):
             result = emulator.upload(token, cid, query.get("userId"), self.headers, raw)
         return (*result, {})
 
-    def _admin(self, endpoint: str, cid: str | None, raw: bytes) -> tuple:
+    def _admin(self, endpoint: str, cid: str, raw: bytes) -> tuple:
         emulator = self.emulator
         if endpoint == "admin/state":
             return 200, emulator.snapshot(), {}

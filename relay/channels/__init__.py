@@ -27,7 +27,9 @@ from relay.clock import SYSTEM_CLOCK, Clock
 from relay.errors import ChannelDisabled
 from relay.settings import Settings
 
-ADAPTERS: dict[str, type] = {
+__all__ = ["ADAPTERS", "get_adapter", "list_enabled", "public_url"]
+
+ADAPTERS: dict[str, type[ChannelAdapter]] = {
     adapter.name: adapter
     for adapter in (TwilioAdapter, WhatsAppAdapter, MessageBirdAdapter, BirdAdapter, GenericAdapter)
 }

@@ -27,6 +27,8 @@ from relay.channels.common import (
 )
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
 
+__all__ = ["BirdAdapter", "compute_signature"]
+
 
 def compute_signature(signing_key: str, timestamp: str, url: str, body: bytes) -> str:
     signed = b"\n".join([timestamp.encode(), url.encode(), hashlib.sha256(body).digest()])

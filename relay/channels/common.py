@@ -33,6 +33,22 @@ from relay.errors import (
 )
 from relay.settings import SettingsError
 
+__all__ = [
+    "AdapterBase",
+    "b64decode_or_none",
+    "call_provider",
+    "download",
+    "json_body",
+    "media_file_name",
+    "new_session",
+    "numbered_list",
+    "require_header",
+    "response_json",
+    "same",
+    "send_parts",
+    "split_text",
+]
+
 TIMEOUT = (5.0, 20.0)
 """(connect, read) seconds for one provider call: long enough for a slow API, short enough for a timer run."""
 DOWNLOAD_SECONDS = 30.0
@@ -184,8 +200,9 @@ def call_provider(session: requests.Session, provider: str, method: str, url: st
         return response
     detail = _detail(response)
     if response.status_code == 429 or response.status_code >= 500:
+        retry_after = _retry_after_seconds(response.headers.get("Retry-After"), now=clock.now())
         raise ProviderUnavailable(f"the {provider} API answered {response.status_code}: {detail}",
-                                  retry_after=retry_after_seconds(response.headers.get("Retry-After"), now=clock.now()))
+                                  retry_after=retry_after)
     raise ProviderRejected(f"the {provider} API rejected the message with {response.status_code}: {detail}")
 
 
@@ -225,7 +242,7 @@ def _detail(response: requests.Response) -> str:
     return (text[:300] + "...") if len(text) > 300 else (text or response.reason or "no details")
 
 
-def retry_after_seconds(value: str | None, *, now: datetime) -> float | None:
+def _retry_after_seconds(value: str | None, *, now: datetime) -> float | None:
     """Retry-After as seconds: it may be a number or an HTTP date (counted from `now`)."""
     if not value:
         return None

@@ -38,6 +38,8 @@ from relay.channels.common import (
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
 from relay.settings import SettingsError
 
+__all__ = ["GenericAdapter", "hmac_signature", "secret_key", "standard_headers", "standard_signature"]
+
 STANDARD_PREFIX = "whsec_"
 
 
@@ -107,9 +109,8 @@ class GenericAdapter(AdapterBase):
         given = given[len(self.prefix):]
         timestamp = None
         if self.timestamp_header:
-            timestamp = request.header(self.timestamp_header)
+            timestamp = require_header(request, self.timestamp_header)
             self.check_timestamp(timestamp, self.timestamp_header)
-            timestamp = timestamp.strip()
         expected = hmac_signature(self._key, request.body, timestamp=timestamp, encoding=self.encoding)
         matches = same(expected, given.lower()) if self.encoding == "hex" else same(expected, given)
         if not matches:
@@ -148,7 +149,9 @@ class GenericAdapter(AdapterBase):
 
     @staticmethod
     def _message(item: dict[str, Any], index: int, fallback_id: str | None, count: int) -> InboundMessage:
-        user = item.get("user") if isinstance(item.get("user"), dict) else {"id": item.get("user")}
+        user = item.get("user")
+        if not isinstance(user, dict):
+            user = {"id": user}
         message_id = item.get("id") or (fallback_id and (fallback_id if count == 1 else f"{fallback_id}:{index}"))
         if not message_id or not user.get("id"):
             raise BadPayload(f"message {index} needs an id (or a webhook-id header) and user.id")

@@ -30,19 +30,21 @@ from relay.channels.common import (
 )
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid, StaleTimestamp
 
+__all__ = ["MessageBirdAdapter", "compute_legacy_signature"]
+
 JWT_ALGORITHMS = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
 JWT_LEEWAY_SECONDS = 1
 MEDIA_TYPES = ("image", "video", "audio", "file")
 
 
-def legacy_signed_bytes(timestamp: str, query: str, body: bytes) -> bytes:
+def _legacy_signed_bytes(timestamp: str, query: str, body: bytes) -> bytes:
     """What a legacy MessageBird-Signature covers; `query` is the URL's query string as called."""
     pairs = sorted(parse_qsl(query, keep_blank_values=True), key=lambda pair: pair[0])
     return b"\n".join([timestamp.encode(), urlencode(pairs).encode(), hashlib.sha256(body).digest()])
 
 
 def compute_legacy_signature(signing_key: str, timestamp: str, query: str, body: bytes) -> str:
-    digest = hmac.new(signing_key.encode(), legacy_signed_bytes(timestamp, query, body), hashlib.sha256).digest()
+    digest = hmac.new(signing_key.encode(), _legacy_signed_bytes(timestamp, query, body), hashlib.sha256).digest()
     return base64.b64encode(digest).decode()
 
 
@@ -50,7 +52,7 @@ def _b64url_decode(part: str) -> bytes:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
-def decode_jwt(token: str, key: str, *, now: float) -> dict[str, Any]:
+def _decode_jwt(token: str, key: str, *, now: float) -> dict[str, Any]:
     """The claims of an HMAC-signed JWT once its signature and time claims hold (SignatureInvalid else)."""
     try:
         header_part, claims_part, signature_part = token.split(".")
@@ -61,7 +63,7 @@ def decode_jwt(token: str, key: str, *, now: float) -> dict[str, Any]:
         raise SignatureInvalid("the MessageBird-Signature-JWT is not a JWT") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise SignatureInvalid("the MessageBird-Signature-JWT is not a JWT")
-    digest = JWT_ALGORITHMS.get(header.get("alg"))
+    digest = JWT_ALGORITHMS.get(str(header.get("alg")))
     if digest is None:
         raise SignatureInvalid("the MessageBird-Signature-JWT uses an algorithm other than HS256/384/512")
     expected = hmac.new(key.encode(), f"{header_part}.{claims_part}".encode(), digest).digest()
@@ -100,7 +102,7 @@ class MessageBirdAdapter(AdapterBase):
             raise SignatureInvalid("the MessageBird-Signature-JWT header is missing")
 
     def _verify_jwt(self, request: WebhookRequest, token: str) -> None:
-        claims = decode_jwt(token, self._signing_key, now=self.clock.now().timestamp())
+        claims = _decode_jwt(token, self._signing_key, now=self.clock.now().timestamp())
         if not same(hashlib.sha256(request.url.encode()).hexdigest(), str(claims.get("url_hash", ""))):
             raise SignatureInvalid("the MessageBird-Signature-JWT was issued for another URL")
         payload_hash = claims.get("payload_hash")

@@ -35,6 +35,8 @@ from relay.channels.common import (
 )
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
 
+__all__ = ["TwilioAdapter", "compute_signature"]
+
 TEXT_LIMIT = 1600
 MEDIA_PER_MESSAGE = 10
 _HASHES = {"HMAC_SHA1": hashlib.sha1, "HMAC_SHA256": hashlib.sha256}
@@ -44,8 +46,9 @@ def compute_signature(auth_token: str, url: str, params: Mapping[str, str | list
                       *, algorithm: str = "HMAC_SHA1") -> str:
     """Twilio's signature of `url` and form `params` (values may be lists for repeated names)."""
     signed = url
-    for name in sorted(params or {}):
-        values = params[name]
+    fields = params or {}
+    for name in sorted(fields):
+        values = fields[name]
         for value in sorted(set([values] if isinstance(values, str) else values)):
             signed += name + value
     digest = hmac.new(auth_token.encode(), signed.encode(), _HASHES[algorithm]).digest()

@@ -30,6 +30,8 @@ from relay.channels.common import (
 )
 from relay.errors import BadPayload, ProviderRejected, ProviderUnavailable, SignatureInvalid
 
+__all__ = ["BUTTON_LIMIT", "BUTTON_TITLE_LIMIT", "TEXT_LIMIT", "WhatsAppAdapter", "compute_signature", "media_kind"]
+
 TEXT_LIMIT = 4096
 BUTTON_LIMIT = 3
 BUTTON_TITLE_LIMIT = 20

@@ -167,7 +167,7 @@ class Conversations:
                         result = self._table.client.update_entity(entity, mode=UpdateMode.REPLACE, etag=stored.etag,
                                                                   match_condition=MatchConditions.IfNotModified)
                 except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
-                    if new_index != old_index:
+                    if new_index and new_index != old_index:
                         self._due_polls.delete_row(new_index)
                     log.info("conversation update conflicted; retrying on fresh data (attempt %d)", attempt + 1)
                     pause_after_conflict(self._clock, attempt)

@@ -24,7 +24,7 @@ from azure.data.tables import TableTransactionError, UpdateMode
 
 from relay.clock import Clock
 from relay.store.conversations import ACTIVE, ConversationKey, ConversationRecord
-from relay.store.tables import BATCH_LIMIT, Tables, millis, storage_errors
+from relay.store.tables import BATCH_LIMIT, Tables, millis, storage_errors, transaction_error_code
 
 __all__ = ["DueConversation", "DuePolls"]
 
@@ -111,8 +111,8 @@ class DuePolls:
                 try:
                     self._table.client.submit_transaction(batch)
                 except TableTransactionError as error:
-                    if error.error_code not in ("UpdateConditionNotSatisfied", "ResourceNotFound"):
-                        log.warning("could not postpone due rows: %s", error.error_code)
+                    if transaction_error_code(error) not in ("UpdateConditionNotSatisfied", "ResourceNotFound"):
+                        log.warning("could not postpone due rows: %s", transaction_error_code(error))
                         break
                     batch = batch[:error.index] + batch[error.index + 1:]
                     if not batch:

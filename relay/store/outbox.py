@@ -25,7 +25,15 @@ from relay.clock import Clock
 from relay.errors import ConcurrencyConflict, StoreError
 from relay.store.conversations import ConversationKey
 from relay.store.dead_letters import DeadLetters
-from relay.store.tables import Tables, escape, get_json, millis, put_json, storage_errors
+from relay.store.tables import (
+    Tables,
+    escape,
+    get_json,
+    millis,
+    put_json,
+    storage_errors,
+    transaction_error_code,
+)
 
 __all__ = ["DEAD", "PENDING", "POSTED", "InboundResult", "Outbox", "OutboxMessage"]
 
@@ -85,8 +93,9 @@ class Outbox:
         now = now or self._clock.now()
         pk = key.partition_key
         outbox_row = f"{_OUTBOX}{millis(now):015d}|{escape(message_id)}"
-        dedupe = {"PartitionKey": pk, "RowKey": _DEDUPE + escape(message_id), "message_id": message_id,
-                  "state": PENDING, "received_at": now, "outbox_row": outbox_row}
+        dedupe: dict[str, Any] = {"PartitionKey": pk, "RowKey": _DEDUPE + escape(message_id),
+                                  "message_id": message_id, "state": PENDING, "received_at": now,
+                                  "outbox_row": outbox_row}
         outbox = {"PartitionKey": pk, "RowKey": outbox_row, "message_id": message_id, "received_at": now,
                   "attempts": 0, "in_doubt": False, "channel": key.channel, "user": key.user}
         put_json(outbox, "activity", activity)
@@ -94,8 +103,8 @@ class Outbox:
             try:
                 results = self._table.client.submit_transaction([("create", dedupe), ("create", outbox)])
             except TableTransactionError as error:
-                if error.error_code != "EntityAlreadyExists":
-                    raise StoreError(f"cannot store an inbound message: {error.error_code}") from error
+                if transaction_error_code(error) != "EntityAlreadyExists":
+                    raise StoreError(f"cannot store an inbound message: {transaction_error_code(error)}") from error
                 existing = self._table.get(pk, dedupe["RowKey"])
                 if existing is None:  # swept between the two calls: it was handled long ago
                     return InboundResult(is_new=False, state=POSTED)
@@ -155,16 +164,17 @@ class Outbox:
     def _finish(self, message: OutboxMessage, dedupe_changes: dict[str, Any]) -> None:
         pk = message.key.partition_key
         dedupe = {"PartitionKey": pk, "RowKey": _DEDUPE + escape(message.message_id), **dedupe_changes}
-        operations = [("delete", {"PartitionKey": pk, "RowKey": message.row_key},
-                       {"etag": message.etag, "match_condition": MatchConditions.IfNotModified}),
-                      ("upsert", dedupe, {"mode": UpdateMode.MERGE})]
+        operations: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+            ("delete", {"PartitionKey": pk, "RowKey": message.row_key},
+             {"etag": message.etag, "match_condition": MatchConditions.IfNotModified}),
+            ("upsert", dedupe, {"mode": UpdateMode.MERGE})]
         with storage_errors("complete an outbox message"):
             try:
                 self._table.client.submit_transaction(operations)
             except TableTransactionError as error:
-                if error.error_code in ("UpdateConditionNotSatisfied", "ResourceNotFound"):
+                if transaction_error_code(error) in ("UpdateConditionNotSatisfied", "ResourceNotFound"):
                     raise ConcurrencyConflict("the outbox message was changed or completed by another worker") from None
-                raise StoreError(f"cannot complete an outbox message: {error.error_code}") from error
+                raise StoreError(f"cannot complete an outbox message: {transaction_error_code(error)}") from error
 
 
 def _from_entity(key: ConversationKey, entity: TableEntity) -> OutboxMessage:

@@ -52,13 +52,12 @@ class RateLimits:
         pk = hashlib.sha256(client_address.encode()).hexdigest()[:40]
         for _ in range(UPDATE_ATTEMPTS * 2):
             entity = self._table.get(pk, _ROW)
-            fresh = entity is None or entity["expires_at"] <= now
-            if fresh:
+            if entity is None or entity["expires_at"] <= now:
                 window_start, window_end, count = now, now + timedelta(seconds=window_seconds), 1
             else:
                 window_start, window_end, count = entity["window_start"], entity["expires_at"], entity["count"] + 1
             if count > limit:
-                return RateLimitResult(False, entity["count"], limit, max((window_end - now).total_seconds(), 0.001))
+                return RateLimitResult(False, count - 1, limit, max((window_end - now).total_seconds(), 0.001))
             new = {"PartitionKey": pk, "RowKey": _ROW, "window_start": window_start, "expires_at": window_end,
                    "count": count}
             with storage_errors("count a request"):

@@ -23,7 +23,7 @@ from typing import Any
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceModifiedError, ResourceNotFoundError
 from azure.core.pipeline.transport import RequestsTransport
-from azure.data.tables import TableClient, TableEntity, TableServiceClient
+from azure.data.tables import TableClient, TableEntity, TableServiceClient, TableTransactionError
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -43,6 +43,7 @@ __all__ = [
     "put_json",
     "storage_errors",
     "table_service_client",
+    "transaction_error_code",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,14 @@ def storage_errors(what: str) -> Iterator[None]:
         yield
     except AzureError as error:
         raise StoreError(f"cannot {what}: {type(error).__name__}") from error
+
+
+def transaction_error_code(error: TableTransactionError) -> str | None:
+    """The Table Storage error code of a failed transaction ("EntityAlreadyExists", ...; a TableErrorCode
+    when the SDK knows it), None when the service sent none."""
+    # The SDK documents `error_code` (`:ivar error_code:`) and sets it on every error it raises, but
+    # only by assignment in azure/data/tables/_error.py, so the class's types do not declare it.
+    return error.error_code  # type: ignore[attr-defined]
 
 
 _created_tables: set[tuple[str, str]] = set()
