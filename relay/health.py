@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import requests
 
 from relay import __version__
-from relay.settings import Settings, SettingsError
+from relay.errors import SettingsError
+from relay.settings import Settings
 from relay.store.tables import table_service_client
 
 

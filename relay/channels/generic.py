@@ -36,8 +36,7 @@ from relay.channels.common import (
     same,
     send_parts,
 )
-from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
-from relay.settings import SettingsError
+from relay.errors import BadPayload, ProviderRejected, SettingsError, SignatureInvalid
 
 STANDARD_PREFIX = "whsec_"
 
