@@ -36,7 +36,7 @@ from relay.errors import (
 from relay.posting import OutboxPoster
 from relay.settings import Settings, get_settings
 from relay.store import RelayStore, get_store
-from relay.store.conversations import ACTIVE, ENDED, ConversationKey, ConversationRecord
+from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState
 
 __all__ = [
     "ConversationWorker",
@@ -162,7 +162,7 @@ class ConversationWorker:
         expires = now + timedelta(seconds=started.expires_in or 1800)
         log.info("started Direct Line conversation %s for a %s user", started.conversation_id, self.key.channel)
         self.save(lambda r: replace(r, conversation_id=started.conversation_id, token=started.token,
-                                     token_expires_at=expires, watermark=None, state=ACTIVE))
+                                     token_expires_at=expires, watermark=None, state=ConversationState.ACTIVE))
 
     def _reconnect(self) -> None:
         """Recover an expired token with the secret; the stored watermark stays as it is."""
@@ -216,7 +216,7 @@ class ConversationWorker:
                 self.call(lambda token: self.ctx.directline.post_activity(
                     self.record.conversation_id, end, token=token))
         log.info("ended idle %s conversation %s", self.key.channel, self.record.conversation_id)
-        self.save(lambda r: replace(r, state=ENDED))
+        self.save(lambda r: replace(r, state=ConversationState.ENDED))
         self.result.ended = True
         return True
 
@@ -290,12 +290,12 @@ def work_conversation(ctx: RelayContext, record: ConversationRecord, *, owner: s
     except Throttled as error:
         worker.settled = False
         worker.wait(error.retry_after)
-        worker.result.error = f"{error.status} {error.code}"
+        worker.result.error = str(error)
     except DirectLineError as error:
         worker.settled = False
         worker.wait(None, attempts=2)
-        worker.result.error = f"{error.status} {error.code}"
-        log.warning("Direct Line failed for a %s conversation: %s %s", record.key.channel, error.status, error.code)
+        worker.result.error = str(error)
+        log.warning("Direct Line failed for a %s conversation: %s", record.key.channel, error)
     except BaseException:
         worker.settled = False
         raise

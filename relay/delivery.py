@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from relay.activities import render_outbound
 from relay.errors import ConcurrencyConflict, ConversationNotFound, ProviderRejected, ProviderUnavailable, StoreError
-from relay.store.conversations import ENDED, ConversationRecord
+from relay.store.conversations import ConversationRecord, ConversationState
+from relay.store.dead_letters import DeadLetterKind
 
 if TYPE_CHECKING:
     from relay.conversations import ConversationWorker, Peek
@@ -116,7 +117,8 @@ class ReplyDelivery:
         now = self.ctx.clock.now()
         if activity.get("type") == "endOfConversation":
             log.info("the bot ended conversation %s", self.worker.record.conversation_id)
-            self.worker.save(lambda r: replace(r.with_delivered(activity_id), state=ENDED, last_bot_activity_at=now))
+            self.worker.save(lambda r: replace(r.with_delivered(activity_id), state=ConversationState.ENDED,
+                                               last_bot_activity_at=now))
             self.worker.result.ended = True
             return True
         message = render_outbound(activity)
@@ -130,13 +132,13 @@ class ReplyDelivery:
                                                            first_part=first_part)
         except ProviderRejected as error:
             where = f" (part {error.parts_sent + 1} of {error.parts_total})" if error.parts_total > 1 else ""
-            self.ctx.store.dead_letters.add_letter(self.worker.key, kind="reply",
-                                                   reason=f"{error.status} {error}{where}",
+            self.ctx.store.dead_letters.add_letter(self.worker.key, kind=DeadLetterKind.REPLY,
+                                                   reason=f"{error.reason}: {error}{where}",
                                                    payload={"activity": activity})
             self.worker.result.dead_letters += 1
         except ProviderUnavailable as error:
             log.info("the %s provider cannot take a reply now (%s, %d of %d parts sent); retrying later",
-                     self.worker.key.channel, error.status, error.parts_sent, error.parts_total)
+                     self.worker.key.channel, error.reason, error.parts_sent, error.parts_total)
             if activity_id and error.parts_sent > first_part:
                 # The parts the provider took stay sent: the retry resumes at the first one it did not.
                 parts_sent = error.parts_sent
@@ -168,7 +170,7 @@ class ReplyDelivery:
                 if self.ctx.clock.monotonic() >= deadline:
                     raise
                 log.warning("could not record a %s delivery yet (%s); trying again", self.worker.key.channel,
-                            error.code)
+                            error)
                 self.ctx.clock.sleep(1.0)
 
     def _pace_gap(self) -> float:

@@ -13,11 +13,12 @@ on first use: the module stays cheap to import at a cold start.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from relay.errors import (
     TokenExpired,
     TransientError,
 )
+from relay.retry_after import retry_after_seconds
 from relay.settings import DirectLineSettings, get_settings
 
 if TYPE_CHECKING:
@@ -225,36 +227,37 @@ class DirectLineClient:
     def _call(self, operation: str, method: str, path: str, *, auth: str, idempotent: bool,
               json_body: Any = None, params: dict[str, str] | None = None,
               files: list | None = None) -> dict[str, Any]:
-        import requests
-
-        session = self._http()
-        url = self._settings.endpoint + path
-        headers = {"Authorization": f"Bearer {auth}"}
-        timeout = (CONNECT_TIMEOUT, self._settings.timeout_seconds)
         waited = 0.0
         for attempt in range(1, self._retry.attempts + 1):
-            started = self._clock.monotonic()
-            error: DirectLineError
             try:
-                response = session.request(method, url, headers=headers, params=params, json=json_body, files=files,
-                                           timeout=timeout)
-            except requests.RequestException as exc:
-                error = _connection_error(operation, exc, idempotent)
-            else:
-                log.debug("Direct Line %s: %s in %.0f ms", operation, response.status_code,
-                          (self._clock.monotonic() - started) * 1000)
-                if response.status_code < 300:
-                    return _json(response, operation)
-                error = _status_error(operation, response, idempotent, secrets=(auth, self._settings.secret),
-                                      retry_after_cap=self._retry.max_retry_after, now=self._clock.now())
-            delay = self._retry_delay(error, attempt, waited)
-            if delay is None:
-                raise error
-            log.info("Direct Line %s failed (%s %s), retry %d in %.2f s", operation, error.status, error.code,
-                     attempt, delay)
-            self._clock.sleep(delay)
-            waited += delay
+                response = self._attempt(operation, method, path, auth=auth, idempotent=idempotent,
+                                         json_body=json_body, params=params, files=files)
+            except DirectLineError as error:
+                delay = self._retry_delay(error, attempt, waited)
+                if delay is None:
+                    raise
+                log.info("%s; retry %d in %.2f s", error, attempt, delay)
+                self._clock.sleep(delay)
+                waited += delay
+                continue
+            return _json(response, operation, idempotent)
         raise AssertionError("unreachable")  # the last attempt always raises
+
+    def _attempt(self, operation: str, method: str, path: str, *, auth: str, idempotent: bool,
+                 json_body: Any, params: dict[str, str] | None, files: list | None) -> requests.Response:
+        """One request: Direct Line's successful answer, or its failure raised as a DirectLineError."""
+        started = self._clock.monotonic()
+        with _connection_errors(operation, idempotent):
+            response = self._http().request(method, self._settings.endpoint + path,
+                                            headers={"Authorization": f"Bearer {auth}"}, params=params,
+                                            json=json_body, files=files,
+                                            timeout=(CONNECT_TIMEOUT, self._settings.timeout_seconds))
+        log.debug("Direct Line %s: %s in %.0f ms", operation, response.status_code,
+                  (self._clock.monotonic() - started) * 1000)
+        if response.status_code >= 300:
+            raise _status_error(operation, response, idempotent, secrets=(auth, self._settings.secret),
+                                retry_after_cap=self._retry.max_retry_after, now=self._clock.now())
+        return response
 
     def _retry_delay(self, error: DirectLineError, attempt: int, waited: float) -> float | None:
         """Seconds to wait before trying again, or None to give up and raise `error`."""
@@ -302,14 +305,16 @@ def _conversation_token(payload: Mapping[str, Any]) -> ConversationToken:
                              stream_url=payload.get("streamUrl"))
 
 
-def _json(response: requests.Response, operation: str) -> dict[str, Any]:
+def _json(response: requests.Response, operation: str, idempotent: bool) -> dict[str, Any]:
+    """The answer's JSON object ({} when it has none); TransientError when it is not JSON, ambiguous
+    for a POST: Direct Line took it, but its id cannot be read."""
     if not response.content:
         return {}
     try:
         payload = response.json()
     except ValueError:
         raise TransientError(f"Direct Line {operation} answered {response.status_code} without JSON",
-                             status=502, code="InvalidResponse") from None
+                             ambiguous=not idempotent, upstream_status=response.status_code) from None
     return payload if isinstance(payload, dict) else {}
 
 
@@ -318,21 +323,22 @@ def _status_error(operation: str, response: requests.Response, idempotent: bool,
     status = response.status_code
     code, message = _error_body(response)
     text = _redact(f"Direct Line {operation} answered {status} {code}: {message}", secrets)
+    upstream: dict[str, Any] = {"upstream_status": status, "upstream_code": code}
     if status == 401:
-        return AuthenticationFailed(text, status=status, code=code)
+        return AuthenticationFailed(text, **upstream)
     if status == 403:
-        return (TokenExpired if code == "TokenExpired" else AuthenticationFailed)(text, status=status, code=code)
+        return (TokenExpired if code == "TokenExpired" else AuthenticationFailed)(text, **upstream)
     if status == 404:
-        return ConversationNotFound(text, status=status, code=code)
+        return ConversationNotFound(text, **upstream)
     if status == 429:
-        retry_after = _retry_after(response.headers.get("Retry-After"), cap=retry_after_cap, now=now)
-        return Throttled(text, retry_after=retry_after, status=status, code=code)
+        retry_after = retry_after_seconds(response.headers.get("Retry-After"), cap=retry_after_cap, now=now)
+        return Throttled(text, retry_after=retry_after, **upstream)
     if status < 500:
-        return BadRequest(text, status=status, code=code)
+        return BadRequest(text, **upstream)
     if status in (502, 504) and not idempotent:
-        return BotFailed(text, status=status, code=code)
+        return BotFailed(text, **upstream)
     # 500 after a POST may come after the activity was stored: as ambiguous as a 502
-    return TransientError(text, ambiguous=not idempotent and status == 500, status=status, code=code)
+    return TransientError(text, ambiguous=not idempotent and status == 500, **upstream)
 
 
 def _error_body(response: requests.Response) -> tuple[str, str]:
@@ -346,31 +352,19 @@ def _error_body(response: requests.Response) -> tuple[str, str]:
     return code, str(error.get("message") or "")[:200]
 
 
-def _retry_after(value: str | None, *, cap: float, now: datetime) -> float | None:
-    """Retry-After as seconds (the HTTP unit; an HTTP date works too, counted from `now`), never negative, capped."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        import email.utils
-
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now.timestamp()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), cap)
-
-
-def _connection_error(operation: str, exc: Exception, idempotent: bool) -> TransientError:
-    """A request that failed on the wire; ambiguous for a POST unless it surely never left."""
+@contextlib.contextmanager
+def _connection_errors(operation: str, idempotent: bool) -> Iterator[None]:
+    """Raises TransientError for a request that failed on the wire inside the block: ambiguous for a
+    POST unless it surely never left."""
     import requests
 
-    never_sent = isinstance(exc, requests.ConnectTimeout) or _refused(exc)
-    what = "timed out" if isinstance(exc, requests.Timeout) else "lost its connection"
-    return TransientError(f"Direct Line {operation} {what} ({type(exc).__name__})",
-                          ambiguous=not idempotent and not never_sent, status=504 if "timed" in what else 503,
-                          code="Timeout" if "timed" in what else "ConnectionError")
+    try:
+        yield
+    except requests.RequestException as exc:
+        never_sent = isinstance(exc, requests.ConnectTimeout) or _refused(exc)
+        what = "timed out" if isinstance(exc, requests.Timeout) else "lost its connection"
+        raise TransientError(f"Direct Line {operation} {what} ({type(exc).__name__})",
+                             ambiguous=not idempotent and not never_sent) from None
 
 
 def _refused(exc: Exception) -> bool:

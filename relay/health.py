@@ -17,7 +17,8 @@ from typing import Any
 import requests
 
 from relay import __version__
-from relay.settings import Settings, SettingsError
+from relay.errors import SettingsError
+from relay.settings import Settings
 from relay.store.tables import table_service_client
 
 __all__ = ["get_health"]

@@ -17,9 +17,9 @@ from datetime import timedelta
 from relay.activities import build_inbound_activity, directline_user_id
 from relay.channels.base import ChannelAdapter, InboundMessage, WebhookAnswer, WebhookRequest
 from relay.conversations import RelayContext, new_owner, work_conversation
-from relay.errors import BadPayload, RelayError
-from relay.store.conversations import ACTIVE, ConversationKey, ConversationRecord
-from relay.store.outbox import PENDING
+from relay.errors import BadPayload, MethodNotAllowed, RelayError
+from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState
+from relay.store.outbox import InboundState
 
 __all__ = ["handle_webhook"]
 
@@ -35,8 +35,7 @@ def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> 
     if handshake is not None:
         return handshake
     if request.method != "POST":
-        raise RelayError(f"{request.method} is not accepted here: providers POST their webhooks",
-                         status=405, code="MethodNotAllowed")
+        raise MethodNotAllowed(f"{request.method} is not accepted here: providers POST their webhooks")
     adapter.verify(request)
     messages = _parse_messages(adapter, channel, request)
     to_work: dict[ConversationKey, None] = {}
@@ -82,7 +81,7 @@ def _accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMes
     result = ctx.store.outbox.add_message(key, message.message_id, activity, now=now)
     if not result.is_new:
         log.info("webhook %s: message already %s, not relayed again", key.channel, result.state)
-    return result.is_new or result.state == PENDING
+    return result.is_new or result.state == InboundState.PENDING
 
 
 def _touched(record: ConversationRecord | None, key: ConversationKey, message: InboundMessage,
@@ -94,7 +93,8 @@ def _touched(record: ConversationRecord | None, key: ConversationKey, message: I
                                   next_poll_at=now, poll_interval=0.0)
     if not record.active:
         # The bot or the idle timer ended the last conversation: this message starts a new one.
-        record = replace(record, state=ACTIVE, conversation_id="", token="", token_expires_at=None, watermark=None)
+        record = replace(record, state=ConversationState.ACTIVE, conversation_id="", token="", token_expires_at=None,
+                         watermark=None)
     return replace(record, reply_context=dict(message.reply_context) or record.reply_context,
                    last_user_activity_at=now, next_poll_at=now, poll_interval=0.0, peekable=False)
 
@@ -121,7 +121,7 @@ def _relay_now(ctx: RelayContext, key: ConversationKey, *, burst_seconds: float)
             return
         work_conversation(ctx, record, owner=owner, poll=burst_seconds > 0, burst_until=deadline, idle_check=False)
     except RelayError as error:
-        log.warning("could not relay a %s message now (%s %s); it waits in the outbox", key.channel,
-                    error.status, error.code)
+        log.warning("could not relay a %s message now (%s: %s); it waits in the outbox", key.channel,
+                    type(error).__name__, error)
     except Exception:
         log.exception("could not relay a %s message now; it waits in the outbox", key.channel)

@@ -2,7 +2,7 @@
 
 The catalogue `SETTINGS` is the single list of names: the readers below may only ask for a
 catalogued name, the README's settings table and infra/'s consistency test are built from it.
-A missing or malformed value raises `SettingsError` with a message naming the setting, never
+A missing or malformed value raises `relay.errors.SettingsError` with a message naming the setting, never
 its value (several are secrets).
 """
 
@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+from relay.errors import SettingsError
 
 __all__ = [
     "CHANNEL_SWITCHES",
@@ -28,9 +30,6 @@ __all__ = [
     "get_settings",
 ]
 
-
-class SettingsError(ValueError):
-    """An app setting is missing or malformed; the message names it and says what is expected."""
 
 
 @dataclass(frozen=True)

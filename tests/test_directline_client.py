@@ -92,7 +92,7 @@ def test_refresh_keeps_the_conversation_and_refuses_an_expired_token(client, dir
     directline_emulator.expire_tokens(granted.conversation_id)
     with pytest.raises(TokenExpired) as raised:
         client.refresh_token(token=refreshed.token)
-    assert raised.value.status == 403 and raised.value.code == "TokenExpired"
+    assert raised.value.upstream_status == 403 and raised.value.upstream_code == "TokenExpired"
     with pytest.raises(TokenExpired):
         client.get_activities(granted.conversation_id, token=refreshed.token)
 
@@ -131,7 +131,7 @@ def test_reconnect_with_and_without_watermark_recovers_an_expired_token(client, 
             == ()
     with pytest.raises(BadRequest) as raised:
         client.reconnect(conversation.conversation_id, watermark="not-a-watermark-of-this-conversation")
-    assert raised.value.status == 400
+    assert raised.value.upstream_status == 400
 
 
 def test_upload_files_with_an_activity(client):
@@ -194,20 +194,20 @@ def test_error_types(client, directline_emulator):
     conversation = client.start_conversation(user_id="dl_sms5")
     with pytest.raises(BadRequest) as raised:
         client.post_activity(conversation.conversation_id, {"type": "message", "text": "no sender"})
-    assert (raised.value.status, raised.value.code) == (400, "MissingProperty")
+    assert (raised.value.upstream_status, raised.value.upstream_code) == (400, "MissingProperty")
 
     with pytest.raises(AuthenticationFailed) as raised:
         make_client(directline_emulator, secret="wrong-secret").start_conversation()
-    assert raised.value.status == 403
+    assert raised.value.upstream_status == 403
 
     with pytest.raises(AuthenticationFailed) as raised:
         make_client(directline_emulator, secret="").start_conversation()
-    assert raised.value.status == 401
+    assert raised.value.upstream_status == 401
 
     directline_emulator.forget(conversation.conversation_id)
     with pytest.raises(ConversationNotFound) as raised:
         client.get_activities(conversation.conversation_id)
-    assert raised.value.status == 404
+    assert raised.value.upstream_status == 404
     with pytest.raises(ConversationNotFound):
         client.reconnect(conversation.conversation_id)
 
@@ -287,7 +287,7 @@ def test_server_errors_on_reads_are_retried_with_backoff(emulator):
     emulator.set_faults(drop_rate=0.0, error_500_rate=1.0, limit=None)
     with pytest.raises(TransientError) as raised:
         client.get_activities(conversation.conversation_id)
-    assert not raised.value.ambiguous and raised.value.status == 500
+    assert not raised.value.ambiguous and raised.value.upstream_status == 500
     assert all(s <= 4 for s in clock.sleeps)
 
 
@@ -297,7 +297,7 @@ def test_502_after_a_post_is_not_reposted(emulator):
     emulator.set_faults(error_502_rate=1.0, limit=1, phase="after", endpoints=["activities/post"])
     with pytest.raises(BotFailed) as raised:
         client.post_activity(conversation.conversation_id, message("once", "dl_t4", client_id="SM-502"))
-    assert raised.value.ambiguous and raised.value.status == 502
+    assert raised.value.ambiguous and raised.value.upstream_status == 502
     # the activity did arrive; the client sent it once, and the ambiguity check finds it
     texts = [a["text"] for a in emulator.conversation(conversation.conversation_id)["activities"]
              if a["from"]["id"] == "dl_t4"]
@@ -307,7 +307,7 @@ def test_502_after_a_post_is_not_reposted(emulator):
     emulator.set_faults(error_502_rate=0.0, error_500_rate=1.0, limit=1)  # a 500 after storing: as ambiguous
     with pytest.raises(TransientError) as raised:
         client.post_activity(conversation.conversation_id, message("twice?", "dl_t4"))
-    assert raised.value.ambiguous and raised.value.status == 500
+    assert raised.value.ambiguous and raised.value.upstream_status == 500
     texts = [a["text"] for a in emulator.conversation(conversation.conversation_id)["activities"]
              if a["from"]["id"] == "dl_t4"]
     assert texts == ["once", "twice?"]
@@ -322,7 +322,7 @@ def test_504_from_a_silent_bot_is_not_reposted(start_emulator):
         conversation = client.start_conversation(user_id="dl_t5")
         with pytest.raises(BotFailed) as raised:
             client.post_activity(conversation.conversation_id, message("slow", "dl_t5", client_id="SM-504"))
-    assert raised.value.status == 504 and raised.value.ambiguous
+    assert raised.value.upstream_status == 504 and raised.value.ambiguous
     assert emulator.counters()["conversations"][conversation.conversation_id]["activities/post"] == 1
     assert client.find_activity_by_client_id(conversation.conversation_id, "SM-504") is not None
 

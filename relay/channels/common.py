@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.utils
+import contextlib
 import hmac
 import json
 import mimetypes
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import requests
@@ -28,10 +27,11 @@ from relay.errors import (
     ProviderError,
     ProviderRejected,
     ProviderUnavailable,
+    SettingsError,
     SignatureInvalid,
     StaleTimestamp,
 )
-from relay.settings import SettingsError
+from relay.retry_after import retry_after_seconds
 
 __all__ = [
     "AdapterBase",
@@ -88,7 +88,8 @@ class AdapterBase:
         return WebhookAnswer(200, b"", "text/plain")
 
     def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
-        raise ProviderRejected(f"the {self.name} channel's media are public: nothing to fetch", code="MediaNotFetched")
+        raise ProviderRejected(f"the {self.name} channel's media are public: nothing to fetch",
+                               reason="MediaNotFetched")
 
     def check_size(self, request: WebhookRequest) -> None:
         if len(request.body) > self.max_body_bytes:
@@ -174,33 +175,42 @@ def new_session() -> requests.Session:
 def send_parts(parts: Sequence[Part], send_one: Callable[[Part], str], *, first_part: int = 0) -> list[str]:
     """Send a reply's provider calls in order from `first_part`; the provider's ids of those sent now.
 
-    A failure carries how many parts are done (`parts_sent`, of `parts_total`), so a retry resumes at
-    the first part not yet accepted instead of showing the user the accepted ones twice."""
+    A failure is raised again (the same class, chained) with how many parts are done (`parts_sent`, of
+    `parts_total`), so a retry resumes at the first part not yet accepted instead of showing the user
+    the accepted ones twice."""
     ids = []
     for index in range(first_part, len(parts)):
         try:
             ids.append(send_one(parts[index]))
         except ProviderError as error:
-            error.parts_sent, error.parts_total = index, len(parts)
-            raise
+            raise type(error)(str(error), reason=error.reason, retry_after=error.retry_after, parts_sent=index,
+                              parts_total=len(parts)) from error
     return ids
+
+
+@contextlib.contextmanager
+def _provider_errors(what: str) -> Iterator[None]:
+    """Raises ProviderUnavailable("<what> did not answer in time", "<what> is unreachable or broke off") for any
+    failure of `requests` inside the block: the provider may answer a later try."""
+    try:
+        yield
+    except requests.Timeout:
+        raise ProviderUnavailable(f"{what} did not answer in time") from None
+    except requests.RequestException as error:
+        raise ProviderUnavailable(f"{what} is unreachable or broke off ({type(error).__name__})") from None
 
 
 def call_provider(session: requests.Session, provider: str, method: str, url: str, *, clock: Clock,
                   **kwargs: Any) -> requests.Response:
     """Make one API call; raise ProviderRejected or ProviderUnavailable unless it succeeded (a Retry-After
     date counted from `clock`)."""
-    try:
+    with _provider_errors(f"the {provider} API"):
         response = session.request(method, url, timeout=TIMEOUT, **kwargs)
-    except requests.Timeout:
-        raise ProviderUnavailable(f"the {provider} API did not answer in time") from None
-    except requests.RequestException as error:
-        raise ProviderUnavailable(f"the {provider} API is unreachable ({type(error).__name__})") from None
     if response.status_code < 400:
         return response
     detail = _detail(response)
     if response.status_code == 429 or response.status_code >= 500:
-        retry_after = _retry_after_seconds(response.headers.get("Retry-After"), now=clock.now())
+        retry_after = retry_after_seconds(response.headers.get("Retry-After"), now=clock.now())
         raise ProviderUnavailable(f"the {provider} API answered {response.status_code}: {detail}",
                                   retry_after=retry_after)
     raise ProviderRejected(f"the {provider} API rejected the message with {response.status_code}: {detail}")
@@ -211,7 +221,7 @@ def download(session: requests.Session, provider: str, url: str, *, max_bytes: i
     """The bytes at `url` and their content type, read as they come and refused for good past `max_bytes`
     or after DOWNLOAD_SECONDS on `clock`."""
     too_large = ProviderRejected(f"the {provider} media is larger than the {max_bytes} bytes the relay forwards",
-                                 code="MediaTooLarge")
+                                 reason="MediaTooLarge")
     deadline = clock.monotonic() + DOWNLOAD_SECONDS
     response = call_provider(session, provider, "GET", url, stream=True, clock=clock, **kwargs)
     with response:
@@ -219,7 +229,7 @@ def download(session: requests.Session, provider: str, url: str, *, max_bytes: i
         if declared.isdigit() and int(declared) > max_bytes:
             raise too_large
         chunks, size = [], 0
-        try:
+        with _provider_errors(f"the {provider} media download"):
             for chunk in response.iter_content(64 * 1024):
                 size += len(chunk)
                 if size > max_bytes:
@@ -227,8 +237,6 @@ def download(session: requests.Session, provider: str, url: str, *, max_bytes: i
                 if clock.monotonic() > deadline:
                     raise ProviderUnavailable(f"the {provider} media download took over {DOWNLOAD_SECONDS:g}s")
                 chunks.append(chunk)
-        except requests.RequestException as error:
-            raise ProviderUnavailable(f"the {provider} media download broke off ({type(error).__name__})") from None
     return b"".join(chunks), (response.headers.get("Content-Type") or "").split(";")[0].strip()
 
 
@@ -240,21 +248,6 @@ def media_file_name(stem: str, content_type: str) -> str:
 def _detail(response: requests.Response) -> str:
     text = " ".join(response.text.split())
     return (text[:300] + "...") if len(text) > 300 else (text or response.reason or "no details")
-
-
-def _retry_after_seconds(value: str | None, *, now: datetime) -> float | None:
-    """Retry-After as seconds: it may be a number or an HTTP date (counted from `now`)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now.timestamp())
 
 
 def response_json(response: requests.Response) -> dict[str, Any]:

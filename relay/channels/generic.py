@@ -35,8 +35,7 @@ from relay.channels.common import (
     same,
     send_parts,
 )
-from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
-from relay.settings import SettingsError
+from relay.errors import BadPayload, ProviderRejected, SettingsError, SignatureInvalid
 
 __all__ = ["GenericAdapter", "hmac_signature", "secret_key", "standard_headers", "standard_signature"]
 

@@ -144,7 +144,7 @@ class TwilioAdapter(AdapterBase):
 
     def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
         if not self._is_api_url(media.url):
-            raise ProviderRejected("the Twilio media URL is not on the Twilio API host", code="MediaNotFetched")
+            raise ProviderRejected("the Twilio media URL is not on the Twilio API host", reason="MediaNotFetched")
         content, served_type = download(self.session, self.name, media.url, max_bytes=max_bytes, clock=self.clock,
                                         auth=(self.account_sid, self._token))
         content_type = served_type or media.content_type or "application/octet-stream"

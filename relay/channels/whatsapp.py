@@ -28,7 +28,7 @@ from relay.channels.common import (
     send_parts,
     split_text,
 )
-from relay.errors import BadPayload, ProviderRejected, ProviderUnavailable, SignatureInvalid
+from relay.errors import BadPayload, ProviderRejected, ProviderUnavailable, SignatureInvalid, VerifyTokenMismatch
 
 __all__ = ["BUTTON_LIMIT", "BUTTON_TITLE_LIMIT", "TEXT_LIMIT", "WhatsAppAdapter", "compute_signature", "media_kind"]
 
@@ -66,7 +66,7 @@ class WhatsAppAdapter(AdapterBase):
         query = dict(request.query) or dict(parse_qsl(urlsplit(request.url).query, keep_blank_values=True))
         token = query.get("hub.verify_token", "")
         if query.get("hub.mode") != "subscribe" or not same(self._verify_token, token):
-            raise SignatureInvalid("the hub.verify_token does not match WHATSAPP_VERIFY_TOKEN", status=403)
+            raise VerifyTokenMismatch("the hub.verify_token does not match WHATSAPP_VERIFY_TOKEN")
         return WebhookAnswer(200, query.get("hub.challenge", "").encode(), "text/plain")
 
     def verify(self, request: WebhookRequest) -> None:
@@ -149,11 +149,11 @@ class WhatsAppAdapter(AdapterBase):
         info = response_json(call_provider(self.session, self.name, "GET", media.url, headers=bearer,
                                                    clock=self.clock))
         if not isinstance(info.get("url"), str) or not info["url"].startswith(("https://", "http://")):
-            raise ProviderRejected("the WhatsApp media object has no download url", code="MediaNotFound")
+            raise ProviderRejected("the WhatsApp media object has no download url", reason="MediaNotFound")
         size = str(info.get("file_size") or "")
         if size.isdigit() and int(size) > max_bytes:
             raise ProviderRejected(f"the WhatsApp media has {size} bytes, over the {max_bytes} the relay forwards",
-                                   code="MediaTooLarge")
+                                   reason="MediaTooLarge")
         content, served_type = download(self.session, self.name, info["url"], max_bytes=max_bytes, headers=bearer,
                                          clock=self.clock)
         expected = str(info.get("sha256") or "").lower()

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
@@ -30,18 +31,22 @@ if TYPE_CHECKING:
     from relay.store.tables import Tables
 
 __all__ = [
-    "ACTIVE",
     "DELIVERED_IDS_LIMIT",
-    "ENDED",
     "ConversationKey",
     "ConversationRecord",
+    "ConversationState",
     "Conversations",
 ]
 
 log = logging.getLogger(__name__)
 
-ACTIVE = "active"
-ENDED = "ended"
+
+class ConversationState(StrEnum):
+    """A record's `state` (stored as the value): ACTIVE until the bot or the idle timer ends it."""
+
+    ACTIVE = "active"
+    ENDED = "ended"
+
 
 DELIVERED_IDS_LIMIT = 300
 """Activity ids remembered per conversation: far more than one watermark reset can replay in 24 h of chat."""
@@ -78,7 +83,7 @@ class ConversationRecord:
     last_bot_activity_at: datetime | None = None
     next_poll_at: datetime | None = None
     poll_interval: float = 0.0
-    state: str = ACTIVE
+    state: ConversationState = ConversationState.ACTIVE
     reply_context: Mapping[str, Any] = field(default_factory=dict)
     peekable: bool = False
     """Settled: nothing waits in the outbox, so the poller may look for the bot's activities without the lease."""
@@ -91,7 +96,7 @@ class ConversationRecord:
 
     @property
     def active(self) -> bool:
-        return self.state == ACTIVE
+        return self.state == ConversationState.ACTIVE
 
     def is_delivered(self, activity_id: str) -> bool:
         return activity_id in self.delivered_ids
@@ -227,7 +232,7 @@ class Conversations:
         """
         deleted = 0
         for entity in self._table.query("state eq @ended or last_activity_at lt @cutoff",
-                                        {"ended": ENDED, "cutoff": idle_before}, limit=limit):
+                                        {"ended": ConversationState.ENDED, "cutoff": idle_before}, limit=limit):
             if self._table.delete_if_unchanged(entity):
                 deleted += 1
                 if entity.get("due_index_key"):
@@ -260,7 +265,8 @@ def _from_entity(key: ConversationKey, entity: TableEntity) -> ConversationRecor
         watermark=entity.get("watermark"), delivered_ids=tuple(get_json(entity, "delivered_ids", [])),
         last_user_activity_at=entity.get("last_user_activity_at"),
         last_bot_activity_at=entity.get("last_bot_activity_at"), next_poll_at=entity.get("next_poll_at"),
-        poll_interval=entity.get("poll_interval") or 0.0, state=entity.get("state", ACTIVE),
+        poll_interval=entity.get("poll_interval") or 0.0,
+        state=ConversationState(entity.get("state", ConversationState.ACTIVE)),
         reply_context=get_json(entity, "reply_context", {}), peekable=bool(entity.get("peekable")),
         lease_owner=entity.get("lease_owner"),
         lease_expires_at=entity.get("lease_expires_at"), created_at=entity.get("created_at"),

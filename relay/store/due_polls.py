@@ -23,7 +23,7 @@ from azure.core.exceptions import AzureError
 from azure.data.tables import TableTransactionError, UpdateMode
 
 from relay.clock import Clock
-from relay.store.conversations import ACTIVE, ConversationKey, ConversationRecord
+from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState
 from relay.store.tables import BATCH_LIMIT, Tables, millis, storage_errors, transaction_error_code
 
 __all__ = ["DueConversation", "DuePolls"]
@@ -131,7 +131,7 @@ class DuePolls:
         A row is kept while the schedule and what a peek relies on stay the same; None when the
         record wants no polling (ended, or nothing scheduled). Raises StoreError when the row cannot
         be written."""
-        if record.state != ACTIVE or record.next_poll_at is None:
+        if record.state != ConversationState.ACTIVE or record.next_poll_at is None:
             return None
         old_index = previous.due_index_key if previous is not None else None
         reusable = previous is not None and _peek_view(previous) == _peek_view(record)

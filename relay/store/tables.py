@@ -106,11 +106,12 @@ def table_service_client(storage: StorageSettings, **options) -> TableServiceCli
 
 @contextlib.contextmanager
 def storage_errors(what: str) -> Iterator[None]:
-    """Raises StoreError("cannot <what>: <SDK error type>") for any Azure failure inside the block."""
+    """Raises StoreError("cannot <what>: <the service's error code, or the SDK error type>") for any Azure
+    failure inside the block."""
     try:
         yield
     except AzureError as error:
-        raise StoreError(f"cannot {what}: {type(error).__name__}") from error
+        raise StoreError(f"cannot {what}: {getattr(error, 'error_code', None) or type(error).__name__}") from error
 
 
 def transaction_error_code(error: TableTransactionError) -> str | None:

@@ -85,9 +85,8 @@ def test_twilio_json_body():
     ({"MessageSid": "SM1", "From": "+1", "To": "+2", "Body": "x", "NumMedia": "two"}, "NumMedia"),
 ])
 def test_twilio_malformed(body, problem):
-    with pytest.raises(BadPayload, match=problem) as caught:
+    with pytest.raises(BadPayload, match=problem):
         make_adapter("twilio").parse(form(body))
-    assert caught.value.status == 400
 
 
 # -- WhatsApp Cloud API -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from devstack.channels.webhooks import encode_jwt
 from relay.channels import bird, generic, messagebird, twilio, whatsapp
 from relay.channels.base import WebhookRequest
 from relay.clock import ManualClock
-from relay.errors import PayloadTooLarge, SignatureInvalid, StaleTimestamp
+from relay.errors import PayloadTooLarge, SignatureInvalid, StaleTimestamp, VerifyTokenMismatch
 from tests.channels.conftest import make_adapter
 
 URL = "https://relay.example.net/api/channels/twilio"
@@ -97,7 +97,7 @@ def test_twilio_rejects_tampered_requests_like_the_library(tamper):
         request = form_request(url, params, signature)
     with pytest.raises(SignatureInvalid) as caught:
         make_adapter("twilio").verify(request)
-    assert caught.value.status == 401
+    assert type(caught.value) is SignatureInvalid  # neither stale nor a handshake
     assert "dev-only" not in str(caught.value)
 
 
@@ -151,9 +151,8 @@ def test_whatsapp_handshake_answers_the_challenge_only_with_the_verify_token():
     answer = adapter.handshake(WebhookRequest("GET", f"{URL}?{urlencode(query)}", {}, b""))
     assert (answer.status, answer.body, answer.content_type) == (200, b"1158201444", "text/plain")
     for wrong in ({**query, "hub.verify_token": "guess"}, {**query, "hub.mode": "unsubscribe"}, {}):
-        with pytest.raises(SignatureInvalid) as caught:
+        with pytest.raises(VerifyTokenMismatch):
             adapter.handshake(WebhookRequest("GET", f"{URL}?{urlencode(wrong)}", {}, b""))
-        assert caught.value.status == 403
     assert adapter.handshake(WebhookRequest("POST", URL, {}, b"{}")) is None
 
 
@@ -337,7 +336,6 @@ def test_generic_hmac_header_scheme(encoding, prefix, timestamp_header):
 def test_oversized_bodies_are_refused_before_any_signature_work():
     adapter = make_adapter("whatsapp", max_body_bytes=1024)
     body = b"{" + b" " * 2000 + b"}"
-    with pytest.raises(PayloadTooLarge) as caught:
+    with pytest.raises(PayloadTooLarge):
         adapter.verify(WebhookRequest("POST", URL, {"X-Hub-Signature-256": hub_signature(
             "dev-only-whatsapp-app-secret", body)}, body))
-    assert caught.value.status == 413

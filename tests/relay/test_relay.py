@@ -13,7 +13,7 @@ import requests
 from devstack.bot import EchoBot
 from devstack.channels import DEV_VALUES
 from devstack.procs import free_port, wait_until
-from relay.store.conversations import ENDED
+from relay.store.conversations import ConversationState
 from tests.conftest import subprocess_env
 from tests.relay.conftest import NEVER, PROVIDERS, RelayStack
 
@@ -136,7 +136,8 @@ def test_end_of_conversation_ends_the_record_and_the_next_message_starts_anew(re
     user = "+15550007000"
     stack.send("bird", user, "bye")
     assert stack.wait_for_replies("bird", user, 1) == ["Goodbye."]
-    wait_until(lambda: stack.record("bird", user).state == ENDED, timeout=20, what="the record to end")
+    wait_until(lambda: stack.record("bird", user).state == ConversationState.ENDED, timeout=20,
+               what="the record to end")
     ended = stack.record("bird", user)
     assert ended.next_poll_at is None
     stack.send("bird", user, "hello again")
@@ -149,7 +150,7 @@ def test_idle_conversation_is_ended_and_the_bot_told(relay_stack):
     user = "user-idle"
     stack.send("generic", user, "hi")
     stack.wait_for_replies("generic", user, 1)
-    wait_until(lambda: stack.record("generic", user).state == ENDED, timeout=30, what="idle expiry")
+    wait_until(lambda: stack.record("generic", user).state == ConversationState.ENDED, timeout=30, what="idle expiry")
     conversation_id = stack.record("generic", user).conversation_id
     activities = stack.emulator.conversation(conversation_id)["activities"]
     assert any(a["type"] == "endOfConversation" and a["from"]["role"] != "bot" for a in activities)
