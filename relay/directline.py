@@ -38,6 +38,7 @@ from relay.settings import DirectLineSettings, get_settings
 
 if TYPE_CHECKING:
     import requests
+    from requests.adapters import BaseAdapter
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +88,19 @@ class UploadFile:
 class DirectLineClient:
     """Direct Line 3.0 on one pooled requests.Session (thread-safe for the poller's workers).
 
-    Every conversation call authenticates with the secret unless a `token` is given.
+    Every conversation call authenticates with the secret unless a `token` is given. `transport` is a
+    test seam, unused in production: a requests adapter mounted for the endpoint instead of the network
+    (devstack/directline/transport.py serves the emulator through one).
     """
 
     def __init__(self, settings: DirectLineSettings, *, retry: RetryPolicy = RetryPolicy(),
-                 sleep: Callable[[float], None] = time.sleep, pool_size: int = 32):
+                 sleep: Callable[[float], None] = time.sleep, pool_size: int = 32,
+                 transport: BaseAdapter | None = None):
         self._settings = settings
         self._retry = retry
         self._sleep = sleep
         self._pool_size = pool_size
+        self._transport = transport
         self._session: requests.Session | None = None
         self._lock = threading.Lock()
 
@@ -110,7 +115,8 @@ class DirectLineClient:
         Close only the original client.
         """
         settings = replace(self._settings, timeout_seconds=timeout_seconds) if timeout_seconds else self._settings
-        clone = DirectLineClient(settings, retry=retry or self._retry, sleep=self._sleep, pool_size=self._pool_size)
+        clone = DirectLineClient(settings, retry=retry or self._retry, sleep=self._sleep, pool_size=self._pool_size,
+                                 transport=self._transport)
         clone._session = self._http()
         return clone
 
@@ -215,6 +221,8 @@ class DirectLineClient:
                     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self._pool_size, max_retries=0)
                     session.mount("https://", adapter)
                     session.mount("http://", adapter)
+                    if self._transport is not None:
+                        session.mount(self._settings.endpoint, self._transport)
                     session.headers["User-Agent"] = "directline-relay/0.1"
                     self._session = session
         return self._session
