@@ -61,7 +61,7 @@ def test_the_poller_works_a_conversation_only_under_a_lease_it_holds(inprocess_r
     else:
         assert (tick.worked, tick.posted) == (0, 0)
         assert relay.calls() == {}
-        assert [m.message_id for m in waiting] != [] and record.lease_owner == "webhook:stalled"
+        assert len(waiting) == 1 and record.lease_owner == "webhook:stalled"
 
 
 # ------------------------------------------------------------------------------------------- peeks
@@ -216,26 +216,36 @@ def test_a_conversation_without_direct_line_or_recent_messages_is_not_polled(inp
 # ---------------------------------------------------------------------------------------------- tokens
 
 
-@pytest.mark.parametrize(("minutes_left", "revoked", "calls", "renewed"), [
-    pytest.param(25, False, {"activities/get": 1}, False, id="a token with 25 minutes left is used as it is"),
-    pytest.param(10, False, {"tokens/refresh": 1, "activities/get": 1}, True,
+def expire_its_tokens(relay: InProcessRelay, key: ConversationKey) -> None:
+    relay.emulator.expire_tokens(relay.record(key).conversation_id)
+
+
+def forget_the_token(relay: InProcessRelay, key: ConversationKey) -> None:
+    """As after Direct Line restarted: a token it no longer knows (403 other than expiry)."""
+    relay.store.conversations.update_record(key, lambda r: replace(r, token="not-a-token-any-more"))
+
+
+@pytest.mark.parametrize(("minutes_left", "direct_line", "calls", "renewed"), [
+    pytest.param(25, nothing, {"activities/get": 1}, False, id="a token with 25 minutes left is used as it is"),
+    pytest.param(10, nothing, {"tokens/refresh": 1, "activities/get": 1}, True,
                  id="a token past half its life is refreshed"),
-    pytest.param(0.5, False, {"conversations/reconnect": 1, "activities/get": 1}, True,
+    pytest.param(0.5, nothing, {"conversations/reconnect": 1, "activities/get": 1}, True,
                  id="a token about to lapse is replaced through reconnect with the secret"),
-    pytest.param(-5, False, {"conversations/reconnect": 1, "activities/get": 1}, True,
+    pytest.param(-5, nothing, {"conversations/reconnect": 1, "activities/get": 1}, True,
                  id="a lapsed token is replaced through reconnect with the secret"),
-    pytest.param(10, True, {"tokens/refresh": 1, "conversations/reconnect": 1, "activities/get": 1}, True,
-                 id="a token Direct Line expired early fails its refresh and is replaced through reconnect"),
-    pytest.param(25, True, {"activities/get": 2, "conversations/reconnect": 1}, True,
-                 id="a token Direct Line refuses is replaced once and the read made again"),
+    pytest.param(10, expire_its_tokens, {"tokens/refresh": 1, "conversations/reconnect": 1, "activities/get": 1},
+                 True, id="a token Direct Line expired early fails its refresh and is replaced through reconnect"),
+    pytest.param(25, expire_its_tokens, {"activities/get": 2, "conversations/reconnect": 1}, True,
+                 id="a token Direct Line says expired is replaced once and the read made again"),
+    pytest.param(25, forget_the_token, {"activities/get": 2, "conversations/reconnect": 1}, True,
+                 id="a token Direct Line no longer knows is replaced once and the read made again"),
 ])
-def test_the_token_is_renewed_by_how_long_it_has_left(inprocess_relay, minutes_left, revoked, calls, renewed):
+def test_the_token_is_renewed_by_how_long_it_has_left(inprocess_relay, minutes_left, direct_line, calls, renewed):
     relay = inprocess_relay()
     key = settled(relay)
-    before = relay.record(key)
     late_bot_reply(relay, key)
-    if revoked:
-        relay.emulator.expire_tokens(before.conversation_id)
+    direct_line(relay, key)
+    before = relay.record(key)
     relay.time.advance((before.token_expires_at - relay.time()).total_seconds() - minutes_left * 60)
 
     relay.work(key)
@@ -324,6 +334,8 @@ def test_an_ended_conversation_is_no_longer_polled_and_the_next_message_starts_a
 
 
 @pytest.mark.parametrize(("fault", "retry_in"), [
+    pytest.param({"error_500_rate": 1.0, "endpoints": ["conversations/start", "activities/post"]}, 10,
+                 id="Direct Line cannot start a conversation: the message waits and is posted once"),
     pytest.param({"error_500_rate": 1.0}, 5,
                  id="Direct Line fails before taking the message: it waits and is posted once"),
     pytest.param({"error_502_rate": 1.0, "phase": "after"}, 5,
@@ -335,13 +347,14 @@ def test_an_ended_conversation_is_no_longer_polled_and_the_next_message_starts_a
 ])
 def test_a_message_direct_line_did_not_confirm_reaches_the_bot_exactly_once(inprocess_relay, fault, retry_in):
     relay = inprocess_relay()
-    relay.emulator.set_faults(**fault, endpoints=["activities/post"], limit=1)
+    relay.emulator.set_faults(**{"endpoints": ["activities/post"], **fault, "limit": 1})
     key = relay.message("twilio", USER, "hello")
 
     first = relay.work(key)
 
     assert first.posted == 0
     assert len(relay.store.outbox.list_messages(key)) == 1
+    assert relay.replies(key) == []
     assert seconds_until_next_poll(relay, key) == retry_in
     relay.time.advance(retry_in)
     assert relay.tick().worked == 1
