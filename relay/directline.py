@@ -40,6 +40,7 @@ from relay.settings import DirectLineSettings, get_settings
 
 if TYPE_CHECKING:
     import requests
+    from requests.adapters import BaseAdapter
 
 __all__ = ["ActivitySet", "ConversationToken", "DirectLineClient", "RetryPolicy", "UploadFile", "get_directline_client"]
 
@@ -92,15 +93,18 @@ class DirectLineClient:
     """Direct Line 3.0 on one pooled requests.Session (thread-safe for the poller's workers).
 
     Every conversation call authenticates with the secret unless a `token` is given. The waits between
-    tries, their jitter and the reading of a Retry-After date go through `clock`.
+    tries, their jitter and the reading of a Retry-After date go through `clock`. `transport` is a
+    test seam, unused in production: a requests adapter mounted for the endpoint instead of the network
+    (devstack/directline/transport.py serves the emulator through one).
     """
 
     def __init__(self, settings: DirectLineSettings, *, retry: RetryPolicy = RetryPolicy(),
-                 clock: Clock = SYSTEM_CLOCK, pool_size: int = 32):
+                 clock: Clock = SYSTEM_CLOCK, pool_size: int = 32, transport: BaseAdapter | None = None):
         self._settings = settings
         self._retry = retry
         self._clock = clock
         self._pool_size = pool_size
+        self._transport = transport
         self._session: requests.Session | None = None
         self._lock = threading.Lock()
 
@@ -115,7 +119,8 @@ class DirectLineClient:
         Close only the original client.
         """
         settings = replace(self._settings, timeout_seconds=timeout_seconds) if timeout_seconds else self._settings
-        clone = DirectLineClient(settings, retry=retry or self._retry, clock=self._clock, pool_size=self._pool_size)
+        clone = DirectLineClient(settings, retry=retry or self._retry, clock=self._clock, pool_size=self._pool_size,
+                                 transport=self._transport)
         clone._session = self._http()
         return clone
 
@@ -220,6 +225,8 @@ class DirectLineClient:
                     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self._pool_size, max_retries=0)
                     session.mount("https://", adapter)
                     session.mount("http://", adapter)
+                    if self._transport is not None:
+                        session.mount(self._settings.endpoint, self._transport)
                     session.headers["User-Agent"] = "directline-relay/0.1"
                     self._session = session
         return self._session

@@ -21,7 +21,7 @@ from relay.errors import BadPayload, MethodNotAllowed, RelayError
 from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState
 from relay.store.outbox import InboundState
 
-__all__ = ["handle_webhook"]
+__all__ = ["accept_message", "handle_webhook", "parse_messages"]
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,11 @@ def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> 
     if request.method != "POST":
         raise MethodNotAllowed(f"{request.method} is not accepted here: providers POST their webhooks")
     adapter.verify(request)
-    messages = _parse_messages(adapter, channel, request)
+    messages = parse_messages(adapter, channel, request)
     to_work: dict[ConversationKey, None] = {}
     for message in messages:
         key = ConversationKey(channel, message.user_id)
-        if _accept_message(ctx, key, message):
+        if accept_message(ctx, key, message):
             to_work[key] = None
     burst = ctx.settings.relay.burst_poll_seconds
     started = ctx.clock.monotonic()
@@ -52,7 +52,7 @@ def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> 
     return adapter.acknowledgement()
 
 
-def _parse_messages(adapter: ChannelAdapter, channel: str, request: WebhookRequest) -> list[InboundMessage]:
+def parse_messages(adapter: ChannelAdapter, channel: str, request: WebhookRequest) -> list[InboundMessage]:
     """The adapter's messages; a payload of the wrong shape is the sender's mistake (400), never a crash.
 
     Signed payloads are trusted to be the provider's, not to be well formed: a list where an object
@@ -69,7 +69,7 @@ def _parse_messages(adapter: ChannelAdapter, channel: str, request: WebhookReque
     return messages
 
 
-def _accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMessage) -> bool:
+def accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMessage) -> bool:
     """Store one message (StoreError when storage is down: nothing is acknowledged then).
 
     True when it waits to be posted; False for a duplicate that was already handled."""
