@@ -28,6 +28,7 @@
     │   │                          the page should wait, when there is a point in trying again)
     │   ├── OriginNotAllowed       the page's Origin is not in WEBCHAT_ALLOWED_ORIGINS
     │   ├── TooManyRequests        the client address is over WEBCHAT_TOKEN_RATE_LIMIT
+    │   ├── RequestTooLarge        a body over the few KB a token call needs
     │   ├── InvalidJson            the resume body is not JSON
     │   ├── InvalidRequest         the resume body is JSON of the wrong shape
     │   ├── MissingToken           a refresh without `Authorization: Bearer <token>`
@@ -37,7 +38,8 @@
     │   ├── SessionRevoked         the session was revoked
     │   ├── SessionExpired         the session outlived SESSION_LIFETIME
     │   ├── ResumeKeyReused        a rotated-away resume key came back: the session is revoked now
-    │   ├── InvalidResumeKey       a wrong key, or no such session (the two are not told apart)
+    │   ├── InvalidResumeKey       a key the session never issued, or no such session: whether that
+    │   │                          session exists, was revoked or expired is told only to a key holder
     │   ├── InvalidWatermark       Direct Line refused the page's watermark
     │   ├── DirectLineRejected     Direct Line refused the relay's own secret (our configuration)
     │   ├── DirectLineBusy         Direct Line throttles the relay
@@ -84,6 +86,7 @@ __all__ = [
     "ProviderUnavailable",
     "RefreshTooLate",
     "RelayError",
+    "RequestTooLarge",
     "ResumeKeyReused",
     "SessionExpired",
     "SessionRevoked",
@@ -242,6 +245,10 @@ class TooManyRequests(WebChatError):
 
 
 class InvalidJson(WebChatError):
+    pass
+
+
+class RequestTooLarge(WebChatError):
     pass
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import azure.functions as func
 
@@ -42,6 +41,7 @@ from relay.errors import (
     ProviderUnavailable,
     RefreshTooLate,
     RelayError,
+    RequestTooLarge,
     ResumeKeyReused,
     SessionExpired,
     SessionRevoked,
@@ -54,7 +54,7 @@ from relay.errors import (
     WebChatFileNotFound,
 )
 from relay.settings import get_settings
-from relay.tokens import Caller, TokenServer, get_token_server, get_webchat_asset
+from relay.tokens import MAX_BODY_BYTES, Caller, TokenServer, get_token_server, get_webchat_asset
 
 __all__ = [
     "ERROR_ANSWERS",
@@ -93,6 +93,7 @@ ERROR_ANSWERS: dict[type[RelayError], tuple[int, str]] = {
     # The Web Chat token server and files (relay-webchat.js reads the status: 403/404 start over).
     OriginNotAllowed: (403, "OriginNotAllowed"),
     TooManyRequests: (429, "TooManyRequests"),
+    RequestTooLarge: (413, "PayloadTooLarge"),
     InvalidJson: (400, "InvalidJson"),
     InvalidRequest: (400, "InvalidRequest"),
     MissingToken: (401, "MissingToken"),
@@ -137,13 +138,18 @@ def error_response(error: RelayError, headers: dict[str, str] | None = None) -> 
     return json_response({"error": {"code": code, "message": error.message}}, status, headers)
 
 
-def _client_address(req: func.HttpRequest) -> str:
-    """The caller's IP address, for per-client limits.
+def _client_address(req: func.HttpRequest, *, proxy_hops: int) -> str:
+    """The caller's IP address, for per-client limits ("unknown" when there is none).
 
-    The last X-Forwarded-For entry is the one the platform's front end added; earlier entries are
-    whatever the caller claimed. Azure writes it with a port ("203.0.113.7:51234"), dropped here.
+    Azure's front end appends the address it was called from to X-Forwarded-For, with a port
+    ("203.0.113.7:51234", dropped here); entries left of it are whatever earlier hops (or the caller)
+    wrote. With `proxy_hops` proxies of the deployer's own in front, the client is that many entries
+    further left: each proxy appended the address that called it.
     """
-    hop = (req.headers.get("X-Forwarded-For") or "").rsplit(",", 1)[-1].strip()
+    hops = [hop.strip() for hop in (req.headers.get("X-Forwarded-For") or "").split(",") if hop.strip()]
+    if not hops:
+        return "unknown"
+    hop = hops[max(0, len(hops) - 1 - proxy_hops)]
     if hop.startswith("["):
         hop = hop[1:].partition("]")[0]
     elif hop.count(":") == 1:
@@ -151,19 +157,13 @@ def _client_address(req: func.HttpRequest) -> str:
     try:
         return str(ipaddress.ip_address(hop))
     except ValueError:
-        return hop[:64] or "unknown"
+        return "unknown"
 
 
 def bearer_token(req: func.HttpRequest) -> str:
     """The value of `Authorization: Bearer <value>`, or "" when there is none."""
     scheme, _, value = (req.headers.get("Authorization") or "").strip().partition(" ")
     return value.strip() if scheme.lower() == "bearer" else ""
-
-
-def _own_origin(req: func.HttpRequest) -> str:
-    """scheme://host[:port] of the URL this request was made to: a page served by the app has this origin."""
-    parts = urlsplit(req.url)
-    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
 
 
 PREFLIGHT_HEADERS = {
@@ -173,16 +173,27 @@ PREFLIGHT_HEADERS = {
 }
 
 
-def token_server_call(req: func.HttpRequest, call: Callable[[TokenServer, Caller], dict]) -> func.HttpResponse:
-    """One call of the Web Chat token server with the caller's address and origins, CORS and errors translated."""
+def token_server_call(req: func.HttpRequest, call: Callable[[TokenServer, Caller, bytes], dict]) -> func.HttpResponse:
+    """One call of the Web Chat token server with the caller's address, origin and body (at most
+    MAX_BODY_BYTES, refused by its declared length before it is read), CORS and errors translated."""
 
     def answer() -> func.HttpResponse:
         tokens = get_token_server()
-        caller = Caller(address=_client_address(req), origin=req.headers.get("Origin") or "",
-                        own_origin=_own_origin(req))
-        return cors_call(req, lambda: call(tokens, caller), origin_allowed=tokens.is_origin_allowed(caller))
+        caller = Caller(address=_client_address(req, proxy_hops=get_settings().webchat.proxy_hops),
+                        origin=req.headers.get("Origin") or "")
+        return cors_call(req, lambda: call(tokens, caller, _capped_body(req)),
+                         origin_allowed=tokens.is_origin_allowed(caller))
 
     return guarded(answer)
+
+
+def _capped_body(req: func.HttpRequest) -> bytes:
+    """The request body, or RequestTooLarge past MAX_BODY_BYTES (by Content-Length first, so a huge one is
+    turned away before anything reads it)."""
+    declared = (req.headers.get("Content-Length") or "").strip()
+    if (declared.isdigit() and int(declared) > MAX_BODY_BYTES) or len(req.get_body() or b"") > MAX_BODY_BYTES:
+        raise RequestTooLarge(f"A token call sends at most {MAX_BODY_BYTES} bytes")
+    return req.get_body() or b""
 
 
 def cors_call(req: func.HttpRequest, call: Callable[[], dict], *, origin_allowed: bool) -> func.HttpResponse:

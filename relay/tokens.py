@@ -27,11 +27,12 @@ Choices:
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,15 @@ from relay.settings import Settings, WebChatSettings, get_settings
 from relay.store import RelayStore, get_store
 from relay.store.sessions import ResumeOutcome
 
-__all__ = ["Asset", "Caller", "TokenServer", "get_token_server", "get_webchat_asset", "parse_resume_body"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "Asset",
+    "Caller",
+    "TokenServer",
+    "get_token_server",
+    "get_webchat_asset",
+    "rate_limit_bucket",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +85,8 @@ SESSION_LIFETIME = timedelta(hours=24)
 RATE_WINDOW_SECONDS = 60
 DEFAULT_TOKEN_SECONDS = 1800  # Direct Line's documented lifetime, when a reconnect does not say
 MAX_FIELD_CHARS = 512
+MAX_BODY_BYTES = 4096
+"""The largest body a token call may send: a resume body is three short strings."""
 # A page waits on these calls: fail within seconds rather than ride out a long Direct Line outage.
 TOKEN_SERVER_RETRY = RetryPolicy(attempts=3, backoff=0.25, backoff_cap=1.0, max_retry_after=2.0, budget=3.0)
 
@@ -85,11 +96,10 @@ WEBCHAT_BUNDLE = Path(__file__).resolve().parent.parent / "node_modules/botframe
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asks: the client address (rate limit), the page's Origin, and the origin the relay was called on."""
+    """Who asks: the client address (for the rate limits) and the page's Origin."""
 
     address: str = "unknown"
     origin: str = ""
-    own_origin: str = ""
 
 
 class TokenServer:
@@ -111,15 +121,19 @@ class TokenServer:
         return f"TokenServer(domain={self._domain!r})"
 
     def is_origin_allowed(self, caller: Caller) -> bool:
-        """No Origin (not a browser), listed in WEBCHAT_ALLOWED_ORIGINS ("*": any), or the relay's own (the demo)."""
+        """No Origin (not a browser), listed in WEBCHAT_ALLOWED_ORIGINS ("*": any), or the relay's own (the demo).
+
+        The relay's own origin is RELAY_PUBLIC_BASE_URL's, never the Host the request names: a caller
+        chooses its Host header (and its Origin) freely."""
         allowed = self._webchat.allowed_origins
         return (not caller.origin or "*" in allowed or caller.origin in allowed
-                or caller.origin in {caller.own_origin, self._public_origin} - {""})
+                or (bool(self._public_origin) and caller.origin == self._public_origin))
 
     def issue_token(self, caller: Caller) -> dict[str, Any]:
         """A token for a new conversation, with the resume key that proves the page owns it."""
         self._check_origin(caller)
-        limit = self._store.rate_limits.count_request(caller.address, limit=self._webchat.token_rate_limit,
+        limit = self._store.rate_limits.count_request(rate_limit_bucket(caller.address),
+                                                      limit=self._webchat.token_rate_limit,
                                                       window_seconds=RATE_WINDOW_SECONDS)
         if not limit.allowed:
             raise TooManyRequests(f"Too many tokens for this client address: at most {limit.limit} per minute",
@@ -147,17 +161,21 @@ class TokenServer:
             raise SessionRevoked("This conversation's session was revoked: start a new conversation")
         return self._grant(grant)
 
-    def resume(self, *, conversation_id: str, resume_key: str, watermark: str | None = None,
-               caller: Caller = Caller()) -> dict[str, Any]:
-        """A new token for the page's own conversation, from its watermark, and the next resume key."""
+    def resume(self, body: bytes, *, caller: Caller = Caller()) -> dict[str, Any]:
+        """A new token for the page's own conversation, from its watermark, and the next resume key.
+
+        `body` is the page's JSON `{conversationId, resumeKey, watermark?}`, parsed only after the
+        attempt counted against the caller's rate limit."""
         self._check_origin(caller)
         # A 256-bit key cannot be guessed anyway; the limit keeps anyone from trying at our expense.
-        limit = self._store.rate_limits.count_request(f"resume|{caller.address}",
+        limit = self._store.rate_limits.count_request(f"resume|{rate_limit_bucket(caller.address)}",
                                                       limit=self._webchat.token_rate_limit,
                                                       window_seconds=RATE_WINDOW_SECONDS)
         if not limit.allowed:
             raise TooManyRequests("Too many resume attempts from this client address: "
                                   f"at most {limit.limit} per minute", retry_after=limit.retry_after)
+        request = _parse_resume_body(body)
+        conversation_id, resume_key, watermark = request.conversation_id, request.resume_key, request.watermark
         now = self._clock.now()
         session = self._store.sessions.get_session(conversation_id)
         grant = None
@@ -221,18 +239,25 @@ def _new_resume_key() -> str:
     return secrets.token_urlsafe(32)
 
 
-def parse_resume_body(body: bytes) -> dict[str, Any]:
-    """`{conversationId, resumeKey, watermark?}` as keyword arguments of TokenServer.resume; InvalidJson or
-    InvalidRequest otherwise."""
+@dataclass(frozen=True)
+class _ResumeRequest:
+    conversation_id: str
+    resume_key: str = field(repr=False)
+    watermark: str | None = None
+
+
+def _parse_resume_body(body: bytes) -> _ResumeRequest:
+    """`{conversationId, resumeKey, watermark?}`, each a string of at most MAX_FIELD_CHARS that UTF-8 can
+    encode; InvalidJson or InvalidRequest otherwise."""
     try:
         payload = json.loads(body or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         raise InvalidJson("The body is not valid JSON") from None
     if not isinstance(payload, Mapping):
         raise InvalidRequest('Send a JSON object: {"conversationId", "resumeKey", "watermark"?}')
-    watermark = _text_field(payload, "watermark", required=False)
-    return {"conversation_id": _text_field(payload, "conversationId"),
-            "resume_key": _text_field(payload, "resumeKey"), "watermark": watermark or None}
+    return _ResumeRequest(conversation_id=_text_field(payload, "conversationId") or "",
+                         resume_key=_text_field(payload, "resumeKey") or "",
+                         watermark=_text_field(payload, "watermark", required=False) or None)
 
 
 def _text_field(payload: Mapping[str, Any], name: str, *, required: bool = True) -> str | None:
@@ -243,7 +268,25 @@ def _text_field(payload: Mapping[str, Any], name: str, *, required: bool = True)
         raise InvalidRequest(f"'{name}' must be a non-empty string")
     if len(value) > MAX_FIELD_CHARS:
         raise InvalidRequest(f"'{name}' is longer than {MAX_FIELD_CHARS} characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # JSON may escape a lone surrogate ("\\ud800"); no store or hash takes one
+        raise InvalidRequest(f"'{name}' is not valid Unicode text") from None
     return value
+
+
+def rate_limit_bucket(address: str) -> str:
+    """Whose rate limit a client address counts against: its own for IPv4, its /64 for IPv6 (one
+    subscriber gets a whole /64 at least, so single IPv6 addresses cost an attacker nothing)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def _refusal(outcome: ResumeOutcome, conversation_id: str) -> WebChatError:
@@ -254,7 +297,8 @@ def _refusal(outcome: ResumeOutcome, conversation_id: str) -> WebChatError:
         return SessionRevoked("This session was revoked: start a new conversation")
     if outcome == ResumeOutcome.EXPIRED:
         return SessionExpired("This session has expired: start a new conversation")
-    # A wrong key and an unknown conversation answer alike: no oracle for which conversations exist.
+    # A key the session never issued, an unknown conversation, and (WebChatSession.resume_outcome) a
+    # revoked or expired session met with such a key answer alike: no oracle for which conversations exist.
     return InvalidResumeKey("The resume key does not match this conversation")
 
 

@@ -39,6 +39,7 @@ from relay.errors import (
     ProviderUnavailable,
     RefreshTooLate,
     RelayError,
+    RequestTooLarge,
     ResumeKeyReused,
     SessionExpired,
     SessionRevoked,
@@ -81,6 +82,7 @@ ANSWERS = [
     # the Web Chat token server and files
     (OriginNotAllowed("This origin may not use the token server"), 403, "OriginNotAllowed", None),
     (TooManyRequests("Too many tokens", retry_after=12.2), 429, "TooManyRequests", "13"),
+    (RequestTooLarge("A token call sends at most 4096 bytes"), 413, "PayloadTooLarge", None),
     (InvalidJson("The body is not valid JSON"), 400, "InvalidJson", None),
     (InvalidRequest("'resumeKey' must be a non-empty string"), 400, "InvalidRequest", None),
     (MissingToken("Send the token to refresh"), 401, "MissingToken", None),

@@ -99,17 +99,22 @@ class WebChatSession:
         the keys it was rotated to has been used: that resume's answer was lost, or two resumes raced.
         """
         presented = hash_resume_key(resume_key)
+        current = _any_digest_equal(presented, (self.resume_key_hash, *self.retry_key_hashes))
+        grace = bool(self.grace_key_hash) and hmac.compare_digest(presented, self.grace_key_hash)
+        rotated = _any_digest_equal(presented, self.previous_key_hashes)
+        if not (current or grace or rotated):
+            # Whether the session was revoked or expired is the key holder's business only.
+            return ResumeOutcome.WRONG_KEY
         if self.revoked:
             return ResumeOutcome.REVOKED
         if self.expires_at <= now:
             return ResumeOutcome.EXPIRED
-        if _any_digest_equal(presented, (self.resume_key_hash, *self.retry_key_hashes)):
+        if current:
             return ResumeOutcome.RESUMED
-        if (self.grace_key_hash and hmac.compare_digest(presented, self.grace_key_hash)
-                and self.rotated_at is not None and now < self.rotated_at + RESUME_GRACE
+        if (grace and self.rotated_at is not None and now < self.rotated_at + RESUME_GRACE
                 and len(self.retry_key_hashes) + 1 < GRACE_KEYS_LIMIT):
             return ResumeOutcome.RETRIED
-        if _any_digest_equal(presented, self.previous_key_hashes):
+        if rotated:
             return ResumeOutcome.REUSED_KEY
         return ResumeOutcome.WRONG_KEY
 
