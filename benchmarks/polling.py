@@ -17,7 +17,7 @@ import requests
 from benchmarks.stack import PeakMemory, SimulatedClock, Stack, timed
 from relay.activities import render_outbound
 from relay.poller import poll_tick
-from relay.store.conversations import ConversationKey, ConversationRecord
+from relay.store.conversations import ConversationKey, ConversationRecord, partition_of
 
 CHANNEL = "twilio"
 RELAY_NUMBER = "+15550000000"
@@ -83,7 +83,7 @@ def naive_tick(stack: Stack, ctx, records: list[ConversationRecord], state_table
                 if message is not None:
                     ctx.adapter(CHANNEL).send(record.reply_context, message)
                     delivered += 1
-        state_table.upsert_entity({"PartitionKey": record.key.partition_key, "RowKey": "conversation",
+        state_table.upsert_entity({"PartitionKey": partition_of(ctx.store.tables, record.key), "RowKey": "conversation",
                                    "watermark": page.get("watermark") or stored.watermark,
                                    "polled_at": ctx.clock.now()})
     session.close()

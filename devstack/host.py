@@ -285,6 +285,7 @@ class FunctionsHost:
                 log.debug("%s %s", self.address_string(), fmt % args)
 
         ThreadingHTTPServer.daemon_threads = True
+        ThreadingHTTPServer.request_queue_size = 128  # providers burst: the default backlog of 5 resets connections
         self._server = ThreadingHTTPServer((host, port), Handler)
         thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
         thread.start()

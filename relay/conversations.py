@@ -3,7 +3,8 @@
 The worker holds the lease, saves the record and keeps the Direct Line token usable; `posting.py`
 takes the outbox to Direct Line and `delivery.py` the bot's replies to the provider, both through it.
 Everything here runs under the conversation's lease, so exactly one worker talks to Direct Line and
-the provider for a conversation at a time. Progress is saved as it is made (each delivered
+the provider for a conversation at a time. Only the worker writes the record: what arrived since
+(the outbox) is applied to it first, under the lease. Progress is saved as it is made (each delivered
 activity id right after the provider accepted it, the watermark once its whole page is handled),
 so an instance that dies between any two lines loses nothing and repeats at most the one
 provider call that was in flight.
@@ -15,7 +16,7 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -48,6 +49,7 @@ __all__ = [
     "next_idle_poll",
     "work_conversation",
 ]
+from relay.store.due_polls import InboundMark
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,6 +58,7 @@ REPLY_LIKELY_FOR = timedelta(minutes=2)  # after a user or bot message, poll at 
 FIRST_IDLE_INTERVAL = 5.0
 TOKEN_RENEW_MARGIN = timedelta(seconds=60)
 TOKEN_REFRESH_REMAINING = timedelta(minutes=15)  # refresh at about half of the usual 30-minute lifetime
+RETRY_WAITING_AFTER = 5.0  # seconds: messages still waiting after a failure nobody put a time on
 
 
 def next_idle_poll(now: datetime, *, last_activity: datetime | None, interval: float,
@@ -226,14 +229,17 @@ class ConversationWorker:
         at = self.ctx.clock.now() + timedelta(seconds=max(1.0, delay))
         self._retry_at = at if self._retry_at is None else max(self._retry_at, at)
 
-    def finish(self) -> None:
-        """Schedule the next poll and give the lease back, in one write.
+    def finish(self) -> bool:
+        """Schedule the next poll and give the lease back, in one write; False when that write failed.
 
         The conversation is left peekable (polled without the lease until something happens) only when
-        this worker settled it and nobody else wrote the record since this worker's last write: a webhook
-        writes it before and after queuing a message, so a message can never wait unseen in the outbox."""
+        this worker settled it and nobody else wrote the record since this worker's last write. Messages
+        it read from the outbox and could not post keep it due (at the latest after RETRY_WAITING_AFTER);
+        a message stored after the worker read the outbox keeps its own inbound row in the due index."""
         now = self.ctx.clock.now()
         ceiling = self.ctx.settings.relay.poll_ceiling_seconds
+        if self.posting.waiting and self._retry_at is None:
+            self.wait(RETRY_WAITING_AFTER)
         started_at, retry_at, delivered = self.started_at, self._retry_at, self.result.delivered
         settled, claimed, ours = self.settled, self.claimed, self.record.etag
 
@@ -263,17 +269,22 @@ class ConversationWorker:
         except ConcurrencyConflict as error:
             log.warning("could not schedule a %s conversation: %s (its lease expires on its own)",
                         self.key.channel, error)
+            return False
+        return True
 
 
 def work_conversation(ctx: RelayContext, record: ConversationRecord, *, owner: str, poll: bool = True,
                       burst_until: datetime | None = None, idle_check: bool = True,
-                      peek: Peek | None = None) -> WorkResult:
+                      peek: Peek | None = None, inbound: Sequence[InboundMark] = ()) -> WorkResult:
     """Post the outbox, deliver the bot's replies (`poll`), keep polling until `burst_until` (a webhook's
     burst), end the conversation when idle (`idle_check`, the timer's job). Always schedules and releases.
-    `peek`: the page the poller already read for this conversation (used instead of asking again)."""
+    `peek`: the page the poller already read for this conversation (used instead of asking again).
+    `inbound`: the conversation's inbound rows that brought the worker here, removed once scheduled."""
     worker = ConversationWorker(ctx, record, owner=owner, peek=peek, patient=burst_until is not None)
     try:
-        if idle_check and worker.end_if_idle():
+        worker.posting.take_arrivals()  # first: what arrived changes the record (and it is not idle then)
+        worker.claimed = worker.record
+        if idle_check and not worker.posting.waiting and worker.end_if_idle():
             return worker.result
         if worker.posting.drain() and poll and worker.delivery.deliver():
             worker.settled = True
@@ -300,5 +311,6 @@ def work_conversation(ctx: RelayContext, record: ConversationRecord, *, owner: s
         worker.settled = False
         raise
     finally:
-        worker.finish()
+        if worker.finish() and inbound:
+            worker.posting.clear_inbound(inbound)
     return worker.result

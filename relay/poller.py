@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from relay.activities import directline_user_id
 from relay.conversations import Peek, RelayContext, WorkResult, new_owner, next_idle_poll, work_conversation
 from relay.errors import DirectLineError
 from relay.store.due_polls import DueConversation
@@ -51,7 +52,7 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
     quiet: list[tuple[DueConversation, datetime, float]] = []
 
     def work(item: DueConversation) -> WorkResult | None:
-        owner = f"{tick}:{item.key.partition_key}"
+        owner = f"{tick}:{item.index_key[-8:]}"
         try:
             peek = None
             if _may_peek(ctx, item, now):
@@ -64,10 +65,11 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
                     return None
             record = ctx.store.conversations.claim_due(item, owner=owner,
                                                        lease_seconds=ctx.settings.relay.lease_seconds,
+                                                       user_id=directline_user_id(item.key.channel, item.key.user),
                                                        now=ctx.clock.now())
             if record is None:
                 return None  # not due after all, or another poller holds it
-            return work_conversation(ctx, record, owner=owner, peek=peek)
+            return work_conversation(ctx, record, owner=owner, peek=peek, inbound=item.inbound)
         except Exception as error:  # one conversation's trouble never stops the others
             log.exception("poller: a %s conversation failed", item.key.channel)
             return WorkResult(error=type(error).__name__)

@@ -3,11 +3,20 @@
 A message leaves the outbox only once Direct Line took it (or refused it for good: a dead letter);
 a post that may have arrived although it failed is looked up by its clientActivityID before it is
 posted again, so the bot gets each message once.
+
+Webhooks only append (outbox rows, and inbound rows in the due index); what a message changes in
+the conversation record is applied here, under the lease, as each page of the outbox is read: an
+ended conversation starts anew, the replies go where the newest message asks, the user's last
+activity moves on. A message's inbound row is removed only after the worker saw the message and
+scheduled the record after it (`clear_inbound`), so a message is never without something due.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from relay.activities import take_pending_media, with_unavailable_media
@@ -23,8 +32,10 @@ from relay.errors import (
     ProviderUnavailable,
     StoreError,
 )
+from relay.store.conversations import ConversationRecord, ConversationState
 from relay.store.dead_letters import DeadLetterKind
-from relay.store.outbox import OutboxMessage
+from relay.store.due_polls import InboundMark
+from relay.store.outbox import InboundState, OutboxMessage
 
 if TYPE_CHECKING:
     from relay.conversations import ConversationWorker
@@ -39,6 +50,27 @@ service publishes none), leaving room for the activity part."""
 MEDIA_ATTEMPTS = 8
 """Attempts of a message (about 10 minutes with the outbox's backoff) before a media file the provider
 cannot give is left out, so the text reaches the bot and the user's later messages are not held up."""
+PAGE = 50
+"""Outbox messages read at a time; the outbox is read again until it is empty."""
+ORPHANED_AFTER = timedelta(minutes=5)
+"""An inbound row whose message was never stored is this old before it is removed: longer than any webhook
+can run (the platform ends an HTTP invocation after 230 s), so its webhook died between its two writes."""
+
+
+def _with_arrivals(record: ConversationRecord, messages: Sequence[OutboxMessage]) -> ConversationRecord:
+    """`record` after the user's `messages` (oldest first) arrived.
+
+    An ended conversation starts anew (the bot or the idle timer ended it: these messages open the
+    next one); replies go where the newest message that says so asks; the user's last activity is
+    the newest arrival. Not peekable: messages wait."""
+    if not record.active:
+        record = replace(record, state=ConversationState.ACTIVE, conversation_id="", token="",
+                         token_expires_at=None, watermark=None)
+    reply_context = next((m.reply_context for m in reversed(messages) if m.reply_context), None)
+    arrived = max(m.received_at for m in messages)
+    last = max(record.last_user_activity_at, arrived) if record.last_user_activity_at else arrived
+    return replace(record, reply_context=dict(reply_context) if reply_context else record.reply_context,
+                   last_user_activity_at=last, peekable=False)
 
 
 class OutboxPoster:
@@ -47,10 +79,59 @@ class OutboxPoster:
     def __init__(self, worker: ConversationWorker):
         self.worker = worker
         self.ctx = worker.ctx
+        self.seen: set[str] = set()  # provider message ids read from the outbox by this worker
+        self.waiting = False  # messages read from the outbox wait to be posted
+        self._page: list[OutboxMessage] | None = None
+
+    def take_arrivals(self) -> None:
+        """Read the first page of the outbox and bring the record up to date with it (before anything else)."""
+        self._page = self._next_page()
 
     def drain(self) -> bool:
-        """Post the waiting user messages in order; False when one must wait (Direct Line unavailable)."""
-        for message in self.ctx.store.outbox.list_messages(self.worker.key):
+        """Post the waiting user messages in order until the outbox is empty; False when one must wait
+        (Direct Line unavailable)."""
+        while True:
+            page = self._page if self._page is not None else self._next_page()
+            self._page = None
+            if not self._post_page(page):
+                return False
+            if len(page) < PAGE:
+                self.waiting = False
+                return True
+
+    def clear_inbound(self, marks: Sequence[InboundMark]) -> None:
+        """Remove the inbound rows whose message needs no more nudging; call only once the record is scheduled.
+
+        That is a message this worker saw (posted, or scheduled to be retried), one handled meanwhile,
+        or one never stored whose webhook must be dead. A message stored after this worker read the
+        outbox keeps its row: the next worker will see it."""
+        outbox, now = self.ctx.store.outbox, self.ctx.clock.now()
+        done = []
+        for mark in marks:
+            if mark.message_id in self.seen:
+                done.append(mark)
+                continue
+            try:
+                state = outbox.message_state(self.worker.key, mark.message_id)
+            except StoreError:
+                continue  # kept: the next worker looks again
+            handled = state is not None and state != InboundState.PENDING
+            if handled or (state is None and now - mark.marked_at > ORPHANED_AFTER):
+                done.append(mark)
+        if done:
+            self.ctx.store.due_polls.clear_inbound(done)
+
+    def _next_page(self) -> list[OutboxMessage]:
+        page = self.ctx.store.outbox.list_messages(self.worker.key, limit=PAGE)
+        arrived = [m for m in page if m.message_id not in self.seen]
+        if arrived:
+            self.worker.save(lambda r: _with_arrivals(r, arrived))
+            self.seen.update(m.message_id for m in arrived)
+        self.waiting = bool(page)
+        return page
+
+    def _post_page(self, page: list[OutboxMessage]) -> bool:
+        for message in page:
             if not self.worker.record.conversation_id:
                 self.worker.start_directline()
             client_id = (message.activity.get("channelData") or {}).get("clientActivityID", "")

@@ -9,9 +9,10 @@ docstring describes the layout. Every name starts with `RELAY_TABLE_PREFIX`:
     {prefix}deadletters      dead_letters.py   what a provider or Direct Line refused, with the reason
     {prefix}webchatsessions  sessions.py       Web Chat sessions of the token server
     {prefix}ratelimits       rate_limits.py    fixed-window counters per client address (hashed)
+    {prefix}keys             tables.py         the secret of the keyed hashes that keys are made of
 
 `tables.py` holds the connection and what every table shares (table creation, error translation,
-key escaping, JSON properties); `sweep.py` is the clean-up across all of them.
+keys derived from ids, JSON properties); `sweep.py` is the clean-up across all of them.
 
 Every conditional write uses the entity's ETag: a conflicting update is re-applied on fresh data or
 raised as ConcurrencyConflict, never silently overwritten.

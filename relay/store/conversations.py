@@ -1,12 +1,16 @@
 """Conversation records and their leases: `{prefix}conversations`.
 
-One row per (channel, channel user): PartitionKey = the conversation key, RowKey "conversation".
-The record holds the user's Direct Line conversation, its token, the watermark, the activity ids
-already delivered, the schedule of its next poll and the lease of the one worker that may work it.
+One row per (channel, channel user): PartitionKey = `partition_of(key)`, the keyed hash of the
+channel and the user's address (both kept in the `channel` and `user` properties), RowKey
+"conversation". The record holds the user's Direct Line conversation, its token, the watermark,
+the activity ids already delivered, the schedule of its next poll and the lease of the one worker
+that may work it.
 
 Every write is conditional on the record's ETag: a conflicting update is re-applied on fresh data
 or raised as ConcurrencyConflict, never silently overwritten. The due index (`due_polls`) follows
 `next_poll_at` and `state` on every write, its row inserted before the record points at it.
+A webhook never writes here: it only appends (the outbox, the due index's inbound rows), and the
+worker holding the lease brings the record up to date with what arrived.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableEntity, UpdateMode
 
 from relay.errors import ConcurrencyConflict, LeaseLost
-from relay.store.tables import UPDATE_ATTEMPTS, escape, get_json, pause_after_conflict, put_json, storage_errors
+from relay.store.tables import UPDATE_ATTEMPTS, get_json, pause_after_conflict, put_json, storage_errors
 
 if TYPE_CHECKING:
     from relay.clock import Clock
     from relay.store.due_polls import DueConversation, DuePolls
-    from relay.store.tables import Tables
+    from relay.store.tables import Budget, Tables
 
 __all__ = [
     "DELIVERED_IDS_LIMIT",
@@ -36,6 +40,7 @@ __all__ = [
     "ConversationRecord",
     "ConversationState",
     "Conversations",
+    "partition_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,10 +67,10 @@ class ConversationKey:
     channel: str
     user: str
 
-    @property
-    def partition_key(self) -> str:
-        """The PartitionKey of this conversation's rows in every table keyed by conversation."""
-        return f"{escape(self.channel)}|{escape(self.user)}"
+
+def partition_of(tables: Tables, key: ConversationKey) -> str:
+    """The PartitionKey of a conversation's rows in every table keyed by conversation (32 hex digits)."""
+    return tables.key_for("conversation", key.channel, key.user)
 
 
 @dataclass(frozen=True)
@@ -123,13 +128,14 @@ class Conversations:
     """Reads and writes of conversation records. Methods taking `now` use it instead of the clock."""
 
     def __init__(self, tables: Tables, *, due_polls: DuePolls, clock: Clock):
+        self._tables = tables
         self._table = tables.table(_TABLE)
         self._due_polls = due_polls
         self._clock = clock
 
     def get_record(self, key: ConversationKey) -> ConversationRecord | None:
         """The stored record, or None when the user has none."""
-        entity = self._table.get(key.partition_key, _ROW)
+        entity = self._table.get(partition_of(self._tables, key), _ROW)
         return None if entity is None else _from_entity(key, entity)
 
     def update_record(
@@ -163,7 +169,7 @@ class Conversations:
             wanted = replace(wanted, created_at=wanted.created_at or written_at, updated_at=written_at)
             old_index = stored.due_index_key if stored is not None else None
             new_index = self._due_polls.schedule(wanted, previous=stored)
-            entity = _to_entity(replace(wanted, due_index_key=new_index))
+            entity = _to_entity(replace(wanted, due_index_key=new_index), partition_of(self._tables, key))
             with storage_errors("write a conversation record"):
                 try:
                     if stored is None:
@@ -182,13 +188,19 @@ class Conversations:
             return replace(wanted, etag=result.get("etag"), due_index_key=new_index)
         raise ConcurrencyConflict(f"a {key.channel} conversation kept changing under {UPDATE_ATTEMPTS} attempts")
 
-    def claim_due(self, due: DueConversation, *, owner: str, lease_seconds: float,
+    def claim_due(self, due: DueConversation, *, owner: str, lease_seconds: float, user_id: str = "",
                   now: datetime | None = None) -> ConversationRecord | None:
-        """Take the lease of a due conversation; None when it is not ours to poll now.
+        """Take the lease of a due conversation; None when it is not ours to work now.
 
-        A stale index row (the record moved on, ended or vanished) is removed here.
+        A schedule row is claimed only when the record is active and due; a stale one (the record
+        moved on, ended or vanished) is removed here. An inbound row (`due.inbound`: a message
+        waits) is claimed whatever the schedule, creating the record with `user_id` when it has
+        none; the worker removes it once the message is seen.
         """
         now = now or self._clock.now()
+        if due.inbound:
+            return self.acquire_lease(due.key, owner=owner, lease_seconds=lease_seconds, now=now,
+                                      create_with_user_id=user_id or None)
         record = self.get_record(due.key)
         if record is None or record.due_index_key != due.index_key:
             self._due_polls.delete_row(due.index_key)
@@ -197,16 +209,22 @@ class Conversations:
         return self.acquire_lease(due.key, owner=owner, lease_seconds=lease_seconds, now=now, current=record)
 
     def acquire_lease(self, key: ConversationKey, *, owner: str, lease_seconds: float, now: datetime | None = None,
-                      current: ConversationRecord | None = None) -> ConversationRecord | None:
+                      current: ConversationRecord | None = None,
+                      create_with_user_id: str | None = None) -> ConversationRecord | None:
         """Hold the conversation for `lease_seconds` (renews our own lease); None while another owner holds it.
 
-        A lease ends on its own when its holder dies: after expiry anyone may take it over.
+        A lease ends on its own when its holder dies: after expiry anyone may take it over. With
+        `create_with_user_id`, a conversation without a record gets one, with that Direct Line user
+        id, inserted only if absent: concurrent creators all end up with the first one's record.
+        Without it, None when there is no record.
         """
         now = now or self._clock.now()
         held_by_other = False
 
         def take(record: ConversationRecord | None) -> ConversationRecord | None:
             nonlocal held_by_other
+            if record is None and create_with_user_id:
+                record = ConversationRecord(key, conversation_id="", user_id=create_with_user_id)
             held_by_other = record is not None and record.lease_held_by_other(owner, now)
             if record is None or held_by_other:
                 return record
@@ -225,24 +243,22 @@ class Conversations:
 
         self.update_record(record.key, drop, current=record, now=now)
 
-    def delete_inactive(self, *, idle_before: datetime, limit: int) -> int:
-        """Delete up to `limit` records that ended or saw no activity since `idle_before`, and their index rows.
+    def delete_inactive(self, *, idle_before: datetime, budget: Budget) -> int:
+        """Delete the records that ended or saw no activity since `idle_before`, and their index rows.
 
-        A table scan, for the sweep; a record that changed since it was read is left alone. Returns how many went.
-        """
-        deleted = 0
-        for entity in self._table.query("state eq @ended or last_activity_at lt @cutoff",
-                                        {"ended": ConversationState.ENDED, "cutoff": idle_before}, limit=limit):
-            if self._table.delete_if_unchanged(entity):
-                deleted += 1
-                if entity.get("due_index_key"):
-                    self._due_polls.delete_row(entity["due_index_key"])
-        return deleted
+        A table scan for the sweep, paged while `budget` lasts; a record that changed since it was
+        read is left alone. Returns how many went."""
+        deleted = self._table.delete_pages("state eq @ended or last_activity_at lt @cutoff",
+                                           {"ended": ConversationState.ENDED, "cutoff": idle_before}, budget=budget)
+        for entity in deleted:
+            if entity.get("due_index_key"):
+                self._due_polls.delete_row(entity["due_index_key"])
+        return len(deleted)
 
 
-def _to_entity(record: ConversationRecord) -> dict[str, Any]:
+def _to_entity(record: ConversationRecord, partition_key: str) -> dict[str, Any]:
     entity = {
-        "PartitionKey": record.key.partition_key, "RowKey": _ROW,
+        "PartitionKey": partition_key, "RowKey": _ROW,
         "channel": record.key.channel, "user": record.key.user,
         "conversation_id": record.conversation_id, "user_id": record.user_id, "token": record.token,
         "token_expires_at": record.token_expires_at, "watermark": record.watermark,

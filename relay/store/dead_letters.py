@@ -2,8 +2,8 @@
 
 Replies a provider refused ("reply"), media that could not be carried ("media") and inbound
 messages Direct Line refused ("inbound"), with the reason and the payload, kept for an operator.
-PartitionKey = the conversation key, RowKey "<created ms>|<random>"; the sweep removes them after
-30 days.
+PartitionKey = the conversation's (`partition_of`), RowKey "<created ms>|<random>"; the sweep
+removes them after 30 days.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from enum import StrEnum
 from typing import Any
 
 from relay.clock import Clock
-from relay.store.conversations import ConversationKey
-from relay.store.tables import Tables, get_json, millis, put_json
+from relay.store.conversations import ConversationKey, partition_of
+from relay.store.tables import Budget, Tables, get_json, millis, put_json
 
 __all__ = ["DeadLetter", "DeadLetterKind", "DeadLetters"]
 
@@ -49,6 +49,7 @@ class DeadLetters:
     """Reads and writes of dead letters."""
 
     def __init__(self, tables: Tables, *, clock: Clock):
+        self._tables = tables
         self._table = tables.table(_TABLE)
         self._clock = clock
 
@@ -57,7 +58,7 @@ class DeadLetters:
         """Store a dead letter (the reason cut to 2000 characters) and log that there is one."""
         now = now or self._clock.now()
         row = f"{millis(now):015d}|{secrets.token_hex(6)}"
-        entity = {"PartitionKey": key.partition_key, "RowKey": row, "kind": kind, "reason": reason[:2000],
+        entity = {"PartitionKey": partition_of(self._tables, key), "RowKey": row, "kind": kind, "reason": reason[:2000],
                   "created_at": now, "channel": key.channel, "user": key.user}
         put_json(entity, "payload", payload)
         self._table.create(entity)
@@ -69,10 +70,11 @@ class DeadLetters:
         if key is None:
             entities = self._table.query("", {}, limit=limit)
         else:
-            entities = self._table.query("PartitionKey eq @pk", {"pk": key.partition_key}, limit=limit)
+            entities = self._table.query("PartitionKey eq @pk", {"pk": partition_of(self._tables, key)}, limit=limit)
         return [DeadLetter(ConversationKey(e["channel"], e["user"]), DeadLetterKind(e["kind"]), e["reason"],
                            get_json(e, "payload"), e["created_at"], row_key=e["RowKey"]) for e in entities]
 
-    def delete_old(self, *, created_before: datetime, limit: int) -> int:
-        """Delete up to `limit` dead letters created before `created_before` (a scan, for the sweep); how many went."""
-        return self._table.delete_matching("created_at lt @cut", {"cut": created_before}, limit=limit)
+    def delete_old(self, *, created_before: datetime, budget: Budget) -> int:
+        """Delete the dead letters created before `created_before` (a scan for the sweep, paged while `budget`
+        lasts); how many went."""
+        return self._table.delete_matching("created_at lt @cut", {"cut": created_before}, budget=budget)

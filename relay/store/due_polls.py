@@ -1,13 +1,22 @@
 """The due index: `{prefix}duepolls`, which conversations want polling and when.
 
-PartitionKey "due", RowKey "<next poll ms>|<conversation key>|<nonce>", so the timer reads only the
-rows that are due with one RowKey range; idle rows cost nothing. A settled conversation's row also
-carries what a peek needs (conversation id, watermark, last activity, next peek time `peek_after`):
-the poller looks for new activities without reading the record or taking the lease, and when there
-are none it only moves `peek_after` on, for up to 100 conversations in one batch.
+PartitionKey "due", RowKey "<next poll ms>|<conversation's partition key>|<nonce>", so the timer
+reads only the rows that are due with one RowKey range; idle rows cost nothing. A settled
+conversation's row also carries what a peek needs (conversation id, watermark, last activity, next
+peek time `peek_after`): the poller looks for new activities without reading the record or taking
+the lease, and when there are none it only moves `peek_after` on, for up to 100 conversations in
+one batch.
 
 The record points at its row (`due_index_key`); a row is written before the record points at it,
 so none is ever missing, and a row nothing points at any more is removed when it is claimed.
+
+Inbound rows, "000000000000000|<conversation's partition key>|<message key>", one per message a
+webhook took: "this message may wait in the outbox". A webhook upserts its message's row BEFORE
+the message's outbox row (so an outbox entry never exists without one, whenever the webhook dies)
+and never touches the record, so concurrent messages of one user never fight over a row. They sort
+first, are always due, and send their conversation down the full path whatever its schedule. A
+worker removes a row only after it saw the message in the outbox and scheduled the record after it
+(or found the message handled, or the row orphaned by a webhook that died before storing it).
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from azure.core import MatchConditions
@@ -23,15 +32,26 @@ from azure.core.exceptions import AzureError
 from azure.data.tables import TableTransactionError, UpdateMode
 
 from relay.clock import Clock
-from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState
+from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState, partition_of
 from relay.store.tables import BATCH_LIMIT, Tables, millis, storage_errors, transaction_error_code
 
-__all__ = ["DueConversation", "DuePolls"]
+__all__ = ["DueConversation", "DuePolls", "InboundMark"]
 
 log = logging.getLogger(__name__)
 
 _TABLE = "duepolls"
 _PARTITION = "due"
+_INBOUND_AT = f"{0:015d}"  # before every time: inbound rows are always due, and read first
+
+
+@dataclass(frozen=True)
+class InboundMark:
+    """An inbound row of the due index: message `message_id` of this conversation may wait in the outbox."""
+
+    key: ConversationKey
+    message_id: str
+    marked_at: datetime
+    row_key: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -51,18 +71,52 @@ class DueConversation:
     last_activity_at: datetime | None = None
     poll_interval: float = 0.0
     etag: str | None = field(default=None, repr=False, compare=False)
+    inbound: tuple[InboundMark, ...] = ()
+    """The conversation's inbound rows that were read: messages that may wait, whatever the schedule."""
 
     @property
     def peekable(self) -> bool:
-        return bool(self.conversation_id)
+        return bool(self.conversation_id) and not self.inbound
 
 
 class DuePolls:
     """Reads and writes of the due index."""
 
     def __init__(self, tables: Tables, *, clock: Clock):
+        self._tables = tables
         self._table = tables.table(_TABLE)
         self._clock = clock
+
+    def mark_inbound(self, key: ConversationKey, message_id: str, *, now: datetime | None = None) -> InboundMark:
+        """Make the conversation due for the provider's message `message_id`.
+
+        An upsert of the message's own row: idempotent, and it cannot conflict with anything. Raises
+        StoreError when it cannot be written (then the message must not be stored either)."""
+        now = now or self._clock.now()
+        row_key = f"{_INBOUND_AT}|{partition_of(self._tables, key)}|{self._tables.key_for('inbound', message_id)}"
+        with storage_errors("mark a conversation due"):
+            self._table.client.upsert_entity({"PartitionKey": _PARTITION, "RowKey": row_key, "channel": key.channel,
+                                              "user": key.user, "message_id": message_id, "marked_at": now},
+                                             mode=UpdateMode.REPLACE)
+        return InboundMark(key, message_id, now, row_key)
+
+    def clear_inbound(self, marks: Sequence[InboundMark]) -> None:
+        """Remove inbound rows, up to 100 per transaction. Best effort: a row left is only worked once more."""
+        operations = [("delete", {"PartitionKey": _PARTITION, "RowKey": mark.row_key}) for mark in marks]
+        for start in range(0, len(operations), BATCH_LIMIT):
+            batch = operations[start:start + BATCH_LIMIT]
+            while batch:
+                try:
+                    self._table.client.submit_transaction(batch)
+                except TableTransactionError as error:
+                    if transaction_error_code(error) != "ResourceNotFound" or error.index is None:
+                        log.warning("could not clear inbound rows: %s", transaction_error_code(error))
+                        break
+                    batch = batch[:error.index] + batch[error.index + 1:]  # gone already: the rest still go
+                    continue
+                except AzureError as error:
+                    log.warning("could not clear inbound rows: %s", type(error).__name__)
+                break
 
     def list_due(self, *, now: datetime | None = None, limit: int = 200) -> list[DueConversation]:
         """Conversations whose next poll (or peek) time has come, earliest first: one RowKey range of the index.
@@ -76,21 +130,30 @@ class DuePolls:
             # (The space before ")" lets the SDK find the @now parameter.)
             "PartitionKey eq @pk and RowKey lt @upper and not (peek_after gt @now )",
             parameters={"pk": _PARTITION, "upper": f"{millis(now) + 1:015d}", "now": now},
-            select=["RowKey", "channel", "user", "conversation_id", "watermark", "last_activity_at", "poll_interval"],
+            select=["RowKey", "channel", "user", "conversation_id", "watermark", "last_activity_at", "poll_interval",
+                    "message_id", "marked_at"],
             results_per_page=min(max(limit, 1), 1000),
         )
         due: dict[ConversationKey, DueConversation] = {}
         with storage_errors("read the due index"):
             for entity in query:
                 key = ConversationKey(entity["channel"], entity["user"])
-                if key not in due:
+                if entity.get("message_id") is not None:
+                    mark = InboundMark(key, entity["message_id"], entity.get("marked_at") or now, entity["RowKey"])
+                    if key in due:
+                        due[key] = replace(due[key], inbound=(*due[key].inbound, mark))
+                        continue
+                    due[key] = DueConversation(key, mark.marked_at, mark.row_key, inbound=(mark,))
+                elif key not in due:
                     at = datetime.fromtimestamp(int(entity["RowKey"][:15]) / 1000, UTC)
                     due[key] = DueConversation(
                         key, at, entity["RowKey"], conversation_id=entity.get("conversation_id") or "",
                         watermark=entity.get("watermark"), last_activity_at=entity.get("last_activity_at"),
                         poll_interval=entity.get("poll_interval") or 0.0, etag=entity.metadata.get("etag"))
-                    if len(due) >= limit:
-                        break
+                else:
+                    continue
+                if len(due) >= limit:
+                    break
         return list(due.values())
 
     def postpone_rows(self, postponements: Sequence[tuple[DueConversation, datetime, float]]) -> int:
@@ -135,9 +198,10 @@ class DuePolls:
             return None
         old_index = previous.due_index_key if previous is not None else None
         reusable = previous is not None and _peek_view(previous) == _peek_view(record)
-        if reusable and old_index and old_index.startswith(_row_prefix(record.next_poll_at, record.key)):
+        prefix = f"{millis(record.next_poll_at):015d}|{partition_of(self._tables, record.key)}|"
+        if reusable and old_index and old_index.startswith(prefix):
             return old_index
-        index = f"{_row_prefix(record.next_poll_at, record.key)}{secrets.token_hex(4)}"
+        index = f"{prefix}{secrets.token_hex(4)}"
         row = {"PartitionKey": _PARTITION, "RowKey": index, "channel": record.key.channel,
                "user": record.key.user, "peek_after": record.next_poll_at}
         if _peek_view(record):
@@ -151,10 +215,6 @@ class DuePolls:
     def delete_row(self, index_key: str) -> None:
         """Best effort: a leftover row is harmless (Conversations.claim_due removes it later)."""
         self._table.delete_quietly(_PARTITION, index_key)
-
-
-def _row_prefix(at: datetime, key: ConversationKey) -> str:
-    return f"{millis(at):015d}|{key.partition_key}|"
 
 
 def _peek_view(record: ConversationRecord) -> tuple | None:

@@ -1,9 +1,11 @@
 """Inbound messages, deduped and queued for Direct Line: `{prefix}inbound`.
 
-Per conversation key (the PartitionKey), two kinds of row:
+Per conversation (PartitionKey `partition_of(key)`), two kinds of row, keyed by the keyed hash of
+the provider's message id (which is kept in the `message_id` property):
 
-    dedupe|<provider message id>          one per message the provider sent, in state PENDING, POSTED or DEAD
-    outbox|<received ms>|<message id>     the messages not yet taken by Direct Line, oldest first
+    dedupe|<message key>                  one per message the provider sent, in state PENDING, POSTED or DEAD
+    outbox|<received ms>|<message key>    the messages not yet taken by Direct Line, oldest first, each with
+                                          its activity and the reply context of the provider's webhook
 
 A new message's two rows are written together in one entity-group transaction, so a message is
 never deduped but lost; taking it out of the outbox and marking its dedupe row is one transaction
@@ -24,9 +26,9 @@ from azure.data.tables import TableEntity, TableTransactionError, UpdateMode
 
 from relay.clock import Clock
 from relay.errors import ConcurrencyConflict
-from relay.store.conversations import ConversationKey
+from relay.store.conversations import ConversationKey, partition_of
 from relay.store.dead_letters import DeadLetterKind, DeadLetters
-from relay.store.tables import Tables, escape, get_json, millis, put_json, storage_errors, transaction_error_code
+from relay.store.tables import Budget, Tables, get_json, millis, put_json, storage_errors, transaction_error_code
 
 __all__ = ["InboundResult", "InboundState", "Outbox", "OutboxMessage"]
 
@@ -49,13 +51,15 @@ class OutboxMessage:
     """A provider message waiting in a conversation's outbox for Direct Line to take it.
 
     `in_doubt` is true once a post was attempted without a clear answer: look for the activity's
-    clientActivityID in the conversation before posting it again.
+    clientActivityID in the conversation before posting it again. `reply_context`: where the
+    provider wants the replies to this message to go (empty when the message says nothing).
     """
 
     key: ConversationKey
     message_id: str
     activity: Mapping[str, Any] = field(repr=False)
     received_at: datetime
+    reply_context: Mapping[str, Any] = field(default_factory=dict, repr=False)
     attempts: int = 0
     in_doubt: bool = False
     last_error: str = ""
@@ -77,26 +81,29 @@ class Outbox:
     """Reads and writes of inbound messages. Methods taking `now` use it instead of the clock."""
 
     def __init__(self, tables: Tables, *, dead_letters: DeadLetters, clock: Clock):
+        self._tables = tables
         self._table = tables.table(_TABLE)
         self._clock = clock
         self._dead_letters = dead_letters
 
     def add_message(self, key: ConversationKey, message_id: str, activity: Mapping[str, Any], *,
-                    now: datetime | None = None) -> InboundResult:
+                    reply_context: Mapping[str, Any] | None = None, now: datetime | None = None) -> InboundResult:
         """Remember a provider message once and queue it for Direct Line, in one transaction.
 
         A retried webhook (same message id) gets is_new=False and the message's state: PENDING while
         it still waits in the outbox, POSTED once Direct Line took it, DEAD if Direct Line refused it.
+        Messages of one conversation never conflict with each other: each writes rows of its own.
         """
         now = now or self._clock.now()
-        pk = key.partition_key
-        outbox_row = f"{_OUTBOX}{millis(now):015d}|{escape(message_id)}"
-        dedupe: dict[str, Any] = {"PartitionKey": pk, "RowKey": _DEDUPE + escape(message_id),
-                                  "message_id": message_id, "state": InboundState.PENDING, "received_at": now,
-                                  "outbox_row": outbox_row}
+        pk = partition_of(self._tables, key)
+        message_key = self._tables.key_for("message", message_id)
+        outbox_row = f"{_OUTBOX}{millis(now):015d}|{message_key}"
+        dedupe: dict[str, Any] = {"PartitionKey": pk, "RowKey": _DEDUPE + message_key, "message_id": message_id,
+                                  "state": InboundState.PENDING, "received_at": now, "outbox_row": outbox_row}
         outbox = {"PartitionKey": pk, "RowKey": outbox_row, "message_id": message_id, "received_at": now,
                   "attempts": 0, "in_doubt": False, "channel": key.channel, "user": key.user}
         put_json(outbox, "activity", activity)
+        put_json(outbox, "reply_context", dict(reply_context or {}))
         with storage_errors("store an inbound message"):
             try:
                 results = self._table.client.submit_transaction([("create", dedupe), ("create", outbox)])
@@ -108,14 +115,20 @@ class Outbox:
                     return InboundResult(is_new=False, state=InboundState.POSTED)
                 return InboundResult(is_new=False, state=InboundState(existing.get("state", InboundState.PENDING)),
                                      activity_id=existing.get("activity_id"))
-        message = OutboxMessage(key, message_id, dict(activity), now, row_key=outbox_row,
+        message = OutboxMessage(key, message_id, dict(activity), now, dict(reply_context or {}), row_key=outbox_row,
                                 etag=results[1].get("etag"))
         return InboundResult(is_new=True, state=InboundState.PENDING, message=message)
+
+    def message_state(self, key: ConversationKey, message_id: str) -> InboundState | None:
+        """PENDING, POSTED or DEAD for a message the relay stored; None for one it has no (or no longer a) row of."""
+        entity = self._table.get(partition_of(self._tables, key), _DEDUPE + self._tables.key_for("message", message_id))
+        return None if entity is None else InboundState(entity.get("state", InboundState.PENDING))
 
     def list_messages(self, key: ConversationKey, *, limit: int = 50) -> list[OutboxMessage]:
         """The conversation's messages still waiting for Direct Line, oldest first."""
         entities = self._table.query("PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
-                                     {"pk": key.partition_key, "lo": _OUTBOX, "hi": _OUTBOX[:-1] + "}"}, limit=limit)
+                                     {"pk": partition_of(self._tables, key), "lo": _OUTBOX, "hi": _OUTBOX[:-1] + "}"},
+                                     limit=limit)
         return [_from_entity(key, e) for e in entities]
 
     def mark_post_attempt(self, message: OutboxMessage) -> OutboxMessage:
@@ -137,22 +150,24 @@ class Outbox:
                                       payload={"message_id": message.message_id, "activity": dict(message.activity)})
         self._finish(message, {"state": InboundState.DEAD, "reason": reason[:500]})
 
-    def delete_old_dedupe(self, *, received_before: datetime, limit: int) -> int:
-        """Forget up to `limit` handled messages received before `received_before` (a scan, for the sweep).
+    def delete_old_dedupe(self, *, received_before: datetime, budget: Budget) -> int:
+        """Forget the handled messages received before `received_before` (a scan for the sweep, paged while
+        `budget` lasts).
 
         Pending messages are never forgotten; a row that changed since it was read is left alone.
         Returns how many went."""
         return self._table.delete_matching(
             "RowKey ge @lo and RowKey lt @hi and state ne @pending and received_at lt @cut",
             {"lo": _DEDUPE, "hi": _DEDUPE[:-1] + "}", "pending": InboundState.PENDING, "cut": received_before},
-            limit=limit)
+            budget=budget)
 
     def _save(self, message: OutboxMessage) -> OutboxMessage:
-        entity = {"PartitionKey": message.key.partition_key, "RowKey": message.row_key,
+        entity = {"PartitionKey": partition_of(self._tables, message.key), "RowKey": message.row_key,
                   "message_id": message.message_id, "received_at": message.received_at,
                   "attempts": message.attempts, "in_doubt": message.in_doubt, "last_error": message.last_error,
                   "channel": message.key.channel, "user": message.key.user}
         put_json(entity, "activity", message.activity)
+        put_json(entity, "reply_context", dict(message.reply_context))
         with storage_errors("update an outbox message"):
             try:
                 result = self._table.client.update_entity(entity, mode=UpdateMode.REPLACE, etag=message.etag,
@@ -162,8 +177,9 @@ class Outbox:
         return replace(message, etag=result.get("etag"))
 
     def _finish(self, message: OutboxMessage, dedupe_changes: dict[str, Any]) -> None:
-        pk = message.key.partition_key
-        dedupe = {"PartitionKey": pk, "RowKey": _DEDUPE + escape(message.message_id), **dedupe_changes}
+        pk = partition_of(self._tables, message.key)
+        dedupe = {"PartitionKey": pk, "RowKey": _DEDUPE + self._tables.key_for("message", message.message_id),
+                  **dedupe_changes}
         operations: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
             ("delete", {"PartitionKey": pk, "RowKey": message.row_key},
              {"etag": message.etag, "match_condition": MatchConditions.IfNotModified}),
@@ -179,6 +195,6 @@ class Outbox:
 
 def _from_entity(key: ConversationKey, entity: TableEntity) -> OutboxMessage:
     return OutboxMessage(key, entity["message_id"], get_json(entity, "activity", {}), entity["received_at"],
-                         attempts=entity.get("attempts", 0), in_doubt=bool(entity.get("in_doubt")),
-                         last_error=entity.get("last_error") or "", row_key=entity["RowKey"],
-                         etag=entity.metadata["etag"])
+                         get_json(entity, "reply_context", {}), attempts=entity.get("attempts", 0),
+                         in_doubt=bool(entity.get("in_doubt")), last_error=entity.get("last_error") or "",
+                         row_key=entity["RowKey"], etag=entity.metadata["etag"])

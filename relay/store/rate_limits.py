@@ -1,13 +1,13 @@
 """Rate-limit windows of the token server: `{prefix}ratelimits`.
 
-One row per client address, stored only as a hash: PartitionKey = the first 40 hex digits of its
-SHA-256, RowKey "window", with the window's start, its end (`expires_at`) and the requests counted
+One row per client address, stored only as a keyed hash (`Tables.key_for`: an address cannot be
+traced back from it, as one could from a plain hash of the few IPv4 addresses there are):
+PartitionKey = that hash, RowKey "window", with the window's start, its end (`expires_at`) and the requests counted
 in it. Counting is ETag-guarded, so instances sharing the table never lose a hit.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -17,7 +17,7 @@ from azure.data.tables import UpdateMode
 
 from relay.clock import Clock
 from relay.errors import ConcurrencyConflict
-from relay.store.tables import UPDATE_ATTEMPTS, Tables, pause_after_conflict, storage_errors
+from relay.store.tables import UPDATE_ATTEMPTS, Budget, Tables, pause_after_conflict, storage_errors
 
 __all__ = ["RateLimitResult", "RateLimits"]
 
@@ -37,6 +37,7 @@ class RateLimits:
     """Fixed-window request counters. Methods taking `now` use it instead of the clock."""
 
     def __init__(self, tables: Tables, *, clock: Clock):
+        self._tables = tables
         self._table = tables.table(_TABLE)
         self._clock = clock
 
@@ -49,7 +50,7 @@ class RateLimits:
         when the counter kept changing under every attempt.
         """
         now = now or self._clock.now()
-        pk = hashlib.sha256(client_address.encode()).hexdigest()[:40]
+        pk = self._tables.key_for("client address", client_address)
         for _ in range(UPDATE_ATTEMPTS * 2):
             entity = self._table.get(pk, _ROW)
             if entity is None or entity["expires_at"] <= now:
@@ -73,6 +74,6 @@ class RateLimits:
             return RateLimitResult(True, count, limit, 0.0)
         raise ConcurrencyConflict("the rate-limit counter kept changing")
 
-    def delete_expired(self, *, now: datetime, limit: int) -> int:
-        """Delete up to `limit` windows that ended by `now` (a scan, for the sweep); how many went."""
-        return self._table.delete_matching("expires_at lt @now", {"now": now}, limit=limit)
+    def delete_expired(self, *, now: datetime, budget: Budget) -> int:
+        """Delete the windows that ended by `now` (a scan for the sweep, paged while `budget` lasts); how many went."""
+        return self._table.delete_matching("expires_at lt @now", {"now": now}, budget=budget)

@@ -1,7 +1,8 @@
 """Web Chat sessions of the token server: `{prefix}webchatsessions`.
 
-One row per Direct Line conversation a page was given: PartitionKey = the escaped conversation id,
-RowKey "session". A page proves it owns the session with its resume key, of which only hashes are
+One row per Direct Line conversation a page was given: PartitionKey = the keyed hash of the
+conversation id (`Tables.key_for`: a resume names any id it likes, of any length), RowKey
+"session". A page proves it owns the session with its resume key, of which only hashes are
 stored: the newest, the ones answered in the current grace period, the one the last resume used
 and every key rotated away (presenting one of those revokes the session: someone copied it).
 Every decision is written under the ETag of the row it was made on.
@@ -22,11 +23,11 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableEntity, UpdateMode
 
 from relay.errors import ConcurrencyConflict
-from relay.store.tables import UPDATE_ATTEMPTS, escape, get_json, pause_after_conflict, put_json, storage_errors
+from relay.store.tables import UPDATE_ATTEMPTS, get_json, pause_after_conflict, put_json, storage_errors
 
 if TYPE_CHECKING:
     from relay.clock import Clock
-    from relay.store.tables import Tables
+    from relay.store.tables import Budget, Tables
 
 __all__ = [
     "GRACE_KEYS_LIMIT",
@@ -123,6 +124,7 @@ class WebChatSessions:
     """Reads and writes of Web Chat sessions. Methods taking `now` use it instead of the clock."""
 
     def __init__(self, tables: Tables, *, clock: Clock):
+        self._tables = tables
         self._table = tables.table(_TABLE)
         self._clock = clock
 
@@ -134,14 +136,14 @@ class WebChatSessions:
                                  resume_key_hash=hash_resume_key(resume_key))
         with storage_errors("store a Web Chat session"):
             try:
-                result = self._table.client.create_entity(_to_entity(session))
+                result = self._table.client.create_entity(_to_entity(session, self._partition(conversation_id)))
             except ResourceExistsError:
                 raise ConcurrencyConflict("a Web Chat session for this conversation exists already") from None
         return replace(session, etag=result.get("etag"))
 
     def get_session(self, conversation_id: str) -> WebChatSession | None:
         """The session of `conversation_id`, or None when there is none."""
-        entity = self._table.get(escape(conversation_id), _ROW)
+        entity = self._table.get(self._partition(conversation_id), _ROW)
         return None if entity is None else _from_entity(entity)
 
     def resume_session(self, conversation_id: str, *, resume_key: str, new_resume_key: str,
@@ -179,7 +181,8 @@ class WebChatSessions:
                 return ResumeResult(outcome, session)
             with storage_errors("update a Web Chat session"):
                 try:
-                    result = self._table.client.update_entity(_to_entity(updated), mode=UpdateMode.REPLACE,
+                    result = self._table.client.update_entity(_to_entity(updated, self._partition(conversation_id)),
+                                                              mode=UpdateMode.REPLACE,
                                                               etag=session.etag,
                                                               match_condition=MatchConditions.IfNotModified)
                 except (ResourceModifiedError, ResourceNotFoundError):
@@ -190,7 +193,7 @@ class WebChatSessions:
 
     def revoke_session(self, conversation_id: str, *, now: datetime | None = None) -> None:
         """Mark the session revoked (a no-op when there is none): its page must start a new conversation."""
-        entity = {"PartitionKey": escape(conversation_id), "RowKey": _ROW, "revoked": True,
+        entity = {"PartitionKey": self._partition(conversation_id), "RowKey": _ROW, "revoked": True,
                   "updated_at": now or self._clock.now()}
         with storage_errors("revoke a Web Chat session"):
             try:
@@ -198,9 +201,12 @@ class WebChatSessions:
             except ResourceNotFoundError:
                 return
 
-    def delete_expired(self, *, now: datetime, limit: int) -> int:
-        """Delete up to `limit` sessions expired by `now` (a scan, for the sweep); how many went."""
-        return self._table.delete_matching("expires_at lt @now", {"now": now}, limit=limit)
+    def delete_expired(self, *, now: datetime, budget: Budget) -> int:
+        """Delete the sessions expired by `now` (a scan for the sweep, paged while `budget` lasts); how many went."""
+        return self._table.delete_matching("expires_at lt @now", {"now": now}, budget=budget)
+
+    def _partition(self, conversation_id: str) -> str:
+        return self._tables.key_for("web chat session", conversation_id)
 
 
 def hash_resume_key(resume_key: str) -> str:
@@ -213,8 +219,8 @@ def _any_digest_equal(presented: str, stored: Iterable[str]) -> bool:
     return any([hmac.compare_digest(presented, candidate) for candidate in stored])
 
 
-def _to_entity(session: WebChatSession) -> dict[str, Any]:
-    entity = {"PartitionKey": escape(session.conversation_id), "RowKey": _ROW,
+def _to_entity(session: WebChatSession, partition_key: str) -> dict[str, Any]:
+    entity = {"PartitionKey": partition_key, "RowKey": _ROW,
               "conversation_id": session.conversation_id, "user_id": session.user_id,
               "expires_at": session.expires_at, "revoked": session.revoked, "created_at": session.created_at,
               "updated_at": session.updated_at, "resume_key_hash": session.resume_key_hash,

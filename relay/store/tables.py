@@ -6,22 +6,28 @@ reads them: a connection string (Azurite locally), or identity-based access in A
 
 Each table name starts with `RELAY_TABLE_PREFIX`; a table is created on first use, once per
 process. Every failure of the SDK becomes a StoreError here, in `storage_errors`, and nowhere else.
-Keys are escaped with `escape` and long JSON is split over properties with `put_json`: these shapes
-are the stored format, so they never change.
+Keys made from ids the relay does not choose (a user's phone number, a provider's message id, a
+client's address) come from `Tables.key_for`: fixed-length keyed hashes, so no id is too long for
+a key and none appears in a storage URL (which the SDK and urllib3 log at DEBUG). Long JSON is
+split over properties with `put_json`. These shapes are the stored format, so they never change.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
+import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
 from azure.core import MatchConditions
-from azure.core.exceptions import AzureError, ResourceModifiedError, ResourceNotFoundError
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.core.pipeline.transport import RequestsTransport
 from azure.data.tables import TableClient, TableEntity, TableServiceClient, TableTransactionError
 from requests.adapters import HTTPAdapter
@@ -34,9 +40,9 @@ from relay.settings import StorageSettings
 __all__ = [
     "BATCH_LIMIT",
     "UPDATE_ATTEMPTS",
+    "Budget",
     "Table",
     "Tables",
-    "escape",
     "get_json",
     "millis",
     "pause_after_conflict",
@@ -56,6 +62,7 @@ _CONNECTION_POOL_SIZE = 64  # as many as the poller's workers (requests keeps on
 UPDATE_ATTEMPTS = 5
 """Conditional writes tried before an update gives up with ConcurrencyConflict."""
 BATCH_LIMIT = 100  # operations in one entity-group transaction
+_PAGE = 1000  # entities in one query page (the service's maximum)
 _MAX_STRING = 30_000  # characters per string property (Table Storage allows 64 KiB of UTF-16)
 
 # What `UseDevelopmentStorage=true` means: Azurite's well-known account on its default ports.
@@ -126,6 +133,10 @@ _created_tables: set[tuple[str, str]] = set()
 _created_lock = threading.Lock()
 
 
+_KEYS_TABLE = "keys"
+_KEY_SECRET_ROW = ("key-derivation", "hmac-sha256")
+
+
 class Tables:
     """The relay's tables on one account, their names starting with `prefix`."""
 
@@ -133,6 +144,46 @@ class Tables:
         self.service = service
         self.prefix = prefix
         self._clients: dict[str, TableClient] = {}
+        self._key_secret: bytes | None = None
+        self._key_secret_lock = threading.Lock()
+
+    def key_for(self, purpose: str, *ids: str) -> str:
+        """A table key for `ids` under `purpose`: 32 hex digits of an HMAC-SHA256 with the account's secret.
+
+        Fixed length whatever the ids (a 2,000-character user id fits in any key), only characters
+        keys allow, and no id readable in a key or a storage URL. Keyed, because phone numbers are
+        too few to hide behind a plain hash: without the secret a key cannot be traced back to its
+        number. Raises StoreError when the secret cannot be read (or, the first time, created)."""
+        message = json.dumps([purpose, *ids], ensure_ascii=False).encode()
+        return hmac.new(self._secret(), message, hashlib.sha256).hexdigest()[:32]
+
+    def _secret(self) -> bytes:
+        """The key-derivation secret: 256 random bits made once per account and prefix, read once per process.
+
+        Stored in `{prefix}keys` (no setting to configure, and it works with identity-based access:
+        no storage key involved). The first instances to need it race to insert it; every loser reads
+        the winner's, so all instances derive the same keys. Losing the row would orphan every
+        keyed row: nothing here or in the sweep ever deletes it."""
+        if self._key_secret is None:
+            with self._key_secret_lock:
+                if self._key_secret is None:
+                    self._key_secret = self._read_or_create_secret()
+        return self._key_secret
+
+    def _read_or_create_secret(self) -> bytes:
+        table = self.table(_KEYS_TABLE)
+        pk, rk = _KEY_SECRET_ROW
+        entity = table.get(pk, rk)
+        if entity is None:
+            created = base64.b64encode(secrets.token_bytes(32)).decode()
+            # Another instance may be first (ResourceExistsError): then its secret is the one read back.
+            with storage_errors(f"create the key-derivation secret in {table.name}"), \
+                    contextlib.suppress(ResourceExistsError):
+                table.client.create_entity({"PartitionKey": pk, "RowKey": rk, "secret": created})
+            entity = table.get(pk, rk)
+            if entity is None:
+                raise StoreError(f"cannot read the key-derivation secret in {table.name}: it vanished")
+        return base64.b64decode(entity["secret"])
 
     def client(self, name: str) -> TableClient:
         """The SDK client of table `prefix + name`, which is created first if this process has not yet.
@@ -187,19 +238,54 @@ class Table:
                 pages = self.client.list_entities(results_per_page=min(limit, 1000))
             return [e for _, e in zip(range(limit), pages, strict=False)]
 
-    def delete_matching(self, query: str, parameters: dict[str, Any], *, limit: int) -> int:
-        """Delete up to `limit` entities matching `query`, each only if unchanged since read; how many went."""
-        return sum(self.delete_if_unchanged(e) for e in self.query(query, parameters, limit=limit))
+    def delete_matching(self, query: str, parameters: dict[str, Any], *, budget: Budget) -> int:
+        """Delete every entity matching `query`, each only if unchanged since read; how many went.
 
-    def delete_if_unchanged(self, entity: TableEntity) -> bool:
-        """Delete `entity` under its ETag; False when it changed or went meanwhile."""
-        with storage_errors(f"delete a row of {self.name}"):
-            try:
-                self.client.delete_entity(entity["PartitionKey"], entity["RowKey"], etag=entity.metadata["etag"],
-                                          match_condition=MatchConditions.IfNotModified)
-            except (ResourceModifiedError, ResourceNotFoundError):
-                return False
-        return True
+        Page after page while `budget` has time left: what is left over is found again by the next
+        run's query, so a backlog of any size goes in the end."""
+        return len(self.delete_pages(query, parameters, budget=budget))
+
+    def delete_pages(self, query: str, parameters: dict[str, Any], *, budget: Budget) -> list[TableEntity]:
+        """delete_matching's work: the entities that went (the caller may have rows of its own to remove)."""
+        deleted: list[TableEntity] = []
+        with storage_errors(f"query {self.name}"):
+            pages = self.client.query_entities(query, parameters=parameters, results_per_page=_PAGE).by_page()
+            while budget.left():
+                page = list(next(pages, []))
+                deleted += self.delete_unchanged(page)
+                if len(page) < _PAGE:
+                    break
+        return deleted
+
+    def delete_unchanged(self, entities: Iterable[TableEntity]) -> list[TableEntity]:
+        """Delete `entities`, each under its ETag, up to 100 of a partition per transaction; those that went.
+
+        One that changed or went meanwhile is left out and the rest of its batch tried again."""
+        by_partition: dict[str, list[TableEntity]] = {}
+        for entity in entities:
+            by_partition.setdefault(entity["PartitionKey"], []).append(entity)
+        deleted: list[TableEntity] = []
+        for rows in by_partition.values():
+            for start in range(0, len(rows), BATCH_LIMIT):
+                deleted += self._delete_batch(rows[start:start + BATCH_LIMIT])
+        return deleted
+
+    def _delete_batch(self, rows: list[TableEntity]) -> list[TableEntity]:
+        while rows:
+            operations = [("delete", row, {"etag": row.metadata["etag"],
+                                           "match_condition": MatchConditions.IfNotModified}) for row in rows]
+            with storage_errors(f"delete rows of {self.name}"):
+                try:
+                    self.client.submit_transaction(operations)
+                except TableTransactionError as error:
+                    code = transaction_error_code(error)
+                    if code not in ("UpdateConditionNotSatisfied", "ResourceNotFound") \
+                            or not 0 <= (error.index or 0) < len(rows):
+                        raise  # storage_errors translates it
+                    rows = rows[:error.index or 0] + rows[(error.index or 0) + 1:]
+                    continue
+            return rows
+        return []
 
     def delete_quietly(self, pk: str, rk: str) -> None:
         """Best-effort clean-up of a row whose leftover is harmless: a failure is only logged."""
@@ -214,13 +300,18 @@ def pause_after_conflict(clock: Clock, attempt: int) -> None:
     clock.sleep(clock.uniform(0, 0.01 * 2**attempt))
 
 
-_UNSAFE_KEY_CHARS = set("/\\#?%|")
+class Budget:
+    """The time a long clean-up may take: `left()` while there is some; `ran_out` once it said there was none."""
 
+    def __init__(self, seconds: float, *, clock: Clock):
+        self._clock = clock
+        self._until = clock.monotonic() + seconds
+        self.ran_out = False
 
-def escape(value: str) -> str:
-    """A value made safe for PartitionKey/RowKey (no / \\ # ? or control characters; | separates parts)."""
-    return "".join(f"%{ord(c):02X}" if c in _UNSAFE_KEY_CHARS or ord(c) < 32 or 127 <= ord(c) < 160 else c
-                   for c in value)
+    def left(self) -> bool:
+        if self._clock.monotonic() >= self._until:
+            self.ran_out = True
+        return not self.ran_out
 
 
 def millis(moment: datetime) -> int:

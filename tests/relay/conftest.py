@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import functools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from devstack.directline import DirectLineEmulator
 from devstack.directline.server import DIRECTLINE_ENDPOINTS
 from devstack.directline.transport import InProcessEmulator
 from devstack.procs import ManagedProcess, free_port, wait_until
+from relay.activities import directline_user_id
 from relay.channels import get_adapter
 from relay.channels.base import WebhookRequest
 from relay.clock import SYSTEM_CLOCK, ManualClock
@@ -30,6 +31,7 @@ from relay.poller import TickResult, poll_tick
 from relay.settings import Settings, StorageSettings
 from relay.store import RelayStore
 from relay.store.conversations import ConversationKey, ConversationRecord
+from relay.store.due_polls import InboundMark
 from tests.conftest import DIRECTLINE_TEST_SECRET, subprocess_env
 
 PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic")
@@ -143,6 +145,8 @@ class InProcessRelay:
     emulator: InProcessEmulator
     simulator: InProcessSimulator
     time: ManualTime
+    arrivals: dict[ConversationKey, list[InboundMark]] = field(default_factory=dict)
+    """The inbound rows of messages accepted but not yet worked, as the poller's claim would hand them over."""
 
     @property
     def store(self) -> RelayStore:
@@ -157,7 +161,9 @@ class InProcessRelay:
         request = WebhookRequest("POST", hook.url, hook.headers, hook.body)
         [message] = parse_messages(self.ctx.adapter(channel), channel, request)
         key = ConversationKey(channel, message.user_id)
-        assert accept_message(self.ctx, key, message)
+        mark = accept_message(self.ctx, key, message)
+        assert mark is not None
+        self.arrivals.setdefault(key, []).append(mark)
         self.time.advance(1)
         return key
 
@@ -173,9 +179,10 @@ class InProcessRelay:
         work_conversation's, e.g. idle_check=False)."""
         owner = new_owner("test")
         record = self.store.conversations.acquire_lease(key, owner=owner, now=self.time(),
-                                                        lease_seconds=self.ctx.settings.relay.lease_seconds)
+                                                        lease_seconds=self.ctx.settings.relay.lease_seconds,
+                                                        create_with_user_id=directline_user_id(key.channel, key.user))
         assert record is not None, "another owner holds the lease"
-        return work_conversation(self.ctx, record, owner=owner, **options)
+        return work_conversation(self.ctx, record, owner=owner, inbound=self.arrivals.pop(key, []), **options)
 
     def tick(self) -> TickResult:
         """One run of the poller timer at the current time."""

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pytest
 
+from relay.activities import directline_user_id
 from relay.store.conversations import ConversationKey, ConversationState
 from tests.relay.conftest import InProcessRelay
 
@@ -46,7 +47,8 @@ def test_the_poller_works_a_conversation_only_under_a_lease_it_holds(inprocess_r
     key = relay.message("twilio", USER, "hello")
     lease = relay.ctx.settings.relay.lease_seconds
     assert relay.store.conversations.acquire_lease(key, owner="webhook:stalled", lease_seconds=lease,
-                                                   now=relay.time())
+                                                   now=relay.time(),
+                                                   create_with_user_id=directline_user_id(key.channel, key.user))
     relay.time.advance(seconds_later)
 
     tick = relay.tick()

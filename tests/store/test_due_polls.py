@@ -1,4 +1,5 @@
-"""The due index against Azurite: only due rows are read, it follows the record, stale rows are cleaned."""
+"""The due index against Azurite: only due rows are read, it follows the record, stale rows are cleaned,
+and a webhook's inbound rows make a conversation due until a worker clears them."""
 
 from __future__ import annotations
 
@@ -58,3 +59,30 @@ def test_claim_due_takes_the_lease_and_cleans_stale_index_rows(store, other_stor
     orphan = next(d for d in store.due_polls.list_due(now=T0) if d.key.user == "gone")
     assert store.conversations.claim_due(orphan, owner="poller-a", lease_seconds=30, now=T0) is None
     assert [d.key for d in store.due_polls.list_due(now=T0)] == [key]
+
+
+def test_an_inbound_row_makes_its_conversation_due_whatever_its_schedule_until_cleared(store):
+    key = ConversationKey("twilio", "+1555")
+    create(store, key, next_poll_at=T0 + timedelta(hours=1))  # settled: not due for an hour
+    store.due_polls.mark_inbound(key, "SM1", now=T0)
+    store.due_polls.mark_inbound(key, "SM1", now=T0)  # a retried webhook upserts the same row
+    store.due_polls.mark_inbound(key, "SM2", now=T0)
+    [due] = store.due_polls.list_due(now=T0)
+    assert (due.key, sorted(m.message_id for m in due.inbound), due.peekable) == (key, ["SM1", "SM2"], False)
+
+    record = store.conversations.claim_due(due, owner="poller-a", lease_seconds=30, now=T0)
+    assert record.lease_owner == "poller-a"
+    assert [d.key for d in store.due_polls.list_due(now=T0)] == [key]  # claiming leaves the rows to the worker
+    store.due_polls.clear_inbound(due.inbound[:1])
+    store.due_polls.clear_inbound(due.inbound)  # one of them is gone already: the other still goes
+    assert store.due_polls.list_due(now=T0) == []
+
+
+def test_an_inbound_row_of_a_conversation_without_a_record_claims_a_new_one(store, other_store):
+    key = ConversationKey("whatsapp", "15550001")
+    store.due_polls.mark_inbound(key, "wamid.1", now=T0)
+    [due] = store.due_polls.list_due(now=T0)
+    record = store.conversations.claim_due(due, owner="poller-a", lease_seconds=30, user_id="dl_whatsapp_1", now=T0)
+    assert (record.user_id, record.conversation_id, record.lease_owner) == ("dl_whatsapp_1", "", "poller-a")
+    assert other_store.conversations.claim_due(due, owner="poller-b", lease_seconds=30, user_id="dl_whatsapp_1",
+                                               now=T0) is None

@@ -78,3 +78,31 @@ def test_large_activity_survives_the_outbox(store):
     activity = {"text": "x" * 70_000, "channelData": {"raw": "é" * 40_000}}
     store.outbox.add_message(key, "SM1", activity)
     assert store.outbox.list_messages(key)[0].activity == activity
+
+
+def test_a_message_keeps_where_to_reply_and_its_state_can_be_looked_up(store):
+    key = ConversationKey("twilio", "+1555")
+    assert store.outbox.message_state(key, "SM1") is None
+    where = {"to": "+1555", "from": "+1444"}
+    message = store.outbox.add_message(key, "SM1", {"text": "a"}, reply_context=where).message
+    assert store.outbox.list_messages(key)[0].reply_context == where
+    assert store.outbox.message_state(key, "SM1") == InboundState.PENDING
+    store.outbox.complete_message(store.outbox.mark_post_attempt(message), activity_id="conv|0000001")
+    assert store.outbox.message_state(key, "SM1") == InboundState.POSTED
+
+
+def test_messages_of_one_user_stored_at_once_never_conflict(storage_connection_string, table_prefix):
+    key = ConversationKey("twilio", "+1555")
+    stores = [make_store(storage_connection_string, table_prefix) for _ in range(8)]
+    barrier = threading.Barrier(len(stores) * 4)
+
+    def receive(n: int):
+        barrier.wait()
+        store = stores[n % len(stores)]
+        store.due_polls.mark_inbound(key, f"SM{n}")
+        return store.outbox.add_message(key, f"SM{n}", {"text": str(n)})
+
+    with ThreadPoolExecutor(len(stores) * 4) as pool:
+        results = list(pool.map(receive, range(len(stores) * 4)))
+    assert all(r.is_new for r in results)
+    assert sorted(m.message_id for m in stores[0].outbox.list_messages(key)) == sorted(f"SM{n}" for n in range(32))

@@ -1,11 +1,14 @@
-"""The sweep against Azurite: what is old goes, what is pending or recent stays."""
+"""The sweep against Azurite: what is old goes, what is pending or recent stays, and a backlog of any size goes
+in the end."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from datetime import timedelta
 
-from relay.store.conversations import ConversationKey, ConversationState
+from relay.clock import ManualClock
+from relay.store import RelayStore
+from relay.store.conversations import ConversationKey, ConversationState, partition_of
 from relay.store.dead_letters import DeadLetterKind
 from relay.store.outbox import InboundState
 from relay.store.sweep import sweep_tables
@@ -39,3 +42,36 @@ def test_sweep_removes_ended_idle_and_old_entries_only(store):
     assert store.outbox.add_message(busy, "old", {"text": "a"}, now=T0).is_new  # forgotten after the dedupe window
     assert store.outbox.add_message(busy, "new", {"text": "c"}, now=T0).state == InboundState.POSTED
     assert store.sessions.get_session("conv-old") is None and store.sessions.get_session("conv-new") is not None
+
+
+def handled_dedupe_rows(store, count: int, *, received_at) -> None:
+    """`count` rows as a handled message leaves them (Outbox.add_message, then complete_message), 100 users'
+    worth at a time: written in batches directly, since 5,000 messages through the outbox would take minutes."""
+    client = store.tables.client("inbound")
+    for user in range(count // 100):
+        pk = partition_of(store.tables, ConversationKey("twilio", f"+1555{user:07d}"))
+        client.submit_transaction([("create", {"PartitionKey": pk, "RowKey": f"dedupe|{n:032x}", "message_id": f"SM{n}",
+                                               "state": InboundState.POSTED, "received_at": received_at,
+                                               "activity_id": f"c|{n}"})
+                                   for n in range(100)])
+
+
+class TickingClock(ManualClock):
+    """A clock whose monotonic time moves a second each time it is read (the budget looks at it once a page)."""
+
+    def monotonic(self) -> float:
+        self.advance(1)
+        return super().monotonic()
+
+
+def test_a_backlog_of_5000_dedupe_rows_goes_page_by_page_and_a_run_out_of_time_is_resumed(store):
+    handled_dedupe_rows(store, 5_000, received_at=T0 - timedelta(days=8))
+    pending = ConversationKey("twilio", "+15559999999")
+    store.outbox.add_message(pending, "still-waiting", {"text": "a"}, now=T0 - timedelta(days=8))
+
+    cut_short = sweep_tables(RelayStore(store.tables, clock=TickingClock()), now=T0, budget_seconds=3)
+    assert not cut_short.complete and 0 < cut_short.dedupe_entries < 5_000
+    rest = sweep_tables(store, now=T0)
+    assert rest.complete and cut_short.dedupe_entries + rest.dedupe_entries == 5_000
+    assert sweep_tables(store, now=T0).dedupe_entries == 0
+    assert [m.message_id for m in store.outbox.list_messages(pending)] == ["still-waiting"]

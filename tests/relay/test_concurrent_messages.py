@@ -1,0 +1,87 @@
+"""Many messages at the same moment, through the local host: of one user on every provider, of many
+users in one webhook.
+
+Every message that passes verification reaches the bot exactly once: a storage conflict between
+concurrent webhooks is the relay's own business, never answered to the provider (for every
+provider a 4xx is permanent, and Twilio does not retry at all). One webhook's burst is bounded,
+however many users it carries.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from devstack.channels import DEV_VALUES, webhooks
+from devstack.procs import wait_until
+from relay.channels import generic
+from tests.relay.conftest import PROVIDERS
+
+CONCURRENT = 50
+USERS = {"twilio": "+15550900001", "whatsapp": "15550900002", "messagebird": "+15550900003",
+         "bird": "+15550900004", "generic": "user-0900005"}
+
+
+def post_together(hooks: list[webhooks.Webhook]) -> list[requests.Response]:
+    """POST every webhook at the same moment, each on its own connection."""
+    barrier = threading.Barrier(len(hooks))
+
+    def post(hook: webhooks.Webhook) -> requests.Response:
+        with requests.Session() as session:
+            barrier.wait()
+            return session.post(hook.url, data=hook.body, headers=hook.headers, timeout=120)
+
+    with ThreadPoolExecutor(len(hooks)) as pool:
+        return list(pool.map(post, hooks))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_fifty_concurrent_messages_of_one_user_each_reach_the_bot_once(relay_stack, provider):
+    stack = relay_stack()
+    user = USERS[provider]
+    texts = [f"message {n} from {provider}" for n in range(CONCURRENT)]
+    hooks = [webhooks.build(provider, DEV_VALUES, stack.host.url, sender=user, text=text) for text in texts]
+
+    answers = post_together(hooks)
+    refused = [(a.status_code, a.text[:200]) for a in answers if a.status_code != 200]
+    assert not refused, refused
+
+    def at_bot() -> list[str]:
+        record = stack.record(provider, user)
+        return stack.user_messages_at_bot(record.conversation_id) if record and record.conversation_id else []
+
+    key = stack.record(provider, user).key
+    # The outbox empties only after each message was posted (or found posted): a repeat would be at the bot by then.
+    wait_until(lambda: len(at_bot()) >= CONCURRENT and not stack.store.outbox.list_messages(key), timeout=90,
+               what=f"{CONCURRENT} messages at the bot")
+    counts = collections.Counter(at_bot())
+    assert counts == collections.Counter(texts), {t: n for t, n in counts.items() if n != 1}
+
+
+def test_one_webhook_carrying_fifteen_users_is_answered_within_one_burst(relay_stack):
+    """The users of one webhook are worked side by side in one burst, not one burst after another."""
+    burst = 3.0
+    stack = relay_stack(burst=str(burst))
+    users = [f"user-0901{n:03d}" for n in range(15)]
+    body = json.dumps({"messages": [{"id": f"msg_{uuid.uuid4().hex}", "user": {"id": user}, "text": f"hi from {user}"}
+                                    for user in users]}).encode()
+    key = generic.secret_key(DEV_VALUES["GENERIC_WEBHOOK_SECRET"])
+    headers = {"Content-Type": "application/json", **generic.standard_headers(key, f"msg_{uuid.uuid4().hex}", body,
+                                                                               timestamp=int(time.time()))}
+
+    started = time.monotonic()
+    answer = requests.post(f"{stack.host.url}/api/channels/generic", data=body, headers=headers, timeout=120)
+    took = time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    # One burst after another (the reply, the late reply, a quiet poll: about 2 s each) took half a minute;
+    # one shared burst ends after `burst` plus the step each user was in (generous: CI machines are slow).
+    assert took < burst + 10, f"the webhook took {took:.1f} s"
+    for user in users:
+        assert stack.wait_for_replies("generic", user, 1)[0] == f"You said: hi from {user}"
