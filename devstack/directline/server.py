@@ -21,13 +21,14 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import requests
 
 from devstack.directline import echo as echo_bot
+from devstack.http_server import LocalHTTPServer
 
 log = logging.getLogger("devstack.directline")
 
@@ -901,8 +902,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class EmulatorServer(ThreadingHTTPServer):
-    daemon_threads = True
+class EmulatorServer(LocalHTTPServer):
     allow_reuse_address = True
 
 
