@@ -19,9 +19,14 @@ from relay.store.tables import utcnow
 if TYPE_CHECKING:
     from relay.store import RelayStore
 
-__all__ = ["SweepResult", "sweep_tables"]
+__all__ = ["DEDUPE_RETENTION", "SweepResult", "sweep_tables"]
 
 log = logging.getLogger(__name__)
+
+DEDUPE_RETENTION = timedelta(days=7)
+"""How long a handled message's dedupe row is kept, so a provider's retry or a replay is recognised.
+Meta retries for up to 7 days. A message signed as older than this is not relayed at all
+(relay/channels/common.py:AdapterBase.outlived_dedupe): its dedupe row may be gone."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class SweepResult:
 
 
 def sweep_tables(store: RelayStore, *, now: datetime | None = None, idle_after: timedelta = timedelta(days=3),
-                 dedupe_after: timedelta = timedelta(days=7), dead_letters_after: timedelta = timedelta(days=30),
+                 dedupe_after: timedelta = DEDUPE_RETENTION, dead_letters_after: timedelta = timedelta(days=30),
                  limit: int = 1000) -> SweepResult:
     """Delete ended and long-idle conversations, old dedupe entries, expired sessions and counters, old dead
     letters: up to `limit` rows of each. What was removed comes back (and is logged)."""
