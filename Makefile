@@ -60,7 +60,8 @@ package: $(PY_STAMP)
 
 lint: $(PY_STAMP) $(CHECKOV_STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(CHECKOV)/bin/checkov -d infra --framework bicep --quiet --compact --skip-download
 
 clean:
-	rm -rf $(VENV) node_modules .azurite .pytest_cache .ruff_cache .tools dist
+	rm -rf $(VENV) node_modules .azurite .pytest_cache .ruff_cache .mypy_cache .tools dist

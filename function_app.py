@@ -17,7 +17,6 @@ from relay.http import (
 )
 from relay.inbound import handle_webhook
 from relay.poller import poll_tick, sweep
-from relay.tokens import parse_resume_body
 
 # The Azure SDK logs every storage request at INFO; keep the app's log about the relay.
 logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
@@ -49,21 +48,21 @@ def channel_webhook(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="directline/token", methods=["POST", "OPTIONS"])
 def directline_token(req: func.HttpRequest) -> func.HttpResponse:
     """A Web Chat page's first token, with the resume key that proves the conversation is its own."""
-    return token_server_call(req, lambda tokens, caller: tokens.issue_token(caller))
+    return token_server_call(req, lambda tokens, caller, body: tokens.issue_token(caller))
 
 
 @app.function_name("directline_refresh")
 @app.route(route="directline/refresh", methods=["POST", "OPTIONS"])
 def directline_refresh(req: func.HttpRequest) -> func.HttpResponse:
-    return token_server_call(req, lambda tokens, caller: tokens.refresh_token(bearer_token(req), caller=caller))
+    return token_server_call(req, lambda tokens, caller, body: tokens.refresh_token(bearer_token(req),
+                                                                                    caller=caller))
 
 
 @app.function_name("directline_resume")
 @app.route(route="directline/resume", methods=["POST", "OPTIONS"])
 def directline_resume(req: func.HttpRequest) -> func.HttpResponse:
     """A new token for the page's conversation after its token expired: {conversationId, resumeKey, watermark?}."""
-    return token_server_call(req, lambda tokens, caller: tokens.resume(**parse_resume_body(req.get_body()),
-                                                                        caller=caller))
+    return token_server_call(req, lambda tokens, caller, body: tokens.resume(body, caller=caller))
 
 
 @app.function_name("webchat_file")

@@ -33,7 +33,7 @@ def seed(ctx, count: int, *, last_activity_ago: float) -> list[ConversationRecor
 
     Each has a Direct Line conversation (user message + echo reply), a record at the end of it, and
     is due now. Made with no added latency (latency is set before measuring)."""
-    now = ctx.clock()
+    now = ctx.clock.now()
 
     def one(number: int) -> ConversationRecord:
         user = f"+1555{number:07d}"
@@ -85,7 +85,7 @@ def naive_tick(stack: Stack, ctx, records: list[ConversationRecord], state_table
                     delivered += 1
         state_table.upsert_entity({"PartitionKey": record.key.partition_key, "RowKey": "conversation",
                                    "watermark": page.get("watermark") or stored.watermark,
-                                   "polled_at": ctx.clock()})
+                                   "polled_at": ctx.clock.now()})
     session.close()
     return {"delivered": delivered}
 

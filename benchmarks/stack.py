@@ -12,9 +12,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 from azure.core.pipeline.transport import RequestsTransport
@@ -24,13 +25,15 @@ from devstack.channels import DEV_VALUES, ProviderSimulator
 from devstack.directline import DirectLineEmulator
 from devstack.procs import Azurite, free_port
 from relay.channels import get_adapter
+from relay.channels.base import ChannelAdapter
+from relay.clock import SYSTEM_CLOCK, Clock
 from relay.conversations import RelayContext
 from relay.directline import DirectLineClient
 from relay.settings import Settings
 from relay.store import RelayStore
-from relay.store.tables import utcnow
 
 SECRET = "bench-directline-secret"  # noqa: S105 - the local emulator's, nothing real
+T = TypeVar("T")
 
 
 class CountingTransport(RequestsTransport):
@@ -75,17 +78,23 @@ def request_kind(method: str, url: str) -> str:
                                                                                                        method)
 
 
-@dataclass
-class SimulatedClock:
-    """A clock the benchmark moves by hand (the idle hour takes seconds, not an hour)."""
+class SimulatedClock(Clock):
+    """The system clock with its wall time moved by hand (the idle hour takes seconds, not an hour).
 
-    now: datetime = field(default_factory=utcnow)
+    Timers and waits stay real: the emulator and the simulator answer in real time."""
 
-    def __call__(self) -> datetime:
-        return self.now
+    def __init__(self, start: datetime | None = None):
+        super().__init__()
+        self._now = start or SYSTEM_CLOCK.now()
+        self._lock = threading.Lock()
+
+    def now(self) -> datetime:
+        with self._lock:
+            return self._now
 
     def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
+        with self._lock:
+            self._now += timedelta(seconds=seconds)
 
 
 @dataclass
@@ -107,7 +116,7 @@ class Stack:
             **values,
         }
 
-    def context(self, prefix: str, *, clock: Callable[[], datetime] = utcnow,
+    def context(self, prefix: str, *, clock: Clock = SYSTEM_CLOCK,
                 **values: str) -> tuple[RelayContext, CountingTransport]:
         return relay_context(self.settings_environ(prefix, **values), clock=clock)
 
@@ -115,20 +124,20 @@ class Stack:
         return Counter(self.emulator.counters()["requests"])
 
 
-def relay_context(environ: dict[str, str], *, clock: Callable[[], datetime] = utcnow,
+def relay_context(environ: dict[str, str], *, clock: Clock = SYSTEM_CLOCK,
                   pool_size: int = 128) -> tuple[RelayContext, CountingTransport]:
-    """The relay's context in this process, on counted storage and a pooled Direct Line client."""
+    """The relay's context in this process, on counted storage and a pooled Direct Line client, all on `clock`."""
     settings = Settings.from_environ(environ)
     transport = CountingTransport(connection_timeout=5, read_timeout=30)
-    store = RelayStore.from_settings(settings.storage, transport=transport)
-    directline = DirectLineClient(settings.directline, pool_size=pool_size)
-    adapters: dict[str, object] = {}
+    store = RelayStore.from_settings(settings.storage, clock=clock, transport=transport)
+    directline = DirectLineClient(settings.directline, clock=clock, pool_size=pool_size)
+    adapters: dict[str, ChannelAdapter] = {}
     lock = threading.Lock()
 
-    def adapter(name: str):
+    def adapter(name: str) -> ChannelAdapter:
         with lock:
             if name not in adapters:
-                adapters[name] = get_adapter(name, settings)
+                adapters[name] = get_adapter(name, settings, clock=clock)
             return adapters[name]
 
     return RelayContext(settings=settings, store=store, directline=directline, adapter=adapter,
@@ -181,7 +190,7 @@ def _rss() -> int:
     return pages * resource.getpagesize()
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
     started = time.perf_counter()
     result = fn()
     return time.perf_counter() - started, result

@@ -137,6 +137,8 @@ def import_app(script: Path) -> func.FunctionApp:
     """Import the script as the worker does and return its one FunctionApp."""
     sys.path.insert(0, str(script.parent.resolve()))
     spec = importlib.util.spec_from_file_location(script.stem, script)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"{script} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[script.stem] = module
     spec.loader.exec_module(module)
@@ -152,7 +154,7 @@ def index_functions(app: func.FunctionApp) -> tuple[list[HttpFunction], list[Tim
     for function in app.get_functions():
         metadata = json.loads(function.get_function_json())
         trigger = next(b for b in metadata["bindings"] if b["direction"] == "IN" and b["type"].endswith("Trigger"))
-        name = function.get_function_name()
+        name = function.get_function_name() or function.get_user_function().__name__
         if trigger["type"] == "httpTrigger":
             methods = trigger.get("methods")
             http.append(HttpFunction(

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO, Self
 
 ROOT = Path(__file__).resolve().parent.parent
 AZURITE_ACCOUNT = "devstoreaccount1"
@@ -78,13 +79,13 @@ class ManagedProcess:
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
 
-    def start(self) -> ManagedProcess:
+    def start(self) -> Self:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen(
+        process = self.process = subprocess.Popen(
             self.argv,
             cwd=self.cwd,
             env=self.env,
@@ -94,8 +95,8 @@ class ManagedProcess:
         )
 
         def up() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode} while starting{self._tail()}")
+            if process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {process.returncode} while starting{self._tail()}")
             return self.ready()
 
         try:
@@ -109,6 +110,11 @@ class ManagedProcess:
         if self.log_path is None or not self.log_path.exists():
             return ""
         return "\n" + self.log_path.read_text(errors="replace")[-3000:]
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process has ended; None while it runs (or before it was started)."""
+        return self.process.poll() if self.process is not None else None
 
     def kill(self) -> None:
         """SIGKILL, as a crashed instance dies: no clean-up runs."""
@@ -128,7 +134,7 @@ class ManagedProcess:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> ManagedProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {process.name:<16} {url}", flush=True)
         print("local stack is up; Ctrl-C stops it", flush=True)
         while not stopping.wait(1):
-            dead = [p for p in started if p.process.poll() is not None]
+            dead = [p for p in started if p.returncode is not None]
             if dead:
-                print(f"{dead[0].name} exited with {dead[0].process.returncode}; stopping", flush=True)
+                print(f"{dead[0].name} exited with {dead[0].returncode}; stopping", flush=True)
                 return 1
     except KeyboardInterrupt:
         pass

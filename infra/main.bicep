@@ -153,6 +153,9 @@ param webChatDemoEnabled string = ''
 @description('WEBCHAT_BUNDLE_URL: where the demo page loads Web Chat from (empty: Microsoft\'s published bundle).')
 param webChatBundleUrl string = ''
 
+@description('WEBCHAT_PROXY_HOPS: proxies of your own (Front Door, API Management) in front of the app (empty: none).')
+param webChatProxyHops string = ''
+
 @description('TWILIO_ACCOUNT_SID.')
 param twilioAccountSid string = ''
 
@@ -301,6 +304,7 @@ module app 'modules/function-app.bicep' = {
       WEBCHAT_ALLOWED_ORIGINS: webChatAllowedOrigins
       WEBCHAT_DEMO_ENABLED: webChatDemoEnabled
       WEBCHAT_BUNDLE_URL: webChatBundleUrl
+      WEBCHAT_PROXY_HOPS: webChatProxyHops
       TWILIO_ACCOUNT_SID: twilioAccountSid
       TWILIO_AUTH_TOKEN: empty(twilioAuthToken) ? '' : '${kvRef}twilio-auth-token/)'
       WHATSAPP_APP_SECRET: empty(whatsAppAppSecret) ? '' : '${kvRef}whatsapp-app-secret/)'

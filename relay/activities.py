@@ -17,6 +17,15 @@ from typing import Any
 
 from relay.channels.base import InboundMessage, Media, OutboundMessage
 
+__all__ = [
+    "ACTIVITY_LIMIT_BYTES",
+    "build_inbound_activity",
+    "directline_user_id",
+    "render_outbound",
+    "take_pending_media",
+    "with_unavailable_media",
+]
+
 ACTIVITY_LIMIT_BYTES = 28 * 1024
 RAW_PAYLOAD_KEY = "relay"
 PENDING_MEDIA_KEY = "relayPendingMedia"
@@ -38,7 +47,7 @@ def directline_user_id(channel: str, channel_user_id: str) -> str:
     return f"dl_{channel}_{digest}"
 
 
-def client_activity_id(channel: str, provider_message_id: str) -> str:
+def _client_activity_id(channel: str, provider_message_id: str) -> str:
     return f"{channel}:{provider_message_id}"
 
 
@@ -69,7 +78,7 @@ def build_inbound_activity(
     context = omnichannel or {}
     values = {"user_id": message.user_id, "user_name": message.user_name or "", "channel": channel}
     channel_data: dict[str, Any] = {
-        "clientActivityID": client_activity_id(channel, message.message_id),
+        "clientActivityID": _client_activity_id(channel, message.message_id),
         "channeltype": context.get("channeltype", DEFAULT_CHANNEL_TYPES.get(channel, channel)),
         "conversationcontext": _expand(context.get("conversationcontext", {}), values),
         "customercontext": _expand(context.get("customercontext", {"phonenumber": "{user_id}"}), values),
@@ -96,7 +105,7 @@ def build_inbound_activity(
     pending = [{"url": m.url, "contentType": m.content_type, "name": m.name} for m in message.media if m.protected]
     if pending:
         activity[PENDING_MEDIA_KEY] = pending
-    return fit_activity(activity, limit_bytes)
+    return _fit_activity(activity, limit_bytes)
 
 
 def take_pending_media(activity: Mapping[str, Any]) -> tuple[dict, tuple[Media, ...]]:
@@ -133,7 +142,7 @@ def _drop_attachment_names(activity: dict) -> None:
         attachment.pop("name", None)
 
 
-def fit_activity(activity: dict, limit_bytes: int = ACTIVITY_LIMIT_BYTES) -> dict:
+def _fit_activity(activity: dict, limit_bytes: int = ACTIVITY_LIMIT_BYTES) -> dict:
     """Trim optional parts (raw payload, then contexts, then attachment names) until the activity fits.
 
     The text, the sender and the clientActivityID are never trimmed."""

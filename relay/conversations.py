@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import random
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -24,6 +22,7 @@ from typing import Any, TypeVar
 
 from relay.channels import get_adapter
 from relay.channels.base import ChannelAdapter
+from relay.clock import SYSTEM_CLOCK, Clock
 from relay.delivery import MIN_POLL_GAP, ReplyDelivery
 from relay.directline import ActivitySet, DirectLineClient, get_directline_client
 from relay.errors import (
@@ -37,8 +36,18 @@ from relay.errors import (
 from relay.posting import OutboxPoster
 from relay.settings import Settings, get_settings
 from relay.store import RelayStore, get_store
-from relay.store.conversations import ACTIVE, ENDED, ConversationKey, ConversationRecord
-from relay.store.tables import utcnow
+from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState
+
+__all__ = [
+    "ConversationWorker",
+    "Peek",
+    "RelayContext",
+    "WorkResult",
+    "get_context",
+    "new_owner",
+    "next_idle_poll",
+    "work_conversation",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,27 +74,29 @@ class Peek:
     conversation_id: str
     watermark: str | None
     page: ActivitySet
-    at: float  # time.monotonic() of the request
+    at: float  # the clock's monotonic() at the request
 
 
 @dataclass
 class RelayContext:
-    """What a function invocation needs: settings, storage, Direct Line and the channel adapters."""
+    """What a function invocation needs: settings, storage, Direct Line, the channel adapters and the clock
+    (the one source of time, waiting and jitter; the store and the clients hold the same one)."""
 
     settings: Settings
     store: RelayStore
     directline: DirectLineClient
     adapter: Callable[[str], ChannelAdapter]
-    clock: Callable[[], datetime] = utcnow
-    sleep: Callable[[float], None] = time.sleep
+    clock: Clock = SYSTEM_CLOCK
 
 
 @functools.lru_cache(maxsize=1)
 def get_context() -> RelayContext:
-    """The process's context: one store, one Direct Line pool and one provider pool for every invocation."""
+    """The process's context: one store, one Direct Line pool and one provider pool for every invocation,
+    all on the system clock."""
     settings = get_settings()
     return RelayContext(settings=settings, store=get_store(), directline=get_directline_client(),
-                        adapter=functools.cache(lambda name: get_adapter(name, settings)))
+                        adapter=functools.cache(lambda name: get_adapter(name, settings, clock=SYSTEM_CLOCK)),
+                        clock=SYSTEM_CLOCK)
 
 
 def new_owner(kind: str) -> str:
@@ -113,7 +124,7 @@ class ConversationWorker:
         self.record = record
         self.claimed = record
         self.owner = owner
-        self.started_at = ctx.clock()
+        self.started_at = ctx.clock.now()
         self.result = WorkResult()
         self.settled = False  # the outbox was drained and the bot's activities delivered, with no error
         self._retry_at: datetime | None = None
@@ -138,7 +149,7 @@ class ConversationWorker:
             wanted = change(stored)
             if wanted is stored or wanted.lease_owner != self.owner:
                 return wanted
-            return replace(wanted, lease_expires_at=self.ctx.clock() + lease)
+            return replace(wanted, lease_expires_at=self.ctx.clock.now() + lease)
 
         self.record = self.ctx.store.conversations.update_record(self.key, apply, current=self.record,
                                                                  lease_owner=self.owner) or self.record
@@ -147,27 +158,27 @@ class ConversationWorker:
     def start_directline(self) -> None:
         """A new Direct Line conversation for this user (the first, or after one was forgotten or ended)."""
         started = self.ctx.directline.start_conversation(user_id=self.record.user_id)
-        now = self.ctx.clock()
+        now = self.ctx.clock.now()
         expires = now + timedelta(seconds=started.expires_in or 1800)
         log.info("started Direct Line conversation %s for a %s user", started.conversation_id, self.key.channel)
         self.save(lambda r: replace(r, conversation_id=started.conversation_id, token=started.token,
-                                     token_expires_at=expires, watermark=None, state=ACTIVE))
+                                     token_expires_at=expires, watermark=None, state=ConversationState.ACTIVE))
 
     def _reconnect(self) -> None:
         """Recover an expired token with the secret; the stored watermark stays as it is."""
         renewed = self.ctx.directline.reconnect(self.record.conversation_id)
-        expires = self.ctx.clock() + timedelta(seconds=renewed.expires_in or 1800)
+        expires = self.ctx.clock.now() + timedelta(seconds=renewed.expires_in or 1800)
         self.save(lambda r: replace(r, token=renewed.token, token_expires_at=expires))
 
     def _token(self) -> str | None:
         """A usable token: refreshed at about half its lifetime (with jitter), renewed when it has lapsed."""
-        record, now = self.record, self.ctx.clock()
+        record, now = self.record, self.ctx.clock.now()
         if not record.token or record.token_expires_at is None:
             return None  # the secret is used instead
         remaining = record.token_expires_at - now
         if remaining <= TOKEN_RENEW_MARGIN:
             self._reconnect()
-        elif remaining <= TOKEN_REFRESH_REMAINING * random.uniform(0.9, 1.1):
+        elif remaining <= TOKEN_REFRESH_REMAINING * self.ctx.clock.uniform(0.9, 1.1):
             try:
                 refreshed = self.ctx.directline.refresh_token(token=record.token)
             except TokenExpired:
@@ -196,7 +207,7 @@ class ConversationWorker:
         """End a conversation idle past RELAY_IDLE_TIMEOUT_MINUTES: the bot gets endOfConversation."""
         idle_limit = timedelta(minutes=self.ctx.settings.relay.idle_timeout_minutes)
         last = self.record.last_activity_at
-        if last is None or self.ctx.clock() - last < idle_limit:
+        if last is None or self.ctx.clock.now() - last < idle_limit:
             return False
         if self.record.conversation_id:
             end = {"type": "endOfConversation", "from": {"id": self.record.user_id, "role": "user"},
@@ -205,14 +216,14 @@ class ConversationWorker:
                 self.call(lambda token: self.ctx.directline.post_activity(
                     self.record.conversation_id, end, token=token))
         log.info("ended idle %s conversation %s", self.key.channel, self.record.conversation_id)
-        self.save(lambda r: replace(r, state=ENDED))
+        self.save(lambda r: replace(r, state=ConversationState.ENDED))
         self.result.ended = True
         return True
 
     def wait(self, retry_after: float | None, attempts: int = 1) -> None:
         """Come back after the provider's or Direct Line's Retry-After, else after a growing backoff."""
         delay = retry_after if retry_after else min(300.0, 5.0 * 2 ** max(0, attempts - 1))
-        at = self.ctx.clock() + timedelta(seconds=max(1.0, delay))
+        at = self.ctx.clock.now() + timedelta(seconds=max(1.0, delay))
         self._retry_at = at if self._retry_at is None else max(self._retry_at, at)
 
     def finish(self) -> None:
@@ -221,7 +232,7 @@ class ConversationWorker:
         The conversation is left peekable (polled without the lease until something happens) only when
         this worker settled it and nobody else wrote the record since this worker's last write: a webhook
         writes it before and after queuing a message, so a message can never wait unseen in the outbox."""
-        now = self.ctx.clock()
+        now = self.ctx.clock.now()
         ceiling = self.ctx.settings.relay.poll_ceiling_seconds
         started_at, retry_at, delivered = self.started_at, self._retry_at, self.result.delivered
         settled, claimed, ours = self.settled, self.claimed, self.record.etag
@@ -267,7 +278,7 @@ def work_conversation(ctx: RelayContext, record: ConversationRecord, *, owner: s
         if worker.posting.drain() and poll and worker.delivery.deliver():
             worker.settled = True
             while burst_until is not None and worker.record.active:
-                remaining = (burst_until - ctx.clock()).total_seconds()
+                remaining = (burst_until - ctx.clock.now()).total_seconds()
                 if remaining < MIN_POLL_GAP.total_seconds():
                     break
                 before = worker.result.delivered
@@ -279,12 +290,12 @@ def work_conversation(ctx: RelayContext, record: ConversationRecord, *, owner: s
     except Throttled as error:
         worker.settled = False
         worker.wait(error.retry_after)
-        worker.result.error = f"{error.status} {error.code}"
+        worker.result.error = str(error)
     except DirectLineError as error:
         worker.settled = False
         worker.wait(None, attempts=2)
-        worker.result.error = f"{error.status} {error.code}"
-        log.warning("Direct Line failed for a %s conversation: %s %s", record.key.channel, error.status, error.code)
+        worker.result.error = str(error)
+        log.warning("Direct Line failed for a %s conversation: %s", record.key.channel, error)
     except BaseException:
         worker.settled = False
         raise

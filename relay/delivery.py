@@ -8,7 +8,6 @@ the provider did not take), and the watermark moves on only once its whole page 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
@@ -16,10 +15,12 @@ from typing import TYPE_CHECKING
 
 from relay.activities import render_outbound
 from relay.errors import ConcurrencyConflict, ConversationNotFound, ProviderRejected, ProviderUnavailable, StoreError
-from relay.store.conversations import ENDED, ConversationRecord
+from relay.store.conversations import ConversationRecord, ConversationState
+from relay.store.dead_letters import DeadLetterKind
 
 if TYPE_CHECKING:
     from relay.conversations import ConversationWorker, Peek
+    from relay.directline import ActivitySet
 
 __all__ = ["MIN_POLL_GAP", "ReplyDelivery"]
 
@@ -38,13 +39,13 @@ def _marked_parts(marker: str, activity_id: str) -> int | None:
     return int(count) if marker.startswith(prefix) and count.isdigit() else None
 
 
-def parts_done(record: ConversationRecord, activity_id: str) -> int:
+def _parts_done(record: ConversationRecord, activity_id: str) -> int:
     """How many parts of the activity's reply the provider already accepted (0 unless it failed part-way)."""
     counts = [n for n in (_marked_parts(m, activity_id) for m in record.delivered_ids) if n is not None]
     return max(counts, default=0)
 
 
-def with_parts_done(record: ConversationRecord, activity_id: str, parts: int) -> ConversationRecord:
+def _with_parts_done(record: ConversationRecord, activity_id: str, parts: int) -> ConversationRecord:
     """`record` remembering that `parts` of the activity's reply were accepted; 0 forgets it."""
     kept = replace(record, delivered_ids=tuple(m for m in record.delivered_ids
                                                if _marked_parts(m, activity_id) is None))
@@ -80,8 +81,7 @@ class ReplyDelivery:
                     break  # the timer pages on at its next tick (scheduled a second on): no worker sleeps
                 else:
                     self._pace()
-                    page = self.worker.call(lambda token, w=watermark: self.ctx.directline.get_activities(
-                        self.worker.record.conversation_id, watermark=w, token=token))
+                    page = self._read(watermark)
             except ConversationNotFound:
                 log.info("Direct Line forgot conversation %s; the next user message starts a new one",
                          self.worker.record.conversation_id)
@@ -92,10 +92,19 @@ class ReplyDelivery:
                 if not self._deliver_one(activity):
                     return False  # the provider cannot take it now: keep the watermark, retry later
             if page.watermark != watermark:
-                self.worker.save(lambda r, w=page.watermark: replace(r, watermark=w))
+                self._save_watermark(page.watermark)
             if not page.activities or page.watermark == watermark or not self.worker.record.active:
                 break
         return True
+
+    def _read(self, watermark: str | None) -> ActivitySet:
+        """The page of activities after `watermark`, read with the conversation's token."""
+        return self.worker.call(lambda token: self.ctx.directline.get_activities(
+            self.worker.record.conversation_id, watermark=watermark, token=token))
+
+    def _save_watermark(self, watermark: str | None) -> None:
+        """Move the stored watermark on, once its whole page is handled."""
+        self.worker.save(lambda r: replace(r, watermark=watermark))
 
     def _deliver_one(self, activity: dict) -> bool:
         """Deliver one activity if it is the bot's and new; False when the provider asks us to wait."""
@@ -105,40 +114,42 @@ class ReplyDelivery:
             return True
         if activity_id and self.worker.record.is_delivered(activity_id):
             return True  # a replay or a watermark reset: never sent twice
-        now = self.ctx.clock()
+        now = self.ctx.clock.now()
         if activity.get("type") == "endOfConversation":
             log.info("the bot ended conversation %s", self.worker.record.conversation_id)
-            self.worker.save(lambda r: replace(r.with_delivered(activity_id), state=ENDED, last_bot_activity_at=now))
+            self.worker.save(lambda r: replace(r.with_delivered(activity_id), state=ConversationState.ENDED,
+                                               last_bot_activity_at=now))
             self.worker.result.ended = True
             return True
         message = render_outbound(activity)
         if message is None:
             return True  # typing, events and empty messages have nothing for the channel
         message = replace(message, idempotency_key=activity_id)
-        first_part = parts_done(self.worker.record, activity_id)
-        started = time.perf_counter()
+        first_part = _parts_done(self.worker.record, activity_id)
+        started = self.ctx.clock.monotonic()
         try:
             self.ctx.adapter(self.worker.key.channel).send(self.worker.record.reply_context, message,
                                                            first_part=first_part)
         except ProviderRejected as error:
             where = f" (part {error.parts_sent + 1} of {error.parts_total})" if error.parts_total > 1 else ""
-            self.ctx.store.dead_letters.add_letter(self.worker.key, kind="reply",
-                                                   reason=f"{error.status} {error}{where}",
+            self.ctx.store.dead_letters.add_letter(self.worker.key, kind=DeadLetterKind.REPLY,
+                                                   reason=f"{error.reason}: {error}{where}",
                                                    payload={"activity": activity})
             self.worker.result.dead_letters += 1
         except ProviderUnavailable as error:
             log.info("the %s provider cannot take a reply now (%s, %d of %d parts sent); retrying later",
-                     self.worker.key.channel, error.status, error.parts_sent, error.parts_total)
+                     self.worker.key.channel, error.reason, error.parts_sent, error.parts_total)
             if activity_id and error.parts_sent > first_part:
                 # The parts the provider took stay sent: the retry resumes at the first one it did not.
-                self._save_delivered(lambda r, n=error.parts_sent: with_parts_done(r, activity_id, n))
+                parts_sent = error.parts_sent
+                self._save_delivered(lambda r: _with_parts_done(r, activity_id, parts_sent))
             self.worker.wait(error.retry_after)
             return False
         else:
             self.worker.result.delivered += 1
             log.info("delivered activity %s to %s in %.0f ms", activity_id, self.worker.key.channel,
-                     (time.perf_counter() - started) * 1000)
-        self._save_delivered(lambda r: replace(with_parts_done(r, activity_id, 0).with_delivered(activity_id),
+                     (self.ctx.clock.monotonic() - started) * 1000)
+        self._save_delivered(lambda r: replace(_with_parts_done(r, activity_id, 0).with_delivered(activity_id),
                                                last_bot_activity_at=now))
         return True
 
@@ -148,7 +159,7 @@ class ReplyDelivery:
         Giving up here means the next worker finds the reply undelivered and sends it again (no
         provider takes an idempotency key), so this one write is worth waiting for; we still hold
         the lease meanwhile, so nobody else sends it."""
-        deadline = time.monotonic() + min(10.0, self.ctx.settings.relay.lease_seconds / 2)
+        deadline = self.ctx.clock.monotonic() + min(10.0, self.ctx.settings.relay.lease_seconds / 2)
         while True:
             try:
                 self.worker.save(change)
@@ -156,20 +167,20 @@ class ReplyDelivery:
             except ConcurrencyConflict:
                 raise  # not a storage outage: the lease or the record moved on
             except StoreError as error:
-                if time.monotonic() >= deadline:
+                if self.ctx.clock.monotonic() >= deadline:
                     raise
                 log.warning("could not record a %s delivery yet (%s); trying again", self.worker.key.channel,
-                            error.code)
-                self.ctx.sleep(1.0)
+                            error)
+                self.ctx.clock.sleep(1.0)
 
     def _pace_gap(self) -> float:
         if self.last_poll is None:
             return 0.0
-        return MIN_POLL_GAP.total_seconds() - (time.monotonic() - self.last_poll)
+        return MIN_POLL_GAP.total_seconds() - (self.ctx.clock.monotonic() - self.last_poll)
 
     def _pace(self) -> None:
         """Keep at least MIN_POLL_GAP between two polls of this conversation (Direct Line asks for it)."""
         gap = self._pace_gap()
         if gap > 0:
-            self.ctx.sleep(gap)
-        self.last_poll = time.monotonic()
+            self.ctx.clock.sleep(gap)
+        self.last_poll = self.ctx.clock.monotonic()

@@ -13,17 +13,18 @@ on first use: the module stays cheap to import at a cold start.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
-import random
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from relay.clock import SYSTEM_CLOCK, Clock
 from relay.errors import (
     AuthenticationFailed,
     BadRequest,
@@ -34,10 +35,14 @@ from relay.errors import (
     TokenExpired,
     TransientError,
 )
+from relay.retry_after import retry_after_seconds
 from relay.settings import DirectLineSettings, get_settings
 
 if TYPE_CHECKING:
     import requests
+    from requests.adapters import BaseAdapter
+
+__all__ = ["ActivitySet", "ConversationToken", "DirectLineClient", "RetryPolicy", "UploadFile", "get_directline_client"]
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +92,19 @@ class UploadFile:
 class DirectLineClient:
     """Direct Line 3.0 on one pooled requests.Session (thread-safe for the poller's workers).
 
-    Every conversation call authenticates with the secret unless a `token` is given.
+    Every conversation call authenticates with the secret unless a `token` is given. The waits between
+    tries, their jitter and the reading of a Retry-After date go through `clock`. `transport` is a
+    test seam, unused in production: a requests adapter mounted for the endpoint instead of the network
+    (devstack/directline/transport.py serves the emulator through one).
     """
 
     def __init__(self, settings: DirectLineSettings, *, retry: RetryPolicy = RetryPolicy(),
-                 sleep: Callable[[float], None] = time.sleep, pool_size: int = 32):
+                 clock: Clock = SYSTEM_CLOCK, pool_size: int = 32, transport: BaseAdapter | None = None):
         self._settings = settings
         self._retry = retry
-        self._sleep = sleep
+        self._clock = clock
         self._pool_size = pool_size
+        self._transport = transport
         self._session: requests.Session | None = None
         self._lock = threading.Lock()
 
@@ -110,7 +119,8 @@ class DirectLineClient:
         Close only the original client.
         """
         settings = replace(self._settings, timeout_seconds=timeout_seconds) if timeout_seconds else self._settings
-        clone = DirectLineClient(settings, retry=retry or self._retry, sleep=self._sleep, pool_size=self._pool_size)
+        clone = DirectLineClient(settings, retry=retry or self._retry, clock=self._clock, pool_size=self._pool_size,
+                                 transport=self._transport)
         clone._session = self._http()
         return clone
 
@@ -215,6 +225,8 @@ class DirectLineClient:
                     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self._pool_size, max_retries=0)
                     session.mount("https://", adapter)
                     session.mount("http://", adapter)
+                    if self._transport is not None:
+                        session.mount(self._settings.endpoint, self._transport)
                     session.headers["User-Agent"] = "directline-relay/0.1"
                     self._session = session
         return self._session
@@ -222,35 +234,37 @@ class DirectLineClient:
     def _call(self, operation: str, method: str, path: str, *, auth: str, idempotent: bool,
               json_body: Any = None, params: dict[str, str] | None = None,
               files: list | None = None) -> dict[str, Any]:
-        import requests
-
-        session = self._http()
-        url = self._settings.endpoint + path
-        headers = {"Authorization": f"Bearer {auth}"}
-        timeout = (CONNECT_TIMEOUT, self._settings.timeout_seconds)
         waited = 0.0
         for attempt in range(1, self._retry.attempts + 1):
-            started = time.monotonic()
             try:
-                response = session.request(method, url, headers=headers, params=params, json=json_body, files=files,
-                                           timeout=timeout)
-            except requests.RequestException as exc:
-                error = _connection_error(operation, exc, idempotent)
-            else:
-                log.debug("Direct Line %s: %s in %.0f ms", operation, response.status_code,
-                          (time.monotonic() - started) * 1000)
-                if response.status_code < 300:
-                    return _json(response, operation)
-                error = _status_error(operation, response, idempotent, secrets=(auth, self._settings.secret),
-                                      retry_after_cap=self._retry.max_retry_after)
-            delay = self._retry_delay(error, attempt, waited)
-            if delay is None:
-                raise error
-            log.info("Direct Line %s failed (%s %s), retry %d in %.2f s", operation, error.status, error.code,
-                     attempt, delay)
-            self._sleep(delay)
-            waited += delay
+                response = self._attempt(operation, method, path, auth=auth, idempotent=idempotent,
+                                         json_body=json_body, params=params, files=files)
+            except DirectLineError as error:
+                delay = self._retry_delay(error, attempt, waited)
+                if delay is None:
+                    raise
+                log.info("%s; retry %d in %.2f s", error, attempt, delay)
+                self._clock.sleep(delay)
+                waited += delay
+                continue
+            return _json(response, operation, idempotent)
         raise AssertionError("unreachable")  # the last attempt always raises
+
+    def _attempt(self, operation: str, method: str, path: str, *, auth: str, idempotent: bool,
+                 json_body: Any, params: dict[str, str] | None, files: list | None) -> requests.Response:
+        """One request: Direct Line's successful answer, or its failure raised as a DirectLineError."""
+        started = self._clock.monotonic()
+        with _connection_errors(operation, idempotent):
+            response = self._http().request(method, self._settings.endpoint + path,
+                                            headers={"Authorization": f"Bearer {auth}"}, params=params,
+                                            json=json_body, files=files,
+                                            timeout=(CONNECT_TIMEOUT, self._settings.timeout_seconds))
+        log.debug("Direct Line %s: %s in %.0f ms", operation, response.status_code,
+                  (self._clock.monotonic() - started) * 1000)
+        if response.status_code >= 300:
+            raise _status_error(operation, response, idempotent, secrets=(auth, self._settings.secret),
+                                retry_after_cap=self._retry.max_retry_after, now=self._clock.now())
+        return response
 
     def _retry_delay(self, error: DirectLineError, attempt: int, waited: float) -> float | None:
         """Seconds to wait before trying again, or None to give up and raise `error`."""
@@ -261,14 +275,14 @@ class DirectLineClient:
         if isinstance(error, Throttled) and error.retry_after is not None:
             delay = error.retry_after
         else:
-            delay = random.uniform(0, min(policy.backoff_cap, policy.backoff * 2 ** (attempt - 1)))
+            delay = self._clock.uniform(0, min(policy.backoff_cap, policy.backoff * 2 ** (attempt - 1)))
         return delay if delay <= remaining else None
 
 
 @functools.lru_cache(maxsize=1)
 def get_directline_client() -> DirectLineClient:
-    """The process's client on the app settings: one connection pool shared by every invocation."""
-    return DirectLineClient(get_settings().directline, pool_size=64)  # one connection per poller worker
+    """The process's client on the app settings and the system clock: one connection pool shared by every invocation."""
+    return DirectLineClient(get_settings().directline, clock=SYSTEM_CLOCK, pool_size=64)  # one per poller worker
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -298,38 +312,40 @@ def _conversation_token(payload: Mapping[str, Any]) -> ConversationToken:
                              stream_url=payload.get("streamUrl"))
 
 
-def _json(response: requests.Response, operation: str) -> dict[str, Any]:
+def _json(response: requests.Response, operation: str, idempotent: bool) -> dict[str, Any]:
+    """The answer's JSON object ({} when it has none); TransientError when it is not JSON, ambiguous
+    for a POST: Direct Line took it, but its id cannot be read."""
     if not response.content:
         return {}
     try:
         payload = response.json()
     except ValueError:
         raise TransientError(f"Direct Line {operation} answered {response.status_code} without JSON",
-                             status=502, code="InvalidResponse") from None
+                             ambiguous=not idempotent, upstream_status=response.status_code) from None
     return payload if isinstance(payload, dict) else {}
 
 
 def _status_error(operation: str, response: requests.Response, idempotent: bool, *, secrets: Sequence[str],
-                  retry_after_cap: float) -> DirectLineError:
+                  retry_after_cap: float, now: datetime) -> DirectLineError:
     status = response.status_code
     code, message = _error_body(response)
     text = _redact(f"Direct Line {operation} answered {status} {code}: {message}", secrets)
-    options = {"status": status, "code": code}
+    upstream: dict[str, Any] = {"upstream_status": status, "upstream_code": code}
     if status == 401:
-        return AuthenticationFailed(text, **options)
+        return AuthenticationFailed(text, **upstream)
     if status == 403:
-        return (TokenExpired if code == "TokenExpired" else AuthenticationFailed)(text, **options)
+        return (TokenExpired if code == "TokenExpired" else AuthenticationFailed)(text, **upstream)
     if status == 404:
-        return ConversationNotFound(text, **options)
+        return ConversationNotFound(text, **upstream)
     if status == 429:
-        retry_after = _retry_after(response.headers.get("Retry-After"), cap=retry_after_cap)
-        return Throttled(text, retry_after=retry_after, **options)
+        retry_after = retry_after_seconds(response.headers.get("Retry-After"), cap=retry_after_cap, now=now)
+        return Throttled(text, retry_after=retry_after, **upstream)
     if status < 500:
-        return BadRequest(text, **options)
+        return BadRequest(text, **upstream)
     if status in (502, 504) and not idempotent:
-        return BotFailed(text, **options)
+        return BotFailed(text, **upstream)
     # 500 after a POST may come after the activity was stored: as ambiguous as a 502
-    return TransientError(text, ambiguous=not idempotent and status == 500, **options)
+    return TransientError(text, ambiguous=not idempotent and status == 500, **upstream)
 
 
 def _error_body(response: requests.Response) -> tuple[str, str]:
@@ -343,31 +359,19 @@ def _error_body(response: requests.Response) -> tuple[str, str]:
     return code, str(error.get("message") or "")[:200]
 
 
-def _retry_after(value: str | None, *, cap: float) -> float | None:
-    """Retry-After as seconds (the HTTP unit; an HTTP date works too), never negative, capped."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        import email.utils
-
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), cap)
-
-
-def _connection_error(operation: str, exc: Exception, idempotent: bool) -> TransientError:
-    """A request that failed on the wire; ambiguous for a POST unless it surely never left."""
+@contextlib.contextmanager
+def _connection_errors(operation: str, idempotent: bool) -> Iterator[None]:
+    """Raises TransientError for a request that failed on the wire inside the block: ambiguous for a
+    POST unless it surely never left."""
     import requests
 
-    never_sent = isinstance(exc, requests.ConnectTimeout) or _refused(exc)
-    what = "timed out" if isinstance(exc, requests.Timeout) else "lost its connection"
-    return TransientError(f"Direct Line {operation} {what} ({type(exc).__name__})",
-                          ambiguous=not idempotent and not never_sent, status=504 if "timed" in what else 503,
-                          code="Timeout" if "timed" in what else "ConnectionError")
+    try:
+        yield
+    except requests.RequestException as exc:
+        never_sent = isinstance(exc, requests.ConnectTimeout) or _refused(exc)
+        what = "timed out" if isinstance(exc, requests.Timeout) else "lost its connection"
+        raise TransientError(f"Direct Line {operation} {what} ({type(exc).__name__})",
+                             ambiguous=not idempotent and not never_sent) from None
 
 
 def _refused(exc: Exception) -> bool:

@@ -10,55 +10,60 @@ no secret is sent and no bot is called.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import requests
 
 from relay import __version__
-from relay.settings import Settings, SettingsError
+from relay.errors import SettingsError
+from relay.settings import Settings
 from relay.store.tables import table_service_client
+
+__all__ = ["get_health"]
 
 
 @dataclass(frozen=True)
-class Check:
+class _Check:
     name: str
     ok: bool
     detail: str
     critical: bool = True  # failing makes the instance unhealthy (503); else it is only degraded
 
 
-def check_table_storage(settings: Settings) -> Check:
+def _check_table_storage(settings: Settings) -> _Check:
     try:
         client = table_service_client(settings.storage, retry_total=0, connection_timeout=3, read_timeout=5)
         next(iter(client.list_tables(results_per_page=1).by_page()), None)
     except Exception as error:  # any failure means "not reachable"; the type names the cause
-        return Check("table_storage", False, f"not reachable ({type(error).__name__})")
-    return Check("table_storage", True, "reachable")
+        return _Check("table_storage", False, f"not reachable ({type(error).__name__})")
+    return _Check("table_storage", True, "reachable")
 
 
-def check_directline(settings: Settings) -> Check:
+def _check_directline(settings: Settings) -> _Check:
     """Reachable when Direct Line answers HTTP at all (any status): connection and name resolution work."""
     endpoint = settings.directline.endpoint
     try:
         requests.get(endpoint.rstrip("/") + "/", timeout=(2, 3), allow_redirects=False).close()
     except requests.RequestException as error:
-        return Check("directline", False, f"not reachable at {endpoint} ({type(error).__name__}); messages wait "
-                     "in the outbox", critical=False)
-    return Check("directline", True, f"reachable at {endpoint}", critical=False)
+        return _Check("directline", False, f"not reachable at {endpoint} ({type(error).__name__}); messages wait "
+                      "in the outbox", critical=False)
+    return _Check("directline", True, f"reachable at {endpoint}", critical=False)
 
 
-def get_health(load_settings=Settings.from_environ) -> tuple[int, dict]:
+def get_health(load_settings: Callable[[], Settings] = Settings.from_environ) -> tuple[int, dict[str, Any]]:
     """(status, body): 503 naming the failing checks when a critical one fails; else 200, "degraded"
     naming the non-critical ones that fail."""
     try:
         settings = load_settings()
     except SettingsError as error:
-        checks = [Check("settings", False, str(error))]
+        checks = [_Check("settings", False, str(error))]
     else:
-        checks = [Check("settings", True, "valid"), check_directline(settings), check_table_storage(settings)]
+        checks = [_Check("settings", True, "valid"), _check_directline(settings), _check_table_storage(settings)]
     failing = [c.name for c in checks if not c.ok and c.critical]
     degraded = [c.name for c in checks if not c.ok and not c.critical]
-    body = {
+    body: dict[str, Any] = {
         "status": "unhealthy" if failing else "degraded" if degraded else "healthy",
         "version": __version__,
         "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks},

@@ -1,4 +1,10 @@
-"""Translation between azure.functions HTTP objects and the relay's plain results."""
+"""Translation between azure.functions HTTP objects and the relay's plain results.
+
+Every error answer is decided here, in one table: ERROR_ANSWERS maps an exception class of
+relay/errors.py to the HTTP status and error code the caller gets, looked up along the class's MRO
+(a subclass without a row of its own answers as its nearest listed parent). The body is always
+{"error": {"code", "message"}}, with Retry-After when the exception says how long to wait.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,105 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import azure.functions as func
 
 from relay.channels.base import WebhookAnswer, WebhookRequest
-from relay.errors import RelayError
-from relay.settings import SettingsError, get_settings
-from relay.tokens import Caller, TokenServer, get_token_server, get_webchat_asset
+from relay.errors import (
+    BadPayload,
+    ChannelDisabled,
+    ConcurrencyConflict,
+    ConversationGone,
+    DemoDisabled,
+    DirectLineBusy,
+    DirectLineError,
+    DirectLineRejected,
+    DirectLineUnavailable,
+    InvalidJson,
+    InvalidRequest,
+    InvalidResumeKey,
+    InvalidToken,
+    InvalidWatermark,
+    LeaseLost,
+    MethodNotAllowed,
+    MissingToken,
+    OriginNotAllowed,
+    PayloadTooLarge,
+    ProviderRejected,
+    ProviderUnavailable,
+    RefreshTooLate,
+    RelayError,
+    RequestTooLarge,
+    ResumeKeyReused,
+    SessionExpired,
+    SessionRevoked,
+    SettingsError,
+    SignatureInvalid,
+    StaleTimestamp,
+    StoreError,
+    TooManyRequests,
+    VerifyTokenMismatch,
+    WebChatFileNotFound,
+)
+from relay.settings import get_settings
+from relay.tokens import MAX_BODY_BYTES, Caller, TokenServer, get_token_server, get_webchat_asset
+
+__all__ = [
+    "ERROR_ANSWERS",
+    "answer_response",
+    "bearer_token",
+    "cors_call",
+    "error_answer",
+    "error_response",
+    "guarded",
+    "json_response",
+    "serve_webchat_file",
+    "token_server_call",
+    "webhook_request",
+]
 
 log = logging.getLogger(__name__)
+
+ERROR_ANSWERS: dict[type[RelayError], tuple[int, str]] = {
+    RelayError: (500, "RelayError"),  # a failure of the relay's own with no row nearer to it
+    SettingsError: (503, "Misconfigured"),
+    # A provider's webhook. A 4xx tells the provider not to send it again: only for its own mistakes.
+    ChannelDisabled: (404, "ChannelDisabled"),
+    MethodNotAllowed: (405, "MethodNotAllowed"),
+    SignatureInvalid: (401, "InvalidSignature"),
+    StaleTimestamp: (401, "StaleTimestamp"),
+    VerifyTokenMismatch: (403, "InvalidSignature"),  # Meta's handshake expects a 403
+    BadPayload: (400, "BadPayload"),
+    PayloadTooLarge: (413, "PayloadTooLarge"),
+    # Our own upstreams failing: the caller's request was fine; 503 asks it to come back.
+    ProviderRejected: (502, "ProviderRejected"),
+    ProviderUnavailable: (503, "ProviderUnavailable"),
+    DirectLineError: (502, "DirectLineError"),
+    StoreError: (503, "StorageUnavailable"),
+    ConcurrencyConflict: (503, "ConcurrencyConflict"),  # transient: a provider retries a 503, not a 409
+    LeaseLost: (503, "LeaseLost"),
+    # The Web Chat token server and files (relay-webchat.js reads the status: 403/404 start over).
+    OriginNotAllowed: (403, "OriginNotAllowed"),
+    TooManyRequests: (429, "TooManyRequests"),
+    RequestTooLarge: (413, "PayloadTooLarge"),
+    InvalidJson: (400, "InvalidJson"),
+    InvalidRequest: (400, "InvalidRequest"),
+    MissingToken: (401, "MissingToken"),
+    InvalidToken: (403, "InvalidToken"),
+    RefreshTooLate: (403, "TokenExpired"),
+    ConversationGone: (404, "ConversationGone"),
+    SessionRevoked: (403, "SessionRevoked"),
+    SessionExpired: (403, "SessionExpired"),
+    ResumeKeyReused: (403, "ResumeKeyReused"),
+    InvalidResumeKey: (403, "InvalidResumeKey"),
+    InvalidWatermark: (400, "InvalidWatermark"),
+    DirectLineRejected: (502, "DirectLineRejected"),
+    DirectLineBusy: (503, "DirectLineBusy"),
+    DirectLineUnavailable: (503, "DirectLineUnavailable"),
+    WebChatFileNotFound: (404, "NotFound"),
+    DemoDisabled: (404, "DemoDisabled"),
+}
+"""Exception class -> (HTTP status, error code): the one place an error's answer is chosen."""
 
 
 def json_response(body: dict | list, status: int = 200, headers: dict[str, str] | None = None) -> func.HttpResponse:
@@ -28,26 +123,33 @@ def json_response(body: dict | list, status: int = 200, headers: dict[str, str] 
     )
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> func.HttpResponse:
-    """The one error shape every function answers with: {"error": {"code", "message"}}."""
-    return json_response({"error": {"code": code, "message": message}}, status, headers)
+def error_answer(error: RelayError) -> tuple[int, str]:
+    """(HTTP status, error code) for `error`: the ERROR_ANSWERS row of its class or nearest listed parent."""
+    return next(ERROR_ANSWERS[cls] for cls in type(error).__mro__ if cls in ERROR_ANSWERS)
 
 
-def relay_error_response(error: RelayError, headers: dict[str, str] | None = None) -> func.HttpResponse:
-    """A RelayError as the one error shape, with Retry-After when it says how long to wait."""
+def error_response(error: RelayError, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    """`error` as the one error shape, {"error": {"code", "message"}}, with its ERROR_ANSWERS status and
+    Retry-After (whole seconds, at least 1) when it says how long to wait."""
+    status, code = error_answer(error)
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after)))}
-    return error_response(error.status, error.code, error.message, headers)
+    return json_response({"error": {"code": code, "message": error.message}}, status, headers)
 
 
-def client_address(req: func.HttpRequest) -> str:
-    """The caller's IP address, for per-client limits.
+def _client_address(req: func.HttpRequest, *, proxy_hops: int) -> str:
+    """The caller's IP address, for per-client limits ("unknown" when there is none).
 
-    The last X-Forwarded-For entry is the one the platform's front end added; earlier entries are
-    whatever the caller claimed. Azure writes it with a port ("203.0.113.7:51234"), dropped here.
+    Azure's front end appends the address it was called from to X-Forwarded-For, with a port
+    ("203.0.113.7:51234", dropped here); entries left of it are whatever earlier hops (or the caller)
+    wrote. With `proxy_hops` proxies of the deployer's own in front, the client is that many entries
+    further left: each proxy appended the address that called it.
     """
-    hop = (req.headers.get("X-Forwarded-For") or "").rsplit(",", 1)[-1].strip()
+    hops = [hop.strip() for hop in (req.headers.get("X-Forwarded-For") or "").split(",") if hop.strip()]
+    if not hops:
+        return "unknown"
+    hop = hops[max(0, len(hops) - 1 - proxy_hops)]
     if hop.startswith("["):
         hop = hop[1:].partition("]")[0]
     elif hop.count(":") == 1:
@@ -55,19 +157,13 @@ def client_address(req: func.HttpRequest) -> str:
     try:
         return str(ipaddress.ip_address(hop))
     except ValueError:
-        return hop[:64] or "unknown"
+        return "unknown"
 
 
 def bearer_token(req: func.HttpRequest) -> str:
     """The value of `Authorization: Bearer <value>`, or "" when there is none."""
     scheme, _, value = (req.headers.get("Authorization") or "").strip().partition(" ")
     return value.strip() if scheme.lower() == "bearer" else ""
-
-
-def own_origin(req: func.HttpRequest) -> str:
-    """scheme://host[:port] of the URL this request was made to: a page served by the app has this origin."""
-    parts = urlsplit(req.url)
-    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
 
 
 PREFLIGHT_HEADERS = {
@@ -77,23 +173,34 @@ PREFLIGHT_HEADERS = {
 }
 
 
-def token_server_call(req: func.HttpRequest, call: Callable[[TokenServer, Caller], dict]) -> func.HttpResponse:
-    """One call of the Web Chat token server with the caller's address and origins, CORS and errors translated."""
+def token_server_call(req: func.HttpRequest, call: Callable[[TokenServer, Caller, bytes], dict]) -> func.HttpResponse:
+    """One call of the Web Chat token server with the caller's address, origin and body (at most
+    MAX_BODY_BYTES, refused by its declared length before it is read), CORS and errors translated."""
 
     def answer() -> func.HttpResponse:
         tokens = get_token_server()
-        caller = Caller(address=client_address(req), origin=req.headers.get("Origin") or "",
-                        own_origin=own_origin(req))
-        return cors_call(req, lambda: call(tokens, caller), origin_allowed=tokens.is_origin_allowed(caller))
+        caller = Caller(address=_client_address(req, proxy_hops=get_settings().webchat.proxy_hops),
+                        origin=req.headers.get("Origin") or "")
+        return cors_call(req, lambda: call(tokens, caller, _capped_body(req)),
+                         origin_allowed=tokens.is_origin_allowed(caller))
 
     return guarded(answer)
+
+
+def _capped_body(req: func.HttpRequest) -> bytes:
+    """The request body, or RequestTooLarge past MAX_BODY_BYTES (by Content-Length first, so a huge one is
+    turned away before anything reads it)."""
+    declared = (req.headers.get("Content-Length") or "").strip()
+    if (declared.isdigit() and int(declared) > MAX_BODY_BYTES) or len(req.get_body() or b"") > MAX_BODY_BYTES:
+        raise RequestTooLarge(f"A token call sends at most {MAX_BODY_BYTES} bytes")
+    return req.get_body() or b""
 
 
 def cors_call(req: func.HttpRequest, call: Callable[[], dict], *, origin_allowed: bool) -> func.HttpResponse:
     """Answer a JSON endpoint browsers call from other origins.
 
     An allowed Origin gets CORS headers (its preflight too); any other gets none, so the browser
-    keeps the answer from the page. A RelayError becomes its JSON error.
+    keeps the answer from the page (OriginNotAllowed). A RelayError becomes its JSON error.
     """
     origin = req.headers.get("Origin") or ""
     cors = {}
@@ -101,13 +208,13 @@ def cors_call(req: func.HttpRequest, call: Callable[[], dict], *, origin_allowed
         cors = {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": "Retry-After",
                 "Vary": "Origin"}
     if origin and not cors:
-        return error_response(403, "OriginNotAllowed", f"The origin {origin[:100]} may not call this endpoint")
+        return error_response(OriginNotAllowed(f"The origin {origin[:100]} may not call this endpoint"))
     if req.method == "OPTIONS":
         return func.HttpResponse(status_code=204, headers={**cors, **PREFLIGHT_HEADERS, "Allow": "POST, OPTIONS"})
     return guarded(lambda: json_response(call(), headers=cors), error_headers={**cors, "Vary": "Origin"})
 
 
-def file_response(content: bytes, mimetype: str, *, max_age: int = 300) -> func.HttpResponse:
+def _file_response(content: bytes, mimetype: str, *, max_age: int = 300) -> func.HttpResponse:
     """A static UTF-8 text file (a page or a script)."""
     return func.HttpResponse(content, status_code=200, mimetype=mimetype, charset="utf-8",
                              headers={"Cache-Control": f"public, max-age={max_age}",
@@ -128,17 +235,16 @@ def answer_response(answer: WebhookAnswer) -> func.HttpResponse:
 
 def guarded(handler: Callable[[], func.HttpResponse], *,
             error_headers: dict[str, str] | None = None) -> func.HttpResponse:
-    """Run a handler; the relay's own errors become their JSON answer (with `error_headers`), a bad
-    setting a 503 naming it."""
+    """Run a handler; the relay's own errors become their JSON answer (error_response, with `error_headers`)."""
     try:
         return handler()
     except RelayError as error:
-        if error.status >= 500:
-            log.warning("answering %d %s: %s", error.status, error.code, error)
-        return relay_error_response(error, error_headers)
-    except SettingsError as error:
-        log.error("app settings are not valid: %s", error)
-        return error_response(503, "Misconfigured", str(error))
+        status, code = error_answer(error)
+        if isinstance(error, SettingsError):
+            log.error("app settings are not valid: %s", error)
+        elif status >= 500:
+            log.warning("answering %d %s: %s", status, code, error)
+        return error_response(error, error_headers)
 
 
 def serve_webchat_file(name: str) -> func.HttpResponse:
@@ -149,6 +255,6 @@ def serve_webchat_file(name: str) -> func.HttpResponse:
         if asset.redirect_to:
             return func.HttpResponse(status_code=302, headers={"Location": asset.redirect_to,
                                                                "Cache-Control": "public, max-age=300"})
-        return file_response(asset.content, asset.mimetype)
+        return _file_response(asset.content, asset.mimetype)
 
     return guarded(answer)

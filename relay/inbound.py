@@ -11,16 +11,17 @@ delivered before the provider is answered, so a prompt bot does not wait for the
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 from datetime import timedelta
 
 from relay.activities import build_inbound_activity, directline_user_id
 from relay.channels.base import ChannelAdapter, InboundMessage, WebhookAnswer, WebhookRequest
 from relay.conversations import RelayContext, new_owner, work_conversation
-from relay.errors import BadPayload, RelayError
-from relay.store.conversations import ACTIVE, ConversationKey, ConversationRecord
-from relay.store.outbox import PENDING
+from relay.errors import BadPayload, MethodNotAllowed, RelayError
+from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState
+from relay.store.outbox import InboundState
+
+__all__ = ["accept_message", "handle_webhook", "parse_messages"]
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,7 @@ def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> 
     if handshake is not None:
         return handshake
     if request.method != "POST":
-        raise RelayError(f"{request.method} is not accepted here: providers POST their webhooks",
-                         status=405, code="MethodNotAllowed")
+        raise MethodNotAllowed(f"{request.method} is not accepted here: providers POST their webhooks")
     adapter.verify(request)
     messages = parse_messages(adapter, channel, request)
     to_work: dict[ConversationKey, None] = {}
@@ -44,11 +44,11 @@ def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> 
         if accept_message(ctx, key, message):
             to_work[key] = None
     burst = ctx.settings.relay.burst_poll_seconds
-    started = time.perf_counter()
+    started = ctx.clock.monotonic()
     for key in to_work:
-        relay_now(ctx, key, burst_seconds=burst)
+        _relay_now(ctx, key, burst_seconds=burst)
     log.info("webhook %s: %d message(s), %d new, relayed in %.0f ms", channel, len(messages), len(to_work),
-             (time.perf_counter() - started) * 1000)
+             (ctx.clock.monotonic() - started) * 1000)
     return adapter.acknowledgement()
 
 
@@ -73,19 +73,19 @@ def accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMess
     """Store one message (StoreError when storage is down: nothing is acknowledged then).
 
     True when it waits to be posted; False for a duplicate that was already handled."""
-    now = ctx.clock()
+    now = ctx.clock.now()
     # The record first: an outbox entry must never exist without a record the poller will find.
-    ctx.store.conversations.update_record(key, lambda record: touched(record, key, message, now))
+    ctx.store.conversations.update_record(key, lambda record: _touched(record, key, message, now))
     activity = build_inbound_activity(message, channel=key.channel,
                                       omnichannel=ctx.settings.relay.omnichannel.get(key.channel))
     result = ctx.store.outbox.add_message(key, message.message_id, activity, now=now)
     if not result.is_new:
         log.info("webhook %s: message already %s, not relayed again", key.channel, result.state)
-    return result.is_new or result.state == PENDING
+    return result.is_new or result.state == InboundState.PENDING
 
 
-def touched(record: ConversationRecord | None, key: ConversationKey, message: InboundMessage,
-            now) -> ConversationRecord:
+def _touched(record: ConversationRecord | None, key: ConversationKey, message: InboundMessage,
+             now) -> ConversationRecord:
     """The user's record after a new message: due for polling now, answering where the user wrote from."""
     if record is None:
         return ConversationRecord(key, conversation_id="", user_id=directline_user_id(key.channel, key.user),
@@ -93,34 +93,35 @@ def touched(record: ConversationRecord | None, key: ConversationKey, message: In
                                   next_poll_at=now, poll_interval=0.0)
     if not record.active:
         # The bot or the idle timer ended the last conversation: this message starts a new one.
-        record = replace(record, state=ACTIVE, conversation_id="", token="", token_expires_at=None, watermark=None)
+        record = replace(record, state=ConversationState.ACTIVE, conversation_id="", token="", token_expires_at=None,
+                         watermark=None)
     return replace(record, reply_context=dict(message.reply_context) or record.reply_context,
                    last_user_activity_at=now, next_poll_at=now, poll_interval=0.0, peekable=False)
 
 
-def relay_now(ctx: RelayContext, key: ConversationKey, *, burst_seconds: float) -> None:
+def _relay_now(ctx: RelayContext, key: ConversationKey, *, burst_seconds: float) -> None:
     """Post what waits and deliver quick replies under the lease; the poller does it if we cannot.
 
     Failures here are logged, never raised: the messages are stored, and the provider must hear 200."""
     owner = new_owner("webhook")
-    deadline = ctx.clock() + timedelta(seconds=burst_seconds)
+    deadline = ctx.clock.now() + timedelta(seconds=burst_seconds)
     try:
         lease = ctx.settings.relay.lease_seconds
         record = ctx.store.conversations.acquire_lease(key, owner=owner, lease_seconds=lease)
-        while record is None and ctx.clock() + timedelta(seconds=LEASE_WAIT_STEP) < deadline:
-            ctx.sleep(LEASE_WAIT_STEP)  # the poller is working this conversation right now
+        while record is None and ctx.clock.now() + timedelta(seconds=LEASE_WAIT_STEP) < deadline:
+            ctx.clock.sleep(LEASE_WAIT_STEP)  # the poller is working this conversation right now
             record = ctx.store.conversations.acquire_lease(key, owner=owner, lease_seconds=lease)
         if record is None:
             # Written again AFTER the message was queued: the busy worker then cannot leave the
             # conversation peekable (its finish sees a record changed by someone else).
             ctx.store.conversations.update_record(
-                key, lambda r: r and replace(r, last_user_activity_at=ctx.clock(), next_poll_at=ctx.clock(),
+                key, lambda r: r and replace(r, last_user_activity_at=ctx.clock.now(), next_poll_at=ctx.clock.now(),
                                              peekable=False))
             log.info("a %s conversation is busy; the poller will post its message", key.channel)
             return
         work_conversation(ctx, record, owner=owner, poll=burst_seconds > 0, burst_until=deadline, idle_check=False)
     except RelayError as error:
-        log.warning("could not relay a %s message now (%s %s); it waits in the outbox", key.channel,
-                    error.status, error.code)
+        log.warning("could not relay a %s message now (%s: %s); it waits in the outbox", key.channel,
+                    type(error).__name__, error)
     except Exception:
         log.exception("could not relay a %s message now; it waits in the outbox", key.channel)

@@ -11,7 +11,6 @@ transaction. So an idle conversation costs one Direct Line request and about 0.0
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,6 +19,8 @@ from relay.conversations import Peek, RelayContext, WorkResult, new_owner, next_
 from relay.errors import DirectLineError
 from relay.store.due_polls import DueConversation
 from relay.store.sweep import sweep_tables
+
+__all__ = ["TickResult", "poll_tick", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,9 @@ class TickResult:
 
 
 def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, workers: int = WORKERS) -> TickResult:
-    started = time.perf_counter()
+    started = ctx.clock.monotonic()
     tick = new_owner("poller")
-    now = ctx.clock()
+    now = ctx.clock.now()
     due = ctx.store.due_polls.list_due(now=now, limit=limit)
     quiet: list[tuple[DueConversation, datetime, float]] = []
 
@@ -56,13 +57,14 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
             if _may_peek(ctx, item, now):
                 peek = _peek(ctx, item)
                 if peek is not None and not peek.page.activities:
-                    interval, after = next_idle_poll(ctx.clock(), last_activity=item.last_activity_at,
+                    interval, after = next_idle_poll(ctx.clock.now(), last_activity=item.last_activity_at,
                                                      interval=item.poll_interval,
                                                      ceiling=ctx.settings.relay.poll_ceiling_seconds)
                     quiet.append((item, after, interval))  # list.append is atomic: no lock needed
                     return None
             record = ctx.store.conversations.claim_due(item, owner=owner,
-                                                       lease_seconds=ctx.settings.relay.lease_seconds, now=ctx.clock())
+                                                       lease_seconds=ctx.settings.relay.lease_seconds,
+                                                       now=ctx.clock.now())
             if record is None:
                 return None  # not due after all, or another poller holds it
             return work_conversation(ctx, record, owner=owner, peek=peek)
@@ -85,7 +87,7 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
         dead_letters=sum(r.dead_letters for r in results),
         ended=sum(r.ended for r in results),
         failed=sum(bool(r.error) for r in results),
-        seconds=time.perf_counter() - started,
+        seconds=ctx.clock.monotonic() - started,
         quiet=len(quiet),
     )
     log.info("poll tick: due=%d quiet=%d worked=%d posted=%d delivered=%d dead_letters=%d ended=%d failed=%d "
@@ -109,11 +111,11 @@ def _peek(ctx: RelayContext, item: DueConversation) -> Peek | None:
         page = ctx.directline.get_activities(item.conversation_id, watermark=item.watermark)
     except DirectLineError:
         return None
-    return Peek(item.conversation_id, item.watermark, page, time.monotonic())
+    return Peek(item.conversation_id, item.watermark, page, ctx.clock.monotonic())
 
 
 def sweep(ctx: RelayContext) -> None:
     """Remove ended and long-idle conversations, old dedupe rows, expired sessions and counters."""
     idle = timedelta(minutes=ctx.settings.relay.idle_timeout_minutes) * 2
-    result = sweep_tables(ctx.store, idle_after=max(idle, timedelta(days=1)))
+    result = sweep_tables(ctx.store, now=ctx.clock.now(), idle_after=max(idle, timedelta(days=1)))
     log.info("sweep: %s", result)

@@ -8,7 +8,7 @@ posted again, so the bot gets each message once.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from relay.activities import take_pending_media, with_unavailable_media
 from relay.channels.base import Media
@@ -23,6 +23,7 @@ from relay.errors import (
     ProviderUnavailable,
     StoreError,
 )
+from relay.store.dead_letters import DeadLetterKind
 from relay.store.outbox import OutboxMessage
 
 if TYPE_CHECKING:
@@ -55,8 +56,7 @@ class OutboxPoster:
             client_id = (message.activity.get("channelData") or {}).get("clientActivityID", "")
             if message.in_doubt:
                 # An earlier post may have arrived although it failed: look before posting again.
-                found = self.worker.call(lambda token, cid=client_id: self.ctx.directline.find_activity_by_client_id(
-                    self.worker.record.conversation_id, cid, token=token))
+                found = self._find_posted(client_id)
                 if found is not None:
                     self.ctx.store.outbox.complete_message(message, activity_id=found.get("id", ""))
                     self.worker.result.posted += 1
@@ -69,11 +69,10 @@ class OutboxPoster:
                 activity, files, missing = self._with_media(message)
             except ProviderUnavailable as error:
                 # Nothing was posted: the download is tried again later, as a post is after a Direct Line outage.
-                self.ctx.store.outbox.release_message(message, error=f"media {error.status} {error.code}",
-                                                      in_doubt=False)
+                self.ctx.store.outbox.release_message(message, error=f"media: {error}", in_doubt=False)
                 self.worker.wait(error.retry_after, attempts=message.attempts)
-                log.info("a %s message waits in the outbox for its media (%s %s, attempt %d)", self.worker.key.channel,
-                         error.status, error.code, message.attempts)
+                log.info("a %s message waits in the outbox for its media (%s, attempt %d)", self.worker.key.channel,
+                         error.reason, message.attempts)
                 return False
             try:
                 activity_id = self._post(activity, files)
@@ -82,17 +81,21 @@ class OutboxPoster:
                 self.worker.result.dead_letters += 1
                 continue
             except DirectLineError as error:
-                self.ctx.store.outbox.release_message(message, error=f"{error.status} {error.code}",
-                                                      in_doubt=error.ambiguous)
+                self.ctx.store.outbox.release_message(message, error=str(error), in_doubt=error.ambiguous)
                 self.worker.wait(getattr(error, "retry_after", None), attempts=message.attempts)
-                log.info("a %s message waits in the outbox (%s %s, attempt %d)", self.worker.key.channel, error.status,
-                         error.code, message.attempts)
+                log.info("a %s message waits in the outbox (%s, attempt %d)", self.worker.key.channel,
+                         error, message.attempts)
                 return False
             self.ctx.store.outbox.complete_message(message, activity_id=activity_id)
             self.worker.result.posted += 1
             if missing:
                 self._dead_letter_media(message, missing)
         return True
+
+    def _find_posted(self, client_id: str) -> dict[str, Any] | None:
+        """The activity an earlier post with this clientActivityID left at Direct Line, or None."""
+        return self.worker.call(lambda token: self.ctx.directline.find_activity_by_client_id(
+            self.worker.record.conversation_id, client_id, token=token))
 
     def _with_media(self, message: OutboxMessage) -> tuple[dict, list[UploadFile], list[tuple[Media, ProviderError]]]:
         """The activity to post, the user's protected media fetched to upload with it, and those that could not be.
@@ -118,18 +121,18 @@ class OutboxPoster:
             room -= len(fetched.content)
             files.append(UploadFile(fetched.name, fetched.content, fetched.content_type))
         if missing:
-            activity = with_unavailable_media(activity, [(media, error.code) for media, error in missing])
+            activity = with_unavailable_media(activity, [(media, error.reason) for media, error in missing])
         return activity, files, missing
 
     def _dead_letter_media(self, message: OutboxMessage, missing: list[tuple[Media, ProviderError]]) -> None:
         """Keep a record of the files the bot did not get; the message itself was posted."""
-        reason = "; ".join(f"{error.status} {error.code}: {error}" for _, error in missing)
+        reason = "; ".join(f"{error.reason}: {error}" for _, error in missing)
         try:
-            self.ctx.store.dead_letters.add_letter(self.worker.key, kind="media", reason=reason, payload={
+            self.ctx.store.dead_letters.add_letter(self.worker.key, kind=DeadLetterKind.MEDIA, reason=reason, payload={
                 "message_id": message.message_id, "media": [{"url": m.url, "contentType": m.content_type}
                                                             for m, _ in missing]})
         except StoreError as error:
-            log.warning("could not record a %s media dead letter (%s)", self.worker.key.channel, error.code)
+            log.warning("could not record a %s media dead letter (%s)", self.worker.key.channel, error)
         self.worker.result.dead_letters += 1
 
     def _post(self, activity: dict, files: list[UploadFile]) -> str:

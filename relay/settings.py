@@ -2,7 +2,7 @@
 
 The catalogue `SETTINGS` is the single list of names: the readers below may only ask for a
 catalogued name, the README's settings table and infra/'s consistency test are built from it.
-A missing or malformed value raises `SettingsError` with a message naming the setting, never
+A missing or malformed value raises `relay.errors.SettingsError` with a message naming the setting, never
 its value (several are secrets).
 """
 
@@ -15,9 +15,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from relay.errors import SettingsError
 
-class SettingsError(ValueError):
-    """An app setting is missing or malformed; the message names it and says what is expected."""
+__all__ = [
+    "CHANNEL_SWITCHES",
+    "SETTINGS",
+    "DirectLineSettings",
+    "RelaySettings",
+    "Setting",
+    "Settings",
+    "SettingsError",
+    "StorageSettings",
+    "WebChatSettings",
+    "get_settings",
+]
+
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,10 @@ SETTINGS: dict[str, Setting] = _catalogue(
     Setting("WEBCHAT_TOKEN_RATE_LIMIT", "Tokens one client address may obtain per minute (and, separately, "
             "resume attempts it may make).", default="10",
             group="webchat"),
+    Setting("WEBCHAT_PROXY_HOPS", "Proxies of your own (Front Door, API Management, Application Gateway) between "
+            "browsers and the app: the client address for the rate limits is the X-Forwarded-For entry this many "
+            "places left of the last one (which Azure's front end adds). 0 when browsers call the app directly.",
+            default="0", group="webchat"),
     # Twilio
     Setting("TWILIO_ACCOUNT_SID", "Twilio account SID (enables the twilio channel).", default="", group="twilio"),
     Setting("TWILIO_AUTH_TOKEN", "Twilio auth token: verifies webhooks and authenticates replies.",
@@ -256,6 +272,7 @@ class WebChatSettings:
     demo_enabled: bool
     token_rate_limit: int
     bundle_url: str
+    proxy_hops: int = 0
 
 
 @dataclass(frozen=True)
@@ -359,6 +376,7 @@ def _webchat(env: _Environment) -> WebChatSettings:
         allowed_origins=origins,
         demo_enabled=env.flag("WEBCHAT_DEMO_ENABLED"),
         token_rate_limit=env.integer("WEBCHAT_TOKEN_RATE_LIMIT", minimum=1),
+        proxy_hops=env.integer("WEBCHAT_PROXY_HOPS"),
         bundle_url=bundle_url,
     )
 

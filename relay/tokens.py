@@ -14,7 +14,7 @@ Choices:
 - Tokens are bound to a fresh `dl_` user id and to the allowed origins (trustedOrigins): the
   configured WEBCHAT_ALLOWED_ORIGINS plus the calling page's origin when it is allowed. A token from
   a resume comes from reconnect, which Direct Line gives no user or origins; the page keeps its user
-  id. An Origin that is not allowed is refused (403), and gets no CORS headers.
+  id. An Origin that is not allowed is refused (OriginNotAllowed), and gets no CORS headers.
 - The key is checked before Direct Line is called, and rotated only after the reconnect worked: a
   failed reconnect (Direct Line busy, the network) leaves the page's key valid for its next try.
 - Sessions last SESSION_LIFETIME past their last issue or resume (Direct Line keeps messages about
@@ -27,28 +27,57 @@ Choices:
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from relay.clock import SYSTEM_CLOCK, Clock
 from relay.directline import ConversationToken, DirectLineClient, RetryPolicy, get_directline_client
 from relay.errors import (
     AuthenticationFailed,
+    ConversationGone,
     ConversationNotFound,
+    DemoDisabled,
+    DirectLineBusy,
     DirectLineError,
+    DirectLineRejected,
+    DirectLineUnavailable,
+    InvalidJson,
+    InvalidRequest,
+    InvalidResumeKey,
+    InvalidToken,
+    InvalidWatermark,
+    MissingToken,
+    OriginNotAllowed,
+    RefreshTooLate,
+    ResumeKeyReused,
+    SessionExpired,
+    SessionRevoked,
     Throttled,
     TokenExpired,
+    TooManyRequests,
     WebChatError,
+    WebChatFileNotFound,
 )
 from relay.settings import Settings, WebChatSettings, get_settings
 from relay.store import RelayStore, get_store
-from relay.store.sessions import RESUMED, RETRIED, REUSED_KEY, SESSION_EXPIRED, SESSION_REVOKED
-from relay.store.tables import utcnow
+from relay.store.sessions import ResumeOutcome
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "Asset",
+    "Caller",
+    "TokenServer",
+    "get_token_server",
+    "get_webchat_asset",
+    "rate_limit_bucket",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +85,8 @@ SESSION_LIFETIME = timedelta(hours=24)
 RATE_WINDOW_SECONDS = 60
 DEFAULT_TOKEN_SECONDS = 1800  # Direct Line's documented lifetime, when a reconnect does not say
 MAX_FIELD_CHARS = 512
+MAX_BODY_BYTES = 4096
+"""The largest body a token call may send: a resume body is three short strings."""
 # A page waits on these calls: fail within seconds rather than ride out a long Direct Line outage.
 TOKEN_SERVER_RETRY = RetryPolicy(attempts=3, backoff=0.25, backoff_cap=1.0, max_retry_after=2.0, budget=3.0)
 
@@ -65,17 +96,21 @@ WEBCHAT_BUNDLE = Path(__file__).resolve().parent.parent / "node_modules/botframe
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asks: the client address (rate limit), the page's Origin, and the origin the relay was called on."""
+    """Who asks: the client address (for the rate limits) and the page's Origin."""
 
     address: str = "unknown"
     origin: str = ""
-    own_origin: str = ""
 
 
 class TokenServer:
-    """The three token endpoints as plain calls; each answers the JSON body or raises WebChatError."""
+    """The three token endpoints as plain calls; each answers the JSON body or raises a WebChatError
+    (StoreError when Table Storage fails).
 
-    def __init__(self, settings: Settings, *, client: DirectLineClient, store: RelayStore):
+    Sessions expire SESSION_LIFETIME after `clock`'s now."""
+
+    def __init__(self, settings: Settings, *, client: DirectLineClient, store: RelayStore,
+                 clock: Clock = SYSTEM_CLOCK):
+        self._clock = clock
         self._webchat = settings.webchat
         self._domain = settings.directline.endpoint
         self._public_origin = _origin_of(settings.relay.public_base_url)
@@ -86,68 +121,76 @@ class TokenServer:
         return f"TokenServer(domain={self._domain!r})"
 
     def is_origin_allowed(self, caller: Caller) -> bool:
-        """No Origin (not a browser), listed in WEBCHAT_ALLOWED_ORIGINS ("*": any), or the relay's own (the demo)."""
+        """No Origin (not a browser), listed in WEBCHAT_ALLOWED_ORIGINS ("*": any), or the relay's own (the demo).
+
+        The relay's own origin is RELAY_PUBLIC_BASE_URL's, never the Host the request names: a caller
+        chooses its Host header (and its Origin) freely."""
         allowed = self._webchat.allowed_origins
         return (not caller.origin or "*" in allowed or caller.origin in allowed
-                or caller.origin in {caller.own_origin, self._public_origin} - {""})
+                or (bool(self._public_origin) and caller.origin == self._public_origin))
 
     def issue_token(self, caller: Caller) -> dict[str, Any]:
         """A token for a new conversation, with the resume key that proves the page owns it."""
         self._check_origin(caller)
-        limit = self._store.rate_limits.count_request(caller.address, limit=self._webchat.token_rate_limit,
+        limit = self._store.rate_limits.count_request(rate_limit_bucket(caller.address),
+                                                      limit=self._webchat.token_rate_limit,
                                                       window_seconds=RATE_WINDOW_SECONDS)
         if not limit.allowed:
-            raise WebChatError(f"Too many tokens for this client address: at most {limit.limit} per minute",
-                               status=429, code="TooManyRequests", retry_after=limit.retry_after)
+            raise TooManyRequests(f"Too many tokens for this client address: at most {limit.limit} per minute",
+                                  retry_after=limit.retry_after)
         user_id = "dl_" + secrets.token_hex(16)
         trusted = [o for o in self._webchat.allowed_origins if o != "*"]
         if caller.origin and caller.origin not in trusted and "*" not in self._webchat.allowed_origins:
             trusted.append(caller.origin)
         grant = self._directline(lambda: self._client.generate_token(user_id=user_id, trusted_origins=trusted))
-        resume_key = new_resume_key()
+        resume_key = _new_resume_key()
+        now = self._clock.now()
         self._store.sessions.create_session(grant.conversation_id, user_id=user_id, resume_key=resume_key,
-                                            expires_at=utcnow() + SESSION_LIFETIME)
+                                            expires_at=now + SESSION_LIFETIME, now=now)
         log.info("Web Chat token issued for conversation %s", grant.conversation_id)
         return {**self._grant(grant), "userId": user_id, "resumeKey": resume_key, "domain": self._domain}
 
     def refresh_token(self, token: str, *, caller: Caller = Caller()) -> dict[str, Any]:
-        """A fresh token for the same conversation; an expired one is 403 TokenExpired (the page resumes)."""
+        """A fresh token for the same conversation; an expired one is RefreshTooLate (the page resumes)."""
         self._check_origin(caller)
         if not token:
-            raise WebChatError("Send the token to refresh as 'Authorization: Bearer <token>'", status=401,
-                               code="MissingToken")
+            raise MissingToken("Send the token to refresh as 'Authorization: Bearer <token>'")
         grant = self._directline(lambda: self._client.refresh_token(token=token), callers_token=True)
         session = self._store.sessions.get_session(grant.conversation_id)
         if session is not None and session.revoked:
-            raise WebChatError("This conversation's session was revoked: start a new conversation", status=403,
-                               code="SessionRevoked")
+            raise SessionRevoked("This conversation's session was revoked: start a new conversation")
         return self._grant(grant)
 
-    def resume(self, *, conversation_id: str, resume_key: str, watermark: str | None = None,
-               caller: Caller = Caller()) -> dict[str, Any]:
-        """A new token for the page's own conversation, from its watermark, and the next resume key."""
+    def resume(self, body: bytes, *, caller: Caller = Caller()) -> dict[str, Any]:
+        """A new token for the page's own conversation, from its watermark, and the next resume key.
+
+        `body` is the page's JSON `{conversationId, resumeKey, watermark?}`, parsed only after the
+        attempt counted against the caller's rate limit."""
         self._check_origin(caller)
         # A 256-bit key cannot be guessed anyway; the limit keeps anyone from trying at our expense.
-        limit = self._store.rate_limits.count_request(f"resume|{caller.address}",
+        limit = self._store.rate_limits.count_request(f"resume|{rate_limit_bucket(caller.address)}",
                                                       limit=self._webchat.token_rate_limit,
                                                       window_seconds=RATE_WINDOW_SECONDS)
         if not limit.allowed:
-            raise WebChatError(f"Too many resume attempts from this client address: at most {limit.limit} per minute",
-                               status=429, code="TooManyRequests", retry_after=limit.retry_after)
-        now = utcnow()
+            raise TooManyRequests("Too many resume attempts from this client address: "
+                                  f"at most {limit.limit} per minute", retry_after=limit.retry_after)
+        request = _parse_resume_body(body)
+        conversation_id, resume_key, watermark = request.conversation_id, request.resume_key, request.watermark
+        now = self._clock.now()
         session = self._store.sessions.get_session(conversation_id)
         grant = None
-        if session is not None and session.resume_outcome(resume_key, now=now) in (RESUMED, RETRIED):
+        if session is not None and session.resume_outcome(resume_key, now=now).accepted:
             grant = self._reconnect(conversation_id, watermark)
-        next_key = new_resume_key()
+        next_key = _new_resume_key()
         result = self._store.sessions.resume_session(conversation_id, resume_key=resume_key, new_resume_key=next_key,
                                                      expires_at=now + SESSION_LIFETIME, now=now)
-        if not result.ok:
+        if not result.ok or result.session is None:  # an accepted resume always carries the session
             raise _refusal(result.outcome, conversation_id)
         if grant is None:  # only if the session changed between the check and the rotation
             grant = self._reconnect(conversation_id, watermark)
+        retried = result.outcome == ResumeOutcome.RETRIED
         log.info("Web Chat conversation %s resumed%s", conversation_id,
-                 " (the previous key again, within the grace period)" if result.outcome == RETRIED else "")
+                 " (the previous key again, within the grace period)" if retried else "")
         return {**self._grant(grant), "streamUrl": grant.stream_url, "resumeKey": next_key,
                 "userId": result.session.user_id, "domain": self._domain}
 
@@ -155,15 +198,13 @@ class TokenServer:
 
     def _check_origin(self, caller: Caller) -> None:
         if not self.is_origin_allowed(caller):
-            raise WebChatError("This origin may not use the token server: add it to WEBCHAT_ALLOWED_ORIGINS",
-                               status=403, code="OriginNotAllowed")
+            raise OriginNotAllowed("This origin may not use the token server: add it to WEBCHAT_ALLOWED_ORIGINS")
 
     def _reconnect(self, conversation_id: str, watermark: str | None) -> ConversationToken:
         try:
             return self._directline(lambda: self._client.reconnect(conversation_id, watermark=watermark))
-        except WebChatError as error:
-            if error.code == "ConversationGone":
-                self._store.sessions.revoke_session(conversation_id)
+        except ConversationGone:
+            self._store.sessions.revoke_session(conversation_id)
             raise
 
     def _directline(self, call, *, callers_token: bool = False) -> ConversationToken:
@@ -171,26 +212,21 @@ class TokenServer:
         try:
             return call()
         except TokenExpired:
-            raise WebChatError("The token has expired: resume the conversation with its resume key", status=403,
-                               code="TokenExpired") from None
+            raise RefreshTooLate("The token has expired: resume the conversation with its resume key") from None
         except ConversationNotFound:
-            raise WebChatError("Direct Line no longer knows this conversation: start a new one", status=404,
-                               code="ConversationGone") from None
+            raise ConversationGone("Direct Line no longer knows this conversation: start a new one") from None
         except AuthenticationFailed as error:
             if callers_token:
-                raise WebChatError("Direct Line does not accept this token", status=403, code="InvalidToken") from None
+                raise InvalidToken("Direct Line does not accept this token") from None
             log.error("Direct Line refused the relay's secret: %s", error)  # our configuration, not the page's
-            raise WebChatError("Direct Line refused the relay's credentials", status=502,
-                               code="DirectLineRejected") from None
+            raise DirectLineRejected("Direct Line refused the relay's credentials") from None
         except Throttled as error:
-            raise WebChatError("Direct Line is busy: try again shortly", status=503, code="DirectLineBusy",
-                               retry_after=error.retry_after or 1) from None
+            raise DirectLineBusy("Direct Line is busy: try again shortly", retry_after=error.retry_after or 1) from None
         except DirectLineError as error:
             log.warning("Direct Line token call failed: %s", error)
-            status, code = (400, "InvalidWatermark") if error.status == 400 else (503, "DirectLineUnavailable")
-            message = ("Direct Line refused the watermark: resume without one" if status == 400
-                       else "Direct Line is unavailable: try again shortly")
-            raise WebChatError(message, status=status, code=code, retry_after=None if status == 400 else 2) from None
+            if error.upstream_status == 400:  # only a reconnect sends something of the page's: the watermark
+                raise InvalidWatermark("Direct Line refused the watermark: resume without one") from None
+            raise DirectLineUnavailable("Direct Line is unavailable: try again shortly", retry_after=2) from None
 
     @staticmethod
     def _grant(grant: ConversationToken) -> dict[str, Any]:
@@ -198,23 +234,30 @@ class TokenServer:
                 "expires_in": grant.expires_in or DEFAULT_TOKEN_SECONDS}
 
 
-def new_resume_key() -> str:
+def _new_resume_key() -> str:
     """256 random bits, URL-safe: guessing one is hopeless, so a plain hash may store it."""
     return secrets.token_urlsafe(32)
 
 
-def parse_resume_body(body: bytes) -> dict[str, Any]:
-    """`{conversationId, resumeKey, watermark?}` as keyword arguments of TokenServer.resume; 400 otherwise."""
+@dataclass(frozen=True)
+class _ResumeRequest:
+    conversation_id: str
+    resume_key: str = field(repr=False)
+    watermark: str | None = None
+
+
+def _parse_resume_body(body: bytes) -> _ResumeRequest:
+    """`{conversationId, resumeKey, watermark?}`, each a string of at most MAX_FIELD_CHARS that UTF-8 can
+    encode; InvalidJson or InvalidRequest otherwise."""
     try:
         payload = json.loads(body or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
-        raise WebChatError("The body is not valid JSON", code="InvalidJson") from None
+        raise InvalidJson("The body is not valid JSON") from None
     if not isinstance(payload, Mapping):
-        raise WebChatError('Send a JSON object: {"conversationId", "resumeKey", "watermark"?}',
-                           code="InvalidRequest")
-    watermark = _text_field(payload, "watermark", required=False)
-    return {"conversation_id": _text_field(payload, "conversationId"),
-            "resume_key": _text_field(payload, "resumeKey"), "watermark": watermark or None}
+        raise InvalidRequest('Send a JSON object: {"conversationId", "resumeKey", "watermark"?}')
+    return _ResumeRequest(conversation_id=_text_field(payload, "conversationId") or "",
+                         resume_key=_text_field(payload, "resumeKey") or "",
+                         watermark=_text_field(payload, "watermark", required=False) or None)
 
 
 def _text_field(payload: Mapping[str, Any], name: str, *, required: bool = True) -> str | None:
@@ -222,25 +265,41 @@ def _text_field(payload: Mapping[str, Any], name: str, *, required: bool = True)
     if value is None and not required:
         return None
     if not isinstance(value, str) or (required and not value):
-        raise WebChatError(f"'{name}' must be a non-empty string", code="InvalidRequest")
+        raise InvalidRequest(f"'{name}' must be a non-empty string")
     if len(value) > MAX_FIELD_CHARS:
-        raise WebChatError(f"'{name}' is longer than {MAX_FIELD_CHARS} characters", code="InvalidRequest")
+        raise InvalidRequest(f"'{name}' is longer than {MAX_FIELD_CHARS} characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # JSON may escape a lone surrogate ("\\ud800"); no store or hash takes one
+        raise InvalidRequest(f"'{name}' is not valid Unicode text") from None
     return value
 
 
-def _refusal(outcome: str, conversation_id: str) -> WebChatError:
-    if outcome == REUSED_KEY:
+def rate_limit_bucket(address: str) -> str:
+    """Whose rate limit a client address counts against: its own for IPv4, its /64 for IPv6 (one
+    subscriber gets a whole /64 at least, so single IPv6 addresses cost an attacker nothing)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def _refusal(outcome: ResumeOutcome, conversation_id: str) -> WebChatError:
+    if outcome == ResumeOutcome.REUSED_KEY:
         log.warning("Web Chat session %s revoked: a rotated resume key was presented again", conversation_id)
-        return WebChatError("This resume key was already used: the session is revoked, start a new conversation",
-                            status=403, code="ResumeKeyReused")
-    if outcome == SESSION_REVOKED:
-        return WebChatError("This session was revoked: start a new conversation", status=403,
-                            code="SessionRevoked")
-    if outcome == SESSION_EXPIRED:
-        return WebChatError("This session has expired: start a new conversation", status=403,
-                            code="SessionExpired")
-    # A wrong key and an unknown conversation answer alike: no oracle for which conversations exist.
-    return WebChatError("The resume key does not match this conversation", status=403, code="InvalidResumeKey")
+        return ResumeKeyReused("This resume key was already used: the session is revoked, start a new conversation")
+    if outcome == ResumeOutcome.REVOKED:
+        return SessionRevoked("This session was revoked: start a new conversation")
+    if outcome == ResumeOutcome.EXPIRED:
+        return SessionExpired("This session has expired: start a new conversation")
+    # A key the session never issued, an unknown conversation, and (WebChatSession.resume_outcome) a
+    # revoked or expired session met with such a key answer alike: no oracle for which conversations exist.
+    return InvalidResumeKey("The resume key does not match this conversation")
 
 
 def _origin_of(url: str) -> str:
@@ -270,16 +329,15 @@ def get_webchat_asset(name: str, *, webchat: WebChatSettings) -> Asset:
     The bundle is served from node_modules where npm installed it (the local stack); a deployed app
     has no node_modules, so the page is sent to WEBCHAT_BUNDLE_URL (Microsoft's CDN by default)."""
     if name not in _ASSETS:
-        raise WebChatError(f"No Web Chat file named {name!r}", status=404, code="NotFound")
+        raise WebChatFileNotFound(f"No Web Chat file named {name!r}")
     path, mimetype, demo_only = _ASSETS[name]
     if demo_only and not webchat.demo_enabled:
-        raise WebChatError("The Web Chat demo is off: set WEBCHAT_DEMO_ENABLED=true", status=404,
-                           code="DemoDisabled")
+        raise DemoDisabled("The Web Chat demo is off: set WEBCHAT_DEMO_ENABLED=true")
     content = _read_asset(path)
     if content is None and path == WEBCHAT_BUNDLE:
         return Asset(redirect_to=webchat.bundle_url)
     if content is None:
-        raise WebChatError(f"{name} is missing from this deployment", status=404, code="NotFound")
+        raise WebChatFileNotFound(f"{name} is missing from this deployment")
     return Asset(content, mimetype)
 
 
@@ -293,7 +351,7 @@ def _read_asset(path: Path) -> bytes | None:
 
 @functools.lru_cache(maxsize=1)
 def get_token_server() -> TokenServer:
-    """The process's token server on the app settings, the shared Direct Line pool and the store."""
+    """The process's token server on the app settings, the shared Direct Line pool, the store and the system clock."""
     client = get_directline_client().with_options(retry=TOKEN_SERVER_RETRY)
-    return TokenServer(get_settings(), client=client, store=get_store())
+    return TokenServer(get_settings(), client=client, store=get_store(), clock=SYSTEM_CLOCK)
 

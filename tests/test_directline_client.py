@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import socket
 import threading
 import uuid
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
 from devstack.procs import free_port, wait_until
+from relay.clock import ManualClock
 from relay.directline import ActivitySet, DirectLineClient, RetryPolicy, UploadFile
 from relay.errors import (
     AuthenticationFailed,
@@ -26,19 +29,13 @@ from relay.errors import (
 from relay.settings import DirectLineSettings
 
 
-class Sleeps(list):
-    """Stands in for time.sleep: records how long the client chose to wait, without waiting."""
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
-
-
 def make_client(emulator=None, *, secret: str | None = None, endpoint: str | None = None, timeout: float = 10,
-                retry: RetryPolicy | None = None, sleep=None) -> DirectLineClient:
+                retry: RetryPolicy | None = None, clock: ManualClock | None = None) -> DirectLineClient:
+    """A client on a ManualClock: its waits between tries are recorded in `clock.sleeps`, never waited."""
     settings = DirectLineSettings(secret=secret if secret is not None else emulator.secret,
                                   endpoint=endpoint or emulator.base_url, timeout_seconds=timeout,
                                   bot_ids=("relaybot",))
-    return DirectLineClient(settings, retry=retry or RetryPolicy(), sleep=sleep if sleep is not None else Sleeps())
+    return DirectLineClient(settings, retry=retry or RetryPolicy(), clock=clock or ManualClock())
 
 
 @pytest.fixture
@@ -95,7 +92,7 @@ def test_refresh_keeps_the_conversation_and_refuses_an_expired_token(client, dir
     directline_emulator.expire_tokens(granted.conversation_id)
     with pytest.raises(TokenExpired) as raised:
         client.refresh_token(token=refreshed.token)
-    assert raised.value.status == 403 and raised.value.code == "TokenExpired"
+    assert raised.value.upstream_status == 403 and raised.value.upstream_code == "TokenExpired"
     with pytest.raises(TokenExpired):
         client.get_activities(granted.conversation_id, token=refreshed.token)
 
@@ -134,7 +131,7 @@ def test_reconnect_with_and_without_watermark_recovers_an_expired_token(client, 
             == ()
     with pytest.raises(BadRequest) as raised:
         client.reconnect(conversation.conversation_id, watermark="not-a-watermark-of-this-conversation")
-    assert raised.value.status == 400
+    assert raised.value.upstream_status == 400
 
 
 def test_upload_files_with_an_activity(client):
@@ -197,42 +194,43 @@ def test_error_types(client, directline_emulator):
     conversation = client.start_conversation(user_id="dl_sms5")
     with pytest.raises(BadRequest) as raised:
         client.post_activity(conversation.conversation_id, {"type": "message", "text": "no sender"})
-    assert (raised.value.status, raised.value.code) == (400, "MissingProperty")
+    assert (raised.value.upstream_status, raised.value.upstream_code) == (400, "MissingProperty")
 
     with pytest.raises(AuthenticationFailed) as raised:
         make_client(directline_emulator, secret="wrong-secret").start_conversation()
-    assert raised.value.status == 403
+    assert raised.value.upstream_status == 403
 
     with pytest.raises(AuthenticationFailed) as raised:
         make_client(directline_emulator, secret="").start_conversation()
-    assert raised.value.status == 401
+    assert raised.value.upstream_status == 401
 
     directline_emulator.forget(conversation.conversation_id)
     with pytest.raises(ConversationNotFound) as raised:
         client.get_activities(conversation.conversation_id)
-    assert raised.value.status == 404
+    assert raised.value.upstream_status == 404
     with pytest.raises(ConversationNotFound):
         client.reconnect(conversation.conversation_id)
 
 
 def test_throttling_is_retried_honouring_retry_after(emulator):
-    sleeps = Sleeps()
-    client = make_client(emulator, sleep=sleeps)
+    clock = ManualClock()
+    client = make_client(emulator, clock=clock)
     conversation = client.start_conversation(user_id="dl_t1")
     emulator.set_faults(throttle_rate=1.0, retry_after="2", limit=2, endpoints=["activities/post"])
     activity_id = client.post_activity(conversation.conversation_id, message("hi", "dl_t1"))
-    assert sleeps == [2.0, 2.0]  # waited exactly what the service asked, twice
+    assert clock.sleeps == [2.0, 2.0]  # waited exactly what the service asked, twice
     assert [a["id"] for a in all_activities(client, conversation.conversation_id)].count(activity_id) == 1
 
 
 def test_throttling_beyond_the_budget_is_raised_with_retry_after(emulator):
-    sleeps = Sleeps()
-    client = make_client(emulator, sleep=sleeps, retry=RetryPolicy(budget=10, max_retry_after=30))
+    clock = ManualClock()
+    client = make_client(emulator, clock=clock, retry=RetryPolicy(budget=10, max_retry_after=30))
     conversation = client.start_conversation(user_id="dl_t2")
     emulator.set_faults(throttle_rate=1.0, retry_after="20", endpoints=["activities/get"])
     with pytest.raises(Throttled) as raised:
         client.get_activities(conversation.conversation_id)
-    assert raised.value.retry_after == 20 and sleeps == []  # no point waiting past the budget: the caller reschedules
+    # no point waiting past the budget: the caller reschedules
+    assert raised.value.retry_after == 20 and clock.sleeps == []
 
     emulator.set_faults(retry_after="86400")
     with pytest.raises(Throttled) as raised:
@@ -242,12 +240,39 @@ def test_throttling_beyond_the_budget_is_raised_with_retry_after(emulator):
     emulator.set_faults(retry_after="1")
     with pytest.raises(Throttled):
         client.get_activities(conversation.conversation_id)
-    assert sleeps == [1.0, 1.0, 1.0]  # every attempt used, then given up
+    assert clock.sleeps == [1.0, 1.0, 1.0]  # every attempt used, then given up
+
+
+def test_a_retry_after_date_is_counted_from_the_clients_clock(emulator):
+    clock = ManualClock()
+    client = make_client(emulator, clock=clock)
+    conversation = client.start_conversation(user_id="dl_t8")
+    in_three_seconds = email.utils.format_datetime(clock.now() + timedelta(seconds=3), usegmt=True)
+    emulator.set_faults(throttle_rate=1.0, retry_after=in_three_seconds, limit=1, endpoints=["activities/get"])
+    client.get_activities(conversation.conversation_id)
+    assert clock.sleeps == [3.0]  # the date the service named, on the client's clock, not the machine's
+
+
+def test_backoff_jitter_comes_from_the_clock_and_repeats_with_its_seed(emulator):
+    conversation = make_client(emulator).start_conversation(user_id="dl_t9")
+
+    def backoffs(seed: int) -> list[float]:
+        clock = ManualClock(seed=seed)
+        client = make_client(emulator, clock=clock, retry=RetryPolicy(attempts=4, backoff=0.5, backoff_cap=4))
+        emulator.set_faults(error_500_rate=1.0, limit=None, endpoints=["activities/get"])
+        with pytest.raises(TransientError):
+            client.get_activities(conversation.conversation_id)
+        emulator.clear_faults()
+        return clock.sleeps
+
+    first = backoffs(seed=1)
+    assert len(first) == 3 and first == backoffs(seed=1) and first != backoffs(seed=2)
+    assert all(0 <= pause <= min(4, 0.5 * 2 ** n) for n, pause in enumerate(first))
 
 
 def test_server_errors_on_reads_are_retried_with_backoff(emulator):
-    sleeps = Sleeps()
-    client = make_client(emulator, sleep=sleeps, retry=RetryPolicy(backoff=0.5, backoff_cap=4))
+    clock = ManualClock()
+    client = make_client(emulator, clock=clock, retry=RetryPolicy(backoff=0.5, backoff_cap=4))
     conversation = client.start_conversation(user_id="dl_t3")
     client.post_activity(conversation.conversation_id, message("hi", "dl_t3"))
     emulator.set_faults(error_500_rate=1.0, limit=1, endpoints=["activities/get"])
@@ -256,13 +281,14 @@ def test_server_errors_on_reads_are_retried_with_backoff(emulator):
     assert len(client.get_activities(conversation.conversation_id).activities) == 2
     emulator.set_faults(error_502_rate=0.0, drop_rate=1.0, limit=1)
     assert len(client.get_activities(conversation.conversation_id).activities) == 2
-    assert len(sleeps) == 3 and all(0 <= s <= 0.5 for s in sleeps)  # first retry: jitter within the first step
+    # first retry: jitter within the first step
+    assert len(clock.sleeps) == 3 and all(0 <= s <= 0.5 for s in clock.sleeps)
 
     emulator.set_faults(drop_rate=0.0, error_500_rate=1.0, limit=None)
     with pytest.raises(TransientError) as raised:
         client.get_activities(conversation.conversation_id)
-    assert not raised.value.ambiguous and raised.value.status == 500
-    assert all(s <= 4 for s in sleeps)
+    assert not raised.value.ambiguous and raised.value.upstream_status == 500
+    assert all(s <= 4 for s in clock.sleeps)
 
 
 def test_502_after_a_post_is_not_reposted(emulator):
@@ -271,7 +297,7 @@ def test_502_after_a_post_is_not_reposted(emulator):
     emulator.set_faults(error_502_rate=1.0, limit=1, phase="after", endpoints=["activities/post"])
     with pytest.raises(BotFailed) as raised:
         client.post_activity(conversation.conversation_id, message("once", "dl_t4", client_id="SM-502"))
-    assert raised.value.ambiguous and raised.value.status == 502
+    assert raised.value.ambiguous and raised.value.upstream_status == 502
     # the activity did arrive; the client sent it once, and the ambiguity check finds it
     texts = [a["text"] for a in emulator.conversation(conversation.conversation_id)["activities"]
              if a["from"]["id"] == "dl_t4"]
@@ -281,7 +307,7 @@ def test_502_after_a_post_is_not_reposted(emulator):
     emulator.set_faults(error_502_rate=0.0, error_500_rate=1.0, limit=1)  # a 500 after storing: as ambiguous
     with pytest.raises(TransientError) as raised:
         client.post_activity(conversation.conversation_id, message("twice?", "dl_t4"))
-    assert raised.value.ambiguous and raised.value.status == 500
+    assert raised.value.ambiguous and raised.value.upstream_status == 500
     texts = [a["text"] for a in emulator.conversation(conversation.conversation_id)["activities"]
              if a["from"]["id"] == "dl_t4"]
     assert texts == ["once", "twice?"]
@@ -296,20 +322,20 @@ def test_504_from_a_silent_bot_is_not_reposted(start_emulator):
         conversation = client.start_conversation(user_id="dl_t5")
         with pytest.raises(BotFailed) as raised:
             client.post_activity(conversation.conversation_id, message("slow", "dl_t5", client_id="SM-504"))
-    assert raised.value.status == 504 and raised.value.ambiguous
+    assert raised.value.upstream_status == 504 and raised.value.ambiguous
     assert emulator.counters()["conversations"][conversation.conversation_id]["activities/post"] == 1
     assert client.find_activity_by_client_id(conversation.conversation_id, "SM-504") is not None
 
 
 def test_read_timeout_or_dropped_connection_on_post_is_ambiguous(emulator):
-    sleeps = Sleeps()
-    patient = make_client(emulator, sleep=sleeps)
+    clock = ManualClock()
+    patient = make_client(emulator, clock=clock)
     client = patient.with_options(timeout_seconds=0.3)  # same pool, the webhook's short deadline
     conversation = client.start_conversation(user_id="dl_t6")
     emulator.set_faults(latency_ms=1500, endpoints=["activities/post"])
     with pytest.raises(TransientError) as raised:
         client.post_activity(conversation.conversation_id, message("late", "dl_t6", client_id="SM-timeout"))
-    assert raised.value.ambiguous and sleeps == []
+    assert raised.value.ambiguous and clock.sleeps == []
     emulator.clear_faults()
     # it did arrive after all: exactly why the caller must look before posting again
     wait_until(lambda: client.find_activity_by_client_id(conversation.conversation_id, "SM-timeout") is not None,
@@ -318,23 +344,23 @@ def test_read_timeout_or_dropped_connection_on_post_is_ambiguous(emulator):
     emulator.set_faults(drop_rate=1.0, limit=1, endpoints=["activities/post"])
     with pytest.raises(TransientError) as raised:
         client.post_activity(conversation.conversation_id, message("dropped", "dl_t6"))
-    assert raised.value.ambiguous and sleeps == []
+    assert raised.value.ambiguous and clock.sleeps == []
     assert emulator.counters()["conversations"][conversation.conversation_id]["activities/post"] == 2
 
 
 def test_post_is_retried_when_it_surely_never_arrived(emulator):
-    sleeps = Sleeps()
-    client = make_client(emulator, sleep=sleeps)
+    clock = ManualClock()
+    client = make_client(emulator, clock=clock)
     conversation = client.start_conversation(user_id="dl_t7")
     emulator.set_faults(throttle_rate=1.0, retry_after="0", limit=1, endpoints=["activities/post"])
     client.post_activity(conversation.conversation_id, message("after 429", "dl_t7"))
-    assert sleeps == [0.0]
+    assert clock.sleeps == [0.0]
 
-    nowhere = make_client(secret="s", endpoint=f"http://127.0.0.1:{free_port()}/v3/directline", sleep=sleeps)
+    nowhere = make_client(secret="s", endpoint=f"http://127.0.0.1:{free_port()}/v3/directline", clock=clock)
     with pytest.raises(TransientError) as raised:
         nowhere.post_activity("c1", message("x"))
     assert not raised.value.ambiguous  # connection refused: nothing was sent
-    assert len(sleeps) == 1 + 3  # and so it was tried again, up to the attempts
+    assert len(clock.sleeps) == 1 + 3  # and so it was tried again, up to the attempts
 
 
 # ------------------------------------------------------------------------------------------ secrets
@@ -344,7 +370,7 @@ def test_secrets_and_tokens_stay_out_of_logs_errors_and_reprs(start_emulator, ca
     secret = "s3cr3t-" + uuid.uuid4().hex
     emulator = start_emulator(secret=secret)
     caplog.set_level(logging.DEBUG)
-    client = make_client(emulator, sleep=Sleeps())
+    client = make_client(emulator, clock=ManualClock())
     seen: list[str] = [repr(client)]
 
     granted = client.generate_token(user_id="dl_s1")

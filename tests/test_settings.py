@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.settings import SETTINGS, Settings, SettingsError
+from relay.errors import SettingsError
+from relay.settings import SETTINGS, Settings
 
 BASE = {"DIRECTLINE_SECRET": "dl-secret-value", "AzureWebJobsStorage": "UseDevelopmentStorage=true"}
 

@@ -58,25 +58,14 @@ def load_values(environ: Mapping[str, str] | None = None, overrides: Mapping[str
     return values
 
 
-class ProviderSimulator(ManagedProcess):
-    """`python -m devstack.channels` as a child process on a free (or given) loopback port.
+class SimulatorAdmin:
+    """The admin API's calls (see server.py), on a simulator behind a socket or in-process (transport.py)."""
 
-    `values` are the provider settings it signs and checks with (by the relay's names); the rest
-    comes from DEV_VALUES. The helpers below wrap the admin API for tests."""
+    url: str
 
-    def __init__(self, *, port: int | None = None, relay_url: str = "http://127.0.0.1:7071",
-                 values: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None,
-                 log_path=None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.relay_url = relay_url
-        base_env = {k: v for k, v in (os.environ if env is None else env).items() if k not in PROVIDER_SETTINGS}
-        child_env = {**base_env, **(values or {}), "PYTHONUNBUFFERED": "1"}
-        super().__init__(
-            "provider simulator",
-            python_module("devstack.channels", "--port", str(self.port), "--relay-url", relay_url),
-            env=child_env, ready=lambda: http_ok(f"{self.url}/_sim/health"), log_path=log_path,
-        )
+    def _request(self, method: str, url: str, *, timeout: float, **options: Any) -> requests.Response:
+        """Where the calls go: over the network here; InProcessSimulator sends them through its transport."""
+        return requests.request(method, url, timeout=timeout, **options)
 
     @property
     def page_url(self) -> str:
@@ -89,7 +78,7 @@ class ProviderSimulator(ManagedProcess):
                 "GENERIC_CALLBACK_URL": f"{self.url}/generic/callback"}
 
     def _call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
-        response = requests.request(method, self.url + path, json=body, params=params, timeout=60)
+        response = self._request(method, self.url + path, json=body, params=params, timeout=60)
         response.raise_for_status()
         return response.json()
 
@@ -115,3 +104,24 @@ class ProviderSimulator(ManagedProcess):
         """Sign and POST a user's message to the relay; the relay's answer as {status, body, message_id}."""
         return self._call("POST", "/_sim/inbound",
                           {"provider": provider, "from": sender, "text": text, "name": name, "media": media or []})
+
+
+class ProviderSimulator(SimulatorAdmin, ManagedProcess):
+    """`python -m devstack.channels` as a child process on a free (or given) loopback port.
+
+    `values` are the provider settings it signs and checks with (by the relay's names); the rest
+    comes from DEV_VALUES. The helpers of SimulatorAdmin wrap the admin API for tests."""
+
+    def __init__(self, *, port: int | None = None, relay_url: str = "http://127.0.0.1:7071",
+                 values: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None,
+                 log_path=None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.relay_url = relay_url
+        base_env = {k: v for k, v in (os.environ if env is None else env).items() if k not in PROVIDER_SETTINGS}
+        child_env = {**base_env, **(values or {}), "PYTHONUNBUFFERED": "1"}
+        super().__init__(
+            "provider simulator",
+            python_module("devstack.channels", "--port", str(self.port), "--relay-url", relay_url),
+            env=child_env, ready=lambda: http_ok(f"{self.url}/_sim/health"), log_path=log_path,
+        )

@@ -1,5 +1,8 @@
 """The provider simulator's HTTP server: the providers' reply APIs, inbound webhooks, an admin API, a page.
 
+`respond` maps one request to one answer, for the HTTP server here and for the in-process transport
+(transport.py) alike.
+
 Reply APIs (on each provider's real paths, auth checked as the provider does, 401 when wrong):
     POST /2010-04-01/Accounts/{sid}/Messages.json      Twilio, Basic auth (Account SID, Auth Token)
     POST /v{N}/{phone-number-id}/messages               WhatsApp Cloud API, Bearer access token
@@ -46,6 +49,7 @@ import standardwebhooks
 
 from devstack.channels import webhooks
 from devstack.http_server import LocalHTTPServer
+from devstack.inprocess import Answer, Headers
 from relay.channels import whatsapp
 
 log = logging.getLogger("devstack.channels")
@@ -108,17 +112,34 @@ class State:
             self.failures.clear()
 
 
-class Handler(BaseHTTPRequestHandler):
-    server_version = "ProviderSimulator/1.0"
-    state: State  # set on the class built by make_server
+def respond(state: State, method: str, target: str, headers: Headers, body: bytes) -> Answer:
+    """The simulator's whole answer to one request: the only way in, for the HTTP server and the in-process
+    transport alike (devstack/channels/transport.py). `target` is the path and query as on the request line."""
+    parts = urlsplit(target)
+    try:
+        status, content, extra = _Exchange(state, headers).route(method, parts.path, parse_qs(parts.query), body)
+    except Reply as reply:
+        return _answer(reply.status, reply.body, reply.headers)
+    except Exception:  # a bug here must show up as a 500 the caller sees, not a hung socket
+        log.exception("simulator failed on %s %s", method, parts.path)
+        return _answer(500, {"error": {"code": "SimulatorError", "message": "see the simulator's log"}})
+    if isinstance(content, tuple):  # (bytes, content type)
+        return _answer(status, content[0], extra, content[1])
+    return _answer(status, content, extra)
 
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), fmt % args)
 
-    # -- plumbing -----------------------------------------------------------------------------
-    def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+def _answer(status: int, body: Any, headers: dict[str, str] | None = None,
+            content_type: str = "application/json") -> Answer:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return Answer(status, {"Content-Type": content_type, "Cache-Control": "no-store", **(headers or {})}, data)
+
+
+class _Exchange:
+    """One request's routes and checks: the provider APIs, their auth and injected failures, the admin API."""
+
+    def __init__(self, state: State, headers: Headers):
+        self.state = state
+        self.headers = headers
 
     def _json(self, raw: bytes) -> Any:
         try:
@@ -126,43 +147,7 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise Reply(400, {"error": {"code": "BadJson", "message": "the body is not valid JSON"}}) from None
 
-    def _answer(self, status: int, body: Any, headers: dict[str, str] | None = None,
-                content_type: str = "application/json") -> None:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _dispatch(self, method: str) -> None:
-        parts = urlsplit(self.path)
-        try:
-            raw = self._body() if method in ("POST", "PUT", "DELETE") else b""
-            status, body, headers = self._route(method, parts.path, parse_qs(parts.query), raw)
-            if isinstance(body, tuple):  # (bytes, content type)
-                self._answer(status, body[0], headers, body[1])
-            else:
-                self._answer(status, body, headers)
-        except Reply as reply:
-            self._answer(reply.status, reply.body, reply.headers)
-        except Exception:  # a bug here must show up as a 500 the caller sees, not a hung socket
-            log.exception("simulator failed on %s %s", method, self.path)
-            self._answer(500, {"error": {"code": "SimulatorError", "message": "see the simulator's log"}})
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def _route(self, method: str, path: str, query: dict[str, list[str]], raw: bytes):
+    def route(self, method: str, path: str, query: dict[str, list[str]], raw: bytes):
         one = {k: v[0] for k, v in query.items()}
         if path == "/" and method == "GET":
             return 200, (PAGE.read_bytes(), "text/html; charset=utf-8"), {}
@@ -176,12 +161,14 @@ class Handler(BaseHTTPRequestHandler):
                     return handler(match, raw)
             if path == GENERIC_PATH:
                 return self._generic(raw)
-        if method == "GET" and GRAPH_MEDIA_PATH.match(path):
-            return self._whatsapp_media(GRAPH_MEDIA_PATH.match(path))
+        media = GRAPH_MEDIA_PATH.match(path) if method == "GET" else None
+        if media:
+            return self._whatsapp_media(media)
         if method == "GET" and path == WHATSAPP_DOWNLOAD_PATH:
             return self._whatsapp_download(one.get("mid", ""))
-        if method == "GET" and TWILIO_MEDIA_PATH.match(path):
-            return self._twilio_media(TWILIO_MEDIA_PATH.match(path))
+        media = TWILIO_MEDIA_PATH.match(path) if method == "GET" else None
+        if media:
+            return self._twilio_media(media)
         raise Reply(404, {"error": {"code": "NotFound", "message": f"no {method} {path} here"}})
 
     # -- failures -----------------------------------------------------------------------------
@@ -419,9 +406,9 @@ class Handler(BaseHTTPRequestHandler):
         except requests.RequestException as error:
             raise Reply(502, {"error": {"code": "RelayUnreachable",
                                         "message": f"{hook.url}: {type(error).__name__}"}}) from None
-        body = hook.body if isinstance(hook.body, bytes) else str(hook.body).encode()
+        signed_body = hook.body if isinstance(hook.body, bytes) else str(hook.body).encode()
         # The signed request itself, so a test can deliver it again exactly as a provider's retry does.
-        webhook = {"url": hook.url, "headers": dict(hook.headers), "body_b64": base64.b64encode(body).decode()}
+        webhook = {"url": hook.url, "headers": dict(hook.headers), "body_b64": base64.b64encode(signed_body).decode()}
         return 200, {"status": response.status_code, "body": response.text, "message_id": hook.message_id,
                      "content_type": response.headers.get("Content-Type", ""), "webhook": webhook}, {}
 
@@ -465,6 +452,40 @@ def _basic_auth(header: str | None) -> tuple[str, str]:
     except (binascii.Error, UnicodeDecodeError):
         return "", ""
     return user, password
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Reads a request off the socket, lets `respond` answer it, and writes the answer back."""
+
+    server_version = "ProviderSimulator/1.0"
+    state: State  # set on the class built by make_server
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.info("%s %s", self.address_string(), fmt % args)
+
+    def _dispatch(self, method: str) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            answer = _answer(400, {"error": {"code": "BadRequest", "message": "malformed Content-Length"}})
+        else:
+            raw = self.rfile.read(length) if length > 0 and method in ("POST", "PUT", "DELETE") else b""
+            answer = respond(self.state, method, self.path, self.headers, raw)
+        self.send_response(answer.status)
+        for name, value in answer.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(answer.body)))
+        self.end_headers()
+        self.wfile.write(answer.body)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
 
 
 def make_server(port: int, values: dict[str, str], relay_url: str, host: str = "127.0.0.1") -> LocalHTTPServer:

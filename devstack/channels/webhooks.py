@@ -203,10 +203,10 @@ def _generic(values, url, sender, text, name, media, now) -> Webhook:
         headers |= generic.standard_headers(key, message_id, raw, timestamp=int(now))
     else:
         stamp_header = values.get("GENERIC_TIMESTAMP_HEADER", "")
-        stamp = str(int(now)) if stamp_header else None
+        stamp = str(int(now))
         prefix = values.get("GENERIC_SIGNATURE_PREFIX", "sha256=")
         prefix = "" if prefix.lower() == "none" else prefix
-        signature = generic.hmac_signature(key, raw, timestamp=stamp,
+        signature = generic.hmac_signature(key, raw, timestamp=stamp if stamp_header else None,
                                            encoding=(values.get("GENERIC_SIGNATURE_ENCODING") or "hex").lower())
         headers[values.get("GENERIC_SIGNATURE_HEADER") or "X-Signature"] = prefix + signature
         if stamp_header:

@@ -96,7 +96,8 @@ Admin API (no auth, loopback only; JSON in and out)
   history from the first activity whatever watermark it sends.
 A bot activity can be injected with `POST /v3/conversations/{id}/activities` (the connector endpoint).
 
-From Python use `DirectLineEmulator` (a devstack.procs.ManagedProcess).
+From Python use `DirectLineEmulator` (a devstack.procs.ManagedProcess), or `InProcessEmulator`
+(devstack/directline/transport.py: the same core mounted on a `requests` session, no process).
 """
 
 from __future__ import annotations
@@ -110,35 +111,20 @@ import requests
 
 from devstack.procs import ManagedProcess, free_port, http_ok, python_module
 
-__all__ = ["DirectLineEmulator"]
+__all__ = ["DirectLineEmulator", "EmulatorAdmin"]
 
 
-class DirectLineEmulator(ManagedProcess):
-    """`python -m devstack.directline` on a loopback port, with helpers for its admin API."""
+class EmulatorAdmin:
+    """The admin API's calls (see above), on an emulator behind a socket or in-process (transport.py)."""
 
-    def __init__(self, *, secret: str, port: int | None = None, token_ttl: float = 1800, echo: bool = True,
-                 bot_url: str | None = None, extra_args: Sequence[str] = (), log_path: Path | None = None,
-                 env: dict[str, str] | None = None, startup_timeout: float = 30):
-        self.port = port or free_port()
-        self.secret = secret
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.base_url = f"{self.url}/v3/directline"
-        self.admin_url = f"{self.url}/_emulator"
-        argv = python_module("devstack.directline", "--port", str(self.port), "--token-ttl", f"{token_ttl:g}")
-        if bot_url:
-            argv += ["--bot-url", bot_url]
-        elif not echo:
-            argv += ["--no-bot"]
-        argv += list(extra_args)
-        child_env = {**(env if env is not None else os.environ), "DIRECTLINE_SECRET": secret, "PYTHONUNBUFFERED": "1"}
-        super().__init__("directline emulator", argv, env=child_env, log_path=log_path,
-                         ready=lambda: http_ok(f"{self.admin_url}/"), startup_timeout=startup_timeout)
+    admin_url: str
 
-    def __repr__(self) -> str:
-        return f"DirectLineEmulator(base_url={self.base_url!r})"
+    def _request(self, method: str, url: str, *, timeout: float, **options: Any) -> requests.Response:
+        """Where the calls go: over the network here; InProcessEmulator sends them through its transport."""
+        return requests.request(method, url, timeout=timeout, **options)
 
     def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        response = requests.request(method, f"{self.admin_url}{path}", json=body, timeout=10)
+        response = self._request(method, f"{self.admin_url}{path}", json=body, timeout=10)
         response.raise_for_status()
         return response.json()
 
@@ -172,3 +158,28 @@ class DirectLineEmulator(ManagedProcess):
 
     def reset_watermark(self, conversation_id: str) -> None:
         self._admin("POST", f"/conversations/{conversation_id}/reset-watermark")
+
+
+class DirectLineEmulator(EmulatorAdmin, ManagedProcess):
+    """`python -m devstack.directline` on a loopback port, with helpers for its admin API."""
+
+    def __init__(self, *, secret: str, port: int | None = None, token_ttl: float = 1800, echo: bool = True,
+                 bot_url: str | None = None, extra_args: Sequence[str] = (), log_path: Path | None = None,
+                 env: dict[str, str] | None = None, startup_timeout: float = 30):
+        self.port = port or free_port()
+        self.secret = secret
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{self.url}/v3/directline"
+        self.admin_url = f"{self.url}/_emulator"
+        argv = python_module("devstack.directline", "--port", str(self.port), "--token-ttl", f"{token_ttl:g}")
+        if bot_url:
+            argv += ["--bot-url", bot_url]
+        elif not echo:
+            argv += ["--no-bot"]
+        argv += list(extra_args)
+        child_env = {**(env if env is not None else os.environ), "DIRECTLINE_SECRET": secret, "PYTHONUNBUFFERED": "1"}
+        super().__init__("directline emulator", argv, env=child_env, log_path=log_path,
+                         ready=lambda: http_ok(f"{self.admin_url}/"), startup_timeout=startup_timeout)
+
+    def __repr__(self) -> str:
+        return f"DirectLineEmulator(base_url={self.base_url!r})"

@@ -1,4 +1,8 @@
-"""The emulator's state and HTTP layer (the behaviour is described in the package docstring)."""
+"""The emulator's state, the one function that answers its requests, and its HTTP layer.
+
+The behaviour is described in the package docstring. `respond` maps one request to one answer for
+the HTTP server here and for the in-process transport (transport.py) alike.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import string
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -29,6 +34,7 @@ import requests
 
 from devstack.directline import echo as echo_bot
 from devstack.http_server import LocalHTTPServer
+from devstack.inprocess import Answer, ConnectionDropped, Headers
 
 log = logging.getLogger("devstack.directline")
 
@@ -36,6 +42,7 @@ API = "/v3/directline"
 ADMIN = "/_emulator"
 DIRECTLINE_ENDPOINTS = ("tokens/generate", "tokens/refresh", "conversations/start", "conversations/reconnect",
                         "activities/get", "activities/post", "upload")
+JSON_TYPE = "application/json; charset=utf-8"
 POLL_TOLERANCE_SECONDS = 0.05
 FILE_TTL_SECONDS = 24 * 3600
 _ALNUM = string.ascii_letters + string.digits
@@ -265,7 +272,7 @@ class Emulator:
             return None
         return Token(claims["c"], claims["u"], claims["n"], tuple(claims["o"]), claims["i"], claims["e"])
 
-    def authenticate(self, headers) -> Token | None:
+    def authenticate(self, headers: Headers) -> Token | None:
         """None for the secret, the Token for a valid token; ErrorResponse otherwise."""
         header = headers.get("Authorization")
         if not header:
@@ -336,7 +343,7 @@ class Emulator:
 
     def stream_url(self, conversation: Conversation, token: str, watermark: str | None = None) -> str:
         query = f"watermark={quote(watermark)}&t={token}" if watermark else f"t={token}"
-        return f"ws://127.0.0.1:{self.options.port}{API}/conversations/{conversation.id}/stream?{query}"
+        return f"ws{self.root_url.removeprefix('http')}{API}/conversations/{conversation.id}/stream?{query}"
 
     def watermark(self, conversation: Conversation, position: int) -> str:
         return f"{conversation.mark}-{position}"
@@ -422,14 +429,17 @@ class Emulator:
         self._deliver(conversation, stored)
         return 200, {"id": stored["id"]}
 
-    def upload(self, token: Token | None, conversation_id: str, user_id: str | None, headers, raw: bytes) -> tuple:
+    def upload(self, token: Token | None, conversation_id: str, user_id: str | None, headers: Headers,
+               raw: bytes) -> tuple[int, dict[str, Any]]:
         conversation = self.conversation(conversation_id, token)
         if len(raw) > self.options.max_upload_bytes:
             raise ErrorResponse(413, "MessageSizeTooBig", f"Upload larger than {self.options.max_upload_bytes} bytes")
         activity, files = _parse_upload(headers, raw)
         if not files:
             raise ErrorResponse(400, "BadArgument", "The upload holds no file")
-        sender = activity.get("from") if isinstance(activity.get("from"), dict) else {}
+        sender = activity.get("from")
+        if not isinstance(sender, dict):
+            sender = {}
         if user_id:
             sender["id"] = user_id
         if token is not None and token.user_id:
@@ -498,7 +508,9 @@ class Emulator:
         return self._append(conversation, activity)
 
     def append_bot(self, conversation: Conversation, activity: dict[str, Any], reply_to: str | None) -> str:
-        sender = activity.get("from") if isinstance(activity.get("from"), dict) else {}
+        sender = activity.get("from")
+        if not isinstance(sender, dict):
+            sender = {}
         sender.setdefault("id", self.options.bot_id)
         sender.setdefault("name", self.options.bot_name)
         sender.setdefault("role", "bot")
@@ -512,7 +524,7 @@ class Emulator:
         if activity["type"] == "endOfConversation" and not self.options.forward_end_of_conversation:
             return
         if self.options.bot_url:
-            self._forward(conversation, activity)
+            self._forward(self.options.bot_url, conversation, activity)
         elif self.options.echo:
             self._echo(conversation, activity)
 
@@ -530,8 +542,12 @@ class Emulator:
 
             self._later(self.options.late_reply_seconds, send_late)
 
-    def _later(self, delay: float, action) -> None:
-        timer = threading.Timer(delay, lambda: (self._timers.discard(timer), action()))
+    def _later(self, delay: float, action: Callable[[], None]) -> None:
+        def run() -> None:
+            self._timers.discard(timer)
+            action()
+
+        timer = threading.Timer(delay, run)
         timer.daemon = True
         self._timers.add(timer)
         timer.start()
@@ -539,9 +555,9 @@ class Emulator:
     def _to_bot(self, activity: dict[str, Any]) -> dict[str, Any]:
         return {**activity, "serviceUrl": self.root_url, "recipient": self.bot_account()}
 
-    def _forward(self, conversation: Conversation, activity: dict[str, Any]) -> None:
+    def _forward(self, bot_url: str, conversation: Conversation, activity: dict[str, Any]) -> None:
         try:
-            response = self._http.post(self.options.bot_url, json=self._to_bot(activity),
+            response = self._http.post(bot_url, json=self._to_bot(activity),
                                        timeout=(5, self.options.bot_timeout))
         except requests.Timeout as error:
             message = f"The bot did not answer within {self.options.bot_timeout:g}s"
@@ -553,7 +569,8 @@ class Emulator:
 
     def _greet_bot(self, conversation: Conversation) -> None:
         """Tell a real bot the conversation started (conversationUpdate), without holding up the client."""
-        if not self.options.bot_url:
+        bot_url = self.options.bot_url
+        if not bot_url:
             return
         members = [self.bot_account()] + ([conversation.user] if conversation.user else [])
         update = {"type": "conversationUpdate", "membersAdded": members, "from": conversation.user or {"id": ""},
@@ -562,7 +579,7 @@ class Emulator:
 
         def send() -> None:
             try:
-                self._forward(conversation, update)
+                self._forward(bot_url, conversation, update)
             except ErrorResponse as error:
                 log.warning("conversationUpdate for %s not delivered: %s", conversation.id, error.message)
 
@@ -637,7 +654,7 @@ def _disposition_filename(header: str | None) -> str | None:
     return message.get_filename()
 
 
-def _parse_upload(headers, raw: bytes) -> tuple[dict[str, Any], list[tuple[str, str, bytes]]]:
+def _parse_upload(headers: Headers, raw: bytes) -> tuple[dict[str, Any], list[tuple[str, str, bytes]]]:
     """(activity template, [(name, content type, bytes)]) from a single-file or multipart upload."""
     content_type = headers.get("Content-Type") or "application/octet-stream"
     if not content_type.lower().startswith("multipart/"):
@@ -653,7 +670,9 @@ def _parse_upload(headers, raw: bytes) -> tuple[dict[str, Any], list[tuple[str, 
     files = []
     for index, part in enumerate(message.iter_parts()):
         field_name = part.get_param("name", header="content-disposition")
-        data = part.get_payload(decode=True) or b""
+        data = part.get_payload(decode=True)
+        if not isinstance(data, bytes):
+            data = b""
         part_type = part.get_content_type()
         if field_name == "activity" or part_type == "application/vnd.microsoft.activity":
             try:
@@ -667,7 +686,7 @@ def _parse_upload(headers, raw: bytes) -> tuple[dict[str, Any], list[tuple[str, 
     return activity, files
 
 
-# -------------------------------------------------------------------- HTTP
+# -------------------------------------------------------------------- requests to answers
 
 
 _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
@@ -693,11 +712,171 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 _MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
-class _Dropped(Exception):
-    """Close the connection without answering (an injected fault)."""
+def respond(emulator: Emulator, method: str, target: str, headers: Headers, body: bytes) -> Answer:
+    """The emulator's whole answer to one request: the only way in, for the HTTP server and the in-process
+    transport alike (devstack/directline/transport.py), so both get the same routing, checks and faults.
+
+    `target` is the path and query as on the request line, `body` the request's whole body.
+    ConnectionDropped when the injected fault is a dropped connection."""
+    if method == "OPTIONS":
+        return _preflight(headers)
+    if len(body) > _MAX_BODY_BYTES:  # the HTTP layer refuses it before reading it all
+        return error_answer(ErrorResponse(413, "MessageSizeTooBig", "Request body too large"), headers)
+    url = urlsplit(target)
+    path = unquote(url.path).rstrip("/") or "/"
+    query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+    try:
+        endpoint, params = _route(method, path)
+    except ErrorResponse as error:
+        return error_answer(error, headers)
+    conversation_id = params.get("cid")
+    if not endpoint.startswith("admin/"):
+        emulator.count(endpoint, conversation_id)
+    latency, fault = emulator.draw_fault(endpoint, conversation_id)
+    if latency:
+        time.sleep(latency)
+    # Throttling happens before any work, as in the real service: a 429 never follows processing.
+    if fault and (emulator.faults.phase == "before" or fault in ("poll-limit", "429")):
+        return _fault(emulator, fault, headers)
+    try:
+        status, content, extra = _dispatch(emulator, endpoint, params, query, headers, body)
+    except ErrorResponse as error:
+        status, content, extra = error.status, error.body(), error.headers
+    if fault:
+        return _fault(emulator, fault, headers)
+    return _answer(status, content, extra, headers)
+
+
+def error_answer(error: ErrorResponse, headers: Headers) -> Answer:
+    """A Direct Line error as an answer to a request with these headers."""
+    return _answer(error.status, error.body(), error.headers, headers)
+
+
+def _preflight(headers: Headers) -> Answer:
+    """CORS preflight: Web Chat pages call Direct Line from their own origin, as with the real service."""
+    return Answer(204, {
+        **_cors(headers),
+        "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type",
+        "Access-Control-Max-Age": "600",
+    })
+
+
+def _cors(headers: Headers) -> dict[str, str]:
+    if not headers.get("Origin"):
+        return {}
+    return {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "Retry-After"}
+
+
+def _answer(status: int, content: Any, extra: dict[str, str], headers: Headers) -> Answer:
+    """`content` as the body (bytes as they are, anything else as JSON) with `extra` headers."""
+    if isinstance(content, bytes):
+        data, kind = content, {}
+    else:
+        data, kind = json.dumps(content, separators=(",", ":")).encode(), {"Content-Type": JSON_TYPE}
+    return Answer(status, {**kind, **extra, "Cache-Control": "no-store", **_cors(headers)}, data)
+
+
+def _route(method: str, path: str) -> tuple[str, dict[str, str]]:
+    """(endpoint, path parameters); ErrorResponse 405 or 404 when nothing here answers `method` on `path`."""
+    allowed = False
+    for route_method, pattern, endpoint in _ROUTES:
+        match = pattern.fullmatch(path)
+        if match:
+            if route_method == method:
+                return endpoint, match.groupdict()
+            allowed = True
+    if allowed:
+        raise ErrorResponse(405, "BadArgument", f"{method} is not allowed on {path}")
+    if path.endswith("/stream"):
+        raise ErrorResponse(404, "BadArgument", "WebSocket streams are not emulated: poll the activities")
+    raise ErrorResponse(404, "BadArgument", f"Unknown resource {path}")
+
+
+def _json_body(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as error:
+        raise ErrorResponse(400, "BadArgument", "The body is not valid JSON") from error
+    if not isinstance(body, dict):
+        raise ErrorResponse(400, "BadArgument", "The body must be a JSON object")
+    return body
+
+
+def _dispatch(emulator: Emulator, endpoint: str, params: dict[str, str], query: dict[str, str], headers: Headers,
+              raw: bytes) -> tuple[int, Any, dict[str, str]]:
+    cid = params.get("cid", "")
+    if endpoint.startswith("admin/"):
+        return _admin(emulator, endpoint, cid, raw)
+    if endpoint == "attachments/get":
+        stored = emulator.get_file(params["key"])
+        return 200, stored.data, {"Content-Type": stored.content_type,
+                                  "Content-Disposition": f'inline; filename="{quote(stored.name)}"'}
+    if endpoint.startswith("connector/"):
+        return (*emulator.bot_sends(cid, params.get("reply"), raw), {})
+    token = emulator.authenticate(headers)
+    result: tuple[int, dict[str, Any]]
+    if endpoint == "tokens/generate":
+        result = emulator.generate_token(token, _json_body(raw))
+    elif endpoint == "tokens/refresh":
+        result = emulator.refresh_token(token)
+    elif endpoint == "conversations/start":
+        raw_token = (headers.get("Authorization") or "").partition(" ")[2].strip()
+        result = emulator.start_conversation(token, raw_token, _json_body(raw))
+    elif endpoint == "conversations/reconnect":
+        result = emulator.reconnect(token, cid, query.get("watermark"))
+    elif endpoint == "activities/get":
+        result = emulator.get_activities(token, cid, query.get("watermark"))
+    elif endpoint == "activities/post":
+        result = emulator.post_activity(token, cid, raw)
+    else:
+        result = emulator.upload(token, cid, query.get("userId"), headers, raw)
+    return (*result, {})
+
+
+def _admin(emulator: Emulator, endpoint: str, cid: str, raw: bytes) -> tuple[int, Any, dict[str, str]]:
+    if endpoint == "admin/state":
+        return 200, emulator.snapshot(), {}
+    if endpoint == "admin/faults":
+        try:
+            faults = emulator.set_faults(_json_body(raw))
+        except (ValueError, TypeError) as error:
+            raise ErrorResponse(400, "BadArgument", str(error)) from error
+        return 200, asdict(faults), {}
+    if endpoint == "admin/clear-faults":
+        return 200, asdict(emulator.clear_faults()), {}
+    if endpoint == "admin/reset-counters":
+        emulator.reset_counters()
+        return 200, emulator.snapshot()["counters"], {}
+    if endpoint == "admin/conversation":
+        return 200, emulator.admin_conversation(cid), {}
+    action = {"admin/forget": emulator.forget, "admin/expire-tokens": emulator.expire_tokens,
+              "admin/reset-watermark": emulator.reset_watermark}[endpoint]
+    action(cid)
+    return 200, {"conversationId": cid, "done": endpoint.removeprefix("admin/")}, {}
+
+
+def _fault(emulator: Emulator, fault: str, headers: Headers) -> Answer:
+    """The injected fault's answer; ConnectionDropped for a dropped connection."""
+    if fault == "drop":
+        raise ConnectionDropped
+    if fault in ("429", "poll-limit"):
+        message = (f"Polled faster than once every {emulator.faults.min_poll_interval:g}s"
+                   if fault == "poll-limit" else "Too many requests")
+        error = ErrorResponse(429, "TooManyRequests", message, {"Retry-After": emulator.faults.retry_after})
+    else:
+        error = ErrorResponse(int(fault), "ServiceError", f"Injected fault: HTTP {fault}")
+    return error_answer(error, headers)
+
+
+# -------------------------------------------------------------------- HTTP
 
 
 class Handler(BaseHTTPRequestHandler):
+    """Reads a request off the socket, lets `respond` answer it, and writes the answer back."""
+
     protocol_version = "HTTP/1.1"
     server_version = "DirectLineEmulator/1.0"
     emulator: Emulator  # set on the subclass built by make_server
@@ -718,81 +897,28 @@ class Handler(BaseHTTPRequestHandler):
         self._handle("DELETE")
 
     def do_OPTIONS(self) -> None:
-        """CORS preflight: Web Chat pages call Direct Line from their own origin, as with the real service."""
-        self.send_response(204)
-        self._cors_headers()
-        self.send_header("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers",
-                         self.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type")
-        self.send_header("Access-Control-Max-Age", "600")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def _cors_headers(self) -> None:
-        if self.headers.get("Origin"):
-            self.send_header("Access-Control-Allow-Origin", "*")
-            self.send_header("Access-Control-Expose-Headers", "Retry-After")
+        self._handle("OPTIONS")
 
     def _handle(self, method: str) -> None:
-        url = urlsplit(self.path)
-        path = unquote(url.path).rstrip("/") or "/"
-        query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-        endpoint, params = self._route(method, path)
         try:
             raw = self._read_body()
         except ErrorResponse as error:
             self.close_connection = True
-            self._send_json(error.status, error.body(), error.headers)
+            self._send(error_answer(error, self.headers))
             return
-        if endpoint is None:
-            error = params
-            self._send_json(error.status, error.body())
-            return
-        conversation_id = params.get("cid")
-        emulator = self.emulator
-        if not endpoint.startswith("admin/"):
-            emulator.count(endpoint, conversation_id)
-        latency, fault = emulator.draw_fault(endpoint, conversation_id)
-        if latency:
-            time.sleep(latency)
         try:
-            # Throttling happens before any work, as in the real service: a 429 never follows processing.
-            if fault and (emulator.faults.phase == "before" or fault in ("poll-limit", "429")):
-                self._fail(fault)
-                return
-            try:
-                status, body, headers = self._dispatch(endpoint, params, query, raw)
-            except ErrorResponse as error:
-                status, body, headers = error.status, error.body(), error.headers
-            if fault:
-                self._fail(fault)
-                return
-            if isinstance(body, bytes):
-                self._send(status, body, headers)
-            else:
-                self._send_json(status, body, headers)
-        except _Dropped:
+            answer = respond(self.emulator, method, self.path, self.headers, raw)
+        except ConnectionDropped:
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-
-    def _route(self, method: str, path: str) -> tuple[str | None, Any]:
-        allowed = False
-        for route_method, pattern, endpoint in _ROUTES:
-            match = pattern.fullmatch(path)
-            if match:
-                if route_method == method:
-                    return endpoint, match.groupdict()
-                allowed = True
-        if allowed:
-            return None, ErrorResponse(405, "BadArgument", f"{method} is not allowed on {path}")
-        if path.endswith("/stream"):
-            return None, ErrorResponse(404, "BadArgument", "WebSocket streams are not emulated: poll the activities")
-        return None, ErrorResponse(404, "BadArgument", f"Unknown resource {path}")
+            return
+        self._send(answer)
 
     def _read_body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks, total = [], 0
+            chunks: list[bytes] = []
+            total = 0
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
@@ -812,94 +938,15 @@ class Handler(BaseHTTPRequestHandler):
             raise ErrorResponse(413, "MessageSizeTooBig", "Request body too large")
         return self.rfile.read(length) if length > 0 else b""
 
-    def _json_body(self, raw: bytes) -> dict[str, Any]:
-        if not raw.strip():
-            return {}
-        try:
-            body = json.loads(raw)
-        except ValueError as error:
-            raise ErrorResponse(400, "BadArgument", "The body is not valid JSON") from error
-        if not isinstance(body, dict):
-            raise ErrorResponse(400, "BadArgument", "The body must be a JSON object")
-        return body
-
-    def _dispatch(self, endpoint: str, params: dict[str, str], query: dict[str, str], raw: bytes) -> tuple:
-        emulator = self.emulator
-        cid = params.get("cid")
-        if endpoint.startswith("admin/"):
-            return self._admin(endpoint, cid, raw)
-        if endpoint == "attachments/get":
-            stored = emulator.get_file(params["key"])
-            return 200, stored.data, {"Content-Type": stored.content_type,
-                                      "Content-Disposition": f'inline; filename="{quote(stored.name)}"'}
-        if endpoint.startswith("connector/"):
-            return (*emulator.bot_sends(cid, params.get("reply"), raw), {})
-        token = emulator.authenticate(self.headers)
-        if endpoint == "tokens/generate":
-            result = emulator.generate_token(token, self._json_body(raw))
-        elif endpoint == "tokens/refresh":
-            result = emulator.refresh_token(token)
-        elif endpoint == "conversations/start":
-            raw_token = self.headers["Authorization"].partition(" ")[2].strip()
-            result = emulator.start_conversation(token, raw_token, self._json_body(raw))
-        elif endpoint == "conversations/reconnect":
-            result = emulator.reconnect(token, cid, query.get("watermark"))
-        elif endpoint == "activities/get":
-            result = emulator.get_activities(token, cid, query.get("watermark"))
-        elif endpoint == "activities/post":
-            result = emulator.post_activity(token, cid, raw)
-        else:
-            result = emulator.upload(token, cid, query.get("userId"), self.headers, raw)
-        return (*result, {})
-
-    def _admin(self, endpoint: str, cid: str | None, raw: bytes) -> tuple:
-        emulator = self.emulator
-        if endpoint == "admin/state":
-            return 200, emulator.snapshot(), {}
-        if endpoint == "admin/faults":
-            try:
-                faults = emulator.set_faults(self._json_body(raw))
-            except (ValueError, TypeError) as error:
-                raise ErrorResponse(400, "BadArgument", str(error)) from error
-            return 200, asdict(faults), {}
-        if endpoint == "admin/clear-faults":
-            return 200, asdict(emulator.clear_faults()), {}
-        if endpoint == "admin/reset-counters":
-            emulator.reset_counters()
-            return 200, emulator.snapshot()["counters"], {}
-        if endpoint == "admin/conversation":
-            return 200, emulator.admin_conversation(cid), {}
-        action = {"admin/forget": emulator.forget, "admin/expire-tokens": emulator.expire_tokens,
-                  "admin/reset-watermark": emulator.reset_watermark}[endpoint]
-        action(cid)
-        return 200, {"conversationId": cid, "done": endpoint.removeprefix("admin/")}, {}
-
-    def _fail(self, fault: str) -> None:
-        if fault == "drop":
-            raise _Dropped
-        if fault in ("429", "poll-limit"):
-            message = (f"Polled faster than once every {self.emulator.faults.min_poll_interval:g}s"
-                       if fault == "poll-limit" else "Too many requests")
-            error = ErrorResponse(429, "TooManyRequests", message, {"Retry-After": self.emulator.faults.retry_after})
-        else:
-            error = ErrorResponse(int(fault), "ServiceError", f"Injected fault: HTTP {fault}")
-        self._send_json(error.status, error.body(), error.headers)
-
-    def _send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body, separators=(",", ":")).encode()
-        self._send(status, data, {"Content-Type": "application/json; charset=utf-8", **(headers or {})})
-
-    def _send(self, status: int, data: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
+    def _send(self, answer: Answer) -> None:
+        self.send_response(answer.status)
+        for name, value in answer.headers.items():
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self._cors_headers()
+        self.send_header("Content-Length", str(len(answer.body)))
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        self.wfile.write(answer.body)
 
 
 class EmulatorServer(LocalHTTPServer):

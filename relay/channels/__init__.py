@@ -23,10 +23,13 @@ from relay.channels.generic import GenericAdapter
 from relay.channels.messagebird import MessageBirdAdapter
 from relay.channels.twilio import TwilioAdapter
 from relay.channels.whatsapp import WhatsAppAdapter
+from relay.clock import SYSTEM_CLOCK, Clock
 from relay.errors import ChannelDisabled
 from relay.settings import Settings
 
-ADAPTERS: dict[str, type] = {
+__all__ = ["ADAPTERS", "get_adapter", "list_enabled", "public_url"]
+
+ADAPTERS: dict[str, type[ChannelAdapter]] = {
     adapter.name: adapter
     for adapter in (TwilioAdapter, WhatsAppAdapter, MessageBirdAdapter, BirdAdapter, GenericAdapter)
 }
@@ -44,8 +47,9 @@ def _shared_session() -> requests.Session:
         return _session
 
 
-def get_adapter(name: str, settings: Settings, *, session: requests.Session | None = None) -> ChannelAdapter:
-    """The adapter of an enabled provider; ChannelDisabled for an unknown or unconfigured one,
+def get_adapter(name: str, settings: Settings, *, session: requests.Session | None = None,
+                clock: Clock = SYSTEM_CLOCK) -> ChannelAdapter:
+    """The adapter of an enabled provider, on `clock`; ChannelDisabled for an unknown or unconfigured one,
     SettingsError when its settings are incomplete."""
     if name not in ADAPTERS:
         raise ChannelDisabled(f"there is no channel named {name!r}")
@@ -57,6 +61,7 @@ def get_adapter(name: str, settings: Settings, *, session: requests.Session | No
         session=session or _shared_session(),
         window_seconds=settings.relay.signature_window_seconds,
         max_body_bytes=settings.relay.max_body_bytes,
+        clock=clock,
     )
 
 

@@ -3,18 +3,33 @@
 An adapter knows one provider: how it signs webhooks, what its payloads look like, how to answer
 its handshakes and how to send through its API. It knows nothing of Direct Line or storage.
 
-A signed payload is the provider's, not necessarily well formed: `Media` and `InboundMessage` refuse
-(BadPayload, 400) a value of the wrong kind, such as a list for an id or a number for a name, so
-whatever an adapter reads from JSON arrives typed as declared, or not at all.
+A signed payload is the provider's, not necessarily well formed: an `InboundMessage` refuses
+(BadPayload, 400) a value of the wrong kind in itself or its media, such as a list for an id or a
+number for a name, so whatever an adapter reads from JSON arrives typed as declared, or not at all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.errors import BadPayload
+
+if TYPE_CHECKING:
+    import requests
+
+    from relay.clock import Clock
+
+__all__ = [
+    "ChannelAdapter",
+    "InboundMessage",
+    "Media",
+    "MediaContent",
+    "OutboundMessage",
+    "WebhookAnswer",
+    "WebhookRequest",
+]
 
 
 def _check_types(item: object, what: str, required: tuple[str, ...], optional: tuple[str, ...]) -> None:
@@ -56,9 +71,6 @@ class Media:
     """The URL needs our provider credentials (WhatsApp's Graph media object, Twilio's MediaUrl): a bot
     cannot open it, so the relay fetches the bytes with the adapter's `fetch_media` and uploads them."""
 
-    def __post_init__(self) -> None:
-        _check_types(self, "a media item", ("url",), ("content_type", "name"))
-
 
 @dataclass(frozen=True)
 class MediaContent:
@@ -90,6 +102,8 @@ class InboundMessage:
         _check_types(self, "a message", ("message_id", "user_id"), ("user_name", "locale"))
         if not isinstance(self.text, str):
             raise BadPayload("a message: text must be a string")
+        for item in self.media:
+            _check_types(item, "a message's media item", ("url",), ("content_type", "name"))
 
 
 @dataclass(frozen=True)
@@ -112,13 +126,24 @@ class WebhookAnswer:
 
 
 class ChannelAdapter(Protocol):
+    """One provider's webhooks and API, as the relay uses them; `relay.channels.ADAPTERS` lists them.
+
+    Built once per process with the provider's settings, then shared by every invocation and thread:
+    an adapter keeps no state between calls but its settings and the HTTP session."""
+
     name: str
+    """The channel's name: its webhook route (/api/channels/<name>) and its part of every conversation key."""
+
+    def __init__(self, config: Mapping[str, str], *, session: requests.Session, window_seconds: float = ...,
+                 max_body_bytes: int = ..., clock: Clock = ...) -> None:
+        """Read `config` (the provider's settings); SettingsError when one it needs is missing or invalid.
+        Signatures older than `window_seconds` by `clock` are stale; bodies over `max_body_bytes` are refused."""
 
     def handshake(self, request: WebhookRequest) -> WebhookAnswer | None:
         """Answer a provider's verification call (WhatsApp's GET hub.challenge), else None."""
 
     def verify(self, request: WebhookRequest) -> None:
-        """Raise SignatureInvalid / StaleTimestamp unless the request is signed by the provider."""
+        """Raise PayloadTooLarge / SignatureInvalid / StaleTimestamp unless the request is signed by the provider."""
 
     def parse(self, request: WebhookRequest) -> list[InboundMessage]:
         """The user messages in a verified request (zero for status callbacks); BadPayload if malformed."""
@@ -133,3 +158,7 @@ class ChannelAdapter(Protocol):
         A message may take several provider calls (parts), planned the same way for the same message;
         the error's `parts_sent` says how many the provider accepted, and a retry passes that as
         `first_part` so no part reaches the user twice."""
+
+    def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
+        """The bytes of a user's `protected` media, at most `max_bytes`; ProviderRejected when the provider
+        refuses it for good (gone, too large, not its URL), ProviderUnavailable when it cannot give it now."""

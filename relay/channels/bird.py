@@ -28,6 +28,8 @@ from relay.channels.common import (
 )
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
 
+__all__ = ["BirdAdapter", "compute_signature"]
+
 
 def compute_signature(signing_key: str, timestamp: str, url: str, body: bytes) -> str:
     signed = b"\n".join([timestamp.encode(), url.encode(), hashlib.sha256(body).digest()])
@@ -130,7 +132,7 @@ class BirdAdapter(AdapterBase):
         def post(body: dict[str, Any]) -> str:
             response = call_provider(self.session, self.name, "POST", url,
                                      json={"receiver": {"contacts": [receiver]}, "body": body},
-                                     headers={"Authorization": f"AccessKey {self._access_key}"})
+                                     headers={"Authorization": f"AccessKey {self._access_key}"}, clock=self.clock)
             return str(response_json(response).get("id", ""))
 
         return send_parts(bodies, post, first_part=first_part)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.utils
+import contextlib
 import hmac
 import json
 import math
 import mimetypes
 import re
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeGuard, TypeVar
 from urllib.parse import parse_qsl
 
@@ -29,17 +28,41 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from relay.channels.base import Media, MediaContent, WebhookAnswer, WebhookRequest
+from relay.clock import SYSTEM_CLOCK, Clock
 from relay.errors import (
     BadPayload,
     PayloadTooLarge,
     ProviderError,
     ProviderRejected,
     ProviderUnavailable,
+    SettingsError,
     SignatureInvalid,
     StaleTimestamp,
 )
-from relay.settings import SettingsError
+from relay.retry_after import retry_after_seconds
 from relay.store.sweep import DEDUPE_RETENTION
+
+__all__ = [
+    "MAX_FORM_FIELDS",
+    "TIMESTAMP_DIGITS",
+    "AdapterBase",
+    "b64decode_or_none",
+    "call_provider",
+    "download",
+    "finite_number",
+    "form_fields",
+    "identifier",
+    "json_body",
+    "media_file_name",
+    "new_session",
+    "numbered_list",
+    "require_header",
+    "response_json",
+    "same",
+    "send_parts",
+    "split_text",
+    "unix_time",
+]
 
 TIMEOUT = (5.0, 20.0)
 """(connect, read) seconds for one provider call: long enough for a slow API, short enough for a timer run."""
@@ -59,12 +82,14 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class AdapterBase:
-    """Plumbing shared by the adapters; each subclass reads and validates its own settings."""
+    """Plumbing shared by the adapters; each subclass reads and validates its own settings.
+
+    `clock` is what a signature's timestamp is checked against and what provider calls time themselves by."""
 
     name = ""
 
     def __init__(self, config: Mapping[str, str], *, session: requests.Session, window_seconds: float = 300,
-                 max_body_bytes: int = 1_048_576, clock: Callable[[], float] = time.time):
+                 max_body_bytes: int = 1_048_576, clock: Clock = SYSTEM_CLOCK):
         self._config = dict(config)
         self.session = session
         self.window_seconds = window_seconds
@@ -87,7 +112,8 @@ class AdapterBase:
         return WebhookAnswer(200, b"", "text/plain")
 
     def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
-        raise ProviderRejected(f"the {self.name} channel's media are public: nothing to fetch", code="MediaNotFetched")
+        raise ProviderRejected(f"the {self.name} channel's media are public: nothing to fetch",
+                               reason="MediaNotFetched")
 
     def check_size(self, request: WebhookRequest) -> None:
         if len(request.body) > self.max_body_bytes:
@@ -101,14 +127,14 @@ class AdapterBase:
         stamp = unix_time(raw)
         if stamp is None:
             raise SignatureInvalid(f"the {header} header is not a Unix timestamp")
-        if abs(self.clock() - stamp) > self.window_seconds:
+        if abs(self.clock.now().timestamp() - stamp) > self.window_seconds:
             raise StaleTimestamp(f"the {header} is outside the {self.window_seconds:g}s replay window")
         return stamp
 
     def outlived_dedupe(self, sent_at: int) -> bool:
         """True for a message sent longer ago than the relay remembers message ids (DEDUPE_RETENTION): its
         dedupe row may be gone, so relaying it could relay a replay. The caller acknowledges it, unrelayed."""
-        return self.clock() - sent_at > DEDUPE_RETENTION.total_seconds()
+        return self.clock.now().timestamp() - sent_at > DEDUPE_RETENTION.total_seconds()
 
 
 def unix_time(raw: str) -> int | None:
@@ -232,57 +258,68 @@ def new_session() -> requests.Session:
 def send_parts(parts: Sequence[Part], send_one: Callable[[Part], str], *, first_part: int = 0) -> list[str]:
     """Send a reply's provider calls in order from `first_part`; the provider's ids of those sent now.
 
-    A failure carries how many parts are done (`parts_sent`, of `parts_total`), so a retry resumes at
-    the first part not yet accepted instead of showing the user the accepted ones twice."""
+    A failure is raised again (the same class, chained) with how many parts are done (`parts_sent`, of
+    `parts_total`), so a retry resumes at the first part not yet accepted instead of showing the user
+    the accepted ones twice."""
     ids = []
     for index in range(first_part, len(parts)):
         try:
             ids.append(send_one(parts[index]))
         except ProviderError as error:
-            error.parts_sent, error.parts_total = index, len(parts)
-            raise
+            raise type(error)(str(error), reason=error.reason, retry_after=error.retry_after, parts_sent=index,
+                              parts_total=len(parts)) from error
     return ids
 
 
-def call_provider(session: requests.Session, provider: str, method: str, url: str, **kwargs: Any) -> requests.Response:
-    """Make one API call; raise ProviderRejected or ProviderUnavailable unless it succeeded."""
+@contextlib.contextmanager
+def _provider_errors(what: str) -> Iterator[None]:
+    """Raises ProviderUnavailable("<what> did not answer in time", "<what> is unreachable or broke off") for any
+    failure of `requests` inside the block: the provider may answer a later try."""
     try:
-        response = session.request(method, url, timeout=TIMEOUT, **kwargs)
+        yield
     except requests.Timeout:
-        raise ProviderUnavailable(f"the {provider} API did not answer in time") from None
+        raise ProviderUnavailable(f"{what} did not answer in time") from None
     except requests.RequestException as error:
-        raise ProviderUnavailable(f"the {provider} API is unreachable ({type(error).__name__})") from None
+        raise ProviderUnavailable(f"{what} is unreachable or broke off ({type(error).__name__})") from None
+
+
+def call_provider(session: requests.Session, provider: str, method: str, url: str, *, clock: Clock,
+                  **kwargs: Any) -> requests.Response:
+    """Make one API call; raise ProviderRejected or ProviderUnavailable unless it succeeded (a Retry-After
+    date counted from `clock`)."""
+    with _provider_errors(f"the {provider} API"):
+        response = session.request(method, url, timeout=TIMEOUT, **kwargs)
     if response.status_code < 400:
         return response
     detail = _detail(response)
     if response.status_code == 429 or response.status_code >= 500:
+        retry_after = retry_after_seconds(response.headers.get("Retry-After"), now=clock.now())
         raise ProviderUnavailable(f"the {provider} API answered {response.status_code}: {detail}",
-                                  retry_after=retry_after_seconds(response.headers.get("Retry-After")))
+                                  retry_after=retry_after)
     raise ProviderRejected(f"the {provider} API rejected the message with {response.status_code}: {detail}")
 
 
-def download(session: requests.Session, provider: str, url: str, *, max_bytes: int,
+def download(session: requests.Session, provider: str, url: str, *, max_bytes: int, clock: Clock,
              **kwargs: Any) -> tuple[bytes, str]:
-    """The bytes at `url` and their content type, read as they come and refused for good past `max_bytes`."""
+    """The bytes at `url` and their content type, read as they come and refused for good past `max_bytes`
+    or after DOWNLOAD_SECONDS on `clock`."""
     too_large = ProviderRejected(f"the {provider} media is larger than the {max_bytes} bytes the relay forwards",
-                                 code="MediaTooLarge")
-    deadline = time.monotonic() + DOWNLOAD_SECONDS
-    response = call_provider(session, provider, "GET", url, stream=True, **kwargs)
+                                 reason="MediaTooLarge")
+    deadline = clock.monotonic() + DOWNLOAD_SECONDS
+    response = call_provider(session, provider, "GET", url, stream=True, clock=clock, **kwargs)
     with response:
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > max_bytes:
             raise too_large
         chunks, size = [], 0
-        try:
+        with _provider_errors(f"the {provider} media download"):
             for chunk in response.iter_content(64 * 1024):
                 size += len(chunk)
                 if size > max_bytes:
                     raise too_large
-                if time.monotonic() > deadline:
+                if clock.monotonic() > deadline:
                     raise ProviderUnavailable(f"the {provider} media download took over {DOWNLOAD_SECONDS:g}s")
                 chunks.append(chunk)
-        except requests.RequestException as error:
-            raise ProviderUnavailable(f"the {provider} media download broke off ({type(error).__name__})") from None
     return b"".join(chunks), (response.headers.get("Content-Type") or "").split(";")[0].strip()
 
 
@@ -294,21 +331,6 @@ def media_file_name(stem: str, content_type: str) -> str:
 def _detail(response: requests.Response) -> str:
     text = " ".join(response.text.split())
     return (text[:300] + "...") if len(text) > 300 else (text or response.reason or "no details")
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds: it may be a number or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def response_json(response: requests.Response) -> dict[str, Any]:

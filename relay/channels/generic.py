@@ -23,7 +23,6 @@ import binascii
 import hashlib
 import hmac
 import json
-import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -39,8 +38,9 @@ from relay.channels.common import (
     same,
     send_parts,
 )
-from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
-from relay.settings import SettingsError
+from relay.errors import BadPayload, ProviderRejected, SettingsError, SignatureInvalid
+
+__all__ = ["GenericAdapter", "hmac_signature", "secret_key", "standard_headers", "standard_signature"]
 
 STANDARD_PREFIX = "whsec_"
 
@@ -61,8 +61,9 @@ def standard_signature(key: bytes, message_id: str, timestamp: str, body: bytes)
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-def standard_headers(key: bytes, message_id: str, body: bytes, *, timestamp: int | None = None) -> dict[str, str]:
-    stamp = str(int(time.time()) if timestamp is None else timestamp)
+def standard_headers(key: bytes, message_id: str, body: bytes, *, timestamp: int) -> dict[str, str]:
+    """The Standard Webhooks headers of `body`, signed at `timestamp` (Unix seconds)."""
+    stamp = str(timestamp)
     return {"webhook-id": message_id, "webhook-timestamp": stamp,
             "webhook-signature": standard_signature(key, message_id, stamp, body)}
 
@@ -110,9 +111,8 @@ class GenericAdapter(AdapterBase):
         given = given[len(self.prefix):]
         timestamp = None
         if self.timestamp_header:
-            timestamp = request.header(self.timestamp_header)
+            timestamp = require_header(request, self.timestamp_header)
             self.check_timestamp(timestamp, self.timestamp_header)
-            timestamp = timestamp.strip()
         expected = hmac_signature(self._key, request.body, timestamp=timestamp, encoding=self.encoding)
         matches = same(expected, given.lower()) if self.encoding == "hex" else same(expected, given)
         if not matches:
@@ -200,6 +200,7 @@ class GenericAdapter(AdapterBase):
 
     def _post(self, payload: dict[str, Any]) -> str:
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-        headers = {"Content-Type": "application/json", **standard_headers(self._callback_key, payload["id"], body)}
-        call_provider(self.session, self.name, "POST", self.callback_url, data=body, headers=headers)
+        signed = standard_headers(self._callback_key, payload["id"], body, timestamp=int(self.clock.now().timestamp()))
+        headers = {"Content-Type": "application/json", **signed}
+        call_provider(self.session, self.name, "POST", self.callback_url, data=body, headers=headers, clock=self.clock)
         return payload["id"]

@@ -33,19 +33,21 @@ from relay.channels.common import (
 )
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid, StaleTimestamp
 
+__all__ = ["MessageBirdAdapter", "compute_legacy_signature"]
+
 JWT_ALGORITHMS = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
 JWT_LEEWAY_SECONDS = 1
 MEDIA_TYPES = ("image", "video", "audio", "file")
 
 
-def legacy_signed_bytes(timestamp: str, query: str, body: bytes) -> bytes:
+def _legacy_signed_bytes(timestamp: str, query: str, body: bytes) -> bytes:
     """What a legacy MessageBird-Signature covers; `query` is the URL's query string as called."""
     pairs = sorted(form_fields(query, "the URL's query"), key=lambda pair: pair[0])
     return b"\n".join([timestamp.encode(), urlencode(pairs).encode(), hashlib.sha256(body).digest()])
 
 
 def compute_legacy_signature(signing_key: str, timestamp: str, query: str, body: bytes) -> str:
-    digest = hmac.new(signing_key.encode(), legacy_signed_bytes(timestamp, query, body), hashlib.sha256).digest()
+    digest = hmac.new(signing_key.encode(), _legacy_signed_bytes(timestamp, query, body), hashlib.sha256).digest()
     return base64.b64encode(digest).decode()
 
 
@@ -53,7 +55,7 @@ def _b64url_decode(part: str) -> bytes:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
-def decode_jwt(token: str, key: str, *, now: float) -> dict[str, Any]:
+def _decode_jwt(token: str, key: str, *, now: float) -> dict[str, Any]:
     """The claims of an HMAC-signed JWT once its signature and time claims hold (SignatureInvalid else)."""
     try:
         header_part, claims_part, signature_part = token.split(".")
@@ -104,7 +106,7 @@ class MessageBirdAdapter(AdapterBase):
             raise SignatureInvalid("the MessageBird-Signature-JWT header is missing")
 
     def _verify_jwt(self, request: WebhookRequest, token: str) -> None:
-        claims = decode_jwt(token, self._signing_key, now=self.clock())
+        claims = _decode_jwt(token, self._signing_key, now=self.clock.now().timestamp())
         if not same(hashlib.sha256(request.url.encode()).hexdigest(), str(claims.get("url_hash", ""))):
             raise SignatureInvalid("the MessageBird-Signature-JWT was issued for another URL")
         payload_hash = claims.get("payload_hash")
@@ -180,7 +182,7 @@ class MessageBirdAdapter(AdapterBase):
 
         def post(body: dict[str, Any]) -> str:
             response = call_provider(self.session, self.name, "POST", url, json=body,
-                                     headers={"Authorization": f"AccessKey {self._access_key}"})
+                                     headers={"Authorization": f"AccessKey {self._access_key}"}, clock=self.clock)
             return str(response_json(response).get("id", ""))
 
         return send_parts(bodies, post, first_part=first_part)

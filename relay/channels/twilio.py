@@ -44,6 +44,8 @@ from relay.channels.common import (
 )
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
 
+__all__ = ["TwilioAdapter", "compute_signature"]
+
 TEXT_LIMIT = 1600
 MEDIA_PER_MESSAGE = 10
 """Twilio's limit both ways: at most ten MediaUrl per message sent, at most MediaUrl0..9 per message received."""
@@ -58,8 +60,9 @@ def compute_signature(auth_token: str, url: str, params: Mapping[str, str | list
                       *, algorithm: str = "HMAC_SHA1") -> str:
     """Twilio's signature of `url` and form `params` (values may be lists for repeated names)."""
     signed = url
-    for name in sorted(params or {}):
-        values = params[name]
+    fields = params or {}
+    for name in sorted(fields):
+        values = fields[name]
         for value in sorted(set([values] if isinstance(values, str) else values)):
             signed += name + value
     digest = hmac.new(auth_token.encode(), signed.encode(), _HASHES[algorithm]).digest()
@@ -178,8 +181,8 @@ class TwilioAdapter(AdapterBase):
 
     def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
         if not self._is_api_url(media.url):
-            raise ProviderRejected("the Twilio media URL is not on the Twilio API host", code="MediaNotFetched")
-        content, served_type = download(self.session, self.name, media.url, max_bytes=max_bytes,
+            raise ProviderRejected("the Twilio media URL is not on the Twilio API host", reason="MediaNotFetched")
+        content, served_type = download(self.session, self.name, media.url, max_bytes=max_bytes, clock=self.clock,
                                         auth=(self.account_sid, self._token))
         content_type = served_type or media.content_type or "application/octet-stream"
         name = media.name or media_file_name(urlsplit(media.url).path.rstrip("/").rsplit("/", 1)[-1], content_type)
@@ -220,6 +223,6 @@ class TwilioAdapter(AdapterBase):
     def _post(self, form: dict[str, str | list[str]]) -> str:
         response = call_provider(
             self.session, self.name, "POST", f"{self.api_base}/2010-04-01/Accounts/{self.account_sid}/Messages.json",
-            data=form, auth=(self.account_sid, self._token),
+            data=form, auth=(self.account_sid, self._token), clock=self.clock,
         )
         return str(response_json(response).get("sid", ""))

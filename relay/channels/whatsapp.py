@@ -36,7 +36,9 @@ from relay.channels.common import (
     split_text,
     unix_time,
 )
-from relay.errors import BadPayload, ProviderRejected, ProviderUnavailable, SignatureInvalid
+from relay.errors import BadPayload, ProviderRejected, ProviderUnavailable, SignatureInvalid, VerifyTokenMismatch
+
+__all__ = ["BUTTON_LIMIT", "BUTTON_TITLE_LIMIT", "TEXT_LIMIT", "WhatsAppAdapter", "compute_signature", "media_kind"]
 
 TEXT_LIMIT = 4096
 BUTTON_LIMIT = 3
@@ -74,7 +76,7 @@ class WhatsAppAdapter(AdapterBase):
         query = dict(request.query) or dict(parse_qsl(urlsplit(request.url).query, keep_blank_values=True))
         token = query.get("hub.verify_token", "")
         if query.get("hub.mode") != "subscribe" or not same(self._verify_token, token):
-            raise SignatureInvalid("the hub.verify_token does not match WHATSAPP_VERIFY_TOKEN", status=403)
+            raise VerifyTokenMismatch("the hub.verify_token does not match WHATSAPP_VERIFY_TOKEN")
         return WebhookAnswer(200, query.get("hub.challenge", "").encode(), "text/plain")
 
     def verify(self, request: WebhookRequest) -> None:
@@ -141,7 +143,7 @@ class WhatsAppAdapter(AdapterBase):
             return False
         log.warning("WhatsApp message %s was sent %.1f days ago, before the relay's dedupe memory: "
                     "acknowledged, not relayed (a replay, or a retry too late to tell from one)",
-                    message["id"], (self.clock() - sent_at) / 86400)
+                    message["id"], (self.clock.now().timestamp() - sent_at) / 86400)
         return True
 
     def _content(self, message: dict[str, Any]) -> tuple[str, tuple[Media, ...]] | None:
@@ -172,14 +174,16 @@ class WhatsAppAdapter(AdapterBase):
     def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
         """The media object first (download URL, type, size, hash), then its bytes, both with the access token."""
         bearer = {"Authorization": f"Bearer {self._access_token}"}
-        info = response_json(call_provider(self.session, self.name, "GET", media.url, headers=bearer))
+        info = response_json(call_provider(self.session, self.name, "GET", media.url, headers=bearer,
+                                                   clock=self.clock))
         if not isinstance(info.get("url"), str) or not info["url"].startswith(("https://", "http://")):
-            raise ProviderRejected("the WhatsApp media object has no download url", code="MediaNotFound")
+            raise ProviderRejected("the WhatsApp media object has no download url", reason="MediaNotFound")
         size = str(info.get("file_size") or "")
         if size.isdigit() and int(size) > max_bytes:
             raise ProviderRejected(f"the WhatsApp media has {size} bytes, over the {max_bytes} the relay forwards",
-                                   code="MediaTooLarge")
-        content, served_type = download(self.session, self.name, info["url"], max_bytes=max_bytes, headers=bearer)
+                                   reason="MediaTooLarge")
+        content, served_type = download(self.session, self.name, info["url"], max_bytes=max_bytes, headers=bearer,
+                                         clock=self.clock)
         expected = str(info.get("sha256") or "").lower()
         if expected and not hmac.compare_digest(hashlib.sha256(content).hexdigest(), expected):
             raise ProviderUnavailable("the WhatsApp media download does not match its sha256")
@@ -221,6 +225,6 @@ class WhatsAppAdapter(AdapterBase):
     def _post(self, url: str, to: str, body: dict[str, Any]) -> str:
         payload = {"messaging_product": "whatsapp", "recipient_type": "individual", "to": to, **body}
         response = call_provider(self.session, self.name, "POST", url, json=payload,
-                                 headers={"Authorization": f"Bearer {self._access_token}"})
+                                 headers={"Authorization": f"Bearer {self._access_token}"}, clock=self.clock)
         messages = response_json(response).get("messages") or [{}]
         return str(messages[0].get("id", ""))

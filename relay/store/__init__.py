@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 
+from relay.clock import SYSTEM_CLOCK, Clock
 from relay.settings import StorageSettings, get_settings
 from relay.store.conversations import Conversations
 from relay.store.dead_letters import DeadLetters
@@ -35,21 +36,24 @@ __all__ = ["RelayStore", "get_store"]
 
 class RelayStore:
     """Every table the relay and the token server read and write, on one connection: `store.conversations`,
-    `store.due_polls`, `store.outbox`, `store.dead_letters`, `store.sessions`, `store.rate_limits`."""
+    `store.due_polls`, `store.outbox`, `store.dead_letters`, `store.sessions`, `store.rate_limits`.
 
-    def __init__(self, tables: Tables):
+    `clock` gives every time a method is not told (`now=`): what is written and what "due" or "expired" means."""
+
+    def __init__(self, tables: Tables, *, clock: Clock = SYSTEM_CLOCK):
         self.tables = tables
-        self.due_polls = DuePolls(tables)
-        self.conversations = Conversations(tables, due_polls=self.due_polls)
-        self.dead_letters = DeadLetters(tables)
-        self.outbox = Outbox(tables, dead_letters=self.dead_letters)
-        self.sessions = WebChatSessions(tables)
-        self.rate_limits = RateLimits(tables)
+        self.clock = clock
+        self.due_polls = DuePolls(tables, clock=clock)
+        self.conversations = Conversations(tables, due_polls=self.due_polls, clock=clock)
+        self.dead_letters = DeadLetters(tables, clock=clock)
+        self.outbox = Outbox(tables, dead_letters=self.dead_letters, clock=clock)
+        self.sessions = WebChatSessions(tables, clock=clock)
+        self.rate_limits = RateLimits(tables, clock=clock)
 
     @classmethod
-    def from_settings(cls, storage: StorageSettings, **client_options) -> RelayStore:
-        """The store on the account and table prefix of `storage`; `client_options` go to the SDK client."""
-        return cls(Tables(table_service_client(storage, **client_options), prefix=storage.table_prefix))
+    def from_settings(cls, storage: StorageSettings, *, clock: Clock = SYSTEM_CLOCK, **client_options) -> RelayStore:
+        """The store on the account and table prefix of `storage`, on `clock`; `client_options` go to the SDK client."""
+        return cls(Tables(table_service_client(storage, **client_options), prefix=storage.table_prefix), clock=clock)
 
     def __repr__(self) -> str:
         return f"RelayStore(account={self.tables.service.account_name!r}, prefix={self.tables.prefix!r})"
@@ -57,5 +61,5 @@ class RelayStore:
 
 @functools.lru_cache(maxsize=1)
 def get_store() -> RelayStore:
-    """The process's store on the app settings (one pooled connection for every invocation)."""
-    return RelayStore.from_settings(get_settings().storage)
+    """The process's store on the app settings and the system clock (one pooled connection for every invocation)."""
+    return RelayStore.from_settings(get_settings().storage, clock=SYSTEM_CLOCK)

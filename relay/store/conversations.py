@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
@@ -22,25 +23,30 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableEntity, UpdateMode
 
 from relay.errors import ConcurrencyConflict, LeaseLost
-from relay.store.tables import UPDATE_ATTEMPTS, escape, get_json, pause_after_conflict, put_json, storage_errors, utcnow
+from relay.store.tables import UPDATE_ATTEMPTS, escape, get_json, pause_after_conflict, put_json, storage_errors
 
 if TYPE_CHECKING:
+    from relay.clock import Clock
     from relay.store.due_polls import DueConversation, DuePolls
     from relay.store.tables import Tables
 
 __all__ = [
-    "ACTIVE",
     "DELIVERED_IDS_LIMIT",
-    "ENDED",
     "ConversationKey",
     "ConversationRecord",
+    "ConversationState",
     "Conversations",
 ]
 
 log = logging.getLogger(__name__)
 
-ACTIVE = "active"
-ENDED = "ended"
+
+class ConversationState(StrEnum):
+    """A record's `state` (stored as the value): ACTIVE until the bot or the idle timer ends it."""
+
+    ACTIVE = "active"
+    ENDED = "ended"
+
 
 DELIVERED_IDS_LIMIT = 300
 """Activity ids remembered per conversation: far more than one watermark reset can replay in 24 h of chat."""
@@ -77,7 +83,7 @@ class ConversationRecord:
     last_bot_activity_at: datetime | None = None
     next_poll_at: datetime | None = None
     poll_interval: float = 0.0
-    state: str = ACTIVE
+    state: ConversationState = ConversationState.ACTIVE
     reply_context: Mapping[str, Any] = field(default_factory=dict)
     peekable: bool = False
     """Settled: nothing waits in the outbox, so the poller may look for the bot's activities without the lease."""
@@ -90,7 +96,7 @@ class ConversationRecord:
 
     @property
     def active(self) -> bool:
-        return self.state == ACTIVE
+        return self.state == ConversationState.ACTIVE
 
     def is_delivered(self, activity_id: str) -> bool:
         return activity_id in self.delivered_ids
@@ -116,9 +122,10 @@ class ConversationRecord:
 class Conversations:
     """Reads and writes of conversation records. Methods taking `now` use it instead of the clock."""
 
-    def __init__(self, tables: Tables, *, due_polls: DuePolls):
+    def __init__(self, tables: Tables, *, due_polls: DuePolls, clock: Clock):
         self._table = tables.table(_TABLE)
         self._due_polls = due_polls
+        self._clock = clock
 
     def get_record(self, key: ConversationKey) -> ConversationRecord | None:
         """The stored record, or None when the user has none."""
@@ -152,7 +159,7 @@ class Conversations:
                 return stored
             if wanted.key != key:
                 raise ValueError("change() must not change the conversation key")
-            written_at = now or utcnow()
+            written_at = now or self._clock.now()
             wanted = replace(wanted, created_at=wanted.created_at or written_at, updated_at=written_at)
             old_index = stored.due_index_key if stored is not None else None
             new_index = self._due_polls.schedule(wanted, previous=stored)
@@ -165,10 +172,10 @@ class Conversations:
                         result = self._table.client.update_entity(entity, mode=UpdateMode.REPLACE, etag=stored.etag,
                                                                   match_condition=MatchConditions.IfNotModified)
                 except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
-                    if new_index != old_index:
+                    if new_index and new_index != old_index:
                         self._due_polls.delete_row(new_index)
                     log.info("conversation update conflicted; retrying on fresh data (attempt %d)", attempt + 1)
-                    pause_after_conflict(attempt)
+                    pause_after_conflict(self._clock, attempt)
                     continue
             if old_index and old_index != new_index:
                 self._due_polls.delete_row(old_index)
@@ -181,7 +188,7 @@ class Conversations:
 
         A stale index row (the record moved on, ended or vanished) is removed here.
         """
-        now = now or utcnow()
+        now = now or self._clock.now()
         record = self.get_record(due.key)
         if record is None or record.due_index_key != due.index_key:
             self._due_polls.delete_row(due.index_key)
@@ -195,7 +202,7 @@ class Conversations:
 
         A lease ends on its own when its holder dies: after expiry anyone may take it over.
         """
-        now = now or utcnow()
+        now = now or self._clock.now()
         held_by_other = False
 
         def take(record: ConversationRecord | None) -> ConversationRecord | None:
@@ -225,7 +232,7 @@ class Conversations:
         """
         deleted = 0
         for entity in self._table.query("state eq @ended or last_activity_at lt @cutoff",
-                                        {"ended": ENDED, "cutoff": idle_before}, limit=limit):
+                                        {"ended": ConversationState.ENDED, "cutoff": idle_before}, limit=limit):
             if self._table.delete_if_unchanged(entity):
                 deleted += 1
                 if entity.get("due_index_key"):
@@ -258,7 +265,8 @@ def _from_entity(key: ConversationKey, entity: TableEntity) -> ConversationRecor
         watermark=entity.get("watermark"), delivered_ids=tuple(get_json(entity, "delivered_ids", [])),
         last_user_activity_at=entity.get("last_user_activity_at"),
         last_bot_activity_at=entity.get("last_bot_activity_at"), next_poll_at=entity.get("next_poll_at"),
-        poll_interval=entity.get("poll_interval") or 0.0, state=entity.get("state", ACTIVE),
+        poll_interval=entity.get("poll_interval") or 0.0,
+        state=ConversationState(entity.get("state", ConversationState.ACTIVE)),
         reply_context=get_json(entity, "reply_context", {}), peekable=bool(entity.get("peekable")),
         lease_owner=entity.get("lease_owner"),
         lease_expires_at=entity.get("lease_expires_at"), created_at=entity.get("created_at"),

@@ -13,22 +13,32 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
+from relay.clock import Clock
 from relay.store.conversations import ConversationKey
-from relay.store.tables import Tables, get_json, millis, put_json, utcnow
+from relay.store.tables import Tables, get_json, millis, put_json
 
-__all__ = ["DeadLetter", "DeadLetters"]
+__all__ = ["DeadLetter", "DeadLetterKind", "DeadLetters"]
 
 log = logging.getLogger(__name__)
 
 _TABLE = "deadletters"
 
 
+class DeadLetterKind(StrEnum):
+    """What could not be delivered (stored as the value)."""
+
+    REPLY = "reply"  # a bot's reply the provider refused
+    MEDIA = "media"  # a user's file the relay could not carry to the bot (the message itself was posted)
+    INBOUND = "inbound"  # a user's message Direct Line refused
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     key: ConversationKey
-    kind: str  # "reply", "media" or "inbound": see the module docstring
+    kind: DeadLetterKind
     reason: str
     payload: Mapping[str, Any] = field(repr=False)
     created_at: datetime
@@ -38,13 +48,14 @@ class DeadLetter:
 class DeadLetters:
     """Reads and writes of dead letters."""
 
-    def __init__(self, tables: Tables):
+    def __init__(self, tables: Tables, *, clock: Clock):
         self._table = tables.table(_TABLE)
+        self._clock = clock
 
-    def add_letter(self, key: ConversationKey, *, kind: str, reason: str, payload: Mapping[str, Any],
+    def add_letter(self, key: ConversationKey, *, kind: DeadLetterKind, reason: str, payload: Mapping[str, Any],
                    now: datetime | None = None) -> DeadLetter:
         """Store a dead letter (the reason cut to 2000 characters) and log that there is one."""
-        now = now or utcnow()
+        now = now or self._clock.now()
         row = f"{millis(now):015d}|{secrets.token_hex(6)}"
         entity = {"PartitionKey": key.partition_key, "RowKey": row, "kind": kind, "reason": reason[:2000],
                   "created_at": now, "channel": key.channel, "user": key.user}
@@ -59,8 +70,8 @@ class DeadLetters:
             entities = self._table.query("", {}, limit=limit)
         else:
             entities = self._table.query("PartitionKey eq @pk", {"pk": key.partition_key}, limit=limit)
-        return [DeadLetter(ConversationKey(e["channel"], e["user"]), e["kind"], e["reason"], get_json(e, "payload"),
-                           e["created_at"], row_key=e["RowKey"]) for e in entities]
+        return [DeadLetter(ConversationKey(e["channel"], e["user"]), DeadLetterKind(e["kind"]), e["reason"],
+                           get_json(e, "payload"), e["created_at"], row_key=e["RowKey"]) for e in entities]
 
     def delete_old(self, *, created_before: datetime, limit: int) -> int:
         """Delete up to `limit` dead letters created before `created_before` (a scan, for the sweep); how many went."""

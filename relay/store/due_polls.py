@@ -22,8 +22,9 @@ from azure.core import MatchConditions
 from azure.core.exceptions import AzureError
 from azure.data.tables import TableTransactionError, UpdateMode
 
-from relay.store.conversations import ACTIVE, ConversationKey, ConversationRecord
-from relay.store.tables import BATCH_LIMIT, Tables, millis, storage_errors, utcnow
+from relay.clock import Clock
+from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState
+from relay.store.tables import BATCH_LIMIT, Tables, millis, storage_errors, transaction_error_code
 
 __all__ = ["DueConversation", "DuePolls"]
 
@@ -59,8 +60,9 @@ class DueConversation:
 class DuePolls:
     """Reads and writes of the due index."""
 
-    def __init__(self, tables: Tables):
+    def __init__(self, tables: Tables, *, clock: Clock):
         self._table = tables.table(_TABLE)
+        self._clock = clock
 
     def list_due(self, *, now: datetime | None = None, limit: int = 200) -> list[DueConversation]:
         """Conversations whose next poll (or peek) time has come, earliest first: one RowKey range of the index.
@@ -68,7 +70,7 @@ class DuePolls:
         Conversations that are not due are not read at all, so thousands of idle ones cost nothing here
         (a query page of up to 1000 rows is one transaction).
         """
-        now = now or utcnow()
+        now = now or self._clock.now()
         query = self._table.client.query_entities(
             # `not (... gt ...)`: a row without peek_after (older code wrote none) is due by its RowKey alone.
             # (The space before ")" lets the SDK find the @now parameter.)
@@ -109,8 +111,8 @@ class DuePolls:
                 try:
                     self._table.client.submit_transaction(batch)
                 except TableTransactionError as error:
-                    if error.error_code not in ("UpdateConditionNotSatisfied", "ResourceNotFound"):
-                        log.warning("could not postpone due rows: %s", error.error_code)
+                    if transaction_error_code(error) not in ("UpdateConditionNotSatisfied", "ResourceNotFound"):
+                        log.warning("could not postpone due rows: %s", transaction_error_code(error))
                         break
                     batch = batch[:error.index] + batch[error.index + 1:]
                     if not batch:
@@ -129,7 +131,7 @@ class DuePolls:
         A row is kept while the schedule and what a peek relies on stay the same; None when the
         record wants no polling (ended, or nothing scheduled). Raises StoreError when the row cannot
         be written."""
-        if record.state != ACTIVE or record.next_poll_at is None:
+        if record.state != ConversationState.ACTIVE or record.next_poll_at is None:
             return None
         old_index = previous.due_index_key if previous is not None else None
         reusable = previous is not None and _peek_view(previous) == _peek_view(record)

@@ -15,22 +15,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableEntity, TableTransactionError, UpdateMode
 
-from relay.errors import ConcurrencyConflict, StoreError
+from relay.clock import Clock
+from relay.errors import ConcurrencyConflict
 from relay.store.conversations import ConversationKey
-from relay.store.dead_letters import DeadLetters
-from relay.store.tables import Tables, escape, get_json, millis, put_json, storage_errors, utcnow
+from relay.store.dead_letters import DeadLetterKind, DeadLetters
+from relay.store.tables import Tables, escape, get_json, millis, put_json, storage_errors, transaction_error_code
 
-__all__ = ["DEAD", "PENDING", "POSTED", "InboundResult", "Outbox", "OutboxMessage"]
+__all__ = ["InboundResult", "InboundState", "Outbox", "OutboxMessage"]
 
-PENDING = "pending"  # inbound message stored, waiting in the outbox for Direct Line
-POSTED = "posted"  # Direct Line took it
-DEAD = "dead"  # Direct Line refused it for good (dead letter)
+
+class InboundState(StrEnum):
+    """Where a provider message is (its dedupe row's `state`, stored as the value)."""
+
+    PENDING = "pending"  # stored, waiting in the outbox for Direct Line
+    POSTED = "posted"  # Direct Line took it
+    DEAD = "dead"  # Direct Line refused it for good (dead letter)
+
 
 _TABLE = "inbound"
 _DEDUPE = "dedupe|"
@@ -61,7 +68,7 @@ class InboundResult:
     """What Outbox.add_message found: a new message (in the outbox now) or a retried webhook's duplicate."""
 
     is_new: bool
-    state: str  # PENDING, POSTED or DEAD
+    state: InboundState
     message: OutboxMessage | None = None  # the outbox entry when the message is new
     activity_id: str | None = None  # Direct Line's id once POSTED
 
@@ -69,8 +76,9 @@ class InboundResult:
 class Outbox:
     """Reads and writes of inbound messages. Methods taking `now` use it instead of the clock."""
 
-    def __init__(self, tables: Tables, *, dead_letters: DeadLetters):
+    def __init__(self, tables: Tables, *, dead_letters: DeadLetters, clock: Clock):
         self._table = tables.table(_TABLE)
+        self._clock = clock
         self._dead_letters = dead_letters
 
     def add_message(self, key: ConversationKey, message_id: str, activity: Mapping[str, Any], *,
@@ -80,11 +88,12 @@ class Outbox:
         A retried webhook (same message id) gets is_new=False and the message's state: PENDING while
         it still waits in the outbox, POSTED once Direct Line took it, DEAD if Direct Line refused it.
         """
-        now = now or utcnow()
+        now = now or self._clock.now()
         pk = key.partition_key
         outbox_row = f"{_OUTBOX}{millis(now):015d}|{escape(message_id)}"
-        dedupe = {"PartitionKey": pk, "RowKey": _DEDUPE + escape(message_id), "message_id": message_id,
-                  "state": PENDING, "received_at": now, "outbox_row": outbox_row}
+        dedupe: dict[str, Any] = {"PartitionKey": pk, "RowKey": _DEDUPE + escape(message_id),
+                                  "message_id": message_id, "state": InboundState.PENDING, "received_at": now,
+                                  "outbox_row": outbox_row}
         outbox = {"PartitionKey": pk, "RowKey": outbox_row, "message_id": message_id, "received_at": now,
                   "attempts": 0, "in_doubt": False, "channel": key.channel, "user": key.user}
         put_json(outbox, "activity", activity)
@@ -92,16 +101,16 @@ class Outbox:
             try:
                 results = self._table.client.submit_transaction([("create", dedupe), ("create", outbox)])
             except TableTransactionError as error:
-                if error.error_code != "EntityAlreadyExists":
-                    raise StoreError(f"cannot store an inbound message: {error.error_code}") from error
+                if transaction_error_code(error) != "EntityAlreadyExists":
+                    raise  # storage_errors translates it
                 existing = self._table.get(pk, dedupe["RowKey"])
                 if existing is None:  # swept between the two calls: it was handled long ago
-                    return InboundResult(is_new=False, state=POSTED)
-                return InboundResult(is_new=False, state=existing.get("state", PENDING),
+                    return InboundResult(is_new=False, state=InboundState.POSTED)
+                return InboundResult(is_new=False, state=InboundState(existing.get("state", InboundState.PENDING)),
                                      activity_id=existing.get("activity_id"))
         message = OutboxMessage(key, message_id, dict(activity), now, row_key=outbox_row,
                                 etag=results[1].get("etag"))
-        return InboundResult(is_new=True, state=PENDING, message=message)
+        return InboundResult(is_new=True, state=InboundState.PENDING, message=message)
 
     def list_messages(self, key: ConversationKey, *, limit: int = 50) -> list[OutboxMessage]:
         """The conversation's messages still waiting for Direct Line, oldest first."""
@@ -119,13 +128,14 @@ class Outbox:
 
     def complete_message(self, message: OutboxMessage, *, activity_id: str, now: datetime | None = None) -> None:
         """Direct Line took the message: out of the outbox and marked POSTED, atomically."""
-        self._finish(message, {"state": POSTED, "activity_id": activity_id, "posted_at": now or utcnow()})
+        self._finish(message, {"state": InboundState.POSTED, "activity_id": activity_id,
+                               "posted_at": now or self._clock.now()})
 
     def dead_letter_message(self, message: OutboxMessage, *, reason: str, now: datetime | None = None) -> None:
         """Direct Line refused the message for good (a 400): keep it as a dead letter and unblock the outbox."""
-        self._dead_letters.add_letter(message.key, kind="inbound", reason=reason, now=now,
+        self._dead_letters.add_letter(message.key, kind=DeadLetterKind.INBOUND, reason=reason, now=now,
                                       payload={"message_id": message.message_id, "activity": dict(message.activity)})
-        self._finish(message, {"state": DEAD, "reason": reason[:500]})
+        self._finish(message, {"state": InboundState.DEAD, "reason": reason[:500]})
 
     def delete_old_dedupe(self, *, received_before: datetime, limit: int) -> int:
         """Forget up to `limit` handled messages received before `received_before` (a scan, for the sweep).
@@ -134,7 +144,8 @@ class Outbox:
         Returns how many went."""
         return self._table.delete_matching(
             "RowKey ge @lo and RowKey lt @hi and state ne @pending and received_at lt @cut",
-            {"lo": _DEDUPE, "hi": _DEDUPE[:-1] + "}", "pending": PENDING, "cut": received_before}, limit=limit)
+            {"lo": _DEDUPE, "hi": _DEDUPE[:-1] + "}", "pending": InboundState.PENDING, "cut": received_before},
+            limit=limit)
 
     def _save(self, message: OutboxMessage) -> OutboxMessage:
         entity = {"PartitionKey": message.key.partition_key, "RowKey": message.row_key,
@@ -153,16 +164,17 @@ class Outbox:
     def _finish(self, message: OutboxMessage, dedupe_changes: dict[str, Any]) -> None:
         pk = message.key.partition_key
         dedupe = {"PartitionKey": pk, "RowKey": _DEDUPE + escape(message.message_id), **dedupe_changes}
-        operations = [("delete", {"PartitionKey": pk, "RowKey": message.row_key},
-                       {"etag": message.etag, "match_condition": MatchConditions.IfNotModified}),
-                      ("upsert", dedupe, {"mode": UpdateMode.MERGE})]
+        operations: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+            ("delete", {"PartitionKey": pk, "RowKey": message.row_key},
+             {"etag": message.etag, "match_condition": MatchConditions.IfNotModified}),
+            ("upsert", dedupe, {"mode": UpdateMode.MERGE})]
         with storage_errors("complete an outbox message"):
             try:
                 self._table.client.submit_transaction(operations)
             except TableTransactionError as error:
-                if error.error_code in ("UpdateConditionNotSatisfied", "ResourceNotFound"):
+                if transaction_error_code(error) in ("UpdateConditionNotSatisfied", "ResourceNotFound"):
                     raise ConcurrencyConflict("the outbox message was changed or completed by another worker") from None
-                raise StoreError(f"cannot complete an outbox message: {error.error_code}") from error
+                raise  # storage_errors translates it
 
 
 def _from_entity(key: ConversationKey, entity: TableEntity) -> OutboxMessage:

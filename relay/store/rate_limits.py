@@ -15,8 +15,9 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
+from relay.clock import Clock
 from relay.errors import ConcurrencyConflict
-from relay.store.tables import UPDATE_ATTEMPTS, Tables, pause_after_conflict, storage_errors, utcnow
+from relay.store.tables import UPDATE_ATTEMPTS, Tables, pause_after_conflict, storage_errors
 
 __all__ = ["RateLimitResult", "RateLimits"]
 
@@ -35,8 +36,9 @@ class RateLimitResult:
 class RateLimits:
     """Fixed-window request counters. Methods taking `now` use it instead of the clock."""
 
-    def __init__(self, tables: Tables):
+    def __init__(self, tables: Tables, *, clock: Clock):
         self._table = tables.table(_TABLE)
+        self._clock = clock
 
     def count_request(self, client_address: str, *, limit: int, window_seconds: float = 60,
                       now: datetime | None = None) -> RateLimitResult:
@@ -46,17 +48,16 @@ class RateLimits:
         clock, so a burst cannot straddle two windows to get twice the limit). ConcurrencyConflict
         when the counter kept changing under every attempt.
         """
-        now = now or utcnow()
+        now = now or self._clock.now()
         pk = hashlib.sha256(client_address.encode()).hexdigest()[:40]
         for _ in range(UPDATE_ATTEMPTS * 2):
             entity = self._table.get(pk, _ROW)
-            fresh = entity is None or entity["expires_at"] <= now
-            if fresh:
+            if entity is None or entity["expires_at"] <= now:
                 window_start, window_end, count = now, now + timedelta(seconds=window_seconds), 1
             else:
                 window_start, window_end, count = entity["window_start"], entity["expires_at"], entity["count"] + 1
             if count > limit:
-                return RateLimitResult(False, entity["count"], limit, max((window_end - now).total_seconds(), 0.001))
+                return RateLimitResult(False, count - 1, limit, max((window_end - now).total_seconds(), 0.001))
             new = {"PartitionKey": pk, "RowKey": _ROW, "window_start": window_start, "expires_at": window_end,
                    "count": count}
             with storage_errors("count a request"):
@@ -67,7 +68,7 @@ class RateLimits:
                         self._table.client.update_entity(new, mode=UpdateMode.REPLACE, etag=entity.metadata["etag"],
                                                          match_condition=MatchConditions.IfNotModified)
                 except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
-                    pause_after_conflict(0)
+                    pause_after_conflict(self._clock, 0)
                     continue
             return RateLimitResult(True, count, limit, 0.0)
         raise ConcurrencyConflict("the rate-limit counter kept changing")

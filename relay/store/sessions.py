@@ -14,6 +14,7 @@ import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
@@ -21,21 +22,16 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableEntity, UpdateMode
 
 from relay.errors import ConcurrencyConflict
-from relay.store.tables import UPDATE_ATTEMPTS, escape, get_json, pause_after_conflict, put_json, storage_errors, utcnow
+from relay.store.tables import UPDATE_ATTEMPTS, escape, get_json, pause_after_conflict, put_json, storage_errors
 
 if TYPE_CHECKING:
+    from relay.clock import Clock
     from relay.store.tables import Tables
 
 __all__ = [
     "GRACE_KEYS_LIMIT",
-    "RESUMED",
     "RESUME_GRACE",
-    "RETRIED",
-    "REUSED_KEY",
-    "SESSION_EXPIRED",
-    "SESSION_REVOKED",
-    "UNKNOWN_SESSION",
-    "WRONG_KEY",
+    "ResumeOutcome",
     "ResumeResult",
     "WebChatSession",
     "WebChatSessions",
@@ -46,14 +42,22 @@ _TABLE = "webchatsessions"
 _ROW = "session"
 _PREVIOUS_KEYS_LIMIT = 20
 
-# Outcomes of WebChatSessions.resume_session
-RESUMED = "resumed"  # key matched: rotated to the new key, session extended
-RETRIED = "retried"  # the key the last resume used, again within the grace period: one more new key
-UNKNOWN_SESSION = "unknown_session"
-SESSION_EXPIRED = "expired"
-SESSION_REVOKED = "revoked"  # revoked earlier
-WRONG_KEY = "wrong_key"
-REUSED_KEY = "reused_key"  # an already rotated key: the session is revoked now (a stolen key)
+
+class ResumeOutcome(StrEnum):
+    """What presenting a resume key meant (WebChatSessions.resume_session); `accepted` for the first two."""
+
+    RESUMED = "resumed"  # key matched: rotated to the new key, session extended
+    RETRIED = "retried"  # the key the last resume used, again within the grace period: one more new key
+    UNKNOWN_SESSION = "unknown_session"
+    EXPIRED = "expired"
+    REVOKED = "revoked"  # revoked earlier
+    WRONG_KEY = "wrong_key"
+    REUSED_KEY = "reused_key"  # an already rotated key: the session is revoked now (a stolen key)
+
+    @property
+    def accepted(self) -> bool:
+        return self in (ResumeOutcome.RESUMED, ResumeOutcome.RETRIED)
+
 
 RESUME_GRACE = timedelta(seconds=60)
 """How long a rotated-away key stays good for a retry while no key it was rotated to was used. A page
@@ -64,12 +68,12 @@ GRACE_KEYS_LIMIT = 8  # valid keys at once in a grace period (keeps the row smal
 
 @dataclass(frozen=True)
 class ResumeResult:
-    outcome: str
+    outcome: ResumeOutcome
     session: WebChatSession | None = None
 
     @property
     def ok(self) -> bool:
-        return self.outcome in (RESUMED, RETRIED)
+        return self.outcome.accepted
 
 
 @dataclass(frozen=True)
@@ -88,38 +92,44 @@ class WebChatSession:
     previous_key_hashes: tuple[str, ...] = field(default=(), repr=False)  # every key rotated away (poison)
     etag: str | None = field(default=None, repr=False, compare=False)
 
-    def resume_outcome(self, resume_key: str, *, now: datetime) -> str:
+    def resume_outcome(self, resume_key: str, *, now: datetime) -> ResumeOutcome:
         """What presenting `resume_key` at `now` means (RESUMED or RETRIED: accepted), hashes compared in constant time.
 
         The key the last resume used is good once more (RETRIED) within RESUME_GRACE while none of
         the keys it was rotated to has been used: that resume's answer was lost, or two resumes raced.
         """
         presented = hash_resume_key(resume_key)
+        current = _any_digest_equal(presented, (self.resume_key_hash, *self.retry_key_hashes))
+        grace = bool(self.grace_key_hash) and hmac.compare_digest(presented, self.grace_key_hash)
+        rotated = _any_digest_equal(presented, self.previous_key_hashes)
+        if not (current or grace or rotated):
+            # Whether the session was revoked or expired is the key holder's business only.
+            return ResumeOutcome.WRONG_KEY
         if self.revoked:
-            return SESSION_REVOKED
+            return ResumeOutcome.REVOKED
         if self.expires_at <= now:
-            return SESSION_EXPIRED
-        if _any_digest_equal(presented, (self.resume_key_hash, *self.retry_key_hashes)):
-            return RESUMED
-        if (self.grace_key_hash and hmac.compare_digest(presented, self.grace_key_hash)
-                and self.rotated_at is not None and now < self.rotated_at + RESUME_GRACE
+            return ResumeOutcome.EXPIRED
+        if current:
+            return ResumeOutcome.RESUMED
+        if (grace and self.rotated_at is not None and now < self.rotated_at + RESUME_GRACE
                 and len(self.retry_key_hashes) + 1 < GRACE_KEYS_LIMIT):
-            return RETRIED
-        if _any_digest_equal(presented, self.previous_key_hashes):
-            return REUSED_KEY
-        return WRONG_KEY
+            return ResumeOutcome.RETRIED
+        if rotated:
+            return ResumeOutcome.REUSED_KEY
+        return ResumeOutcome.WRONG_KEY
 
 
 class WebChatSessions:
     """Reads and writes of Web Chat sessions. Methods taking `now` use it instead of the clock."""
 
-    def __init__(self, tables: Tables):
+    def __init__(self, tables: Tables, *, clock: Clock):
         self._table = tables.table(_TABLE)
+        self._clock = clock
 
     def create_session(self, conversation_id: str, *, user_id: str, resume_key: str, expires_at: datetime,
                        now: datetime | None = None) -> WebChatSession:
         """Store a new session; only the resume key's hash is kept. ConcurrencyConflict if one exists."""
-        now = now or utcnow()
+        now = now or self._clock.now()
         session = WebChatSession(conversation_id, user_id, expires_at, created_at=now, updated_at=now,
                                  resume_key_hash=hash_resume_key(resume_key))
         with storage_errors("store a Web Chat session"):
@@ -143,28 +153,28 @@ class WebChatSessions:
         under the ETag of the row it was made on, so two racing resumes with one key are decided one
         after the other: the second sees the first's rotation and is a retry, never a reuse.
         """
-        now = now or utcnow()
+        now = now or self._clock.now()
         for attempt in range(UPDATE_ATTEMPTS):
             session = self.get_session(conversation_id)
             if session is None:
-                return ResumeResult(UNKNOWN_SESSION)
+                return ResumeResult(ResumeOutcome.UNKNOWN_SESSION)
             outcome = session.resume_outcome(resume_key, now=now)
-            if outcome == RESUMED:
+            if outcome == ResumeOutcome.RESUMED:
                 # This key is used now: every other valid key becomes poison, and this one is the grace key.
                 updated = replace(session, resume_key_hash=hash_resume_key(new_resume_key), retry_key_hashes=(),
                                   grace_key_hash=hash_resume_key(resume_key), rotated_at=now, expires_at=expires_at,
                                   previous_key_hashes=(*session.previous_key_hashes, session.resume_key_hash,
                                                        *session.retry_key_hashes)[-_PREVIOUS_KEYS_LIMIT:],
                                   updated_at=now)
-            elif outcome == RETRIED:
+            elif outcome == ResumeOutcome.RETRIED:
                 # One more key; the ones answered before stay good (the page keeps whichever answer it got last).
                 updated = replace(session, resume_key_hash=hash_resume_key(new_resume_key), expires_at=expires_at,
                                   retry_key_hashes=(*session.retry_key_hashes, session.resume_key_hash),
                                   updated_at=now)
-            elif outcome == REUSED_KEY:
+            elif outcome == ResumeOutcome.REUSED_KEY:
                 updated = replace(session, revoked=True, updated_at=now)
-            elif outcome == WRONG_KEY:
-                return ResumeResult(WRONG_KEY)
+            elif outcome == ResumeOutcome.WRONG_KEY:
+                return ResumeResult(ResumeOutcome.WRONG_KEY)
             else:
                 return ResumeResult(outcome, session)
             with storage_errors("update a Web Chat session"):
@@ -173,7 +183,7 @@ class WebChatSessions:
                                                               etag=session.etag,
                                                               match_condition=MatchConditions.IfNotModified)
                 except (ResourceModifiedError, ResourceNotFoundError):
-                    pause_after_conflict(attempt)
+                    pause_after_conflict(self._clock, attempt)
                     continue
             return ResumeResult(outcome, replace(updated, etag=result.get("etag")))
         raise ConcurrencyConflict("the Web Chat session kept changing")
@@ -181,7 +191,7 @@ class WebChatSessions:
     def revoke_session(self, conversation_id: str, *, now: datetime | None = None) -> None:
         """Mark the session revoked (a no-op when there is none): its page must start a new conversation."""
         entity = {"PartitionKey": escape(conversation_id), "RowKey": _ROW, "revoked": True,
-                  "updated_at": now or utcnow()}
+                  "updated_at": now or self._clock.now()}
         with storage_errors("revoke a Web Chat session"):
             try:
                 self._table.client.update_entity(entity, mode=UpdateMode.MERGE)

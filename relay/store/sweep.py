@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from relay.store.tables import utcnow
-
 if TYPE_CHECKING:
     from relay.store import RelayStore
 
@@ -43,7 +41,7 @@ def sweep_tables(store: RelayStore, *, now: datetime | None = None, idle_after: 
                  limit: int = 1000) -> SweepResult:
     """Delete ended and long-idle conversations, old dedupe entries, expired sessions and counters, old dead
     letters: up to `limit` rows of each. What was removed comes back (and is logged)."""
-    now = now or utcnow()
+    now = now or store.clock.now()
     result = SweepResult(
         conversations=store.conversations.delete_inactive(idle_before=now - idle_after, limit=limit),
         dedupe_entries=store.outbox.delete_old_dedupe(received_before=now - dedupe_after, limit=limit),

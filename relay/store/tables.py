@@ -15,20 +15,19 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 import threading
-import time
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceModifiedError, ResourceNotFoundError
 from azure.core.pipeline.transport import RequestsTransport
-from azure.data.tables import TableClient, TableEntity, TableServiceClient
+from azure.data.tables import TableClient, TableEntity, TableServiceClient, TableTransactionError
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from relay.clock import Clock
 from relay.errors import StoreError
 from relay.settings import StorageSettings
 
@@ -44,7 +43,7 @@ __all__ = [
     "put_json",
     "storage_errors",
     "table_service_client",
-    "utcnow",
+    "transaction_error_code",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,11 +106,20 @@ def table_service_client(storage: StorageSettings, **options) -> TableServiceCli
 
 @contextlib.contextmanager
 def storage_errors(what: str) -> Iterator[None]:
-    """Raises StoreError("cannot <what>: <SDK error type>") for any Azure failure inside the block."""
+    """Raises StoreError("cannot <what>: <the service's error code, or the SDK error type>") for any Azure
+    failure inside the block."""
     try:
         yield
     except AzureError as error:
-        raise StoreError(f"cannot {what}: {type(error).__name__}") from error
+        raise StoreError(f"cannot {what}: {getattr(error, 'error_code', None) or type(error).__name__}") from error
+
+
+def transaction_error_code(error: TableTransactionError) -> str | None:
+    """The Table Storage error code of a failed transaction ("EntityAlreadyExists", ...; a TableErrorCode
+    when the SDK knows it), None when the service sent none."""
+    # The SDK documents `error_code` (`:ivar error_code:`) and sets it on every error it raises, but
+    # only by assignment in azure/data/tables/_error.py, so the class's types do not declare it.
+    return error.error_code  # type: ignore[attr-defined]
 
 
 _created_tables: set[tuple[str, str]] = set()
@@ -201,13 +209,9 @@ class Table:
             log.warning("could not delete a %s row: %s", self.name, type(error).__name__)
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def pause_after_conflict(attempt: int) -> None:
-    """A short random pause so writers that collided do not collide again in lockstep."""
-    time.sleep(random.uniform(0, 0.01 * 2**attempt))
+def pause_after_conflict(clock: Clock, attempt: int) -> None:
+    """A short random pause on `clock` so writers that collided do not collide again in lockstep."""
+    clock.sleep(clock.uniform(0, 0.01 * 2**attempt))
 
 
 _UNSAFE_KEY_CHARS = set("/\\#?%|")

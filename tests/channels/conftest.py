@@ -20,6 +20,7 @@ from relay.channels import ADAPTERS, public_url
 from relay.channels.base import WebhookRequest
 from relay.channels.common import new_session
 from relay.errors import RelayError
+from relay.http import error_answer
 
 
 def make_adapter(name: str, values: dict[str, str] | None = None, **options):
@@ -55,7 +56,8 @@ def fake_relay() -> Iterator[FakeRelay]:
                     answer = adapter.acknowledgement()
                 status, data, content_type = answer.status, answer.body, answer.content_type
             except RelayError as error:
-                status, data, content_type = error.status, error.code.encode(), "text/plain"
+                status, code = error_answer(error)
+                data, content_type = code.encode(), "text/plain"
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))

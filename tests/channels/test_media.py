@@ -67,7 +67,7 @@ def test_a_file_over_the_limit_is_refused_for_good(sim, fake_relay, provider):
     adapter = make_adapter(provider, api_base(sim, provider))
     with pytest.raises(ProviderRejected) as caught:
         adapter.fetch_media(media, max_bytes=len(PHOTO) - 1)
-    assert caught.value.code == "MediaTooLarge"
+    assert caught.value.reason == "MediaTooLarge"
     assert adapter.fetch_media(media, max_bytes=len(PHOTO)).content == PHOTO
 
 

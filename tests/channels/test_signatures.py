@@ -10,6 +10,7 @@ import hmac
 import json
 import time
 import warnings
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -26,13 +27,20 @@ from devstack.channels.webhooks import encode_jwt
 from relay.channels import bird, generic, messagebird, twilio, whatsapp
 from relay.channels.base import WebhookRequest
 from relay.channels.common import MAX_FORM_FIELDS
-from relay.errors import PayloadTooLarge, SignatureInvalid, StaleTimestamp
+from relay.clock import ManualClock
+from relay.errors import PayloadTooLarge, SignatureInvalid, StaleTimestamp, VerifyTokenMismatch
+from relay.http import error_answer
 from tests.channels.conftest import make_adapter
 
 URL = "https://relay.example.net/api/channels/twilio"
 FORM = {"MessageSid": "SM0123456789abcdef0123456789abcdef", "AccountSid": "AC00000000000000000000000000000dev",
         "From": "+15550001", "To": "+15005550006", "Body": "Grüße 👋 & more", "NumMedia": "0"}
 texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+def at(unix_seconds: int) -> ManualClock:
+    """A clock stopped at a vector's moment, so its timestamp is fresh (or stale) forever."""
+    return ManualClock(datetime.fromtimestamp(unix_seconds, UTC))
 
 
 def form_request(url: str, params: dict[str, str], signature: str, **headers: str) -> WebhookRequest:
@@ -64,7 +72,7 @@ def test_twilio_signer_and_verifier_agree_with_the_library(params, path):
 
 
 def test_twilio_accepts_the_url_signed_with_or_without_its_default_port():
-    validator = TwilioValidator(make_adapter("twilio")._token)
+    validator = TwilioValidator("dev-only-twilio-auth-token")
     for signed_url in (URL, URL.replace("relay.example.net", "relay.example.net:443")):
         signature = validator.compute_signature(signed_url, FORM)
         assert validator.validate(URL, FORM, signature)
@@ -91,7 +99,7 @@ def test_twilio_rejects_tampered_requests_like_the_library(tamper):
         request = form_request(url, params, signature)
     with pytest.raises(SignatureInvalid) as caught:
         make_adapter("twilio").verify(request)
-    assert caught.value.status == 401
+    assert type(caught.value) is SignatureInvalid  # neither stale nor a handshake
     assert "dev-only" not in str(caught.value)
 
 
@@ -145,9 +153,8 @@ def test_whatsapp_handshake_answers_the_challenge_only_with_the_verify_token():
     answer = adapter.handshake(WebhookRequest("GET", f"{URL}?{urlencode(query)}", {}, b""))
     assert (answer.status, answer.body, answer.content_type) == (200, b"1158201444", "text/plain")
     for wrong in ({**query, "hub.verify_token": "guess"}, {**query, "hub.mode": "unsubscribe"}, {}):
-        with pytest.raises(SignatureInvalid) as caught:
+        with pytest.raises(VerifyTokenMismatch):
             adapter.handshake(WebhookRequest("GET", f"{URL}?{urlencode(wrong)}", {}, b""))
-        assert caught.value.status == 403
     assert adapter.handshake(WebhookRequest("POST", URL, {}, b"{}")) is None
 
 
@@ -169,7 +176,7 @@ def legacy_request(query: dict[str, str], body: str, signature: str, timestamp: 
 @pytest.mark.parametrize(("body", "signature"), MB_VECTORS)
 def test_messagebird_legacy_published_vectors(body, signature):
     assert messagebird.compute_legacy_signature(MB_KEY, "1547198231", urlencode(MB_QUERY), body.encode()) == signature
-    adapter = make_adapter("messagebird", {"MESSAGEBIRD_SIGNING_KEY": MB_KEY}, clock=lambda: 1547198231 + 5)
+    adapter = make_adapter("messagebird", {"MESSAGEBIRD_SIGNING_KEY": MB_KEY}, clock=at(1547198231 + 5))
     adapter.verify(legacy_request(MB_QUERY, body, signature))
     with pytest.raises(SignatureInvalid):  # the SDK's "incorrectly signed request": another reference
         adapter.verify(legacy_request({**MB_QUERY, "reference": "BAR"}, body, signature))
@@ -177,7 +184,7 @@ def test_messagebird_legacy_published_vectors(body, signature):
         adapter.verify(legacy_request({**MB_QUERY, "extra": "1"}, body, signature))
     with pytest.raises(StaleTimestamp):
         make_adapter("messagebird", {"MESSAGEBIRD_SIGNING_KEY": MB_KEY},
-                     clock=lambda: 1547198231 + 301).verify(legacy_request(MB_QUERY, body, signature))
+                     clock=at(1547198231 + 301)).verify(legacy_request(MB_QUERY, body, signature))
 
 
 @settings(max_examples=40, deadline=None)
@@ -191,7 +198,7 @@ def test_messagebird_legacy_signer_agrees_with_the_sdk(query, body):
         assert SignedRequest(signature, 1700000000, body, query).verify(MB_KEY)
     request = legacy_request(query, "", signature, "1700000000")
     request = WebhookRequest(request.method, request.url, request.headers, raw)
-    make_adapter("messagebird", {"MESSAGEBIRD_SIGNING_KEY": MB_KEY}, clock=lambda: 1700000000).verify(request)
+    make_adapter("messagebird", {"MESSAGEBIRD_SIGNING_KEY": MB_KEY}, clock=at(1700000000)).verify(request)
 
 
 # -- MessageBird JWT: the SDK's published vectors and its RequestValidator -----------------------------
@@ -204,7 +211,7 @@ JWT_VECTORS = json.loads((Path(__file__).with_name("messagebird_jwt_vectors.json
 def test_messagebird_jwt_published_vectors(case):
     """From messagebird/python-rest-api tests/test_request_validator/webhook_signature_test_data.json (at
     2021-07-05T12:00:00+02:00)."""
-    adapter = make_adapter("messagebird", {"MESSAGEBIRD_SIGNING_KEY": JWT_SECRET}, clock=lambda: 1625479200)
+    adapter = make_adapter("messagebird", {"MESSAGEBIRD_SIGNING_KEY": JWT_SECRET}, clock=at(1625479200))
     request = WebhookRequest("POST", case["url"], {"MessageBird-Signature-JWT": case["token"]},
                              case.get("payload", "").encode())
     if case["valid"]:
@@ -288,7 +295,6 @@ def test_standard_webhooks_signer_and_verifier_agree_with_the_library():
     now = int(time.time())
     ours = generic.standard_headers(generic.secret_key(WHSEC), "msg_1", body, timestamp=now)
     assert library.verify(body, ours)["text"] == "naïve ☕"
-    from datetime import UTC, datetime
     theirs = {"webhook-id": "msg_2", "webhook-timestamp": str(now),
               "webhook-signature": library.sign("msg_2", datetime.fromtimestamp(now, tz=UTC), body.decode())}
     assert theirs["webhook-signature"] == generic.standard_signature(generic.secret_key(WHSEC), "msg_2", str(now), body)
@@ -332,10 +338,9 @@ def test_generic_hmac_header_scheme(encoding, prefix, timestamp_header):
 def test_oversized_bodies_are_refused_before_any_signature_work():
     adapter = make_adapter("whatsapp", max_body_bytes=1024)
     body = b"{" + b" " * 2000 + b"}"
-    with pytest.raises(PayloadTooLarge) as caught:
+    with pytest.raises(PayloadTooLarge):
         adapter.verify(WebhookRequest("POST", URL, {"X-Hub-Signature-256": hub_signature(
             "dev-only-whatsapp-app-secret", body)}, body))
-    assert caught.value.status == 413
 
 
 # -- Hostile input: refused cleanly before any costly work, never an exception of another kind (issue 13) --
@@ -361,7 +366,7 @@ def test_a_form_of_too_many_fields_is_refused_before_its_signature_is_computed()
                                            "X-Twilio-Signature": "forged"}, body)
     with pytest.raises(PayloadTooLarge, match="fields") as caught:
         make_adapter("twilio").verify(request)
-    assert caught.value.status == 413
+    assert error_answer(caught.value) == (413, "PayloadTooLarge")
     validator = TwilioValidator("dev-only-twilio-auth-token")
     most = {f"F{n}": "x" for n in range(MAX_FORM_FIELDS)}
     make_adapter("twilio").verify(form_request(URL, most, validator.compute_signature(URL, most)))
@@ -413,7 +418,7 @@ def test_a_signed_timestamp_of_any_shape_is_accepted_or_refused_never_a_crash(sc
     try:
         adapter.verify(WebhookRequest("POST", URL, headers, body))
     except SignatureInvalid as refusal:
-        assert refusal.status == 401
+        assert error_answer(refusal)[0] == 401
 
 
 def b64url(data: bytes) -> str:

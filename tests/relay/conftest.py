@@ -1,22 +1,36 @@
-"""The whole relay on real parts: the local host, Azurite, the Direct Line emulator, the provider simulator."""
+"""The whole relay on real parts: the local host, Azurite, the Direct Line emulator, the provider simulator
+(`relay_stack`); or its worker alone, in this process, against Azurite and the emulator's and the
+simulator's cores mounted as `requests` transports (`inprocess_relay`), where each run takes milliseconds."""
 
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import requests
 
-from devstack.channels import DEV_VALUES, ProviderSimulator
+from devstack.channels import DEV_VALUES, ProviderSimulator, webhooks
+from devstack.channels.transport import InProcessSimulator
 from devstack.directline import DirectLineEmulator
+from devstack.directline.server import DIRECTLINE_ENDPOINTS
+from devstack.directline.transport import InProcessEmulator
 from devstack.procs import ManagedProcess, free_port, wait_until
-from relay.settings import StorageSettings
+from relay.channels import get_adapter
+from relay.channels.base import WebhookRequest
+from relay.clock import SYSTEM_CLOCK, ManualClock
+from relay.conversations import RelayContext, WorkResult, new_owner, work_conversation
+from relay.directline import DirectLineClient, RetryPolicy
+from relay.inbound import accept_message, parse_messages
+from relay.poller import TickResult, poll_tick
+from relay.settings import Settings, StorageSettings
 from relay.store import RelayStore
 from relay.store.conversations import ConversationKey, ConversationRecord
-from tests.conftest import subprocess_env
+from tests.conftest import DIRECTLINE_TEST_SECRET, subprocess_env
 
 PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic")
 EVERY_SECOND = "* * * * * *"
@@ -96,3 +110,129 @@ def relay_stack(storage_connection_string, table_prefix, start_emulator, start_h
     yield start
     for simulator in simulators:
         simulator.stop()
+
+
+# ------------------------------------------------------------------------------- the worker in-process
+
+RELAY_URL = "http://relay.invalid"  # the public base URL webhooks are signed for; nothing listens there
+
+
+class ManualTime(ManualClock):
+    """The relay's clock in the in-process tests: it stands still until a test moves it, and the relay's
+    sleeps move it instead of waiting. Starts at the real time (whole seconds, so times read back from
+    storage compare exactly), since the emulator's tokens expire on the real clock."""
+
+    def __init__(self) -> None:
+        super().__init__(SYSTEM_CLOCK.now().replace(microsecond=0))
+
+    def __call__(self) -> datetime:
+        return self.now()
+
+    def advance(self, seconds: float) -> datetime:  # type: ignore[override]  # returns the new time for tests
+        super().advance(seconds)
+        return self.now()
+
+
+@dataclass
+class InProcessRelay:
+    """RelayContext on Azurite, the emulator's core (built-in echo bot) and the simulator's core, with time in hand.
+
+    The helpers do what a webhook and the timer do, one step at a time, so a test sees each decision."""
+
+    ctx: RelayContext
+    emulator: InProcessEmulator
+    simulator: InProcessSimulator
+    time: ManualTime
+
+    @property
+    def store(self) -> RelayStore:
+        return self.ctx.store
+
+    def message(self, channel: str, user: str, text: str) -> ConversationKey:
+        """A user's signed webhook parsed and its message accepted (stored, due now), as a webhook does,
+        but nothing worked yet; then a second passes (a worker starting in the very instant the message
+        was stored would take it for one written while it worked). For twilio, whatsapp, bird and generic
+        (the providers whose replies name the user)."""
+        hook = webhooks.build(channel, DEV_VALUES, RELAY_URL, sender=user, text=text)
+        request = WebhookRequest("POST", hook.url, hook.headers, hook.body)
+        [message] = parse_messages(self.ctx.adapter(channel), channel, request)
+        key = ConversationKey(channel, message.user_id)
+        assert accept_message(self.ctx, key, message)
+        self.time.advance(1)
+        return key
+
+    def bot_says(self, conversation_id: str, text: str) -> str:
+        """The bot sends a message of its own (through the emulator's Bot Connector endpoint); its activity id."""
+        response = self.emulator.http.post(f"{self.emulator.url}/v3/conversations/{conversation_id}/activities",
+                                           json={"type": "message", "text": text}, timeout=5)
+        response.raise_for_status()
+        return response.json()["id"]
+
+    def work(self, key: ConversationKey, **options) -> WorkResult:
+        """One worker run under a lease taken now, as the timer runs a claimed conversation (`options`:
+        work_conversation's, e.g. idle_check=False)."""
+        owner = new_owner("test")
+        record = self.store.conversations.acquire_lease(key, owner=owner, now=self.time(),
+                                                        lease_seconds=self.ctx.settings.relay.lease_seconds)
+        assert record is not None, "another owner holds the lease"
+        return work_conversation(self.ctx, record, owner=owner, **options)
+
+    def tick(self) -> TickResult:
+        """One run of the poller timer at the current time."""
+        return poll_tick(self.ctx, workers=2)
+
+    def record(self, key: ConversationKey) -> ConversationRecord:
+        record = self.store.conversations.get_record(key)
+        assert record is not None
+        return record
+
+    def replies(self, key: ConversationKey) -> list[str]:
+        """The texts the provider received for the user, oldest first."""
+        return [r["text"] for r in self.simulator.replies(key.channel, key.user)]
+
+    def messages_at_bot(self, conversation_id: str) -> list[str]:
+        """The user's texts in a Direct Line conversation, as the bot received them."""
+        return [a.get("text", "") for a in self.emulator.conversation(conversation_id)["activities"]
+                if a.get("type") == "message" and (a.get("from") or {}).get("role") != "bot"]
+
+    def calls(self) -> dict[str, int]:
+        """The relay's Direct Line requests by endpoint since the counters were last reset (not the bot's)."""
+        return {endpoint: count for endpoint, count in self.emulator.counters()["requests"].items()
+                if endpoint in DIRECTLINE_ENDPOINTS}
+
+
+@pytest.fixture
+def inprocess_relay(storage_connection_string, table_prefix) -> Iterator[Callable[..., InProcessRelay]]:
+    """Build an InProcessRelay: inprocess_relay(env={RELAY_* settings}, **InProcessEmulator options).
+
+    Direct Line calls are not retried (RetryPolicy(attempts=1)), so each decision meets each fault."""
+    built: list[InProcessRelay] = []
+
+    def start(*, env: dict[str, str] | None = None, **emulator_options) -> InProcessRelay:
+        emulator = InProcessEmulator(secret=DIRECTLINE_TEST_SECRET, **emulator_options)
+        simulator = InProcessSimulator()
+        settings = Settings.from_environ({
+            **DEV_VALUES, **simulator.api_bases(),
+            "AzureWebJobsStorage": storage_connection_string,
+            "RELAY_TABLE_PREFIX": table_prefix,
+            "DIRECTLINE_SECRET": DIRECTLINE_TEST_SECRET,
+            "DIRECTLINE_ENDPOINT": emulator.base_url,
+            "RELAY_PUBLIC_BASE_URL": RELAY_URL,
+            **(env or {}),
+        })
+        time = ManualTime()
+        directline = DirectLineClient(settings.directline, retry=RetryPolicy(attempts=1), clock=time,
+                                      transport=emulator.transport)
+        adapters = functools.cache(lambda name: get_adapter(name, settings, session=simulator.http, clock=time))
+        ctx = RelayContext(settings=settings, store=RelayStore.from_settings(settings.storage, clock=time),
+                           directline=directline, adapter=adapters,
+                           clock=time)
+        relay = InProcessRelay(ctx, emulator, simulator, time)
+        built.append(relay)
+        return relay
+
+    yield start
+    for relay in built:
+        relay.ctx.directline.close()
+        relay.emulator.close()
+        relay.simulator.close()

@@ -1,11 +1,14 @@
 """End to end: a provider's signed webhook reaches the bot, and the bot's replies reach the provider,
-exactly once, through the local host, Azurite, the Direct Line emulator and the provider simulator."""
+exactly once, through the local host, Azurite, the Direct Line emulator and the provider simulator.
+
+The top layer: each promise across the processes once. The worker's decisions behind them (leases,
+peeks, token renewal, forgotten and ended conversations, failed posts, multi-part replies) are
+tabled case by case in test_worker_decisions.py, in this process and in milliseconds."""
 
 from __future__ import annotations
 
 import base64
 import threading
-from dataclasses import replace
 
 import pytest
 import requests
@@ -13,7 +16,6 @@ import requests
 from devstack.bot import EchoBot
 from devstack.channels import DEV_VALUES
 from devstack.procs import free_port, wait_until
-from relay.store.conversations import ENDED
 from tests.conftest import subprocess_env
 from tests.relay.conftest import NEVER, PROVIDERS, RelayStack
 
@@ -105,84 +107,6 @@ def test_host_killed_between_ticks_loses_and_duplicates_nothing(relay_stack):
     assert all(stack.replies("twilio", u) == ["You said: later", "Late reply: later"] for u in users)
 
 
-def test_expired_token_is_recovered(relay_stack):
-    stack = relay_stack()
-    user = "+15550005000"
-    stack.send("twilio", user, "first")
-    stack.wait_for_replies("twilio", user, 1)
-    conversation_id = stack.record("twilio", user).conversation_id
-    stack.emulator.expire_tokens(conversation_id)
-    stack.send("twilio", user, "second")
-    assert stack.wait_for_replies("twilio", user, 2) == ["You said: first", "You said: second"]
-    assert stack.record("twilio", user).conversation_id == conversation_id
-
-
-def test_forgotten_conversation_starts_a_new_one(relay_stack):
-    stack = relay_stack()
-    user = "+15550006000"
-    stack.send("messagebird", user, "before")
-    stack.wait_for_replies("messagebird", user, 1)
-    forgotten = stack.record("messagebird", user).conversation_id
-    stack.emulator.forget(forgotten)
-    stack.send("messagebird", user, "after")
-    assert stack.wait_for_replies("messagebird", user, 2) == ["You said: before", "You said: after"]
-    record = stack.record("messagebird", user)
-    assert record.conversation_id != forgotten
-    assert stack.user_messages_at_bot(record.conversation_id) == ["after"]
-
-
-def test_end_of_conversation_ends_the_record_and_the_next_message_starts_anew(relay_stack):
-    stack = relay_stack()
-    user = "+15550007000"
-    stack.send("bird", user, "bye")
-    assert stack.wait_for_replies("bird", user, 1) == ["Goodbye."]
-    wait_until(lambda: stack.record("bird", user).state == ENDED, timeout=20, what="the record to end")
-    ended = stack.record("bird", user)
-    assert ended.next_poll_at is None
-    stack.send("bird", user, "hello again")
-    assert stack.wait_for_replies("bird", user, 2) == ["Goodbye.", "You said: hello again"]
-    assert stack.record("bird", user).conversation_id != ended.conversation_id
-
-
-def test_idle_conversation_is_ended_and_the_bot_told(relay_stack):
-    stack = relay_stack(env={"RELAY_IDLE_TIMEOUT_MINUTES": "0.1"})
-    user = "user-idle"
-    stack.send("generic", user, "hi")
-    stack.wait_for_replies("generic", user, 1)
-    wait_until(lambda: stack.record("generic", user).state == ENDED, timeout=30, what="idle expiry")
-    conversation_id = stack.record("generic", user).conversation_id
-    activities = stack.emulator.conversation(conversation_id)["activities"]
-    assert any(a["type"] == "endOfConversation" and a["from"]["role"] != "bot" for a in activities)
-
-
-def test_direct_line_down_keeps_messages_in_the_outbox_until_it_returns(relay_stack):
-    stack = relay_stack()
-    user = "+15550008000"
-    stack.emulator.set_faults(error_500_rate=1.0, endpoints=["conversations/start", "activities/post"])
-    answer = stack.send("twilio", user, "while down")
-    assert answer["status"] == 200  # stored: the provider must not retry (Twilio never would)
-    wait_until(lambda: stack.emulator.counters()["faults"].get("500", 0) >= 2, timeout=20,
-               what="the poller to try again")
-    assert stack.replies("twilio", user) == []
-    stack.emulator.clear_faults()
-    assert stack.wait_for_replies("twilio", user, 1, timeout=60) == ["You said: while down"]
-    record = stack.record("twilio", user)
-    assert stack.user_messages_at_bot(record.conversation_id) == ["while down"]
-
-
-def test_ambiguous_post_is_not_repeated(relay_stack):
-    stack = relay_stack()
-    user = "+15550008001"
-    # Direct Line takes the message and then fails the call: the relay must find it, not post it again.
-    stack.emulator.set_faults(error_502_rate=1.0, phase="after", endpoints=["activities/post"], limit=1)
-    stack.send("twilio", user, "maybe arrived")
-    assert stack.wait_for_replies("twilio", user, 1) == ["You said: maybe arrived"]
-    assert stack.emulator.counters()["faults"]["502"] == 1
-    record = stack.record("twilio", user)
-    wait_until(lambda: stack.store.outbox.list_messages(record.key) == [], timeout=20, what="the outbox to empty")
-    assert stack.user_messages_at_bot(record.conversation_id) == ["maybe arrived"]
-
-
 def test_provider_outage_is_retried_and_a_refusal_dead_lettered(relay_stack):
     stack = relay_stack()
     user = "15550009000"
@@ -226,19 +150,6 @@ def test_botbuilder_bot_answers_through_the_relay_including_a_late_reply(relay_s
     assert replies == ["You said: later", "Late reply: later"]
 
 
-def test_token_direct_line_no_longer_accepts_is_replaced(relay_stack):
-    stack = relay_stack()
-    user = "+15550012000"
-    stack.send("twilio", user, "first")
-    stack.wait_for_replies("twilio", user, 1)
-    record = stack.record("twilio", user)
-    # As after the service restarted: a token Direct Line refuses (403), not merely an expired one.
-    stack.store.conversations.update_record(record.key, lambda r: replace(r, token="not-a-token-any-more"))
-    stack.send("twilio", user, "second")
-    assert stack.wait_for_replies("twilio", user, 2) == ["You said: first", "You said: second"]
-    assert stack.record("twilio", user).conversation_id == record.conversation_id
-
-
 LONG_TEXT = " ".join(f"word{n:03d}" for n in range(250))  # 1,999 characters: "You said: ..." takes 2 Twilio messages
 
 
@@ -255,20 +166,6 @@ def test_a_long_reply_failing_part_way_is_resumed_not_repeated(relay_stack):
     replies = stack.replies("twilio", user)
     assert len(replies) == 2  # each part once: the first was not sent again with the retry
     assert " ".join(replies) == f"You said: {LONG_TEXT}"
-
-
-def test_a_long_reply_refused_part_way_is_dead_lettered_naming_the_part(relay_stack):
-    stack = relay_stack()
-    user = "+15550015000"
-    stack.simulator.fail_next("twilio", 400, after=1)
-    stack.send("twilio", user, LONG_TEXT)
-    key = stack.record("twilio", user).key
-    wait_until(lambda: stack.store.dead_letters.list_letters(key), timeout=20, what="a dead letter")
-    [dead] = stack.store.dead_letters.list_letters(key)
-    assert dead.kind == "reply" and "part 2 of 2" in dead.reason, dead.reason
-    stack.send("twilio", user, "next")
-    first, *rest = stack.wait_for_replies("twilio", user, 2)
-    assert f"You said: {LONG_TEXT}".startswith(first) and rest == ["You said: next"]  # the refused part is not retried
 
 
 PHOTO = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40  # binary, every byte value, ~10 KB

@@ -9,8 +9,10 @@ from datetime import timedelta
 
 import pytest
 
+from relay.clock import ManualClock
 from relay.errors import ConcurrencyConflict, LeaseLost
 from relay.store.conversations import DELIVERED_IDS_LIMIT, ConversationKey
+from relay.store.tables import UPDATE_ATTEMPTS
 from tests.store.conftest import T0, create, make_store, new_record
 
 
@@ -83,6 +85,38 @@ def test_persistent_conflict_is_reported_not_overwritten(store, other_store):
     with pytest.raises(ConcurrencyConflict):
         store.conversations.update_record(key, competing_change)
     assert other_store.conversations.get_record(key).watermark.startswith("other-")
+
+
+def test_a_write_not_told_the_time_takes_it_from_the_stores_clock(storage_connection_string, table_prefix):
+    clock = ManualClock()
+    store = make_store(storage_connection_string, table_prefix, clock=clock)
+    key = ConversationKey("twilio", "+1555")
+    create(store, key)
+    clock.advance(90)
+    store.conversations.update_record(key, lambda r: replace(r, watermark="7"))
+    assert store.conversations.get_record(key).updated_at == clock.now()  # not the machine's wall clock
+
+
+def test_conflicting_writes_back_off_on_the_stores_clock_without_waiting(storage_connection_string, table_prefix,
+                                                                        other_store):
+    clock = ManualClock(seed=3)
+    store = make_store(storage_connection_string, table_prefix, clock=clock)
+    key = ConversationKey("twilio", "+1555")
+    create(store, key)
+    rounds = iter(range(100))
+
+    def competing_change(record):
+        other_store.conversations.update_record(key, lambda r: replace(r, watermark=f"other-{next(rounds)}"))
+        return replace(record, watermark="mine")
+
+    started = clock.now()
+    with pytest.raises(ConcurrencyConflict):
+        store.conversations.update_record(key, competing_change)
+    pauses = clock.sleeps
+    assert len(pauses) == UPDATE_ATTEMPTS  # one random pause after each refused write, growing
+    assert all(0 <= pause <= 0.01 * 2**attempt for attempt, pause in enumerate(pauses))
+    assert len(set(pauses)) == len(pauses)  # jittered: writers that collided do not retry in lockstep
+    assert clock.now() == started + timedelta(seconds=sum(pauses))  # the pauses passed on the store's clock
 
 
 def test_concurrent_writers_lose_no_update(storage_connection_string, table_prefix):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from relay.store.conversations import ENDED, ConversationKey
+from relay.store.conversations import ConversationKey, ConversationState
 from tests.store.conftest import T0, CountingTransport, create, make_store
 
 
@@ -40,7 +40,7 @@ def test_rescheduling_moves_the_index_and_ending_removes_it(store):
     store.conversations.update_record(key, lambda r: replace(r, next_poll_at=T0 + timedelta(seconds=60)))
     assert store.due_polls.list_due(now=T0 + timedelta(seconds=59)) == []
     assert [d.key for d in store.due_polls.list_due(now=T0 + timedelta(seconds=60))] == [key]
-    store.conversations.update_record(key, lambda r: replace(r, state=ENDED))
+    store.conversations.update_record(key, lambda r: replace(r, state=ConversationState.ENDED))
     assert store.due_polls.list_due(now=T0 + timedelta(days=1)) == []
 
 

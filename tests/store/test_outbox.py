@@ -10,7 +10,7 @@ import pytest
 
 from relay.errors import ConcurrencyConflict
 from relay.store.conversations import ConversationKey
-from relay.store.outbox import DEAD, PENDING, POSTED
+from relay.store.outbox import InboundState
 from tests.store.conftest import T0, make_store
 
 
@@ -27,7 +27,7 @@ def test_dedupe_under_concurrent_inserts(storage_connection_string, table_prefix
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(receive, range(6)))
     assert sum(r.is_new for r in results) == 1
-    assert all(r.state == PENDING for r in results)
+    assert all(r.state == InboundState.PENDING for r in results)
     outbox = stores[0].outbox.list_messages(key)
     assert [m.message_id for m in outbox] == ["SM1"]
     assert outbox[0].activity == activity
@@ -48,7 +48,7 @@ def test_message_lifecycle_received_then_posted(store, other_store):
 
     store.outbox.complete_message(attempt, activity_id="conv|0000001")
     retried = other_store.outbox.add_message(key, "SM1", {"text": "a"})
-    assert (retried.is_new, retried.state, retried.activity_id) == (False, POSTED, "conv|0000001")
+    assert (retried.is_new, retried.state, retried.activity_id) == (False, InboundState.POSTED, "conv|0000001")
     assert [m.message_id for m in store.outbox.list_messages(key)] == ["SM2"]
     with pytest.raises(ConcurrencyConflict):  # completing twice is detected, not repeated
         other_store.outbox.complete_message(attempt, activity_id="conv|0000001")
@@ -68,7 +68,7 @@ def test_refused_inbound_becomes_a_dead_letter(store):
     message = store.outbox.add_message(key, "SM1", {"text": "a"}).message
     store.outbox.dead_letter_message(message, reason="400 BadArgument")
     assert store.outbox.list_messages(key) == []
-    assert store.outbox.add_message(key, "SM1", {"text": "a"}).state == DEAD
+    assert store.outbox.add_message(key, "SM1", {"text": "a"}).state == InboundState.DEAD
     [letter] = store.dead_letters.list_letters(key)
     assert (letter.kind, letter.reason, letter.payload["activity"]) == ("inbound", "400 BadArgument", {"text": "a"})
 

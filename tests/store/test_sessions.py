@@ -12,17 +12,7 @@ from azure.core.pipeline.transport import RequestsTransport
 
 from relay.errors import ConcurrencyConflict
 from relay.store import RelayStore
-from relay.store.sessions import (
-    GRACE_KEYS_LIMIT,
-    RESUME_GRACE,
-    RESUMED,
-    RETRIED,
-    REUSED_KEY,
-    SESSION_EXPIRED,
-    SESSION_REVOKED,
-    UNKNOWN_SESSION,
-    WRONG_KEY,
-)
+from relay.store.sessions import GRACE_KEYS_LIMIT, RESUME_GRACE, ResumeOutcome
 from tests.store.conftest import T0, make_store
 
 
@@ -30,27 +20,27 @@ def test_webchat_resume_rotates_and_detects_a_reused_key(store):
     store.sessions.create_session("conv/1", user_id="dl_u", resume_key="key-1", expires_at=T0 + timedelta(hours=1),
                                  now=T0)
     assert store.sessions.resume_session("conv/1", resume_key="nope", new_resume_key="x",
-                                        expires_at=T0, now=T0).outcome == WRONG_KEY
+                                        expires_at=T0, now=T0).outcome == ResumeOutcome.WRONG_KEY
     result = store.sessions.resume_session("conv/1", resume_key="key-1", new_resume_key="key-2",
                                           expires_at=T0 + timedelta(hours=2), now=T0)
     assert result.ok and result.session.expires_at == T0 + timedelta(hours=2)
     assert store.sessions.resume_session("conv/1", resume_key="key-2", new_resume_key="key-3",
-                                        expires_at=T0 + timedelta(hours=2), now=T0).outcome == RESUMED
+                                        expires_at=T0 + timedelta(hours=2), now=T0).outcome == ResumeOutcome.RESUMED
     # key-1 was rotated away: whoever shows it now copied it, so the session dies
     assert store.sessions.resume_session("conv/1", resume_key="key-1", new_resume_key="x",
-                                        expires_at=T0, now=T0).outcome == REUSED_KEY
+                                        expires_at=T0, now=T0).outcome == ResumeOutcome.REUSED_KEY
     assert store.sessions.get_session("conv/1").revoked
     assert store.sessions.resume_session("conv/1", resume_key="key-3", new_resume_key="x",
-                                        expires_at=T0, now=T0).outcome == SESSION_REVOKED
+                                        expires_at=T0, now=T0).outcome == ResumeOutcome.REVOKED
     assert "key-" not in repr(store.sessions.get_session("conv/1"))
 
 
 def test_webchat_unknown_expired_and_duplicate_sessions(store):
     assert store.sessions.resume_session("missing", resume_key="k", new_resume_key="x", expires_at=T0,
-                                        now=T0).outcome == UNKNOWN_SESSION
+                                        now=T0).outcome == ResumeOutcome.UNKNOWN_SESSION
     store.sessions.create_session("conv-1", user_id="dl_u", resume_key="k", expires_at=T0 + timedelta(minutes=1))
     assert store.sessions.resume_session("conv-1", resume_key="k", new_resume_key="x", expires_at=T0,
-                                        now=T0 + timedelta(minutes=2)).outcome == SESSION_EXPIRED
+                                        now=T0 + timedelta(minutes=2)).outcome == ResumeOutcome.EXPIRED
     with pytest.raises(ConcurrencyConflict):
         store.sessions.create_session("conv-1", user_id="dl_other", resume_key="k2", expires_at=T0)
     store.sessions.revoke_session("conv-1")
@@ -68,7 +58,7 @@ def session(store) -> str:
     """A session whose first key, key-1, was rotated to key-2 at T0 (the page may never have seen key-2)."""
     store.sessions.create_session("conv-g", user_id="dl_u", resume_key="key-1", expires_at=T0 + timedelta(hours=1),
                                  now=T0)
-    assert resume(store, "key-1", "key-2", T0) == RESUMED
+    assert resume(store, "key-1", "key-2", T0) == ResumeOutcome.RESUMED
     return "conv-g"
 
 
@@ -76,54 +66,55 @@ def test_webchat_a_lost_answer_is_retried_with_the_previous_key_within_the_grace
     # The answer carrying key-2 never reached the page: it retries with the key it holds.
     result = store.sessions.resume_session(session, resume_key="key-1", new_resume_key="key-3",
                                           expires_at=T0 + timedelta(hours=3), now=T0 + timedelta(seconds=20))
-    assert result.ok and result.outcome == RETRIED
+    assert result.ok and result.outcome == ResumeOutcome.RETRIED
     assert not result.session.revoked and result.session.expires_at == T0 + timedelta(hours=3)
     assert result.session.user_id == "dl_u"
     # The fresh key works (and rotates as usual); key-1 is poison from then on.
-    assert resume(store, "key-3", "key-4", T0 + timedelta(seconds=30)) == RESUMED
-    assert resume(store, "key-4", "key-5", T0 + timedelta(seconds=40)) == RESUMED
-    assert resume(store, "key-1", "x", T0 + timedelta(seconds=45)) == REUSED_KEY
+    assert resume(store, "key-3", "key-4", T0 + timedelta(seconds=30)) == ResumeOutcome.RESUMED
+    assert resume(store, "key-4", "key-5", T0 + timedelta(seconds=40)) == ResumeOutcome.RESUMED
+    assert resume(store, "key-1", "x", T0 + timedelta(seconds=45)) == ResumeOutcome.REUSED_KEY
     assert store.sessions.get_session(session).revoked
 
 
 def test_webchat_once_the_new_key_was_used_the_previous_one_revokes(store, session):
-    assert resume(store, "key-2", "key-3", T0 + timedelta(seconds=5)) == RESUMED
-    assert resume(store, "key-1", "x", T0 + timedelta(seconds=10)) == REUSED_KEY  # well within the window
+    assert resume(store, "key-2", "key-3", T0 + timedelta(seconds=5)) == ResumeOutcome.RESUMED
+    assert resume(store, "key-1", "x", T0 + timedelta(seconds=10)) == ResumeOutcome.REUSED_KEY  # well within the window
     assert store.sessions.get_session(session).revoked
-    assert resume(store, "key-3", "x", T0 + timedelta(seconds=11)) == SESSION_REVOKED
+    assert resume(store, "key-3", "x", T0 + timedelta(seconds=11)) == ResumeOutcome.REVOKED
 
 
 def test_webchat_unused_answers_of_the_grace_period_are_poison_once_one_is_used(store, session):
-    assert resume(store, "key-1", "key-3", T0 + timedelta(seconds=1)) == RETRIED
+    assert resume(store, "key-1", "key-3", T0 + timedelta(seconds=1)) == ResumeOutcome.RETRIED
     # Until one is used, every answer is good (racing resumes: the page keeps whichever arrived last).
-    assert resume(store, "key-2", "key-4", T0 + timedelta(seconds=2)) == RESUMED
-    assert resume(store, "key-3", "x", T0 + timedelta(seconds=3)) == REUSED_KEY
+    assert resume(store, "key-2", "key-4", T0 + timedelta(seconds=2)) == ResumeOutcome.RESUMED
+    assert resume(store, "key-3", "x", T0 + timedelta(seconds=3)) == ResumeOutcome.REUSED_KEY
     assert store.sessions.get_session(session).revoked
 
 
 def test_webchat_the_previous_key_revokes_after_the_grace_period(store, session):
-    assert resume(store, "key-1", "x", T0 + RESUME_GRACE) == REUSED_KEY
+    assert resume(store, "key-1", "x", T0 + RESUME_GRACE) == ResumeOutcome.REUSED_KEY
     assert store.sessions.get_session(session).revoked
 
 
 def test_webchat_retries_do_not_extend_the_grace_period(store, session):
-    assert resume(store, "key-1", "key-3", T0 + RESUME_GRACE - timedelta(seconds=1)) == RETRIED
-    assert resume(store, "key-1", "x", T0 + RESUME_GRACE + timedelta(seconds=1)) == REUSED_KEY
+    assert resume(store, "key-1", "key-3", T0 + RESUME_GRACE - timedelta(seconds=1)) == ResumeOutcome.RETRIED
+    assert resume(store, "key-1", "x", T0 + RESUME_GRACE + timedelta(seconds=1)) == ResumeOutcome.REUSED_KEY
     assert store.sessions.get_session(session).revoked
 
 
 def test_webchat_the_grace_period_answers_a_bounded_number_of_keys(store, session):
     moment = T0 + timedelta(seconds=1)
     retries = [resume(store, "key-1", f"retry-{n}", moment) for n in range(GRACE_KEYS_LIMIT - 1)]
-    assert retries == [RETRIED] * (GRACE_KEYS_LIMIT - 1)
-    assert resume(store, "key-1", "x", moment) == REUSED_KEY
+    assert retries == [ResumeOutcome.RETRIED] * (GRACE_KEYS_LIMIT - 1)
+    assert resume(store, "key-1", "x", moment) == ResumeOutcome.REUSED_KEY
     assert store.sessions.get_session(session).revoked
 
 
 def test_webchat_only_the_latest_rotation_has_a_grace_period(store, session):
-    assert resume(store, "key-2", "key-3", T0 + timedelta(seconds=1)) == RESUMED
-    assert resume(store, "key-2", "key-4", T0 + timedelta(seconds=2)) == RETRIED  # key-3's answer was lost
-    assert resume(store, "key-1", "x", T0 + timedelta(seconds=3)) == REUSED_KEY
+    assert resume(store, "key-2", "key-3", T0 + timedelta(seconds=1)) == ResumeOutcome.RESUMED
+    # key-3's answer was lost: the page tries key-2 again
+    assert resume(store, "key-2", "key-4", T0 + timedelta(seconds=2)) == ResumeOutcome.RETRIED
+    assert resume(store, "key-1", "x", T0 + timedelta(seconds=3)) == ResumeOutcome.REUSED_KEY
 
 
 class InterleavingTransport(RequestsTransport):
@@ -151,11 +142,11 @@ def test_webchat_two_racing_resumes_with_one_key_both_succeed(storage_connection
     mine = resume(store, "key-1", "key-a", T0, "conv-race")
     # The other instance rotated first; this one's write then failed its ETag check, read again, and
     # found its key had just been rotated: a retry within the grace period, not a stolen key.
-    assert (other, mine) == ([RESUMED], RETRIED)
+    assert (other, mine) == ([ResumeOutcome.RESUMED], ResumeOutcome.RETRIED)
     assert not store.sessions.get_session("conv-race").revoked
     # The page kept the answer that arrived last, either one: it works.
-    assert resume(store, "key-b", "key-c", T0 + timedelta(seconds=1), "conv-race") == RESUMED
-    assert resume(store, "key-c", "key-d", T0 + timedelta(seconds=2), "conv-race") == RESUMED
+    assert resume(store, "key-b", "key-c", T0 + timedelta(seconds=1), "conv-race") == ResumeOutcome.RESUMED
+    assert resume(store, "key-c", "key-d", T0 + timedelta(seconds=2), "conv-race") == ResumeOutcome.RESUMED
 
 
 def test_webchat_many_concurrent_resumes_with_one_key_never_revoke(storage_connection_string, table_prefix):
@@ -170,6 +161,6 @@ def test_webchat_many_concurrent_resumes_with_one_key_never_revoke(storage_conne
 
     with ThreadPoolExecutor(len(stores)) as pool:
         outcomes = list(pool.map(go, range(len(stores))))
-    assert sorted(outcomes) == sorted([RESUMED] + [RETRIED] * (len(stores) - 1))
+    assert sorted(outcomes) == sorted([ResumeOutcome.RESUMED] + [ResumeOutcome.RETRIED] * (len(stores) - 1))
     assert not stores[0].sessions.get_session("conv-many").revoked
-    assert resume(stores[0], "key-2-next", "key-last", T0 + timedelta(seconds=1), "conv-many") == RESUMED
+    assert resume(stores[0], "key-2-next", "key-last", T0 + timedelta(seconds=1), "conv-many") == ResumeOutcome.RESUMED

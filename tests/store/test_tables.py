@@ -5,6 +5,7 @@ from __future__ import annotations
 from relay.settings import Settings
 from relay.store import RelayStore
 from relay.store.conversations import ConversationKey
+from relay.store.dead_letters import DeadLetterKind
 from relay.store.tables import table_service_client
 from tests.store.conftest import T0, create, make_store
 
@@ -13,7 +14,7 @@ def test_every_table_carries_the_prefix(store, storage_connection_string, table_
     key = ConversationKey("twilio", "+1555")
     create(store, key, next_poll_at=T0)
     store.outbox.add_message(key, "SM1", {})
-    store.dead_letters.add_letter(key, kind="reply", reason="r", payload={})
+    store.dead_letters.add_letter(key, kind=DeadLetterKind.REPLY, reason="r", payload={})
     store.sessions.create_session("c", user_id="u", resume_key="k", expires_at=T0)
     store.rate_limits.count_request("a", limit=1)
     service = make_store(storage_connection_string, table_prefix).tables.service

@@ -61,8 +61,10 @@ def start_stack(tmp: Path, storage_connection_string: str, *, token_ttl: float =
                                   log_path=tmp / "directline.log").start()
     prefix = "w" + uuid.uuid4().hex[:12]
     port = free_port()
+    # The public base URL is the host's own, as in Azure (and under `make run`): its pages' origin.
     values = {"AzureWebJobsStorage": storage_connection_string, "RELAY_TABLE_PREFIX": prefix,
-              "DIRECTLINE_SECRET": secret, "DIRECTLINE_ENDPOINT": emulator.base_url, **(env or {})}
+              "DIRECTLINE_SECRET": secret, "DIRECTLINE_ENDPOINT": emulator.base_url,
+              "RELAY_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", **(env or {})}
     # The host runs in the app's folder, as in Azure; devstack comes from this checkout.
     host = ManagedProcess("host", python_module("devstack.host", "--port", str(port), "--script",
                                                 str(app / "function_app.py"), "--settings",

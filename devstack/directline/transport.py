@@ -1,0 +1,64 @@
+"""The Direct Line emulator in this process: its core mounted on `requests` as a transport, no socket, no child.
+
+    emulator = InProcessEmulator(secret="s")
+    client = DirectLineClient(settings_for(emulator.base_url), transport=emulator.transport)
+    emulator.set_faults(error_500_rate=1.0, endpoints=["activities/post"])    # as on DirectLineEmulator
+
+Every request, the admin calls included, goes through `server.respond`, the function the HTTP server
+calls for each request it reads: the same routing, token checks, watermarks, faults and counters, so
+the emulator is no kinder in-process than behind a socket (devstack/inprocess.py says what differs:
+only what belongs to the socket). Time is the wall clock, as in the server: tokens expire for real,
+and `expire_tokens` expires them now. The built-in echo bot answers within the user's POST; its late
+replies come on a timer thread, as over HTTP.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import requests
+
+from devstack.directline import EmulatorAdmin
+from devstack.directline.server import ADMIN, API, Emulator, Faults, Options, respond
+from devstack.inprocess import InProcessTransport
+
+__all__ = ["DEFAULT_URL", "InProcessEmulator"]
+
+DEFAULT_URL = "http://directline.invalid"
+"""Where an in-process emulator answers: `.invalid` never resolves, so a request that misses it fails at once."""
+
+
+class InProcessEmulator(EmulatorAdmin):
+    """An emulator core and the transport that serves it at `url` (base_url, admin_url as on DirectLineEmulator).
+
+    `options` are `server.Options` fields (token_ttl, echo, page_size, late_reply_seconds, seed...);
+    `transport` is what a `requests.Session` mounts (DirectLineClient takes it as `transport=`)."""
+
+    def __init__(self, *, secret: str, url: str = DEFAULT_URL, faults: Faults | None = None, **options: Any):
+        self.secret = secret
+        self.url = url.rstrip("/")
+        self.base_url = f"{self.url}{API}"
+        self.admin_url = f"{self.url}{ADMIN}"
+        self.core = Emulator(Options(secret=secret, port=0, **options), faults)
+        self.core.root_url = self.url  # contentUrls and stream URLs point here
+        self.transport = InProcessTransport(functools.partial(respond, self.core))
+        self.http = requests.Session()
+        self.http.mount(f"{self.url}/", self.transport)
+
+    def __repr__(self) -> str:
+        return f"InProcessEmulator(base_url={self.base_url!r})"
+
+    def __enter__(self) -> InProcessEmulator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, url: str, *, timeout: float, **options: Any) -> requests.Response:
+        return self.http.request(method, url, timeout=timeout, **options)
+
+    def close(self) -> None:
+        """Cancel the echo bot's pending late replies and close the session."""
+        self.core.close()
+        self.http.close()

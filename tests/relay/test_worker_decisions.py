@@ -1,0 +1,364 @@
+"""The conversation worker's decisions, a table for each, in milliseconds.
+
+The worker and the poller run in this process on Azurite and on the real cores of the Direct Line
+emulator and the provider simulator, mounted as `requests` transports (`inprocess_relay` in
+conftest.py), with the relay's clock in the test's hand. tests/relay/test_relay.py checks the same
+promises end to end, through every process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+
+from relay.store.conversations import ConversationKey, ConversationState
+from tests.relay.conftest import InProcessRelay
+
+USER = "+15550200001"
+LONG_TEXT = " ".join(f"word{n:03d}" for n in range(250))  # "You said: ..." is 2,009 characters: 2 Twilio messages
+
+
+def settled(relay: InProcessRelay, text: str = "hello") -> ConversationKey:
+    """A conversation whose message reached the bot and whose reply reached the user, counters zeroed."""
+    key = relay.message("twilio", USER, text)
+    relay.work(key)
+    assert relay.replies(key) == [f"You said: {text}"]
+    relay.emulator.reset_counters()
+    return key
+
+
+def seconds_until_next_poll(relay: InProcessRelay, key: ConversationKey) -> float | None:
+    next_poll_at = relay.record(key).next_poll_at
+    return None if next_poll_at is None else (next_poll_at - relay.time()).total_seconds()
+
+
+# ------------------------------------------------------------------------------------------- leases
+
+
+@pytest.mark.parametrize(("seconds_later", "taken_over"), [
+    pytest.param(30, False, id="a lease another worker still holds leaves its message waiting and Direct Line alone"),
+    pytest.param(61, True, id="a lease that ran out is taken over and the message reaches the bot once"),
+])
+def test_the_poller_works_a_conversation_only_under_a_lease_it_holds(inprocess_relay, seconds_later, taken_over):
+    relay = inprocess_relay()
+    key = relay.message("twilio", USER, "hello")
+    lease = relay.ctx.settings.relay.lease_seconds
+    assert relay.store.conversations.acquire_lease(key, owner="webhook:stalled", lease_seconds=lease,
+                                                   now=relay.time())
+    relay.time.advance(seconds_later)
+
+    tick = relay.tick()
+
+    record = relay.record(key)
+    waiting = relay.store.outbox.list_messages(key)
+    if taken_over:
+        assert (tick.worked, tick.posted) == (1, 1)
+        assert relay.messages_at_bot(record.conversation_id) == ["hello"]
+        assert relay.replies(key) == ["You said: hello"]
+        assert waiting == [] and record.lease_owner is None
+    else:
+        assert (tick.worked, tick.posted) == (0, 0)
+        assert relay.calls() == {}
+        assert len(waiting) == 1 and record.lease_owner == "webhook:stalled"
+
+
+# ------------------------------------------------------------------------------------------- peeks
+
+
+def nothing(relay: InProcessRelay, key: ConversationKey) -> None:
+    pass
+
+
+def late_bot_reply(relay: InProcessRelay, key: ConversationKey) -> None:
+    relay.bot_says(relay.record(key).conversation_id, "a late reply")
+
+
+def new_user_message(relay: InProcessRelay, key: ConversationKey) -> None:
+    relay.message(key.channel, key.user, "and another thing")
+
+
+@pytest.mark.parametrize(("meanwhile", "seconds_later", "quiet", "worked", "calls", "replies"), [
+    pytest.param(nothing, 2, 1, 0, {"activities/get": 1}, [],
+                 id="nothing new: one read with the secret, and no lease, token call or write"),
+    pytest.param(late_bot_reply, 2, 0, 1, {"activities/get": 1}, ["a late reply"],
+                 id="a late bot reply is claimed and delivered from the page the peek read, not read twice"),
+    pytest.param(new_user_message, 2, 0, 1, {"activities/post": 1, "activities/get": 1},
+                 ["You said: and another thing"], id="a waiting user message is worked at once, never peeked"),
+    pytest.param(nothing, 3601, 0, 1, {"conversations/reconnect": 1, "activities/get": 1}, [],
+                 id="after an hour of peeks the full poll runs under the lease and renews the lapsed token"),
+])
+def test_a_settled_conversation_is_peeked_and_claimed_only_when_there_is_work(
+        inprocess_relay, meanwhile, seconds_later, quiet, worked, calls, replies):
+    relay = inprocess_relay()
+    key = settled(relay)
+    before = relay.record(key)
+    assert before.peekable
+    meanwhile(relay, key)
+    relay.time.advance(seconds_later)
+
+    tick = relay.tick()
+
+    assert (tick.quiet, tick.worked) == (quiet, worked)
+    assert relay.calls() == calls
+    assert relay.replies(key) == ["You said: hello", *replies]
+    if quiet:
+        after = relay.record(key)
+        assert after.etag == before.etag and after.lease_owner is None
+
+
+def test_an_idle_conversation_is_peeked_less_and_less_often_up_to_the_ceiling(inprocess_relay):
+    relay = inprocess_relay(env={"RELAY_POLL_CEILING_SECONDS": "30"})
+    key = settled(relay)
+    relay.time.advance(3 * 60)  # a reply is no longer likely
+    assert relay.tick().quiet == 1
+    gaps = []
+    for _ in range(5):
+        [row] = relay.store.due_polls.list_due(now=relay.time() + timedelta(hours=1))
+        gaps.append(row.poll_interval)
+        relay.time.advance(row.poll_interval - 1)
+        assert relay.tick().due == 0  # not a second early
+        relay.time.advance(1)
+        assert relay.tick().quiet == 1
+    assert gaps == [5, 10, 20, 30, 30]
+    assert relay.calls() == {"activities/get": 6}  # one read per peek, nothing else
+    assert relay.record(key).lease_owner is None
+
+
+# --------------------------------------------------------------------------------- multi-part replies
+
+
+@pytest.mark.parametrize("parts_taken", [
+    pytest.param(0, id="the provider cannot take the first part now: the retry sends both parts, each once"),
+    pytest.param(1, id="the provider cannot take the second part now: the retry sends only the second part"),
+])
+def test_a_reply_that_failed_part_way_resumes_at_the_first_part_not_taken(inprocess_relay, parts_taken):
+    relay = inprocess_relay()
+    relay.simulator.fail_next("twilio", 503, after=parts_taken, retry_after=3)
+    key = relay.message("twilio", USER, LONG_TEXT)
+
+    first = relay.work(key)
+
+    assert first.delivered == 0
+    assert len(relay.replies(key)) == parts_taken
+    assert seconds_until_next_poll(relay, key) == 3  # the provider's Retry-After
+    relay.time.advance(3)
+    assert relay.tick().delivered == 1
+    replies = relay.replies(key)
+    assert len(replies) == 2 and " ".join(replies) == f"You said: {LONG_TEXT}"
+    relay.time.advance(60)
+    relay.tick()
+    assert len(relay.replies(key)) == 2  # and never again
+
+
+def test_a_reply_refused_part_way_for_good_is_dead_lettered_naming_the_part_and_not_sent_again(inprocess_relay):
+    relay = inprocess_relay()
+    relay.simulator.fail_next("twilio", 400, after=1)
+    key = relay.message("twilio", USER, LONG_TEXT)
+
+    relay.work(key)
+
+    [dead] = relay.store.dead_letters.list_letters(key)
+    assert dead.kind == "reply" and "part 2 of 2" in dead.reason
+    assert len(relay.replies(key)) == 1
+    relay.time.advance(60)
+    relay.tick()
+    assert len(relay.replies(key)) == 1
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+@pytest.mark.parametrize(("quiet_for", "interval", "bot_reply", "fault", "next_poll", "next_interval", "peekable"), [
+    pytest.param(30, 0, True, None, 1, 0, True, id="a reply delivered: polled again a second later"),
+    pytest.param(60, 0, False, None, 1, 0, True,
+                 id="nothing new a minute after the last message: polled at every tick while a reply is likely"),
+    pytest.param(600, 0, False, None, 5, 5, True, id="nothing new for ten minutes: polled again in 5 seconds"),
+    pytest.param(600, 20, False, None, 40, 40, True, id="nothing new again: the gap doubles"),
+    pytest.param(600, 40, False, None, 60, 60, True, id="the gap never passes the ceiling"),
+    pytest.param(30, 0, False, {"throttle_rate": 1.0, "retry_after": "7"}, 7, 0, False,
+                 id="Direct Line throttles: polled again after its Retry-After, under the lease"),
+    pytest.param(30, 0, False, {"error_500_rate": 1.0}, 10, 0, False,
+                 id="Direct Line fails: polled again after a backoff, under the lease"),
+])
+def test_the_next_poll_is_scheduled_from_what_the_run_found(inprocess_relay, quiet_for, interval, bot_reply, fault,
+                                                           next_poll, next_interval, peekable):
+    relay = inprocess_relay()
+    key = settled(relay)
+    relay.store.conversations.update_record(key, lambda r: replace(r, poll_interval=float(interval)))
+    if bot_reply:
+        late_bot_reply(relay, key)
+    if fault:
+        relay.emulator.set_faults(**fault, endpoints=["activities/get"])
+    relay.time.advance(quiet_for)
+
+    relay.work(key)
+
+    record = relay.record(key)
+    assert seconds_until_next_poll(relay, key) == next_poll
+    assert (record.poll_interval, record.peekable) == (next_interval, peekable)
+    assert record.lease_owner is None
+
+
+def test_a_conversation_without_direct_line_or_recent_messages_is_not_polled(inprocess_relay):
+    relay = inprocess_relay()
+    key = settled(relay)
+    relay.emulator.forget(relay.record(key).conversation_id)
+    relay.time.advance(10 * 60)
+
+    relay.work(key)
+
+    assert relay.record(key).conversation_id == ""
+    assert seconds_until_next_poll(relay, key) is None  # until the user writes again
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+
+
+def expire_its_tokens(relay: InProcessRelay, key: ConversationKey) -> None:
+    relay.emulator.expire_tokens(relay.record(key).conversation_id)
+
+
+def forget_the_token(relay: InProcessRelay, key: ConversationKey) -> None:
+    """As after Direct Line restarted: a token it no longer knows (403 other than expiry)."""
+    relay.store.conversations.update_record(key, lambda r: replace(r, token="not-a-token-any-more"))
+
+
+@pytest.mark.parametrize(("minutes_left", "direct_line", "calls", "renewed"), [
+    pytest.param(25, nothing, {"activities/get": 1}, False, id="a token with 25 minutes left is used as it is"),
+    pytest.param(10, nothing, {"tokens/refresh": 1, "activities/get": 1}, True,
+                 id="a token past half its life is refreshed"),
+    pytest.param(0.5, nothing, {"conversations/reconnect": 1, "activities/get": 1}, True,
+                 id="a token about to lapse is replaced through reconnect with the secret"),
+    pytest.param(-5, nothing, {"conversations/reconnect": 1, "activities/get": 1}, True,
+                 id="a lapsed token is replaced through reconnect with the secret"),
+    pytest.param(10, expire_its_tokens, {"tokens/refresh": 1, "conversations/reconnect": 1, "activities/get": 1},
+                 True, id="a token Direct Line expired early fails its refresh and is replaced through reconnect"),
+    pytest.param(25, expire_its_tokens, {"activities/get": 2, "conversations/reconnect": 1}, True,
+                 id="a token Direct Line says expired is replaced once and the read made again"),
+    pytest.param(25, forget_the_token, {"activities/get": 2, "conversations/reconnect": 1}, True,
+                 id="a token Direct Line no longer knows is replaced once and the read made again"),
+])
+def test_the_token_is_renewed_by_how_long_it_has_left(inprocess_relay, minutes_left, direct_line, calls, renewed):
+    relay = inprocess_relay()
+    key = settled(relay)
+    late_bot_reply(relay, key)
+    direct_line(relay, key)
+    before = relay.record(key)
+    relay.time.advance((before.token_expires_at - relay.time()).total_seconds() - minutes_left * 60)
+
+    relay.work(key)
+
+    after = relay.record(key)
+    assert relay.calls() == calls
+    assert relay.replies(key) == ["You said: hello", "a late reply"]
+    assert after.conversation_id == before.conversation_id
+    if renewed:
+        assert after.token != before.token
+        assert after.token_expires_at - relay.time() == timedelta(seconds=1800)
+    else:
+        assert (after.token, after.token_expires_at) == (before.token, before.token_expires_at)
+
+
+# ------------------------------------------------------------------------- forgotten and ended conversations
+
+
+@pytest.mark.parametrize("message_waiting", [
+    pytest.param(True, id="forgotten while a message waits: the message goes to a new conversation, once"),
+    pytest.param(False, id="forgotten while only polled: let go, and the next message starts a new conversation"),
+])
+def test_a_conversation_direct_line_forgot_is_replaced_and_no_message_lost(inprocess_relay, message_waiting):
+    relay = inprocess_relay()
+    key = settled(relay)
+    forgotten = relay.record(key).conversation_id
+    relay.emulator.forget(forgotten)
+    if not message_waiting:
+        relay.time.advance(2)
+        relay.work(key)
+        assert relay.record(key).conversation_id == ""
+
+    relay.message("twilio", USER, "after")
+    relay.work(key)
+
+    record = relay.record(key)
+    assert record.conversation_id not in ("", forgotten)
+    assert relay.messages_at_bot(record.conversation_id) == ["after"]
+    assert relay.replies(key) == ["You said: hello", "You said: after"]
+    assert relay.store.outbox.list_messages(key) == []
+
+
+def bot_says_goodbye(relay: InProcessRelay) -> ConversationKey:
+    return relay.message("twilio", USER, "bye")  # the echo bot answers "Goodbye." and ends the conversation
+
+
+def idle_past_the_timeout(relay: InProcessRelay) -> ConversationKey:
+    key = settled(relay)
+    relay.time.advance(10 * 60 + 1)
+    return key
+
+
+@pytest.mark.parametrize(("how", "user_sent_end", "replies"), [
+    pytest.param(bot_says_goodbye, False, ["Goodbye."],
+                 id="the bot says goodbye: its last words delivered, the conversation ended"),
+    pytest.param(idle_past_the_timeout, True, ["You said: hello"],
+                 id="idle past the timeout: the bot is told and the conversation ended"),
+])
+def test_an_ended_conversation_is_no_longer_polled_and_the_next_message_starts_anew(inprocess_relay, how,
+                                                                                    user_sent_end, replies):
+    relay = inprocess_relay(env={"RELAY_IDLE_TIMEOUT_MINUTES": "10"})
+    key = how(relay)
+
+    result = relay.work(key)
+
+    ended = relay.record(key)
+    assert result.ended and ended.state == ConversationState.ENDED
+    assert seconds_until_next_poll(relay, key) is None
+    assert relay.replies(key) == replies
+    told = [a for a in relay.emulator.conversation(ended.conversation_id)["activities"]
+            if a["type"] == "endOfConversation" and a["from"].get("role") != "bot"]
+    assert bool(told) == user_sent_end
+    relay.time.advance(60)
+    assert relay.tick().due == 0
+
+    relay.message("twilio", USER, "hello again")
+    relay.work(key)
+
+    record = relay.record(key)
+    assert record.conversation_id != ended.conversation_id
+    assert relay.messages_at_bot(record.conversation_id) == ["hello again"]
+    assert relay.replies(key) == [*replies, "You said: hello again"]
+
+
+# ---------------------------------------------------------------------------------------------- posting
+
+
+@pytest.mark.parametrize(("fault", "retry_in"), [
+    pytest.param({"error_500_rate": 1.0, "endpoints": ["conversations/start", "activities/post"]}, 10,
+                 id="Direct Line cannot start a conversation: the message waits and is posted once"),
+    pytest.param({"error_500_rate": 1.0}, 5,
+                 id="Direct Line fails before taking the message: it waits and is posted once"),
+    pytest.param({"error_502_rate": 1.0, "phase": "after"}, 5,
+                 id="Direct Line took the message but the answer failed: it is found, not posted twice"),
+    pytest.param({"drop_rate": 1.0, "phase": "after"}, 5,
+                 id="the connection dropped after Direct Line took the message: it is found, not posted twice"),
+    pytest.param({"throttle_rate": 1.0, "retry_after": "3"}, 3,
+                 id="Direct Line throttles the post: it waits out the Retry-After and is posted once"),
+])
+def test_a_message_direct_line_did_not_confirm_reaches_the_bot_exactly_once(inprocess_relay, fault, retry_in):
+    relay = inprocess_relay()
+    relay.emulator.set_faults(**{"endpoints": ["activities/post"], **fault, "limit": 1})
+    key = relay.message("twilio", USER, "hello")
+
+    first = relay.work(key)
+
+    assert first.posted == 0
+    assert len(relay.store.outbox.list_messages(key)) == 1
+    assert relay.replies(key) == []
+    assert seconds_until_next_poll(relay, key) == retry_in
+    relay.time.advance(retry_in)
+    assert relay.tick().worked == 1
+    record = relay.record(key)
+    assert relay.messages_at_bot(record.conversation_id) == ["hello"]
+    assert relay.replies(key) == ["You said: hello"]
+    assert relay.store.outbox.list_messages(key) == []
