@@ -141,9 +141,9 @@ class WhatsAppAdapter(AdapterBase):
             raise BadPayload(f"WhatsApp message {message['id']} has a timestamp that is not Unix seconds")
         if not self.outlived_dedupe(sent_at):
             return False
-        log.warning("WhatsApp message %s was sent %.1f days ago, before the relay's dedupe memory: "
+        log.warning("WhatsApp message %s (sent at %d, Unix time) is older than the relay's dedupe memory: "
                     "acknowledged, not relayed (a replay, or a retry too late to tell from one)",
-                    message["id"], (self.clock.now().timestamp() - sent_at) / 86400)
+                    message["id"], sent_at)
         return True
 
     def _content(self, message: dict[str, Any]) -> tuple[str, tuple[Media, ...]] | None:
