@@ -35,7 +35,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -43,6 +43,8 @@ from urllib.parse import parse_qsl, urlsplit
 import azure.functions as func
 from azure.functions.timer import TimerRequest
 from croniter import croniter
+
+from devstack.http_server import LocalHTTPServer
 
 log = logging.getLogger("devstack.host")
 
@@ -207,7 +209,7 @@ class FunctionsHost:
         self.environ = environ
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._server: ThreadingHTTPServer | None = None
+        self._server: LocalHTTPServer | None = None
 
     # HTTP -----------------------------------------------------------------------------------------
     def match(self, method: str, path: str) -> tuple[int, HttpFunction | None, dict[str, str]]:
@@ -259,7 +261,7 @@ class FunctionsHost:
             out_headers["Content-Type"] = f"{response.mimetype}{charset}"
         return response.status_code, out_headers, response.get_body() or b""
 
-    def serve(self, host: str, port: int) -> ThreadingHTTPServer:
+    def serve(self, host: str, port: int) -> LocalHTTPServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -284,9 +286,7 @@ class FunctionsHost:
             def log_message(self, fmt, *args):
                 log.debug("%s %s", self.address_string(), fmt % args)
 
-        ThreadingHTTPServer.daemon_threads = True
-        ThreadingHTTPServer.request_queue_size = 128  # providers burst: the default backlog of 5 resets connections
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server = LocalHTTPServer((host, port), Handler)
         thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
         thread.start()
         self._threads.append(thread)

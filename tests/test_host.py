@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import select
+import signal
+import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +86,58 @@ def test_requests_are_served_concurrently(sample):
         thread.join()
     # Served one after another, the first request would wait alone at the barrier and give up.
     assert results == ["together"] * 4
+
+
+BURST = 100
+
+
+def burst_while_paused(pid: int, port: int, path: str) -> tuple[int, list[bytes]]:
+    """Open BURST connections to a server while its process is stopped (as a busy instance is), then let it
+    run and send `GET path` on each: how many were established while it was stopped, and the raw answers.
+
+    Connections the kernel queues for a server are established at once; once its listen backlog is
+    full, the kernel drops the rest (the client retries later, or gives up: a reset or timeout)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(BURST)]
+    established: set[socket.socket] = set()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+        deadline = time.monotonic() + 3
+        while len(established) < BURST and time.monotonic() < deadline:
+            _, writable, _ = select.select([], [s for s in sockets if s not in established], [], 0.1)
+            established.update(s for s in writable if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    answers = []
+    for sock in sockets:
+        with sock:
+            if sock not in established:
+                continue
+            sock.settimeout(30)
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            answers.append(answer)
+    return len(established), answers
+
+
+def test_a_burst_of_connections_waits_in_the_queue_and_every_one_is_answered(sample):
+    """Azure's front end queues a burst; the local host must too, or concurrency tests through it test nothing."""
+    established, answers = burst_while_paused(sample.process.pid, sample.port, "/api/anything")
+    assert established == BURST
+    assert [answer.split(b"\r\n", 1)[0] for answer in answers] == [b"HTTP/1.1 202 Accepted"] * BURST
+
+
+def test_the_emulator_and_the_simulator_queue_a_burst_of_connections_too(start_emulator, start_simulator):
+    emulator, simulator = start_emulator(), start_simulator()
+    for server, path in ((emulator, "/_emulator/"), (simulator, "/_sim/health")):
+        port = int(server.url.rsplit(":", 1)[1])
+        established, answers = burst_while_paused(server.process.pid, port, path)
+        assert established == BURST, server.name
+        assert all(answer.split(b" ", 2)[1] == b"200" for answer in answers), server.name
 
 
 def test_async_functions_are_awaited(sample):

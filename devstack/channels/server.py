@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes, urlencode, urlsplit
@@ -48,6 +48,7 @@ import requests
 import standardwebhooks
 
 from devstack.channels import webhooks
+from devstack.http_server import LocalHTTPServer
 from devstack.inprocess import Answer, Headers
 from relay.channels import whatsapp
 
@@ -487,10 +488,9 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
 
-def make_server(port: int, values: dict[str, str], relay_url: str, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+def make_server(port: int, values: dict[str, str], relay_url: str, host: str = "127.0.0.1") -> LocalHTTPServer:
     state = State(values, relay_url.rstrip("/"))
     handler = type("BoundHandler", (Handler,), {"state": state})
-    server = ThreadingHTTPServer((host, port), handler)
+    server = LocalHTTPServer((host, port), handler)
     state.base_url = f"http://{host}:{server.server_address[1]}"
-    server.daemon_threads = True
     return server

@@ -26,13 +26,14 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import requests
 
 from devstack.directline import echo as echo_bot
+from devstack.http_server import LocalHTTPServer
 from devstack.inprocess import Answer, ConnectionDropped, Headers
 
 log = logging.getLogger("devstack.directline")
@@ -948,8 +949,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(answer.body)
 
 
-class EmulatorServer(ThreadingHTTPServer):
-    daemon_threads = True
+class EmulatorServer(LocalHTTPServer):
     allow_reuse_address = True
 
 

@@ -2,6 +2,10 @@
 
 An adapter knows one provider: how it signs webhooks, what its payloads look like, how to answer
 its handshakes and how to send through its API. It knows nothing of Direct Line or storage.
+
+A signed payload is the provider's, not necessarily well formed: an `InboundMessage` refuses
+(BadPayload, 400) a value of the wrong kind in itself or its media, such as a list for an id or a
+number for a name, so whatever an adapter reads from JSON arrives typed as declared, or not at all.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from relay.errors import BadPayload
 
 if TYPE_CHECKING:
     import requests
@@ -24,6 +30,15 @@ __all__ = [
     "WebhookAnswer",
     "WebhookRequest",
 ]
+
+
+def _check_types(item: object, what: str, required: tuple[str, ...], optional: tuple[str, ...]) -> None:
+    for name in required:
+        if not isinstance(getattr(item, name), str) or not getattr(item, name):
+            raise BadPayload(f"{what}: {name} must be a non-empty string")
+    for name in optional:
+        if getattr(item, name) is not None and not isinstance(getattr(item, name), str):
+            raise BadPayload(f"{what}: {name} must be a string")
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,13 @@ class InboundMessage:
     """What `send` needs to answer this user (e.g. Twilio's To/From pair, a MessageBird conversation id)."""
     raw: Mapping[str, Any] = field(default_factory=dict)
     """The provider's payload for this message, kept for the activity's channelData."""
+
+    def __post_init__(self) -> None:
+        _check_types(self, "a message", ("message_id", "user_id"), ("user_name", "locale"))
+        if not isinstance(self.text, str):
+            raise BadPayload("a message: text must be a string")
+        for item in self.media:
+            _check_types(item, "a message's media item", ("url",), ("content_type", "name"))
 
 
 @dataclass(frozen=True)

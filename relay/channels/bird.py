@@ -18,6 +18,7 @@ from relay.channels.common import (
     AdapterBase,
     b64decode_or_none,
     call_provider,
+    identifier,
     json_body,
     numbered_list,
     require_header,
@@ -64,19 +65,20 @@ class BirdAdapter(AdapterBase):
         if not str(body.get("event", "")).endswith(".inbound") or payload.get("direction", "incoming") != "incoming":
             return []  # outbound echoes and status events: acknowledged, not relayed
         contact = (payload.get("sender") or {}).get("contact") or {}
-        identifier = contact.get("identifierValue")
-        if not payload.get("id") or not (identifier or contact.get("id")):
+        address = identifier(contact.get("identifierValue"))
+        user, message_id = address or identifier(contact.get("id")), identifier(payload.get("id"))
+        if not message_id or not user:
             raise BadPayload("the Bird message lacks payload.id or sender.contact")
         text, media = self._content(payload.get("body") or {})
-        context = {"channel_id": str(payload.get("channelId") or self.channel_id)}
-        if identifier:
-            context |= {"identifier_key": str(contact.get("identifierKey") or ""), "identifier_value": str(identifier)}
+        context = {"channel_id": identifier(payload.get("channelId")) or self.channel_id}
+        if address:
+            context |= {"identifier_key": identifier(contact.get("identifierKey")) or "", "identifier_value": address}
         else:
-            context["contact_id"] = str(contact["id"])
+            context["contact_id"] = user
         name = (contact.get("annotations") or {}).get("name") or contact.get("displayName")
         return [InboundMessage(
-            message_id=str(payload["id"]),
-            user_id=str(identifier or contact["id"]),
+            message_id=message_id,
+            user_id=user,
             text=text,
             user_name=name or None,
             media=media,

@@ -3,6 +3,11 @@
 Provider errors are mapped here once: 4xx (not 429) is permanent (ProviderRejected, dead-letter it),
 429, 5xx, timeouts and connection errors are transient (ProviderUnavailable, retry later, after
 `retry_after` seconds when the provider said so).
+
+Hostile input is bounded here once, before any work that grows with it: a form or query of more
+than MAX_FORM_FIELDS fields is refused (413) before it is parsed or signed, a timestamp is at most
+TIMESTAMP_DIGITS digits (anything else is not a time, 401), and a JSON body's strings come out as
+valid Unicode (a lone surrogate becomes U+FFFD), so nothing a provider sends becomes a 500 later.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import binascii
 import contextlib
 import hmac
 import json
+import math
 import mimetypes
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
+from urllib.parse import parse_qsl
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -32,12 +40,18 @@ from relay.errors import (
     StaleTimestamp,
 )
 from relay.retry_after import retry_after_seconds
+from relay.store.sweep import DEDUPE_RETENTION
 
 __all__ = [
+    "MAX_FORM_FIELDS",
+    "TIMESTAMP_DIGITS",
     "AdapterBase",
     "b64decode_or_none",
     "call_provider",
     "download",
+    "finite_number",
+    "form_fields",
+    "identifier",
     "json_body",
     "media_file_name",
     "new_session",
@@ -47,6 +61,7 @@ __all__ = [
     "same",
     "send_parts",
     "split_text",
+    "unix_time",
 ]
 
 TIMEOUT = (5.0, 20.0)
@@ -54,7 +69,16 @@ TIMEOUT = (5.0, 20.0)
 DOWNLOAD_SECONDS = 30.0
 """Longest time one media download may take in all: a trickling server is given up on (and retried later)."""
 
+MAX_FORM_FIELDS = 256
+"""Most fields a form body or signed query may have: Twilio's richest inbound webhook (WhatsApp with ten
+media) has well under 100. Checked before parsing, so a 1 MiB form of 160 000 fields costs nothing."""
+TIMESTAMP_DIGITS = 12
+"""Most digits a Unix timestamp may have (seconds until the year 33658): longer is not a time."""
+
 Part = TypeVar("Part")
+
+_UNIX_TIME = re.compile(f"[0-9]{{1,{TIMESTAMP_DIGITS}}}")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class AdapterBase:
@@ -96,24 +120,83 @@ class AdapterBase:
             raise PayloadTooLarge(f"the body has {len(request.body)} bytes, over the {self.max_body_bytes} allowed")
 
     def check_timestamp(self, raw: str | None, header: str) -> int:
-        """The request's Unix timestamp, StaleTimestamp when it is outside the replay window."""
+        """The request's Unix timestamp, StaleTimestamp when it is outside the replay window; SignatureInvalid
+        when it is missing or not plain ASCII digits (at most TIMESTAMP_DIGITS of them)."""
         if not raw:
             raise SignatureInvalid(f"the {header} header is missing")
-        try:
-            stamp = int(raw.strip())
-        except ValueError:
-            raise SignatureInvalid(f"the {header} header is not a Unix timestamp") from None
+        stamp = unix_time(raw)
+        if stamp is None:
+            raise SignatureInvalid(f"the {header} header is not a Unix timestamp")
         if abs(self.clock.now().timestamp() - stamp) > self.window_seconds:
             raise StaleTimestamp(f"the {header} is outside the {self.window_seconds:g}s replay window")
         return stamp
 
+    def outlived_dedupe(self, sent_at: int) -> bool:
+        """True for a message sent longer ago than the relay remembers message ids (DEDUPE_RETENTION): its
+        dedupe row may be gone, so relaying it could relay a replay. The caller acknowledges it, unrelayed."""
+        return self.clock.now().timestamp() - sent_at > DEDUPE_RETENTION.total_seconds()
+
+
+def unix_time(raw: str) -> int | None:
+    """`raw` as Unix seconds, or None unless it is 1 to TIMESTAMP_DIGITS ASCII digits (no sign, no
+    fraction, no 400-digit number that no clock can be compared with)."""
+    raw = raw.strip()
+    return int(raw) if _UNIX_TIME.fullmatch(raw) else None
+
+
+def form_fields(text: str, what: str) -> list[tuple[str, str]]:
+    """The name/value pairs of a form body or query string, blank values kept; PayloadTooLarge past
+    MAX_FORM_FIELDS (counted before parsing, so an oversized form costs no parsing or signing)."""
+    separators = text.count("&")
+    if separators >= MAX_FORM_FIELDS:
+        raise PayloadTooLarge(f"{what} has {separators + 1} fields, over the {MAX_FORM_FIELDS} allowed")
+    return parse_qsl(text, keep_blank_values=True)
+
 
 def json_body(request: WebhookRequest) -> Any:
-    """The request's JSON body; BadPayload for anything that is not JSON (invalid UTF-8, nested too deeply)."""
+    """The request's JSON body; BadPayload for anything that is not JSON (invalid UTF-8, nested too deeply).
+
+    Its strings are valid Unicode: a lone surrogate (an escape like "\\ud800" that no second half
+    completes) cannot be written as UTF-8, so neither Table Storage nor Direct Line could take the
+    message. It becomes U+FFFD, as a UTF-8 decoder treats a broken sequence: a name or text cut in the
+    middle of an emoji still reaches the bot, instead of failing later or being refused."""
     try:
-        return json.loads(request.body)
+        body = json.loads(request.body)
+        json.dumps(body, ensure_ascii=False).encode()
+        return body
+    except UnicodeEncodeError:
+        return _without_lone_surrogates(body)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise BadPayload("the body is not valid JSON") from None
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    try:
+        if isinstance(value, str):
+            return _LONE_SURROGATE.sub("\ufffd", value)
+        if isinstance(value, list):
+            return [_without_lone_surrogates(item) for item in value]
+        if isinstance(value, dict):
+            return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+        return value
+    except RecursionError:
+        raise BadPayload("the body is nested too deeply") from None
+
+
+def identifier(value: Any) -> str | None:
+    """A provider's id as text: a JSON string, or an integer (some providers send numbers); None for
+    anything else (a list, an object, a bool), which no id is."""
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def finite_number(value: Any) -> TypeGuard[int | float]:
+    """True for a JSON number that can be compared with a clock: not a bool, NaN or infinity."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and \
+        (isinstance(value, int) or math.isfinite(value))
 
 
 def require_header(request: WebhookRequest, name: str) -> str:
@@ -124,11 +207,11 @@ def require_header(request: WebhookRequest, name: str) -> str:
 
 
 def same(expected: bytes | str, given: bytes | str) -> bool:
-    """Constant-time equality of two signatures."""
+    """Constant-time equality of two signatures (a given value that is not valid Unicode never matches)."""
     if isinstance(expected, str):
         expected = expected.encode()
     if isinstance(given, str):
-        given = given.encode()
+        given = given.encode("utf-8", "surrogatepass")
     return hmac.compare_digest(expected, given)
 
 

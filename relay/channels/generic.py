@@ -3,7 +3,9 @@
 Inbound JSON, one message or {"messages": [...]}:
     {"id": "m-1", "user": {"id": "u-1", "name": "Ann"}, "text": "hi", "locale": "en-US",
      "media": [{"url": "https://...", "contentType": "image/png", "name": "a.png"}]}
-`id` is the dedupe key (Standard Webhooks' `webhook-id` when absent).
+`id` is the dedupe key. Only signed bytes may give it: under Standard Webhooks a message without
+`id` takes the signed `webhook-id` header; under the `hmac` scheme, which signs the body alone,
+every message needs its `id` (a header could be changed on a replay and make it a new message).
 
 Replies are POSTed as JSON to GENERIC_CALLBACK_URL:
     {"type": "message", "id": "<uuid>", "user": {"id": "u-1"}, "replyToId": "m-1", "text": "...",
@@ -30,6 +32,7 @@ from relay.channels.common import (
     AdapterBase,
     b64decode_or_none,
     call_provider,
+    identifier,
     json_body,
     require_header,
     same,
@@ -136,7 +139,8 @@ class GenericAdapter(AdapterBase):
             items = [body]
         else:
             raise BadPayload("the body must be a JSON object")
-        fallback_id = request.header("webhook-id")
+        # The webhook-id header is signed under Standard Webhooks only: under hmac it names nothing.
+        fallback_id = request.header("webhook-id") if self.scheme == "standard" else None
         messages = []
         for index, item in enumerate(items):
             if not isinstance(item, dict):
@@ -148,28 +152,30 @@ class GenericAdapter(AdapterBase):
 
     @staticmethod
     def _message(item: dict[str, Any], index: int, fallback_id: str | None, count: int) -> InboundMessage:
-        user = item.get("user")
-        if not isinstance(user, dict):
-            user = {"id": user}
-        message_id = item.get("id") or (fallback_id and (fallback_id if count == 1 else f"{fallback_id}:{index}"))
-        if not message_id or not user.get("id"):
-            raise BadPayload(f"message {index} needs an id (or a webhook-id header) and user.id")
+        given_user = item.get("user")
+        user: dict[str, Any] = given_user if isinstance(given_user, dict) else {"id": given_user}
+        message_id = identifier(item.get("id")) or (
+            fallback_id and (fallback_id if count == 1 else f"{fallback_id}:{index}"))
+        user_id = identifier(user.get("id"))
+        if not message_id or not user_id:
+            id_source = "an id (or a webhook-id header)" if fallback_id is not None else "an id in the signed body"
+            raise BadPayload(f"message {index} needs {id_source} and user.id")
         media = []
         for entry in item.get("media") or []:
             if not isinstance(entry, dict) or not entry.get("url"):
                 raise BadPayload(f"message {index} has a media entry without url")
-            media.append(Media(url=str(entry["url"]), content_type=entry.get("contentType"), name=entry.get("name")))
+            media.append(Media(url=entry["url"], content_type=entry.get("contentType"), name=entry.get("name")))
         text = item.get("text", "")
         if not isinstance(text, str):
             raise BadPayload(f"message {index}: text must be a string")
         return InboundMessage(
-            message_id=str(message_id),
-            user_id=str(user["id"]),
+            message_id=message_id,
+            user_id=user_id,
             text=text,
             user_name=user.get("name"),
             media=tuple(media),
             locale=item.get("locale"),
-            reply_context={"user_id": str(user["id"]), "reply_to_id": str(message_id)},
+            reply_context={"user_id": user_id, "reply_to_id": message_id},
             raw=item,
         )
 

@@ -15,13 +15,16 @@ import hmac
 import json
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from relay.channels.base import InboundMessage, Media, OutboundMessage, WebhookRequest
 from relay.channels.common import (
     AdapterBase,
     b64decode_or_none,
     call_provider,
+    finite_number,
+    form_fields,
+    identifier,
     json_body,
     numbered_list,
     response_json,
@@ -39,7 +42,7 @@ MEDIA_TYPES = ("image", "video", "audio", "file")
 
 def _legacy_signed_bytes(timestamp: str, query: str, body: bytes) -> bytes:
     """What a legacy MessageBird-Signature covers; `query` is the URL's query string as called."""
-    pairs = sorted(parse_qsl(query, keep_blank_values=True), key=lambda pair: pair[0])
+    pairs = sorted(form_fields(query, "the URL's query"), key=lambda pair: pair[0])
     return b"\n".join([timestamp.encode(), urlencode(pairs).encode(), hashlib.sha256(body).digest()])
 
 
@@ -63,7 +66,8 @@ def _decode_jwt(token: str, key: str, *, now: float) -> dict[str, Any]:
         raise SignatureInvalid("the MessageBird-Signature-JWT is not a JWT") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise SignatureInvalid("the MessageBird-Signature-JWT is not a JWT")
-    digest = JWT_ALGORITHMS.get(str(header.get("alg")))
+    algorithm = header.get("alg")
+    digest = JWT_ALGORITHMS.get(algorithm) if isinstance(algorithm, str) else None
     if digest is None:
         raise SignatureInvalid("the MessageBird-Signature-JWT uses an algorithm other than HS256/384/512")
     expected = hmac.new(key.encode(), f"{header_part}.{claims_part}".encode(), digest).digest()
@@ -73,8 +77,8 @@ def _decode_jwt(token: str, key: str, *, now: float) -> dict[str, Any]:
         raise SignatureInvalid("the MessageBird-Signature-JWT was not issued by MessageBird")
     start = claims.get("nbf", claims.get("iat"))
     expiry = claims.get("exp")
-    if not isinstance(expiry, int | float) or not isinstance(start, int | float):
-        raise SignatureInvalid("the MessageBird-Signature-JWT lacks exp and nbf/iat")
+    if not finite_number(expiry) or not finite_number(start):
+        raise SignatureInvalid("the MessageBird-Signature-JWT lacks exp and nbf/iat (as numbers)")
     if now > expiry + JWT_LEEWAY_SECONDS:
         raise StaleTimestamp("the MessageBird-Signature-JWT has expired")
     if now < start - JWT_LEEWAY_SECONDS:
@@ -133,20 +137,22 @@ class MessageBirdAdapter(AdapterBase):
             return []  # our own replies echoed back
         contact = body.get("contact") or {}
         conversation = body.get("conversation") or {}
-        conversation_id = conversation.get("id") or message.get("conversationId")
-        user = message.get("from") or contact.get("id")  # the phone number (or platform id) the user wrote from
-        if not message.get("id") or not conversation_id or not user:
+        conversation_id = identifier(conversation.get("id") or message.get("conversationId"))
+        # the phone number (or platform id) the user wrote from
+        user = identifier(message.get("from") or contact.get("id"))
+        message_id = identifier(message.get("id"))
+        if not message_id or not conversation_id or not user:
             raise BadPayload("the MessageBird message lacks message.id, conversation.id or a contact")
         text, media = self._content(message)
         name = contact.get("displayName") or " ".join(
             filter(None, [contact.get("firstName"), contact.get("lastName")])) or None
         return [InboundMessage(
-            message_id=str(message["id"]),
-            user_id=str(user),
+            message_id=message_id,
+            user_id=user,
             text=text,
             user_name=name,
             media=media,
-            reply_context={"conversation_id": str(conversation_id)},
+            reply_context={"conversation_id": conversation_id},
             raw=body,
         )]
 

@@ -4,6 +4,13 @@ Twilio signs the URL it called plus every POST parameter sorted by name (HMAC-SH
 Token, base64). JSON webhooks carry `bodySHA256` in the URL instead and sign the URL alone. There
 is no timestamp, so no replay window: the relay dedupes on MessageSid.
 
+The signed string marks no end of a value, so a captured webhook can be re-sent under its signature
+with the next parameter folded into one value (`MessageSid=SM…NumMedia0`, no `NumMedia`). The dedupe
+key is therefore accepted only in its documented form, SM or MM and 32 hex digits (what Twilio's
+API itself checks, errors 90001/90011), and MessageSid, SmsMessageSid and SmsSid must agree. The URL
+is tried as called and with its scheme's default port (443, 80) added or dropped, as Twilio signs
+either; never with another port dropped.
+
 Inbound media (`MediaUrl{N}`) live under the API (`/2010-04-01/Accounts/{sid}/Messages/{sid}/Media/{sid}`),
 readable with the account's Basic auth unless the account turned HTTP auth off: they are marked
 protected and `fetch_media` downloads them with the credentials (Twilio then redirects to its CDN;
@@ -16,14 +23,16 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Mapping
-from urllib.parse import parse_qs, parse_qsl, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from relay.channels.base import InboundMessage, Media, MediaContent, OutboundMessage, WebhookAnswer, WebhookRequest
 from relay.channels.common import (
     AdapterBase,
     call_provider,
     download,
+    form_fields,
     json_body,
     media_file_name,
     numbered_list,
@@ -39,7 +48,17 @@ __all__ = ["TwilioAdapter", "compute_signature"]
 
 TEXT_LIMIT = 1600
 MEDIA_PER_MESSAGE = 10
+"""Twilio's limit both ways: at most ten MediaUrl per message sent, at most MediaUrl0..9 per message received."""
+MESSAGE_SID = re.compile(r"(SM|MM)[0-9a-fA-F]{32}")
+"""A Message SID as Twilio documents it (SMS, MMS and WhatsApp alike)."""
+_SID_FIELDS = ("MessageSid", "SmsMessageSid", "SmsSid")
+_FOLDED_FIELD = re.compile(r"[A-Z][a-z]")
+"""In From or To, the start of a field name (every Twilio field is named FromCity, MediaUrl0, ...): an
+address ("+14155550123", "whatsapp:+14155550123", "messenger:1234") never holds one. The signature runs
+names and values together, so a replay may fold the next field into From ("+1415…FromCityBOSTON") and
+pass as a new user with a dedupe key of its own; its dedupe row is in that user's partition."""
 _HASHES = {"HMAC_SHA1": hashlib.sha1, "HMAC_SHA256": hashlib.sha256}
+_DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
 def compute_signature(auth_token: str, url: str, params: Mapping[str, str | list[str]] | None = None,
@@ -56,16 +75,25 @@ def compute_signature(auth_token: str, url: str, params: Mapping[str, str | list
 
 
 def _url_variants(url: str) -> list[str]:
-    """The URL as called, without and with its default port: Twilio signs either, its validator tries both."""
+    """The URL as called, and with its scheme's default port dropped or added: Twilio signs either.
+
+    Any other explicit port is part of the signed URL: a signature for `http://host` is not one for
+    `http://host:50891`."""
     parts = urlsplit(url)
+    default = _DEFAULT_PORTS.get(parts.scheme.lower())
+    try:
+        port = parts.port
+    except ValueError:  # not a port number: nothing can have been signed for another form of it
+        return [url]
+    if default is None or port not in (None, default):
+        return [url]
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
     userinfo = parts.netloc.rpartition("@")[0]
     prefix = userinfo + "@" if userinfo else ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     without = urlunsplit(parts._replace(netloc=prefix + host))
-    with_port = urlunsplit(parts._replace(netloc=f"{prefix}{host}:{port}"))
+    with_port = urlunsplit(parts._replace(netloc=f"{prefix}{host}:{default}"))
     return [without, with_port]
 
 
@@ -89,7 +117,7 @@ class TwilioAdapter(AdapterBase):
                 algorithm = value.strip().upper()
         if algorithm not in _HASHES:
             raise SignatureInvalid(f"unsupported Twilio signature algorithm {algorithm!r}")
-        body_hash = parse_qs(urlsplit(request.url).query).get("bodySHA256")
+        body_hash = [v for k, v in form_fields(urlsplit(request.url).query, "the URL's query") if k == "bodySHA256"]
         if body_hash:
             if not same(hashlib.sha256(request.body).hexdigest(), body_hash[0].lower()):
                 raise SignatureInvalid("the body does not match the bodySHA256 in the URL")
@@ -105,15 +133,14 @@ class TwilioAdapter(AdapterBase):
 
     def _form(self, request: WebhookRequest) -> list[tuple[str, str]]:
         try:
-            return parse_qsl(request.body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+            text = request.body.decode("utf-8")
         except UnicodeDecodeError:
             raise BadPayload("the form body is not UTF-8") from None
+        return form_fields(text, "the form body")
 
     def parse(self, request: WebhookRequest) -> list[InboundMessage]:
         fields = self._fields(request)
-        message_id = fields.get("MessageSid") or fields.get("SmsMessageSid")
-        if not message_id:
-            raise BadPayload("the Twilio webhook has no MessageSid")
+        message_id = self._message_sid(fields)
         try:
             count = int(fields.get("NumMedia", "0") or 0)
         except ValueError:
@@ -122,10 +149,14 @@ class TwilioAdapter(AdapterBase):
             return []  # a status callback (MessageStatus) or another event: acknowledged, not relayed
         if not fields.get("From") or not fields.get("To"):
             raise BadPayload("the Twilio message has no From or To")
+        for name in ("From", "To"):
+            if _FOLDED_FIELD.search(fields[name]):
+                raise BadPayload(f"the Twilio {name} holds a field name: another field was folded into it")
+        # NumMedia is believed only as far as MediaUrl0..9 exist: NumMedia=100000000 costs ten lookups.
         media = tuple(
             Media(url=fields[f"MediaUrl{index}"], content_type=fields.get(f"MediaContentType{index}") or None,
                   protected=self._is_api_url(fields[f"MediaUrl{index}"]))
-            for index in range(count) if fields.get(f"MediaUrl{index}")
+            for index in range(min(count, MEDIA_PER_MESSAGE)) if fields.get(f"MediaUrl{index}")
         )
         return [InboundMessage(
             message_id=message_id,
@@ -136,6 +167,20 @@ class TwilioAdapter(AdapterBase):
             reply_context={"to": fields["From"], "from": fields["To"]},
             raw=fields,
         )]
+
+    @staticmethod
+    def _message_sid(fields: Mapping[str, str]) -> str:
+        """The webhook's Message SID, the dedupe key; BadPayload unless it has the documented form and
+        every field that carries it (MessageSid, SmsMessageSid, SmsSid) carries the same one."""
+        given = {fields[name] for name in _SID_FIELDS if name in fields}
+        if not given:
+            raise BadPayload("the Twilio webhook has no MessageSid")
+        if len(given) > 1:
+            raise BadPayload("the Twilio webhook's MessageSid, SmsMessageSid and SmsSid differ")
+        sid = given.pop()
+        if not MESSAGE_SID.fullmatch(sid):
+            raise BadPayload("the Twilio MessageSid is not SM or MM followed by 32 hexadecimal digits")
+        return sid
 
     def _is_api_url(self, url: str) -> bool:
         """True for media on Twilio's API host: only there do our credentials go."""

@@ -1,7 +1,13 @@
 """Meta WhatsApp Cloud API: the GET verification handshake, X-Hub-Signature-256 webhooks, Graph replies.
 
 One POST may carry several messages and delivery `statuses[]`; statuses are acknowledged, not
-relayed. Media arrive as ids: `Media.url` is the Graph media object (`{API_BASE}/{media-id}`), marked
+relayed. Meta signs no time in a header, but each message's `timestamp` is in the signed body: a
+message sent longer ago than the relay remembers message ids (DEDUPE_RETENTION, 7 days, as long as
+Meta retries) is acknowledged and logged, not relayed, so a webhook replayed after its dedupe row was
+swept reaches no bot. Acknowledged rather than refused: Meta retries every non-200 for days, and a
+refusal would only tell a replaying party its replay was seen.
+
+Media arrive as ids: `Media.url` is the Graph media object (`{API_BASE}/{media-id}`), marked
 protected: `fetch_media` reads it with the access token (`{url, mime_type, sha256, file_size, id}`) and
 downloads the short-lived `url` with the same bearer, as Meta documents.
 """
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -27,6 +34,7 @@ from relay.channels.common import (
     same,
     send_parts,
     split_text,
+    unix_time,
 )
 from relay.errors import BadPayload, ProviderRejected, ProviderUnavailable, SignatureInvalid, VerifyTokenMismatch
 
@@ -37,6 +45,8 @@ BUTTON_LIMIT = 3
 BUTTON_TITLE_LIMIT = 20
 INTERACTIVE_BODY_LIMIT = 1024
 MEDIA_TYPES = ("image", "video", "audio", "document", "sticker")
+
+log = logging.getLogger(__name__)
 
 
 def compute_signature(app_secret: str, body: bytes) -> str:
@@ -98,6 +108,8 @@ class WhatsAppAdapter(AdapterBase):
         for message in value.get("messages") or []:
             if not isinstance(message, dict) or not message.get("id"):
                 raise BadPayload("a WhatsApp message has no id")
+            if self._outlived_dedupe(message):
+                continue
             sender = message.get("from") or message.get("from_user_id")
             contact = contacts.get(sender) or (next(iter(contacts.values())) if len(contacts) == 1 else {})
             user = sender or contact.get("wa_id") or contact.get("user_id")
@@ -117,6 +129,22 @@ class WhatsAppAdapter(AdapterBase):
                 raw={"message": message, "contact": contact, "metadata": value.get("metadata") or {}},
             ))
         return found
+
+    def _outlived_dedupe(self, message: dict[str, Any]) -> bool:
+        """True (and logged) for a message sent before the relay's dedupe memory began; BadPayload when its
+        timestamp is not Unix seconds. A message without one is judged new."""
+        sent = message.get("timestamp")
+        if sent is None:
+            return False
+        sent_at = unix_time(str(sent)) if isinstance(sent, str | int) and not isinstance(sent, bool) else None
+        if sent_at is None:
+            raise BadPayload(f"WhatsApp message {message['id']} has a timestamp that is not Unix seconds")
+        if not self.outlived_dedupe(sent_at):
+            return False
+        log.warning("WhatsApp message %s (sent at %d, Unix time) is older than the relay's dedupe memory: "
+                    "acknowledged, not relayed (a replay, or a retry too late to tell from one)",
+                    message["id"], sent_at)
+        return True
 
     def _content(self, message: dict[str, Any]) -> tuple[str, tuple[Media, ...]] | None:
         kind = message.get("type")

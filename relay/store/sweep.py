@@ -21,12 +21,17 @@ from relay.store.tables import Budget
 if TYPE_CHECKING:
     from relay.store import RelayStore
 
-__all__ = ["SweepResult", "sweep_tables"]
+__all__ = ["DEDUPE_RETENTION", "SweepResult", "sweep_tables"]
 
 log = logging.getLogger(__name__)
 
 SWEEP_BUDGET_SECONDS = 240.0
 """One run's time: well inside the 5-minute `functionTimeout` of host.json, leaving a minute for the last page."""
+
+DEDUPE_RETENTION = timedelta(days=7)
+"""How long a handled message's dedupe row is kept, so a provider's retry or a replay is recognised.
+Meta retries for up to 7 days. A message signed as older than this is not relayed at all
+(relay/channels/common.py:AdapterBase.outlived_dedupe): its dedupe row may be gone."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class SweepResult:
 
 
 def sweep_tables(store: RelayStore, *, now: datetime | None = None, idle_after: timedelta = timedelta(days=3),
-                 dedupe_after: timedelta = timedelta(days=7), dead_letters_after: timedelta = timedelta(days=30),
+                 dedupe_after: timedelta = DEDUPE_RETENTION, dead_letters_after: timedelta = timedelta(days=30),
                  budget_seconds: float = SWEEP_BUDGET_SECONDS) -> SweepResult:
     """Delete ended and long-idle conversations, old dedupe entries, expired sessions and counters, old dead
     letters: all of them, or as many as `budget_seconds` (on the store's clock) allows. What was removed comes

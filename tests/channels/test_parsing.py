@@ -4,12 +4,17 @@ and unicode; malformed bodies are BadPayload (400) naming the problem."""
 from __future__ import annotations
 
 import json
+import threading
+from datetime import UTC, datetime
 from urllib.parse import urlencode
 
 import pytest
 
+from relay.channels import twilio
 from relay.channels.base import Media, WebhookRequest
+from relay.clock import ManualClock
 from relay.errors import BadPayload
+from relay.store.sweep import DEDUPE_RETENTION
 from tests.channels.conftest import make_adapter
 
 URL = "https://relay.example.net/api/channels/x"
@@ -63,8 +68,8 @@ def test_twilio_whatsapp_with_two_media_and_no_text():
 
 
 def test_twilio_status_callback_is_acknowledged_not_relayed():
-    status = {"MessageSid": "SM1", "MessageStatus": "delivered", "SmsStatus": "delivered", "To": "+14155550123",
-              "From": "+15005550006", "AccountSid": "AC1", "ApiVersion": "2010-04-01"}
+    status = {"MessageSid": "SM" + "1" * 32, "MessageStatus": "delivered", "SmsStatus": "delivered",
+              "To": "+14155550123", "From": "+15005550006", "AccountSid": "AC1", "ApiVersion": "2010-04-01"}
     assert make_adapter("twilio").parse(form(status)) == []
     answer = make_adapter("twilio").acknowledgement()
     assert (answer.status, answer.content_type) == (200, "text/xml")
@@ -72,17 +77,17 @@ def test_twilio_status_callback_is_acknowledged_not_relayed():
 
 
 def test_twilio_json_body():
-    body = {"MessageSid": "SM2", "From": "+14155550123", "To": "+15005550006", "Body": "json ✓"}
+    body = {"MessageSid": "MM" + "2" * 32, "From": "+14155550123", "To": "+15005550006", "Body": "json ✓"}
     request = WebhookRequest("POST", URL + "?bodySHA256=abc", {"Content-Type": "application/json"},
                              json.dumps(body).encode())
     [message] = make_adapter("twilio").parse(request)
-    assert (message.message_id, message.text) == ("SM2", "json ✓")
+    assert (message.message_id, message.text) == ("MM" + "2" * 32, "json ✓")
 
 
 @pytest.mark.parametrize(("body", "problem"), [
     ({"From": "+1", "To": "+2", "Body": "no sid"}, "MessageSid"),
-    ({"MessageSid": "SM1", "Body": "no numbers"}, "From"),
-    ({"MessageSid": "SM1", "From": "+1", "To": "+2", "Body": "x", "NumMedia": "two"}, "NumMedia"),
+    ({"MessageSid": "SM" + "1" * 32, "Body": "no numbers"}, "From"),
+    ({"MessageSid": "SM" + "1" * 32, "From": "+1", "To": "+2", "Body": "x", "NumMedia": "two"}, "NumMedia"),
 ])
 def test_twilio_malformed(body, problem):
     with pytest.raises(BadPayload, match=problem):
@@ -90,6 +95,14 @@ def test_twilio_malformed(body, problem):
 
 
 # -- WhatsApp Cloud API -----------------------------------------------------------------------------
+
+WHATSAPP_SENT_AT = 1717000000  # the payloads' message timestamps
+
+
+def whatsapp_adapter(now: float = WHATSAPP_SENT_AT + 60):
+    """The WhatsApp adapter on a clock a minute after the payloads were sent (older ones are not relayed)."""
+    return make_adapter("whatsapp", clock=ManualClock(datetime.fromtimestamp(now, UTC)))
+
 
 def whatsapp_body(value: dict) -> dict:
     return {"object": "whatsapp_business_account",
@@ -114,7 +127,7 @@ def test_whatsapp_several_messages_with_media_and_statuses_in_one_post():
         "statuses": [{"id": "wamid.OUT1", "status": "delivered", "timestamp": "1717000003",
                       "recipient_id": "447700900001"}],
     })
-    first, second = make_adapter("whatsapp").parse(post(body))
+    first, second = whatsapp_adapter().parse(post(body))
     assert (first.message_id, first.user_id, first.user_name, first.text) == (
         "wamid.A1", "447700900001", "Zoë", "Hello 😀")
     assert dict(first.reply_context) == {"to": "447700900001", "phone_number_id": "100000000000001"}
@@ -126,7 +139,7 @@ def test_whatsapp_several_messages_with_media_and_statuses_in_one_post():
 def test_whatsapp_statuses_only_yield_nothing():
     body = whatsapp_body({"statuses": [{"id": "wamid.OUT1", "status": "read", "timestamp": "1717000003",
                                         "recipient_id": "447700900001"}]})
-    assert make_adapter("whatsapp").parse(post(body)) == []
+    assert whatsapp_adapter().parse(post(body)) == []
 
 
 def test_whatsapp_missing_optional_fields_and_username_users():
@@ -135,7 +148,7 @@ def test_whatsapp_missing_optional_fields_and_username_users():
         "messages": [{"id": "wamid.C1", "timestamp": "1717000000", "type": "interactive",
                       "interactive": {"type": "button_reply", "button_reply": {"id": "action-2", "title": "No"}}}],
     })
-    [message] = make_adapter("whatsapp").parse(post(body))
+    [message] = whatsapp_adapter().parse(post(body))
     assert (message.user_id, message.user_name, message.text) == ("US.13491208655302741918", None, "No")
 
 
@@ -146,7 +159,7 @@ def test_whatsapp_document_and_location():
         {"from": "1555", "id": "wamid.L", "type": "location",
          "location": {"latitude": 52.52, "longitude": 13.405, "name": "Brandenburger Tor"}},
     ]})
-    document, location = make_adapter("whatsapp").parse(post(body))
+    document, location = whatsapp_adapter().parse(post(body))
     assert document.media[0].name == "invoice.pdf" and document.text == ""
     assert location.text == "Brandenburger Tor (52.52,13.405)"
 
@@ -155,7 +168,7 @@ def test_whatsapp_document_and_location():
                                   json.dumps(whatsapp_body({"messages": [{"type": "text"}]})).encode()])
 def test_whatsapp_malformed(body):
     with pytest.raises(BadPayload):
-        make_adapter("whatsapp").parse(post(body))
+        whatsapp_adapter().parse(post(body))
 
 
 # -- MessageBird ------------------------------------------------------------------------------------
@@ -273,3 +286,143 @@ def test_generic_uses_the_webhook_id_when_the_message_has_none():
 def test_generic_malformed(body):
     with pytest.raises(BadPayload):
         make_adapter("generic").parse(post(json.dumps(body)))
+
+
+# -- Dedupe keys come from signed bytes only, in their documented form (issue 13) --------------------
+
+def test_a_twilio_webhook_with_the_next_parameter_folded_into_its_message_sid_is_refused():
+    """Twilio's signed string marks no end of a value: `MessageSid=SM…` + `NumMedia=0` signs the same as
+    `MessageSid=SM…NumMedia0`. Only the documented form (SM/MM and 32 hex digits) is a dedupe key."""
+    sid = TWILIO_SMS["MessageSid"]
+    folded = {k: v for k, v in TWILIO_SMS.items() if k != "NumMedia"} | {"MessageSid": sid + "NumMedia0"}
+    assert twilio.compute_signature("t", URL, folded) == twilio.compute_signature("t", URL, TWILIO_SMS)
+    with pytest.raises(BadPayload, match="MessageSid"):
+        make_adapter("twilio").parse(form(folded))
+
+
+@pytest.mark.parametrize("field", ["From", "To"])
+def test_a_twilio_webhook_with_the_next_parameter_folded_into_from_or_to_is_refused(field):
+    """Folded into From, the next field makes a new user, whose dedupe rows know nothing of the message."""
+    following = min(name for name in TWILIO_SMS if name > field)
+    folded = {k: v for k, v in TWILIO_SMS.items() if k != following}
+    folded[field] = TWILIO_SMS[field] + following + TWILIO_SMS[following]
+    assert twilio.compute_signature("t", URL, folded) == twilio.compute_signature("t", URL, TWILIO_SMS)
+    with pytest.raises(BadPayload, match=field):
+        make_adapter("twilio").parse(form(folded))
+
+
+@pytest.mark.parametrize("address", ["+14155550123", "whatsapp:+14155550123", "messenger:1234567890",
+                                     "whatsapp:US.13491208655302741918"])
+def test_twilio_addresses_of_every_channel_are_accepted(address):
+    [message] = make_adapter("twilio").parse(form({**TWILIO_SMS, "From": address}))
+    assert message.user_id == address
+
+
+@pytest.mark.parametrize("sid", ["SM" + "a" * 31, "SM" + "a" * 33, "sm" + "a" * 32, "MG" + "a" * 32,
+                                 "SM" + "g" * 32, "SM" + "a" * 32 + "\n", "SM1"])
+def test_twilio_accepts_only_message_sids_of_the_documented_form(sid):
+    fields = {**TWILIO_SMS, "MessageSid": sid, "SmsMessageSid": sid, "SmsSid": sid}
+    with pytest.raises(BadPayload, match="MessageSid"):
+        make_adapter("twilio").parse(form(fields))
+
+
+def test_twilio_sms_and_mms_sids_of_either_case_are_accepted_when_every_sid_field_agrees():
+    for sid in ("MM" + "0123456789ABCDEF" * 2, "SM" + "0123456789abcdef" * 2):
+        fields = {**TWILIO_SMS, "MessageSid": sid, "SmsMessageSid": sid, "SmsSid": sid}
+        assert make_adapter("twilio").parse(form(fields))[0].message_id == sid
+    other = "SM" + "f" * 32
+    with pytest.raises(BadPayload, match="differ"):
+        make_adapter("twilio").parse(form({**TWILIO_SMS, "SmsMessageSid": other}))
+
+
+def test_twilio_trusts_num_media_only_as_far_as_media_urls_exist():
+    """NumMedia=100000000 in a signed form once cost 16 s of CPU: now it costs at most ten lookups."""
+    fields = {**TWILIO_SMS, "NumMedia": "100000000", "MediaUrl0": "https://cdn.example/a.jpg",
+              "MediaContentType0": "image/jpeg"}
+    parsed: list = []
+    worker = threading.Thread(target=lambda: parsed.extend(make_adapter("twilio").parse(form(fields))), daemon=True)
+    worker.start()
+    worker.join(timeout=5)
+    assert not worker.is_alive(), "parsing took over 5 s: NumMedia was believed"
+    [message] = parsed
+    assert message.media == (Media("https://cdn.example/a.jpg", "image/jpeg"),)
+    eleven = {**TWILIO_SMS, "NumMedia": "11", **{f"MediaUrl{n}": f"https://cdn.example/{n}.jpg" for n in range(11)}}
+    [message] = make_adapter("twilio").parse(form(eleven))
+    assert len(message.media) == twilio.MEDIA_PER_MESSAGE  # Twilio sends at most ten
+
+
+HMAC_VALUES = {"GENERIC_SIGNATURE_SCHEME": "hmac", "GENERIC_WEBHOOK_SECRET": "dev-only-plain-secret"}
+
+
+def test_generic_hmac_scheme_takes_no_dedupe_key_from_the_unsigned_webhook_id_header():
+    """Under `hmac` only the body is signed: a replay with a new webhook-id header would be a new message."""
+    request = post({"user": {"id": "u-1"}, "text": "hi"}, **{"webhook-id": "msg_9"})
+    with pytest.raises(BadPayload, match="an id in the signed body"):
+        make_adapter("generic", HMAC_VALUES).parse(request)
+    [message] = make_adapter("generic", HMAC_VALUES).parse(post({"id": "m-7", "user": {"id": "u-1"}, "text": "hi"},
+                                                                **{"webhook-id": "msg_9"}))
+    assert message.message_id == "m-7"
+
+
+def test_whatsapp_messages_sent_before_the_dedupe_memory_are_acknowledged_but_not_relayed(caplog):
+    """A replay after the dedupe rows were swept (7 days) would be new again: its signed timestamp gives it away."""
+    retention = DEDUPE_RETENTION.total_seconds()
+    body = whatsapp_body({"contacts": [{"profile": {"name": "Zoë"}, "wa_id": "447700900001"}], "messages": [
+        {"from": "447700900001", "id": "wamid.OLD", "timestamp": str(WHATSAPP_SENT_AT), "type": "text",
+         "text": {"body": "a week and a minute ago"}},
+        {"from": "447700900001", "id": "wamid.NEW", "timestamp": str(WHATSAPP_SENT_AT + 120), "type": "text",
+         "text": {"body": "a week less a minute ago"}}]})
+    with caplog.at_level("WARNING", logger="relay.channels.whatsapp"):
+        messages = whatsapp_adapter(now=WHATSAPP_SENT_AT + retention + 60).parse(post(body))
+    assert [m.message_id for m in messages] == ["wamid.NEW"]
+    assert "wamid.OLD" in caplog.text and "not relayed" in caplog.text
+
+
+@pytest.mark.parametrize("timestamp", ["9" * 400, "-5", "1.5e9", "\u0661\u0667\u0661\u0667" + "\u0660" * 6,
+                                       ["1717000000"], True])
+def test_a_whatsapp_timestamp_that_is_not_unix_seconds_is_a_bad_payload(timestamp):
+    body = whatsapp_body({"messages": [{"from": "1555", "id": "wamid.T", "timestamp": timestamp, "type": "text",
+                                        "text": {"body": "when?"}}]})
+    with pytest.raises(BadPayload, match="timestamp"):
+        whatsapp_adapter().parse(post(body))
+
+
+# -- Strings that UTF-8 cannot carry, and values of the wrong kind (issue 13) ---------------------
+
+def test_lone_surrogates_in_signed_json_become_replacement_characters():
+    """"\\ud800" is valid JSON but no UTF-8: storage and Direct Line could not take it. U+FFFD, as a decoder
+    shows a broken sequence: the message arrives instead of failing later."""
+    body = (b'{"id": "m-\\ud800", "user": {"id": "u-\\udfff", "name": "Zo\\ud83d"},'
+            b' "text": "cut \\ud83d here \\ud83d\\ude00"}')
+    [message] = make_adapter("generic").parse(post(body))
+    assert (message.message_id, message.user_id, message.user_name) == ("m-\ufffd", "u-\ufffd", "Zo\ufffd")
+    assert message.text == "cut \ufffd here 😀"
+    assert json.dumps(message.raw, ensure_ascii=False).encode()  # now writable as UTF-8
+
+
+@pytest.mark.parametrize(("provider", "body"), [
+    ("generic", {"id": ["m-1"], "user": {"id": "u-1"}, "text": "list id"}),
+    ("generic", {"id": "m-1", "user": {"id": {"nested": 1}}, "text": "object user"}),
+    ("generic", {"id": "m-1", "user": {"id": "u-1", "name": 42}, "text": "number name"}),
+    ("generic", {"id": "m-1", "user": {"id": "u-1"}, "text": "t", "locale": ["en"]}),
+    ("generic", {"id": "m-1", "user": {"id": "u-1"}, "text": "t", "media": [{"url": 7}]}),
+    ("generic", {"id": True, "user": {"id": "u-1"}, "text": "bool id"}),
+    ("whatsapp", whatsapp_body({"messages": [{"from": "1555", "id": 12, "type": "text", "text": {"body": "x"}}]})),
+    ("whatsapp", whatsapp_body({"contacts": [{"wa_id": "1555", "profile": {"name": ["Zoë"]}}], "messages": [
+        {"from": "1555", "id": "wamid.N", "type": "text", "text": {"body": "x"}}]})),
+    ("bird", bird_body({"type": "text", "text": {"text": "x"}}, id={"uuid": "4a8f"})),
+    ("bird", bird_body({"type": "image", "image": {"images": [{"mediaUrl": ["https://media.bird.com/a.jpg"]}]}})),
+    ("messagebird", messagebird_body({"type": "text", "content": {"text": "x"}, "id": ["6c9f"]})),
+    ("messagebird", messagebird_body({"type": "text", "content": {"text": "x"}},
+                                     contact={"id": "c1", "displayName": {"first": "Renée"}})),
+])
+def test_values_of_the_wrong_kind_are_a_bad_payload(provider, body):
+    adapter = whatsapp_adapter() if provider == "whatsapp" else make_adapter(provider)
+    with pytest.raises(BadPayload):
+        adapter.parse(post(body))
+
+
+def test_numeric_ids_are_read_as_their_digits():
+    [message] = make_adapter("messagebird").parse(post(messagebird_body(
+        {"type": "text", "content": {"text": "x"}, "id": 6123, "from": 31600000001})))
+    assert (message.message_id, message.user_id) == ("6123", "31600000001")

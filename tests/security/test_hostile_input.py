@@ -1,23 +1,33 @@
 """Hostile input against every HTTP function through the local host, property-based (hypothesis).
 
 Whatever arrives (random, truncated or invalid UTF-8 bodies, deep or huge JSON, wrong content
-types, missing, garbage or repeated headers, odd route values), the answer comes, is never a 500,
+types, missing, garbage or repeated headers, odd route values; signed or not: escaped lone
+surrogates, 400-digit numbers and numeric strings, lists and objects where strings belong, JWT
+headers and timestamps of any shape, forms of too many fields), the answer comes, is never a 500,
 and every refusal is the JSON error shape with a status that says whose mistake it was.
 Fixed seed (derandomize) and a bounded number of examples, so CI runs the same cases every time.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import http.client
 import itertools
 import json
 import string
+import uuid
 from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devstack.channels import DEV_VALUES
+from devstack.procs import wait_until
+from relay.channels import bird, generic, messagebird
+from relay.store.conversations import ConversationKey
 from tests.security.conftest import ALLOWED_ORIGIN, PROVIDERS, sign
 
 HOSTILE = settings(max_examples=25, derandomize=True, deadline=None, database=None,
@@ -28,8 +38,12 @@ CONTENT_TYPES = ["application/json", "application/x-www-form-urlencoded", "text/
                  "multipart/form-data; boundary=xyz", "application/json; charset=utf-16", "", "*/*",
                  "application/octet-stream"]
 
+LONE_SURROGATES = st.sampled_from(["\ud800", "\udfff", "a\ud83d", "\ude00b"])  # json.dumps writes "\\ud800"
+HUGE_NUMBERS = st.integers(300, 500).map(lambda digits: "9" * digits)
+hostile_scalars = (st.none() | st.booleans() | st.integers() | st.integers(10**300, 10**400)
+                   | st.floats(allow_nan=False) | st.text(max_size=20) | LONE_SURROGATES | HUGE_NUMBERS)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    hostile_scalars,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=20,
 )
@@ -46,7 +60,7 @@ def shaped_like(provider: str):
             "generic": ["type", "id", "user", "text", "media", "messages", "url", "locale", "name"],
             "twilio": ["From", "Body", "MessageSid", "NumMedia", "MediaUrl0", "To"]}[provider]
     return st.recursive(
-        st.none() | st.booleans() | st.integers() | st.text(max_size=12) | st.sampled_from(keys),
+        hostile_scalars | st.sampled_from(keys),
         lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(keys), children,
                                                                            max_size=5),
         max_leaves=25,
@@ -99,9 +113,11 @@ def test_signed_garbage_is_a_bad_payload_never_a_crash(exposed_relay, provider):
     """Someone holding the key (or a provider's bug) sends validly signed nonsense: 400, or 200 for nothing."""
     url = f"{exposed_relay.public_url}/api/channels/{provider}"
     if provider == "twilio":
+        sids = st.sampled_from(["SM" + "0" * 32, "MM" + "f" * 32, "SM" + "0" * 32 + "NumMedia0"])
+        values = st.text(max_size=20) | sids | HUGE_NUMBERS | st.sampled_from(["100000000", "-1", "1e9"])
         bodies = st.dictionaries(st.sampled_from(["From", "Body", "MessageSid", "NumMedia", "MediaUrl0", "To",
-                                                  "MediaContentType0", "AccountSid"]),
-                                 st.text(max_size=20), max_size=6).map(
+                                                  "MediaContentType0", "AccountSid", "SmsSid"]),
+                                 values, max_size=7).map(
             lambda form: "&".join(f"{quote(k)}={quote(v)}" for k, v in form.items()).encode())
     else:
         bodies = st.one_of(shaped_like(provider), hostile_bodies())
@@ -116,6 +132,92 @@ def test_signed_garbage_is_a_bad_payload_never_a_crash(exposed_relay, provider):
             assert_json_error(response, {400, 413})
 
     check()
+
+
+header_text = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=255, blacklist_characters="\x7f"),
+                      max_size=30).map(str.strip)
+timestamps = st.one_of(HUGE_NUMBERS, st.integers(-10**20, 10**20).map(str), st.floats().map(str), header_text)
+
+
+@pytest.mark.parametrize("provider", ["bird", "messagebird", "generic"])
+def test_a_signed_timestamp_of_any_shape_is_refused_never_a_500(exposed_relay, provider):
+    """The key holder signs whatever timestamp it likes (a 400-digit one once crashed all three): 401."""
+    url = f"{exposed_relay.public_url}/api/channels/{provider}"
+    body = b"{}"
+
+    @HOSTILE
+    @given(stamp=timestamps)
+    def check(stamp):
+        if provider == "bird":
+            signature = bird.compute_signature(DEV_VALUES["BIRD_SIGNING_KEY"], stamp, url, body)
+            headers = {"messagebird-request-timestamp": stamp, "messagebird-signature": signature}
+        elif provider == "messagebird":  # the legacy scheme: the JWT one has no timestamp header
+            signature = messagebird.compute_legacy_signature(DEV_VALUES["MESSAGEBIRD_SIGNING_KEY"], stamp, "", body)
+            headers = {"MessageBird-Request-Timestamp": stamp, "MessageBird-Signature": signature}
+        else:
+            key = generic.secret_key(DEV_VALUES["GENERIC_WEBHOOK_SECRET"])
+            headers = {"webhook-id": "msg_1", "webhook-timestamp": stamp,
+                       "webhook-signature": generic.standard_signature(key, "msg_1", stamp, body)}
+        response = exposed_relay.request("POST", f"/api/channels/{provider}", data=body,
+                                         headers={"Content-Type": "application/json", **headers})
+        assert_json_error(response, {400, 401})  # 400 only if the stamp happened to be a time inside the window
+
+    check()
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+not_strings = st.lists(json_values, max_size=3) | st.dictionaries(st.text(max_size=5), json_values, max_size=3) \
+    | st.integers() | st.booleans() | st.none()
+
+
+@HOSTILE
+@given(header=st.fixed_dictionaries({"alg": not_strings | st.just("HS256") | LONE_SURROGATES},
+                                    optional={"typ": json_values, "kid": json_values}),
+       claims=st.dictionaries(st.sampled_from(["iss", "exp", "nbf", "iat", "url_hash", "payload_hash"]),
+                              json_values, max_size=6))
+def test_a_messagebird_jwt_of_any_shape_signed_with_the_key_is_refused_never_a_500(exposed_relay, header, claims):
+    """`alg` as a list or an object once crashed the verifier: any header or claims of the wrong kind is a 401."""
+    parts = [b64url(json.dumps(part).encode()) for part in (header, claims)]
+    key = DEV_VALUES["MESSAGEBIRD_SIGNING_KEY"].encode()
+    token = ".".join([*parts, b64url(hmac.new(key, ".".join(parts).encode(), hashlib.sha256).digest())])
+    response = exposed_relay.request("POST", "/api/channels/messagebird", data=b"{}",
+                                     headers={"Content-Type": "application/json", "MessageBird-Signature-JWT": token})
+    assert_json_error(response, {401})
+
+
+def test_a_form_of_too_many_fields_is_refused_with_413_signed_or_not(exposed_relay):
+    url = f"{exposed_relay.public_url}/api/channels/twilio"
+    huge = b"&".join(b"a%d=" % n for n in range(160_000))[:1_000_000]
+    signed_form = "&".join(f"F{n}=x" for n in range(1000)).encode()
+    for body, headers in ((huge, {"X-Twilio-Signature": "forged"}), (signed_form, sign("twilio", signed_form, url))):
+        response = exposed_relay.request("POST", "/api/channels/twilio", data=body, headers={
+            "Content-Type": "application/x-www-form-urlencoded", **headers})
+        assert_json_error(response, {413})
+        assert "fields" in response.json()["error"]["message"]
+
+
+def test_signed_lone_surrogates_reach_the_bot_as_replacement_characters(exposed_relay):
+    """"\\ud800" is valid JSON that UTF-8 (so storage and Direct Line) cannot carry: U+FFFD instead, never a 500."""
+    url = f"{exposed_relay.public_url}/api/channels/generic"
+    body = b'{"id": "m-\\ud800-' + uuid.uuid4().hex.encode() + b'", "user": {"id": "+1555031\\udfff",' \
+        b' "name": "Zo\\ud83d"}, "text": "cut \\ud83d here"}'
+    response = exposed_relay.request("POST", "/api/channels/generic", data=body,
+                                     headers={"Content-Type": "application/json", **sign("generic", body, url)})
+    assert response.status_code == 200, response.text
+    key = ConversationKey("generic", "+1555031\ufffd")
+
+    def posted() -> bool:
+        record = exposed_relay.store.conversations.get_record(key)
+        return bool(record and record.conversation_id) and not exposed_relay.store.outbox.list_messages(key)
+
+    wait_until(posted, timeout=20, what="the message to be posted")
+    conversation = exposed_relay.store.conversations.get_record(key).conversation_id
+    texts = [a.get("text") for a in exposed_relay.emulator.conversation(conversation)["activities"]
+             if a.get("type") == "message" and a["from"].get("role") != "bot"]
+    assert texts == ["cut \ufffd here"]
 
 
 @HOSTILE

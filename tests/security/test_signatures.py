@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from urllib.parse import parse_qsl, urlencode
 
 import pytest
 
 from devstack.procs import wait_until
 from relay.store.conversations import ConversationKey
+from relay.store.sweep import DEDUPE_RETENTION
 from tests.security.conftest import PROVIDERS
 
 TIMESTAMPED = ("messagebird", "bird", "generic")  # the schemes that sign a time (window: 300 s by default)
@@ -54,6 +56,49 @@ def test_a_replay_of_an_untimed_signature_is_deduplicated(exposed_relay, provide
     texts = [a.get("text") for a in exposed_relay.emulator.conversation(conversation_id)["activities"]
              if a.get("type") == "message" and a["from"].get("role") != "bot"]
     assert texts == ["once only"]
+
+
+def bot_saw(relay, provider: str, user: str) -> list[str]:
+    """The user's texts in the bot's conversation, once nothing waits in the outbox."""
+    key = ConversationKey(provider, user)
+    wait_until(lambda: not relay.store.outbox.list_messages(key), timeout=20, what="the outbox to empty")
+    conversation_id = relay.store.conversations.get_record(key).conversation_id
+    return [a.get("text") for a in relay.emulator.conversation(conversation_id)["activities"]
+            if a.get("type") == "message" and a["from"].get("role") != "bot"]
+
+
+def test_a_twilio_replay_with_parameters_folded_into_its_message_sid_is_refused(exposed_relay):
+    """Twilio signs names and values run together: `MessageSid=SM…` `NumMedia=0` signs as `MessageSid=SM…NumMedia0`.
+    Such a replay carries a new dedupe key under the original signature; it is a 400, and the bot hears once."""
+    user = "+15550440001"
+    hook = exposed_relay.webhook("twilio", user, "fold me")
+    assert exposed_relay.deliver(hook).status_code == 200
+    params = dict(parse_qsl(hook.body.decode(), keep_blank_values=True))
+    names = sorted(params)
+    refused = []
+    for folded_count in (1, 2, 3):  # MessageSid swallows the next one, two, three parameters
+        swallowed = names[names.index("MessageSid") + 1:names.index("MessageSid") + 1 + folded_count]
+        folded = {k: v for k, v in params.items() if k not in swallowed}
+        folded["MessageSid"] = params["MessageSid"] + "".join(name + params[name] for name in swallowed)
+        replay = exposed_relay.request("POST", "/api/channels/twilio", data=urlencode(folded), headers=hook.headers)
+        refused.append((replay.status_code, replay.json()["error"]["code"]))
+    assert refused == [(400, "BadPayload")] * 3
+    assert bot_saw(exposed_relay, "twilio", user) == ["fold me"]
+
+
+def test_a_whatsapp_webhook_older_than_the_dedupe_memory_is_acknowledged_and_not_relayed(exposed_relay):
+    """Its dedupe row may have been swept: relayed, a replay would reach the bot again. 200, so Meta stops."""
+    user = "15550450001"
+    old = exposed_relay.webhook("whatsapp", user, "eight days late",
+                                now=time.time() - DEDUPE_RETENTION.total_seconds() - 86400)
+    response = exposed_relay.deliver(old)
+    assert response.status_code == 200, response.text
+    assert nothing_stored(exposed_relay, "whatsapp", user)
+    assert "eight days" not in exposed_relay.log_path.read_text()  # logged by id, never by text
+    assert old.message_id in exposed_relay.log_path.read_text()
+    fresh = exposed_relay.webhook("whatsapp", user, "in time", now=time.time() - 3600)
+    assert exposed_relay.deliver(fresh).status_code == 200
+    assert bot_saw(exposed_relay, "whatsapp", user) == ["in time"]
 
 
 @pytest.mark.parametrize("signed_for", PROVIDERS)
