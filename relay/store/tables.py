@@ -59,8 +59,10 @@ _CLIENT_OPTIONS = {"retry_total": 2}
 _TRANSPORT_OPTIONS = {"connection_timeout": 5, "read_timeout": 10}
 _CONNECTION_POOL_SIZE = 64  # as many as the poller's workers (requests keeps only 10 by default)
 
-UPDATE_ATTEMPTS = 5
-"""Conditional writes tried before an update gives up with ConcurrencyConflict."""
+UPDATE_ATTEMPTS = 8
+"""Conditional writes tried before an update gives up with ConcurrencyConflict: enough for a handful of
+writers of one row (the worker, a webhook's burst, the sweep) on a slow machine; at most about 2.5 s of
+pauses in all (pause_after_conflict)."""
 BATCH_LIMIT = 100  # operations in one entity-group transaction
 _PAGE = 1000  # entities in one query page (the service's maximum)
 _MAX_STRING = 30_000  # characters per string property (Table Storage allows 64 KiB of UTF-16)
@@ -297,7 +299,7 @@ class Table:
 
 def pause_after_conflict(clock: Clock, attempt: int) -> None:
     """A short random pause on `clock` so writers that collided do not collide again in lockstep."""
-    clock.sleep(clock.uniform(0, 0.01 * 2**attempt))
+    clock.sleep(clock.uniform(0, min(1.0, 0.01 * 2**attempt)))
 
 
 class Budget:
