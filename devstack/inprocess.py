@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.client import RemoteDisconnected
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 from urllib.parse import urlsplit
 
 import requests
@@ -33,7 +33,7 @@ from requests.utils import get_encoding_from_headers
 from urllib3 import HTTPResponse
 from urllib3.exceptions import ProtocolError
 
-__all__ = ["Answer", "ConnectionDropped", "Headers", "InProcessTransport", "Responder"]
+__all__ = ["Answer", "ConnectionDropped", "Headers", "InProcessServer", "InProcessTransport", "Responder"]
 
 
 class Headers(Protocol):
@@ -108,6 +108,29 @@ class InProcessTransport(BaseAdapter):
         if not stream:
             _ = response.content  # read now, as requests does for a response that is not streamed
         return response
+
+
+class InProcessServer:
+    """A server's core answering at `url` in this process: `transport` is what a `requests.Session` mounts,
+    `http` a session with it mounted. The admin helpers of the emulator and the simulator call through `http`."""
+
+    def __init__(self, url: str, responder: Responder):
+        self.url = url.rstrip("/")
+        self.transport = InProcessTransport(responder)
+        self.http = requests.Session()
+        self.http.mount(f"{self.url}/", self.transport)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, url: str, *, timeout: float, **options: Any) -> requests.Response:
+        return self.http.request(method, url, timeout=timeout, **options)
+
+    def close(self) -> None:
+        self.http.close()
 
 
 def _body_bytes(body: object) -> bytes:

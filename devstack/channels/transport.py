@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
-
-import requests
 
 from devstack.channels import SimulatorAdmin, load_values
 from devstack.channels.server import State, respond
-from devstack.inprocess import InProcessTransport
+from devstack.inprocess import InProcessServer
 
 __all__ = ["DEFAULT_URL", "InProcessSimulator"]
 
@@ -28,30 +25,16 @@ DEFAULT_URL = "http://providers.invalid"
 """Where an in-process simulator answers: `.invalid` never resolves, so a request that misses it fails at once."""
 
 
-class InProcessSimulator(SimulatorAdmin):
+class InProcessSimulator(InProcessServer, SimulatorAdmin):
     """A simulator core and the transport that serves it at `url`; `http` is a session with it mounted
     (give it to the adapters as their `session`)."""
 
     def __init__(self, *, values: Mapping[str, str] | None = None, url: str = DEFAULT_URL,
                  relay_url: str = "http://127.0.0.1:7071"):
-        self.url = url.rstrip("/")
         self.state = State(load_values(environ={}, overrides=values), relay_url.rstrip("/"))
+        super().__init__(url, functools.partial(respond, self.state))
         self.state.base_url = self.url  # the media URLs it hands out point here
-        self.transport = InProcessTransport(functools.partial(respond, self.state))
-        self.http = requests.Session()
-        self.http.mount(f"{self.url}/", self.transport)
 
     def __repr__(self) -> str:
         return f"InProcessSimulator(url={self.url!r})"
 
-    def __enter__(self) -> InProcessSimulator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _request(self, method: str, url: str, *, timeout: float, **options: Any) -> requests.Response:
-        return self.http.request(method, url, timeout=timeout, **options)
-
-    def close(self) -> None:
-        self.http.close()

@@ -17,11 +17,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import requests
-
 from devstack.directline import EmulatorAdmin
 from devstack.directline.server import ADMIN, API, Emulator, Faults, Options, respond
-from devstack.inprocess import InProcessTransport
+from devstack.inprocess import InProcessServer
 
 __all__ = ["DEFAULT_URL", "InProcessEmulator"]
 
@@ -29,7 +27,7 @@ DEFAULT_URL = "http://directline.invalid"
 """Where an in-process emulator answers: `.invalid` never resolves, so a request that misses it fails at once."""
 
 
-class InProcessEmulator(EmulatorAdmin):
+class InProcessEmulator(InProcessServer, EmulatorAdmin):
     """An emulator core and the transport that serves it at `url` (base_url, admin_url as on DirectLineEmulator).
 
     `options` are `server.Options` fields (token_ttl, echo, page_size, late_reply_seconds, seed...);
@@ -37,28 +35,16 @@ class InProcessEmulator(EmulatorAdmin):
 
     def __init__(self, *, secret: str, url: str = DEFAULT_URL, faults: Faults | None = None, **options: Any):
         self.secret = secret
-        self.url = url.rstrip("/")
+        self.core = Emulator(Options(secret=secret, port=0, **options), faults)
+        super().__init__(url, functools.partial(respond, self.core))
         self.base_url = f"{self.url}{API}"
         self.admin_url = f"{self.url}{ADMIN}"
-        self.core = Emulator(Options(secret=secret, port=0, **options), faults)
         self.core.root_url = self.url  # contentUrls and stream URLs point here
-        self.transport = InProcessTransport(functools.partial(respond, self.core))
-        self.http = requests.Session()
-        self.http.mount(f"{self.url}/", self.transport)
 
     def __repr__(self) -> str:
         return f"InProcessEmulator(base_url={self.base_url!r})"
 
-    def __enter__(self) -> InProcessEmulator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _request(self, method: str, url: str, *, timeout: float, **options: Any) -> requests.Response:
-        return self.http.request(method, url, timeout=timeout, **options)
-
     def close(self) -> None:
         """Cancel the echo bot's pending late replies and close the session."""
         self.core.close()
-        self.http.close()
+        super().close()

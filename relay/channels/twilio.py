@@ -44,7 +44,7 @@ from relay.channels.common import (
 )
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
 
-__all__ = ["TwilioAdapter", "compute_signature"]
+__all__ = ["MEDIA_PER_MESSAGE", "MESSAGE_SID", "TwilioAdapter", "compute_signature"]
 
 TEXT_LIMIT = 1600
 MEDIA_PER_MESSAGE = 10
