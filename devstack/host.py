@@ -48,6 +48,18 @@ from devstack.http_server import LocalHTTPServer
 
 log = logging.getLogger("devstack.host")
 
+MAX_REQUEST_BODY_BYTES = 104_857_600
+"""The Functions host's request body limit (100 MB, FUNCTIONS_REQUEST_BODY_SIZE_LIMIT's default): 413 above."""
+
+
+class _Refused(Exception):
+    """A request the host answers itself, before any function runs."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
 _CONSTRAINTS = {
     "int": r"-?\d+",
     "long": r"-?\d+",
@@ -268,10 +280,14 @@ class FunctionsHost:
             protocol_version = "HTTP/1.1"
 
             def _any(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                url = f"http://{self.headers.get('Host') or f'{host}:{port}'}{self.path}"
-                status, headers, payload = owner.handle_http(self.command, url, dict(self.headers.items()), body)
+                try:
+                    body = self._body()
+                except _Refused as refusal:
+                    status, headers, payload = refusal.status, {"Content-Type": "text/plain"}, refusal.reason.encode()
+                    self.close_connection = True
+                else:
+                    url = f"http://{self.headers.get('Host') or f'{host}:{port}'}{self.path}"
+                    status, headers, payload = owner.handle_http(self.command, url, dict(self.headers.items()), body)
                 self.send_response(status)
                 for name, value in headers.items():
                     if name.lower() not in ("content-length", "connection", "transfer-encoding"):
@@ -280,6 +296,33 @@ class FunctionsHost:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(payload)
+
+            def _body(self) -> bytes:
+                """The request body, as the Functions host reads it: by Content-Length or chunked, at most
+                MAX_REQUEST_BODY_BYTES (413), a malformed length 400."""
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    chunks: list[bytes] = []
+                    size = 0
+                    while True:
+                        line = self.rfile.readline(1024).split(b";")[0].strip()
+                        try:
+                            length = int(line, 16)
+                        except ValueError:
+                            raise _Refused(400, "malformed chunk size") from None
+                        if length == 0:
+                            self.rfile.readline(1024)
+                            return b"".join(chunks)
+                        size += length
+                        if size > MAX_REQUEST_BODY_BYTES:
+                            raise _Refused(413, "request body too large")
+                        chunks.append(self.rfile.read(length))
+                        self.rfile.readline(1024)
+                declared = (self.headers.get("Content-Length") or "0").strip()
+                if not declared.isdigit():
+                    raise _Refused(400, "malformed Content-Length")
+                if int(declared) > MAX_REQUEST_BODY_BYTES:
+                    raise _Refused(413, "request body too large")
+                return self.rfile.read(int(declared)) if int(declared) else b""
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _any
 

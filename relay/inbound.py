@@ -16,8 +16,10 @@ prompt bot does not wait for the timer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from relay.activities import build_inbound_activity, directline_user_id
 from relay.channels.base import ChannelAdapter, InboundMessage, WebhookAnswer, WebhookRequest
@@ -27,13 +29,16 @@ from relay.store.conversations import ConversationKey
 from relay.store.due_polls import InboundMark
 from relay.store.outbox import InboundState
 
-__all__ = ["accept_message", "handle_webhook", "parse_messages", "relay_all", "relay_now"]
+__all__ = ["accept_all", "accept_message", "handle_webhook", "parse_messages", "relay_all", "relay_now"]
 
 log = logging.getLogger(__name__)
 
 LEASE_WAIT_STEP = 0.2
 BURST_WORKERS = 8
-"""Users of one webhook worked side by side (a WhatsApp or Bird webhook may carry several)."""
+"""Users of one webhook stored and worked side by side (a WhatsApp or Bird webhook may carry several)."""
+RELAY_START_SECONDS = 2.0
+"""After this long (or the burst, if longer) a webhook starts relaying no further user: the poller does."""
+T = TypeVar("T")
 
 
 def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> WebhookAnswer:
@@ -46,16 +51,11 @@ def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> 
         raise MethodNotAllowed(f"{request.method} is not accepted here: providers POST their webhooks")
     adapter.verify(request)
     messages = parse_messages(adapter, channel, request)
-    to_work: dict[ConversationKey, list[InboundMark]] = {}
-    for message in messages:
-        key = ConversationKey(channel, message.user_id)
-        mark = accept_message(ctx, key, message)
-        if mark is not None:
-            to_work.setdefault(key, []).append(mark)
-    burst = ctx.settings.relay.burst_poll_seconds
     started = ctx.clock.monotonic()
+    to_work = accept_all(ctx, channel, messages)
+    burst = ctx.settings.relay.burst_poll_seconds
     relay_all(ctx, to_work, burst_until=ctx.clock.now() + timedelta(seconds=burst), poll=burst > 0)
-    log.info("webhook %s: %d message(s) of %d user(s) new, relayed in %.0f ms", channel, len(messages),
+    log.info("webhook %s: %d message(s) of %d user(s) new, stored and relayed in %.0f ms", channel, len(messages),
              len(to_work), (ctx.clock.monotonic() - started) * 1000)
     return adapter.acknowledgement()
 
@@ -77,13 +77,15 @@ def parse_messages(adapter: ChannelAdapter, channel: str, request: WebhookReques
     return messages
 
 
-def accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMessage) -> InboundMark | None:
-    """Store one message (StoreError when storage is down: nothing is acknowledged then).
+def accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMessage, *,
+                   now: datetime | None = None) -> InboundMark | None:
+    """Store one message as received at `now` (the clock's by default; the outbox is in this order), or
+    StoreError when storage is down: nothing is acknowledged then.
 
     Its inbound row when it waits to be posted; None for a duplicate that was already handled.
     Every write appends or upserts a row of this message's own, so none can conflict with another
     message's."""
-    now = ctx.clock.now()
+    now = now or ctx.clock.now()
     # The inbound row first: an outbox entry must never exist without a row the poller will find.
     mark = ctx.store.due_polls.mark_inbound(key, message.message_id, now=now)
     activity = build_inbound_activity(message, channel=key.channel,
@@ -97,17 +99,52 @@ def accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMess
     return None
 
 
+def accept_all(ctx: RelayContext, channel: str,
+               messages: list[InboundMessage]) -> dict[ConversationKey, list[InboundMark]]:
+    """Store every message of one webhook (StoreError if any could not be: the provider retries them all,
+    and the stored ones are then duplicates). Users side by side, each user's messages in their order;
+    the inbound marks of the new ones by user."""
+    by_user: dict[ConversationKey, list[InboundMessage]] = {}
+    for message in messages:
+        by_user.setdefault(ConversationKey(channel, message.user_id), []).append(message)
+
+    def accept_in_order(key: ConversationKey) -> list[InboundMark]:
+        marks, previous = [], None
+        for message in by_user[key]:
+            # A millisecond apart at least: the outbox orders by the time of receipt, in milliseconds.
+            now = ctx.clock.now() if previous is None else max(ctx.clock.now(), previous + timedelta(milliseconds=1))
+            mark = accept_message(ctx, key, message, now=now)
+            if mark is not None:
+                marks.append(mark)
+            previous = now
+        return marks
+
+    marks = _side_by_side(accept_in_order, list(by_user))
+    return {key: user_marks for key, user_marks in zip(by_user, marks, strict=True) if user_marks}
+
+
 def relay_all(ctx: RelayContext, to_work: dict[ConversationKey, list[InboundMark]], *, burst_until: datetime,
               poll: bool) -> None:
-    """relay_now for every user of one webhook, side by side, all within the one burst that ends at `burst_until`."""
-    if len(to_work) <= 1:
-        for key, marks in to_work.items():
-            relay_now(ctx, key, marks, burst_until=burst_until, poll=poll)
-        return
-    with ThreadPoolExecutor(max_workers=min(len(to_work), BURST_WORKERS), thread_name_prefix="burst") as pool:
-        for _ in pool.map(lambda item: relay_now(ctx, item[0], item[1], burst_until=burst_until, poll=poll),
-                          to_work.items()):
-            pass
+    """relay_now for every user of one webhook, side by side, within the one burst that ends at `burst_until`.
+
+    A user whose turn comes after RELAY_START_SECONDS (or the burst, if longer) is left to the poller (its
+    inbound rows keep it due): however many users a webhook carries, its answer does not wait for them all."""
+    start_by = max(burst_until, ctx.clock.now() + timedelta(seconds=RELAY_START_SECONDS))
+
+    def relay(key: ConversationKey) -> None:
+        if ctx.clock.now() < start_by:
+            relay_now(ctx, key, to_work[key], burst_until=burst_until, poll=poll)
+
+    _side_by_side(relay, list(to_work))
+
+
+def _side_by_side(work: Callable[[ConversationKey], T], keys: list[ConversationKey]) -> list[T]:
+    """`work` for each key, BURST_WORKERS at a time (in this thread for a single key); results in key order.
+    The first exception is raised, after the work already started has finished."""
+    if len(keys) <= 1:
+        return [work(key) for key in keys]
+    with ThreadPoolExecutor(max_workers=min(len(keys), BURST_WORKERS), thread_name_prefix="burst") as pool:
+        return list(pool.map(work, keys))
 
 
 def relay_now(ctx: RelayContext, key: ConversationKey, marks: list[InboundMark], *, burst_until: datetime,

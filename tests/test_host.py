@@ -36,6 +36,21 @@ def test_route_parameters_query_headers_and_body_reach_the_function(sample):
                                "query": {"color": "red", "empty": ""}, "body": "payload ✓", "header": "yes"}
 
 
+def test_a_chunked_body_reaches_the_function_whole(sample):
+    chunks = iter([b"pay", b"load ", "\u2713".encode()])
+    response = requests.post(f"{sample.url}/api/items/42/widget", data=chunks, timeout=10)  # chunked: no length
+    assert response.status_code == 200 and response.json()["body"] == "payload \u2713"
+
+
+@pytest.mark.parametrize(("length", "status"), [("abc", 400), ("-5", 400), (str(100 * 2**20 + 1), 413),
+                                                ("9" * 20, 413)])
+def test_a_malformed_or_too_large_content_length_is_answered_before_any_body_is_read(sample, length, status):
+    with socket.create_connection(("127.0.0.1", sample.port), timeout=10) as conn:
+        conn.sendall(f"POST /api/items/1/x HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+        answer = conn.recv(4096)
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:80]
+
+
 def test_optional_route_parameter_may_be_absent(sample):
     response = requests.get(f"{sample.url}/api/items/7", timeout=10)
     assert response.status_code == 200

@@ -328,8 +328,14 @@ def media_file_name(stem: str, content_type: str) -> str:
     return stem + (mimetypes.guess_extension(content_type or "") or "")
 
 
+_NUMBER = re.compile(r"\+?\d(?:[\d\s().-]{5,}\d)")
+"""A run of 7 or more digits, maybe with separators: what a phone number looks like in a provider's error."""
+
+
 def _detail(response: requests.Response) -> str:
-    text = " ".join(response.text.split())
+    """The provider's error, for logs and dead letters: 300 characters at most, numbers of 7 digits or more
+    (a recipient's phone number) masked; error codes such as Twilio's 21211 stay."""
+    text = _NUMBER.sub("[number]", " ".join(response.text.split()))
     return (text[:300] + "...") if len(text) > 300 else (text or response.reason or "no details")
 
 

@@ -4,9 +4,13 @@ suggested actions, and provider errors (4xx permanent, 429/5xx/connection transi
 from __future__ import annotations
 
 import pytest
+import requests
 
+from devstack.inprocess import Answer, InProcessTransport
 from devstack.procs import free_port
 from relay.channels.base import Media, OutboundMessage
+from relay.channels.common import call_provider
+from relay.clock import SYSTEM_CLOCK
 from relay.errors import ProviderRejected, ProviderUnavailable
 from tests.channels.conftest import make_adapter
 
@@ -128,3 +132,16 @@ def test_an_unreachable_provider_is_transient():
     nowhere = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ProviderUnavailable, match="unreachable"):
         make_adapter("twilio", {"TWILIO_API_BASE": nowhere}).send(CONTEXTS["twilio"][1], OutboundMessage(text="x"))
+
+
+def test_a_providers_error_naming_the_recipients_number_is_kept_without_the_number():
+    """The error text goes to the log and the dead letter: Twilio's 21211 names the number it refused."""
+    twilio_error = (b'{"code": 21211, "message": "The \'To\' number +15559822325 is not a valid phone number.",'
+                    b' "more_info": "https://www.twilio.com/docs/errors/21211", "status": 400}')
+    session = requests.Session()
+    session.mount("http://twilio.invalid/", InProcessTransport(lambda method, target, headers, body: Answer(
+        400, {"Content-Type": "application/json"}, twilio_error)))
+    with pytest.raises(ProviderRejected) as refused:
+        call_provider(session, "twilio", "POST", "http://twilio.invalid/Messages.json", clock=SYSTEM_CLOCK)
+    assert "15559822325" not in str(refused.value) and "[number]" in str(refused.value)
+    assert "21211" in str(refused.value)  # the error code stays: it says what went wrong

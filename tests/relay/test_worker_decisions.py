@@ -14,6 +14,8 @@ from datetime import timedelta
 import pytest
 
 from relay.activities import directline_user_id
+from relay.channels.base import InboundMessage
+from relay.inbound import accept_all
 from relay.store.conversations import ConversationKey, ConversationState
 from tests.relay.conftest import InProcessRelay
 
@@ -364,3 +366,21 @@ def test_a_message_direct_line_did_not_confirm_reaches_the_bot_exactly_once(inpr
     assert relay.messages_at_bot(record.conversation_id) == ["hello"]
     assert relay.replies(key) == ["You said: hello"]
     assert relay.store.outbox.list_messages(key) == []
+
+
+# --------------------------------------------------------------------------------- one webhook, many
+
+
+def test_the_messages_of_one_user_in_one_webhook_wait_and_reach_the_bot_in_their_order(inprocess_relay):
+    """The clock stands still, as when a webhook's messages are stored within one millisecond: each still
+    goes into the outbox after the one before it (it orders by time of receipt, then by a key's hash)."""
+    relay = inprocess_relay()
+    texts = [f"part {n}" for n in range(8)]
+    messages = [InboundMessage(f"msg_{n}", "user-order", text, reply_context={"user": "user-order"})
+                for n, text in enumerate(texts)]
+    [(key, marks)] = accept_all(relay.ctx, "generic", messages).items()
+    assert [m.activity["text"] for m in relay.store.outbox.list_messages(key)] == texts
+    relay.arrivals[key] = marks
+    relay.work(key)
+    record = relay.record(key)
+    assert relay.messages_at_bot(record.conversation_id) == texts
