@@ -16,7 +16,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import requests
 
 from devstack.channels import DEV_VALUES, webhooks
@@ -42,27 +41,28 @@ def post_together(hooks: list[webhooks.Webhook]) -> list[requests.Response]:
         return list(pool.map(post, hooks))
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_fifty_concurrent_messages_of_one_user_each_reach_the_bot_once(relay_stack, provider):
+def test_fifty_concurrent_messages_of_one_user_each_reach_the_bot_once(relay_stack):
+    """On every provider at the same moment: 50 different messages of one user each, 250 webhooks at once."""
     stack = relay_stack()
-    user = USERS[provider]
-    texts = [f"message {n} from {provider}" for n in range(CONCURRENT)]
-    hooks = [webhooks.build(provider, DEV_VALUES, stack.host.url, sender=user, text=text) for text in texts]
+    texts = {provider: [f"message {n} from {provider}" for n in range(CONCURRENT)] for provider in PROVIDERS}
+    hooks = [webhooks.build(provider, DEV_VALUES, stack.host.url, sender=USERS[provider], text=text)
+             for provider in PROVIDERS for text in texts[provider]]
 
     answers = post_together(hooks)
     refused = [(a.status_code, a.text[:200]) for a in answers if a.status_code != 200]
     assert not refused, refused
 
-    def at_bot() -> list[str]:
-        record = stack.record(provider, user)
+    def at_bot(provider: str) -> list[str]:
+        record = stack.record(provider, USERS[provider])
         return stack.user_messages_at_bot(record.conversation_id) if record and record.conversation_id else []
 
-    key = stack.record(provider, user).key
-    # The outbox empties only after each message was posted (or found posted): a repeat would be at the bot by then.
-    wait_until(lambda: len(at_bot()) >= CONCURRENT and not stack.store.outbox.list_messages(key), timeout=90,
-               what=f"{CONCURRENT} messages at the bot")
-    counts = collections.Counter(at_bot())
-    assert counts == collections.Counter(texts), {t: n for t, n in counts.items() if n != 1}
+    for provider in PROVIDERS:
+        key = stack.record(provider, USERS[provider]).key
+        # The outbox empties only after each message was posted (or found posted): a repeat would be at the bot then.
+        wait_until(lambda p=provider, k=key: len(at_bot(p)) >= CONCURRENT and not stack.store.outbox.list_messages(k),
+                   timeout=90, what=f"{CONCURRENT} {provider} messages at the bot")
+        counts = collections.Counter(at_bot(provider))
+        assert counts == collections.Counter(texts[provider]), {t: n for t, n in counts.items() if n != 1}
 
 
 def signed_generic(messages: list[dict]) -> tuple[bytes, dict[str, str]]:
