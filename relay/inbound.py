@@ -53,10 +53,11 @@ def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> 
     messages = parse_messages(adapter, channel, request)
     started = ctx.clock.monotonic()
     to_work = accept_all(ctx, channel, messages)
+    stored = ctx.clock.monotonic()
     burst = ctx.settings.relay.burst_poll_seconds
     relay_all(ctx, to_work, burst_until=ctx.clock.now() + timedelta(seconds=burst), poll=burst > 0)
-    log.info("webhook %s: %d message(s) of %d user(s) new, stored and relayed in %.0f ms", channel, len(messages),
-             len(to_work), (ctx.clock.monotonic() - started) * 1000)
+    log.info("webhook %s: %d message(s) of %d user(s) new, stored in %.0f ms, relayed in %.0f ms", channel,
+             len(messages), len(to_work), (stored - started) * 1000, (ctx.clock.monotonic() - stored) * 1000)
     return adapter.acknowledgement()
 
 
