@@ -95,8 +95,9 @@ def accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMess
                                           now=now)
     if result.is_new or result.state == InboundState.PENDING:
         return mark
+    # Its row stays: the retry may come because the first delivery died before the bot's reply was sent
+    # and the conversation scheduled; a worker clears it after scheduling (posting.OutboxPoster.clear_inbound).
     log.info("webhook %s: message already %s, not relayed again", key.channel, result.state)
-    ctx.store.due_polls.clear_inbound([mark])  # nothing waits: no reason for the poller to come
     return None
 
 

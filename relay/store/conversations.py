@@ -243,13 +243,17 @@ class Conversations:
 
         self.update_record(record.key, drop, current=record, now=now)
 
-    def delete_inactive(self, *, idle_before: datetime, budget: Budget) -> int:
-        """Delete the records that ended or saw no activity since `idle_before`, and their index rows.
+    def delete_inactive(self, *, idle_before: datetime, budget: Budget,
+                        waiting: Callable[[ConversationKey], bool]) -> int:
+        """Delete the records that ended or saw no activity since `idle_before`, and their index rows, but
+        never one whose user still has messages `waiting` to be posted (Direct Line refusing them for days
+        must not strand them).
 
         A table scan for the sweep, paged while `budget` lasts; a record that changed since it was
         read is left alone. Returns how many went."""
         deleted = self._table.delete_pages("state eq @ended or last_activity_at lt @cutoff",
-                                           {"ended": ConversationState.ENDED, "cutoff": idle_before}, budget=budget)
+                                           {"ended": ConversationState.ENDED, "cutoff": idle_before}, budget=budget,
+                                           keep=lambda e: waiting(ConversationKey(e["channel"], e["user"])))
         for entity in deleted:
             if entity.get("due_index_key"):
                 self._due_polls.delete_row(entity["due_index_key"])

@@ -26,6 +26,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError
@@ -52,6 +53,8 @@ class InboundMark:
     message_id: str
     marked_at: datetime
     row_key: str = field(repr=False)
+    etag: str | None = field(default=None, repr=False, compare=False)
+    """The row as it was read or written: clearing it leaves a row a provider's retry wrote since."""
 
 
 @dataclass(frozen=True)
@@ -95,24 +98,30 @@ class DuePolls:
         now = now or self._clock.now()
         row_key = f"{_INBOUND_AT}|{partition_of(self._tables, key)}|{self._tables.key_for('inbound', message_id)}"
         with storage_errors("mark a conversation due"):
-            self._table.client.upsert_entity({"PartitionKey": _PARTITION, "RowKey": row_key, "channel": key.channel,
-                                              "user": key.user, "message_id": message_id, "marked_at": now},
-                                             mode=UpdateMode.REPLACE)
-        return InboundMark(key, message_id, now, row_key)
+            written = self._table.client.upsert_entity({"PartitionKey": _PARTITION, "RowKey": row_key,
+                                                        "channel": key.channel, "user": key.user,
+                                                        "message_id": message_id, "marked_at": now},
+                                                       mode=UpdateMode.REPLACE)
+        return InboundMark(key, message_id, now, row_key, etag=written.get("etag"))
 
     def clear_inbound(self, marks: Sequence[InboundMark]) -> None:
-        """Remove inbound rows, up to 100 per transaction. Best effort: a row left is only worked once more."""
-        operations = [("delete", {"PartitionKey": _PARTITION, "RowKey": mark.row_key}) for mark in marks]
+        """Remove inbound rows, up to 100 per transaction, each only as it was read (a row written again since,
+        by a provider's retry, stays). Best effort: a row left is only worked once more."""
+        operations: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+            ("delete", {"PartitionKey": _PARTITION, "RowKey": mark.row_key},
+             {"etag": mark.etag, "match_condition": MatchConditions.IfNotModified} if mark.etag else {})
+            for mark in marks]
         for start in range(0, len(operations), BATCH_LIMIT):
             batch = operations[start:start + BATCH_LIMIT]
             while batch:
                 try:
                     self._table.client.submit_transaction(batch)
                 except TableTransactionError as error:
-                    if transaction_error_code(error) != "ResourceNotFound" or error.index is None:
-                        log.warning("could not clear inbound rows: %s", transaction_error_code(error))
+                    code = transaction_error_code(error)
+                    if code not in ("ResourceNotFound", "UpdateConditionNotSatisfied") or error.index is None:
+                        log.warning("could not clear inbound rows: %s", code)
                         break
-                    batch = batch[:error.index] + batch[error.index + 1:]  # gone already: the rest still go
+                    batch = batch[:error.index] + batch[error.index + 1:]  # gone or written again: the rest go
                     continue
                 except AzureError as error:
                     log.warning("could not clear inbound rows: %s", type(error).__name__)
@@ -139,7 +148,8 @@ class DuePolls:
             for entity in query:
                 key = ConversationKey(entity["channel"], entity["user"])
                 if entity.get("message_id") is not None:
-                    mark = InboundMark(key, entity["message_id"], entity.get("marked_at") or now, entity["RowKey"])
+                    mark = InboundMark(key, entity["message_id"], entity.get("marked_at") or now, entity["RowKey"],
+                                       etag=entity.metadata.get("etag"))
                     if key in due:
                         due[key] = replace(due[key], inbound=(*due[key].inbound, mark))
                         continue

@@ -54,7 +54,9 @@ def sweep_tables(store: RelayStore, *, now: datetime | None = None, idle_after: 
     now = now or store.clock.now()
     budget = Budget(budget_seconds, clock=store.clock)
     result = SweepResult(
-        conversations=store.conversations.delete_inactive(idle_before=now - idle_after, budget=budget),
+        conversations=store.conversations.delete_inactive(
+            idle_before=now - idle_after, budget=budget,
+            waiting=lambda key: bool(store.outbox.list_messages(key, limit=1))),
         dedupe_entries=store.outbox.delete_old_dedupe(received_before=now - dedupe_after, budget=budget),
         webchat_sessions=store.sessions.delete_expired(now=now, budget=budget),
         rate_limits=store.rate_limits.delete_expired(now=now, budget=budget),

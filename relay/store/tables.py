@@ -22,7 +22,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -247,16 +247,20 @@ class Table:
         run's query, so a backlog of any size goes in the end."""
         return len(self.delete_pages(query, parameters, budget=budget))
 
-    def delete_pages(self, query: str, parameters: dict[str, Any], *, budget: Budget) -> list[TableEntity]:
-        """delete_matching's work: the entities that went (the caller may have rows of its own to remove)."""
+    def delete_pages(self, query: str, parameters: dict[str, Any], *, budget: Budget,
+                     keep: Callable[[TableEntity], bool] | None = None) -> list[TableEntity]:
+        """delete_matching's work, sparing the entities `keep` says to: the entities that went (the caller may
+        have rows of its own to remove)."""
         deleted: list[TableEntity] = []
         with storage_errors(f"query {self.name}"):
             pages = self.client.query_entities(query, parameters=parameters, results_per_page=_PAGE).by_page()
+            # Until the service has no continuation: a page may come short, even empty, with more behind it
+            # (a scan stops at 5 s or a partition-server boundary).
             while budget.left():
-                page = list(next(pages, []))
-                deleted += self.delete_unchanged(page)
-                if len(page) < _PAGE:
+                page = next(pages, None)
+                if page is None:
                     break
+                deleted += self.delete_unchanged(e for e in page if keep is None or not keep(e))
         return deleted
 
     def delete_unchanged(self, entities: Iterable[TableEntity]) -> list[TableEntity]:

@@ -384,3 +384,24 @@ def test_the_messages_of_one_user_in_one_webhook_wait_and_reach_the_bot_in_their
     relay.work(key)
     record = relay.record(key)
     assert relay.messages_at_bot(record.conversation_id) == texts
+
+
+def test_a_retried_webhook_of_a_message_already_posted_keeps_the_conversation_due_until_a_worker_looks(
+        inprocess_relay):
+    """The retry may come because the first delivery died after posting, before the bot's reply was sent and
+    the conversation scheduled: its inbound row stays, and the next worker clears it once it has scheduled."""
+    relay = inprocess_relay()
+    message = InboundMessage("SM" + "a" * 32, USER, "hello", reply_context={"to": USER, "from": "+15005550006"})
+    [(key, marks)] = accept_all(relay.ctx, "twilio", [message]).items()
+    relay.arrivals[key] = marks
+    relay.work(key)
+    assert relay.messages_at_bot(relay.record(key).conversation_id) == ["hello"]
+
+    assert accept_all(relay.ctx, "twilio", [message]) == {}  # a duplicate: nothing to post
+    [due] = relay.store.due_polls.list_due(now=relay.time() + timedelta(days=1))
+    assert [m.message_id for m in due.inbound] == [message.message_id]
+    relay.arrivals[key] = list(due.inbound)
+    relay.work(key)
+    [due] = relay.store.due_polls.list_due(now=relay.time() + timedelta(days=1))
+    assert due.inbound == ()
+    assert relay.messages_at_bot(relay.record(key).conversation_id) == ["hello"]  # still once

@@ -86,3 +86,17 @@ def test_an_inbound_row_of_a_conversation_without_a_record_claims_a_new_one(stor
     assert (record.user_id, record.conversation_id, record.lease_owner) == ("dl_whatsapp_1", "", "poller-a")
     assert other_store.conversations.claim_due(due, owner="poller-b", lease_seconds=30, user_id="dl_whatsapp_1",
                                                now=T0) is None
+
+
+def test_an_inbound_row_written_again_since_it_was_read_is_not_cleared(store):
+    """A provider's retry rewrote the row after a worker read it (and its message may be stored only now):
+    the worker's clear leaves it, so the conversation stays due for the retried message."""
+    key = ConversationKey("twilio", "+1555")
+    store.due_polls.mark_inbound(key, "SM1", now=T0)
+    [read] = store.due_polls.list_due(now=T0)
+    store.due_polls.mark_inbound(key, "SM1", now=T0 + timedelta(minutes=6))  # the retry
+    store.due_polls.clear_inbound(read.inbound)
+    [due] = store.due_polls.list_due(now=T0 + timedelta(minutes=6))
+    assert [m.message_id for m in due.inbound] == ["SM1"]
+    store.due_polls.clear_inbound(due.inbound)  # as read now: it goes
+    assert store.due_polls.list_due(now=T0 + timedelta(minutes=6)) == []

@@ -12,6 +12,7 @@ from relay.store.conversations import ConversationKey, ConversationState, partit
 from relay.store.dead_letters import DeadLetterKind
 from relay.store.outbox import InboundState
 from relay.store.sweep import sweep_tables
+from relay.store.tables import Budget
 from tests.store.conftest import T0, create
 
 
@@ -69,9 +70,44 @@ def test_a_backlog_of_5000_dedupe_rows_goes_page_by_page_and_a_run_out_of_time_i
     pending = ConversationKey("twilio", "+15559999999")
     store.outbox.add_message(pending, "still-waiting", {"text": "a"}, now=T0 - timedelta(days=8))
 
-    cut_short = sweep_tables(RelayStore(store.tables, clock=TickingClock()), now=T0, budget_seconds=3)
+    cut_short = sweep_tables(RelayStore(store.tables, clock=TickingClock()), now=T0, budget_seconds=5)
     assert not cut_short.complete and 0 < cut_short.dedupe_entries < 5_000
     rest = sweep_tables(store, now=T0)
     assert rest.complete and cut_short.dedupe_entries + rest.dedupe_entries == 5_000
     assert sweep_tables(store, now=T0).dedupe_entries == 0
     assert [m.message_id for m in store.outbox.list_messages(pending)] == ["still-waiting"]
+
+
+def test_an_idle_conversation_whose_messages_still_wait_is_not_swept(store):
+    """Direct Line refused its messages for days (5xx, not for good): the record keeps them due."""
+    key = ConversationKey("twilio", "+15550001111")
+    create(store, key, now=T0 - timedelta(days=4), next_poll_at=T0 + timedelta(minutes=5))
+    waiting = store.outbox.add_message(key, "SM-waiting", {"text": "still trying"}, now=T0 - timedelta(days=4)).message
+    assert sweep_tables(store, now=T0).conversations == 0
+    assert store.conversations.get_record(key) is not None
+    store.outbox.complete_message(waiting, activity_id="c|9")
+    assert sweep_tables(store, now=T0).conversations == 1  # nothing waits any more: idle, it goes
+
+
+class ShortPages:
+    """A query answer as Azure Table Storage may give it (not Azurite): short and empty pages with more behind."""
+
+    def __init__(self, pages: list[list]):
+        self.pages = pages
+
+    def by_page(self):
+        return iter(self.pages)
+
+
+def test_the_sweep_reads_on_past_short_and_empty_pages(store, monkeypatch):
+    keys = [ConversationKey("twilio", f"+1555000{n:04d}") for n in range(3)]
+    for key in keys:
+        create(store, key, now=T0 - timedelta(days=4))
+    table = store.tables.table("conversations")
+    rows = list(table.client.query_entities("PartitionKey ne ''"))
+    assert len(rows) == 3
+    # The service's way: an empty page, one row, an empty page, two rows (a scan stopped at 5 s or a server edge).
+    monkeypatch.setattr(table.client, "query_entities",
+                        lambda *args, **kwargs: ShortPages([[], rows[:1], [], rows[1:]]))
+    assert store.conversations.delete_inactive(idle_before=T0 - timedelta(days=3), budget=Budget(60, clock=store.clock),
+                                               waiting=lambda key: False) == 3
