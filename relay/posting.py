@@ -102,13 +102,16 @@ class OutboxPoster:
     def clear_inbound(self, marks: Sequence[InboundMark]) -> None:
         """Remove the inbound rows whose message needs no more nudging; call only once the record is scheduled.
 
-        That is a message this worker saw (posted, or scheduled to be retried), one handled meanwhile,
-        or one never stored whose webhook must be dead. A message stored after this worker read the
-        outbox keeps its row: the next worker will see it."""
+        That is a message this worker saw (posted, or scheduled to be retried), any while messages wait
+        (the retry reads the whole outbox), one handled meanwhile, or one never stored whose webhook must
+        be dead. Otherwise a message stored after this worker read the outbox keeps its row: the next
+        worker will see it."""
         outbox, now = self.ctx.store.outbox, self.ctx.clock.now()
         done = []
         for mark in marks:
-            if mark.message_id in self.seen:
+            if mark.message_id in self.seen or self.waiting:
+                # Seen, or messages wait: then the record is due for a retry, and that worker reads the whole
+                # outbox (past its first page too), on the backoff rather than on every tick.
                 done.append(mark)
                 continue
             try:

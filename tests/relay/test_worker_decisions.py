@@ -405,3 +405,23 @@ def test_a_retried_webhook_of_a_message_already_posted_keeps_the_conversation_du
     [due] = relay.store.due_polls.list_due(now=relay.time() + timedelta(days=1))
     assert due.inbound == ()
     assert relay.messages_at_bot(relay.record(key).conversation_id) == ["hello"]  # still once
+
+
+def test_messages_past_the_first_outbox_page_wait_on_the_backoff_not_on_every_tick(inprocess_relay):
+    """Direct Line cannot start the conversation: 60 messages wait (the outbox is read 50 at a time). The
+    conversation comes back on the retry schedule, not at every tick for the messages of the second page."""
+    relay = inprocess_relay()
+    relay.emulator.set_faults(error_500_rate=1.0, endpoints=["conversations/start"])
+    messages = [InboundMessage(f"SM{n:032x}", USER, f"m{n}", reply_context={"to": USER, "from": "+15005550006"})
+                for n in range(60)]
+    [(key, marks)] = accept_all(relay.ctx, "twilio", messages).items()
+    relay.arrivals[key] = marks
+    assert relay.work(key).posted == 0
+
+    assert relay.store.due_polls.list_due(now=relay.time()) == []  # not due again at once
+    [due] = relay.store.due_polls.list_due(now=relay.time() + timedelta(minutes=10))
+    assert due.inbound == ()  # the schedule brings it back, with the whole outbox
+    relay.emulator.clear_faults()
+    relay.time.advance((due.due_at - relay.time()).total_seconds())
+    assert relay.tick().posted == 60
+    assert relay.messages_at_bot(relay.record(key).conversation_id) == [m.text for m in messages]
