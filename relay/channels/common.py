@@ -79,6 +79,7 @@ Part = TypeVar("Part")
 
 _UNIX_TIME = re.compile(f"[0-9]{{1,{TIMESTAMP_DIGITS}}}")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_SOURCE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 class AdapterBase:
@@ -162,12 +163,11 @@ def json_body(request: WebhookRequest) -> Any:
     middle of an emoji still reaches the bot, instead of failing later or being refused."""
     try:
         body = json.loads(request.body)
-        json.dumps(body, ensure_ascii=False).encode()
-        return body
-    except UnicodeEncodeError:
-        return _without_lone_surrogates(body)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise BadPayload("the body is not valid JSON") from None
+    # Only a body that may hold a surrogate is walked: an escape of one, or its bytes (json.loads lets
+    # UTF-8-encoded surrogates through). Paired ones came out of json.loads as one character already.
+    return _without_lone_surrogates(body) if _SURROGATE_SOURCE.search(request.body) else body
 
 
 def _without_lone_surrogates(value: Any) -> Any:

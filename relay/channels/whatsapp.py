@@ -26,6 +26,7 @@ from relay.channels.common import (
     AdapterBase,
     call_provider,
     download,
+    identifier,
     json_body,
     media_file_name,
     numbered_list,
@@ -136,7 +137,7 @@ class WhatsAppAdapter(AdapterBase):
         sent = message.get("timestamp")
         if sent is None:
             return False
-        sent_at = unix_time(str(sent)) if isinstance(sent, str | int) and not isinstance(sent, bool) else None
+        sent_at = unix_time(identifier(sent) or "")
         if sent_at is None:
             raise BadPayload(f"WhatsApp message {message['id']} has a timestamp that is not Unix seconds")
         if not self.outlived_dedupe(sent_at):
