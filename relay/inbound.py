@@ -65,17 +65,13 @@ def parse_messages(adapter: ChannelAdapter, channel: str, request: WebhookReques
     """The adapter's messages; a payload of the wrong shape is the sender's mistake (400), never a crash.
 
     Signed payloads are trusted to be the provider's, not to be well formed: a list where an object
-    belongs, a number for an id. Adapters check what they rely on; this catches what slips through."""
+    belongs, a number for an id. Adapters check what they rely on, InboundMessage refuses values of the
+    wrong kind (a string id, sender and text); this catches what slips through."""
     try:
-        messages = adapter.parse(request)
+        return adapter.parse(request)
     except (AttributeError, TypeError, KeyError, IndexError, ValueError) as error:
         log.warning("webhook %s: the payload has an unexpected shape (%s)", channel, type(error).__name__)
         raise BadPayload(f"the {channel} payload does not have the expected shape") from None
-    for message in messages:
-        if not all(isinstance(v, str) and v for v in (message.message_id, message.user_id)) \
-                or not isinstance(message.text, str):
-            raise BadPayload(f"a {channel} message needs a string id, sender and text")
-    return messages
 
 
 def accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMessage, *,
@@ -114,7 +110,9 @@ def accept_all(ctx: RelayContext, channel: str,
         marks, previous = [], None
         for message in by_user[key]:
             # A millisecond apart at least: the outbox orders by the time of receipt, in milliseconds.
-            now = ctx.clock.now() if previous is None else max(ctx.clock.now(), previous + timedelta(milliseconds=1))
+            now = ctx.clock.now()
+            if previous is not None:
+                now = max(now, previous + timedelta(milliseconds=1))
             mark = accept_message(ctx, key, message, now=now)
             if mark is not None:
                 marks.append(mark)
