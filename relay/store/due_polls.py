@@ -26,13 +26,13 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError
 from azure.data.tables import TableTransactionError, UpdateMode
 
 from relay.clock import Clock
+from relay.errors import StoreError
 from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState, partition_of
 from relay.store.tables import BATCH_LIMIT, Tables, millis, storage_errors, transaction_error_code
 
@@ -107,25 +107,13 @@ class DuePolls:
     def clear_inbound(self, marks: Sequence[InboundMark]) -> None:
         """Remove inbound rows, up to 100 per transaction, each only as it was read (a row written again since,
         by a provider's retry, stays). Best effort: a row left is only worked once more."""
-        operations: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
-            ("delete", {"PartitionKey": _PARTITION, "RowKey": mark.row_key},
-             {"etag": mark.etag, "match_condition": MatchConditions.IfNotModified} if mark.etag else {})
-            for mark in marks]
-        for start in range(0, len(operations), BATCH_LIMIT):
-            batch = operations[start:start + BATCH_LIMIT]
-            while batch:
-                try:
-                    self._table.client.submit_transaction(batch)
-                except TableTransactionError as error:
-                    code = transaction_error_code(error)
-                    if code not in ("ResourceNotFound", "UpdateConditionNotSatisfied") or error.index is None:
-                        log.warning("could not clear inbound rows: %s", code)
-                        break
-                    batch = batch[:error.index] + batch[error.index + 1:]  # gone or written again: the rest go
-                    continue
-                except AzureError as error:
-                    log.warning("could not clear inbound rows: %s", type(error).__name__)
-                break
+        for start in range(0, len(marks), BATCH_LIMIT):
+            batch = marks[start:start + BATCH_LIMIT]
+            try:
+                self._table.delete_batch([{"PartitionKey": _PARTITION, "RowKey": mark.row_key} for mark in batch],
+                                         etags=[mark.etag for mark in batch])
+            except StoreError as error:
+                log.warning("could not clear inbound rows: %s", error)
 
     def list_due(self, *, now: datetime | None = None, limit: int = 200) -> list[DueConversation]:
         """Conversations whose next poll (or peek) time has come, earliest first: one RowKey range of the index.

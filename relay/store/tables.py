@@ -22,9 +22,9 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
@@ -134,6 +134,8 @@ def transaction_error_code(error: TableTransactionError) -> str | None:
 _created_tables: set[tuple[str, str]] = set()
 _created_lock = threading.Lock()
 
+
+_Row = TypeVar("_Row", bound=Mapping[str, Any])
 
 _KEYS_TABLE = "keys"
 _KEY_SECRET_ROW = ("key-derivation", "hmac-sha256")
@@ -264,33 +266,37 @@ class Table:
         return deleted
 
     def delete_unchanged(self, entities: Iterable[TableEntity]) -> list[TableEntity]:
-        """Delete `entities`, each under its ETag, up to 100 of a partition per transaction; those that went.
-
-        One that changed or went meanwhile is left out and the rest of its batch tried again."""
+        """Delete `entities`, each under the ETag it was read with, up to 100 of a partition per transaction;
+        those that went. One that changed or went meanwhile is left out and the rest of its batch tried again."""
         by_partition: dict[str, list[TableEntity]] = {}
         for entity in entities:
             by_partition.setdefault(entity["PartitionKey"], []).append(entity)
         deleted: list[TableEntity] = []
         for rows in by_partition.values():
             for start in range(0, len(rows), BATCH_LIMIT):
-                deleted += self._delete_batch(rows[start:start + BATCH_LIMIT])
+                batch = rows[start:start + BATCH_LIMIT]
+                deleted += self.delete_batch(batch, etags=[row.metadata["etag"] for row in batch])
         return deleted
 
-    def _delete_batch(self, rows: list[TableEntity]) -> list[TableEntity]:
-        while rows:
-            operations = [("delete", row, {"etag": row.metadata["etag"],
-                                           "match_condition": MatchConditions.IfNotModified}) for row in rows]
+    def delete_batch(self, rows: Sequence[_Row], *, etags: Sequence[str | None]) -> list[_Row]:
+        """Delete up to 100 `rows` of one partition in one transaction, each only if unchanged since its entry
+        in `etags` (None: whatever it holds now). A row that changed or went meanwhile is left out and the
+        rest tried again; the rows that went. StoreError for any other failure."""
+        pending = list(zip(rows, etags, strict=True))
+        while pending:
+            operations = [("delete", row, {"etag": etag, "match_condition": MatchConditions.IfNotModified}
+                           if etag else {}) for row, etag in pending]
             with storage_errors(f"delete rows of {self.name}"):
                 try:
                     self.client.submit_transaction(operations)
                 except TableTransactionError as error:
                     code = transaction_error_code(error)
                     if code not in ("UpdateConditionNotSatisfied", "ResourceNotFound") \
-                            or not 0 <= (error.index or 0) < len(rows):
+                            or not 0 <= (error.index or 0) < len(pending):
                         raise  # storage_errors translates it
-                    rows = rows[:error.index or 0] + rows[(error.index or 0) + 1:]
+                    del pending[error.index or 0]
                     continue
-            return rows
+            return [row for row, _ in pending]
         return []
 
     def delete_quietly(self, pk: str, rk: str) -> None:
