@@ -156,6 +156,9 @@ param webChatBundleUrl string = ''
 @description('WEBCHAT_PROXY_HOPS: proxies of your own (Front Door, API Management) in front of the app (empty: none).')
 param webChatProxyHops string = ''
 
+@description('WEBCHAT_SESSION_HOURS: how long a Web Chat page may be away and still resume its conversation (empty: 24).')
+param webChatSessionHours string = ''
+
 @description('TWILIO_ACCOUNT_SID.')
 param twilioAccountSid string = ''
 
@@ -305,6 +308,7 @@ module app 'modules/function-app.bicep' = {
       WEBCHAT_DEMO_ENABLED: webChatDemoEnabled
       WEBCHAT_BUNDLE_URL: webChatBundleUrl
       WEBCHAT_PROXY_HOPS: webChatProxyHops
+      WEBCHAT_SESSION_HOURS: webChatSessionHours
       TWILIO_ACCOUNT_SID: twilioAccountSid
       TWILIO_AUTH_TOKEN: empty(twilioAuthToken) ? '' : '${kvRef}twilio-auth-token/)'
       WHATSAPP_APP_SECRET: empty(whatsAppAppSecret) ? '' : '${kvRef}whatsapp-app-secret/)'

@@ -36,11 +36,12 @@
     │   ├── RefreshTooLate         the page's token expired before its refresh: resume instead
     │   ├── ConversationGone       Direct Line no longer knows the conversation: start a new one
     │   ├── SessionRevoked         the session was revoked
-    │   ├── SessionExpired         the session outlived SESSION_LIFETIME
+    │   ├── SessionExpired         the session outlived WEBCHAT_SESSION_HOURS
+    │   ├── SessionLapsed          every token of the conversation expired (Direct Line was out of reach
+    │   │                          longer than a token lives): nobody can rejoin it, start a new one
     │   ├── ResumeKeyReused        a rotated-away resume key came back: the session is revoked now
     │   ├── InvalidResumeKey       a key the session never issued, or no such session: whether that
     │   │                          session exists, was revoked or expired is told only to a key holder
-    │   ├── InvalidWatermark       Direct Line refused the page's watermark
     │   ├── DirectLineRejected     Direct Line refused the relay's own secret (our configuration)
     │   ├── DirectLineBusy         Direct Line throttles the relay
     │   ├── DirectLineUnavailable  Direct Line failed otherwise
@@ -75,7 +76,6 @@ __all__ = [
     "InvalidRequest",
     "InvalidResumeKey",
     "InvalidToken",
-    "InvalidWatermark",
     "LeaseLost",
     "MethodNotAllowed",
     "MissingToken",
@@ -89,6 +89,7 @@ __all__ = [
     "RequestTooLarge",
     "ResumeKeyReused",
     "SessionExpired",
+    "SessionLapsed",
     "SessionRevoked",
     "SettingsError",
     "SignatureInvalid",
@@ -280,15 +281,15 @@ class SessionExpired(WebChatError):
     pass
 
 
+class SessionLapsed(WebChatError):
+    pass
+
+
 class ResumeKeyReused(WebChatError):
     pass
 
 
 class InvalidResumeKey(WebChatError):
-    pass
-
-
-class InvalidWatermark(WebChatError):
     pass
 
 

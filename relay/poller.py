@@ -6,6 +6,8 @@ first peeked: its activities are read from the due index's copy of its watermark
 its record or lease. Only when something is there (or it is time for its hourly full poll) is it
 claimed and worked under its lease; otherwise its next peek is moved on, in batches of 100 rows per
 transaction. So an idle conversation costs one Direct Line request and about 0.01 transaction per poll.
+Each tick then refreshes the Web Chat sessions' tokens that are due (relay/tokens.py), found with one
+more range query.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from relay.conversations import Peek, RelayContext, WorkResult, new_owner, next_
 from relay.errors import DirectLineError
 from relay.store.due_polls import DueConversation
 from relay.store.sweep import sweep_tables
+from relay.tokens import refresh_session_tokens
 
 __all__ = ["TickResult", "poll_tick", "sweep"]
 
@@ -81,6 +84,7 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
         results = []
     if quiet:
         ctx.store.due_polls.postpone_rows(quiet)
+    _refresh_session_tokens(ctx)
     result = TickResult(
         due=len(due),
         worked=len(results),
@@ -96,6 +100,14 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
              "in %.0f ms", result.due, result.quiet, result.worked, result.posted, result.delivered,
              result.dead_letters, result.ended, result.failed, result.seconds * 1000)
     return result
+
+
+def _refresh_session_tokens(ctx: RelayContext) -> None:
+    """Keep the Web Chat sessions' tokens fresh (relay/tokens.py); its trouble never stops the polling."""
+    try:
+        refresh_session_tokens(ctx.store, ctx.directline, clock=ctx.clock)
+    except Exception:
+        log.exception("poller: the Web Chat session tokens could not be refreshed")
 
 
 def _may_peek(ctx: RelayContext, item: DueConversation, now: datetime) -> bool:

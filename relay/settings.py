@@ -111,6 +111,10 @@ SETTINGS: dict[str, Setting] = _catalogue(
             "browsers and the app: the client address for the rate limits is the X-Forwarded-For entry this many "
             "places left of the last one (which Azure's front end adds). 0 when browsers call the app directly.",
             default="0", group="webchat"),
+    Setting("WEBCHAT_SESSION_HOURS", "How long a Web Chat page may be away (asleep, offline, closed) and still resume "
+            "its conversation: its session lasts this long past its last token, refresh or resume, and the relay keeps "
+            "a token of the conversation fresh meanwhile. More than 0, at most 336 (14 days).", default="24",
+            group="webchat"),
     # Twilio
     Setting("TWILIO_ACCOUNT_SID", "Twilio account SID (enables the twilio channel).", default="", group="twilio"),
     Setting("TWILIO_AUTH_TOKEN", "Twilio auth token: verifies webhooks and authenticates replies.",
@@ -273,6 +277,7 @@ class WebChatSettings:
     token_rate_limit: int
     bundle_url: str
     proxy_hops: int = 0
+    session_hours: float = 24.0
 
 
 @dataclass(frozen=True)
@@ -378,7 +383,20 @@ def _webchat(env: _Environment) -> WebChatSettings:
         token_rate_limit=env.integer("WEBCHAT_TOKEN_RATE_LIMIT", minimum=1),
         proxy_hops=env.integer("WEBCHAT_PROXY_HOPS"),
         bundle_url=bundle_url,
+        session_hours=_session_hours(env),
     )
+
+
+MAX_SESSION_HOURS = 14 * 24
+"""Direct Line forgets a conversation idle for about 15 days: no session may outlive that."""
+
+
+def _session_hours(env: _Environment) -> float:
+    hours = env.number("WEBCHAT_SESSION_HOURS")
+    if not 0 < hours <= MAX_SESSION_HOURS:
+        raise SettingsError(f"WEBCHAT_SESSION_HOURS must be more than 0 and at most {MAX_SESSION_HOURS} "
+                            "(Direct Line forgets an idle conversation after about 15 days)")
+    return hours
 
 
 # The setting whose presence turns each channel provider on.

@@ -1,27 +1,40 @@
 """The Web Chat token server: issue, refresh, and resume a page's own conversation.
 
-A Direct Line token lives about 30 minutes and an expired one cannot be refreshed, so a page that
-slept past it (a closed lid, a phone in a pocket) would lose its conversation. Here the page gets,
-with its first token, a resume key: random (256 bits), stored only as a SHA-256 hash with the
-session, checked in constant time. Presenting it gets a new token for the same conversation
-(reconnect with the secret, from the page's watermark) and a new key; the old key is kept as a
-hash, and presenting a rotated key again revokes the session: two holders of one key means one
-of them copied it. Except briefly (RESUME_GRACE in relay/store/sessions.py): the key the last resume
-used answers again, with another new key, while none of its successors was used, so a page whose
-answer the network lost, or whose two resumes raced, keeps its conversation.
+A Direct Line token lives about 30 minutes and an expired one cannot be refreshed; with enhanced
+authentication (on for many bots) nothing else gets back into a conversation either: reconnect with
+the secret is refused (400 MissingProperty). So a page that slept past its token (a closed lid, a
+phone in a pocket) would lose its conversation. Here the relay keeps a token of every live session's
+conversation itself (relay/store/sessions.py: HeldToken) and the poll timer refreshes it at about half
+its life (`refresh_session_tokens`), for as long as the session lasts. The page gets, with its first
+token, a resume key: random (256 bits), stored only as a SHA-256 hash with the session, checked in
+constant time. Presenting it gets a fresh token of the same conversation and the same user (the held
+token, refreshed), in either authentication mode, and a new key; the old key is kept as a hash, and
+presenting a rotated key again revokes the session: two holders of one key means one of them copied
+it. Except briefly (RESUME_GRACE in relay/store/sessions.py): the key the last resume used answers
+again, with another new key, while none of its successors was used, so a page whose answer the network
+lost, or whose two resumes raced, keeps its conversation. The relay never reconnects with the secret.
 
 Choices:
 - Tokens are bound to a fresh `dl_` user id and to the allowed origins (trustedOrigins): the
-  configured WEBCHAT_ALLOWED_ORIGINS plus the calling page's origin when it is allowed. A token from
-  a resume comes from reconnect, which Direct Line gives no user or origins; the page keeps its user
-  id. An Origin that is not allowed is refused (OriginNotAllowed), and gets no CORS headers.
-- The key is checked before Direct Line is called, and rotated only after the reconnect worked: a
-  failed reconnect (Direct Line busy, the network) leaves the page's key valid for its next try.
-- Sessions last SESSION_LIFETIME past their last issue or resume (Direct Line keeps messages about
-  24 h). Refresh does not need the store, but a revoked session's tokens are not refreshed.
+  configured WEBCHAT_ALLOWED_ORIGINS plus the calling page's origin when it is allowed. Refreshed
+  tokens keep both. Direct Line does not check trusted origins on its API calls: the origin check
+  that holds is this server's own, an Origin that is not allowed is refused (OriginNotAllowed) and gets
+  no CORS headers.
+- The key is checked before Direct Line is called, and rotated only after the refresh worked: a failed
+  refresh (Direct Line busy, the network) leaves the page's key valid for its next try.
+- A session lasts WEBCHAT_SESSION_HOURS past its page's last token, resume or refresh: a page's own
+  refresh extends it, so a page open all day can still sleep that long. Past it, resume is
+  SessionExpired and the relay stops refreshing the held token. If the held token lapsed anyway
+  (Direct Line out of reach for longer than a token lives), nobody can rejoin the conversation: resume
+  is SessionLapsed, and the page starts a new one.
+- A revoked session's tokens are not refreshed, neither the page's (refresh is SessionRevoked) nor the
+  held one (revoking forgets it).
+- The page's watermark is the page's business: resume accepts and ignores it (older pages send one).
 - Token issuance and resume attempts are rate limited per client address in Table Storage (so
   it holds across instances), each up to WEBCHAT_TOKEN_RATE_LIMIT a minute; refresh needs a token
   Direct Line issued, which cannot be guessed.
+- The held token is a bearer secret: stored like a conversation record's token, never logged, and
+  answered only to the holder of the session's resume key.
 """
 
 from __future__ import annotations
@@ -31,9 +44,12 @@ import ipaddress
 import json
 import logging
 import secrets
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +68,12 @@ from relay.errors import (
     InvalidRequest,
     InvalidResumeKey,
     InvalidToken,
-    InvalidWatermark,
     MissingToken,
     OriginNotAllowed,
     RefreshTooLate,
     ResumeKeyReused,
     SessionExpired,
+    SessionLapsed,
     SessionRevoked,
     Throttled,
     TokenExpired,
@@ -67,28 +83,37 @@ from relay.errors import (
 )
 from relay.settings import Settings, WebChatSettings, get_settings
 from relay.store import RelayStore, get_store
-from relay.store.sessions import ResumeOutcome
+from relay.store.sessions import DueRefresh, HeldToken, ResumeOutcome, WebChatSession
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "REFRESH_AT",
     "Asset",
     "Caller",
+    "SessionRefreshTick",
     "TokenServer",
     "get_token_server",
     "get_webchat_asset",
     "rate_limit_bucket",
+    "refresh_session_tokens",
 ]
 
 log = logging.getLogger(__name__)
 
-SESSION_LIFETIME = timedelta(hours=24)
 RATE_WINDOW_SECONDS = 60
-DEFAULT_TOKEN_SECONDS = 1800  # Direct Line's documented lifetime, when a reconnect does not say
+DEFAULT_TOKEN_SECONDS = 1800  # Direct Line's documented lifetime, when an answer does not say
+REFRESH_AT = (0.45, 0.55)
+"""When a held token is refreshed, as shares of its lifetime (drawn per token: sessions do not refresh in step)."""
+REFRESH_RETRY_SECONDS = 30.0  # a failed refresh is tried again this soon (sooner when the token has less left)
+MAX_REFRESHES_PER_TICK = 500
+REFRESH_WORKERS = 8
 MAX_FIELD_CHARS = 512
 MAX_BODY_BYTES = 4096
-"""The largest body a token call may send: a resume body is three short strings."""
+"""The largest body a token call may send: a resume body is a few short strings."""
 # A page waits on these calls: fail within seconds rather than ride out a long Direct Line outage.
 TOKEN_SERVER_RETRY = RetryPolicy(attempts=3, backoff=0.25, backoff_cap=1.0, max_retry_after=2.0, budget=3.0)
+# The timer tries each held token once per tick: a failure is scheduled again rather than waited out.
+SESSION_REFRESH_RETRY = RetryPolicy(attempts=1)
 
 STATIC_DIR = Path(__file__).with_name("static")
 WEBCHAT_BUNDLE = Path(__file__).resolve().parent.parent / "node_modules/botframework-webchat/dist/webchat.js"
@@ -106,12 +131,13 @@ class TokenServer:
     """The three token endpoints as plain calls; each answers the JSON body or raises a WebChatError
     (StoreError when Table Storage fails).
 
-    Sessions expire SESSION_LIFETIME after `clock`'s now."""
+    Sessions last WEBCHAT_SESSION_HOURS past `clock`'s now at their last issue, refresh or resume."""
 
     def __init__(self, settings: Settings, *, client: DirectLineClient, store: RelayStore,
                  clock: Clock = SYSTEM_CLOCK):
         self._clock = clock
         self._webchat = settings.webchat
+        self._session_lifetime = timedelta(hours=settings.webchat.session_hours)
         self._domain = settings.directline.endpoint
         self._public_origin = _origin_of(settings.relay.public_base_url)
         self._client = client
@@ -130,7 +156,8 @@ class TokenServer:
                 or (bool(self._public_origin) and caller.origin == self._public_origin))
 
     def issue_token(self, caller: Caller) -> dict[str, Any]:
-        """A token for a new conversation, with the resume key that proves the page owns it."""
+        """A token for a new conversation, with the resume key that proves the page owns it; the session holds
+        the same token from now on, and keeps it fresh."""
         self._check_origin(caller)
         limit = self._store.rate_limits.count_request(rate_limit_bucket(caller.address),
                                                       limit=self._webchat.token_rate_limit,
@@ -146,12 +173,15 @@ class TokenServer:
         resume_key = _new_resume_key()
         now = self._clock.now()
         self._store.sessions.create_session(grant.conversation_id, user_id=user_id, resume_key=resume_key,
-                                            expires_at=now + SESSION_LIFETIME, now=now)
+                                            expires_at=now + self._session_lifetime,
+                                            held=_held_token(grant, now=now, clock=self._clock), now=now)
         log.info("Web Chat token issued for conversation %s", grant.conversation_id)
         return {**self._grant(grant), "userId": user_id, "resumeKey": resume_key, "domain": self._domain}
 
     def refresh_token(self, token: str, *, caller: Caller = Caller()) -> dict[str, Any]:
-        """A fresh token for the same conversation; an expired one is RefreshTooLate (the page resumes)."""
+        """A fresh token for the same conversation; an expired one is RefreshTooLate (the page resumes).
+
+        A live page's refresh extends its session: WEBCHAT_SESSION_HOURS from now."""
         self._check_origin(caller)
         if not token:
             raise MissingToken("Send the token to refresh as 'Authorization: Bearer <token>'")
@@ -159,13 +189,18 @@ class TokenServer:
         session = self._store.sessions.get_session(grant.conversation_id)
         if session is not None and session.revoked:
             raise SessionRevoked("This conversation's session was revoked: start a new conversation")
+        now = self._clock.now()
+        if session is not None and now < session.expires_at:
+            # Under the ETag of what was read: a write in between (a resume, the timer, a revocation) wins, and
+            # the page's next refresh extends it.
+            self._store.sessions.extend_session(session, expires_at=now + self._session_lifetime, now=now)
         return self._grant(grant)
 
     def resume(self, body: bytes, *, caller: Caller = Caller()) -> dict[str, Any]:
-        """A new token for the page's own conversation, from its watermark, and the next resume key.
+        """A fresh token of the page's own conversation and user, and the next resume key.
 
-        `body` is the page's JSON `{conversationId, resumeKey, watermark?}`, parsed only after the
-        attempt counted against the caller's rate limit."""
+        `body` is the page's JSON `{conversationId, resumeKey}` (a `watermark` older pages send is
+        ignored), parsed only after the attempt counted against the caller's rate limit."""
         self._check_origin(caller)
         # A 256-bit key cannot be guessed anyway; the limit keeps anyone from trying at our expense.
         limit = self._store.rate_limits.count_request(f"resume|{rate_limit_bucket(caller.address)}",
@@ -175,24 +210,24 @@ class TokenServer:
             raise TooManyRequests("Too many resume attempts from this client address: "
                                   f"at most {limit.limit} per minute", retry_after=limit.retry_after)
         request = _parse_resume_body(body)
-        conversation_id, resume_key, watermark = request.conversation_id, request.resume_key, request.watermark
+        conversation_id, resume_key = request.conversation_id, request.resume_key
         now = self._clock.now()
         session = self._store.sessions.get_session(conversation_id)
         grant = None
         if session is not None and session.resume_outcome(resume_key, now=now).accepted:
-            grant = self._reconnect(conversation_id, watermark)
+            grant = self._fresh_token(session, now)
         next_key = _new_resume_key()
         result = self._store.sessions.resume_session(conversation_id, resume_key=resume_key, new_resume_key=next_key,
-                                                     expires_at=now + SESSION_LIFETIME, now=now)
+                                                     expires_at=now + self._session_lifetime, now=now)
         if not result.ok or result.session is None:  # an accepted resume always carries the session
             raise _refusal(result.outcome, conversation_id)
         if grant is None:  # only if the session changed between the check and the rotation
-            grant = self._reconnect(conversation_id, watermark)
+            grant = self._fresh_token(result.session, now)
         retried = result.outcome == ResumeOutcome.RETRIED
         log.info("Web Chat conversation %s resumed%s", conversation_id,
                  " (the previous key again, within the grace period)" if retried else "")
-        return {**self._grant(grant), "streamUrl": grant.stream_url, "resumeKey": next_key,
-                "userId": result.session.user_id, "domain": self._domain}
+        return {**self._grant(grant), "resumeKey": next_key, "userId": result.session.user_id,
+                "domain": self._domain}
 
     # ----------------------------------------------------------------------------------------- helpers
 
@@ -200,14 +235,28 @@ class TokenServer:
         if not self.is_origin_allowed(caller):
             raise OriginNotAllowed("This origin may not use the token server: add it to WEBCHAT_ALLOWED_ORIGINS")
 
-    def _reconnect(self, conversation_id: str, watermark: str | None) -> ConversationToken:
-        try:
-            return self._directline(lambda: self._client.reconnect(conversation_id, watermark=watermark))
-        except ConversationGone:
-            self._store.sessions.revoke_session(conversation_id)
-            raise
+    def _fresh_token(self, session: WebChatSession, now: datetime) -> ConversationToken:
+        """The session's held token refreshed (and held from now on): a token of its conversation and user.
 
-    def _directline(self, call, *, callers_token: bool = False) -> ConversationToken:
+        SessionLapsed when the held token expired (it cannot be refreshed, and nothing else rejoins the
+        conversation); ConversationGone, and the session revoked, when Direct Line forgot the conversation."""
+        conversation_id, held = session.conversation_id, session.held
+        if held is None or not held.alive(now):
+            if held is not None:
+                self._store.sessions.drop_token(conversation_id, held.token, now=now)
+            raise _lapsed()
+        try:
+            grant = self._directline(lambda: self._client.refresh_token(token=held.token))
+        except RefreshTooLate:
+            self._store.sessions.drop_token(conversation_id, held.token, now=now)
+            raise _lapsed() from None
+        except ConversationGone:
+            self._store.sessions.revoke_session(conversation_id, now=now)
+            raise
+        self._store.sessions.hold_token(conversation_id, _held_token(grant, now=now, clock=self._clock), now=now)
+        return grant
+
+    def _directline(self, call: Callable[[], ConversationToken], *, callers_token: bool = False) -> ConversationToken:
         """Direct Line's answer, or its failure as what the page should do next."""
         try:
             return call()
@@ -218,20 +267,131 @@ class TokenServer:
         except AuthenticationFailed as error:
             if callers_token:
                 raise InvalidToken("Direct Line does not accept this token") from None
-            log.error("Direct Line refused the relay's secret: %s", error)  # our configuration, not the page's
+            log.error("Direct Line refused the relay's credentials: %s", error)  # our configuration, not the page's
             raise DirectLineRejected("Direct Line refused the relay's credentials") from None
         except Throttled as error:
             raise DirectLineBusy("Direct Line is busy: try again shortly", retry_after=error.retry_after or 1) from None
         except DirectLineError as error:
             log.warning("Direct Line token call failed: %s", error)
-            if error.upstream_status == 400:  # only a reconnect sends something of the page's: the watermark
-                raise InvalidWatermark("Direct Line refused the watermark: resume without one") from None
             raise DirectLineUnavailable("Direct Line is unavailable: try again shortly", retry_after=2) from None
 
     @staticmethod
     def _grant(grant: ConversationToken) -> dict[str, Any]:
         return {"token": grant.token, "conversationId": grant.conversation_id,
                 "expires_in": grant.expires_in or DEFAULT_TOKEN_SECONDS}
+
+
+def _held_token(grant: ConversationToken, *, now: datetime, clock: Clock) -> HeldToken:
+    """`grant` as a session holds it: expiring `expires_in` (as Direct Line gave it) after `now`, refreshed at
+    about half of that (REFRESH_AT, a draw of `clock`)."""
+    lifetime = grant.expires_in or DEFAULT_TOKEN_SECONDS
+    return HeldToken(grant.token, expires_at=now + timedelta(seconds=lifetime),
+                     refresh_at=now + timedelta(seconds=lifetime * clock.uniform(*REFRESH_AT)))
+
+
+def _lapsed() -> SessionLapsed:
+    return SessionLapsed("Every token of this conversation expired, so nobody can rejoin it: start a new conversation")
+
+
+# ------------------------------------------------------------------------------------- the timer's part
+
+
+class _Refresh(StrEnum):
+    """What became of one due refresh index row."""
+
+    REFRESHED = "refreshed"
+    LAPSED = "lapsed"  # the held token had expired: the session can no longer be resumed
+    ENDED = "ended"  # the session is gone, revoked, expired or rescheduled: nothing to refresh
+    POSTPONED = "postponed"  # Direct Line failed or throttled: tried again later
+    SKIPPED = "skipped"  # left due for the next tick (Direct Line throttles)
+    FAILED = "failed"  # Table Storage or something unforeseen: the row stays due
+
+
+@dataclass(frozen=True)
+class SessionRefreshTick:
+    """What one timer run did to the held tokens of Web Chat sessions: each due row counted once."""
+
+    due: int = 0
+    refreshed: int = 0
+    lapsed: int = 0
+    ended: int = 0
+    postponed: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+
+def refresh_session_tokens(store: RelayStore, client: DirectLineClient, *, clock: Clock,
+                           limit: int = MAX_REFRESHES_PER_TICK, workers: int = REFRESH_WORKERS) -> SessionRefreshTick:
+    """Refresh every held token whose time has come (the sessions' refresh index, one range query), up to
+    `limit` of them, `workers` at a time.
+
+    One session's trouble never stops the others: a Direct Line failure is tried again soon (within the
+    token's life), and a throttled refresh is tried again after Retry-After, and leaves the rest of this run's
+    rows due for the next run. An expired or revoked session's row goes; a token found expired goes too
+    (resume is then SessionLapsed)."""
+    due = store.sessions.list_due_refreshes(now=clock.now(), limit=limit)
+    if not due:
+        return SessionRefreshTick()
+    client = client.with_options(retry=SESSION_REFRESH_RETRY)
+    throttled = threading.Event()
+
+    def work(item: DueRefresh) -> _Refresh:
+        if throttled.is_set():
+            return _Refresh.SKIPPED
+        try:
+            return _refresh__held_token(store, client, clock, item, throttled)
+        except Exception:  # one session's trouble never stops the others
+            log.exception("Web Chat session refresh failed")
+            return _Refresh.FAILED
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(due))), thread_name_prefix="session") as pool:
+        outcomes = list(pool.map(work, due))
+    tick = SessionRefreshTick(due=len(due), **{o.value: outcomes.count(o) for o in _Refresh})
+    log.info("session tokens: due=%d refreshed=%d lapsed=%d ended=%d postponed=%d skipped=%d failed=%d",
+             tick.due, tick.refreshed, tick.lapsed, tick.ended, tick.postponed, tick.skipped, tick.failed)
+    return tick
+
+
+def _refresh__held_token(store: RelayStore, client: DirectLineClient, clock: Clock, item: DueRefresh,
+                        throttled: threading.Event) -> _Refresh:
+    now = clock.now()
+    session = store.sessions.get_session(item.conversation_id)
+    if session is None or session.held is None or session.refresh_index_key != item.index_key:
+        store.sessions.end_refresh(item)  # a row nothing points at any more
+        return _Refresh.ENDED
+    conversation_id, held = session.conversation_id, session.held
+    if session.revoked or session.expires_at <= now:
+        store.sessions.drop_token(conversation_id, held.token, now=now)
+        return _Refresh.ENDED
+    if not held.alive(now):
+        return _lapse(store, conversation_id, held, now)
+    try:
+        grant = client.refresh_token(token=held.token)
+    except TokenExpired:
+        return _lapse(store, conversation_id, held, now)
+    except ConversationNotFound:
+        log.info("Web Chat session %s revoked: Direct Line forgot its conversation", conversation_id)
+        store.sessions.revoke_session(conversation_id, now=now)
+        return _Refresh.ENDED
+    except DirectLineError as error:
+        if isinstance(error, Throttled):
+            throttled.set()
+            delay = error.retry_after or REFRESH_RETRY_SECONDS
+        else:
+            log.warning("could not refresh the token of Web Chat conversation %s: %s", conversation_id, error)
+            left = (held.expires_at - now).total_seconds()
+            delay = max(1.0, min(REFRESH_RETRY_SECONDS, left / 4))
+        store.sessions.postpone_refresh(conversation_id, held.token, refresh_at=now + timedelta(seconds=delay), now=now)
+        return _Refresh.POSTPONED
+    store.sessions.hold_token(conversation_id, _held_token(grant, now=clock.now(), clock=clock))
+    return _Refresh.REFRESHED
+
+
+def _lapse(store: RelayStore, conversation_id: str, held: HeldToken, now: datetime) -> _Refresh:
+    log.warning("Web Chat conversation %s can no longer be resumed: its token expired before the relay could "
+                "refresh it", conversation_id)
+    store.sessions.drop_token(conversation_id, held.token, now=now)
+    return _Refresh.LAPSED
 
 
 def _new_resume_key() -> str:
@@ -243,28 +403,24 @@ def _new_resume_key() -> str:
 class _ResumeRequest:
     conversation_id: str
     resume_key: str = field(repr=False)
-    watermark: str | None = None
 
 
 def _parse_resume_body(body: bytes) -> _ResumeRequest:
-    """`{conversationId, resumeKey, watermark?}`, each a string of at most MAX_FIELD_CHARS that UTF-8 can
-    encode; InvalidJson or InvalidRequest otherwise."""
+    """`{conversationId, resumeKey}`, each a string of at most MAX_FIELD_CHARS that UTF-8 can encode (anything
+    else in the object is ignored); InvalidJson or InvalidRequest otherwise."""
     try:
         payload = json.loads(body or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         raise InvalidJson("The body is not valid JSON") from None
     if not isinstance(payload, Mapping):
-        raise InvalidRequest('Send a JSON object: {"conversationId", "resumeKey", "watermark"?}')
-    return _ResumeRequest(conversation_id=_text_field(payload, "conversationId") or "",
-                         resume_key=_text_field(payload, "resumeKey") or "",
-                         watermark=_text_field(payload, "watermark", required=False) or None)
+        raise InvalidRequest('Send a JSON object: {"conversationId", "resumeKey"}')
+    return _ResumeRequest(conversation_id=_text_field(payload, "conversationId"),
+                         resume_key=_text_field(payload, "resumeKey"))
 
 
-def _text_field(payload: Mapping[str, Any], name: str, *, required: bool = True) -> str | None:
+def _text_field(payload: Mapping[str, Any], name: str) -> str:
     value = payload.get(name)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or (required and not value):
+    if not isinstance(value, str) or not value:
         raise InvalidRequest(f"'{name}' must be a non-empty string")
     if len(value) > MAX_FIELD_CHARS:
         raise InvalidRequest(f"'{name}' is longer than {MAX_FIELD_CHARS} characters")

@@ -32,7 +32,8 @@ def test_idle_conversations_cost_one_peek_each_and_one_batch_and_news_is_deliver
     emulator.reset_counters()
     idle = poll_tick(ctx)
     assert (idle.due, idle.worked, idle.quiet) == (3, 0, 3)
-    assert dict(transport.snapshot()) == {"query": 1, "batch": 1}  # no record read, no lease, one shared batch
+    # The due index and the Web Chat sessions' refresh index, one query each; no record read, no lease, one batch.
+    assert dict(transport.snapshot()) == {"query": 2, "batch": 1}
     assert emulator.counters()["requests"] == {"activities/get": 3}
 
     clock.advance(5)  # the rows were moved on: nothing is due yet

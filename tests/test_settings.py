@@ -18,6 +18,7 @@ def test_defaults():
     assert settings.relay.burst_poll_seconds == 2
     assert settings.channels == {}
     assert settings.webchat.demo_enabled is False
+    assert settings.webchat.session_hours == 24
 
 
 def test_missing_secret_is_named():
@@ -32,6 +33,10 @@ def test_missing_secret_is_named():
     ("WEBCHAT_DEMO_ENABLED", "maybe", "true or false"),
     ("WEBCHAT_ALLOWED_ORIGINS", "https://a.example/path", "https://host"),
     ("RELAY_TABLE_PREFIX", "bad-prefix", "letters and digits"),
+    ("WEBCHAT_SESSION_HOURS", "a day", "must be a number"),
+    ("WEBCHAT_SESSION_HOURS", "0", "more than 0"),
+    ("WEBCHAT_SESSION_HOURS", "337", "at most 336"),
+    ("WEBCHAT_SESSION_HOURS", "nan", "more than 0"),
     ("WEBCHAT_BUNDLE_URL", "cdn.example/webchat.js", "absolute http"),
     ("WEBCHAT_BUNDLE_URL", "http://cdn.example/webchat.js", "https URL"),
     ("DIRECTLINE_SECRET", "@Microsoft.KeyVault(SecretUri=https://v.vault.azure.net/secrets/x/)", "Key Vault"),

@@ -7,18 +7,23 @@
  *   WebChat.renderWebChat({ directLine }, element);
  *
  * Why a wrapper: a Direct Line token lives about 30 minutes, and a page that sleeps past that (a
- * closed lid, a phone in a pocket) comes back with a dead connection; DirectLineJS stops polling
+ * closed lid, a phone in a pocket, a frozen tab) comes back with a dead connection; DirectLineJS stops
  * for good after a network error or an expired token. Web Chat keeps one stable connection object
  * (the one returned here); underneath, this script refreshes the token at about half its lifetime,
- * and when the token has expired or the network comes back it asks the relay to resume the same
- * conversation (proved by a resume key the relay rotates on every use) and recreates the Direct
- * Line connection from the last watermark. Activities are de-duplicated by id, so the transcript
- * neither loses nor repeats a message.
+ * and when the token has expired, the network comes back or the tab wakes, it asks the relay to resume
+ * the same conversation (proved by a resume key the relay rotates on every use; the relay answers a
+ * fresh token of the conversation it kept alive meanwhile), reads what it missed from its last watermark
+ * and recreates the Direct Line connection from there. Activities are de-duplicated by id, so the
+ * transcript neither loses nor repeats a message, whatever Direct Line replays.
+ *
+ * The connection underneath uses Direct Line's WebSocket stream where the browser has WebSocket, and
+ * polls otherwise (or with webSocket: false).
  *
  * sessionStorage (per tab) keeps conversationId, userId, resumeKey and watermark; the token is never
- * stored. Options: baseUrl (the relay; default this page's origin), pollingInterval (ms, 1000),
- * hiddenResumeMs (a tab hidden this long checks its connection when shown again, 60000),
- * storage, createDirectLine, log (function receiving diagnostic strings, never tokens or keys).
+ * stored. Options: baseUrl (the relay; default this page's origin), webSocket (true: the stream where
+ * available; false: poll), pollingInterval (ms, 1000, when polling), hiddenResumeMs (a tab hidden this
+ * long checks its connection when shown again, 60000), storage, createDirectLine, fetch, log (function
+ * receiving diagnostic strings, never tokens or keys).
  */
 (function (global) {
   'use strict';
@@ -27,6 +32,7 @@
   var STORAGE_KEY = 'relayWebChat';
   var MAX_RETRY_MS = 30 * 1000;
   var POST_WAIT_MS = 15 * 1000;
+  var MAX_HISTORY_PAGES = 50;
 
   // A minimal multicast observable: Web Chat only needs subscribe() with next/error/complete.
   function Subject(initial) {
@@ -44,6 +50,34 @@
         var observer = toObserver(observerOrNext, error, complete);
         observers.push(observer);
         if (hasValue && observer.next) { observer.next(value); }
+        var subscription = {
+          closed: false,
+          unsubscribe: function () {
+            subscription.closed = true;
+            observers = observers.filter(function (o) { return o !== observer; });
+          }
+        };
+        return subscription;
+      }
+    };
+  }
+
+  // The activity stream Web Chat reads: what comes before its first subscriber (the history a reloaded
+  // page reads before Web Chat is rendered) is kept for it, not lost.
+  function ActivityStream() {
+    var observers = [];
+    var backlog = [];
+    return {
+      next: function (item) {
+        if (!observers.length) { backlog.push(item); return; }
+        observers.slice().forEach(function (o) { if (o.next) { o.next(item); } });
+      },
+      subscribe: function (observerOrNext, error, complete) {
+        var observer = toObserver(observerOrNext, error, complete);
+        observers.push(observer);
+        var waiting = backlog;
+        backlog = [];
+        waiting.forEach(function (item) { if (observer.next) { observer.next(item); } });
         var subscription = {
           closed: false,
           unsubscribe: function () {
@@ -93,13 +127,15 @@
     var storage = options.storage || global.sessionStorage;
     var createDirectLine = options.createDirectLine || (global.WebChat && global.WebChat.createDirectLine);
     var hiddenResumeMs = options.hiddenResumeMs === undefined ? 60 * 1000 : options.hiddenResumeMs;
+    var webSocket = options.webSocket !== false && typeof global.WebSocket !== 'undefined';
     var pollingInterval = options.pollingInterval || 1000;
+    var fetch = options.fetch || function (url, init) { return global.fetch(url, init); };
     var log = options.log || function () {};
     if (!createDirectLine) {
       return Promise.reject(new Error('relay-webchat.js needs Web Chat (window.WebChat.createDirectLine)'));
     }
 
-    var activity$ = Subject();
+    var activity$ = ActivityStream();
     var connectionStatus$ = Subject(STATUS.Uninitialized);
     var seen = {};
     var current = null;         // the DirectLineJS instance underneath
@@ -132,7 +168,7 @@
     function call(path, body, bearer) {
       var headers = { 'Content-Type': 'application/json' };
       if (bearer) { headers.Authorization = 'Bearer ' + bearer; }
-      return global.fetch(baseUrl + '/api/directline/' + path, {
+      return fetch(baseUrl + '/api/directline/' + path, {
         method: 'POST', headers: headers, body: JSON.stringify(body || {}), credentials: 'omit', cache: 'no-store'
       }).then(function (response) {
         return response.json().catch(function () { return {}; }).then(function (json) {
@@ -163,17 +199,26 @@
       refreshTimer = setTimeout(refresh, lifetime * 1000 * (0.45 + Math.random() * 0.1));
     }
 
+    // Show an activity once: Direct Line replays after a reconnect, a refused watermark or a reload.
+    function deliver(activity) {
+      if (activity.id) {
+        if (seen[activity.id]) { return; }
+        seen[activity.id] = true;
+      }
+      activity$.next(activity);
+    }
+
     // A new DirectLineJS underneath. `from` null: the token's new conversation; otherwise this
-    // conversation from `from.watermark` ('' = its whole history), with the resume's streamUrl if any.
+    // conversation from `from.watermark`: DirectLineJS reconnects with the token (which gives it a
+    // stream URL from that watermark) and streams or polls from there.
     function attach(from) {
       detach();
       var state = load();
-      var dlOptions = { token: token, webSocket: false, pollingInterval: pollingInterval };
+      var dlOptions = { token: token, webSocket: webSocket, pollingInterval: pollingInterval };
       if (state.domain) { dlOptions.domain = state.domain; }
       if (from) {
         dlOptions.conversationId = state.conversationId;
         dlOptions.watermark = from.watermark || '';
-        if (from.streamUrl) { dlOptions.streamUrl = from.streamUrl; }  // the relay reconnected already
       }
       var instance = current = createDirectLine(dlOptions);
       currentStatus = STATUS.Uninitialized;
@@ -181,11 +226,7 @@
         next: function (activity) {
           if (instance !== current) { return; }
           if (instance.watermark) { save({ watermark: instance.watermark }); }
-          if (activity.id) {
-            if (seen[activity.id]) { return; }
-            seen[activity.id] = true;
-          }
-          activity$.next(activity);
+          deliver(activity);
         },
         error: function () { if (instance === current) { recover(); } },
         complete: function () { if (instance === current && !ended) { recover(); } }
@@ -211,6 +252,35 @@
       }));
     }
 
+    // What the conversation holds after `watermark` ('' = all of it), read over HTTPS with the page's
+    // token and shown (once each); the watermark after it. A watermark Direct Line refuses (400) is
+    // dropped: everything is read again and the ids weed out what the page has shown.
+    function catchUp(watermark, pages) {
+      var state = load();
+      var url = (state.domain || '') + '/conversations/' + encodeURIComponent(state.conversationId) +
+        '/activities' + (watermark ? '?watermark=' + encodeURIComponent(watermark) : '');
+      return fetch(url, {
+        headers: { Authorization: 'Bearer ' + token, Accept: 'application/json' }, credentials: 'omit',
+        cache: 'no-store'
+      }).then(function (response) {
+        if (response.status === 400 && watermark) {
+          log('watermark refused: reading the conversation from its start');
+          return catchUp('', pages);
+        }
+        if (!response.ok) { throw RelayError(response.status, 'DirectLine' + response.status, 'history'); }
+        return response.json().then(function (set) {
+          var activities = set.activities || [];
+          var next = set.watermark || watermark;
+          activities.forEach(deliver);
+          save({ watermark: next });
+          if (!activities.length || next === watermark || pages + 1 >= MAX_HISTORY_PAGES) { return next; }
+          return catchUp(next, pages + 1);
+        });
+      }, function (error) {
+        throw RelayError(0, 'NetworkError', error && error.message);
+      });
+    }
+
     function detach() {
       currentSubscriptions.forEach(function (s) { s.unsubscribe(); });
       currentSubscriptions = [];
@@ -228,22 +298,20 @@
       });
     }
 
-    // Resume the stored conversation: from the stored watermark, or (withWatermark false: a
-    // reloaded page with an empty transcript) from its beginning.
+    // Resume the stored conversation: a fresh token of it from the relay, what the page missed since its
+    // watermark (or, withWatermark false: a reloaded page with an empty transcript, all of it), then the
+    // connection from there.
     function resume(withWatermark) {
       var state = load();
       if (!state.conversationId || !state.resumeKey) { return start(); }
       var watermark = withWatermark && state.watermark ? state.watermark : '';
-      var body = { conversationId: state.conversationId, resumeKey: state.resumeKey };
-      if (watermark) { body.watermark = watermark; }
-      return call('resume', body).then(function (grant) {
+      return call('resume', { conversationId: state.conversationId, resumeKey: state.resumeKey }).then(function (grant) {
         adopt(grant);
-        attach({ watermark: watermark, streamUrl: grant.streamUrl });
+        return catchUp(watermark, 0).then(function (next) { attach({ watermark: next }); });
       }, function (error) {
         log('resume refused: ' + error.status + ' ' + error.code);
-        if (error.status === 400 && watermark) { return resume(false); }  // a watermark Direct Line refused
         if (error.status === 403 || error.status === 404) {
-          // Not this page's conversation any more (gone, expired, revoked): start a new one.
+          // Not this page's conversation any more (gone, expired, revoked, lapsed): start a new one.
           storage.removeItem(STORAGE_KEY);
           return start();
         }
@@ -300,9 +368,9 @@
       }
     }
 
-    // Web Chat replaces a "dl_" user id it is given by a random one (only a token may carry it),
-    // and a token from a resume carries none: so every activity is stamped with the session's user
-    // here, and the bot sees one user before and after a resume.
+    // Web Chat replaces a "dl_" user id it is given by a random one (only a token may carry it), and
+    // without enhanced authentication Direct Line takes from.id as sent: so every activity is stamped
+    // with the session's user here, and the bot sees one user before and after a resume.
     function asPageUser(activity) {
       var userId = load().userId;
       if (!userId) { return activity; }
@@ -358,6 +426,8 @@
       global.addEventListener('online', wake);
     }
     if (global.document && global.document.addEventListener) {
+      // A frozen tab (Page Lifecycle: a background tab, a phone saving power) ran no timers meanwhile.
+      global.document.addEventListener('resume', wake);
       global.document.addEventListener('visibilitychange', function () {
         if (global.document.visibilityState === 'hidden') {
           hiddenAt = Date.now();

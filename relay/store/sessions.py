@@ -6,13 +6,23 @@ conversation id (`Tables.key_for`: a resume names any id it likes, of any length
 stored: the newest, the ones answered in the current grace period, the one the last resume used
 and every key rotated away (presenting one of those revokes the session: someone copied it).
 Every decision is written under the ETag of the row it was made on.
+
+The row also holds a token of the conversation (`HeldToken`), as a conversation record holds its
+token: a bearer secret, in plain text in the table, out of every repr and log line. The relay keeps it
+fresh for the session's life, so that a page back from any sleep gets a token of its conversation
+(relay/tokens.py). What is due for a refresh is found without reading the sessions: refresh index rows,
+PartitionKey "refresh", RowKey "<refresh time, ms, 15 digits>|<the session's PartitionKey>", read with
+one RowKey range query (`list_due_refreshes`). A session points at its row (`refresh_index_key`); a row
+is written before the session points at it, so none is missing, and one nothing points at any more (a
+session rescheduled, revoked, expired, swept, or whose token lapsed) is deleted at once when that is
+known, or else when the timer finds it due (`end_refresh`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -23,7 +33,14 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableEntity, UpdateMode
 
 from relay.errors import ConcurrencyConflict
-from relay.store.tables import UPDATE_ATTEMPTS, get_json, pause_after_conflict, put_json, storage_errors
+from relay.store.tables import (
+    UPDATE_ATTEMPTS,
+    get_json,
+    millis,
+    pause_after_conflict,
+    put_json,
+    storage_errors,
+)
 
 if TYPE_CHECKING:
     from relay.clock import Clock
@@ -32,6 +49,8 @@ if TYPE_CHECKING:
 __all__ = [
     "GRACE_KEYS_LIMIT",
     "RESUME_GRACE",
+    "DueRefresh",
+    "HeldToken",
     "ResumeOutcome",
     "ResumeResult",
     "WebChatSession",
@@ -41,6 +60,7 @@ __all__ = [
 
 _TABLE = "webchatsessions"
 _ROW = "session"
+_REFRESH_PARTITION = "refresh"
 _PREVIOUS_KEYS_LIMIT = 20
 
 
@@ -68,6 +88,28 @@ GRACE_KEYS_LIMIT = 8  # valid keys at once in a grace period (keeps the row smal
 
 
 @dataclass(frozen=True)
+class HeldToken:
+    """A token of the session's conversation that the relay holds and refreshes at `refresh_at`.
+
+    A bearer secret: given only to the page that proves it owns the session, never logged."""
+
+    token: str = field(repr=False)
+    expires_at: datetime
+    refresh_at: datetime
+
+    def alive(self, now: datetime) -> bool:
+        return now < self.expires_at
+
+
+@dataclass(frozen=True)
+class DueRefresh:
+    """A refresh index row whose time has come: the held token of `conversation_id`'s session wants refreshing."""
+
+    conversation_id: str
+    index_key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class ResumeResult:
     outcome: ResumeOutcome
     session: WebChatSession | None = None
@@ -91,6 +133,8 @@ class WebChatSession:
     grace_key_hash: str = field(default="", repr=False)  # the key the last resume used and rotated away
     rotated_at: datetime | None = None  # when that resume happened: the grace period starts then
     previous_key_hashes: tuple[str, ...] = field(default=(), repr=False)  # every key rotated away (poison)
+    held: HeldToken | None = None  # None: none (an older row), or it lapsed, or the session was revoked
+    refresh_index_key: str = field(default="", repr=False)  # the refresh index row of `held`
     etag: str | None = field(default=None, repr=False, compare=False)
 
     def resume_outcome(self, resume_key: str, *, now: datetime) -> ResumeOutcome:
@@ -129,14 +173,17 @@ class WebChatSessions:
         self._clock = clock
 
     def create_session(self, conversation_id: str, *, user_id: str, resume_key: str, expires_at: datetime,
-                       now: datetime | None = None) -> WebChatSession:
-        """Store a new session; only the resume key's hash is kept. ConcurrencyConflict if one exists."""
+                       held: HeldToken | None = None, now: datetime | None = None) -> WebChatSession:
+        """Store a new session, holding `held` (refreshed from its `refresh_at` on); only the resume key's hash
+        is kept. ConcurrencyConflict if one exists."""
         now = now or self._clock.now()
+        partition = self._partition(conversation_id)
+        index_key = self._write_index_row(conversation_id, partition, held)
         session = WebChatSession(conversation_id, user_id, expires_at, created_at=now, updated_at=now,
-                                 resume_key_hash=hash_resume_key(resume_key))
+                                 resume_key_hash=hash_resume_key(resume_key), held=held, refresh_index_key=index_key)
         with storage_errors("store a Web Chat session"):
             try:
-                result = self._table.client.create_entity(_to_entity(session, self._partition(conversation_id)))
+                result = self._table.client.create_entity(_to_entity(session, partition))
             except ResourceExistsError:
                 raise ConcurrencyConflict("a Web Chat session for this conversation exists already") from None
         return replace(session, etag=result.get("etag"))
@@ -174,39 +221,147 @@ class WebChatSessions:
                                   retry_key_hashes=(*session.retry_key_hashes, session.resume_key_hash),
                                   updated_at=now)
             elif outcome == ResumeOutcome.REUSED_KEY:
-                updated = replace(session, revoked=True, updated_at=now)
+                updated = _revoked(session, now)
             elif outcome == ResumeOutcome.WRONG_KEY:
                 return ResumeResult(ResumeOutcome.WRONG_KEY)
             else:
                 return ResumeResult(outcome, session)
-            with storage_errors("update a Web Chat session"):
-                try:
-                    result = self._table.client.update_entity(_to_entity(updated, self._partition(conversation_id)),
-                                                              mode=UpdateMode.REPLACE,
-                                                              etag=session.etag,
-                                                              match_condition=MatchConditions.IfNotModified)
-                except (ResourceModifiedError, ResourceNotFoundError):
-                    pause_after_conflict(self._clock, attempt)
-                    continue
-            return ResumeResult(outcome, replace(updated, etag=result.get("etag")))
+            written = self._replace(session, updated, "update a Web Chat session")
+            if written is None:
+                pause_after_conflict(self._clock, attempt)
+                continue
+            return ResumeResult(outcome, written)
         raise ConcurrencyConflict("the Web Chat session kept changing")
 
-    def revoke_session(self, conversation_id: str, *, now: datetime | None = None) -> None:
-        """Mark the session revoked (a no-op when there is none): its page must start a new conversation."""
-        entity = {"PartitionKey": self._partition(conversation_id), "RowKey": _ROW, "revoked": True,
-                  "updated_at": now or self._clock.now()}
-        with storage_errors("revoke a Web Chat session"):
+    def extend_session(self, session: WebChatSession, *, expires_at: datetime, now: datetime | None = None) -> bool:
+        """Move the end of `session` (as read) to `expires_at`; False, and nothing written, when it changed since."""
+        entity = {"PartitionKey": self._partition(session.conversation_id), "RowKey": _ROW,
+                  "expires_at": expires_at, "updated_at": now or self._clock.now()}
+        with storage_errors("extend a Web Chat session"):
             try:
-                self._table.client.update_entity(entity, mode=UpdateMode.MERGE)
-            except ResourceNotFoundError:
-                return
+                self._table.client.update_entity(entity, mode=UpdateMode.MERGE, etag=session.etag,
+                                                 match_condition=MatchConditions.IfNotModified)
+            except (ResourceModifiedError, ResourceNotFoundError):
+                return False
+        return True
+
+    def revoke_session(self, conversation_id: str, *, now: datetime | None = None) -> None:
+        """Mark the session revoked and forget its held token (a no-op when there is none): its page must start a
+        new conversation."""
+        now = now or self._clock.now()
+
+        def change(session: WebChatSession) -> WebChatSession | None:
+            return None if session.revoked and session.held is None else _revoked(session, now)
+
+        self._update(conversation_id, change, "revoke a Web Chat session")
+
+    def hold_token(self, conversation_id: str, held: HeldToken, *,
+                   now: datetime | None = None) -> WebChatSession | None:
+        """Keep `held` as the session's token, refreshed from `held.refresh_at` on; None (nothing kept) when the
+        session is gone or revoked."""
+        now = now or self._clock.now()
+
+        def change(session: WebChatSession) -> WebChatSession | None:
+            return None if session.revoked else replace(session, held=held, updated_at=now)
+
+        return self._update(conversation_id, change, "keep a Web Chat session's token")
+
+    def postpone_refresh(self, conversation_id: str, token: str, *, refresh_at: datetime,
+                         now: datetime | None = None) -> WebChatSession | None:
+        """Refresh the held token at `refresh_at` instead (its refresh failed), if the session still holds `token`."""
+        now = now or self._clock.now()
+
+        def change(session: WebChatSession) -> WebChatSession | None:
+            if session.revoked or session.held is None or session.held.token != token:
+                return None
+            return replace(session, held=replace(session.held, refresh_at=refresh_at), updated_at=now)
+
+        return self._update(conversation_id, change, "reschedule a Web Chat session's refresh")
+
+    def drop_token(self, conversation_id: str, token: str, *, now: datetime | None = None) -> None:
+        """The held `token` lapsed (it can no longer be refreshed): forget it and stop refreshing, unless the
+        session holds another token by now."""
+        now = now or self._clock.now()
+
+        def change(session: WebChatSession) -> WebChatSession | None:
+            if session.held is None or session.held.token != token:
+                return None
+            return replace(session, held=None, updated_at=now)
+
+        self._update(conversation_id, change, "forget a Web Chat session's lapsed token")
+
+    def list_due_refreshes(self, *, now: datetime | None = None, limit: int = 200) -> list[DueRefresh]:
+        """The sessions whose held token is due for its refresh, earliest first: one RowKey range of the index."""
+        now = now or self._clock.now()
+        rows = self._table.query("PartitionKey eq @pk and RowKey lt @upper",
+                                 {"pk": _REFRESH_PARTITION, "upper": f"{millis(now) + 1:015d}"}, limit=limit)
+        return [DueRefresh(row.get("conversation_id") or "", row["RowKey"]) for row in rows]
+
+    def end_refresh(self, due: DueRefresh) -> None:
+        """Delete a refresh index row its session no longer points at (best effort: the timer finds it again)."""
+        self._table.delete_quietly(_REFRESH_PARTITION, due.index_key)
 
     def delete_expired(self, *, now: datetime, budget: Budget) -> int:
-        """Delete the sessions expired by `now` (a scan for the sweep, paged while `budget` lasts); how many went."""
+        """Delete the sessions expired by `now` (a scan for the sweep, paged while `budget` lasts); how many went.
+
+        Their refresh index rows go when the timer finds them due."""
         return self._table.delete_matching("expires_at lt @now", {"now": now}, budget=budget)
+
+    # ------------------------------------------------------------------------------------------ helpers
 
     def _partition(self, conversation_id: str) -> str:
         return self._tables.key_for("web chat session", conversation_id)
+
+    def _update(self, conversation_id: str, change: Callable[[WebChatSession], WebChatSession | None],
+                what: str) -> WebChatSession | None:
+        """Apply `change` (free of side effects; None: leave the session as it is) to the stored session under its
+        ETag, on fresh data after a conflict; the session written, or None. ConcurrencyConflict after
+        UPDATE_ATTEMPTS conflicts."""
+        for attempt in range(UPDATE_ATTEMPTS):
+            session = self.get_session(conversation_id)
+            updated = None if session is None else change(session)
+            if session is None or updated is None:
+                return None
+            written = self._replace(session, updated, what)
+            if written is not None:
+                return written
+            pause_after_conflict(self._clock, attempt)
+        raise ConcurrencyConflict("the Web Chat session kept changing")
+
+    def _replace(self, session: WebChatSession, updated: WebChatSession, what: str) -> WebChatSession | None:
+        """Write `updated` over `session` (as read) under its ETag, its refresh index row first and the one it
+        replaces deleted after; None when the row changed or went meanwhile."""
+        partition = self._partition(session.conversation_id)
+        same_schedule = (bool(session.refresh_index_key) and updated.held is not None and session.held is not None
+                         and updated.held.refresh_at == session.held.refresh_at)
+        index_key = session.refresh_index_key if same_schedule else \
+            self._write_index_row(session.conversation_id, partition, updated.held)
+        updated = replace(updated, refresh_index_key=index_key)
+        with storage_errors(what):
+            try:
+                result = self._table.client.update_entity(_to_entity(updated, partition), mode=UpdateMode.REPLACE,
+                                                          etag=session.etag,
+                                                          match_condition=MatchConditions.IfNotModified)
+            except (ResourceModifiedError, ResourceNotFoundError):
+                return None
+        if session.refresh_index_key and session.refresh_index_key != index_key:
+            self._table.delete_quietly(_REFRESH_PARTITION, session.refresh_index_key)
+        return replace(updated, etag=result.get("etag"))
+
+    def _write_index_row(self, conversation_id: str, partition: str, held: HeldToken | None) -> str:
+        """The refresh index row of `held` (written now; idempotent), "" when nothing is held."""
+        if held is None:
+            return ""
+        index_key = f"{millis(held.refresh_at):015d}|{partition}"
+        with storage_errors("schedule a Web Chat session's refresh"):
+            self._table.client.upsert_entity({"PartitionKey": _REFRESH_PARTITION, "RowKey": index_key,
+                                              "conversation_id": conversation_id}, mode=UpdateMode.REPLACE)
+        return index_key
+
+
+def _revoked(session: WebChatSession, now: datetime) -> WebChatSession:
+    """`session` revoked: it holds no token any more, so it is not refreshed either."""
+    return replace(session, revoked=True, held=None, updated_at=now)
 
 
 def hash_resume_key(resume_key: str) -> str:
@@ -224,17 +379,25 @@ def _to_entity(session: WebChatSession, partition_key: str) -> dict[str, Any]:
               "conversation_id": session.conversation_id, "user_id": session.user_id,
               "expires_at": session.expires_at, "revoked": session.revoked, "created_at": session.created_at,
               "updated_at": session.updated_at, "resume_key_hash": session.resume_key_hash,
-              "grace_key_hash": session.grace_key_hash, "rotated_at": session.rotated_at}
+              "grace_key_hash": session.grace_key_hash, "rotated_at": session.rotated_at,
+              "refresh_index_key": session.refresh_index_key}
+    if session.held is not None:
+        entity |= {"token": session.held.token, "token_expires_at": session.held.expires_at,
+                   "token_refresh_at": session.held.refresh_at}
     put_json(entity, "retry_key_hashes", list(session.retry_key_hashes))
     put_json(entity, "previous_key_hashes", list(session.previous_key_hashes))
     return entity
 
 
 def _from_entity(entity: TableEntity) -> WebChatSession:
+    held = None
+    if entity.get("token") and entity.get("token_expires_at") and entity.get("token_refresh_at"):
+        held = HeldToken(entity["token"], entity["token_expires_at"], entity["token_refresh_at"])
     return WebChatSession(entity["conversation_id"], entity["user_id"], entity["expires_at"],
                           revoked=bool(entity.get("revoked")), created_at=entity.get("created_at"),
                           updated_at=entity.get("updated_at"), resume_key_hash=entity.get("resume_key_hash", ""),
                           retry_key_hashes=tuple(get_json(entity, "retry_key_hashes", [])),
                           grace_key_hash=entity.get("grace_key_hash", ""), rotated_at=entity.get("rotated_at"),
                           previous_key_hashes=tuple(get_json(entity, "previous_key_hashes", [])),
+                          held=held, refresh_index_key=entity.get("refresh_index_key") or "",
                           etag=entity.metadata["etag"])

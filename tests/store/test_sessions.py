@@ -1,4 +1,5 @@
-"""Web Chat sessions against Azurite: resume keys rotated, a reused key revokes, the grace period, races."""
+"""Web Chat sessions against Azurite: resume keys rotated, a reused key revokes, the grace period, races; the
+token a session holds and its refresh index."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from azure.core.pipeline.transport import RequestsTransport
 
 from relay.errors import ConcurrencyConflict
 from relay.store import RelayStore
-from relay.store.sessions import GRACE_KEYS_LIMIT, RESUME_GRACE, ResumeOutcome
+from relay.store.sessions import GRACE_KEYS_LIMIT, RESUME_GRACE, HeldToken, ResumeOutcome
 from tests.store.conftest import T0, make_store
 
 
@@ -164,3 +165,96 @@ def test_webchat_many_concurrent_resumes_with_one_key_never_revoke(storage_conne
     assert sorted(outcomes) == sorted([ResumeOutcome.RESUMED] + [ResumeOutcome.RETRIED] * (len(stores) - 1))
     assert not stores[0].sessions.get_session("conv-many").revoked
     assert resume(stores[0], "key-2-next", "key-last", T0 + timedelta(seconds=1), "conv-many") == ResumeOutcome.RESUMED
+
+
+# --------------------------------------------------------------------------------- the held token
+
+
+def held(name: str, refresh_in: float, *, lives: float = 1800, at: datetime = T0) -> HeldToken:
+    return HeldToken(name, expires_at=at + timedelta(seconds=lives), refresh_at=at + timedelta(seconds=refresh_in))
+
+
+def due(store: RelayStore, at: datetime) -> list[str]:
+    return [row.conversation_id for row in store.sessions.list_due_refreshes(now=at)]
+
+
+def test_webchat_a_held_token_is_due_for_its_refresh_from_its_refresh_time_on_and_kept_out_of_reprs(store):
+    store.sessions.create_session("conv-h", user_id="dl_u", resume_key="k", expires_at=T0 + timedelta(hours=24),
+                                 held=held("token-1", 900), now=T0)
+    store.sessions.create_session("conv-later", user_id="dl_v", resume_key="k", expires_at=T0 + timedelta(hours=24),
+                                 held=held("token-2", 1000), now=T0)
+    assert due(store, T0 + timedelta(seconds=899)) == []
+    assert due(store, T0 + timedelta(seconds=900)) == ["conv-h"]
+    assert due(store, T0 + timedelta(seconds=1000)) == ["conv-h", "conv-later"]  # earliest first
+    session = store.sessions.get_session("conv-h")
+    assert session.held == held("token-1", 900)
+    assert "token-1" not in repr(session)
+
+
+def test_webchat_holding_a_new_token_moves_its_refresh_and_leaves_no_row_behind(store):
+    store.sessions.create_session("conv-m", user_id="dl_u", resume_key="k", expires_at=T0 + timedelta(hours=24),
+                                 held=held("token-1", 900), now=T0)
+    later = T0 + timedelta(seconds=900)
+    kept = store.sessions.hold_token("conv-m", held("token-2", 900, at=later), now=later)
+    assert kept is not None and kept.held.token == "token-2"
+    assert due(store, later) == []
+    assert due(store, later + timedelta(seconds=900)) == ["conv-m"]
+    assert store.sessions.get_session("conv-m").held.token == "token-2"
+    # A failed refresh is tried again sooner, if the session still holds that token.
+    assert store.sessions.postpone_refresh("conv-m", "token-1", refresh_at=later, now=later) is None
+    store.sessions.postpone_refresh("conv-m", "token-2", refresh_at=later + timedelta(seconds=30), now=later)
+    assert due(store, later + timedelta(seconds=30)) == ["conv-m"]
+    assert len(store.sessions.list_due_refreshes(now=later + timedelta(days=1))) == 1
+
+
+def test_webchat_a_revoked_session_holds_no_token_and_is_not_due(store):
+    store.sessions.create_session("conv-r", user_id="dl_u", resume_key="k", expires_at=T0 + timedelta(hours=24),
+                                 held=held("token-1", 900), now=T0)
+    store.sessions.revoke_session("conv-r", now=T0)
+    session = store.sessions.get_session("conv-r")
+    assert session.revoked and session.held is None
+    assert due(store, T0 + timedelta(days=1)) == []
+    assert store.sessions.hold_token("conv-r", held("token-2", 900), now=T0) is None
+    assert store.sessions.get_session("conv-r").held is None
+
+
+def test_webchat_a_reused_key_revokes_and_forgets_the_held_token(store):
+    store.sessions.create_session("conv-s", user_id="dl_u", resume_key="key-1", expires_at=T0 + timedelta(hours=1),
+                                 held=held("token-1", 900), now=T0)
+    assert resume(store, "key-1", "key-2", T0, "conv-s") == ResumeOutcome.RESUMED
+    assert resume(store, "key-2", "key-3", T0, "conv-s") == ResumeOutcome.RESUMED
+    assert resume(store, "key-1", "x", T0, "conv-s") == ResumeOutcome.REUSED_KEY
+    assert store.sessions.get_session("conv-s").held is None
+    assert due(store, T0 + timedelta(days=1)) == []
+
+
+def test_webchat_a_lapsed_token_is_dropped_only_while_it_is_the_one_held(store):
+    store.sessions.create_session("conv-l", user_id="dl_u", resume_key="k", expires_at=T0 + timedelta(hours=24),
+                                 held=held("token-1", 900), now=T0)
+    store.sessions.hold_token("conv-l", held("token-2", 900), now=T0)
+    store.sessions.drop_token("conv-l", "token-1", now=T0)  # an older token lapsed: the newer one stays
+    assert store.sessions.get_session("conv-l").held.token == "token-2"
+    store.sessions.drop_token("conv-l", "token-2", now=T0)
+    assert store.sessions.get_session("conv-l").held is None
+    assert due(store, T0 + timedelta(days=1)) == []
+
+
+def test_webchat_an_index_row_its_session_no_longer_points_at_can_be_ended(store, other_store):
+    store.sessions.create_session("conv-o", user_id="dl_u", resume_key="k", expires_at=T0 + timedelta(hours=24),
+                                 held=held("token-1", 900), now=T0)
+    [stale] = store.sessions.list_due_refreshes(now=T0 + timedelta(seconds=900))
+    other_store.sessions.hold_token("conv-o", held("token-2", 600), now=T0)
+    assert store.sessions.get_session("conv-o").refresh_index_key != stale.index_key
+    store.sessions.end_refresh(stale)
+    assert [r.index_key for r in store.sessions.list_due_refreshes(now=T0 + timedelta(days=1))] == \
+        [store.sessions.get_session("conv-o").refresh_index_key]
+
+
+def test_webchat_extending_a_session_needs_it_unchanged_since_it_was_read(store):
+    store.sessions.create_session("conv-e", user_id="dl_u", resume_key="k", expires_at=T0 + timedelta(hours=1),
+                                 held=held("token-1", 900), now=T0)
+    session = store.sessions.get_session("conv-e")
+    assert store.sessions.extend_session(session, expires_at=T0 + timedelta(hours=5), now=T0)
+    assert store.sessions.get_session("conv-e").expires_at == T0 + timedelta(hours=5)
+    assert not store.sessions.extend_session(session, expires_at=T0 + timedelta(hours=9), now=T0)  # stale read
+    assert store.sessions.get_session("conv-e").expires_at == T0 + timedelta(hours=5)

@@ -1,0 +1,272 @@
+"""The token server and the timer's session refresh in this process: Azurite, the emulator's core, the relay's
+clock in hand (hours pass in a test; the emulator's tokens live on the real clock, long enough for one)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import requests
+from requests.adapters import BaseAdapter
+
+from devstack.directline.transport import InProcessEmulator
+from relay.clock import SYSTEM_CLOCK, ManualClock
+from relay.directline import DirectLineClient, RetryPolicy
+from relay.errors import (
+    ConversationGone,
+    OriginNotAllowed,
+    ResumeKeyReused,
+    SessionExpired,
+    SessionLapsed,
+    SessionRevoked,
+)
+from relay.settings import Settings
+from relay.store import RelayStore
+from relay.tokens import REFRESH_AT, Caller, SessionRefreshTick, TokenServer, refresh_session_tokens
+from tests.conftest import DIRECTLINE_TEST_SECRET
+from tests.webchat.conftest import SHOP
+
+RELAY_URL = "http://relay.invalid"
+EVIL = "https://evil.example"
+TOKEN_SECONDS = 1800
+
+
+class Recording(BaseAdapter):
+    """The emulator's transport, keeping every request the relay sent to Direct Line."""
+
+    def __init__(self, inner: BaseAdapter):
+        super().__init__()
+        self.inner = inner
+        self.sent: list[requests.PreparedRequest] = []
+
+    def send(self, request, **options):
+        self.sent.append(request)
+        return self.inner.send(request, **options)
+
+    def close(self) -> None:
+        """Nothing of its own to close."""
+
+
+@dataclass
+class Relay:
+    tokens: TokenServer
+    store: RelayStore
+    client: DirectLineClient
+    emulator: InProcessEmulator
+    time: ManualClock
+    transport: Recording
+
+    def calls(self, operation: str) -> list[requests.PreparedRequest]:
+        """The relay's requests to one Direct Line path, e.g. "tokens/refresh"."""
+        return [r for r in self.transport.sent if (r.path_url or "").split("?")[0].endswith(operation)]
+
+    def tick(self, **options: Any) -> SessionRefreshTick:
+        """One run of the timer's session refresh at the current time."""
+        return refresh_session_tokens(self.store, self.client, clock=self.time, **options)
+
+    def wait(self, seconds: float, *, tick_every: float = 60) -> None:
+        """Let `seconds` pass with the timer running every `tick_every` seconds (the poll schedule's 5 s would
+        only take longer: a refresh is due every 15 minutes)."""
+        while seconds > 0:
+            step = min(tick_every, seconds)
+            self.time.advance(step)
+            seconds -= step
+            self.tick()
+
+    def resume(self, grant: dict, **caller: str) -> dict:
+        body = json.dumps({"conversationId": grant["conversationId"], "resumeKey": grant["resumeKey"]}).encode()
+        return self.tokens.resume(body, caller=Caller(**caller))
+
+    def held_token(self, conversation_id: str) -> str | None:
+        session = self.store.sessions.get_session(conversation_id)
+        assert session is not None
+        return session.held.token if session.held else None
+
+
+@pytest.fixture
+def relay(storage_connection_string, table_prefix) -> Iterator[Callable[..., Relay]]:
+    """relay(WEBCHAT_*="...", token_ttl=...) -> a token server of the test's own, its clock at the real time."""
+    built: list[Relay] = []
+
+    def start(*, token_ttl: float = TOKEN_SECONDS, **env: str) -> Relay:
+        emulator = InProcessEmulator(secret=DIRECTLINE_TEST_SECRET, token_ttl=token_ttl)
+        settings = Settings.from_environ({
+            "AzureWebJobsStorage": storage_connection_string, "RELAY_TABLE_PREFIX": table_prefix,
+            "DIRECTLINE_SECRET": DIRECTLINE_TEST_SECRET, "DIRECTLINE_ENDPOINT": emulator.base_url,
+            "RELAY_PUBLIC_BASE_URL": RELAY_URL, "WEBCHAT_ALLOWED_ORIGINS": SHOP, **env})
+        time = ManualClock(SYSTEM_CLOCK.now().replace(microsecond=0))
+        transport = Recording(emulator.transport)
+        client = DirectLineClient(settings.directline, retry=RetryPolicy(attempts=1), clock=time, transport=transport)
+        store = RelayStore.from_settings(settings.storage, clock=time)
+        built.append(Relay(TokenServer(settings, client=client, store=store, clock=time), store, client, emulator,
+                           time, transport))
+        return built[-1]
+
+    yield start
+    for each in built:
+        each.client.close()
+        each.emulator.close()
+
+
+def test_a_token_carries_the_trusted_origins_and_a_foreign_page_gets_none(relay):
+    """Direct Line does not check trusted origins on its API calls: what keeps a foreign page out is the
+    token server's own check, before it asks Direct Line for anything."""
+    server = relay()
+    shop = server.tokens.issue_token(Caller(origin=SHOP))
+    own = server.tokens.issue_token(Caller(origin=RELAY_URL))  # the demo page, served by the app itself
+    bodies = [json.loads(r.body) for r in server.calls("tokens/generate")]
+    assert [b["trustedOrigins"] for b in bodies] == [[SHOP], [SHOP, RELAY_URL]]
+    assert [b["user"]["id"] for b in bodies] == [shop["userId"], own["userId"]]
+
+    before = len(server.transport.sent)
+    with pytest.raises(OriginNotAllowed):
+        server.tokens.issue_token(Caller(origin=EVIL))
+    with pytest.raises(OriginNotAllowed):
+        server.tokens.refresh_token(shop["token"], caller=Caller(origin=EVIL))
+    with pytest.raises(OriginNotAllowed):
+        server.resume(shop, origin=EVIL)
+    assert len(server.transport.sent) == before
+
+
+def test_the_timer_refreshes_the_held_token_at_about_half_its_life_and_again_after(relay):
+    server = relay()
+    grant = server.tokens.issue_token(Caller())
+    cid = grant["conversationId"]
+    assert server.held_token(cid) == grant["token"]
+    early, late = (TOKEN_SECONDS * share for share in REFRESH_AT)
+
+    server.time.advance(early - 1)
+    assert server.tick() == SessionRefreshTick()  # nothing due: not even a Direct Line call
+    assert server.calls("tokens/refresh") == []
+    server.time.advance(late - early + 2)
+    assert server.tick().refreshed == 1
+    [refresh] = server.calls("tokens/refresh")
+    assert refresh.headers["Authorization"] == f"Bearer {grant['token']}"  # the token held, never the secret
+    second = server.held_token(cid)
+    assert second not in (None, grant["token"])
+    assert server.tick().due == 0  # the next refresh is half the new token's life away
+
+    server.time.advance(late + 1)
+    assert server.tick().refreshed == 1
+    assert server.held_token(cid) not in (grant["token"], second)
+    assert len(server.calls("tokens/refresh")) == 2
+
+
+def test_resume_answers_the_held_token_refreshed_for_the_same_conversation_and_user(relay):
+    server = relay()
+    grant = server.tokens.issue_token(Caller())
+    server.wait(3 * 3600)  # hours asleep (on the relay's clock), while the timer keeps the held token fresh
+    resumed = server.resume(grant)
+    assert resumed["conversationId"] == grant["conversationId"] and resumed["userId"] == grant["userId"]
+    assert resumed["token"] == server.held_token(grant["conversationId"])  # held from now on, refreshed as before
+    requests_made = server.emulator.counters()["requests"]
+    assert "conversations/reconnect" not in requests_made and "conversations/start" not in requests_made
+    # The token is the page's user's: what it posts is that user's, whatever the activity says.
+    posted = server.client.post_activity(grant["conversationId"], {"type": "message", "text": "back",
+                                                                   "from": {"id": "someone-else"}},
+                                         token=resumed["token"])
+    activities = server.emulator.conversation(grant["conversationId"])["activities"]
+    assert [a["from"]["id"] for a in activities if a["id"] == posted] == [grant["userId"]]
+
+
+def test_a_session_lasts_webchat_session_hours_past_its_last_resume_then_stops(relay):
+    server = relay(WEBCHAT_SESSION_HOURS="1")
+    grant = server.tokens.issue_token(Caller())
+    cid = grant["conversationId"]
+    server.wait(50 * 60)
+    grant = {**grant, **server.resume(grant)}  # 50 minutes in: the session now ends an hour from here
+    server.wait(59 * 60)
+    grant = {**grant, **server.resume(grant)}
+    server.wait(61 * 60)
+    with pytest.raises(SessionExpired):
+        server.resume(grant)
+    # Past its end the session is not refreshed any more: its token is forgotten, its index row gone.
+    refreshes = len(server.calls("tokens/refresh"))
+    server.wait(3600)
+    assert len(server.calls("tokens/refresh")) == refreshes
+    assert server.held_token(cid) is None
+    assert server.store.sessions.list_due_refreshes(now=server.time.now() + timedelta(days=1)) == []
+
+
+def test_a_pages_own_refresh_extends_its_session(relay):
+    """A page open all day refreshes its own token: it may still sleep a whole session's length after that."""
+    server = relay(WEBCHAT_SESSION_HOURS="1")
+    grant = server.tokens.issue_token(Caller())
+    server.wait(50 * 60)
+    server.tokens.refresh_token(grant["token"])  # the emulator's token lives on the real clock: still good
+    server.wait(59 * 60)
+    assert server.resume(grant)["conversationId"] == grant["conversationId"]
+
+
+def test_a_revoked_session_is_not_refreshed(relay):
+    server = relay()
+    grant = server.tokens.issue_token(Caller())
+    owner = {**grant, **server.resume(grant)}
+    server.resume(owner)  # the owner used its new key: the first one is poison now
+    with pytest.raises(ResumeKeyReused):
+        server.resume(grant)  # someone copied the first key: the session is revoked
+    assert server.held_token(grant["conversationId"]) is None
+    refreshes = len(server.calls("tokens/refresh"))
+    server.wait(2 * TOKEN_SECONDS)
+    assert len(server.calls("tokens/refresh")) == refreshes
+    with pytest.raises(SessionRevoked):
+        server.resume(owner)
+
+
+def test_a_held_token_that_lapsed_makes_resume_say_start_over(relay):
+    """Direct Line unreachable for longer than a token lives: nothing can rejoin the conversation any more."""
+    server = relay()
+    grant = server.tokens.issue_token(Caller())
+    server.emulator.set_faults(error_500_rate=1.0, endpoints=["tokens/refresh"])
+    server.wait(TOKEN_SECONDS + 60)  # every refresh failed, and was tried again, until the token had expired
+    assert len(server.calls("tokens/refresh")) > 3
+    assert server.held_token(grant["conversationId"]) is None
+    assert server.store.sessions.list_due_refreshes(now=server.time.now() + timedelta(days=1)) == []
+    server.emulator.clear_faults()
+    with pytest.raises(SessionLapsed):
+        server.resume(grant)
+
+
+def test_one_sessions_trouble_does_not_stop_the_others(relay):
+    server = relay()
+    grants = [server.tokens.issue_token(Caller()) for _ in range(3)]
+    server.emulator.forget(grants[1]["conversationId"])
+    server.time.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
+    tick = server.tick()
+    assert (tick.due, tick.refreshed, tick.ended) == (3, 2, 1)
+    held = [server.held_token(g["conversationId"]) for g in grants]
+    assert held[0] not in (None, grants[0]["token"]) and held[1] is None and held[2] not in (None, grants[2]["token"])
+    with pytest.raises(SessionRevoked):  # Direct Line forgot it: the page starts over
+        server.resume(grants[1])
+    assert server.resume(grants[0])["conversationId"] == grants[0]["conversationId"]
+
+
+def test_a_throttled_refresh_waits_for_retry_after_and_leaves_the_rest_for_the_next_tick(relay):
+    server = relay()
+    grants = [server.tokens.issue_token(Caller()) for _ in range(3)]
+    server.time.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
+    server.emulator.set_faults(throttle_rate=1.0, retry_after="20", endpoints=["tokens/refresh"])
+    tick = server.tick(workers=1)
+    assert (tick.due, tick.postponed, tick.skipped) == (3, 1, 2)
+    assert len(server.calls("tokens/refresh")) == 1  # one 429, then no more asking this tick
+    server.emulator.clear_faults()
+    server.time.advance(5)
+    assert server.tick().refreshed == 2  # the throttled one waits for its Retry-After
+    server.time.advance(15)
+    assert server.tick().refreshed == 1
+    assert all(server.held_token(g["conversationId"]) != g["token"] for g in grants)
+
+
+def test_a_forgotten_conversation_found_on_resume_says_start_over(relay):
+    server = relay()
+    grant = server.tokens.issue_token(Caller())
+    server.emulator.forget(grant["conversationId"])
+    with pytest.raises(ConversationGone):
+        server.resume(grant)
+    with pytest.raises(SessionRevoked):
+        server.resume(grant)
+    assert server.store.sessions.list_due_refreshes(now=server.time.now() + timedelta(days=1)) == []
