@@ -33,6 +33,7 @@
   var MAX_RETRY_MS = 30 * 1000;
   var POST_WAIT_MS = 15 * 1000;
   var MAX_HISTORY_PAGES = 50;
+  var MAX_REPLAY = 1000;
 
   // A minimal multicast observable: Web Chat only needs subscribe() with next/error/complete.
   function Subject(initial) {
@@ -62,22 +63,26 @@
     };
   }
 
-  // The activity stream Web Chat reads: what comes before its first subscriber (the history a reloaded
-  // page reads before Web Chat is rendered) is kept for it, not lost.
+  // The activity stream Web Chat reads. Web Chat reads it only once connected, and stops reading while
+  // it reconnects (a resume), reading again after; what came meanwhile, a reloaded page's history or
+  // what the page missed asleep, would be lost to it. So every subscriber first gets what the page has
+  // shown so far (the last MAX_REPLAY activities with an id: Web Chat puts an activity it already has
+  // back in its place, by id), then what comes.
   function ActivityStream() {
     var observers = [];
-    var backlog = [];
+    var shown = [];
     return {
       next: function (item) {
-        if (!observers.length) { backlog.push(item); return; }
+        if (item.id) {
+          shown.push(item);
+          if (shown.length > MAX_REPLAY) { shown.shift(); }
+        }
         observers.slice().forEach(function (o) { if (o.next) { o.next(item); } });
       },
       subscribe: function (observerOrNext, error, complete) {
         var observer = toObserver(observerOrNext, error, complete);
         observers.push(observer);
-        var waiting = backlog;
-        backlog = [];
-        waiting.forEach(function (item) { if (observer.next) { observer.next(item); } });
+        shown.slice().forEach(function (item) { if (observer.next) { observer.next(item); } });
         var subscription = {
           closed: false,
           unsubscribe: function () {
@@ -254,7 +259,8 @@
 
     // What the conversation holds after `watermark` ('' = all of it), read over HTTPS with the page's
     // token and shown (once each); the watermark after it. A watermark Direct Line refuses (400) is
-    // dropped: everything is read again and the ids weed out what the page has shown.
+    // dropped: everything is read again and the ids weed out what the page has shown. Any other failure
+    // leaves it to the connection underneath, from `watermark`.
     function catchUp(watermark, pages) {
       var state = load();
       var url = (state.domain || '') + '/conversations/' + encodeURIComponent(state.conversationId) +
@@ -267,7 +273,7 @@
           log('watermark refused: reading the conversation from its start');
           return catchUp('', pages);
         }
-        if (!response.ok) { throw RelayError(response.status, 'DirectLine' + response.status, 'history'); }
+        if (!response.ok) { throw new Error('HTTP ' + response.status); }
         return response.json().then(function (set) {
           var activities = set.activities || [];
           var next = set.watermark || watermark;
@@ -276,8 +282,9 @@
           if (!activities.length || next === watermark || pages + 1 >= MAX_HISTORY_PAGES) { return next; }
           return catchUp(next, pages + 1);
         });
-      }, function (error) {
-        throw RelayError(0, 'NetworkError', error && error.message);
+      }).then(null, function (error) {
+        log('could not read what the page missed: ' + (error && error.message));
+        return watermark;
       });
     }
 

@@ -1,8 +1,12 @@
-// The Web Chat demo in headless Chromium (Debian's, driven by playwright-core): chat, go offline until
-// the token has expired, come back online, chat again.
-// Usage: node browser_chat.js <demo page URL> [chromium path] [--chat-only]
+// The Web Chat demo in headless Chromium (Debian's, driven by playwright-core): chat, go offline (or
+// sleep) until the token has expired, come back, chat again, reload.
+// Usage: node browser_chat.js <demo page URL> [chromium path] [--chat-only] [--sleep <emulator URL>]
 // Prints one JSON line with what the page showed at each step; exits non-zero on a failed step.
 // --chat-only: stop after the first answer (the page loads, connects and chats).
+// --sleep: the page sleeps instead, as on a closed laptop: none of its JavaScript runs (paused in the
+//   debugger: headless Chromium does not freeze a visible page for Page.setWebLifecycleState), while
+//   the bot says "while you slept" (through the emulator's Bot Connector endpoint at <emulator URL>);
+//   it wakes once its token has expired.
 'use strict';
 
 const fs = require('fs');
@@ -13,6 +17,8 @@ const { chromium } = require('playwright-core');
 const demoUrl = process.argv[2];
 const executablePath = process.argv[3] || '/usr/bin/chromium';
 const chatOnly = process.argv.includes('--chat-only');
+const sleepAt = process.argv.indexOf('--sleep');
+const emulatorUrl = sleepAt > 0 ? process.argv[sleepAt + 1] : null;
 const STEP_MS = 20000;  // the deadline of each wait below
 const result = { steps: [], console: [] };
 
@@ -44,6 +50,19 @@ async function say(page, text) {
   await page.fill(SEND_BOX, text);
   await page.press(SEND_BOX, 'Enter');
   await waitForBubble(page, 'You said: ' + text);
+}
+
+// The bot speaks on its own, as a bot does through the Bot Connector API.
+async function botSays(conversationId, text) {
+  const response = await fetch(`${emulatorUrl}/v3/conversations/${encodeURIComponent(conversationId)}/activities`, {
+    method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ type: 'message', text }),
+  });
+  if (!response.ok) { throw new Error(`the bot could not speak: ${response.status}`); }
+}
+
+// Until the wall clock passes `moment` (ms): the page sleeps through a deadline, nothing to poll for.
+function until(moment) {
+  return new Promise((resolve) => setTimeout(resolve, Math.max(0, moment - Date.now())));
 }
 
 async function main() {
@@ -78,17 +97,30 @@ async function main() {
     const before = await session(page);
     result.steps.push('refreshed');
 
-    await context.setOffline(true);
-    result.offlineSeen = await page.evaluate(() => navigator.onLine === false);
-    // Offline until the page's last token has expired (plus a second for the clocks).
-    await page.waitForFunction(() => {
-      const expiresAt = window.relayDirectLine.tokenExpiresAt;
-      return expiresAt > 0 && Date.now() > expiresAt + 1000;
-    }, null, { timeout: STEP_MS, polling: 200 });
-    result.statusWhileOffline = await page.evaluate(() => document.getElementById('status').getAttribute('data-status'));
-    result.steps.push('token expired offline');
+    // The page's token expires (plus a second for the clocks) while the page is away.
+    if (emulatorUrl) {
+      const expiresAt = await page.evaluate(() => window.relayDirectLine.tokenExpiresAt);
+      const cdp = await context.newCDPSession(page);
+      await cdp.send('Debugger.enable');
+      await cdp.send('Debugger.pause');  // at the next statement the page runs (its timers run every second)
+      result.steps.push('asleep');
+      await botSays(before.conversationId, 'while you slept');
+      await until(expiresAt + 1000);
+      await cdp.send('Debugger.resume');
+      await cdp.send('Debugger.disable');
+      result.steps.push('woke after its token expired');
+    } else {
+      await context.setOffline(true);
+      result.offlineSeen = await page.evaluate(() => navigator.onLine === false);
+      await page.waitForFunction(() => {
+        const expiry = window.relayDirectLine.tokenExpiresAt;
+        return expiry > 0 && Date.now() > expiry + 1000;
+      }, null, { timeout: STEP_MS, polling: 200 });
+      result.statusWhileOffline = await page.evaluate(() => document.getElementById('status').getAttribute('data-status'));
+      result.steps.push('token expired offline');
+      await context.setOffline(false);
+    }
 
-    await context.setOffline(false);
     await page.waitForFunction(
       (oldKey) => {
         const state = JSON.parse(sessionStorage.getItem('relayWebChat') || '{}');
@@ -98,6 +130,9 @@ async function main() {
       before.resumeKey, { timeout: STEP_MS, polling: 100 });
     const after = await session(page);
     result.steps.push('resumed');
+    if (emulatorUrl) {
+      await waitForBubble(page, 'while you slept');
+    }
 
     await say(page, 'after the break');
     result.steps.push('chatted again');

@@ -1,4 +1,4 @@
-"""The demo page in headless Chromium survives a token that expired while the page was offline."""
+"""The demo page in headless Chromium survives a token that expired while the page was offline or asleep."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import pytest
 
 from devstack.procs import ROOT
 from tests.conftest import subprocess_env
+from tests.webchat.conftest import Stack
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCRIPT = Path(__file__).with_name("browser_chat.js")
-TOKEN_TTL = 6  # seconds: the page refreshes at about 3 s and is offline past expiry within the test's time
+TOKEN_TTL = 10  # seconds: the page refreshes at about 5 s and is away past expiry within the test's time
+EVERY_SECOND = "* * * * * *"  # the timer refreshes the relay's token well within its short life
+POLLING = "?polling"  # the emulator has no WebSocket stream yet
 
 pytestmark = pytest.mark.browser
 
@@ -42,33 +45,45 @@ def chat_in_browser(chromium: Path, demo_url: str, *options: str) -> dict:
 def test_the_deployed_demo_chats_with_web_chat_from_the_bundle_url(chromium, new_stack, packaged_app, bundle_host):
     """As in Azure: the app from `make package`, no node_modules, Web Chat from WEBCHAT_BUNDLE_URL."""
     stack = new_stack(app=packaged_app, env={"WEBCHAT_DEMO_ENABLED": "true", "WEBCHAT_BUNDLE_URL": bundle_host.url})
-    result = chat_in_browser(chromium, f"{stack.url}/api/webchat/demo", "--chat-only")
+    result = chat_in_browser(chromium, f"{stack.url}/api/webchat/demo{POLLING}", "--chat-only")
     assert result["bubbles"] == ["hello", "You said: hello"]
     assert bundle_host.requests == ["/botframework-webchat/test/webchat.js"]
 
 
-def test_web_chat_resumes_its_conversation_after_its_token_expired_offline(chromium, new_stack):
-    stack = new_stack(token_ttl=TOKEN_TTL, env={"WEBCHAT_DEMO_ENABLED": "true"})
-    result = chat_in_browser(chromium, f"{stack.url}/api/webchat/demo")
+TRANSCRIPT = ["hello", "You said: hello", "refreshed", "You said: refreshed", "after the break",
+              "You said: after the break"]
 
-    assert result["offlineSeen"] is True
-    assert result["statusWhileOffline"] != "2"  # the page did not pretend to be online
-    # Back online, the same conversation goes on: its earlier transcript exactly once, then the new answer.
-    transcript = ["hello", "You said: hello", "refreshed", "You said: refreshed", "after the break",
-                  "You said: after the break"]
+
+def assert_one_conversation(stack: Stack, result: dict, transcript: list[str]) -> None:
+    """Back, the page went on in its conversation: its transcript exactly once, after a reload too, and
+    Direct Line got each of its messages once, from the page's own dl_ user."""
     assert result["conversationAfter"] == result["conversationBefore"]
     assert result["bubbles"] == transcript
-    # Reloaded, the tab resumes the same conversation and shows its whole history once.
     assert result["conversationAfterReload"] == result["conversationBefore"]
     assert result["bubblesAfterReload"] == transcript
-
-    # Direct Line got each message once, from the page's own dl_ user.
     activities = stack.emulator.conversation(result["conversationBefore"])["activities"]
-    messages = [(a["from"]["id"], a["text"]) for a in activities if a["type"] == "message"]
-    user, bot = result["userId"], "relaybot"
+    user = result["userId"]
     assert user.startswith("dl_")
-    assert messages == [(user if n % 2 == 0 else bot, text) for n, text in enumerate(transcript)]
+    assert [a["text"] for a in activities if a["type"] == "message"] == transcript
+    assert [a["from"]["id"] for a in activities if a["type"] == "message" and a["from"].get("role") != "bot"] == \
+        [user] * (len(transcript) // 2)
     log = stack.log_text()
     assert "Executed 'Functions.directline_refresh' (Succeeded, Status=200" in log
     assert "Executed 'Functions.directline_resume' (Succeeded, Status=200" in log
     assert stack.emulator.secret not in log
+
+
+def test_web_chat_resumes_its_conversation_after_its_token_expired_offline(chromium, new_stack):
+    stack = new_stack(token_ttl=TOKEN_TTL, env={"WEBCHAT_DEMO_ENABLED": "true", "RELAY_POLL_SCHEDULE": EVERY_SECOND})
+    result = chat_in_browser(chromium, f"{stack.url}/api/webchat/demo{POLLING}")
+    assert result["offlineSeen"] is True
+    assert result["statusWhileOffline"] != "2"  # the page did not pretend to be online
+    assert_one_conversation(stack, result, TRANSCRIPT)
+
+
+def test_a_page_asleep_past_its_tokens_expiry_wakes_into_its_conversation_with_what_it_missed(chromium, new_stack):
+    stack = new_stack(token_ttl=TOKEN_TTL, env={"WEBCHAT_DEMO_ENABLED": "true", "RELAY_POLL_SCHEDULE": EVERY_SECOND})
+    result = chat_in_browser(chromium, f"{stack.url}/api/webchat/demo{POLLING}", "--sleep", stack.emulator.url)
+    assert result["steps"][2:4] == ["asleep", "woke after its token expired"]
+    transcript = [*TRANSCRIPT[:4], "while you slept", *TRANSCRIPT[4:]]
+    assert_one_conversation(stack, result, transcript)
