@@ -52,13 +52,13 @@ class Stack:
         return self.host.log_path.read_text(errors="replace")
 
 
-def start_stack(tmp: Path, storage_connection_string: str, *, token_ttl: float = 1800,
+def start_stack(tmp: Path, storage_connection_string: str, *, token_ttl: float = 1800, enhanced_auth: bool = True,
                 env: dict[str, str] | None = None, secret: str | None = None, app: Path = ROOT) -> Stack:
-    """Emulator then host, serving the app in `app` (this checkout, or an unpacked `make package`);
-    the caller stops both (stop_stack)."""
+    """Emulator (enhanced authentication on unless `enhanced_auth=False`) then host, serving the app in `app`
+    (this checkout, or an unpacked `make package`); the caller stops both (stop_stack)."""
     secret = secret or "dl-secret-" + uuid.uuid4().hex
-    emulator = DirectLineEmulator(secret=secret, token_ttl=token_ttl, env=subprocess_env(),
-                                  log_path=tmp / "directline.log").start()
+    emulator = DirectLineEmulator(secret=secret, token_ttl=token_ttl, enhanced_auth=enhanced_auth,
+                                  env=subprocess_env(), log_path=tmp / "directline.log").start()
     prefix = "w" + uuid.uuid4().hex[:12]
     port = free_port()
     # The public base URL is the host's own, as in Azure (and under `make run`): its pages' origin.
@@ -96,7 +96,7 @@ def stack(tmp_path_factory, storage_connection_string) -> Iterator[Stack]:
 
 @pytest.fixture
 def new_stack(tmp_path, storage_connection_string) -> Iterator[Callable[..., Stack]]:
-    """new_stack(token_ttl=..., env={...}) -> a Stack of this test's own."""
+    """new_stack(token_ttl=..., enhanced_auth=..., env={...}) -> a Stack of this test's own."""
     started: list[Stack] = []
 
     def start(**options) -> Stack:

@@ -17,7 +17,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 SCRIPT = Path(__file__).with_name("browser_chat.js")
 TOKEN_TTL = 10  # seconds: the page refreshes at about 5 s and is away past expiry within the test's time
 EVERY_SECOND = "* * * * * *"  # the timer refreshes the relay's token well within its short life
-POLLING = "?polling"  # the emulator has no WebSocket stream yet
+POLLING = "?polling"  # the demo page polls Direct Line instead of reading its WebSocket stream
 
 pytestmark = pytest.mark.browser
 
@@ -45,8 +45,9 @@ def chat_in_browser(chromium: Path, demo_url: str, *options: str) -> dict:
 def test_the_deployed_demo_chats_with_web_chat_from_the_bundle_url(chromium, new_stack, packaged_app, bundle_host):
     """As in Azure: the app from `make package`, no node_modules, Web Chat from WEBCHAT_BUNDLE_URL."""
     stack = new_stack(app=packaged_app, env={"WEBCHAT_DEMO_ENABLED": "true", "WEBCHAT_BUNDLE_URL": bundle_host.url})
-    result = chat_in_browser(chromium, f"{stack.url}/api/webchat/demo{POLLING}", "--chat-only")
+    result = chat_in_browser(chromium, f"{stack.url}/api/webchat/demo", "--chat-only")
     assert result["bubbles"] == ["hello", "You said: hello"]
+    assert stack.emulator.counters()["requests"].get("conversations/stream", 0) >= 1  # the WebSocket stream
     assert bundle_host.requests == ["/botframework-webchat/test/webchat.js"]
 
 
@@ -73,17 +74,24 @@ def assert_one_conversation(stack: Stack, result: dict, transcript: list[str]) -
     assert stack.emulator.secret not in log
 
 
-def test_web_chat_resumes_its_conversation_after_its_token_expired_offline(chromium, new_stack):
+def test_web_chat_polling_resumes_its_conversation_after_its_token_expired_offline(chromium, new_stack):
     stack = new_stack(token_ttl=TOKEN_TTL, env={"WEBCHAT_DEMO_ENABLED": "true", "RELAY_POLL_SCHEDULE": EVERY_SECOND})
     result = chat_in_browser(chromium, f"{stack.url}/api/webchat/demo{POLLING}")
+    assert stack.emulator.counters()["requests"].get("conversations/stream", 0) == 0
     assert result["offlineSeen"] is True
     assert result["statusWhileOffline"] != "2"  # the page did not pretend to be online
     assert_one_conversation(stack, result, TRANSCRIPT)
 
 
-def test_a_page_asleep_past_its_tokens_expiry_wakes_into_its_conversation_with_what_it_missed(chromium, new_stack):
-    stack = new_stack(token_ttl=TOKEN_TTL, env={"WEBCHAT_DEMO_ENABLED": "true", "RELAY_POLL_SCHEDULE": EVERY_SECOND})
-    result = chat_in_browser(chromium, f"{stack.url}/api/webchat/demo{POLLING}", "--sleep", stack.emulator.url)
+@pytest.mark.parametrize("enhanced_auth", [True, False], ids=["enhanced-auth", "no-enhanced-auth"])
+def test_a_streaming_page_asleep_past_its_tokens_expiry_wakes_into_its_conversation_with_what_it_missed(
+        chromium, new_stack, enhanced_auth):
+    stack = new_stack(token_ttl=TOKEN_TTL, enhanced_auth=enhanced_auth,
+                      env={"WEBCHAT_DEMO_ENABLED": "true", "RELAY_POLL_SCHEDULE": EVERY_SECOND})
+    result = chat_in_browser(chromium, f"{stack.url}/api/webchat/demo", "--sleep", stack.emulator.url)
     assert result["steps"][2:4] == ["asleep", "woke after its token expired"]
+    requests_made = stack.emulator.counters()["requests"]
+    assert requests_made.get("conversations/stream", 0) >= 2  # a stream before the sleep, another after
+    assert requests_made.get("activities/get", 0) >= 1  # what it missed, read once awake
     transcript = [*TRANSCRIPT[:4], "while you slept", *TRANSCRIPT[4:]]
     assert_one_conversation(stack, result, transcript)

@@ -1,5 +1,6 @@
-"""The token server and the timer's session refresh in this process: Azurite, the emulator's core, the relay's
-clock in hand (hours pass in a test; the emulator's tokens live on the real clock, long enough for one)."""
+"""The token server and the timer's session refresh in this process: Azurite, the emulator's core (enhanced
+authentication on unless a test says otherwise), and time in hand: the relay's clock and the emulator's move
+together, so hours pass in a test and tokens expire as they would."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from relay.errors import (
     SessionExpired,
     SessionLapsed,
     SessionRevoked,
+    TokenExpired,
 )
 from relay.settings import Settings
 from relay.store import RelayStore
@@ -68,12 +70,17 @@ class Relay:
         """One run of the timer's session refresh at the current time."""
         return refresh_session_tokens(self.store, self.client, clock=self.time, **options)
 
+    def advance(self, seconds: float) -> None:
+        """Time passes, for the relay and for Direct Line alike."""
+        self.time.advance(seconds)
+        self.emulator.advance_clock(seconds)
+
     def wait(self, seconds: float, *, tick_every: float = 60) -> None:
         """Let `seconds` pass with the timer running every `tick_every` seconds (the poll schedule's 5 s would
         only take longer: a refresh is due every 15 minutes)."""
         while seconds > 0:
             step = min(tick_every, seconds)
-            self.time.advance(step)
+            self.advance(step)
             seconds -= step
             self.tick()
 
@@ -89,11 +96,12 @@ class Relay:
 
 @pytest.fixture
 def relay(storage_connection_string, table_prefix) -> Iterator[Callable[..., Relay]]:
-    """relay(WEBCHAT_*="...", token_ttl=...) -> a token server of the test's own, its clock at the real time."""
+    """relay(WEBCHAT_*="...", token_ttl=..., enhanced_auth=...) -> a token server of the test's own, its clock
+    starting at the real time."""
     built: list[Relay] = []
 
-    def start(*, token_ttl: float = TOKEN_SECONDS, **env: str) -> Relay:
-        emulator = InProcessEmulator(secret=DIRECTLINE_TEST_SECRET, token_ttl=token_ttl)
+    def start(*, token_ttl: float = TOKEN_SECONDS, enhanced_auth: bool = True, **env: str) -> Relay:
+        emulator = InProcessEmulator(secret=DIRECTLINE_TEST_SECRET, token_ttl=token_ttl, enhanced_auth=enhanced_auth)
         settings = Settings.from_environ({
             "AzureWebJobsStorage": storage_connection_string, "RELAY_TABLE_PREFIX": table_prefix,
             "DIRECTLINE_SECRET": DIRECTLINE_TEST_SECRET, "DIRECTLINE_ENDPOINT": emulator.base_url,
@@ -139,10 +147,10 @@ def test_the_timer_refreshes_the_held_token_at_about_half_its_life_and_again_aft
     assert server.held_token(cid) == grant["token"]
     early, late = (TOKEN_SECONDS * share for share in REFRESH_AT)
 
-    server.time.advance(early - 1)
+    server.advance(early - 1)
     assert server.tick() == SessionRefreshTick()  # nothing due: not even a Direct Line call
     assert server.calls("tokens/refresh") == []
-    server.time.advance(late - early + 2)
+    server.advance(late - early + 2)
     assert server.tick().refreshed == 1
     [refresh] = server.calls("tokens/refresh")
     assert refresh.headers["Authorization"] == f"Bearer {grant['token']}"  # the token held, never the secret
@@ -150,27 +158,40 @@ def test_the_timer_refreshes_the_held_token_at_about_half_its_life_and_again_aft
     assert second not in (None, grant["token"])
     assert server.tick().due == 0  # the next refresh is half the new token's life away
 
-    server.time.advance(late + 1)
+    server.advance(late + 1)
     assert server.tick().refreshed == 1
     assert server.held_token(cid) not in (grant["token"], second)
     assert len(server.calls("tokens/refresh")) == 2
 
 
-def test_resume_answers_the_held_token_refreshed_for_the_same_conversation_and_user(relay):
-    server = relay()
+@pytest.mark.parametrize("enhanced_auth", [True, False], ids=["enhanced-auth", "no-enhanced-auth"])
+def test_resume_after_the_pages_token_expired_answers_a_token_of_the_same_conversation_and_user(relay,
+                                                                                                enhanced_auth):
+    server = relay(enhanced_auth=enhanced_auth)
     grant = server.tokens.issue_token(Caller())
-    server.wait(3 * 3600)  # hours asleep (on the relay's clock), while the timer keeps the held token fresh
+    cid = grant["conversationId"]
+    server.client.start_conversation(token=grant["token"])
+    server.client.post_activity(cid, {"type": "message", "text": "before", "from": {"id": grant["userId"]}},
+                                token=grant["token"])
+    server.wait(3 * 3600)  # hours asleep, while the timer keeps the held token fresh
+    with pytest.raises(TokenExpired):
+        server.client.refresh_token(token=grant["token"])  # the page's own token is long dead
+
     resumed = server.resume(grant)
-    assert resumed["conversationId"] == grant["conversationId"] and resumed["userId"] == grant["userId"]
-    assert resumed["token"] == server.held_token(grant["conversationId"])  # held from now on, refreshed as before
+    assert resumed["conversationId"] == cid and resumed["userId"] == grant["userId"]
+    assert resumed["token"] == server.held_token(cid)  # held from now on, refreshed as before
     requests_made = server.emulator.counters()["requests"]
-    assert "conversations/reconnect" not in requests_made and "conversations/start" not in requests_made
-    # The token is the page's user's: what it posts is that user's, whatever the activity says.
-    posted = server.client.post_activity(grant["conversationId"], {"type": "message", "text": "back",
-                                                                   "from": {"id": "someone-else"}},
+    assert "conversations/reconnect" not in requests_made
+    # The token is the page's user's: what it posts is that user's, whatever the activity says; and it reads
+    # the conversation's history.
+    posted = server.client.post_activity(cid, {"type": "message", "text": "back", "from": {"id": "someone-else"}},
                                          token=resumed["token"])
-    activities = server.emulator.conversation(grant["conversationId"])["activities"]
-    assert [a["from"]["id"] for a in activities if a["id"] == posted] == [grant["userId"]]
+    page = server.client.get_activities(cid, token=resumed["token"])
+    assert [(a["from"]["id"], a["text"]) for a in page.activities if a["from"].get("role") != "bot"] == \
+        [(grant["userId"], "before"), (grant["userId"], "back")]
+    assert posted in [a["id"] for a in page.activities]
+    # A reconnect with the token the relay answered gets the page its stream (what DirectLineJS does next).
+    assert server.client.reconnect(cid, token=resumed["token"]).stream_url
 
 
 def test_a_session_lasts_webchat_session_hours_past_its_last_resume_then_stops(relay):
@@ -196,9 +217,11 @@ def test_a_pages_own_refresh_extends_its_session(relay):
     """A page open all day refreshes its own token: it may still sleep a whole session's length after that."""
     server = relay(WEBCHAT_SESSION_HOURS="1")
     grant = server.tokens.issue_token(Caller())
-    server.wait(50 * 60)
-    server.tokens.refresh_token(grant["token"])  # the emulator's token lives on the real clock: still good
-    server.wait(59 * 60)
+    token = grant["token"]
+    for _ in range(3):  # open for 45 minutes, refreshing its token as relay-webchat.js does
+        server.wait(15 * 60)
+        token = server.tokens.refresh_token(token)["token"]
+    server.wait(59 * 60)  # then asleep: 1 h 44 min after its first token, 59 min after its last refresh
     assert server.resume(grant)["conversationId"] == grant["conversationId"]
 
 
@@ -235,7 +258,7 @@ def test_one_sessions_trouble_does_not_stop_the_others(relay):
     server = relay()
     grants = [server.tokens.issue_token(Caller()) for _ in range(3)]
     server.emulator.forget(grants[1]["conversationId"])
-    server.time.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
+    server.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
     tick = server.tick()
     assert (tick.due, tick.refreshed, tick.ended) == (3, 2, 1)
     held = [server.held_token(g["conversationId"]) for g in grants]
@@ -248,15 +271,15 @@ def test_one_sessions_trouble_does_not_stop_the_others(relay):
 def test_a_throttled_refresh_waits_for_retry_after_and_leaves_the_rest_for_the_next_tick(relay):
     server = relay()
     grants = [server.tokens.issue_token(Caller()) for _ in range(3)]
-    server.time.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
+    server.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
     server.emulator.set_faults(throttle_rate=1.0, retry_after="20", endpoints=["tokens/refresh"])
     tick = server.tick(workers=1)
     assert (tick.due, tick.postponed, tick.skipped) == (3, 1, 2)
     assert len(server.calls("tokens/refresh")) == 1  # one 429, then no more asking this tick
     server.emulator.clear_faults()
-    server.time.advance(5)
+    server.advance(5)
     assert server.tick().refreshed == 2  # the throttled one waits for its Retry-After
-    server.time.advance(15)
+    server.advance(15)
     assert server.tick().refreshed == 1
     assert all(server.held_token(g["conversationId"]) != g["token"] for g in grants)
 

@@ -280,8 +280,9 @@ def test_the_timer_refreshes_the_token_it_holds_at_about_half_its_life(new_stack
     assert second["token"] not in short.log_text()
 
 
-def test_resume_after_the_pages_token_expired_gets_its_conversation_and_user_back(new_stack):
-    short = new_stack(token_ttl=6, env={"RELAY_POLL_SCHEDULE": "* * * * * *"})
+@pytest.mark.parametrize("enhanced_auth", [True, False], ids=["enhanced-auth", "no-enhanced-auth"])
+def test_resume_after_the_pages_token_expired_gets_its_conversation_and_user_back(new_stack, enhanced_auth):
+    short = new_stack(token_ttl=6, enhanced_auth=enhanced_auth, env={"RELAY_POLL_SCHEDULE": "* * * * * *"})
     grant = short.token()
     cid = grant["conversationId"]
     chat(short, grant, "hello")
@@ -295,7 +296,11 @@ def test_resume_after_the_pages_token_expired_gets_its_conversation_and_user_bac
     assert resumed["conversationId"] == cid and resumed["userId"] == grant["userId"]
     history = dl(short, "GET", f"/conversations/{cid}/activities", resumed["token"]).json()
     assert texts(history["activities"]) == ["hello", "You said: hello"]
-    chat(short, {**resumed, "userId": grant["userId"]}, "back again")
+    posted = dl(short, "POST", f"/conversations/{cid}/activities", resumed["token"],
+                json={"type": "message", "from": {"id": "someone-else"}, "text": "back again"})
+    assert posted.status_code == 200, posted.text
+    activities = short.emulator.conversation(cid)["activities"]
+    assert [a["from"]["id"] for a in activities if a.get("text") == "back again"] == [grant["userId"]]
     assert short.emulator.counters()["requests"].get("conversations/reconnect", 0) == 0
 
 
