@@ -339,7 +339,7 @@ def refresh_session_tokens(store: RelayStore, client: DirectLineClient, *, clock
         if throttled.is_set():
             return _Refresh.SKIPPED
         try:
-            return _refresh__held_token(store, client, clock, item, throttled)
+            return _refresh_held_token(store, client, clock, item, throttled)
         except Exception:  # one session's trouble never stops the others
             log.exception("Web Chat session refresh failed")
             return _Refresh.FAILED
@@ -352,7 +352,7 @@ def refresh_session_tokens(store: RelayStore, client: DirectLineClient, *, clock
     return tick
 
 
-def _refresh__held_token(store: RelayStore, client: DirectLineClient, clock: Clock, item: DueRefresh,
+def _refresh_held_token(store: RelayStore, client: DirectLineClient, clock: Clock, item: DueRefresh,
                         throttled: threading.Event) -> _Refresh:
     now = clock.now()
     session = store.sessions.get_session(item.conversation_id)
@@ -373,18 +373,21 @@ def _refresh__held_token(store: RelayStore, client: DirectLineClient, clock: Clo
         log.info("Web Chat session %s revoked: Direct Line forgot its conversation", conversation_id)
         store.sessions.revoke_session(conversation_id, now=now)
         return _Refresh.ENDED
+    except Throttled as error:
+        throttled.set()
+        _postpone(store, conversation_id, held, now, error.retry_after or REFRESH_RETRY_SECONDS)
+        return _Refresh.POSTPONED
     except DirectLineError as error:
-        if isinstance(error, Throttled):
-            throttled.set()
-            delay = error.retry_after or REFRESH_RETRY_SECONDS
-        else:
-            log.warning("could not refresh the token of Web Chat conversation %s: %s", conversation_id, error)
-            left = (held.expires_at - now).total_seconds()
-            delay = max(1.0, min(REFRESH_RETRY_SECONDS, left / 4))
-        store.sessions.postpone_refresh(conversation_id, held.token, refresh_at=now + timedelta(seconds=delay), now=now)
+        log.warning("could not refresh the token of Web Chat conversation %s: %s", conversation_id, error)
+        left = (held.expires_at - now).total_seconds()
+        _postpone(store, conversation_id, held, now, max(1.0, min(REFRESH_RETRY_SECONDS, left / 4)))
         return _Refresh.POSTPONED
     store.sessions.hold_token(conversation_id, _held_token(grant, now=clock.now(), clock=clock))
     return _Refresh.REFRESHED
+
+
+def _postpone(store: RelayStore, conversation_id: str, held: HeldToken, now: datetime, seconds: float) -> None:
+    store.sessions.postpone_refresh(conversation_id, held.token, refresh_at=now + timedelta(seconds=seconds), now=now)
 
 
 def _lapse(store: RelayStore, conversation_id: str, held: HeldToken, now: datetime) -> _Refresh:

@@ -7,7 +7,8 @@ docstring describes the layout. Every name starts with `RELAY_TABLE_PREFIX`:
     {prefix}duepolls         due_polls.py      the due index: which conversations want polling and when
     {prefix}inbound          outbox.py         dedupe rows and the outbox of messages for Direct Line
     {prefix}deadletters      dead_letters.py   what a provider or Direct Line refused, with the reason
-    {prefix}webchatsessions  sessions.py       Web Chat sessions of the token server
+    {prefix}webchatsessions  sessions.py       Web Chat sessions of the token server, the tokens they hold,
+                                               and the index of when each is refreshed
     {prefix}ratelimits       rate_limits.py    fixed-window counters per client address (hashed)
     {prefix}keys             tables.py         the secret of the keyed hashes that keys are made of
 
