@@ -312,7 +312,8 @@
       var state = load();
       if (!state.conversationId || !state.resumeKey) { return start(); }
       var watermark = withWatermark && state.watermark ? state.watermark : '';
-      return call('resume', { conversationId: state.conversationId, resumeKey: state.resumeKey }).then(function (grant) {
+      var body = { conversationId: state.conversationId, resumeKey: state.resumeKey };
+      return call('resume', body).then(function (grant) {
         adopt(grant);
         return catchUp(watermark, 0).then(function (next) { attach({ watermark: next }); });
       }, function (error) {

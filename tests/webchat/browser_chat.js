@@ -116,7 +116,8 @@ async function main() {
         const expiry = window.relayDirectLine.tokenExpiresAt;
         return expiry > 0 && Date.now() > expiry + 1000;
       }, null, { timeout: STEP_MS, polling: 200 });
-      result.statusWhileOffline = await page.evaluate(() => document.getElementById('status').getAttribute('data-status'));
+      result.statusWhileOffline = await page.evaluate(
+        () => document.getElementById('status').getAttribute('data-status'));
       result.steps.push('token expired offline');
       await context.setOffline(false);
     }
