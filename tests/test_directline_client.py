@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
+from devstack.inprocess import Answer, InProcessTransport
 from devstack.procs import free_port, wait_until
 from relay.clock import ManualClock
 from relay.directline import ActivitySet, DirectLineClient, RetryPolicy, UploadFile
@@ -185,6 +186,27 @@ def test_an_answer_without_watermark_keeps_the_previous_one():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("answer", [
+    pytest.param(Answer(204), id="204 No Content"),
+    pytest.param(Answer(200, {"Content-Type": "application/json"}), id="200 with an empty body"),
+])
+def test_a_post_answered_without_a_body_is_a_success_without_an_id(answer):
+    """Some Direct Line deployments answer POST activities and upload with no body; a stand-in answers so."""
+    asked: list[str] = []
+
+    def respond(method, target, headers, body):
+        asked.append(f"{method} {target.split('?')[0]}")
+        return answer
+
+    settings = DirectLineSettings(secret="s", endpoint="http://directline.invalid/v3/directline", timeout_seconds=10,
+                                  bot_ids=("relaybot",))
+    client = DirectLineClient(settings, clock=ManualClock(), transport=InProcessTransport(respond))
+    assert client.post_activity("c1", message("hi")) is None
+    assert client.upload("c1", [UploadFile("a.txt", b"x", "text/plain")], user_id="dl_user1") is None
+    assert asked == ["POST /v3/directline/conversations/c1/activities",  # each once: taken, nothing to retry
+                     "POST /v3/directline/conversations/c1/upload"]
 
 
 # ------------------------------------------------------------------------------------------ errors
