@@ -61,8 +61,9 @@ def build_stack(ports: Ports, settings_file: Path, data_dir: Path) -> list[tuple
     if not values.get("DIRECTLINE_SECRET"):
         sys.exit(f"{settings_file.name} has no DIRECTLINE_SECRET: the Direct Line emulator needs one")
     bot = EchoBot(port=ports.bot, log_path=data_dir / "logs" / "bot.log")
+    # Enhanced authentication on, as on many production bots: reconnect with the secret is refused.
     emulator = DirectLineEmulator(secret=values["DIRECTLINE_SECRET"], port=ports.directline, bot_url=bot.url,
-                                  log_path=data_dir / "logs" / "directline.log")
+                                  enhanced_auth=True, log_path=data_dir / "logs" / "directline.log")
     host_url = f"http://127.0.0.1:{ports.host}"
     simulator = ProviderSimulator(port=ports.simulator, relay_url=host_url, values=values,
                                   log_path=data_dir / "logs" / "simulator.log")
@@ -85,7 +86,7 @@ def build_stack(ports: Ports, settings_file: Path, data_dir: Path) -> list[tuple
     return [
         (azurite, f"table storage http://127.0.0.1:{azurite.table_port}/devstoreaccount1 (data in {data_dir})"),
         (bot, f"{bot.url} (botbuilder echo bot)"),
-        (emulator, f"{emulator.base_url} (Direct Line emulator; admin {emulator.admin_url}/)"),
+        (emulator, f"{emulator.base_url} (Direct Line emulator, enhanced authentication; admin {emulator.admin_url}/)"),
         (simulator, f"{simulator.page_url} (provider simulator: a phone per channel)"),
         (host, f"http://127.0.0.1:{ports.host}/api/health (Web Chat demo: http://127.0.0.1:{ports.host}/api/webchat/demo)"),
     ]

@@ -10,7 +10,7 @@ import sys
 import threading
 
 from devstack.directline import echo
-from devstack.directline.server import Faults, Options, make_server
+from devstack.directline.server import KEEPALIVE_SECONDS, RETENTION_SECONDS, Faults, Options, make_server
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -21,6 +21,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--token-ttl", type=float, default=1800, help="token lifetime in seconds")
     parser.add_argument("--conversation-ttl", type=float, default=15 * 24 * 3600,
                         help="seconds an idle conversation is kept before it answers 404")
+    parser.add_argument("--enhanced-auth", action=argparse.BooleanOptionalAction, default=False,
+                        help="the Direct Line site's enhanced authentication: reconnect with the secret is refused")
+    parser.add_argument("--retention-seconds", type=float, default=RETENTION_SECONDS,
+                        help="how long activities stay in the activity set and the stream")
+    parser.add_argument("--keepalive-seconds", type=float, default=KEEPALIVE_SECONDS,
+                        help="an open stream gets an empty frame after this many seconds without activity")
     bot = parser.add_mutually_exclusive_group()
     bot.add_argument("--echo", action="store_true", help="built-in echo bot (the default)")
     bot.add_argument("--bot-url", help="a real bot's messaging endpoint, e.g. http://127.0.0.1:3978/api/messages")
@@ -46,10 +52,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     faults.add_argument("--error-500-rate", type=float, default=0.0)
     faults.add_argument("--error-502-rate", type=float, default=0.0)
     faults.add_argument("--drop-rate", type=float, default=0.0)
+    faults.add_argument("--no-content-rate", type=float, default=0.0,
+                        help="share of POST activities/upload answered 204 without a body once processed")
     parser.add_argument("--quiet", action="store_true", help="no line per request")
     args = parser.parse_args(argv)
     if not args.secret:
         parser.error("give --secret or set DIRECTLINE_SECRET")
+    if args.keepalive_seconds <= 0 or args.retention_seconds <= 0:
+        parser.error("--keepalive-seconds and --retention-seconds must be more than 0")
     return args
 
 
@@ -63,19 +73,23 @@ def main(argv: list[str] | None = None) -> int:
         bot_timeout=args.bot_timeout, late_reply_seconds=args.late_reply_seconds, page_size=args.page_size,
         max_activity_chars=args.max_activity_chars, max_upload_bytes=args.max_upload_bytes,
         forward_end_of_conversation=args.forward_end_of_conversation, seed=args.seed,
+        enhanced_auth=args.enhanced_auth, retention_seconds=args.retention_seconds,
+        keepalive_seconds=args.keepalive_seconds,
     )
     try:
         faults = Faults().updated({
             "latency_ms": args.latency_ms, "throttle_rate": args.throttle_rate, "retry_after": args.retry_after,
             "poll_limit": args.poll_limit, "min_poll_interval": args.min_poll_interval,
             "error_500_rate": args.error_500_rate, "error_502_rate": args.error_502_rate, "drop_rate": args.drop_rate,
+            "no_content_rate": args.no_content_rate,
         })
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     server, emulator = make_server(options, faults)
     bot = f"bot at {options.bot_url}" if options.bot_url else ("built-in echo bot" if options.echo else "no bot")
-    print(f"Direct Line emulator on http://127.0.0.1:{emulator.options.port}/v3/directline ({bot}); "
+    auth = "enhanced authentication" if options.enhanced_auth else "no enhanced authentication"
+    print(f"Direct Line emulator on http://127.0.0.1:{emulator.options.port}/v3/directline ({bot}; {auth}); "
           f"admin at http://127.0.0.1:{emulator.options.port}/_emulator/", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     try:

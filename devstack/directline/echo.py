@@ -1,6 +1,7 @@
 """What the echo bots say: one script shared by the emulator's built-in `--echo` and devstack/bot.py.
 
 Both bots answer the same words the same way, so a relay test can run against either:
+- every message is answered first with a `typing` activity (Direct Line sends it over the stream only);
 - any message: "You said: <text>" (an upload: "You sent: <file names>");
 - "later": that echo, then LATE_PREFIX + text about `late_reply_seconds` after the turn (a proactive message);
 - "card": a hero card with buttons plus suggested actions;
@@ -23,10 +24,17 @@ def command_of(activity: dict[str, Any]) -> str:
     return (activity.get("text") or "").strip().lower()
 
 
+TYPING: dict[str, Any] = {"type": "typing"}
+
+
 def replies_to(activity: dict[str, Any]) -> list[dict[str, Any]]:
-    """The activities the bot sends during the turn (without ids, sender or conversation)."""
+    """The activities the bot sends during the turn, TYPING first (without ids, sender or conversation)."""
     if activity.get("type") != "message":
         return []
+    return [dict(TYPING), *_answers_to(activity)]
+
+
+def _answers_to(activity: dict[str, Any]) -> list[dict[str, Any]]:
     text = activity.get("text") or ""
     command = command_of(activity)
     if command == "card":

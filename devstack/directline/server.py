@@ -1,7 +1,9 @@
 """The emulator's state, the one function that answers its requests, and its HTTP layer.
 
 The behaviour is described in the package docstring. `respond` maps one request to one answer for
-the HTTP server here and for the in-process transport (transport.py) alike.
+the HTTP server here and for the in-process transport (transport.py) alike; the HTTP server alone
+can also upgrade a request for `streamUrl` to a WebSocket (`Handler`, `_StreamSocket`), which
+`respond` hands over after the same checks.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import email.parser
 import email.policy
 import hashlib
 import hmac
+import io
 import json
 import logging
 import random
@@ -24,13 +27,17 @@ import string
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import requests
+from websockets.frames import CloseCode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from devstack.directline import echo as echo_bot
 from devstack.http_server import LocalHTTPServer
@@ -42,9 +49,19 @@ API = "/v3/directline"
 ADMIN = "/_emulator"
 DIRECTLINE_ENDPOINTS = ("tokens/generate", "tokens/refresh", "conversations/start", "conversations/reconnect",
                         "activities/get", "activities/post", "upload")
+NO_CONTENT_ENDPOINTS = ("activities/post", "upload")
+"""Where the no_content_rate fault answers 204 without a body (the generated .NET client accepts 200 and 204)."""
 JSON_TYPE = "application/json; charset=utf-8"
 POLL_TOLERANCE_SECONDS = 0.05
 FILE_TTL_SECONDS = 24 * 3600
+RETENTION_SECONDS = 24 * 3600
+"""How long activities stay in the activity set and the stream ("messages are kept about 24 h")."""
+STREAM_TOKEN_SECONDS = 60
+"""A streamUrl must be opened within this long: its `t` is a stream token that lives 60 s."""
+KEEPALIVE_SECONDS = 30.0
+"""Seconds of silence after which a stream gets an empty keep-alive frame (the interval is undocumented)."""
+CLOSE_TIMEOUT_SECONDS = 5.0
+"""How long a stream waits for the client's half of the closing handshake before it drops the connection."""
 _ALNUM = string.ascii_letters + string.digits
 
 
@@ -65,6 +82,9 @@ class Options:
     max_upload_bytes: int = 4 * 1024 * 1024
     forward_end_of_conversation: bool = True
     seed: int | None = None
+    enhanced_auth: bool = False
+    retention_seconds: float = RETENTION_SECONDS
+    keepalive_seconds: float = KEEPALIVE_SECONDS
 
 
 @dataclass
@@ -79,6 +99,7 @@ class Faults:
     error_500_rate: float = 0.0
     error_502_rate: float = 0.0
     drop_rate: float = 0.0
+    no_content_rate: float = 0.0
     phase: str = "before"
     endpoints: list[str] = field(default_factory=list)
     limit: int | None = None
@@ -89,7 +110,7 @@ class Faults:
         if unknown:
             raise ValueError(f"unknown fault setting(s): {', '.join(unknown)}; known: {', '.join(known)}")
         merged = {**asdict(self), **changes}
-        for name in ("throttle_rate", "error_500_rate", "error_502_rate", "drop_rate"):
+        for name in ("throttle_rate", "error_500_rate", "error_502_rate", "drop_rate", "no_content_rate"):
             merged[name] = float(merged[name])
             if not 0 <= merged[name] <= 1:
                 raise ValueError(f"{name} must be between 0 and 1")
@@ -131,6 +152,16 @@ class Token:
     trusted_origins: tuple[str, ...]
     issued_at: float
     expires_at: float
+    stream: bool = False  # a stream token: the `t` of a streamUrl, good for opening that stream only
+
+
+@dataclass(frozen=True)
+class Kept:
+    """An activity in a conversation's history: when it was appended (emulator clock) and its id's sequence number."""
+
+    at: float
+    sequence: int
+    activity: dict[str, Any]
 
 
 @dataclass
@@ -141,11 +172,30 @@ class Conversation:
     last_active: float
     user: dict[str, Any] | None = None
     started: bool = False
-    activities: list[dict[str, Any]] = field(default_factory=list)
+    activities: list[Kept] = field(default_factory=list)  # the polled set, oldest first, within retention
+    typing: list[Kept] = field(default_factory=list)  # typing activities: for streams only, never polled
+    first_position: int = 0  # watermark position of activities[0]: how many have aged out of retention
     next_sequence: int = 0
     replay_pending: bool = False
     tokens_revoked_at: float = 0.0
     last_poll: float = 0.0
+
+    @property
+    def end_position(self) -> int:
+        """The watermark position after the last activity: it keeps counting when old activities age out."""
+        return self.first_position + len(self.activities)
+
+
+@dataclass
+class Stream:
+    """One open stream's place in its conversation: what it has been sent so far."""
+
+    conversation: Conversation
+    position: int  # watermark position of the next polled activity to send
+    sequence: int  # sequence number from which typing activities are new to it
+    replayed: bool = False  # the activities after the URL's watermark have been sent
+    end_reason: str = ""  # why it ended: the close frame's reason
+    close_code: int = CloseCode.NORMAL_CLOSURE
 
 
 @dataclass(frozen=True)
@@ -157,8 +207,34 @@ class StoredFile:
     stored_at: float
 
 
-def _now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+class EmulatorClock:
+    """The emulator's one clock: the wall clock plus an offset that only ever moves forward.
+
+    Every time the emulator reads (token lifetimes, retention, idle conversations, files, poll pacing,
+    timestamps, keep-alives) comes from `now()`; `advance` stands in for waiting (POST /_emulator/clock)."""
+
+    def __init__(self, wall: Callable[[], float] = time.time):
+        self._wall = wall
+        self._offset = 0.0
+
+    def now(self) -> float:
+        """Seconds since the epoch, as the emulator sees them."""
+        return self._wall() + self._offset
+
+    @property
+    def offset(self) -> float:
+        return self._offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock `seconds` (>= 0) forward; ValueError for a negative or non-finite number."""
+        if not 0 <= seconds < float("inf"):
+            raise ValueError("advance_seconds must be a number of seconds, zero or more")
+        self._offset += seconds
+
+    def iso(self) -> str:
+        """now() as Direct Line writes timestamps: ISO 8601 UTC with microseconds and a Z."""
+        moment = dt.datetime.fromtimestamp(self.now(), dt.UTC)
+        return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _b64(data: bytes) -> str:
@@ -170,20 +246,25 @@ def _unb64(text: str) -> bytes:
 
 
 class Emulator:
-    """Every conversation, token check and bot hand-off; thread-safe behind one lock."""
+    """Every conversation, token check, stream and bot hand-off; thread-safe behind one lock, whose condition
+    (`_changed`) wakes the open streams when something they wait for happens."""
 
-    def __init__(self, options: Options, faults: Faults | None = None):
+    def __init__(self, options: Options, faults: Faults | None = None, clock: EmulatorClock | None = None):
         self.options = options
         self.faults = faults or Faults()
+        self.clock = clock or EmulatorClock()
         self.root_url = f"http://127.0.0.1:{options.port}"
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
         self._token_key = secrets.token_bytes(32)
         self._conversations: dict[str, Conversation] = {}
         self._files: dict[str, StoredFile] = {}
         self._random = random.Random(options.seed)
-        self._last_sweep = time.monotonic()
+        self._last_sweep = self.clock.now()
         self._timers: set[threading.Timer] = set()
         self._http = requests.Session()
+        self._closing = False
+        self._streams_open = 0
         self.reset_counters()
 
     # ---------------------------------------------------------------- counters and faults
@@ -210,6 +291,7 @@ class Emulator:
                     "faults": dict(self._faults_injected),
                 },
                 "conversations": len(self._conversations),
+                "clock": self.clock_state(),
                 "options": {k: v for k, v in asdict(self.options).items() if k != "secret"},
             }
 
@@ -224,7 +306,8 @@ class Emulator:
             return self.faults
 
     def draw_fault(self, endpoint: str, conversation_id: str | None) -> tuple[float, str | None]:
-        """(latency seconds, fault) for one request; fault is '429', 'poll-limit', '500', '502', 'drop' or None."""
+        """(latency seconds, fault) for one request; fault is '429', 'poll-limit', '500', '502', 'drop',
+        '204' (answer without a body once processed) or None."""
         with self._lock:
             faults = self.faults
             if not faults.applies_to(endpoint):
@@ -233,15 +316,16 @@ class Emulator:
             if endpoint == "activities/get" and conversation_id and faults.poll_limit:
                 conversation = self._conversations.get(conversation_id)
                 if conversation is not None:
-                    now = time.monotonic()
+                    now = self.clock.now()
                     if now - conversation.last_poll < faults.min_poll_interval - POLL_TOLERANCE_SECONDS:
                         self._faults_injected["poll-limit"] += 1
                         return latency, "poll-limit"
                     conversation.last_poll = now
             if faults.limit is not None and faults.limit <= 0:
                 return latency, None
+            no_content = faults.no_content_rate if endpoint in NO_CONTENT_ENDPOINTS else 0.0
             for name, rate in (("drop", faults.drop_rate), ("429", faults.throttle_rate),
-                               ("500", faults.error_500_rate), ("502", faults.error_502_rate)):
+                               ("500", faults.error_500_rate), ("502", faults.error_502_rate), ("204", no_content)):
                 if rate and self._random.random() < rate:
                     if faults.limit is not None:
                         self.faults = Faults(**{**asdict(faults), "limit": faults.limit - 1})
@@ -251,13 +335,17 @@ class Emulator:
 
     # ---------------------------------------------------------------- tokens
 
-    def _mint(self, conversation_id: str, user: dict[str, Any] | None, origins: list[str]) -> tuple[str, int]:
-        now = time.time()
+    def _mint(self, conversation_id: str, user: dict[str, Any] | None, origins: list[str], *,
+              lifetime: float | None = None, stream: bool = False) -> tuple[str, int]:
+        now = self.clock.now()
+        lifetime = self.options.token_ttl if lifetime is None else lifetime
         claims = {"c": conversation_id, "u": (user or {}).get("id"), "n": (user or {}).get("name"),
-                  "o": origins, "i": now, "e": now + self.options.token_ttl, "j": secrets.token_hex(8)}
+                  "o": origins, "i": now, "e": now + lifetime, "j": secrets.token_hex(8)}
+        if stream:
+            claims["s"] = 1
         payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
         signature = _b64(hmac.new(self._token_key, payload.encode(), hashlib.sha256).digest())
-        return f"{payload}.{signature}", int(self.options.token_ttl)
+        return f"{payload}.{signature}", int(lifetime)
 
     def _read_token(self, value: str) -> Token | None:
         payload, dot, signature = value.partition(".")
@@ -270,10 +358,21 @@ class Emulator:
             claims = json.loads(_unb64(payload))
         except ValueError:
             return None
-        return Token(claims["c"], claims["u"], claims["n"], tuple(claims["o"]), claims["i"], claims["e"])
+        return Token(claims["c"], claims["u"], claims["n"], tuple(claims["o"]), claims["i"], claims["e"],
+                     stream=bool(claims.get("s")))
+
+    def _check_unexpired(self, token: Token) -> None:
+        """403 TokenExpired when the token's lifetime is over or admin expire-tokens came after it was issued."""
+        with self._lock:
+            conversation = self._conversations.get(token.conversation_id)
+            revoked = conversation is not None and token.issued_at <= conversation.tokens_revoked_at
+        if revoked or self.clock.now() >= token.expires_at:
+            raise ErrorResponse(403, "TokenExpired", "Token expired")
 
     def authenticate(self, headers: Headers) -> Token | None:
-        """None for the secret, the Token for a valid token; ErrorResponse otherwise."""
+        """None for the secret, the Token for a valid token; ErrorResponse otherwise.
+
+        The request's Origin is not looked at: trusted origins stay in the token but bind no API call."""
         header = headers.get("Authorization")
         if not header:
             raise ErrorResponse(401, "BadArgument", "Missing Authorization header: send 'Bearer <secret or token>'")
@@ -285,47 +384,54 @@ class Emulator:
         if hmac.compare_digest(value.encode(), self.options.secret.encode()):
             return None
         token = self._read_token(value)
-        if token is None:
+        if token is None or token.stream:
             raise ErrorResponse(403, "BadArgument", "Invalid token or secret")
-        with self._lock:
-            conversation = self._conversations.get(token.conversation_id)
-            revoked = conversation is not None and token.issued_at <= conversation.tokens_revoked_at
-        if revoked or time.time() >= token.expires_at:
-            raise ErrorResponse(403, "TokenExpired", "Token expired")
-        origin = headers.get("Origin")
-        if token.trusted_origins and origin and origin not in token.trusted_origins:
-            raise ErrorResponse(403, "BadArgument", "The request's origin is not among the token's trusted origins")
+        self._check_unexpired(token)
         return token
 
     # ---------------------------------------------------------------- conversations
 
     def _sweep(self) -> None:
-        """Forget idle conversations and old files (at most every few seconds)."""
-        now = time.monotonic()
+        """Forget idle conversations and old files, drop activities past retention (at most every few seconds)."""
+        now = self.clock.now()
         if now - self._last_sweep < 2:
             return
         self._last_sweep = now
-        wall = time.time()
-        for cid in [c.id for c in self._conversations.values() if wall - c.last_active > self.options.conversation_ttl]:
+        for cid in [c.id for c in self._conversations.values() if now - c.last_active > self.options.conversation_ttl]:
             self._forget(cid)
-        for key in [k for k, f in self._files.items() if wall - f.stored_at > FILE_TTL_SECONDS]:
+        for conversation in self._conversations.values():
+            self._prune(conversation)
+        for key in [k for k, f in self._files.items() if now - f.stored_at > FILE_TTL_SECONDS]:
             del self._files[key]
+
+    def _prune(self, conversation: Conversation) -> None:
+        """Drop the activities older than retention; their watermark positions stay counted (first_position)."""
+        cutoff = self.clock.now() - self.options.retention_seconds
+        aged = 0
+        while aged < len(conversation.activities) and conversation.activities[aged].at < cutoff:
+            aged += 1
+        if aged:
+            del conversation.activities[:aged]
+            conversation.first_position += aged
+        if conversation.typing and conversation.typing[0].at < cutoff:
+            conversation.typing = [kept for kept in conversation.typing if kept.at >= cutoff]
 
     def _forget(self, conversation_id: str) -> bool:
         found = self._conversations.pop(conversation_id, None) is not None
         for key in [k for k, f in self._files.items() if f.conversation_id == conversation_id]:
             del self._files[key]
+        self._changed.notify_all()  # its streams end
         return found
 
     def _new_conversation(self, user: dict[str, Any] | None) -> Conversation:
-        now = time.time()
-        conversation = Conversation(
-            id="".join(secrets.choice(_ALNUM) for _ in range(22)),
-            mark="".join(secrets.choice(string.ascii_lowercase) for _ in range(4)),
-            created=now, last_active=now, user=user,
-        )
+        now = self.clock.now()
+        conversation = Conversation(id="".join(secrets.choice(_ALNUM) for _ in range(22)), mark=_new_mark(),
+                                    created=now, last_active=now, user=user)
         self._conversations[conversation.id] = conversation
         return conversation
+
+    def _idle_too_long(self, conversation: Conversation) -> bool:
+        return self.clock.now() - conversation.last_active > self.options.conversation_ttl
 
     def conversation(self, conversation_id: str, token: Token | None) -> Conversation:
         """The conversation a caller may act in: 403 for a token of another one, 404 when unknown or idle too long."""
@@ -334,15 +440,17 @@ class Emulator:
         with self._lock:
             self._sweep()
             conversation = self._conversations.get(conversation_id)
-            if conversation is not None and time.time() - conversation.last_active > self.options.conversation_ttl:
+            if conversation is not None and self._idle_too_long(conversation):
                 self._forget(conversation_id)
                 conversation = None
         if conversation is None:
             raise ErrorResponse(404, "BadArgument", "Unknown conversation")
         return conversation
 
-    def stream_url(self, conversation: Conversation, token: str, watermark: str | None = None) -> str:
-        query = f"watermark={quote(watermark)}&t={token}" if watermark else f"t={token}"
+    def stream_url(self, conversation: Conversation, watermark: str | None = None) -> str:
+        """ws://.../conversations/{id}/stream?[watermark=W&]t=<a stream token that must be used within 60 s>."""
+        stream_token, _ = self._mint(conversation.id, None, [], lifetime=STREAM_TOKEN_SECONDS, stream=True)
+        query = f"watermark={quote(watermark)}&t={stream_token}" if watermark else f"t={stream_token}"
         return f"ws{self.root_url.removeprefix('http')}{API}/conversations/{conversation.id}/stream?{query}"
 
     def watermark(self, conversation: Conversation, position: int) -> str:
@@ -352,7 +460,7 @@ class Emulator:
         if not watermark:
             return 0
         match = re.fullmatch(re.escape(conversation.mark) + r"-(\d{1,9})", watermark)
-        if not match or int(match.group(1)) > len(conversation.activities):
+        if not match or int(match.group(1)) > conversation.end_position:
             raise ErrorResponse(400, "BadArgument", "Invalid watermark for this conversation")
         return int(match.group(1))
 
@@ -388,32 +496,39 @@ class Emulator:
             with self._lock:
                 status = 200 if conversation.started else 201
                 conversation.started = True
-                conversation.last_active = time.time()
-            value, expires_in = raw_token, max(0, int(token.expires_at - time.time()))
+                conversation.last_active = self.clock.now()
+            value, expires_in = raw_token, max(0, int(token.expires_at - self.clock.now()))
         if status == 201:
             self._greet_bot(conversation)
         return status, {"conversationId": conversation.id, "token": value, "expires_in": expires_in,
-                        "streamUrl": self.stream_url(conversation, value), "referenceGrammarId": ""}
+                        "streamUrl": self.stream_url(conversation), "referenceGrammarId": ""}
 
     def reconnect(self, token: Token | None, conversation_id: str, watermark: str | None) -> tuple[int, dict]:
+        """A new token and streamUrl. With the secret: under enhanced auth 400 MissingProperty (the secret names
+        no user), otherwise a token without a user; with a token: one for the same user."""
         conversation = self.conversation(conversation_id, token)
+        if token is None and self.options.enhanced_auth:
+            raise ErrorResponse(400, "MissingProperty", "Missing user ID")
         with self._lock:
             self.position(conversation, watermark)
-            conversation.last_active = time.time()
+            conversation.last_active = self.clock.now()
         user = {"id": token.user_id, "name": token.user_name} if token and token.user_id else None
         value, expires_in = self._mint(conversation.id, user, list(token.trusted_origins) if token else [])
         return 200, {"conversationId": conversation.id, "token": value, "expires_in": expires_in,
-                     "streamUrl": self.stream_url(conversation, value, watermark)}
+                     "streamUrl": self.stream_url(conversation, watermark)}
 
     def get_activities(self, token: Token | None, conversation_id: str, watermark: str | None) -> tuple[int, dict]:
         conversation = self.conversation(conversation_id, token)
         with self._lock:
+            self._prune(conversation)
             start = self.position(conversation, watermark)
             if conversation.replay_pending:
-                start, conversation.replay_pending = 0, False
-            page = conversation.activities[start:start + self.options.page_size]
-            body: dict[str, Any] = {"activities": json.loads(json.dumps(page))}
-            if conversation.activities:
+                start, conversation.replay_pending = conversation.first_position, False
+            start = max(start, conversation.first_position)
+            index = start - conversation.first_position
+            page = [kept.activity for kept in conversation.activities[index:index + self.options.page_size]]
+            body: dict[str, Any] = {"activities": _copy(page)}
+            if conversation.end_position:
                 body["watermark"] = self.watermark(conversation, start + len(page))
         return 200, body
 
@@ -452,7 +567,7 @@ class Emulator:
         with self._lock:
             for name, content_type, data in files:
                 key = secrets.token_urlsafe(16)
-                self._files[key] = StoredFile(conversation.id, name, content_type, data, time.time())
+                self._files[key] = StoredFile(conversation.id, name, content_type, data, self.clock.now())
                 attachments.append({"contentType": content_type, "name": name,
                                     "contentUrl": f"{self.root_url}{API}/attachments/{key}/{quote(name)}"})
         activity["attachments"] = attachments
@@ -463,9 +578,108 @@ class Emulator:
     def get_file(self, key: str) -> StoredFile:
         with self._lock:
             stored = self._files.get(key)
-        if stored is None or time.time() - stored.stored_at > FILE_TTL_SECONDS:
+        if stored is None or self.clock.now() - stored.stored_at > FILE_TTL_SECONDS:
             raise ErrorResponse(404, "BadArgument", "Unknown attachment")
         return stored
+
+    # ---------------------------------------------------------------- the stream
+
+    def grant_stream(self, conversation_id: str, stream_token: str | None, watermark: str | None) -> Stream:
+        """The checks before a streamUrl is upgraded to a WebSocket, and where that stream starts.
+
+        401 without `t`; 403 BadArgument for a `t` that is not a stream token of this emulator, or one of
+        another conversation; 403 TokenExpired once it is older than STREAM_TOKEN_SECONDS; 404 for an unknown
+        conversation; 400 for a watermark it does not accept. Without a watermark the stream sends only
+        newer activities."""
+        if not stream_token:
+            raise ErrorResponse(401, "BadArgument", "The stream URL carries no token (t)")
+        token = self._read_token(stream_token)
+        if token is None or not token.stream:
+            raise ErrorResponse(403, "BadArgument", "Invalid stream token")
+        self._check_unexpired(token)
+        conversation = self.conversation(conversation_id, token)
+        with self._lock:
+            position = self.position(conversation, watermark) if watermark else conversation.end_position
+            return Stream(conversation, position, conversation.next_sequence)
+
+    def stream_frames(self, stream: Stream, stopped: threading.Event) -> Generator[str, None, None]:
+        """The text frames of an open stream as they fall due, each an ActivitySet `{"activities", "watermark"}`:
+        first the retained activities after the URL's watermark (sets of at most page_size), then every new
+        activity, typing included, in a set of its own; an empty frame (keep-alive) after keepalive_seconds
+        without one. Ends, with `stream.end_reason` set, once `stopped` is set (call wake_streams after
+        setting it), the conversation is gone or the emulator closes. It sleeps on the condition between
+        frames: appends, forgets, clock moves and close wake it."""
+        while True:
+            with self._changed:
+                deadline = self.clock.now() + self.options.keepalive_seconds
+                while True:
+                    stream.end_reason = self._stream_end(stream, stopped)
+                    if stream.end_reason:
+                        return
+                    frames = self._due_frames(stream)
+                    if frames:
+                        break
+                    remaining = deadline - self.clock.now()
+                    if remaining <= 0:
+                        frames = [""]
+                        break
+                    self._changed.wait(remaining)
+            yield from frames
+
+    @contextlib.contextmanager
+    def serving_stream(self) -> Iterator[None]:
+        """Around the whole life of one open stream, closing handshake included: close() waits for them."""
+        with self._changed:
+            self._streams_open += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._streams_open -= 1
+                self._changed.notify_all()
+
+    def wake_streams(self) -> None:
+        """Make every waiting stream look again (one of them was stopped)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def _stream_end(self, stream: Stream, stopped: threading.Event) -> str:
+        """Why the stream must end now, or ''."""
+        if stopped.is_set():
+            return "closed by the client"
+        if self._closing:
+            stream.close_code = CloseCode.GOING_AWAY
+            return "the emulator is stopping"
+        conversation = stream.conversation
+        if self._conversations.get(conversation.id) is not conversation or self._idle_too_long(conversation):
+            return "the conversation is gone"
+        return ""
+
+    def _due_frames(self, stream: Stream) -> list[str]:
+        conversation = stream.conversation
+        self._prune(conversation)
+        stream.position = max(stream.position, conversation.first_position)
+        new = conversation.activities[stream.position - conversation.first_position:]
+        frames = []
+        if not stream.replayed:
+            stream.replayed = True
+            replay = [kept for kept in new if kept.sequence < stream.sequence]
+            for start in range(0, len(replay), self.options.page_size):
+                chunk = replay[start:start + self.options.page_size]
+                stream.position += len(chunk)
+                frames.append(self._activity_set(conversation, [kept.activity for kept in chunk], stream.position))
+            new = new[len(replay):]
+        typing = [kept for kept in conversation.typing if kept.sequence >= stream.sequence]
+        for kept in sorted(new + typing, key=lambda kept: kept.sequence):
+            if kept.activity.get("type") != "typing":
+                stream.position += 1
+            frames.append(self._activity_set(conversation, [kept.activity], stream.position))
+            stream.sequence = max(stream.sequence, kept.sequence + 1)
+        return frames
+
+    def _activity_set(self, conversation: Conversation, activities: list[dict[str, Any]], position: int) -> str:
+        return json.dumps({"activities": activities, "watermark": self.watermark(conversation, position)},
+                          separators=(",", ":"))
 
     # ---------------------------------------------------------------- the bot side
 
@@ -491,16 +705,21 @@ class Emulator:
         return activity
 
     def _append(self, conversation: Conversation, activity: dict[str, Any]) -> dict[str, Any]:
+        """Number and stamp the activity and add it to the conversation (typing: to the streams only)."""
         with self._lock:
-            activity["id"] = f"{conversation.id}|{conversation.next_sequence:07d}"
+            sequence = conversation.next_sequence
             conversation.next_sequence += 1
-            activity["timestamp"] = _now_iso()
+            now = self.clock.now()
+            activity["id"] = f"{conversation.id}|{sequence:07d}"
+            activity["timestamp"] = self.clock.iso()
             activity["channelId"] = "directline"
             activity["conversation"] = {"id": conversation.id}
-            conversation.last_active = time.time()
-            if activity.get("type") != "typing" and conversation.id in self._conversations:
-                conversation.activities.append(activity)
-            return json.loads(json.dumps(activity))
+            conversation.last_active = now
+            if self._conversations.get(conversation.id) is conversation:
+                kept = Kept(now, sequence, activity)
+                (conversation.typing if activity.get("type") == "typing" else conversation.activities).append(kept)
+                self._changed.notify_all()
+            return _copy(activity)
 
     def _append_user(self, conversation: Conversation, activity: dict[str, Any]) -> dict[str, Any]:
         activity.pop("serviceUrl", None)
@@ -574,7 +793,7 @@ class Emulator:
             return
         members = [self.bot_account()] + ([conversation.user] if conversation.user else [])
         update = {"type": "conversationUpdate", "membersAdded": members, "from": conversation.user or {"id": ""},
-                  "id": f"{conversation.id}|update", "timestamp": _now_iso(), "channelId": "directline",
+                  "id": f"{conversation.id}|update", "timestamp": self.clock.iso(), "channelId": "directline",
                   "conversation": {"id": conversation.id}}
 
         def send() -> None:
@@ -596,16 +815,22 @@ class Emulator:
 
     # ---------------------------------------------------------------- admin
 
+    def _known(self, conversation_id: str) -> Conversation:
+        conversation = self._conversations.get(conversation_id)
+        if conversation is None:
+            raise ErrorResponse(404, "BadArgument", "Unknown conversation")
+        return conversation
+
     def admin_conversation(self, conversation_id: str) -> dict[str, Any]:
+        """The retained activity set and the watermark after it (typing is never in it)."""
         with self._lock:
-            conversation = self._conversations.get(conversation_id)
-            if conversation is None:
-                raise ErrorResponse(404, "BadArgument", "Unknown conversation")
-            return json.loads(json.dumps({
+            conversation = self._known(conversation_id)
+            self._prune(conversation)
+            return _copy({
                 "conversationId": conversation.id, "started": conversation.started, "user": conversation.user,
-                "activities": conversation.activities,
-                "watermark": self.watermark(conversation, len(conversation.activities)),
-            }))
+                "activities": [kept.activity for kept in conversation.activities],
+                "watermark": self.watermark(conversation, conversation.end_position),
+            })
 
     def forget(self, conversation_id: str) -> None:
         with self._lock:
@@ -614,22 +839,49 @@ class Emulator:
 
     def expire_tokens(self, conversation_id: str) -> None:
         with self._lock:
-            conversation = self._conversations.get(conversation_id)
-            if conversation is None:
-                raise ErrorResponse(404, "BadArgument", "Unknown conversation")
-            conversation.tokens_revoked_at = time.time()
+            self._known(conversation_id).tokens_revoked_at = self.clock.now()
 
     def reset_watermark(self, conversation_id: str) -> None:
         with self._lock:
-            conversation = self._conversations.get(conversation_id)
-            if conversation is None:
-                raise ErrorResponse(404, "BadArgument", "Unknown conversation")
-            conversation.replay_pending = True
+            self._known(conversation_id).replay_pending = True
+
+    def invalidate_watermarks(self, conversation_id: str) -> None:
+        """Every watermark issued so far for the conversation is refused from now on (a new mark); positions go on."""
+        with self._lock:
+            conversation = self._known(conversation_id)
+            previous = conversation.mark
+            while conversation.mark == previous:
+                conversation.mark = _new_mark()
+
+    def clock_state(self) -> dict[str, Any]:
+        return {"now": self.clock.iso(), "offset_seconds": self.clock.offset}
+
+    def advance_clock(self, seconds: float) -> dict[str, Any]:
+        """Move the emulator's clock forward (ValueError when `seconds` is negative); wakes the streams."""
+        with self._changed:
+            self.clock.advance(seconds)
+            self._changed.notify_all()
+            return self.clock_state()
 
     def close(self) -> None:
+        """End every open stream (close code 1001, waiting for the closing handshakes a few seconds at most)
+        and cancel the echo bot's pending late replies."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: self._streams_open == 0, CLOSE_TIMEOUT_SECONDS + 1)
         for timer in list(self._timers):
             timer.cancel()
         self._http.close()
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of JSON data, so what leaves the lock is never shared with the conversation."""
+    return json.loads(json.dumps(value))
+
+
+def _new_mark() -> str:
+    return "".join(secrets.choice(string.ascii_lowercase) for _ in range(4))
 
 
 def _user_and_origins(body: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
@@ -697,6 +949,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(rf"{API}/conversations/(?P<cid>[^/]+)/activities"), "activities/get"),
     ("POST", re.compile(rf"{API}/conversations/(?P<cid>[^/]+)/activities"), "activities/post"),
     ("POST", re.compile(rf"{API}/conversations/(?P<cid>[^/]+)/upload"), "upload"),
+    ("GET", re.compile(rf"{API}/conversations/(?P<cid>[^/]+)/stream"), "conversations/stream"),
     ("GET", re.compile(rf"{API}/attachments/(?P<key>[^/]+)(?:/[^/]*)?"), "attachments/get"),
     ("POST", re.compile(r"/v3/conversations/(?P<cid>[^/]+)/activities"), "connector/send"),
     ("POST", re.compile(r"/v3/conversations/(?P<cid>[^/]+)/activities/(?P<reply>[^/]+)"), "connector/reply"),
@@ -704,20 +957,30 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("PUT", re.compile(rf"{ADMIN}/faults"), "admin/faults"),
     ("DELETE", re.compile(rf"{ADMIN}/faults"), "admin/clear-faults"),
     ("POST", re.compile(rf"{ADMIN}/counters/reset"), "admin/reset-counters"),
+    ("POST", re.compile(rf"{ADMIN}/clock"), "admin/clock"),
     ("GET", re.compile(rf"{ADMIN}/conversations/(?P<cid>[^/]+)"), "admin/conversation"),
     ("POST", re.compile(rf"{ADMIN}/conversations/(?P<cid>[^/]+)/forget"), "admin/forget"),
     ("POST", re.compile(rf"{ADMIN}/conversations/(?P<cid>[^/]+)/expire-tokens"), "admin/expire-tokens"),
     ("POST", re.compile(rf"{ADMIN}/conversations/(?P<cid>[^/]+)/reset-watermark"), "admin/reset-watermark"),
+    ("POST", re.compile(rf"{ADMIN}/conversations/(?P<cid>[^/]+)/invalidate-watermarks"),
+     "admin/invalidate-watermarks"),
 ]
 _MAX_BODY_BYTES = 64 * 1024 * 1024
 
+UPGRADED = Answer(101)
+"""What `respond` returns once its `upgrade` served a stream: the connection was the stream's, nothing is left."""
 
-def respond(emulator: Emulator, method: str, target: str, headers: Headers, body: bytes) -> Answer:
+
+def respond(emulator: Emulator, method: str, target: str, headers: Headers, body: bytes, *,
+            upgrade: Callable[[Stream], None] | None = None) -> Answer:
     """The emulator's whole answer to one request: the only way in, for the HTTP server and the in-process
     transport alike (devstack/directline/transport.py), so both get the same routing, checks and faults.
 
     `target` is the path and query as on the request line, `body` the request's whole body.
-    ConnectionDropped when the injected fault is a dropped connection."""
+    ConnectionDropped when the injected fault is a dropped connection. A request for a streamUrl that
+    passes its checks is handed to `upgrade` (the HTTP server's WebSocket, which serves the stream until
+    it ends; then UPGRADED is returned), or answered 426 when there is none (in-process, or no
+    `Upgrade: websocket` header)."""
     if method == "OPTIONS":
         return _preflight(headers)
     if len(body) > _MAX_BODY_BYTES:  # the HTTP layer refuses it before reading it all
@@ -732,19 +995,37 @@ def respond(emulator: Emulator, method: str, target: str, headers: Headers, body
     conversation_id = params.get("cid")
     if not endpoint.startswith("admin/"):
         emulator.count(endpoint, conversation_id)
+    if endpoint == "conversations/stream":
+        return _open_stream(emulator, params["cid"], query, headers, upgrade)
     latency, fault = emulator.draw_fault(endpoint, conversation_id)
     if latency:
         time.sleep(latency)
     # Throttling happens before any work, as in the real service: a 429 never follows processing.
-    if fault and (emulator.faults.phase == "before" or fault in ("poll-limit", "429")):
-        return _fault(emulator, fault, headers)
+    failure = fault if fault != "204" else None
+    if failure and (emulator.faults.phase == "before" or failure in ("poll-limit", "429")):
+        return _fault(emulator, failure, headers)
     try:
         status, content, extra = _dispatch(emulator, endpoint, params, query, headers, body)
     except ErrorResponse as error:
         status, content, extra = error.status, error.body(), error.headers
-    if fault:
-        return _fault(emulator, fault, headers)
+    if failure:
+        return _fault(emulator, failure, headers)
+    if fault == "204" and status == 200:
+        return Answer(204, {"Cache-Control": "no-store", **_cors(headers)})
     return _answer(status, content, extra, headers)
+
+
+def _open_stream(emulator: Emulator, conversation_id: str, query: dict[str, str], headers: Headers,
+                 upgrade: Callable[[Stream], None] | None) -> Answer:
+    try:
+        stream = emulator.grant_stream(conversation_id, query.get("t"), query.get("watermark"))
+        if upgrade is None:
+            raise ErrorResponse(426, "BadArgument", "streamUrl is a WebSocket: open it with a WebSocket client",
+                                {"Upgrade": "websocket"})
+    except ErrorResponse as error:
+        return error_answer(error, headers)
+    upgrade(stream)
+    return UPGRADED
 
 
 def error_answer(error: ErrorResponse, headers: Headers) -> Answer:
@@ -788,8 +1069,6 @@ def _route(method: str, path: str) -> tuple[str, dict[str, str]]:
             allowed = True
     if allowed:
         raise ErrorResponse(405, "BadArgument", f"{method} is not allowed on {path}")
-    if path.endswith("/stream"):
-        raise ErrorResponse(404, "BadArgument", "WebSocket streams are not emulated: poll the activities")
     raise ErrorResponse(404, "BadArgument", f"Unknown resource {path}")
 
 
@@ -852,10 +1131,22 @@ def _admin(emulator: Emulator, endpoint: str, cid: str, raw: bytes) -> tuple[int
         return 200, emulator.snapshot()["counters"], {}
     if endpoint == "admin/conversation":
         return 200, emulator.admin_conversation(cid), {}
+    if endpoint == "admin/clock":
+        return 200, emulator.advance_clock(_advance_seconds(_json_body(raw))), {}
     action = {"admin/forget": emulator.forget, "admin/expire-tokens": emulator.expire_tokens,
-              "admin/reset-watermark": emulator.reset_watermark}[endpoint]
+              "admin/reset-watermark": emulator.reset_watermark,
+              "admin/invalidate-watermarks": emulator.invalidate_watermarks}[endpoint]
     action(cid)
     return 200, {"conversationId": cid, "done": endpoint.removeprefix("admin/")}, {}
+
+
+def _advance_seconds(body: dict[str, Any]) -> float:
+    """The `advance_seconds` of a POST /_emulator/clock body; 400 for anything but a number >= 0."""
+    unknown = sorted(set(body) - {"advance_seconds"})
+    seconds = body.get("advance_seconds")
+    if unknown or isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < float("inf"):
+        raise ErrorResponse(400, "BadArgument", 'Send {"advance_seconds": <seconds, zero or more>}')
+    return float(seconds)
 
 
 def _fault(emulator: Emulator, fault: str, headers: Headers) -> Answer:
@@ -874,15 +1165,20 @@ def _fault(emulator: Emulator, fault: str, headers: Headers) -> Answer:
 # -------------------------------------------------------------------- HTTP
 
 
+_STREAM_TOKEN_IN_URL = re.compile(r"([?&]t=)[^&\s\"]+")
+
+
 class Handler(BaseHTTPRequestHandler):
-    """Reads a request off the socket, lets `respond` answer it, and writes the answer back."""
+    """Reads a request off the socket, lets `respond` answer it, and writes the answer back; a request for a
+    streamUrl with `Upgrade: websocket` becomes that stream, on this connection and this thread, until it ends."""
 
     protocol_version = "HTTP/1.1"
     server_version = "DirectLineEmulator/1.0"
     emulator: Emulator  # set on the subclass built by make_server
 
     def log_message(self, fmt: str, *args) -> None:
-        log.info("%s %s", self.address_string(), fmt % args)
+        """One line per request, with a streamUrl's token (`t=`) left out."""
+        log.info("%s %s", self.address_string(), _STREAM_TOKEN_IN_URL.sub(r"\1<redacted>", fmt % args))
 
     def do_GET(self) -> None:
         self._handle("GET")
@@ -906,14 +1202,44 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send(error_answer(error, self.headers))
             return
+        wants_websocket = "websocket" in (self.headers.get("Upgrade") or "").lower()
         try:
-            answer = respond(self.emulator, method, self.path, self.headers, raw)
+            answer = respond(self.emulator, method, self.path, self.headers, raw,
+                             upgrade=self._serve_stream if method == "GET" and wants_websocket else None)
         except ConnectionDropped:
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
             return
+        if answer is UPGRADED:
+            self.close_connection = True
+            return
         self._send(answer)
+
+    def _serve_stream(self, stream: Stream) -> None:
+        """The WebSocket handshake (websockets' sans-I/O ServerProtocol, on the request already read), then the
+        stream's frames until it ends; a handshake websockets refuses gets its answer (400, 426...)."""
+        self.close_connection = True
+        protocol = ServerProtocol()
+        protocol.receive_data(self._request_head())
+        request = next(iter(protocol.events_received()), None)
+        connection = _StreamSocket(self.connection, self.rfile, protocol, self.emulator.wake_streams)
+        if not isinstance(request, Request):  # not a request websockets can parse: it has already said goodbye
+            connection.flush()
+            return
+        response = protocol.accept(request)
+        protocol.send_response(response)
+        connection.flush()
+        self.log_message('"%s" %s -', self.requestline, response.status_code)
+        if response.status_code == 101:
+            with self.emulator.serving_stream():
+                connection.serve(self.emulator.stream_frames(stream, connection.ended), stream)
+
+    def _request_head(self) -> bytes:
+        """The request line and headers http.server has read, as they came (websockets parses them again)."""
+        lines = [f"{self.command} {self.path} {self.request_version}",
+                 *(f"{name}: {value}" for name, value in self.headers.items())]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _read_body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -947,6 +1273,83 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(answer.body)
+
+
+class _StreamSocket:
+    """One upgraded connection. The handler's thread sends the stream's frames (`serve`); a reader thread feeds
+    what the client sends to the protocol, which answers its pings and its closing handshake (the client's
+    own text frames, such as DirectLineJS's empty ones, are read and ignored: clients post over HTTP).
+    The protocol and the socket's writes are used under one lock."""
+
+    def __init__(self, connection: socket.socket, rfile: io.BufferedIOBase, protocol: ServerProtocol,
+                 wake: Callable[[], None]):
+        self._connection = connection
+        self._rfile = rfile
+        self._protocol = protocol
+        self._wake = wake
+        self._io = threading.Lock()
+        self.ended = threading.Event()
+        """Set once the client sent its close frame, or the connection ended or broke."""
+
+    def flush(self) -> None:
+        """Write what the protocol has to send; its end-of-stream marker half-closes the connection."""
+        for data in self._protocol.data_to_send():
+            if data:
+                self._connection.sendall(data)
+            else:
+                with contextlib.suppress(OSError):
+                    self._connection.shutdown(socket.SHUT_WR)
+
+    def serve(self, frames: Generator[str, None, None], stream: Stream) -> None:
+        """Send `frames` as text frames until they end or the client leaves, then close the stream cleanly
+        (a close frame with the stream's close code and reason, the client's answer awaited)."""
+        reader = threading.Thread(target=self._read, name="directline-stream-reader", daemon=True)
+        reader.start()
+        try:
+            for frame in frames:
+                with self._io:
+                    if self._protocol.state is not State.OPEN:
+                        break
+                    self._protocol.send_text(frame.encode())
+                    self.flush()
+        except OSError:
+            self.ended.set()  # the client is gone; the reader sees it too
+        finally:
+            frames.close()
+            with self._io:
+                if self._protocol.state is State.OPEN:
+                    self._protocol.send_close(stream.close_code, stream.end_reason)
+                    with contextlib.suppress(OSError):
+                        self.flush()
+            self.ended.wait(CLOSE_TIMEOUT_SECONDS)
+            with contextlib.suppress(OSError):
+                self._connection.shutdown(socket.SHUT_RDWR)
+            reader.join(CLOSE_TIMEOUT_SECONDS)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                try:
+                    data = self._rfile.read1(65536)
+                except (OSError, ValueError):
+                    data = b""
+                with self._io:
+                    if data:
+                        self._protocol.receive_data(data)
+                    else:
+                        self._protocol.receive_eof()
+                    self._protocol.events_received()
+                    with contextlib.suppress(OSError):
+                        self.flush()
+                    closing = self._protocol.close_rcvd is not None
+                if closing and not self.ended.is_set():
+                    self.ended.set()
+                    self._wake()
+                if not data or self._protocol.state is State.CLOSED:
+                    return
+        finally:
+            self.ended.set()
+            self._wake()
 
 
 class EmulatorServer(LocalHTTPServer):

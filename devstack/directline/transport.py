@@ -7,9 +7,13 @@
 Every request, the admin calls included, goes through `server.respond`, the function the HTTP server
 calls for each request it reads: the same routing, token checks, watermarks, faults and counters, so
 the emulator is no kinder in-process than behind a socket (devstack/inprocess.py says what differs:
-only what belongs to the socket). Time is the wall clock, as in the server: tokens expire for real,
-and `expire_tokens` expires them now. The built-in echo bot answers within the user's POST; its late
-replies come on a timer thread, as over HTTP.
+only what belongs to the socket). Time is the emulator's clock, as in the server: the wall clock,
+moved forward by `advance_clock`; `expire_tokens` expires tokens now. The built-in echo bot answers
+within the user's POST; its late replies come on a timer thread, as over HTTP.
+
+There is no WebSocket stream in-process: a streamUrl request passes the same checks as over HTTP
+(its token, conversation and watermark) and is then answered 426 Upgrade Required, which is also
+what the HTTP server answers a plain GET on it. Clients here poll; stream tests use DirectLineEmulator.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ class InProcessEmulator(InProcessServer, EmulatorAdmin):
     """An emulator core and the transport that serves it at `url` (base_url, admin_url as on DirectLineEmulator).
 
     `options` are `server.Options` fields (token_ttl, echo, page_size, late_reply_seconds, seed...);
+    enhanced authentication is on unless `enhanced_auth=False`, as on DirectLineEmulator;
     `transport` is what a `requests.Session` mounts (DirectLineClient takes it as `transport=`)."""
 
-    def __init__(self, *, secret: str, url: str = DEFAULT_URL, faults: Faults | None = None, **options: Any):
+    def __init__(self, *, secret: str, url: str = DEFAULT_URL, faults: Faults | None = None,
+                 enhanced_auth: bool = True, **options: Any):
         self.secret = secret
-        self.core = Emulator(Options(secret=secret, port=0, **options), faults)
+        self.core = Emulator(Options(secret=secret, port=0, enhanced_auth=enhanced_auth, **options), faults)
         super().__init__(url, functools.partial(respond, self.core))
         self.base_url = f"{self.url}{API}"
         self.admin_url = f"{self.url}{ADMIN}"

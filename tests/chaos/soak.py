@@ -1,12 +1,14 @@
 """The chaos run: many users on every provider while everything that can fail does, then an audit.
 
-    python -m tests.chaos.soak [--conversations 200] [--messages 2000] [--seed 1] [--workdir DIR]
-    (defaults also from SOAK_CONVERSATIONS, SOAK_MESSAGES, SOAK_SEED; `make soak` runs the full size)
+    python -m tests.chaos.soak [--conversations 200] [--messages 2000] [--seed 1] [--token-ttl 60] [--workdir DIR]
+    (defaults also from SOAK_CONVERSATIONS, SOAK_MESSAGES, SOAK_SEED, SOAK_TOKEN_TTL; `make soak` runs the full size)
 
 The whole relay runs on real parts: TWO local Functions hosts (two instances, both running the
 poller timer every second on the same tables), an Azurite of the run's own with a `--location`
 (so it can be restarted without losing its data), the Direct Line emulator with its built-in echo
-bot, and the provider simulator receiving the replies. The users write as providers do: each
+bot, in enhanced authentication mode (no reconnect with the secret) and with tokens that live only
+`--token-ttl` seconds (60: every conversation's token is refreshed many times during the run), and
+the provider simulator receiving the replies. The users write as providers do: each
 user's messages one after another (a provider waits for the answer before the next), retried
 until they are answered 200, on either host. At the same time:
 
@@ -17,7 +19,9 @@ until they are answered 200, on either host. At the same time:
   dropped connections, two latency spikes, watermark resets;
 - the providers refuse a few replies with 503 (transient);
 - host A is killed with SIGKILL during a poller tick and started again;
-- Azurite is stopped and started again (webhooks meanwhile must answer 503 and be retried).
+- Azurite is stopped and started again (webhooks meanwhile must answer 503 and be retried);
+- every token of some conversations expires at once, as after an outage longer than a token's life
+  (the relay must carry on in a new conversation for those users).
 
 The audit, from the emulator's activity sets and the simulator's records: every user message
 reached the bot exactly once and in order, every bot reply reached the provider exactly once and
@@ -69,6 +73,7 @@ class ChaosOptions:
     duplicate_rate: float = 0.2
     senders: int = 16
     workdir: Path | None = None
+    token_ttl: float = 60.0  # seconds a Direct Line token lives: short, so tokens are refreshed all along the run
     settle_timeout: float = 300.0  # after the last webhook: how long everything may take to arrive
 
 
@@ -93,6 +98,7 @@ class ChaosReport:
     outbox_left: int = 0
     stale_leases: int = 0
     directline_faults: dict = dataclasses.field(default_factory=dict)
+    directline_calls: dict = dataclasses.field(default_factory=dict)  # requests per Direct Line endpoint
     events: list = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     problems: list = dataclasses.field(default_factory=list)
@@ -117,6 +123,7 @@ class ChaosReport:
             f"  dead letters {self.dead_letters}, outbox rows left {self.outbox_left}, "
             f"leases held past expiry {self.stale_leases}",
             f"  Direct Line faults injected: {self.directline_faults}",
+            f"  Direct Line requests: {self.directline_calls}",
             "  events: " + "; ".join(self.events),
             f"  logs: {self.logs}",
         ]
@@ -144,10 +151,11 @@ class User:
 class ChaosStack:
     """Azurite (persistent), the emulator, the simulator and hosts A and B on the same tables."""
 
-    def __init__(self, workdir: Path, seed: int):
+    def __init__(self, workdir: Path, seed: int, *, token_ttl: float):
         self.workdir = workdir
         self.azurite = Azurite(location=workdir / "azurite", log_path=workdir / "azurite.log")
         self.emulator = DirectLineEmulator(secret=SECRET, env=subprocess_env(), log_path=workdir / "directline.log",
+                                           token_ttl=token_ttl, enhanced_auth=True,
                                            extra_args=("--late-reply-seconds", "1", "--seed", str(seed)))
         self.ports = {"a": free_port(), "b": free_port()}
         self.public_url = f"http://127.0.0.1:{self.ports['a']}"
@@ -349,6 +357,7 @@ class ChaosRun:
             (0.75, "faults before processing", lambda: self.set_faults(base_faults, "back to faults before "
                                                                               "processing, 429 included")),
             (0.80, "watermark resets", self.reset_watermarks),
+            (0.85, "tokens lapsed", self.expire_tokens),
         ]
         for share, name, action in steps:
             if not self.wait_progress(share):
@@ -387,6 +396,22 @@ class ChaosRun:
                 except requests.HTTPError:
                     pass  # a conversation the emulator does not know (yet): nothing to replay
         self.event(f"watermark reset on {done} conversations")
+
+    def expire_tokens(self) -> None:
+        """Every token of some conversations expires now: the relay can neither refresh nor reconnect (enhanced
+        authentication), so those users' next messages must go to new conversations, lost by none."""
+        started = [u for u in self.users if u.sent]
+        chosen = self.random.sample(started, min(len(started), max(2, len(self.users) // 10)))
+        done = 0
+        for user in chosen:
+            record = self.stack.store.conversations.get_record(user.key)
+            if record is not None and record.conversation_id:
+                try:
+                    self.stack.emulator.expire_tokens(record.conversation_id)
+                    done += 1
+                except requests.HTTPError:
+                    pass  # a conversation the emulator does not know (yet)
+        self.event(f"every token of {done} conversations expired")
 
     def provider_outage(self) -> None:
         for provider in PROVIDERS:
@@ -460,6 +485,7 @@ class ChaosRun:
         # --- at the bot: every user activity in every conversation the emulator has seen
         counters = self.stack.emulator.counters()
         report.directline_faults = counters.get("faults", {})
+        report.directline_calls = counters.get("requests", {})
         at_bot: dict[str, list[str]] = collections.defaultdict(list)
         for conversation_id in counters.get("conversations", {}):
             try:
@@ -500,7 +526,9 @@ class ChaosRun:
                   report.reply_duplicates), ("users whose replies arrived out of order", report.reply_out_of_order),
                   ("dead letters", report.dead_letters), ("outbox rows left", report.outbox_left),
                   ("leases held past expiry", report.stale_leases), ("messages from unknown users", stray),
-                  ("webhooks answered 500", report.answers.get(500, 0))]
+                  ("webhooks answered 500", report.answers.get(500, 0)),
+                  # With enhanced authentication a reconnect with the secret fails: the relay must never try one.
+                  ("reconnects", report.directline_calls.get("conversations/reconnect", 0))]
         report.problems += [f"{name}: {count}" for name, count in checks if count]
         report.problems += [f"secret in the logs: {leak}" for leak in scan(log_files(self.stack.workdir).items())]
 
@@ -519,7 +547,7 @@ def run_chaos(options: ChaosOptions) -> ChaosReport:
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="relay-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with ChaosStack(workdir, options.seed) as stack:
+    with ChaosStack(workdir, options.seed, token_ttl=options.token_ttl) as stack:
         run = ChaosRun(options, stack)
         run.event(f"stack up: hosts {', '.join(stack.host_urls())}, Azurite on {stack.azurite.table_port}, "
                   f"{options.conversations} users, {options.messages} messages")
@@ -548,12 +576,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=int(os.environ.get("SOAK_MESSAGES", 2000)))
     parser.add_argument("--seed", type=int, default=int(os.environ.get("SOAK_SEED", 1)))
     parser.add_argument("--senders", type=int, default=16, help="users writing at the same time")
+    parser.add_argument("--token-ttl", type=float, default=float(os.environ.get("SOAK_TOKEN_TTL", 60)),
+                        help="seconds a Direct Line token lives")
     parser.add_argument("--workdir", type=Path, help="logs and Azurite's data (default: a new temporary directory)")
     args = parser.parse_args(argv)
     if args.messages < args.conversations:
         parser.error("--messages must be at least --conversations (every user writes)")
     report = run_chaos(ChaosOptions(conversations=args.conversations, messages=args.messages, seed=args.seed,
-                                    senders=args.senders, workdir=args.workdir))
+                                    senders=args.senders, workdir=args.workdir, token_ttl=args.token_ttl))
     print(report.summary())
     print(json.dumps({"ok": report.ok, "sent": report.sent, "delivered": report.at_bot, "replies": report.replies,
                       "duplicates": report.bot_duplicates + report.reply_duplicates,

@@ -19,3 +19,6 @@ def test_chaos_run_loses_and_doubles_nothing(tmp_path):
     assert report.duplicate_posts > 0
     assert {"429", "500", "502", "drop"} <= set(report.directline_faults)
     assert any("killed" in e for e in report.events) and any("Azurite started again" in e for e in report.events)
+    # Tokens lived 60 s: the relay kept refreshing them, and carried on after every token of some lapsed.
+    assert report.directline_calls.get("tokens/refresh", 0) > 0
+    assert any(e.startswith("every token of") and not e.startswith("every token of 0 ") for e in report.events)

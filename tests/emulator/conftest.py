@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import requests
+from websockets.sync.client import ClientConnection
 
+from devstack.directline.transport import InProcessEmulator
 from devstack.procs import wait_until
 from tests.conftest import DIRECTLINE_TEST_SECRET
 
@@ -67,6 +71,28 @@ class DirectLineCalls:
         return found
 
 
+def calls_through(emulator: InProcessEmulator) -> DirectLineCalls:
+    """Direct Line calls (and contentUrl fetches on `.http`) that go through an in-process emulator's transport."""
+    calls = DirectLineCalls(emulator.base_url, emulator.secret)
+    calls.http.mount(f"{emulator.url}/", emulator.transport)
+    return calls
+
+
+def next_sets(stream: ClientConnection, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+    """The next `count` ActivitySets off an open stream, each checked to be {"activities": [...], "watermark"};
+    keep-alive frames are skipped. TimeoutError when they do not all come within `timeout` seconds each."""
+    sets: list[dict[str, Any]] = []
+    while len(sets) < count:
+        frame = stream.recv(timeout=timeout)
+        if frame == "":
+            continue
+        activity_set = json.loads(frame)
+        assert set(activity_set) == {"activities", "watermark"}, activity_set
+        assert activity_set["activities"] and activity_set["watermark"], activity_set
+        sets.append(activity_set)
+    return sets
+
+
 def error_of(response: requests.Response) -> tuple[int, str]:
     """(status, error code), after checking the body is Direct Line's error shape."""
     body = response.json()
@@ -79,3 +105,17 @@ def error_of(response: requests.Response) -> tuple[int, str]:
 def dl(directline_emulator) -> DirectLineCalls:
     """Calls against the shared session emulator (built-in echo)."""
     return DirectLineCalls(directline_emulator.base_url)
+
+
+@pytest.fixture
+def in_process() -> Iterator[Callable[..., InProcessEmulator]]:
+    """in_process(**InProcessEmulator options): an emulator of this test's own, no socket (see calls_through)."""
+    started: list[InProcessEmulator] = []
+
+    def start(**options: Any) -> InProcessEmulator:
+        started.append(InProcessEmulator(secret=DIRECTLINE_TEST_SECRET, **options))
+        return started[-1]
+
+    yield start
+    for emulator in started:
+        emulator.close()

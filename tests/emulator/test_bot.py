@@ -8,11 +8,12 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from websockets.sync.client import connect
 
 from devstack.bot import EchoBot
 from devstack.procs import wait_until
 from tests.conftest import subprocess_env
-from tests.emulator.conftest import DirectLineCalls, error_of
+from tests.emulator.conftest import DirectLineCalls, error_of, next_sets
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,16 @@ def test_botbuilder_echo_answers_through_the_connector_api(via_bot, bot_emulator
     assert [r["text"] for r in replies] == ["You said: hello bot"]  # in the set before the POST returned
     assert replies[0]["replyToId"] == sent and replies[0]["from"]["id"] == "relaybot"
     assert bot_emulator.counters()["conversations"][cid].get("connector/reply", 0) >= 1
+
+
+def test_botbuilder_echo_types_before_it_answers_over_the_stream(via_bot):
+    conversation = via_bot.start(user={"id": "dl_alice"})
+    with connect(conversation["streamUrl"], open_timeout=10) as stream:
+        via_bot.say(conversation["conversationId"], "type first", user="dl_alice", auth=conversation["token"])
+        sets = next_sets(stream, 3)
+    assert [(s["activities"][0]["type"], s["activities"][0]["from"].get("role")) for s in sets] == [
+        ("message", None), ("typing", "bot"), ("message", "bot")]
+    assert sets[2]["activities"][0]["text"] == "You said: type first"
 
 
 def test_botbuilder_late_reply_arrives_after_the_turn(via_bot):

@@ -46,15 +46,41 @@ def test_reconnect_with_watermark_carries_it_into_the_stream_url(dl):
     conversation = dl.start()
     dl.say(conversation["conversationId"], "hello")
     watermark = dl.get(conversation["conversationId"]).json()["watermark"]
-    response = dl.call("GET", f"/conversations/{conversation['conversationId']}", params={"watermark": watermark})
+    response = dl.call("GET", f"/conversations/{conversation['conversationId']}", auth=conversation["token"],
+                       params={"watermark": watermark})
     assert response.status_code == 200, response.text
     assert parse_qs(urlsplit(response.json()["streamUrl"]).query)["watermark"] == [watermark]
 
 
 def test_reconnect_with_a_foreign_watermark_is_400(dl):
     conversation = dl.start()
-    response = dl.call("GET", f"/conversations/{conversation['conversationId']}", params={"watermark": "12"})
+    response = dl.call("GET", f"/conversations/{conversation['conversationId']}", auth=conversation["token"],
+                       params={"watermark": "12"})
     assert error_of(response) == (400, "BadArgument")
+
+
+def test_stream_urls_carry_a_short_lived_stream_token_not_the_conversation_token(dl):
+    conversation = dl.start()
+    stream_token = parse_qs(urlsplit(conversation["streamUrl"]).query)["t"][0]
+    assert stream_token != conversation["token"]
+    # good for opening the stream only: as a bearer token it is refused
+    assert error_of(dl.get(conversation["conversationId"], auth=stream_token)) == (403, "BadArgument")
+
+
+def test_invalidated_watermarks_are_refused_and_reading_without_one_recovers(dl, directline_emulator):
+    conversation = dl.start()
+    cid, token = conversation["conversationId"], conversation["token"]
+    dl.say(cid, "before")
+    everything = dl.all_activities(cid)
+    old_watermark = dl.get(cid).json()["watermark"]
+    directline_emulator.invalidate_watermarks(cid)
+    assert error_of(dl.get(cid, old_watermark)) == (400, "BadArgument")
+    assert error_of(dl.call("GET", f"/conversations/{cid}", auth=token,
+                            params={"watermark": old_watermark})) == (400, "BadArgument")
+    fresh = dl.get(cid).json()  # from no watermark: the whole history again, the same ids
+    assert [a["id"] for a in fresh["activities"]] == [a["id"] for a in everything]
+    dl.say(cid, "after")
+    assert [a["text"] for a in dl.get(cid, fresh["watermark"]).json()["activities"]] == ["after", "You said: after"]
 
 
 def test_unknown_conversation_is_404_everywhere(dl):

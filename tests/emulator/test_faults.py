@@ -63,6 +63,27 @@ def test_fault_after_processing_is_the_ambiguous_failure(emulator, calls):
     assert stored[-1]["text"] == "You said: did it arrive?"
 
 
+def test_no_content_answers_204_without_a_body_once_the_post_is_processed(emulator, calls):
+    cid = calls.start()["conversationId"]
+    emulator.set_faults(no_content_rate=1.0)
+    posted = calls.post(cid, {"type": "message", "from": {"id": "dl_u"}, "text": "no receipt"})
+    assert (posted.status_code, posted.content, posted.headers.get("Content-Type")) == (204, b"", None)
+    uploaded = calls.call("POST", f"/conversations/{cid}/upload", params={"userId": "dl_u"}, data=b"file",
+                          headers={"Content-Type": "text/plain"})
+    assert (uploaded.status_code, uploaded.content) == (204, b"")
+    read = calls.get(cid)  # other endpoints answer as usual
+    assert read.status_code == 200
+    texts = [a.get("text") for a in read.json()["activities"]]
+    assert texts[:2] == ["no receipt", "You said: no receipt"] and len(texts) == 4
+    assert emulator.counters()["faults"] == {"204": 2}
+
+
+def test_no_content_never_hides_a_refusal(emulator, calls):
+    cid = calls.start()["conversationId"]
+    emulator.set_faults(no_content_rate=1.0)
+    assert error_of(calls.post(cid, {"type": "message", "text": "no sender"})) == (400, "MissingProperty")
+
+
 def test_dropped_connection(emulator, calls):
     cid = calls.start()["conversationId"]
     emulator.set_faults(drop_rate=1.0, endpoints=["activities/get"])
@@ -83,14 +104,16 @@ def test_added_latency(emulator, calls):
 
 
 def test_faults_from_command_line_flags(start_emulator):
-    emulator = start_emulator(extra_args=("--throttle-rate", "1", "--retry-after", "5"))
+    emulator = start_emulator(extra_args=("--throttle-rate", "1", "--retry-after", "5", "--no-content-rate", "0.5"))
     response = DirectLineCalls(emulator.base_url).call("POST", "/conversations")
     assert error_of(response) == (429, "TooManyRequests") and response.headers["Retry-After"] == "5"
     assert emulator.state()["faults"]["throttle_rate"] == 1.0
+    assert emulator.state()["faults"]["no_content_rate"] == 0.5
 
 
 def test_bad_fault_settings_are_400(emulator):
-    for bad in ({"throttle_rate": 2}, {"no_such_fault": 1}, {"endpoints": ["nope"]}, {"phase": "during"}):
+    for bad in ({"throttle_rate": 2}, {"no_content_rate": -0.5}, {"no_such_fault": 1}, {"endpoints": ["nope"]},
+                {"phase": "during"}):
         response = requests.put(f"{emulator.admin_url}/faults", json=bad, timeout=10)
         assert error_of(response) == (400, "BadArgument"), bad
     assert emulator.state()["faults"]["throttle_rate"] == 0
@@ -112,7 +135,7 @@ def test_counters_per_endpoint_and_conversation_and_their_reset(emulator, calls)
 
 
 def test_admin_on_an_unknown_conversation_is_404(emulator):
-    for action in ("forget", "expire-tokens", "reset-watermark"):
+    for action in ("forget", "expire-tokens", "reset-watermark", "invalidate-watermarks"):
         response = requests.post(f"{emulator.admin_url}/conversations/nope/{action}", timeout=10)
         assert error_of(response) == (404, "BadArgument")
 

@@ -33,7 +33,7 @@ class Side:
 @pytest.fixture
 def over_http() -> Iterator[Side]:
     """The HTTP server (the socket path every other emulator test uses), served from a thread of this process."""
-    server, core = make_server(Options(secret=DIRECTLINE_TEST_SECRET, port=0))
+    server, core = make_server(Options(secret=DIRECTLINE_TEST_SECRET, port=0, enhanced_auth=True))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     admin = EmulatorAdmin()
@@ -113,6 +113,42 @@ def failed_after_processing(side: Side) -> requests.Response:
     return side.calls.get(cid)  # stored, and answered by the bot, all the same
 
 
+def stream_without_websocket(side: Side) -> requests.Response:
+    stream_url = started(side)["streamUrl"]
+    return side.calls.http.get(stream_url.replace("ws://", "http://", 1), timeout=10)
+
+
+def reconnected_with_the_secret(side: Side) -> requests.Response:
+    return side.calls.call("GET", f"/conversations/{started(side, user={'id': 'dl_ann'})['conversationId']}")
+
+
+def from_a_foreign_origin(side: Side) -> requests.Response:
+    token = side.calls.call("POST", "/tokens/generate", json={"trustedOrigins": ["https://shop.example"]})
+    return side.calls.call("POST", "/conversations", auth=token.json()["token"],
+                           headers={"Origin": "https://evil.example"})
+
+
+def answered_without_content(side: Side) -> requests.Response:
+    cid = started(side)["conversationId"]
+    side.admin.set_faults(no_content_rate=1.0)
+    return side.calls.post(cid, {"type": "message", "from": {"id": "dl_u"}, "text": "no body"})
+
+
+def aged_past_retention(side: Side) -> requests.Response:
+    cid = started(side)["conversationId"]
+    side.calls.say(cid, "yesterday")
+    side.admin.advance_clock(24 * 3600 + 1)
+    return side.calls.get(cid)
+
+
+def invalidated_watermark(side: Side) -> requests.Response:
+    cid = started(side)["conversationId"]
+    side.calls.say(cid, "hi")
+    watermark = side.calls.get(cid).json()["watermark"]
+    side.admin.invalidate_watermarks(cid)
+    return side.calls.get(cid, watermark)
+
+
 def dropped(side: Side) -> requests.Response:
     cid = started(side)["conversationId"]
     side.admin.set_faults(drop_rate=1.0, endpoints=["activities/post"])
@@ -125,8 +161,14 @@ CASES: list[Any] = [
     pytest.param(lambda side: side.calls.get("nope", auth="forged.token"), 403, id="a forged token is 403"),
     pytest.param(lambda side: side.calls.get("nope"), 404, id="an unknown conversation is 404"),
     pytest.param(lambda side: side.calls.call("PUT", "/conversations"), 405, id="a method the resource lacks is 405"),
-    pytest.param(lambda side: side.calls.call("GET", "/conversations/x/stream"), 404,
-                 id="a WebSocket stream is 404 saying to poll"),
+    pytest.param(lambda side: side.calls.call("GET", "/conversations/x/stream"), 401,
+                 id="a stream URL without its token is 401"),
+    pytest.param(stream_without_websocket, 426, id="a stream URL fetched without a WebSocket upgrade is 426"),
+    pytest.param(reconnected_with_the_secret, 400, id="reconnect with the secret is 400 under enhanced auth"),
+    pytest.param(from_a_foreign_origin, 201, id="a token's trusted origins bind no API call"),
+    pytest.param(answered_without_content, 204, id="the no-content fault answers 204 without a body"),
+    pytest.param(aged_past_retention, 200, id="activities past retention are gone once the clock moves"),
+    pytest.param(invalidated_watermark, 400, id="an invalidated watermark is 400"),
     pytest.param(lambda side: side.calls.call("POST", "/conversations", data=b"{"), 400, id="a body not JSON is 400"),
     pytest.param(post_without_sender, 400, id="an activity without from.id is 400 MissingProperty"),
     pytest.param(watermark_of_another_conversation, 400, id="a watermark of another conversation is 400"),
