@@ -16,6 +16,7 @@ import pytest
 
 from relay.activities import directline_user_id
 from relay.channels.base import InboundMessage
+from relay.errors import TokenExpired
 from relay.inbound import accept_all
 from relay.store.conversations import ConversationKey, ConversationState
 from tests.relay.conftest import InProcessRelay
@@ -300,7 +301,7 @@ def test_an_idle_conversation_keeps_a_live_token_by_refreshing_it_at_about_half_
     relay = inprocess_relay(token_ttl=60, env={"RELAY_POLL_CEILING_SECONDS": "60"})
     key = settled(relay)
     refreshed_at = []
-    token = relay.record(key).token
+    first = token = relay.record(key).token
     for _ in range(120):
         relay.time.advance(5)
         relay.tick()
@@ -315,6 +316,10 @@ def test_an_idle_conversation_keeps_a_live_token_by_refreshing_it_at_about_half_
     gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(refreshed_at)]
     assert gaps and all(0.45 * 60 <= gap <= 0.55 * 60 + 5 for gap in gaps)  # about half its life, on a 5 s tick
     assert calls["activities/get"] > len(refreshed_at)  # peeked in between: the refresh is the only extra cost
+    conversation_id = relay.record(key).conversation_id
+    with pytest.raises(TokenExpired):  # Direct Line's clock followed the relay's: the first token is long gone
+        relay.ctx.directline.get_activities(conversation_id, token=first)
+    assert relay.ctx.directline.get_activities(conversation_id, token=token).activities  # the current one works
 
 
 def messages_wait_past_the_tokens_life(relay: InProcessRelay, key: ConversationKey) -> None:
@@ -356,11 +361,25 @@ def test_a_message_for_a_conversation_whose_tokens_lapsed_goes_to_a_new_conversa
 # ------------------------------------------------------------------------------------------ watermarks
 
 
-def test_a_watermark_direct_line_refuses_is_dropped_and_no_reply_goes_out_twice(inprocess_relay):
+def invalidate_its_watermarks(relay: InProcessRelay, key: ConversationKey) -> None:
+    """As after a change at Direct Line: every watermark it issued so far for the conversation is refused."""
+    relay.emulator.invalidate_watermarks(relay.record(key).conversation_id)
+
+
+def store_a_foreign_watermark(relay: InProcessRelay, key: ConversationKey) -> None:
+    relay.store.conversations.update_record(key, lambda r: replace(r, watermark="zzzz-99"))
+
+
+@pytest.mark.parametrize("refusal", [
+    pytest.param(invalidate_its_watermarks, id="Direct Line invalidated the watermarks it issued"),
+    pytest.param(store_a_foreign_watermark, id="a watermark that is not the conversation's"),
+])
+def test_a_watermark_direct_line_refuses_is_dropped_and_no_reply_goes_out_twice(inprocess_relay, refusal):
     relay = inprocess_relay()
     key = settled(relay)
     late_bot_reply(relay, key)
-    relay.store.conversations.update_record(key, lambda r: replace(r, watermark="zzzz-99"))  # refused: 400
+    refused = relay.record(key).watermark
+    refusal(relay, key)
 
     first = relay.work(key)
 
@@ -370,7 +389,7 @@ def test_a_watermark_direct_line_refuses_is_dropped_and_no_reply_goes_out_twice(
         relay.time.advance(60)
         assert relay.tick().failed == 0
     assert relay.replies(key) == ["You said: hello", "a late reply"]  # the late reply once, the first not again
-    assert relay.record(key).watermark not in (None, "zzzz-99")
+    assert relay.record(key).watermark not in (None, refused, "zzzz-99")
 
 
 # ------------------------------------------------------------------------- forgotten and ended conversations
@@ -474,6 +493,24 @@ def test_a_message_direct_line_did_not_confirm_reaches_the_bot_exactly_once(inpr
     assert relay.messages_at_bot(record.conversation_id) == ["hello"]
     assert relay.replies(key) == ["You said: hello"]
     assert relay.store.outbox.list_messages(key) == []
+
+
+def test_a_message_direct_line_took_without_an_answer_body_is_posted_once_and_answered(inprocess_relay):
+    """Some deployments answer POST activities 204 with no body: the message was taken, it has no id."""
+    relay = inprocess_relay()
+    relay.emulator.set_faults(no_content_rate=1.0, endpoints=["activities/post"])
+    key = relay.message("twilio", USER, "hello")
+
+    result = relay.work(key)
+
+    assert (result.posted, result.dead_letters, result.error) == (1, 0, "")
+    assert relay.messages_at_bot(relay.record(key).conversation_id) == ["hello"]
+    assert relay.replies(key) == ["You said: hello"]
+    assert relay.store.outbox.list_messages(key) == []
+    relay.time.advance(60)
+    relay.tick()
+    assert relay.messages_at_bot(relay.record(key).conversation_id) == ["hello"]  # never posted again
+    assert relay.replies(key) == ["You said: hello"]
 
 
 # --------------------------------------------------------------------------------- one webhook, many
