@@ -285,7 +285,8 @@ class ConversationWorker:
         The conversation is left peekable (polled without the lease until something happens) only when
         this worker settled it and nobody else wrote the record since this worker's last write. Messages
         it read from the outbox and could not post keep it due (at the latest after RETRY_WAITING_AFTER);
-        a message stored after the worker read the outbox keeps its own inbound row in the due index."""
+        a message stored after the worker read the outbox keeps its own inbound row in the due index.
+        The next poll is never later than the time the conversation's token wants refreshing."""
         now = self.ctx.clock.now()
         ceiling = self.ctx.settings.relay.poll_ceiling_seconds
         if self.posting.waiting and self._retry_at is None:
