@@ -45,7 +45,8 @@ def seed(ctx, count: int, *, last_activity_ago: float) -> list[ConversationRecor
         page = ctx.directline.get_activities(started.conversation_id, token=started.token)
         record = ConversationRecord(
             key, conversation_id=started.conversation_id, user_id=user_id, token=started.token,
-            token_expires_at=now + timedelta(seconds=started.expires_in or 1800), watermark=page.watermark,
+            token_expires_at=now + timedelta(seconds=started.expires_in or 1800),
+            token_refresh_at=now + timedelta(seconds=(started.expires_in or 1800) / 2), watermark=page.watermark,
             delivered_ids=tuple(a["id"] for a in page.activities if (a.get("from") or {}).get("role") == "bot"),
             last_user_activity_at=now - timedelta(seconds=last_activity_ago),
             last_bot_activity_at=now - timedelta(seconds=last_activity_ago),

@@ -8,6 +8,16 @@ the provider for a conversation at a time. Only the worker writes the record: wh
 activity id right after the provider accepted it, the watermark once its whole page is handled),
 so an instance that dies between any two lines loses nothing and repeats at most the one
 provider call that was in flight.
+
+The conversation's token is kept alive for as long as the conversation is open: it is refreshed
+once about half its lifetime has passed (`expires_in` as Direct Line gave it, the share drawn per
+token so refreshes spread out), and the record's next poll is never later than that, so the timer
+comes back for an idle conversation too (see poller.py). That costs one refresh per half-life per
+open conversation (with 30-minute tokens, four an hour). Reconnecting with the secret is never
+relied on: it fails under enhanced authentication. A token that lapsed anyway (an outage longer than
+its life, or Direct Line refusing it) is let go: the bot's replies are then read with the secret
+(which reading allows in every mode), and the user's next message goes to a new Direct Line
+conversation for the same user, after what the bot still had to say in the old one was delivered.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from relay.channels import get_adapter
 from relay.channels.base import ChannelAdapter
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.delivery import MIN_POLL_GAP, ReplyDelivery
-from relay.directline import ActivitySet, DirectLineClient, get_directline_client
+from relay.directline import ActivitySet, ConversationToken, DirectLineClient, get_directline_client
 from relay.errors import (
     AuthenticationFailed,
     ConcurrencyConflict,
@@ -56,8 +66,10 @@ T = TypeVar("T")
 
 REPLY_LIKELY_FOR = timedelta(minutes=2)  # after a user or bot message, poll at every tick this long
 FIRST_IDLE_INTERVAL = 5.0
-TOKEN_RENEW_MARGIN = timedelta(seconds=60)
-TOKEN_REFRESH_REMAINING = timedelta(minutes=15)  # refresh at about half of the usual 30-minute lifetime
+ASSUMED_TOKEN_SECONDS = 1800
+"""A token's lifetime when Direct Line's answer does not say (`expires_in`): its documented default."""
+TOKEN_REFRESH_SHARE = (0.45, 0.55)
+"""A token wants refreshing once this share of its lifetime has passed, drawn per token (jitter)."""
 RETRY_WAITING_AFTER = 5.0  # seconds: messages still waiting after a failure nobody put a time on
 
 
@@ -131,6 +143,7 @@ class ConversationWorker:
         self.result = WorkResult()
         self.settled = False  # the outbox was drained and the bot's activities delivered, with no error
         self._retry_at: datetime | None = None
+        self._refresh_deferred = False  # a refresh failed in this run: the next run tries again, not every call
         self.posting = OutboxPoster(self)
         self.delivery = ReplyDelivery(self, peek=peek, patient=patient)
 
@@ -159,51 +172,88 @@ class ConversationWorker:
 
     # --------------------------------------------------------------------------------- Direct Line
     def start_directline(self) -> None:
-        """A new Direct Line conversation for this user (the first, or after one was forgotten or ended)."""
+        """A new Direct Line conversation for this user (the first, or after one was forgotten, ended or
+        its tokens lapsed), started with the secret and the user's id; the watermark starts anew, the
+        delivered ids stay (activity ids are unique across conversations)."""
         started = self.ctx.directline.start_conversation(user_id=self.record.user_id)
-        now = self.ctx.clock.now()
-        expires = now + timedelta(seconds=started.expires_in or 1800)
+        with_token = self._with_token(started)
         log.info("started Direct Line conversation %s for a %s user", started.conversation_id, self.key.channel)
-        self.save(lambda r: replace(r, conversation_id=started.conversation_id, token=started.token,
-                                     token_expires_at=expires, watermark=None, state=ConversationState.ACTIVE))
+        self.save(lambda r: replace(with_token(r), conversation_id=started.conversation_id, watermark=None,
+                                     state=ConversationState.ACTIVE))
 
-    def _reconnect(self) -> None:
-        """Recover an expired token with the secret; the stored watermark stays as it is."""
-        renewed = self.ctx.directline.reconnect(self.record.conversation_id)
-        expires = self.ctx.clock.now() + timedelta(seconds=renewed.expires_in or 1800)
-        self.save(lambda r: replace(r, token=renewed.token, token_expires_at=expires))
+    def keep_token_fresh(self) -> None:
+        """Refresh the conversation's token once its refresh time has come, let it go once it lapsed."""
+        self._token()
+
+    def _with_token(self, granted: ConversationToken) -> Callable[[ConversationRecord], ConversationRecord]:
+        """The change that stores `granted`, with when it expires and when it wants refreshing."""
+        lifetime = timedelta(seconds=granted.expires_in if granted.expires_in is not None else ASSUMED_TOKEN_SECONDS)
+        now = self.ctx.clock.now()
+        expires_at, refresh_at = now + lifetime, now + lifetime * self.ctx.clock.uniform(*TOKEN_REFRESH_SHARE)
+        return lambda r: replace(r, token=granted.token, token_expires_at=expires_at, token_refresh_at=refresh_at)
 
     def _token(self) -> str | None:
-        """A usable token: refreshed at about half its lifetime (with jitter), renewed when it has lapsed."""
+        """The conversation's live token, refreshed first once its refresh time has come; None when it has none.
+
+        A token past its expiry, or one whose refresh Direct Line refuses, is let go: nothing brings it
+        back. A refresh Direct Line cannot do now (throttled, down) keeps the token, still good for a
+        while, and brings the worker back after a backoff to try again."""
         record, now = self.record, self.ctx.clock.now()
-        if not record.token or record.token_expires_at is None:
-            return None  # the secret is used instead
-        remaining = record.token_expires_at - now
-        if remaining <= TOKEN_RENEW_MARGIN:
-            self._reconnect()
-        elif remaining <= TOKEN_REFRESH_REMAINING * self.ctx.clock.uniform(0.9, 1.1):
-            try:
-                refreshed = self.ctx.directline.refresh_token(token=record.token)
-            except TokenExpired:
-                self._reconnect()
-            else:
-                expires = now + timedelta(seconds=refreshed.expires_in or 1800)
-                self.save(lambda r: replace(r, token=refreshed.token, token_expires_at=expires))
+        if not record.token:
+            return None
+        if record.token_expires_at is not None and now >= record.token_expires_at:
+            self._let_token_go("expired")
+            return None
+        if self._refresh_deferred or (record.token_refresh_at is not None and now < record.token_refresh_at):
+            return record.token
+        try:
+            refreshed = self.ctx.directline.refresh_token(token=record.token)
+        except (TokenExpired, AuthenticationFailed) as error:
+            self._let_token_go(f"could not be refreshed ({error.upstream_code})")
+            return None
+        except DirectLineError as error:
+            log.info("could not refresh the token of Direct Line conversation %s now (%s); trying again later",
+                     record.conversation_id, error)
+            self.wait(getattr(error, "retry_after", None), attempts=2)
+            self._refresh_deferred = True
+            return record.token
+        self.save(self._with_token(refreshed))
         return self.record.token
 
-    def call(self, operation: Callable[[str | None], T]) -> T:
-        """Run a Direct Line call with the conversation's token; an expired or refused token is renewed once.
+    def _let_token_go(self, why: str) -> None:
+        log.info("the token of Direct Line conversation %s %s: its replies are read with the secret, and the %s "
+                 "user's next message goes to a new conversation", self.record.conversation_id, why,
+                 self.key.channel)
+        self.save(lambda r: r.without_token())
 
-        A token Direct Line no longer accepts (403 other than expiry: the service restarted, the
-        secret was rotated) is replaced through reconnect with the secret, as an expired one is."""
+    def call(self, operation: Callable[[str | None], T]) -> T:
+        """Run a Direct Line read (or the end notice) with the conversation's live token, else the secret.
+
+        Reading with the secret works whatever the site's settings. A token Direct Line refuses
+        (expired early, or unknown to it) is let go and the call made once more with the secret."""
         token = self._token()
         try:
             return operation(token)
-        except (TokenExpired, AuthenticationFailed) as error:
-            if isinstance(error, AuthenticationFailed) and not token:
-                raise  # the secret itself was refused: nothing to renew
-            self._reconnect()
-            return operation(self.record.token)
+        except (TokenExpired, AuthenticationFailed):
+            if not token:
+                raise  # the secret itself was refused
+            self._let_token_go("was refused")
+            return operation(None)
+
+    def call_as_user(self, operation: Callable[[str], T]) -> T:
+        """Run a Direct Line call that speaks for the user (their message) with the conversation's live token.
+
+        TokenExpired when it has none, AuthenticationFailed or TokenExpired when Direct Line refuses
+        it (the token is let go): the caller starts a new conversation (`start_directline`) and
+        calls again. The user's messages never go with the secret."""
+        token = self._token()
+        if not token:
+            raise TokenExpired(f"the token of Direct Line conversation {self.record.conversation_id} lapsed")
+        try:
+            return operation(token)
+        except (TokenExpired, AuthenticationFailed):
+            self._let_token_go("was refused")
+            raise
 
     # ------------------------------------------------------------------------------------- lifecycle
     def end_if_idle(self) -> bool:
@@ -235,7 +285,8 @@ class ConversationWorker:
         The conversation is left peekable (polled without the lease until something happens) only when
         this worker settled it and nobody else wrote the record since this worker's last write. Messages
         it read from the outbox and could not post keep it due (at the latest after RETRY_WAITING_AFTER);
-        a message stored after the worker read the outbox keeps its own inbound row in the due index."""
+        a message stored after the worker read the outbox keeps its own inbound row in the due index.
+        The next poll is never later than the time the conversation's token wants refreshing."""
         now = self.ctx.clock.now()
         ceiling = self.ctx.settings.relay.poll_ceiling_seconds
         if self.posting.waiting and self._retry_at is None:
@@ -259,6 +310,8 @@ class ConversationWorker:
             else:
                 interval, next_poll = next_idle_poll(now, last_activity=recent, interval=record.poll_interval,
                                                      ceiling=ceiling)
+            if record.token_refresh_at is not None and next_poll is not None and now < record.token_refresh_at:
+                next_poll = min(next_poll, record.token_refresh_at)  # the token is refreshed however idle it is
             if next_poll is not None and retry_at is None and not user_wrote_meanwhile:
                 peekable = (settled and bool(record.conversation_id) and record.etag == ours
                             and record.last_user_activity_at == claimed.last_user_activity_at)
@@ -286,6 +339,7 @@ def work_conversation(ctx: RelayContext, record: ConversationRecord, *, owner: s
         worker.claimed = worker.record
         if idle_check and not worker.posting.waiting and worker.end_if_idle():
             return worker.result
+        worker.keep_token_fresh()
         if worker.posting.drain() and poll and worker.delivery.deliver():
             worker.settled = True
             while burst_until is not None and worker.record.active:

@@ -3,6 +3,13 @@
 Each activity is delivered once: its id is saved among the delivered ones right after the provider
 took it (a reply sent part-way is remembered as "<id>#<parts taken>" and resumes at the first part
 the provider did not take), and the watermark moves on only once its whole page is handled.
+
+The delivered ids, not the watermark, are what keeps a reply from going out twice: a watermark
+Direct Line refuses (400 on GET activities) is dropped and the conversation read again from its
+start, once, and every activity already delivered is recognised by its id and skipped. (The record
+remembers the last DELIVERED_IDS_LIMIT ids, more bot activities than a conversation usually holds
+in Direct Line's 24 hours of retention: only one with more could see its oldest again after such a
+restart.)
 """
 
 from __future__ import annotations
@@ -11,10 +18,18 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
+from enum import Enum, auto
 from typing import TYPE_CHECKING
 
 from relay.activities import render_outbound
-from relay.errors import ConcurrencyConflict, ConversationNotFound, ProviderRejected, ProviderUnavailable, StoreError
+from relay.errors import (
+    BadRequest,
+    ConcurrencyConflict,
+    ConversationNotFound,
+    ProviderRejected,
+    ProviderUnavailable,
+    StoreError,
+)
 from relay.store.conversations import ConversationRecord, ConversationState
 from relay.store.dead_letters import DeadLetterKind
 
@@ -27,6 +42,8 @@ __all__ = ["MIN_POLL_GAP", "ReplyDelivery"]
 log = logging.getLogger(__name__)
 
 MIN_POLL_GAP = timedelta(seconds=1)  # never poll one conversation more than once a second
+MAX_PAGES = 20
+"""Pages read in one delivery run; the rest comes next time."""
 
 
 PARTS_MARK = "#"
@@ -52,6 +69,14 @@ def _with_parts_done(record: ConversationRecord, activity_id: str, parts: int) -
     return kept.with_delivered(f"{activity_id}{PARTS_MARK}{parts}") if parts else kept
 
 
+class _Reach(Enum):
+    """How far a delivery run got."""
+
+    END = auto()  # every activity the conversation held was handled
+    PART = auto()  # pages may be left for the next run (the page bound, or the pace between polls)
+    WAIT = auto()  # the provider asked to wait: the watermark stays where it was
+
+
 class ReplyDelivery:
     """Delivers the bot's activities of the worker's conversation from its stored watermark.
 
@@ -63,39 +88,54 @@ class ReplyDelivery:
         self.ctx = worker.ctx
         self.peek = peek
         self.patient = patient
-        self.last_poll: float | None = None
+        self._last_poll: tuple[str, float] | None = None  # (conversation id, the clock's monotonic())
 
     def deliver(self) -> bool:
         """Page the bot's activities from the stored watermark and deliver each one not yet delivered.
 
         False when the provider asked us to wait (the watermark then stays where it was)."""
+        return self._deliver(patient=self.patient) is not _Reach.WAIT
+
+    def deliver_rest(self) -> bool:
+        """Deliver everything the bot still has in the conversation, waiting out MIN_POLL_GAP between pages:
+        True once it was read to its end (so it may be left), False when pages are left or the provider
+        asked us to wait."""
+        return self._deliver(patient=True) is _Reach.END
+
+    def _deliver(self, *, patient: bool) -> _Reach:
         if not self.worker.record.conversation_id or not self.worker.record.active:
-            return True
-        for _ in range(20):  # a bounded number of pages per invocation; the rest comes next time
-            watermark = self.worker.record.watermark
+            return _Reach.END
+        for _ in range(MAX_PAGES):
+            conversation_id, watermark = self.worker.record.conversation_id, self.worker.record.watermark
             peek, self.peek = self.peek, None
             try:
-                if peek and (peek.conversation_id, peek.watermark) == (self.worker.record.conversation_id, watermark):
-                    page, self.last_poll = peek.page, peek.at  # what the poller just read: not asked twice
-                elif not self.patient and self._pace_gap() > 0:
-                    break  # the timer pages on at its next tick (scheduled a second on): no worker sleeps
+                if peek and (peek.conversation_id, peek.watermark) == (conversation_id, watermark):
+                    page, self._last_poll = peek.page, (conversation_id, peek.at)  # the poller's page: not asked twice
+                elif not patient and self._pace_gap() > 0:
+                    return _Reach.PART  # the timer pages on at its next tick (scheduled a second on): no worker sleeps
                 else:
                     self._pace()
                     page = self._read(watermark)
             except ConversationNotFound:
-                log.info("Direct Line forgot conversation %s; the next user message starts a new one",
-                         self.worker.record.conversation_id)
-                self.worker.save(lambda r: replace(r, conversation_id="", token="", token_expires_at=None,
-                                                   watermark=None))
-                return True
+                log.info("Direct Line forgot conversation %s; the next user message starts a new one", conversation_id)
+                self.worker.save(lambda r: replace(r.without_token(), conversation_id="", watermark=None))
+                return _Reach.END
+            except BadRequest as error:
+                if watermark is None:
+                    raise
+                # Not the same refused request forever: read from the start; the delivered ids skip what was sent.
+                log.warning("Direct Line refused the watermark of conversation %s (%s); reading it from the start",
+                            conversation_id, error.upstream_code)
+                self._save_watermark(None)
+                continue
             for activity in page.activities:
                 if not self._deliver_one(activity):
-                    return False  # the provider cannot take it now: keep the watermark, retry later
+                    return _Reach.WAIT  # the provider cannot take it now: keep the watermark, retry later
             if page.watermark != watermark:
                 self._save_watermark(page.watermark)
             if not page.activities or page.watermark == watermark or not self.worker.record.active:
-                break
-        return True
+                return _Reach.END
+        return _Reach.PART
 
     def _read(self, watermark: str | None) -> ActivitySet:
         """The page of activities after `watermark`, read with the conversation's token."""
@@ -174,13 +214,14 @@ class ReplyDelivery:
                 self.ctx.clock.sleep(1.0)
 
     def _pace_gap(self) -> float:
-        if self.last_poll is None:
+        """Seconds to wait before the record's conversation may be polled again (0 when it may be now)."""
+        if self._last_poll is None or self._last_poll[0] != self.worker.record.conversation_id:
             return 0.0
-        return MIN_POLL_GAP.total_seconds() - (self.ctx.clock.monotonic() - self.last_poll)
+        return MIN_POLL_GAP.total_seconds() - (self.ctx.clock.monotonic() - self._last_poll[1])
 
     def _pace(self) -> None:
-        """Keep at least MIN_POLL_GAP between two polls of this conversation (Direct Line asks for it)."""
+        """Keep at least MIN_POLL_GAP between two polls of one conversation (Direct Line asks for it)."""
         gap = self._pace_gap()
         if gap > 0:
             self.ctx.clock.sleep(gap)
-        self.last_poll = self.ctx.clock.monotonic()
+        self._last_poll = (self.worker.record.conversation_id, self.ctx.clock.monotonic())

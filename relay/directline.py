@@ -5,7 +5,8 @@ faults are retried with capped exponential backoff and full jitter within a boun
 honouring Retry-After (read as seconds, capped). A POST that may have reached the bot (502/504, a
 read timeout, a dropped connection) is NEVER sent again here: BotFailed or
 TransientError(ambiguous=True) is raised, and the caller looks for the activity's clientActivityID
-(find_activity_by_client_id) before deciding to post again.
+(find_activity_by_client_id) before deciding to post again. A POST answered 200 or 204 without a
+body succeeded: the activity's id is then None (some deployments never send one).
 
 Secrets and tokens never appear in log lines, exception messages or reprs. `requests` is imported
 on first use: the module stays cheap to import at a cold start.
@@ -156,7 +157,10 @@ class DirectLineClient:
 
     def reconnect(self, conversation_id: str, *, watermark: str | None = None,
                   token: str | None = None) -> ConversationToken:
-        """A new token (and stream URL) for an existing conversation; recovers from an expired token."""
+        """A new token (and stream URL) for an existing conversation, from a still-valid `token` of it.
+
+        With the secret this fails under enhanced authentication (400 MissingProperty "Missing user ID"),
+        and an expired token cannot be used: whoever must stay in a conversation refreshes its token in time."""
         payload = self._call("conversations/reconnect", "GET", f"/conversations/{_segment(conversation_id)}",
                              auth=token or self._settings.secret, params=_watermark(watermark), idempotent=True)
         return _conversation_token(payload)
@@ -171,15 +175,18 @@ class DirectLineClient:
         activities = payload.get("activities") or []
         return ActivitySet(tuple(activities), payload.get("watermark") or watermark)
 
-    def post_activity(self, conversation_id: str, activity: Mapping[str, Any], *, token: str | None = None) -> str:
-        """Send one activity; returns its id. Never re-sent after an ambiguous failure (see the module doc)."""
+    def post_activity(self, conversation_id: str, activity: Mapping[str, Any], *,
+                      token: str | None = None) -> str | None:
+        """Send one activity; returns its id, None when Direct Line took it without saying (204, or no body).
+        Never re-sent after an ambiguous failure (see the module doc)."""
         payload = self._call("activities/post", "POST", f"/conversations/{_segment(conversation_id)}/activities",
                              auth=token or self._settings.secret, json_body=dict(activity), idempotent=False)
-        return payload["id"]
+        return _activity_id(payload)
 
     def upload(self, conversation_id: str, files: Iterable[UploadFile], *, user_id: str,
-               activity: Mapping[str, Any] | None = None, token: str | None = None) -> str:
-        """Send files (and optionally the activity carrying them) as one message; returns the activity id."""
+               activity: Mapping[str, Any] | None = None, token: str | None = None) -> str | None:
+        """Send files (and optionally the activity carrying them) as one message; returns the activity id,
+        None when Direct Line took it without saying (204, or no body)."""
         parts: list[tuple[str, tuple[str, bytes, str]]] = []
         if activity is not None:
             parts.append(("activity", ("activity", json.dumps(dict(activity)).encode(), ACTIVITY_CONTENT_TYPE)))
@@ -187,7 +194,7 @@ class DirectLineClient:
         payload = self._call("upload", "POST", f"/conversations/{_segment(conversation_id)}/upload",
                              auth=token or self._settings.secret, params={"userId": user_id}, files=parts,
                              idempotent=False)
-        return payload["id"]
+        return _activity_id(payload)
 
     def find_activity_by_client_id(self, conversation_id: str, client_activity_id: str, *,
                                    watermark: str | None = None, token: str | None = None,
@@ -310,6 +317,12 @@ def _conversation_token(payload: Mapping[str, Any]) -> ConversationToken:
     return ConversationToken(conversation_id=payload["conversationId"], token=payload["token"],
                              expires_in=int(expires_in) if expires_in is not None else None,
                              stream_url=payload.get("streamUrl"))
+
+
+def _activity_id(payload: Mapping[str, Any]) -> str | None:
+    """The id a successful POST answered with; None when it had none (a 204, an empty body)."""
+    activity_id = payload.get("id")
+    return str(activity_id) if activity_id else None
 
 
 def _json(response: requests.Response, operation: str, idempotent: bool) -> dict[str, Any]:

@@ -7,7 +7,7 @@
     │   │                          None when no answer came); never a token in the text
     │   ├── BadRequest             4xx not listed below: our request is malformed; retrying will not help
     │   ├── AuthenticationFailed   401/403 other than expiry: wrong secret, wrong region, bot deleted
-    │   ├── TokenExpired           403 TokenExpired: recover with the secret (reconnect)
+    │   ├── TokenExpired           403 TokenExpired: the token can be neither used nor refreshed any more
     │   ├── ConversationNotFound   404: Direct Line forgot the conversation; start a new one
     │   ├── Throttled              429: retry_after (seconds) when Direct Line said
     │   ├── BotFailed              502/504 after a POST: the bot failed or timed out; the activity MAY have arrived

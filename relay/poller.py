@@ -6,6 +6,13 @@ first peeked: its activities are read from the due index's copy of its watermark
 its record or lease. Only when something is there (or it is time for its hourly full poll) is it
 claimed and worked under its lease; otherwise its next peek is moved on, in batches of 100 rows per
 transaction. So an idle conversation costs one Direct Line request and about 0.01 transaction per poll.
+
+A peek never replaces the run that refreshes the conversation's token: from the time the token wants
+refreshing (about half its lifetime, carried by the due row) the conversation is worked under its
+lease, and a peek is never postponed past that time. So an open conversation's token stays alive
+however long it idles, for one refresh (and one leased run, about ten storage transactions) per
+half-life of its token.
+
 Each tick then refreshes the Web Chat sessions' tokens that are due (relay/tokens.py), found with one
 more range query.
 """
@@ -31,7 +38,7 @@ log = logging.getLogger(__name__)
 MAX_CONVERSATIONS_PER_TICK = 1000
 WORKERS = 64  # mostly waiting on Direct Line: 64 measured fastest for 1,000 due conversations (docs/benchmarks.md)
 FULL_POLL_EVERY = timedelta(hours=1)
-"""A peeked conversation is still worked under its lease this often (tokens, idle expiry, a lost nudge)."""
+"""A peeked conversation is still worked under its lease this often (idle expiry, a lost nudge)."""
 
 
 @dataclass(frozen=True)
@@ -111,8 +118,10 @@ def _refresh_session_tokens(ctx: RelayContext) -> None:
 
 
 def _may_peek(ctx: RelayContext, item: DueConversation, now: datetime) -> bool:
-    """A settled row, not yet due for its hourly full poll nor for ending as idle."""
+    """A settled row, not yet due for its hourly full poll, its token's refresh, nor for ending as idle."""
     if not item.peekable or now - item.due_at >= FULL_POLL_EVERY:
+        return False
+    if item.token_refresh_at is not None and now >= item.token_refresh_at:
         return False
     idle_limit = timedelta(minutes=ctx.settings.relay.idle_timeout_minutes)
     return item.last_activity_at is None or now - item.last_activity_at < idle_limit

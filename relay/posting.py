@@ -2,7 +2,13 @@
 
 A message leaves the outbox only once Direct Line took it (or refused it for good: a dead letter);
 a post that may have arrived although it failed is looked up by its clientActivityID before it is
-posted again, so the bot gets each message once.
+posted again, so the bot gets each message once. A post answered without an id (204) was taken.
+
+A message is posted only with a live token of the conversation, never with the secret. When the
+conversation has none any more (its tokens lapsed, or Direct Line refused the one it had), the
+message goes to a new conversation for the same user, once what the bot still had to say in the old
+one was delivered (read with the secret), so no reply is lost and the order holds; so does a message
+for a conversation Direct Line forgot. Neither is a dead letter.
 
 Webhooks only append (outbox rows, and inbound rows in the due index); what a message changes in
 the conversation record is applied here, under the lease, as each page of the outbox is read: an
@@ -23,6 +29,7 @@ from relay.activities import take_pending_media, with_unavailable_media
 from relay.channels.base import Media
 from relay.directline import UploadFile
 from relay.errors import (
+    AuthenticationFailed,
     BadRequest,
     ConcurrencyConflict,
     ConversationNotFound,
@@ -31,6 +38,7 @@ from relay.errors import (
     ProviderRejected,
     ProviderUnavailable,
     StoreError,
+    TokenExpired,
 )
 from relay.store.conversations import ConversationRecord, ConversationState
 from relay.store.dead_letters import DeadLetterKind
@@ -64,8 +72,7 @@ def _with_arrivals(record: ConversationRecord, messages: Sequence[OutboxMessage]
     next one); replies go where the newest message that says so asks; the user's last activity is
     the newest arrival. Not peekable: messages wait."""
     if not record.active:
-        record = replace(record, state=ConversationState.ACTIVE, conversation_id="", token="",
-                         token_expires_at=None, watermark=None)
+        record = replace(record.without_token(), state=ConversationState.ACTIVE, conversation_id="", watermark=None)
     reply_context = next((m.reply_context for m in reversed(messages) if m.reply_context), None)
     arrived = max(m.received_at for m in messages)
     last = max(record.last_user_activity_at, arrived) if record.last_user_activity_at else arrived
@@ -142,7 +149,7 @@ class OutboxPoster:
                 # An earlier post may have arrived although it failed: look before posting again.
                 found = self._find_posted(client_id)
                 if found is not None:
-                    self.ctx.store.outbox.complete_message(message, activity_id=found.get("id", ""))
+                    self.ctx.store.outbox.complete_message(message, activity_id=found.get("id"))
                     self.worker.result.posted += 1
                     continue
             try:
@@ -219,9 +226,12 @@ class OutboxPoster:
             log.warning("could not record a %s media dead letter (%s)", self.worker.key.channel, error)
         self.worker.result.dead_letters += 1
 
-    def _post(self, activity: dict, files: list[UploadFile]) -> str:
-        """Post the activity, or upload it with its files as one message: the same clientActivityID either way."""
-        def send(token: str | None) -> str:
+    def _post(self, activity: dict, files: list[UploadFile]) -> str | None:
+        """Post the activity, or upload it with its files as one message: the same clientActivityID either way.
+
+        Returns Direct Line's id for it (None when it gave none). A conversation Direct Line forgot, or
+        one without a live token, is replaced by a new one and the message posted there."""
+        def send(token: str) -> str | None:
             record = self.worker.record
             if files:
                 return self.ctx.directline.upload(record.conversation_id, files, user_id=record.user_id,
@@ -229,9 +239,25 @@ class OutboxPoster:
             return self.ctx.directline.post_activity(record.conversation_id, activity, token=token)
 
         try:
-            return self.worker.call(send)
+            return self.worker.call_as_user(send)
         except ConversationNotFound:
             # Direct Line forgot the conversation: this user gets a new one, the message goes there.
             log.info("Direct Line forgot conversation %s; starting a new one", self.worker.record.conversation_id)
             self.worker.start_directline()
-            return self.worker.call(send)
+        except (TokenExpired, AuthenticationFailed):
+            if not self._leave_lapsed_conversation():
+                raise  # the bot's last replies there must reach the user first: the message waits
+        return self.worker.call_as_user(send)
+
+    def _leave_lapsed_conversation(self) -> bool:
+        """Move the user to a new Direct Line conversation, theirs having no token that can be used or renewed.
+
+        The bot's replies still unread in the old one are delivered first (read with the secret); False
+        when they cannot all be now (the provider asked to wait): the user's message must wait for them."""
+        lapsed = self.worker.record.conversation_id
+        if not self.worker.delivery.deliver_rest():
+            return False
+        self.worker.start_directline()
+        log.info("the %s user's messages go to Direct Line conversation %s: no token of %s could be used or renewed",
+                 self.worker.key.channel, self.worker.record.conversation_id, lapsed)
+        return True

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
+from devstack.inprocess import Answer, InProcessTransport
 from devstack.procs import free_port, wait_until
 from relay.clock import ManualClock
 from relay.directline import ActivitySet, DirectLineClient, RetryPolicy, UploadFile
@@ -117,21 +118,32 @@ def test_start_post_and_page_activities_with_the_secret(client):
     assert [a.get("text") for a in newer.activities] == ["two", "You said: two"]
 
 
-def test_reconnect_with_and_without_watermark_recovers_an_expired_token(client, directline_emulator):
+def test_reconnect_needs_a_live_token_of_the_conversation_and_keeps_its_user(client, directline_emulator):
+    """The shared emulator runs with enhanced authentication, as many production sites do."""
     conversation = client.start_conversation(user_id="dl_sms2")
     client.post_activity(conversation.conversation_id, message("hello", "dl_sms2"), token=conversation.token)
     watermark = client.get_activities(conversation.conversation_id, token=conversation.token).watermark
-    directline_emulator.expire_tokens(conversation.conversation_id)
 
-    with_watermark = client.reconnect(conversation.conversation_id, watermark=watermark)
-    without = client.reconnect(conversation.conversation_id)
+    with_watermark = client.reconnect(conversation.conversation_id, watermark=watermark, token=conversation.token)
+    without = client.reconnect(conversation.conversation_id, token=conversation.token)
     for token in (with_watermark, without):
         assert token.conversation_id == conversation.conversation_id and token.stream_url
         assert client.get_activities(conversation.conversation_id, watermark=watermark, token=token.token).activities \
             == ()
+    client.post_activity(conversation.conversation_id, message("again", "someone-else"), token=without.token)
+    assert [a["from"]["id"] for a in all_activities(client, conversation.conversation_id)
+            if a.get("text") == "again"] == ["dl_sms2"]  # the token's user, the same as before
     with pytest.raises(BadRequest) as raised:
-        client.reconnect(conversation.conversation_id, watermark="not-a-watermark-of-this-conversation")
+        client.reconnect(conversation.conversation_id, watermark="not-a-watermark-of-this-conversation",
+                         token=conversation.token)
     assert raised.value.upstream_status == 400
+
+    with pytest.raises(BadRequest) as raised:
+        client.reconnect(conversation.conversation_id)  # with the secret
+    assert (raised.value.upstream_status, raised.value.upstream_code) == (400, "MissingProperty")
+    directline_emulator.expire_tokens(conversation.conversation_id)
+    with pytest.raises(TokenExpired):
+        client.reconnect(conversation.conversation_id, token=without.token)
 
 
 def test_upload_files_with_an_activity(client):
@@ -185,6 +197,27 @@ def test_an_answer_without_watermark_keeps_the_previous_one():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("answer", [
+    pytest.param(Answer(204), id="204 No Content"),
+    pytest.param(Answer(200, {"Content-Type": "application/json"}), id="200 with an empty body"),
+])
+def test_a_post_answered_without_a_body_is_a_success_without_an_id(answer):
+    """Some Direct Line deployments answer POST activities and upload with no body; a stand-in answers so."""
+    asked: list[str] = []
+
+    def respond(method, target, headers, body):
+        asked.append(f"{method} {target.split('?')[0]}")
+        return answer
+
+    settings = DirectLineSettings(secret="s", endpoint="http://directline.invalid/v3/directline", timeout_seconds=10,
+                                  bot_ids=("relaybot",))
+    client = DirectLineClient(settings, clock=ManualClock(), transport=InProcessTransport(respond))
+    assert client.post_activity("c1", message("hi")) is None
+    assert client.upload("c1", [UploadFile("a.txt", b"x", "text/plain")], user_id="dl_user1") is None
+    assert asked == ["POST /v3/directline/conversations/c1/activities",  # each once: taken, nothing to retry
+                     "POST /v3/directline/conversations/c1/upload"]
 
 
 # ------------------------------------------------------------------------------------------ errors

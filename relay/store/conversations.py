@@ -2,9 +2,9 @@
 
 One row per (channel, channel user): PartitionKey = `partition_of(key)`, the keyed hash of the
 channel and the user's address (both kept in the `channel` and `user` properties), RowKey
-"conversation". The record holds the user's Direct Line conversation, its token, the watermark,
-the activity ids already delivered, the schedule of its next poll and the lease of the one worker
-that may work it.
+"conversation". The record holds the user's Direct Line conversation, its token and when that token
+wants refreshing, the watermark, the activity ids already delivered, the schedule of its next poll
+and the lease of the one worker that may work it.
 
 Every write is conditional on the record's ETag: a conflicting update is re-applied on fresh data
 or raised as ConcurrencyConflict, never silently overwritten. The due index (`due_polls`) follows
@@ -81,7 +81,10 @@ class ConversationRecord:
     conversation_id: str
     user_id: str
     token: str = field(default="", repr=False)
+    """The conversation's live token; empty when it has none (its tokens lapsed, or no conversation yet)."""
     token_expires_at: datetime | None = None
+    token_refresh_at: datetime | None = None
+    """When the token wants refreshing (about half its lifetime): the record's next poll is never later."""
     watermark: str | None = None
     delivered_ids: tuple[str, ...] = ()
     last_user_activity_at: datetime | None = None
@@ -110,6 +113,10 @@ class ConversationRecord:
         """This record remembering `activity_ids` as delivered (the oldest are forgotten past the bound)."""
         known = [i for i in self.delivered_ids if i not in activity_ids] + list(dict.fromkeys(activity_ids))
         return replace(self, delivered_ids=tuple(known[-DELIVERED_IDS_LIMIT:]))
+
+    def without_token(self) -> ConversationRecord:
+        """This record with no token: reads go with the secret, and the user's next message needs a new conversation."""
+        return replace(self, token="", token_expires_at=None, token_refresh_at=None)
 
     def lease_held_by_other(self, owner: str, now: datetime) -> bool:
         return bool(self.lease_owner and self.lease_owner != owner and self.lease_expires_at
@@ -265,7 +272,8 @@ def _to_entity(record: ConversationRecord, partition_key: str) -> dict[str, Any]
         "PartitionKey": partition_key, "RowKey": _ROW,
         "channel": record.key.channel, "user": record.key.user,
         "conversation_id": record.conversation_id, "user_id": record.user_id, "token": record.token,
-        "token_expires_at": record.token_expires_at, "watermark": record.watermark,
+        "token_expires_at": record.token_expires_at, "token_refresh_at": record.token_refresh_at,
+        "watermark": record.watermark,
         "last_user_activity_at": record.last_user_activity_at, "last_bot_activity_at": record.last_bot_activity_at,
         "last_activity_at": record.last_activity_at, "next_poll_at": record.next_poll_at,
         "poll_interval": float(record.poll_interval), "state": record.state,
@@ -282,6 +290,7 @@ def _from_entity(key: ConversationKey, entity: TableEntity) -> ConversationRecor
     return ConversationRecord(
         key=key, conversation_id=entity["conversation_id"], user_id=entity["user_id"],
         token=entity.get("token") or "", token_expires_at=entity.get("token_expires_at"),
+        token_refresh_at=entity.get("token_refresh_at"),
         watermark=entity.get("watermark"), delivered_ids=tuple(get_json(entity, "delivered_ids", [])),
         last_user_activity_at=entity.get("last_user_activity_at"),
         last_bot_activity_at=entity.get("last_bot_activity_at"), next_poll_at=entity.get("next_poll_at"),

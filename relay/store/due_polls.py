@@ -3,9 +3,12 @@
 PartitionKey "due", RowKey "<next poll ms>|<conversation's partition key>|<nonce>", so the timer
 reads only the rows that are due with one RowKey range; idle rows cost nothing. A settled
 conversation's row also carries what a peek needs (conversation id, watermark, last activity, next
-peek time `peek_after`): the poller looks for new activities without reading the record or taking
-the lease, and when there are none it only moves `peek_after` on, for up to 100 conversations in
-one batch.
+peek time `peek_after`) and when its token wants refreshing (`token_refresh_at`): the poller looks
+for new activities without reading the record or taking the lease, and when there are none it only
+moves `peek_after` on, for up to 100 conversations in one batch, never past `token_refresh_at`. So
+the row of an idle conversation is due at the latest when its token wants refreshing, and the
+poller then works it under its lease (a peek is not allowed from that time on): the token is kept
+alive for as long as the conversation is open, at the cost of one refresh per half-life.
 
 The record points at its row (`due_index_key`); a row is written before the record points at it,
 so none is ever missing, and a row nothing points at any more is removed when it is claimed.
@@ -73,6 +76,8 @@ class DueConversation:
     watermark: str | None = None
     last_activity_at: datetime | None = None
     poll_interval: float = 0.0
+    token_refresh_at: datetime | None = None
+    """When the conversation's token wants refreshing: no peek from then on, and no postponement past it."""
     etag: str | None = field(default=None, repr=False, compare=False)
     inbound: tuple[InboundMark, ...] = ()
     """The conversation's inbound rows that were read: messages that may wait, whatever the schedule."""
@@ -128,7 +133,7 @@ class DuePolls:
             "PartitionKey eq @pk and RowKey lt @upper and not (peek_after gt @now )",
             parameters={"pk": _PARTITION, "upper": f"{millis(now) + 1:015d}", "now": now},
             select=["RowKey", "channel", "user", "conversation_id", "watermark", "last_activity_at", "poll_interval",
-                    "message_id", "marked_at"],
+                    "token_refresh_at", "message_id", "marked_at"],
             results_per_page=min(max(limit, 1), 1000),
         )
         due: dict[ConversationKey, DueConversation] = {}
@@ -147,7 +152,8 @@ class DuePolls:
                     due[key] = DueConversation(
                         key, at, entity["RowKey"], conversation_id=entity.get("conversation_id") or "",
                         watermark=entity.get("watermark"), last_activity_at=entity.get("last_activity_at"),
-                        poll_interval=entity.get("poll_interval") or 0.0, etag=entity.metadata.get("etag"))
+                        poll_interval=entity.get("poll_interval") or 0.0,
+                        token_refresh_at=entity.get("token_refresh_at"), etag=entity.metadata.get("etag"))
                 else:
                     continue
                 if len(due) >= limit:
@@ -157,12 +163,14 @@ class DuePolls:
     def postpone_rows(self, postponements: Sequence[tuple[DueConversation, datetime, float]]) -> int:
         """Move the next peek of conversations that had nothing new: (row, peek after, idle interval) each.
 
-        Rows are updated in place under their ETags, up to 100 in one entity-group transaction (one
-        billed transaction). A row rescheduled or removed meanwhile (a webhook, a worker's finish) is
-        left alone: that schedule wins. Best effort: a row not moved is only peeked again. Returns how
-        many moved."""
+        A peek is never moved past the row's `token_refresh_at`: the token is refreshed in time however
+        long the conversation stays idle. Rows are updated in place under their ETags, up to 100 in one
+        entity-group transaction (one billed transaction). A row rescheduled or removed meanwhile (a
+        webhook, a worker's finish) is left alone: that schedule wins. Best effort: a row not moved is
+        only peeked again. Returns how many moved."""
         moved = 0
-        operations = [("update", {"PartitionKey": _PARTITION, "RowKey": row.index_key, "peek_after": after,
+        operations = [("update", {"PartitionKey": _PARTITION, "RowKey": row.index_key,
+                                  "peek_after": min(after, row.token_refresh_at) if row.token_refresh_at else after,
                                   "poll_interval": float(interval)},
                        {"mode": UpdateMode.MERGE, "etag": row.etag, "match_condition": MatchConditions.IfNotModified})
                       for row, after, interval in postponements if row.etag]
@@ -206,7 +214,7 @@ class DuePolls:
             row |= {"conversation_id": record.conversation_id, "watermark": record.watermark,
                     "last_activity_at": max((t for t in (record.last_user_activity_at, record.last_bot_activity_at)
                                              if t), default=None),
-                    "poll_interval": float(record.poll_interval)}
+                    "poll_interval": float(record.poll_interval), "token_refresh_at": record.token_refresh_at}
         self._table.create(row)
         return index
 
@@ -219,5 +227,8 @@ def _peek_view(record: ConversationRecord) -> tuple | None:
     """What the due-index row of a peekable record promises; a change needs a new row.
 
     The watermark is not part of it: a row's older watermark only makes a peek see activities the
-    record already handled, which sends the poller down the full path (never a missed message)."""
-    return (record.conversation_id,) if record.peekable and record.conversation_id else None
+    record already handled, which sends the poller down the full path (never a missed message). The
+    token's refresh time is: a row must never let a peek run past it."""
+    if not (record.peekable and record.conversation_id):
+        return None
+    return record.conversation_id, record.token_refresh_at

@@ -139,8 +139,10 @@ class Outbox:
         """A post failed: keep the message queued; `in_doubt` False when Direct Line surely did not take it."""
         return self._save(replace(message, last_error=error[:500], in_doubt=in_doubt))
 
-    def complete_message(self, message: OutboxMessage, *, activity_id: str, now: datetime | None = None) -> None:
-        """Direct Line took the message: out of the outbox and marked POSTED, atomically."""
+    def complete_message(self, message: OutboxMessage, *, activity_id: str | None,
+                         now: datetime | None = None) -> None:
+        """Direct Line took the message: out of the outbox and marked POSTED, atomically (`activity_id` None
+        when Direct Line did not say)."""
         self._finish(message, {"state": InboundState.POSTED, "activity_id": activity_id,
                                "posted_at": now or self._clock.now()})
 

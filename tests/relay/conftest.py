@@ -122,17 +122,29 @@ RELAY_URL = "http://relay.invalid"  # the public base URL webhooks are signed fo
 class ManualTime(ManualClock):
     """The relay's clock in the in-process tests: it stands still until a test moves it, and the relay's
     sleeps move it instead of waiting. Starts at the real time (whole seconds, so times read back from
-    storage compare exactly), since the emulator's tokens expire on the real clock."""
+    storage compare exactly), as the emulator's clock does; every move is passed on to `followers`
+    (the emulator's clock), so tokens expire and activities age at Direct Line as the relay's time passes."""
 
     def __init__(self) -> None:
         super().__init__(SYSTEM_CLOCK.now().replace(microsecond=0))
+        self.followers: list[Callable[[float], object]] = []
 
     def __call__(self) -> datetime:
         return self.now()
 
     def advance(self, seconds: float) -> datetime:  # type: ignore[override]  # returns the new time for tests
         super().advance(seconds)
+        self._moved(seconds)
         return self.now()
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds)
+        self._moved(seconds)
+
+    def _moved(self, seconds: float) -> None:
+        if seconds > 0:
+            for follow in self.followers:
+                follow(seconds)
 
 
 @dataclass
@@ -228,6 +240,7 @@ def inprocess_relay(storage_connection_string, table_prefix) -> Iterator[Callabl
             **(env or {}),
         })
         time = ManualTime()
+        time.followers.append(emulator.advance_clock)
         directline = DirectLineClient(settings.directline, retry=RetryPolicy(attempts=1), clock=time,
                                       transport=emulator.transport)
         adapters = functools.cache(lambda name: get_adapter(name, settings, session=simulator.http, clock=time))

@@ -8,6 +8,7 @@ promises end to end, through every process.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from datetime import timedelta
 
@@ -15,6 +16,7 @@ import pytest
 
 from relay.activities import directline_user_id
 from relay.channels.base import InboundMessage
+from relay.errors import TokenExpired
 from relay.inbound import accept_all
 from relay.store.conversations import ConversationKey, ConversationState
 from tests.relay.conftest import InProcessRelay
@@ -90,8 +92,10 @@ def new_user_message(relay: InProcessRelay, key: ConversationKey) -> None:
                  id="a late bot reply is claimed and delivered from the page the peek read, not read twice"),
     pytest.param(new_user_message, 2, 0, 1, {"activities/post": 1, "activities/get": 1},
                  ["You said: and another thing"], id="a waiting user message is worked at once, never peeked"),
-    pytest.param(nothing, 3601, 0, 1, {"conversations/reconnect": 1, "activities/get": 1}, [],
-                 id="after an hour of peeks the full poll runs under the lease and renews the lapsed token"),
+    pytest.param(nothing, 1000, 0, 1, {"tokens/refresh": 1, "activities/get": 1}, [],
+                 id="once its token wants refreshing it is worked under the lease and the token refreshed"),
+    pytest.param(nothing, 3601, 0, 1, {"activities/get": 1}, [],
+                 id="after an hour without a tick the full poll runs under the lease, reading with the secret"),
 ])
 def test_a_settled_conversation_is_peeked_and_claimed_only_when_there_is_work(
         inprocess_relay, meanwhile, seconds_later, quiet, worked, calls, replies):
@@ -229,22 +233,26 @@ def forget_the_token(relay: InProcessRelay, key: ConversationKey) -> None:
     relay.store.conversations.update_record(key, lambda r: replace(r, token="not-a-token-any-more"))
 
 
-@pytest.mark.parametrize(("minutes_left", "direct_line", "calls", "renewed"), [
-    pytest.param(25, nothing, {"activities/get": 1}, False, id="a token with 25 minutes left is used as it is"),
-    pytest.param(10, nothing, {"tokens/refresh": 1, "activities/get": 1}, True,
+KEPT, REFRESHED, LET_GO = "kept", "refreshed", "let go"
+
+
+@pytest.mark.parametrize(("minutes_left", "direct_line", "calls", "token"), [
+    pytest.param(25, nothing, {"activities/get": 1}, KEPT, id="a token with 25 minutes left is used as it is"),
+    pytest.param(10, nothing, {"tokens/refresh": 1, "activities/get": 1}, REFRESHED,
                  id="a token past half its life is refreshed"),
-    pytest.param(0.5, nothing, {"conversations/reconnect": 1, "activities/get": 1}, True,
-                 id="a token about to lapse is replaced through reconnect with the secret"),
-    pytest.param(-5, nothing, {"conversations/reconnect": 1, "activities/get": 1}, True,
-                 id="a lapsed token is replaced through reconnect with the secret"),
-    pytest.param(10, expire_its_tokens, {"tokens/refresh": 1, "conversations/reconnect": 1, "activities/get": 1},
-                 True, id="a token Direct Line expired early fails its refresh and is replaced through reconnect"),
-    pytest.param(25, expire_its_tokens, {"activities/get": 2, "conversations/reconnect": 1}, True,
-                 id="a token Direct Line says expired is replaced once and the read made again"),
-    pytest.param(25, forget_the_token, {"activities/get": 2, "conversations/reconnect": 1}, True,
-                 id="a token Direct Line no longer knows is replaced once and the read made again"),
+    pytest.param(0.5, nothing, {"tokens/refresh": 1, "activities/get": 1}, REFRESHED,
+                 id="a token about to lapse is still refreshed"),
+    pytest.param(-5, nothing, {"activities/get": 1}, LET_GO,
+                 id="a lapsed token is let go without a call and the replies read with the secret"),
+    pytest.param(10, expire_its_tokens, {"tokens/refresh": 1, "activities/get": 1}, LET_GO,
+                 id="a token Direct Line expired early fails its refresh, is let go, and the replies read"),
+    pytest.param(25, expire_its_tokens, {"activities/get": 2}, LET_GO,
+                 id="a token Direct Line says expired is let go and the read made again with the secret"),
+    pytest.param(25, forget_the_token, {"activities/get": 2}, LET_GO,
+                 id="a token Direct Line no longer knows is let go and the read made again with the secret"),
 ])
-def test_the_token_is_renewed_by_how_long_it_has_left(inprocess_relay, minutes_left, direct_line, calls, renewed):
+def test_the_token_is_refreshed_by_how_long_it_has_left_and_never_renewed_with_the_secret(
+        inprocess_relay, minutes_left, direct_line, calls, token):
     relay = inprocess_relay()
     key = settled(relay)
     late_bot_reply(relay, key)
@@ -255,14 +263,133 @@ def test_the_token_is_renewed_by_how_long_it_has_left(inprocess_relay, minutes_l
     relay.work(key)
 
     after = relay.record(key)
-    assert relay.calls() == calls
+    assert relay.calls() == calls  # never conversations/reconnect: it fails under enhanced authentication
     assert relay.replies(key) == ["You said: hello", "a late reply"]
     assert after.conversation_id == before.conversation_id
-    if renewed:
-        assert after.token != before.token
+    if token == KEPT:
+        assert (after.token, after.token_expires_at, after.token_refresh_at) == \
+            (before.token, before.token_expires_at, before.token_refresh_at)
+    elif token == REFRESHED:
+        assert after.token not in ("", before.token)
         assert after.token_expires_at - relay.time() == timedelta(seconds=1800)
+        assert timedelta(seconds=0.45 * 1800) <= after.token_refresh_at - relay.time() <= timedelta(seconds=0.55 * 1800)
+        assert seconds_until_next_poll(relay, key) <= 0.55 * 1800
     else:
-        assert (after.token, after.token_expires_at) == (before.token, before.token_expires_at)
+        assert (after.token, after.token_expires_at, after.token_refresh_at) == ("", None, None)
+
+
+def test_a_refresh_direct_line_cannot_do_now_keeps_the_token_and_is_tried_again_after_a_backoff(inprocess_relay):
+    relay = inprocess_relay()
+    key = settled(relay)
+    relay.emulator.set_faults(error_500_rate=1.0, limit=1, endpoints=["tokens/refresh"])
+    before = relay.record(key)
+    relay.time.advance((before.token_refresh_at - relay.time()).total_seconds())
+
+    relay.work(key)
+
+    assert relay.calls() == {"tokens/refresh": 1, "activities/get": 1}  # tried once in the run, the read went on
+    assert relay.record(key).token == before.token
+    assert seconds_until_next_poll(relay, key) == 10
+    relay.time.advance(10)
+    assert relay.tick().worked == 1
+    after = relay.record(key)
+    assert after.token not in ("", before.token) and after.token_refresh_at > relay.time()
+
+
+def test_an_idle_conversation_keeps_a_live_token_by_refreshing_it_at_about_half_its_life(inprocess_relay):
+    """Tokens that live a minute (as in the soak); the conversation idles for ten, only peeked in between."""
+    relay = inprocess_relay(token_ttl=60, env={"RELAY_POLL_CEILING_SECONDS": "60"})
+    key = settled(relay)
+    refreshed_at = []
+    first = token = relay.record(key).token
+    for _ in range(120):
+        relay.time.advance(5)
+        relay.tick()
+        record = relay.record(key)
+        assert record.token and record.token_expires_at > relay.time()  # never a moment without a live token
+        if record.token != token:
+            refreshed_at.append(relay.time())
+            token = record.token
+    calls = relay.calls()
+    assert calls["tokens/refresh"] == len(refreshed_at)
+    assert "conversations/reconnect" not in calls and "conversations/start" not in calls
+    gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(refreshed_at)]
+    assert gaps and all(0.45 * 60 <= gap <= 0.55 * 60 + 5 for gap in gaps)  # about half its life, on a 5 s tick
+    assert calls["activities/get"] > len(refreshed_at)  # peeked in between: the refresh is the only extra cost
+    conversation_id = relay.record(key).conversation_id
+    with pytest.raises(TokenExpired):  # Direct Line's clock followed the relay's: the first token is long gone
+        relay.ctx.directline.get_activities(conversation_id, token=first)
+    assert relay.ctx.directline.get_activities(conversation_id, token=token).activities  # the current one works
+
+
+def messages_wait_past_the_tokens_life(relay: InProcessRelay, key: ConversationKey) -> None:
+    """An outage longer than a token's life: the relay's own clock says it lapsed, nothing refreshed it."""
+    late_bot_reply(relay, key)  # the bot said something the relay had no chance to deliver
+    relay.time.advance(2 * 3600)
+
+
+@pytest.mark.parametrize(("lapse", "replies"), [
+    pytest.param(expire_its_tokens, [],
+                 id="Direct Line expired every token: the message goes to a new conversation"),
+    pytest.param(messages_wait_past_the_tokens_life, ["a late reply"],
+                 id="an outage outlived the token: the old conversation's reply first, then a new conversation"),
+])
+def test_a_message_for_a_conversation_whose_tokens_lapsed_goes_to_a_new_conversation(inprocess_relay, lapse,
+                                                                                    replies):
+    relay = inprocess_relay()
+    key = settled(relay)
+    lapsed = relay.record(key).conversation_id
+    lapse(relay, key)
+
+    relay.message("twilio", USER, "after")
+    result = relay.work(key)
+
+    record = relay.record(key)
+    assert record.conversation_id not in ("", lapsed) and record.token
+    assert relay.messages_at_bot(record.conversation_id) == ["after"]
+    assert relay.messages_at_bot(lapsed) == ["hello"]
+    assert relay.replies(key) == ["You said: hello", *replies, "You said: after"]
+    assert (result.posted, result.dead_letters) == (1, 0) and relay.store.dead_letters.list_letters(key) == []
+    assert relay.store.outbox.list_messages(key) == []
+    calls = relay.calls()
+    assert calls["conversations/start"] == 1 and "conversations/reconnect" not in calls
+    relay.time.advance(60)
+    relay.tick()
+    assert len(relay.replies(key)) == len(replies) + 2  # and nothing twice
+
+
+# ------------------------------------------------------------------------------------------ watermarks
+
+
+def invalidate_its_watermarks(relay: InProcessRelay, key: ConversationKey) -> None:
+    """As after a change at Direct Line: every watermark it issued so far for the conversation is refused."""
+    relay.emulator.invalidate_watermarks(relay.record(key).conversation_id)
+
+
+def store_a_foreign_watermark(relay: InProcessRelay, key: ConversationKey) -> None:
+    relay.store.conversations.update_record(key, lambda r: replace(r, watermark="zzzz-99"))
+
+
+@pytest.mark.parametrize("refusal", [
+    pytest.param(invalidate_its_watermarks, id="Direct Line invalidated the watermarks it issued"),
+    pytest.param(store_a_foreign_watermark, id="a watermark that is not the conversation's"),
+])
+def test_a_watermark_direct_line_refuses_is_dropped_and_no_reply_goes_out_twice(inprocess_relay, refusal):
+    relay = inprocess_relay()
+    key = settled(relay)
+    late_bot_reply(relay, key)
+    refused = relay.record(key).watermark
+    refusal(relay, key)
+
+    first = relay.work(key)
+
+    assert first.error == "" and relay.record(key).watermark is None  # no failure to retry: read from the start
+    assert relay.calls() == {"activities/get": 1}
+    for _ in range(3):
+        relay.time.advance(60)
+        assert relay.tick().failed == 0
+    assert relay.replies(key) == ["You said: hello", "a late reply"]  # the late reply once, the first not again
+    assert relay.record(key).watermark not in (None, refused, "zzzz-99")
 
 
 # ------------------------------------------------------------------------- forgotten and ended conversations
@@ -366,6 +493,24 @@ def test_a_message_direct_line_did_not_confirm_reaches_the_bot_exactly_once(inpr
     assert relay.messages_at_bot(record.conversation_id) == ["hello"]
     assert relay.replies(key) == ["You said: hello"]
     assert relay.store.outbox.list_messages(key) == []
+
+
+def test_a_message_direct_line_took_without_an_answer_body_is_posted_once_and_answered(inprocess_relay):
+    """Some deployments answer POST activities 204 with no body: the message was taken, it has no id."""
+    relay = inprocess_relay()
+    relay.emulator.set_faults(no_content_rate=1.0, endpoints=["activities/post"])
+    key = relay.message("twilio", USER, "hello")
+
+    result = relay.work(key)
+
+    assert (result.posted, result.dead_letters, result.error) == (1, 0, "")
+    assert relay.messages_at_bot(relay.record(key).conversation_id) == ["hello"]
+    assert relay.replies(key) == ["You said: hello"]
+    assert relay.store.outbox.list_messages(key) == []
+    relay.time.advance(60)
+    relay.tick()
+    assert relay.messages_at_bot(relay.record(key).conversation_id) == ["hello"]  # never posted again
+    assert relay.replies(key) == ["You said: hello"]
 
 
 # --------------------------------------------------------------------------------- one webhook, many

@@ -100,3 +100,17 @@ def test_an_inbound_row_written_again_since_it_was_read_is_not_cleared(store):
     assert [m.message_id for m in due.inbound] == ["SM1"]
     store.due_polls.clear_inbound(due.inbound)  # as read now: it goes
     assert store.due_polls.list_due(now=T0 + timedelta(minutes=6)) == []
+
+
+def test_a_peek_is_never_postponed_past_the_time_the_conversations_token_wants_refreshing(store):
+    key = ConversationKey("twilio", "+1555")
+    refresh_at = T0 + timedelta(seconds=30)
+    create(store, key, token="t", token_expires_at=T0 + timedelta(seconds=60),
+           token_refresh_at=refresh_at, peekable=True, next_poll_at=T0)
+    [row] = store.due_polls.list_due(now=T0)
+    assert row.peekable and row.token_refresh_at == refresh_at
+
+    assert store.due_polls.postpone_rows([(row, T0 + timedelta(minutes=5), 60.0)]) == 1
+
+    assert store.due_polls.list_due(now=refresh_at - timedelta(seconds=1)) == []
+    assert [d.key for d in store.due_polls.list_due(now=refresh_at)] == [key]
