@@ -226,7 +226,7 @@ class WebChatSessions:
                 return ResumeResult(ResumeOutcome.WRONG_KEY)
             else:
                 return ResumeResult(outcome, session)
-            written = self._replace(session, updated, "update a Web Chat session")
+            written = self._write_under_etag(session, updated, "update a Web Chat session")
             if written is None:
                 pause_after_conflict(self._clock, attempt)
                 continue
@@ -322,13 +322,13 @@ class WebChatSessions:
             updated = None if session is None else change(session)
             if session is None or updated is None:
                 return None
-            written = self._replace(session, updated, what)
+            written = self._write_under_etag(session, updated, what)
             if written is not None:
                 return written
             pause_after_conflict(self._clock, attempt)
         raise ConcurrencyConflict("the Web Chat session kept changing")
 
-    def _replace(self, session: WebChatSession, updated: WebChatSession, what: str) -> WebChatSession | None:
+    def _write_under_etag(self, session: WebChatSession, updated: WebChatSession, what: str) -> WebChatSession | None:
         """Write `updated` over `session` (as read) under its ETag, its refresh index row first and the one it
         replaces deleted after; None when the row changed or went meanwhile."""
         partition = self._partition(session.conversation_id)
