@@ -92,6 +92,7 @@ class ChaosReport:
     replies: int = 0
     reply_duplicates: int = 0
     crash_resends: list = dataclasses.field(default_factory=list)
+    lost_replies: list = dataclasses.field(default_factory=list)  # "<provider> <user>: <text> ..." of each
     reply_lost: int = 0
     reply_out_of_order: int = 0
     dead_letters: int = 0
@@ -120,6 +121,7 @@ class ChaosReport:
             f"lost {self.reply_lost}, out of order {self.reply_out_of_order}",
             f"  replies sent again across the SIGKILL (the at-least-once window): {len(self.crash_resends)}"
             + "".join(f"\n    {r}" for r in self.crash_resends),
+            *[f"  lost reply: {r}" for r in self.lost_replies],
             f"  dead letters {self.dead_letters}, outbox rows left {self.outbox_left}, "
             f"leases held past expiry {self.stale_leases}",
             f"  Direct Line faults injected: {self.directline_faults}",
@@ -514,6 +516,12 @@ class ChaosRun:
             lost, doubled, disordered = compare([ECHO + t for t in user.texts], [r["text"] for r in replies])
             report.replies += len(replies) - doubled
             report.reply_lost += lost
+            if lost:  # which ones, and where the user's conversations were: the run's texts are made up
+                record = store.conversations.get_record(user.key)
+                got_texts = {r["text"] for r in replies}
+                report.lost_replies += [f"{user.provider} {user.address}: {text!r} (conversation now "
+                                        f"{record.conversation_id if record else None})"
+                                        for text in (ECHO + t for t in user.texts) if text not in got_texts]
             report.reply_duplicates += doubled - min(doubled, self.crash_resent(user, replies))
             report.reply_out_of_order += disordered
             report.outbox_left += len(store.outbox.list_messages(user.key, limit=100))
