@@ -526,10 +526,9 @@ def answer(question: PendingQuestion | None, activity: Mapping[str, Any], *, mes
 def _chosen(question: PendingQuestion, text: str, reply_id: str) -> list[_Option] | None:
     """The options a message picks (empty: an optional choice skipped); None when it picks none."""
     step, choices = question.current, question.choices()
-    if reply_id:
+    if reply_id:  # a tap on a button or row: this question's, or an older one's (then it picks nothing here)
         index = next((n for n, c in enumerate(choices) if c.id == reply_id), None)
-        if index is not None:
-            return [step.options[index]]
+        return None if index is None else [step.options[index]]
     if step.optional and text == SKIP:
         return []
     picked = _pick(step, text)

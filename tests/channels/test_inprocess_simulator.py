@@ -70,7 +70,8 @@ def recorded(side: Side, provider: str) -> list[tuple]:
 
 
 def a_reply_with_buttons(side: Side, provider: str) -> tuple:
-    return send(side, provider, OutboundMessage(text="Pick one", choices=(Choice("q-0-1", "Yes"), Choice("q-0-2", "No"))))
+    offered = (Choice("q-0-1", "Yes"), Choice("q-0-2", "No"))
+    return send(side, provider, OutboundMessage(text="Pick one", choices=offered))
 
 
 def a_picture(side: Side, provider: str) -> tuple:

@@ -1,5 +1,6 @@
-"""Sending through each provider's API, against the running simulator: text, media, long text,
-questions (WhatsApp buttons and lists, numbered text elsewhere), and provider errors (4xx permanent, 429/5xx/connection transient)."""
+"""Sending through each provider's API, against the running simulator: text, media, long text, questions
+(WhatsApp buttons and lists, numbered text elsewhere), and provider errors (4xx permanent,
+429/5xx/connection transient)."""
 
 from __future__ import annotations
 
