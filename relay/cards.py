@@ -266,7 +266,7 @@ def render_activity(activity: Mapping[str, Any]) -> Rendering | None:
             if url.startswith(("https://", "http://")):
                 media.append(Media(url=url, content_type=content_type or None, name=attachment.get("name")))
             else:
-                card.text(f"[{attachment.get('name') or 'A file'} was sent here that this channel cannot show.]")
+                parts.append(f"[{attachment.get('name') or 'A file'} was sent here that this channel cannot show.]")
             continue
         else:
             card.left_out = True
@@ -536,9 +536,10 @@ def _chosen(question: PendingQuestion, text: str, reply_id: str) -> list[_Option
         return [picked]
     if step.multiple:
         pieces = [p.strip() for p in re.split(r"[,;]" if re.search(r"[,;]", text) else r"\s+", text) if p.strip()]
-        chosen = [_pick(step, p) for p in pieces]
-        if chosen and all(c is not None for c in chosen):
-            return list(dict.fromkeys(c for c in chosen if c is not None))
+        picked_all = [_pick(step, p) for p in pieces]
+        chosen = [c for c in picked_all if c is not None]
+        if chosen and len(chosen) == len(picked_all):
+            return [o for o in step.options if any(c is o for c in chosen)]  # each once, in the card's order
     return None
 
 

@@ -10,6 +10,11 @@ start, once, and every activity already delivered is recognised by its id and sk
 remembers the last DELIVERED_IDS_LIMIT ids, more bot activities than a conversation usually holds
 in Direct Line's 24 hours of retention: only one with more could see its oldest again after such a
 restart.)
+
+Each activity is rendered by relay/cards.py; the question a reply asks is saved on the record (as
+`pending_question`) in the same write that marks the reply delivered, so it is remembered exactly
+when the user has seen it. A prompt the question still owes the user (a card's next input, or a bad
+answer asked again) is sent before the bot's new activities, and marked sent the same way.
 """
 
 from __future__ import annotations

@@ -107,6 +107,12 @@ def test_an_unknown_attachment_is_never_dropped_in_silence():
     assert rendered(activity).message.text == NOT_SHOWN
 
 
+def test_a_file_the_user_could_not_open_is_named_instead():
+    activity = {"type": "message", "attachments": [{"contentType": "application/pdf", "name": "invoice.pdf",
+                                                    "contentUrl": "data:application/pdf;base64,AAAA"}]}
+    assert rendered(activity).message.text == "[invoice.pdf was sent here that this channel cannot show.]"
+
+
 def test_nothing_is_delivered_for_typing_or_an_empty_message():
     assert render_activity({"type": "typing"}) is None
     assert render_activity({"type": "message", "text": "  "}) is None
