@@ -661,3 +661,26 @@ def test_an_answer_whose_post_failed_is_posted_later_with_the_same_value(inproce
     relay.work(key)
     values = [a.get("value") for a in relay.activities_at_bot(conversation_id)]
     assert values == [None, {"action": "order", "size": "M"}]
+
+
+def test_the_relays_prompt_for_a_cards_next_input_waits_out_a_provider_outage_and_goes_once(inprocess_relay):
+    relay = inprocess_relay(echo=False)
+    key = relay.message("twilio", USER, "I want a shirt")
+    relay.work(key)
+    conversation_id = relay.record(key).conversation_id
+    content = ORDER_CARD["attachments"][0]["content"]
+    relay.bot_sends(conversation_id, {**ORDER_CARD, "attachments": [{**ORDER_CARD["attachments"][0], "content": {
+        **content, "body": [*content["body"], NOTE]}}]})
+    relay.work(key)
+    relay.message("twilio", USER, "small")
+    relay.simulator.fail_next("twilio", 503)
+    relay.work(key)
+    assert len(relay.replies(key)) == 1  # the card only: the prompt waits
+    relay.time.advance(60)
+    relay.work(key)
+    relay.work(key)
+    assert relay.replies(key)[1:] == ["Anything else?\nReply with your answer."]
+    relay.message("twilio", USER, "No thanks")
+    relay.work(key)
+    *_, posted = relay.activities_at_bot(conversation_id)
+    assert posted["value"] == {"action": "order", "size": "S", "note": "No thanks"}
