@@ -16,6 +16,8 @@ Promises:
   skipped with "-" is "". A choice is answered by a WhatsApp reply id, its number, or its title (or
   value) typed back, case-insensitively. Suggested actions and card buttons post what Web Chat posts:
   imBack its value as text, postBack its value as text and value, messageBack its text and value.
+  Action.Execute is answered like Action.Submit, as a message (Direct Line gives a channel user no
+  invoke response); Input.Time and other inputs are not asked (the card says a part is not shown).
 - A bad answer to a number, date or yes/no question is asked again once, saying why; a second bad
   answer, and any message that answers a choice with nothing it offers, reaches the bot as the
   plain text it is, and the question is forgotten.
