@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from relay.cards import REPLY_ID_KEY, render_activity
 from relay.channels.base import InboundMessage, Media, OutboundMessage
 
 __all__ = [
@@ -82,7 +83,8 @@ def build_inbound_activity(
         "channeltype": context.get("channeltype", DEFAULT_CHANNEL_TYPES.get(channel, channel)),
         "conversationcontext": _expand(context.get("conversationcontext", {}), values),
         "customercontext": _expand(context.get("customercontext", {"phonenumber": "{user_id}"}), values),
-        RAW_PAYLOAD_KEY: {"channel": channel, "messageId": message.message_id, "payload": dict(message.raw)},
+        RAW_PAYLOAD_KEY: {"channel": channel, "messageId": message.message_id, "payload": dict(message.raw),
+                          **({REPLY_ID_KEY: message.reply_id} if message.reply_id else {})},
     }
     activity: dict[str, Any] = {
         "type": "message",
@@ -156,44 +158,8 @@ def _fit_activity(activity: dict, limit_bytes: int = ACTIVITY_LIMIT_BYTES) -> di
     return trimmed
 
 
-def _card_text(card: Mapping[str, Any]) -> str:
-    return "\n".join(str(card[k]) for k in ("title", "subtitle", "text") if card.get(k))
-
-
-def _action_titles(actions: Any) -> list[str]:
-    titles = []
-    for action in actions or []:
-        if isinstance(action, Mapping):
-            title = action.get("title") or action.get("value") or action.get("text")
-            if title:
-                titles.append(str(title))
-    return titles
-
-
 def render_outbound(activity: Mapping[str, Any]) -> OutboundMessage | None:
-    """The channel message for one bot activity, or None when there is nothing to deliver."""
-    if activity.get("type") != "message":
-        return None
-    parts = [str(activity["text"])] if activity.get("text") else []
-    media: list[Media] = []
-    actions = _action_titles((activity.get("suggestedActions") or {}).get("actions"))
-    for attachment in activity.get("attachments") or []:
-        content_type = attachment.get("contentType", "")
-        content = attachment.get("content") or {}
-        if content_type in ("application/vnd.microsoft.card.hero", "application/vnd.microsoft.card.thumbnail"):
-            if _card_text(content):
-                parts.append(_card_text(content))
-            media.extend(Media(url=i["url"], content_type="image/*") for i in content.get("images") or []
-                         if isinstance(i, Mapping) and i.get("url"))
-            actions.extend(_action_titles(content.get("buttons")))
-        elif content_type == "application/vnd.microsoft.card.adaptive":
-            fallback = content.get("fallbackText") or content.get("speak")
-            if fallback:
-                parts.append(str(fallback))
-        elif attachment.get("contentUrl"):
-            media.append(Media(url=attachment["contentUrl"], content_type=content_type or None,
-                               name=attachment.get("name")))
-    text = "\n\n".join(p for p in parts if p)
-    if not text and not media and not actions:
-        return None
-    return OutboundMessage(text=text, media=tuple(media), suggested_actions=tuple(dict.fromkeys(actions)))
+    """The channel message for one bot activity, or None when there is nothing to deliver (relay/cards.py
+    renders it; the question it may ask is `relay.cards.render_activity`'s to remember)."""
+    rendering = render_activity(activity)
+    return None if rendering is None else rendering.message

@@ -174,12 +174,13 @@ class ConversationWorker:
     def start_directline(self) -> None:
         """A new Direct Line conversation for this user (the first, or after one was forgotten, ended or
         its tokens lapsed), started with the secret and the user's id; the watermark starts anew, the
-        delivered ids stay (activity ids are unique across conversations)."""
+        delivered ids stay (activity ids are unique across conversations); a question the old one asked is
+        forgotten (the new one's bot never asked it)."""
         started = self.ctx.directline.start_conversation(user_id=self.record.user_id)
         with_token = self._with_token(started)
         log.info("started Direct Line conversation %s for a %s user", started.conversation_id, self.key.channel)
         self.save(lambda r: replace(with_token(r), conversation_id=started.conversation_id, watermark=None,
-                                     state=ConversationState.ACTIVE))
+                                     state=ConversationState.ACTIVE, pending_question=None))
 
     def keep_token_fresh(self) -> None:
         """Refresh the conversation's token once its refresh time has come, let it go once it lapsed."""

@@ -10,6 +10,11 @@ start, once, and every activity already delivered is recognised by its id and sk
 remembers the last DELIVERED_IDS_LIMIT ids, more bot activities than a conversation usually holds
 in Direct Line's 24 hours of retention: only one with more could see its oldest again after such a
 restart.)
+
+Each activity is rendered by relay/cards.py; the question a reply asks is saved on the record (as
+`pending_question`) in the same write that marks the reply delivered, so it is remembered exactly
+when the user has seen it. A prompt the question still owes the user (a card's next input, or a bad
+answer asked again) is sent before the bot's new activities, and marked sent the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from datetime import timedelta
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
-from relay.activities import render_outbound
+from relay.cards import PendingQuestion, next_prompt, render_activity
+from relay.channels.base import OutboundMessage
 from relay.errors import (
     BadRequest,
     ConcurrencyConflict,
@@ -103,6 +109,8 @@ class ReplyDelivery:
         return self._deliver(patient=True) is _Reach.END
 
     def _deliver(self, *, patient: bool) -> _Reach:
+        if not self._ask_pending():
+            return _Reach.WAIT
         if not self.worker.record.conversation_id or not self.worker.record.active:
             return _Reach.END
         for _ in range(MAX_PAGES):
@@ -161,10 +169,23 @@ class ReplyDelivery:
                                                last_bot_activity_at=now))
             self.worker.result.ended = True
             return True
-        message = render_outbound(activity)
-        if message is None:
+        rendering = render_activity(activity)
+        if rendering is None:
             return True  # typing, events and empty messages have nothing for the channel
-        message = replace(message, idempotency_key=activity_id)
+        message = replace(rendering.message, idempotency_key=activity_id)
+        sent = self._send(message, activity_id, payload={"activity": activity})
+        if sent is None:
+            return False
+        # The question it asked is remembered (a new one replaces the last) once it reached the user.
+        asked = rendering.question.to_json() if sent and rendering.question else None
+        self._save_delivered(lambda r: replace(_with_parts_done(r, activity_id, 0).with_delivered(activity_id),
+                                               last_bot_activity_at=now,
+                                               pending_question=asked or r.pending_question))
+        return True
+
+    def _send(self, message: OutboundMessage, activity_id: str, *, payload: dict) -> bool | None:
+        """Send one message to the user: True once the provider took it, False when it refused it for good (a
+        dead letter with `payload`), None when it cannot take it now (the worker comes back later)."""
         first_part = _parts_done(self.worker.record, activity_id)
         started = self.ctx.clock.monotonic()
         try:
@@ -173,9 +194,9 @@ class ReplyDelivery:
         except ProviderRejected as error:
             where = f" (part {error.parts_sent + 1} of {error.parts_total})" if error.parts_total > 1 else ""
             self.ctx.store.dead_letters.add_letter(self.worker.key, kind=DeadLetterKind.REPLY,
-                                                   reason=f"{error.reason}: {error}{where}",
-                                                   payload={"activity": activity})
+                                                   reason=f"{error.reason}: {error}{where}", payload=payload)
             self.worker.result.dead_letters += 1
+            return False
         except ProviderUnavailable as error:
             log.info("the %s provider cannot take a reply now (%s, %d of %d parts sent); retrying later",
                      self.worker.key.channel, error.reason, error.parts_sent, error.parts_total)
@@ -184,13 +205,33 @@ class ReplyDelivery:
                 parts_sent = error.parts_sent
                 self._save_delivered(lambda r: _with_parts_done(r, activity_id, parts_sent))
             self.worker.wait(error.retry_after)
+            return None
+        self.worker.result.delivered += 1
+        log.info("delivered %s to %s in %.0f ms", activity_id, self.worker.key.channel,
+                 (self.ctx.clock.monotonic() - started) * 1000)
+        return True
+
+    def _ask_pending(self) -> bool:
+        """Send the pending question's next prompt when one is due (the user answered a card's earlier input, or
+        gave a bad answer); False when the provider asks us to wait."""
+        question = PendingQuestion.from_json(self.worker.record.pending_question)
+        if question is None or not question.prompt_due:
+            return True
+        prompt = next_prompt(question)
+        key = prompt.idempotency_key
+        sent = self._send(prompt, key, payload={"question": question.to_json()})
+        if sent is None:
             return False
-        else:
-            self.worker.result.delivered += 1
-            log.info("delivered activity %s to %s in %.0f ms", activity_id, self.worker.key.channel,
-                     (self.ctx.clock.monotonic() - started) * 1000)
-        self._save_delivered(lambda r: replace(_with_parts_done(r, activity_id, 0).with_delivered(activity_id),
-                                               last_bot_activity_at=now))
+
+        def asked(record: ConversationRecord) -> ConversationRecord:
+            stored = PendingQuestion.from_json(record.pending_question)
+            if stored is None or (stored.id, stored.step, stored.retries) != (question.id, question.step,
+                                                                                question.retries):
+                return _with_parts_done(record, key, 0)
+            return replace(_with_parts_done(record, key, 0),
+                           pending_question=replace(stored, prompt_due=False).to_json())
+
+        self._save_delivered(asked)
         return True
 
     def _save_delivered(self, change: Callable[[ConversationRecord], ConversationRecord]) -> None:

@@ -15,17 +15,24 @@ the conversation record is applied here, under the lease, as each page of the ou
 ended conversation starts anew, the replies go where the newest message asks, the user's last
 activity moves on. A message's inbound row is removed only after the worker saw the message and
 scheduled the record after it (`clear_inbound`), so a message is never without something due.
+
+A message that answers the question the bot last asked (the record's `pending_question`, see
+relay/cards.py) is posted carrying the `value` the bot expects; one that answers only one of a card's
+several inputs is not posted at all (it leaves the outbox as handled, and the next input is asked).
+What is left of the question is saved once the message was posted (or taken): a failed post is
+answered the same way when it is tried again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from relay.activities import take_pending_media, with_unavailable_media
+from relay.cards import PendingQuestion, answer
 from relay.channels.base import Media
 from relay.directline import UploadFile
 from relay.errors import (
@@ -144,11 +151,19 @@ class OutboxPoster:
         for message in page:
             if not self.worker.record.conversation_id:
                 self.worker.start_directline()
+            asked = self.worker.record.pending_question
+            answered = answer(PendingQuestion.from_json(asked), message.activity, message_id=message.message_id)
+            if answered.activity is None:
+                # It answered one of a card's inputs (or is asked again): remembered, and the next prompt is due.
+                self._remember(asked, answered.question)
+                self.ctx.store.outbox.complete_message(message, activity_id=None)
+                continue
             client_id = (message.activity.get("channelData") or {}).get("clientActivityID", "")
             if message.in_doubt:
                 # An earlier post may have arrived although it failed: look before posting again.
                 found = self._find_posted(client_id)
                 if found is not None:
+                    self._remember(asked, answered.question)
                     self.ctx.store.outbox.complete_message(message, activity_id=found.get("id"))
                     self.worker.result.posted += 1
                     continue
@@ -157,7 +172,7 @@ class OutboxPoster:
             except ConcurrencyConflict:
                 return False  # someone else is posting it; they keep the order
             try:
-                activity, files, missing = self._with_media(message)
+                activity, files, missing = self._with_media(message, answered.activity)
             except ProviderUnavailable as error:
                 # Nothing was posted: the download is tried again later, as a post is after a Direct Line outage.
                 self.ctx.store.outbox.release_message(message, error=f"media: {error}", in_doubt=False)
@@ -177,24 +192,33 @@ class OutboxPoster:
                 log.info("a %s message waits in the outbox (%s, attempt %d)", self.worker.key.channel,
                          error, message.attempts)
                 return False
+            self._remember(asked, answered.question)
             self.ctx.store.outbox.complete_message(message, activity_id=activity_id)
             self.worker.result.posted += 1
             if missing:
                 self._dead_letter_media(message, missing)
         return True
 
+    def _remember(self, asked: Mapping[str, Any] | None, question: PendingQuestion | None) -> None:
+        """Store what is left of the question `asked` once a user message answered it (or went past it)."""
+        left = question.to_json() if question else None
+        if left != asked:
+            self.worker.save(lambda r: replace(r, pending_question=left) if r.pending_question == asked else r)
+
     def _find_posted(self, client_id: str) -> dict[str, Any] | None:
         """The activity an earlier post with this clientActivityID left at Direct Line, or None."""
         return self.worker.call(lambda token: self.ctx.directline.find_activity_by_client_id(
             self.worker.record.conversation_id, client_id, token=token))
 
-    def _with_media(self, message: OutboxMessage) -> tuple[dict, list[UploadFile], list[tuple[Media, ProviderError]]]:
-        """The activity to post, the user's protected media fetched to upload with it, and those that could not be.
+    def _with_media(self, message: OutboxMessage, answered: Mapping[str, Any]) -> tuple[
+            dict, list[UploadFile], list[tuple[Media, ProviderError]]]:
+        """The activity to post (`answered`: the message's, carrying the answer to a question), the user's
+        protected media fetched to upload with it, and those that could not be.
 
         A file the provider refuses for good (gone, too large) is left out and named in channelData, so
         the text still reaches the bot; one it cannot give now (ProviderUnavailable) holds the message
         back to be tried again, for MEDIA_ATTEMPTS attempts."""
-        activity, pending = take_pending_media(message.activity)
+        activity, pending = take_pending_media(answered)
         files: list[UploadFile] = []
         missing: list[tuple[Media, ProviderError]] = []
         room = UPLOAD_LIMIT_BYTES

@@ -74,7 +74,7 @@ def test_render_text_hero_card_media_and_suggested_actions():
     })
     assert rendered.text == "Pick one\n\nCard\nBody"
     assert [m.url for m in rendered.media] == ["https://i.example/a.png", "https://f.example/x.pdf"]
-    assert rendered.suggested_actions == ("Red", "blue", "Green")
+    assert [c.title for c in rendered.choices] == ["Green", "Red", "blue"]  # the card's buttons, then suggested
 
 
 def test_nothing_to_deliver_for_typing_events_and_empty_messages():

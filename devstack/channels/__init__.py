@@ -100,10 +100,12 @@ class SimulatorAdmin:
         return self._call("GET", "/_sim/failures", params={"provider": provider})["pending"]
 
     def send_inbound(self, provider: str, sender: str, text: str = "", *, name: str = "",
-                     media: list[dict[str, str]] | None = None) -> dict[str, Any]:
-        """Sign and POST a user's message to the relay; the relay's answer as {status, body, message_id}."""
+                     media: list[dict[str, str]] | None = None, reply_id: str = "") -> dict[str, Any]:
+        """Sign and POST a user's message to the relay; the relay's answer as {status, body, message_id}.
+        `reply_id` (whatsapp): the user taps that button or list row of the newest message offering it."""
         return self._call("POST", "/_sim/inbound",
-                          {"provider": provider, "from": sender, "text": text, "name": name, "media": media or []})
+                          {"provider": provider, "from": sender, "text": text, "name": name, "media": media or [],
+                           **({"reply_id": reply_id} if reply_id else {})})
 
 
 class ProviderSimulator(SimulatorAdmin, ManagedProcess):

@@ -6,6 +6,8 @@
 Reply APIs (on each provider's real paths, auth checked as the provider does, 401 when wrong):
     POST /2010-04-01/Accounts/{sid}/Messages.json      Twilio, Basic auth (Account SID, Auth Token)
     POST /v{N}/{phone-number-id}/messages               WhatsApp Cloud API, Bearer access token
+                                                        (text, media, interactive button and list messages:
+                                                        a reply's `choices` are its buttons or rows)
     GET  /v{N}/{media-id}                               WhatsApp media object {url, mime_type, sha256, file_size, id}
     GET  /whatsapp_business/attachments/?mid={media-id} WhatsApp media bytes (the object's url), Bearer token
     GET  /2010-04-01/Accounts/{sid}/Messages/{sid}/Media/{sid}   Twilio inbound media bytes, Basic auth
@@ -20,9 +22,12 @@ Admin API (JSON), under /_sim:
     POST   /_sim/failures {provider, status, count=1, retry_after=null, after=0}
                                                         fail the next `count` sends, once `after` went through
     GET    /_sim/failures?provider=                     how many injected failures (and pass-throughs) are pending
-    POST   /_sim/inbound {provider, from, text, name?, media?: [{url, contentType?}]}
+    POST   /_sim/inbound {provider, from, text, name?, media?: [{url, contentType?}], reply_id?}
                                                         sign and POST a webhook to the relay; a media url
-                                                        may be a data: URL (the file the user sends)
+                                                        may be a data: URL (the file the user sends);
+                                                        whatsapp `reply_id`: the user taps that button or
+                                                        list row of the newest message offering it (an
+                                                        interactive button_reply/list_reply, as Meta sends)
     POST   /_sim/handshake {verify_token?, challenge?}  Meta's GET verification call to the relay
     GET    /                                            the phone-like page
 """
@@ -86,13 +91,14 @@ class State:
         self.base_url = ""  # where this simulator listens, for the media URLs it hands out
         self.sequence = 0
 
-    def record(self, provider: str, direction: str, user: str, text: str, *, media=(), actions=(),
+    def record(self, provider: str, direction: str, user: str, text: str, *, media=(), actions=(), choices=(),
                message_id: str = "", request: Any = None) -> dict[str, Any]:
+        """Remember one message; `choices`: a WhatsApp interactive message's buttons or rows ({id, title, kind})."""
         with self.lock:
             self.sequence += 1
             entry = {"seq": self.sequence, "provider": provider, "direction": direction, "user": user, "text": text,
-                     "media": list(media), "actions": list(actions), "id": message_id or uuid.uuid4().hex,
-                     "at": time.time(), "request": request}
+                     "media": list(media), "actions": list(actions), "choices": list(choices),
+                     "id": message_id or uuid.uuid4().hex, "at": time.time(), "request": request}
             self.messages.append(entry)
             return entry
 
@@ -100,6 +106,18 @@ class State:
         with self.lock:
             return [m for m in self.messages if (not provider or m["provider"] == provider)
                     and (not user or m["user"] == user) and (not direction or m["direction"] == direction)]
+
+    def interactive_reply(self, user: str, reply_id: str) -> webhooks.InteractiveReply | None:
+        """The user's tap on the button or list row `reply_id` of the newest WhatsApp message that offered it."""
+        with self.lock:
+            for entry in reversed(self.messages):
+                if entry["provider"] != "whatsapp" or entry["direction"] != "bot" or entry["user"] != user:
+                    continue
+                for choice in entry.get("choices") or []:
+                    if choice["id"] == reply_id:
+                        return webhooks.InteractiveReply(choice["kind"], choice["id"], choice["title"],
+                                                         choice.get("description", ""), context_id=entry["id"])
+        return None
 
     def take_failure(self, provider: str) -> tuple[int, float | None] | None:
         with self.lock:
@@ -233,18 +251,14 @@ class _Exchange:
             raise Reply(400, _graph_error(100, "The parameter messaging_product is required."))
         kind = body.get("type", "text")
         text, media, actions = "", [], []
+        choices: list[dict[str, str]] = []
         if kind == "text":
             text = str((body.get("text") or {}).get("body", ""))
             if not text or len(text) > whatsapp.TEXT_LIMIT:
                 raise Reply(400, _graph_error(100, "Param text['body'] must be at most 4096 characters long."))
         elif kind == "interactive":
-            interactive = body.get("interactive") or {}
-            text = str((interactive.get("body") or {}).get("text", ""))
-            buttons = (interactive.get("action") or {}).get("buttons") or []
-            actions = [str((b.get("reply") or {}).get("title", "")) for b in buttons]
-            if not 1 <= len(buttons) <= whatsapp.BUTTON_LIMIT or any(
-                    not 0 < len(a) <= whatsapp.BUTTON_TITLE_LIMIT for a in actions) or len(text) > 1024:
-                raise Reply(400, _graph_error(131009, "Parameter value is not valid"))
+            text, choices = _interactive_choices(body.get("interactive"))
+            actions = [c["title"] for c in choices]
         elif kind in ("image", "video", "audio", "document", "sticker"):
             item = body.get(kind) or {}
             if not item.get("link") and not item.get("id"):
@@ -254,8 +268,8 @@ class _Exchange:
         else:
             raise Reply(400, _graph_error(100, f"Unsupported message type {kind!r}"))
         wamid = "wamid." + base64.b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        self.state.record("whatsapp", "bot", str(body["to"]), text, media=media, actions=actions, message_id=wamid,
-                          request=body)
+        self.state.record("whatsapp", "bot", str(body["to"]), text, media=media, actions=actions, choices=choices,
+                          message_id=wamid, request=body)
         return 200, {"messaging_product": "whatsapp", "contacts": [{"input": body["to"], "wa_id": body["to"]}],
                      "messages": [{"id": wamid}]}, {}
 
@@ -391,14 +405,21 @@ class _Exchange:
             hosted = {"ME" + uuid.uuid4().hex: item for item in media}
             sent = tuple(webhooks.Attachment(f"{self.state.base_url}/2010-04-01/Accounts/{account}/Messages/{message}"
                                              f"/Media/{sid}", item.content_type) for sid, item in hosted.items())
+        reply = None
+        if body.get("reply_id"):
+            reply = self.state.interactive_reply(sender, str(body["reply_id"])) if provider == "whatsapp" else None
+            if reply is None:
+                raise Reply(400, {"error": {"code": "BadInbound", "message": "no WhatsApp message to this user "
+                                            "offered that reply_id"}})
         hook = webhooks.build(provider, self.state.values, self.state.relay_url, sender=sender,
-                              text=str(body.get("text", "")), name=str(body.get("name", "")), media=sent)
+                              text=str(body.get("text", "")), name=str(body.get("name", "")), media=sent,
+                              reply=reply)
         with self.state.lock:
             if hook.conversation_id:
                 self.state.conversations[hook.conversation_id] = sender
             self.state.media.update(hook.media_ids)
             self.state.media.update(hosted)
-        self.state.record(provider, "user", sender, str(body.get("text", "")),
+        self.state.record(provider, "user", sender, reply.title if reply else str(body.get("text", "")),
                           media=[{"url": m.url, "contentType": m.content_type} for m in media],
                           message_id=hook.message_id)
         try:
@@ -421,6 +442,47 @@ class _Exchange:
         except requests.RequestException as error:
             raise Reply(502, {"error": {"code": "RelayUnreachable", "message": type(error).__name__}}) from None
         return 200, {"status": response.status_code, "body": response.text, "challenge": challenge}, {}
+
+
+def _interactive_choices(interactive: Any) -> tuple[str, list[dict[str, str]]]:
+    """The body text and the options ({id, title, kind}) of an interactive message, checked as Meta checks them
+    (131009 "Parameter value is not valid" otherwise): 1-3 reply buttons with unique titles of at most 20
+    characters, or a list of 1-10 rows in all (titles of at most 24, descriptions of 72, unique ids of at most
+    200 characters) behind a button of at most 20; a body of 1-1024 characters."""
+    invalid = Reply(400, _graph_error(131009, "Parameter value is not valid"))
+    if not isinstance(interactive, dict):
+        raise invalid
+    text = str((interactive.get("body") or {}).get("text", ""))
+    action = interactive.get("action") or {}
+    if not 0 < len(text) <= whatsapp.INTERACTIVE_BODY_LIMIT or not isinstance(action, dict):
+        raise invalid
+    if interactive.get("type") == "button":
+        buttons = action.get("buttons") or []
+        choices = [{"id": str((b.get("reply") or {}).get("id", "")), "title": str((b.get("reply") or {}).get(
+            "title", "")), "kind": "button_reply"} for b in buttons if isinstance(b, dict)]
+        titles = [c["title"] for c in choices]
+        if not 1 <= len(buttons) <= whatsapp.BUTTON_LIMIT or len(choices) != len(buttons) \
+                or len(set(titles)) != len(titles) \
+                or any(not 0 < len(t) <= whatsapp.BUTTON_TITLE_LIMIT for t in titles):
+            raise invalid
+    elif interactive.get("type") == "list":
+        sections = action.get("sections") or []
+        rows = [row for section in sections if isinstance(section, dict) for row in section.get("rows") or []]
+        if not 0 < len(str(action.get("button") or "")) <= 20 or not 1 <= len(sections) <= 10 \
+                or not 1 <= len(rows) <= whatsapp.LIST_ROW_LIMIT or not all(isinstance(r, dict) for r in rows) \
+                or (len(sections) > 1 and not all(s.get("title") for s in sections)):
+            raise invalid
+        choices = [{"id": str(r.get("id") or ""), "title": str(r.get("title") or ""), "kind": "list_reply",
+                    **({"description": str(r["description"])} if r.get("description") else {})} for r in rows]
+        ids = [c["id"] for c in choices]
+        if len(set(ids)) != len(ids) or any(not 0 < len(c["id"]) <= 200 or not 0 < len(c["title"])
+                                            <= whatsapp.LIST_TITLE_LIMIT
+                                            or len(c.get("description", "")) > whatsapp.LIST_DESCRIPTION_LIMIT
+                                            for c in choices):
+            raise invalid
+    else:
+        raise Reply(400, _graph_error(100, f"Unsupported interactive type {interactive.get('type')!r}"))
+    return text, choices
 
 
 def _file_bytes(item: webhooks.Attachment | None) -> bytes | None:

@@ -39,6 +39,18 @@ class Attachment:
 
 
 @dataclass(frozen=True)
+class InteractiveReply:
+    """A WhatsApp user's tap on a reply button (`button_reply`) or a list row (`list_reply`) of the message
+    `context_id` (its wamid)."""
+
+    kind: str
+    id: str
+    title: str
+    description: str = ""
+    context_id: str = ""
+
+
+@dataclass(frozen=True)
 class Webhook:
     url: str
     headers: dict[str, str]
@@ -75,11 +87,17 @@ def _iso(now: float) -> str:
 
 
 def build(provider: str, values: Mapping[str, str], relay_url: str, *, sender: str, text: str = "",
-          name: str = "", media: tuple[Attachment, ...] = (), now: float | None = None) -> Webhook:
+          name: str = "", media: tuple[Attachment, ...] = (), now: float | None = None,
+          reply: InteractiveReply | None = None) -> Webhook:
+    """The signed webhook of a user's message; `reply` (whatsapp only): a tap on a button or list row instead."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; one of {', '.join(PROVIDERS)}")
+    if reply is not None and provider != "whatsapp":
+        raise ValueError("only WhatsApp sends interactive replies")
     now = time.time() if now is None else now
     url = f"{relay_url.rstrip('/')}/api/channels/{provider}"
+    if reply is not None:
+        return _whatsapp(values, url, sender, text, name, media, now, reply=reply)
     return globals()[f"_{provider}"](values, url, sender, text, name, media, now)
 
 
@@ -102,11 +120,17 @@ def _twilio(values, url, sender, text, name, media, now) -> Webhook:
     return Webhook(url, headers, urlencode(params).encode(), sid)
 
 
-def _whatsapp(values, url, sender, text, name, media, now) -> Webhook:
+def _whatsapp(values, url, sender, text, name, media, now, reply: InteractiveReply | None = None) -> Webhook:
     wamid = "wamid." + base64.b64encode(uuid.uuid4().bytes + uuid.uuid4().bytes).decode().rstrip("=")
     message: dict[str, object] = {"from": sender, "id": wamid, "timestamp": str(int(now))}
     media_ids = {}
-    if media:
+    if reply is not None:
+        chosen = {"id": reply.id, "title": reply.title, **({"description": reply.description}
+                                                            if reply.description else {})}
+        message |= {"type": "interactive", "interactive": {"type": reply.kind, reply.kind: chosen}}
+        if reply.context_id:
+            message["context"] = {"from": WHATSAPP_DISPLAY_NUMBER, "id": reply.context_id}
+    elif media:
         item = media[0]
         media_id = str(uuid.uuid4().int)[:16]
         media_ids[media_id] = item

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ChannelAdapter",
+    "Choice",
     "InboundMessage",
     "Media",
     "MediaContent",
@@ -93,13 +94,15 @@ class InboundMessage:
     user_name: str | None = None
     media: tuple[Media, ...] = ()
     locale: str | None = None
+    reply_id: str | None = None
+    """The id of the button or list row the user chose (a WhatsApp interactive reply), else None."""
     reply_context: Mapping[str, str] = field(default_factory=dict)
     """What `send` needs to answer this user (e.g. Twilio's To/From pair, a MessageBird conversation id)."""
     raw: Mapping[str, Any] = field(default_factory=dict)
     """The provider's payload for this message, kept for the activity's channelData."""
 
     def __post_init__(self) -> None:
-        _check_types(self, "a message", ("message_id", "user_id"), ("user_name", "locale"))
+        _check_types(self, "a message", ("message_id", "user_id"), ("user_name", "locale", "reply_id"))
         if not isinstance(self.text, str):
             raise BadPayload("a message: text must be a string")
         for item in self.media:
@@ -107,12 +110,25 @@ class InboundMessage:
 
 
 @dataclass(frozen=True)
+class Choice:
+    """One option of a question to the user: `id` comes back in a WhatsApp button or list reply."""
+
+    id: str
+    title: str
+
+
+@dataclass(frozen=True)
 class OutboundMessage:
-    """One message to a user, already rendered from the bot's activity."""
+    """One message to a user, already rendered from the bot's activity (relay/cards.py).
+
+    `text` holds everything to read, links as URLs; `choices` are the question's options, to offer as
+    buttons, a list, or numbered lines (`relay.channels.common.message_text`); `multiple`: several may
+    be chosen at once."""
 
     text: str = ""
     media: tuple[Media, ...] = ()
-    suggested_actions: tuple[str, ...] = ()
+    choices: tuple[Choice, ...] = ()
+    multiple: bool = False
     idempotency_key: str = ""  # the same for every attempt to send this message (the bot activity's id)
 
 

@@ -20,7 +20,7 @@ from relay.channels.common import (
     call_provider,
     identifier,
     json_body,
-    numbered_list,
+    message_text,
     require_header,
     response_json,
     same,
@@ -125,7 +125,7 @@ class BirdAdapter(AdapterBase):
             bodies.append({"type": "file", "file": {"files": [
                 {"mediaUrl": m.url, "contentType": m.content_type or "application/octet-stream",
                  "filename": m.name or m.url.rsplit("/", 1)[-1] or "file"} for m in files]}})
-        text = numbered_list(message.text, message.suggested_actions)
+        text = message_text(message)
         if text:
             bodies.append({"type": "text", "text": {"text": text}})
 

@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl
 import requests
 from requests.adapters import HTTPAdapter
 
-from relay.channels.base import Media, MediaContent, WebhookAnswer, WebhookRequest
+from relay.channels.base import Media, MediaContent, OutboundMessage, WebhookAnswer, WebhookRequest
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.errors import (
     BadPayload,
@@ -54,8 +54,8 @@ __all__ = [
     "identifier",
     "json_body",
     "media_file_name",
+    "message_text",
     "new_session",
-    "numbered_list",
     "require_header",
     "response_json",
     "same",
@@ -238,12 +238,15 @@ def split_text(text: str, limit: int) -> list[str]:
     return pieces
 
 
-def numbered_list(text: str, actions: tuple[str, ...]) -> str:
-    """Suggested actions as text, for channels (or cases) without buttons."""
-    if not actions:
-        return text
-    lines = [f"{number}. {title}" for number, title in enumerate(actions, start=1)]
-    return "\n".join([text, "", *lines] if text else lines)
+def message_text(message: OutboundMessage) -> str:
+    """The whole text of a message for a channel without buttons: its text, then its choices numbered and how
+    to answer them. The one place a reply's text is assembled."""
+    if not message.choices:
+        return message.text
+    lines = [f"{number}. {choice.title}" for number, choice in enumerate(message.choices, start=1)]
+    how = ("Reply with the numbers of your choices, separated by commas." if message.multiple
+           else "Reply with the number of your choice.")
+    return "\n".join([message.text, "", *lines, "", how] if message.text else [*lines, "", how])
 
 
 def new_session() -> requests.Session:

@@ -10,6 +10,9 @@ every message needs its `id` (a header could be changed on a replay and make it 
 Replies are POSTed as JSON to GENERIC_CALLBACK_URL:
     {"type": "message", "id": "<uuid>", "user": {"id": "u-1"}, "replyToId": "m-1", "text": "...",
      "media": [...], "suggestedActions": ["Yes", "No"]}
+`text` is complete on its own: a question's choices are in it, numbered, with how to answer (the
+user answers with a number or a title); `suggestedActions` repeats their titles for a receiver that
+shows buttons (it sends the title back as the user's text).
 signed the Standard Webhooks way (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64>`
 over id + "." + timestamp + "." + body) with GENERIC_CALLBACK_SECRET (default: the webhook secret):
 a `whsec_` secret is used base64-decoded, any other secret as its UTF-8 bytes (inbound too), so the
@@ -34,6 +37,7 @@ from relay.channels.common import (
     call_provider,
     identifier,
     json_body,
+    message_text,
     require_header,
     same,
     send_parts,
@@ -187,14 +191,15 @@ class GenericAdapter(AdapterBase):
         # crash between sending and saving) carries the same id, so it is recognised as one message.
         key = message.idempotency_key
         message_id = f"msg_{hashlib.sha256(key.encode()).hexdigest()[:32] if key else uuid.uuid4().hex}"
-        payload: dict[str, Any] = {"type": "message", "id": message_id, "user": {"id": user_id}, "text": message.text}
+        payload: dict[str, Any] = {"type": "message", "id": message_id, "user": {"id": user_id},
+                                   "text": message_text(message)}
         if reply_context.get("reply_to_id"):
             payload["replyToId"] = reply_context["reply_to_id"]
         if message.media:
             payload["media"] = [{k: v for k, v in (("url", m.url), ("contentType", m.content_type), ("name", m.name))
                                  if v} for m in message.media]
-        if message.suggested_actions:
-            payload["suggestedActions"] = list(message.suggested_actions)
+        if message.choices:
+            payload["suggestedActions"] = [choice.title for choice in message.choices]
         # One callback carries the whole reply: a single part, so its webhook-id stays the key's own.
         return send_parts([payload], self._post, first_part=first_part)
 

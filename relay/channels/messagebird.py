@@ -26,7 +26,7 @@ from relay.channels.common import (
     form_fields,
     identifier,
     json_body,
-    numbered_list,
+    message_text,
     response_json,
     same,
     send_parts,
@@ -176,7 +176,7 @@ class MessageBirdAdapter(AdapterBase):
             raise ProviderRejected("the MessageBird reply context needs 'conversation_id'")
         url = f"{self.api_base}/v1/conversations/{conversation_id}/messages"
         bodies = [self._media_body(m) for m in message.media]
-        text = numbered_list(message.text, message.suggested_actions)
+        text = message_text(message)
         if text:
             bodies.append({"type": "text", "content": {"text": text}})
 

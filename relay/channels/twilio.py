@@ -35,7 +35,7 @@ from relay.channels.common import (
     form_fields,
     json_body,
     media_file_name,
-    numbered_list,
+    message_text,
     require_header,
     response_json,
     same,
@@ -213,7 +213,7 @@ class TwilioAdapter(AdapterBase):
         to, sender = reply_context.get("to"), reply_context.get("from")
         if not to or not sender:
             raise ProviderRejected("the Twilio reply context needs 'to' and 'from'")
-        text = numbered_list(message.text, message.suggested_actions)
+        text = message_text(message)
         pieces = split_text(text, TEXT_LIMIT) if text else []
         media_urls = [m.url for m in message.media]
         batches = [media_urls[i:i + MEDIA_PER_MESSAGE] for i in range(0, len(media_urls), MEDIA_PER_MESSAGE)]

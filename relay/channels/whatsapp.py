@@ -10,6 +10,10 @@ refusal would only tell a replaying party its replay was seen.
 Media arrive as ids: `Media.url` is the Graph media object (`{API_BASE}/{media-id}`), marked
 protected: `fetch_media` reads it with the access token (`{url, mime_type, sha256, file_size, id}`) and
 downloads the short-lived `url` with the same bearer, as Meta documents.
+
+A question's choices go out as interactive reply buttons or a list, each option's id the one the
+question gave it (relay/cards.py); the user's `button_reply`/`list_reply` comes back as its title for
+text and its id as `InboundMessage.reply_id`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
-from relay.channels.base import InboundMessage, Media, MediaContent, OutboundMessage, WebhookAnswer, WebhookRequest
+from relay.channels.base import (
+    Choice,
+    InboundMessage,
+    Media,
+    MediaContent,
+    OutboundMessage,
+    WebhookAnswer,
+    WebhookRequest,
+)
 from relay.channels.common import (
     AdapterBase,
     call_provider,
@@ -29,7 +41,7 @@ from relay.channels.common import (
     identifier,
     json_body,
     media_file_name,
-    numbered_list,
+    message_text,
     require_header,
     response_json,
     same,
@@ -39,12 +51,29 @@ from relay.channels.common import (
 )
 from relay.errors import BadPayload, ProviderRejected, ProviderUnavailable, SignatureInvalid, VerifyTokenMismatch
 
-__all__ = ["BUTTON_LIMIT", "BUTTON_TITLE_LIMIT", "TEXT_LIMIT", "WhatsAppAdapter", "compute_signature", "media_kind"]
+__all__ = [
+    "BUTTON_LIMIT",
+    "BUTTON_TITLE_LIMIT",
+    "INTERACTIVE_BODY_LIMIT",
+    "LIST_DESCRIPTION_LIMIT",
+    "LIST_ROW_LIMIT",
+    "LIST_TITLE_LIMIT",
+    "TEXT_LIMIT",
+    "WhatsAppAdapter",
+    "compute_signature",
+    "media_kind",
+]
 
 TEXT_LIMIT = 4096
 BUTTON_LIMIT = 3
 BUTTON_TITLE_LIMIT = 20
 INTERACTIVE_BODY_LIMIT = 1024
+LIST_ROW_LIMIT = 10
+LIST_TITLE_LIMIT = 24
+LIST_DESCRIPTION_LIMIT = 72
+LIST_BUTTON = "Choose"
+"""The list message's button (at most 20 characters), which opens the rows."""
+CHOOSE_PROMPT = "Choose one:"
 MEDIA_TYPES = ("image", "video", "audio", "document", "sticker")
 
 log = logging.getLogger(__name__)
@@ -55,9 +84,39 @@ def compute_signature(app_secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def _interactive(choices: tuple[Choice, ...]) -> dict[str, Any] | None:
+    """Reply buttons when the choices fit them, else a list when they fit one, else None (body added by the caller)."""
+    titles = [c.title for c in choices]
+    if len(choices) <= BUTTON_LIMIT and all(0 < len(t) <= BUTTON_TITLE_LIMIT for t in titles) \
+            and len(set(titles)) == len(titles):
+        return {"type": "button", "action": {"buttons": [
+            {"type": "reply", "reply": {"id": c.id, "title": c.title}} for c in choices]}}
+    if len(choices) <= LIST_ROW_LIMIT and all(c.title.strip() for c in choices):
+        rows = []
+        for choice in choices:
+            title = choice.title.strip()
+            row = {"id": choice.id, "title": title if len(title) <= LIST_TITLE_LIMIT
+                   else title[:LIST_TITLE_LIMIT - 1] + "\u2026"}
+            if len(title) > LIST_TITLE_LIMIT:
+                row["description"] = title if len(title) <= LIST_DESCRIPTION_LIMIT \
+                    else title[:LIST_DESCRIPTION_LIMIT - 1] + "\u2026"
+            rows.append(row)
+        return {"type": "list", "action": {"button": LIST_BUTTON, "sections": [{"rows": rows}]}}
+    return None
+
+
 def media_kind(content_type: str | None) -> str:
     major = (content_type or "").split("/")[0]
     return major if major in ("image", "video", "audio") else "document"
+
+
+def _interactive_reply(message: dict[str, Any]) -> dict[str, Any]:
+    """The button or list row an interactive reply chose ({id, title, ...}), else {}."""
+    interactive = message.get("interactive") if message.get("type") == "interactive" else None
+    if not isinstance(interactive, dict):
+        return {}
+    reply = interactive.get("button_reply") or interactive.get("list_reply")
+    return reply if isinstance(reply, dict) else {}
 
 
 class WhatsAppAdapter(AdapterBase):
@@ -120,12 +179,14 @@ class WhatsAppAdapter(AdapterBase):
             if content is None:
                 continue  # reactions, system notices, unsupported types: nothing for the bot
             text, media = content
+            reply = _interactive_reply(message)
             found.append(InboundMessage(
                 message_id=message["id"],
                 user_id=user,
                 text=text,
                 user_name=(contact.get("profile") or {}).get("name"),
                 media=media,
+                reply_id=identifier(reply.get("id")),
                 reply_context={"to": user, "phone_number_id": phone_number_id},
                 raw={"message": message, "contact": contact, "metadata": value.get("metadata") or {}},
             ))
@@ -159,8 +220,7 @@ class WhatsAppAdapter(AdapterBase):
                           content_type=item.get("mime_type"), name=item.get("filename"), protected=True)
             return str(item.get("caption", "")), (media,)
         if kind == "interactive":
-            interactive = message.get("interactive") or {}
-            reply = interactive.get("button_reply") or interactive.get("list_reply") or {}
+            reply = _interactive_reply(message)
             return str(reply.get("title") or reply.get("id") or ""), ()
         if kind == "button":
             button = message.get("button") or {}
@@ -201,26 +261,23 @@ class WhatsAppAdapter(AdapterBase):
         return send_parts(self._bodies(message), lambda body: self._post(url, to, body), first_part=first_part)
 
     def _bodies(self, message: OutboundMessage) -> list[dict[str, Any]]:
+        """Media first, then the text; a question's choices as reply buttons (up to BUTTON_LIMIT short titles) or
+        a list (up to LIST_ROW_LIMIT rows), numbered in the text when neither fits (or several may be chosen).
+        Text too long for an interactive body goes before it as text messages."""
         bodies: list[dict[str, Any]] = [
             {"type": media_kind(m.content_type), media_kind(m.content_type): {"link": m.url}} for m in message.media
         ]
-        actions = message.suggested_actions
-        fits = (0 < len(actions) <= BUTTON_LIMIT and all(0 < len(a) <= BUTTON_TITLE_LIMIT for a in actions)
-                and len(set(actions)) == len(actions) and len(message.text) <= INTERACTIVE_BODY_LIMIT)
-        if fits:
-            bodies.append({"type": "interactive", "interactive": {
-                "type": "button",
-                "body": {"text": message.text or "Choose one:"},
-                "action": {"buttons": [
-                    {"type": "reply", "reply": {"id": f"action-{n}", "title": title}}
-                    for n, title in enumerate(actions, start=1)
-                ]},
-            }})
+        interactive = _interactive(message.choices) if message.choices and not message.multiple else None
+        if interactive is None:
+            text = message_text(message)
         else:
-            text = numbered_list(message.text, actions)
-            if text:
-                bodies.extend({"type": "text", "text": {"body": piece, "preview_url": False}}
-                              for piece in split_text(text, TEXT_LIMIT))
+            text, body = (message.text, "") if len(message.text) > INTERACTIVE_BODY_LIMIT else ("", message.text)
+            interactive["body"] = {"text": body or CHOOSE_PROMPT}
+        if text:
+            bodies.extend({"type": "text", "text": {"body": piece, "preview_url": False}}
+                          for piece in split_text(text, TEXT_LIMIT))
+        if interactive is not None:
+            bodies.append({"type": "interactive", "interactive": interactive})
         return bodies
 
     def _post(self, url: str, to: str, body: dict[str, Any]) -> str:

@@ -93,6 +93,9 @@ class ConversationRecord:
     poll_interval: float = 0.0
     state: ConversationState = ConversationState.ACTIVE
     reply_context: Mapping[str, Any] = field(default_factory=dict)
+    pending_question: Mapping[str, Any] | None = None
+    """The question the user was last asked and not yet answered (relay/cards.py `PendingQuestion.to_json`,
+    at most PENDING_LIMIT_BYTES), so their next message can be mapped to what the bot expects; None: none."""
     peekable: bool = False
     """Settled: nothing waits in the outbox, so the poller may look for the bot's activities without the lease."""
     lease_owner: str | None = None
@@ -283,6 +286,8 @@ def _to_entity(record: ConversationRecord, partition_key: str) -> dict[str, Any]
     }
     put_json(entity, "delivered_ids", list(record.delivered_ids))
     put_json(entity, "reply_context", dict(record.reply_context))
+    if record.pending_question:
+        put_json(entity, "pending_question", dict(record.pending_question))
     return entity
 
 
@@ -297,6 +302,7 @@ def _from_entity(key: ConversationKey, entity: TableEntity) -> ConversationRecor
         poll_interval=entity.get("poll_interval") or 0.0,
         state=ConversationState(entity.get("state", ConversationState.ACTIVE)),
         reply_context=get_json(entity, "reply_context", {}), peekable=bool(entity.get("peekable")),
+        pending_question=get_json(entity, "pending_question") or None,
         lease_owner=entity.get("lease_owner"),
         lease_expires_at=entity.get("lease_expires_at"), created_at=entity.get("created_at"),
         updated_at=entity.get("updated_at"), etag=entity.metadata["etag"],

@@ -13,7 +13,7 @@ from devstack.channels import DEV_VALUES, SimulatorAdmin, load_values
 from devstack.channels.server import make_server
 from devstack.channels.transport import InProcessSimulator
 from relay.channels import ADAPTERS
-from relay.channels.base import Media, OutboundMessage
+from relay.channels.base import Choice, Media, OutboundMessage
 from relay.channels.common import new_session
 from relay.errors import ProviderError
 
@@ -70,7 +70,8 @@ def recorded(side: Side, provider: str) -> list[tuple]:
 
 
 def a_reply_with_buttons(side: Side, provider: str) -> tuple:
-    return send(side, provider, OutboundMessage(text="Pick one", suggested_actions=("Yes", "No")))
+    offered = (Choice("q-0-1", "Yes"), Choice("q-0-2", "No"))
+    return send(side, provider, OutboundMessage(text="Pick one", choices=offered))
 
 
 def a_picture(side: Side, provider: str) -> tuple:

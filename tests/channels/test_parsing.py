@@ -150,6 +150,24 @@ def test_whatsapp_missing_optional_fields_and_username_users():
     })
     [message] = whatsapp_adapter().parse(post(body))
     assert (message.user_id, message.user_name, message.text) == ("US.13491208655302741918", None, "No")
+    assert message.reply_id == "action-2"
+
+
+def test_whatsapp_list_reply_gives_the_rows_title_as_text_and_its_id_as_the_reply_id():
+    body = whatsapp_body({"messages": [{
+        "from": "1555", "id": "wamid.LR", "timestamp": "1717000000", "type": "interactive",
+        "context": {"from": "15550100", "id": "wamid.Q"},
+        "interactive": {"type": "list_reply", "list_reply": {"id": "ab12cd34-0-2", "title": "Large",
+                                                             "description": "The large one"}}}]})
+    [message] = whatsapp_adapter().parse(post(body))
+    assert (message.text, message.reply_id) == ("Large", "ab12cd34-0-2")
+
+
+def test_a_whatsapp_text_message_has_no_reply_id():
+    body = whatsapp_body({"messages": [{"from": "1555", "id": "wamid.T", "timestamp": "1717000000", "type": "text",
+                                        "text": {"body": "2"}}]})
+    [message] = whatsapp_adapter().parse(post(body))
+    assert message.reply_id is None
 
 
 def test_whatsapp_document_and_location():

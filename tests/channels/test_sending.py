@@ -1,5 +1,6 @@
-"""Sending through each provider's API, against the running simulator: text, media, long text,
-suggested actions, and provider errors (4xx permanent, 429/5xx/connection transient)."""
+"""Sending through each provider's API, against the running simulator: text, media, long text, questions
+(WhatsApp buttons and lists, numbered text elsewhere), and provider errors (4xx permanent,
+429/5xx/connection transient)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import requests
 
 from devstack.inprocess import Answer, InProcessTransport
 from devstack.procs import free_port
-from relay.channels.base import Media, OutboundMessage
+from relay.channels.base import Choice, Media, OutboundMessage
 from relay.channels.common import call_provider
 from relay.clock import SYSTEM_CLOCK
 from relay.errors import ProviderRejected, ProviderUnavailable
@@ -65,30 +66,92 @@ def test_whatsapp_splits_long_text_at_4096_characters(sim):
     assert [len(r["text"]) for r in sim.replies("whatsapp", user)] == [4096, 904]
 
 
-def test_whatsapp_suggested_actions_become_reply_buttons_when_they_fit(sim):
+def choices(*titles: str) -> tuple[Choice, ...]:
+    return tuple(Choice(f"q1-0-{n}", title) for n, title in enumerate(titles, start=1))
+
+
+def interactive_of(reply: dict) -> dict:
+    assert reply["request"]["type"] == "interactive", reply["request"]
+    return reply["request"]["interactive"]
+
+
+def test_whatsapp_offers_up_to_three_short_choices_as_reply_buttons_with_the_questions_ids(sim):
     user, context = CONTEXTS["whatsapp"]
-    adapter_for(sim, "whatsapp").send(context, OutboundMessage(text="Pick one", suggested_actions=("Yes", "No")))
+    adapter_for(sim, "whatsapp").send(context, OutboundMessage(text="Pick one", choices=choices("Yes", "No")))
     [reply] = sim.replies("whatsapp", user)
-    assert (reply["text"], reply["actions"]) == ("Pick one", ["Yes", "No"])
-    assert reply["request"]["type"] == "interactive"
+    interactive = interactive_of(reply)
+    assert (interactive["type"], reply["text"]) == ("button", "Pick one")
+    assert [(c["id"], c["title"]) for c in reply["choices"]] == [("q1-0-1", "Yes"), ("q1-0-2", "No")]
 
 
-@pytest.mark.parametrize("actions", [("A", "B", "C", "D"), ("A title longer than twenty",)])
-def test_whatsapp_suggested_actions_become_a_numbered_list_when_they_do_not_fit(sim, actions):
+@pytest.mark.parametrize("titles", [
+    ("Small", "Medium", "Large", "Extra large"),  # more than three
+    ("Twenty-two characters.", "Short"),  # too long for a button, not for a row
+    tuple(f"Option {n}" for n in range(1, 11)),  # ten: the most a list holds
+])
+def test_whatsapp_offers_choices_that_do_not_fit_buttons_as_a_list_of_rows(sim, titles):
     user, context = CONTEXTS["whatsapp"]
-    adapter_for(sim, "whatsapp").send(context, OutboundMessage(text="Pick one", suggested_actions=actions))
+    adapter_for(sim, "whatsapp").send(context, OutboundMessage(text="Pick one", choices=choices(*titles)))
     [reply] = sim.replies("whatsapp", user)
-    assert reply["actions"] == []
-    assert reply["text"] == "Pick one\n\n" + "\n".join(f"{n}. {a}" for n, a in enumerate(actions, start=1))
+    assert interactive_of(reply)["type"] == "list"
+    assert [(c["id"], c["title"]) for c in reply["choices"]] == [(c.id, c.title) for c in choices(*titles)]
 
 
-def test_suggested_actions_elsewhere(sim):
-    for provider in ("twilio", "messagebird", "bird"):
-        user, context = CONTEXTS[provider]
-        adapter_for(sim, provider).send(context, OutboundMessage(text="Pick", suggested_actions=("Red", "Blue")))
-        assert [r["text"] for r in sim.replies(provider, user)] == ["Pick\n\n1. Red\n2. Blue"]
+def test_whatsapp_list_rows_shorten_a_long_title_and_keep_it_whole_in_the_description(sim):
+    user, context = CONTEXTS["whatsapp"]
+    long_title = "Deliver it to my office address instead"
+    adapter_for(sim, "whatsapp").send(context, OutboundMessage(text="Where to?", choices=choices(long_title, "Home")))
+    [reply] = sim.replies("whatsapp", user)
+    [row, _] = reply["choices"]
+    assert len(row["title"]) == 24 and long_title.startswith(row["title"].rstrip("\u2026"))
+    assert row["description"] == long_title
+
+
+@pytest.mark.parametrize("message", [
+    OutboundMessage(text="Pick one", choices=choices(*(f"Option {n}" for n in range(1, 12)))),  # eleven
+    OutboundMessage(text="Pick some", choices=choices("Red", "Blue"), multiple=True),  # a list picks one only
+], ids=["eleven choices", "several at once"])
+def test_whatsapp_choices_no_interactive_message_can_offer_are_numbered_in_the_text(sim, message):
+    user, context = CONTEXTS["whatsapp"]
+    adapter_for(sim, "whatsapp").send(context, message)
+    [reply] = sim.replies("whatsapp", user)
+    assert reply["request"]["type"] == "text"
+    lines = reply["text"].split("\n")
+    assert lines[:2] == [message.text, ""]
+    assert lines[2:2 + len(message.choices)] == [f"{n}. {c.title}" for n, c in enumerate(message.choices, start=1)]
+    assert lines[-1].startswith("Reply with the number")
+
+
+def test_whatsapp_text_too_long_for_an_interactive_body_goes_before_the_buttons(sim):
+    user, context = CONTEXTS["whatsapp"]
+    text = "x" * 1500
+    adapter_for(sim, "whatsapp").send(context, OutboundMessage(text=text, choices=choices("Yes", "No")))
+    first, second = sim.replies("whatsapp", user)
+    assert (first["request"]["type"], first["text"]) == ("text", text)
+    assert interactive_of(second)["type"] == "button" and second["text"]
+
+
+def test_whatsapp_images_of_a_question_go_as_media_before_the_buttons(sim):
+    user, context = CONTEXTS["whatsapp"]
+    picture = Media("https://cdn.example/shirt.png", "image/png")
+    adapter_for(sim, "whatsapp").send(context, OutboundMessage(text="Size?", media=(picture,),
+                                                               choices=choices("S", "M")))
+    image, buttons = sim.replies("whatsapp", user)
+    assert (image["request"]["type"], image["media"][0]["url"]) == ("image", picture.url)
+    assert interactive_of(buttons)["type"] == "button"
+
+
+@pytest.mark.parametrize("provider", ["twilio", "messagebird", "bird", "generic"])
+def test_choices_elsewhere_are_numbered_text_saying_how_to_answer(sim, provider):
+    user, context = CONTEXTS[provider]
+    adapter_for(sim, provider).send(context, OutboundMessage(text="Pick", choices=choices("Small", "Large")))
+    [reply] = sim.replies(provider, user)
+    assert reply["text"] == "Pick\n\n1. Small\n2. Large\n\nReply with the number of your choice."
+
+
+def test_generic_callbacks_also_name_the_choices_for_a_receiver_with_buttons(sim):
     adapter_for(sim, "generic").send(CONTEXTS["generic"][1], OutboundMessage(text="Pick",
-                                                                             suggested_actions=("Red", "Blue")))
+                                                                             choices=choices("Red", "Blue")))
     [reply] = sim.replies("generic", "u-1")
     assert reply["actions"] == ["Red", "Blue"] and reply["request"]["replyToId"] == "m-1"
 

@@ -17,6 +17,8 @@ from twilio.request_validator import RequestValidator as TwilioValidator
 
 from devstack.channels import DEV_VALUES
 from devstack.procs import python_module
+from relay.channels.base import Choice, OutboundMessage
+from tests.channels.conftest import make_adapter
 from tests.conftest import subprocess_env
 
 SENDERS = {"twilio": "+15550001", "whatsapp": "15550001", "messagebird": "+31600000001", "bird": "+15550002",
@@ -89,6 +91,42 @@ def test_reply_apis_enforce_the_providers_limits(sim):
                              json={"messaging_product": "whatsapp", "to": "1", "type": "interactive",
                                    "interactive": buttons}, timeout=10)
     assert whatsapp.status_code == 400
+
+
+@pytest.mark.parametrize(("titles", "kind"), [(("Small", "Large"), "button_reply"),
+                                              (("S", "M", "L", "XL"), "list_reply")])
+def test_a_tap_on_a_whatsapp_button_or_list_row_reaches_the_relay_as_meta_sends_it(sim, fake_relay, titles, kind):
+    offered = tuple(Choice(f"q9-0-{n}", t) for n, t in enumerate(titles, start=1))
+    make_adapter("whatsapp", sim.api_bases()).send({"to": "15550001"}, OutboundMessage(text="Size?", choices=offered))
+    [question] = sim.replies("whatsapp", "15550001")
+    answer = sim.send_inbound("whatsapp", "15550001", reply_id=offered[1].id)
+    assert answer["status"] == 200, answer
+    [(_, request, [message])] = fake_relay.received
+    sent = json.loads(request.body)["entry"][0]["changes"][0]["value"]["messages"][0]
+    assert (sent["type"], sent["interactive"]["type"], sent["context"]["id"]) == ("interactive", kind,
+                                                                                  question["id"])
+    assert (message.text, message.reply_id) == (titles[1], offered[1].id)
+
+
+def test_a_tap_on_a_reply_id_no_message_offered_is_refused(sim):
+    refused = requests.post(f"{sim.url}/_sim/inbound", json={"provider": "whatsapp", "from": "15550001",
+                                                              "reply_id": "nothing-0-1"}, timeout=10)
+    assert refused.status_code == 400 and "reply_id" in refused.json()["error"]["message"]
+
+
+def test_whatsapp_list_messages_are_held_to_metas_limits(sim):
+    def send_list(rows: list[dict], button: str = "Choose") -> int:
+        listed = {"type": "list", "body": {"text": "pick"}, "action": {"button": button, "sections": [{"rows": rows}]}}
+        return requests.post(f"{sim.url}/v21.0/100000000000001/messages",
+                             headers={"Authorization": f"Bearer {DEV_VALUES['WHATSAPP_ACCESS_TOKEN']}"},
+                             json={"messaging_product": "whatsapp", "to": "1", "type": "interactive",
+                                   "interactive": listed}, timeout=10).status_code
+
+    assert send_list([{"id": f"r{n}", "title": f"Row {n}"} for n in range(10)]) == 200
+    assert send_list([{"id": f"r{n}", "title": f"Row {n}"} for n in range(11)]) == 400
+    assert send_list([{"id": "r1", "title": "x" * 25}]) == 400
+    assert send_list([{"id": "r1", "title": "a"}, {"id": "r1", "title": "b"}]) == 400
+    assert send_list([{"id": "r1", "title": "a"}], button="x" * 21) == 400
 
 
 def test_admin_api_rejects_bad_requests(sim):

@@ -164,12 +164,15 @@ class InProcessRelay:
     def store(self) -> RelayStore:
         return self.ctx.store
 
-    def message(self, channel: str, user: str, text: str) -> ConversationKey:
+    def message(self, channel: str, user: str, text: str, *, reply_id: str = "") -> ConversationKey:
         """A user's signed webhook parsed and its message accepted (stored, due now), as a webhook does,
         but nothing worked yet; then a second passes (a worker starting in the very instant the message
         was stored would take it for one written while it worked). For twilio, whatsapp, bird and generic
-        (the providers whose replies name the user)."""
-        hook = webhooks.build(channel, DEV_VALUES, RELAY_URL, sender=user, text=text)
+        (the providers whose replies name the user). `reply_id` (whatsapp): a tap on that button or list
+        row of the newest message offering it, instead of text."""
+        reply = self.simulator.state.interactive_reply(user, reply_id) if reply_id else None
+        assert reply is not None or not reply_id, f"no WhatsApp message to {user} offered {reply_id}"
+        hook = webhooks.build(channel, DEV_VALUES, RELAY_URL, sender=user, text=text, reply=reply)
         request = WebhookRequest("POST", hook.url, hook.headers, hook.body)
         [message] = parse_messages(self.ctx.adapter(channel), channel, request)
         key = ConversationKey(channel, message.user_id)
@@ -181,10 +184,19 @@ class InProcessRelay:
 
     def bot_says(self, conversation_id: str, text: str) -> str:
         """The bot sends a message of its own (through the emulator's Bot Connector endpoint); its activity id."""
+        return self.bot_sends(conversation_id, {"type": "message", "text": text})
+
+    def bot_sends(self, conversation_id: str, activity: dict) -> str:
+        """The bot sends an activity of its own (a card, suggested actions...) through the Bot Connector endpoint."""
         response = self.emulator.http.post(f"{self.emulator.url}/v3/conversations/{conversation_id}/activities",
-                                           json={"type": "message", "text": text}, timeout=5)
+                                           json=activity, timeout=5)
         response.raise_for_status()
         return response.json()["id"]
+
+    def activities_at_bot(self, conversation_id: str) -> list[dict]:
+        """The user's message activities in a Direct Line conversation, as the bot received them."""
+        return [a for a in self.emulator.conversation(conversation_id)["activities"]
+                if a.get("type") == "message" and (a.get("from") or {}).get("role") != "bot"]
 
     def work(self, key: ConversationKey, **options) -> WorkResult:
         """One worker run under a lease taken now, as the timer runs a claimed conversation (`options`:

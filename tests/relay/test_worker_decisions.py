@@ -570,3 +570,117 @@ def test_messages_past_the_first_outbox_page_wait_on_the_backoff_not_on_every_ti
     relay.time.advance((due.due_at - relay.time()).total_seconds())
     assert relay.tick().posted == 60
     assert relay.messages_at_bot(relay.record(key).conversation_id) == [m.text for m in messages]
+
+
+# -------------------------------------------------------------------------------------- card questions
+
+ORDER_CARD = {"type": "message", "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive", "content": {
+    "type": "AdaptiveCard", "version": "1.5", "body": [
+        {"type": "TextBlock", "text": "Your order"},
+        {"type": "Input.ChoiceSet", "id": "size", "label": "Which size?", "isRequired": True,
+         "choices": [{"title": "Small", "value": "S"}, {"title": "Medium", "value": "M"}]}],
+    "actions": [{"type": "Action.Submit", "title": "Send", "data": {"action": "order"}}]}}]}
+NOTE = {"type": "Input.Text", "id": "note", "label": "Anything else?", "isRequired": True}
+WHATSAPP_USER = "15550200002"
+
+
+def tap_the_second_button(relay: InProcessRelay, key: ConversationKey) -> list[str]:
+    [question] = [r for r in relay.simulator.replies(key.channel, key.user) if r["choices"]]
+    assert [c["title"] for c in question["choices"]] == ["Small", "Medium"]
+    relay.message(key.channel, key.user, "", reply_id=question["choices"][1]["id"])
+    return []
+
+
+def type_two(relay: InProcessRelay, key: ConversationKey) -> list[str]:
+    [question] = relay.replies(key)
+    assert question.splitlines()[-4:] == ["1. Small", "2. Medium", "", "Reply with the number of your choice."]
+    relay.message(key.channel, key.user, "2")
+    return []
+
+
+def type_two_then_a_note(relay: InProcessRelay, key: ConversationKey) -> list[str]:
+    type_two(relay, key)
+    relay.work(key)  # the first input answered: nothing goes to the bot, the relay asks the next
+    relay.message(key.channel, key.user, "Gift wrap")
+    return ["Anything else?\nReply with your answer."]
+
+
+@pytest.mark.parametrize(("channel", "user", "card", "answer", "value"), [
+    ("whatsapp", WHATSAPP_USER, ORDER_CARD, tap_the_second_button, {"action": "order", "size": "M"}),
+    ("twilio", USER, ORDER_CARD, type_two, {"action": "order", "size": "M"}),
+    ("twilio", USER, {**ORDER_CARD, "attachments": [{**ORDER_CARD["attachments"][0], "content": {
+        **ORDER_CARD["attachments"][0]["content"],
+        "body": [*ORDER_CARD["attachments"][0]["content"]["body"], NOTE]}}]}, type_two_then_a_note,
+     {"action": "order", "size": "M", "note": "Gift wrap"}),
+], ids=["a WhatsApp button", "2 on SMS", "2 then a note on SMS"])
+def test_a_card_question_answered_on_the_phone_reaches_the_bot_as_the_value_it_expects(
+        inprocess_relay, channel, user, card, answer, value):
+    relay = inprocess_relay(echo=False)
+    key = relay.message(channel, user, "I want a shirt")
+    relay.work(key)
+    conversation_id = relay.record(key).conversation_id
+    relay.bot_sends(conversation_id, card)
+    relay.work(key)
+    assert relay.record(key).pending_question is not None
+    prompts = answer(relay, key)
+    relay.work(key)
+
+    *_, posted = relay.activities_at_bot(conversation_id)
+    assert posted["value"] == value and "text" not in posted
+    assert relay.replies(key)[1:] == prompts  # the relay asked only what the card still needed
+    assert relay.record(key).pending_question is None
+
+
+def test_a_message_that_answers_nothing_reaches_the_bot_as_text_and_the_question_is_forgotten(inprocess_relay):
+    relay = inprocess_relay(echo=False)
+    key = relay.message("twilio", USER, "I want a shirt")
+    relay.work(key)
+    conversation_id = relay.record(key).conversation_id
+    relay.bot_sends(conversation_id, ORDER_CARD)
+    relay.work(key)
+    relay.message("twilio", USER, "do you have it in red?")
+    relay.work(key)
+    *_, posted = relay.activities_at_bot(conversation_id)
+    assert (posted["text"], posted.get("value")) == ("do you have it in red?", None)
+    assert relay.record(key).pending_question is None
+
+
+def test_an_answer_whose_post_failed_is_posted_later_with_the_same_value(inprocess_relay):
+    relay = inprocess_relay(echo=False)
+    key = relay.message("twilio", USER, "I want a shirt")
+    relay.work(key)
+    conversation_id = relay.record(key).conversation_id
+    relay.bot_sends(conversation_id, ORDER_CARD)
+    relay.work(key)
+    relay.message("twilio", USER, "medium")
+    relay.emulator.set_faults(error_500_rate=1.0, endpoints=["activities/post"])
+    assert relay.work(key).posted == 0
+    assert relay.record(key).pending_question is not None  # kept until the answer is posted
+    relay.emulator.clear_faults()
+    relay.time.advance(60)
+    relay.work(key)
+    values = [a.get("value") for a in relay.activities_at_bot(conversation_id)]
+    assert values == [None, {"action": "order", "size": "M"}]
+
+
+def test_the_relays_prompt_for_a_cards_next_input_waits_out_a_provider_outage_and_goes_once(inprocess_relay):
+    relay = inprocess_relay(echo=False)
+    key = relay.message("twilio", USER, "I want a shirt")
+    relay.work(key)
+    conversation_id = relay.record(key).conversation_id
+    content = ORDER_CARD["attachments"][0]["content"]
+    relay.bot_sends(conversation_id, {**ORDER_CARD, "attachments": [{**ORDER_CARD["attachments"][0], "content": {
+        **content, "body": [*content["body"], NOTE]}}]})
+    relay.work(key)
+    relay.message("twilio", USER, "small")
+    relay.simulator.fail_next("twilio", 503)
+    relay.work(key)
+    assert len(relay.replies(key)) == 1  # the card only: the prompt waits
+    relay.time.advance(60)
+    relay.work(key)
+    relay.work(key)
+    assert relay.replies(key)[1:] == ["Anything else?\nReply with your answer."]
+    relay.message("twilio", USER, "No thanks")
+    relay.work(key)
+    *_, posted = relay.activities_at_bot(conversation_id)
+    assert posted["value"] == {"action": "order", "size": "S", "note": "No thanks"}

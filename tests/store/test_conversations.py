@@ -34,6 +34,17 @@ def test_conversation_round_trip_keeps_every_field(store):
     assert "dl-token-secret" not in repr(read)
 
 
+def test_a_pending_question_is_stored_and_forgotten_with_the_record(store):
+    key = ConversationKey("twilio", "+1555")
+    question = {"id": "ab12cd34", "step": 0, "steps": [{"kind": "choice", "prompt": "Size?", "input": "size",
+                                                        "options": [{"title": "Small", "value": "S"}]}],
+                "data": {"action": "order"}, "collected": {}, "consumed": []}
+    store.conversations.update_record(key, lambda _: new_record(key, pending_question=question))
+    assert store.conversations.get_record(key).pending_question == question
+    store.conversations.update_record(key, lambda r: replace(r, pending_question=None))
+    assert store.conversations.get_record(key).pending_question is None
+
+
 def test_delivered_ids_are_bounded_and_keep_the_newest(store):
     key = ConversationKey("twilio", "+1555")
     record = new_record(key).with_delivered(*[f"c|{i}" for i in range(DELIVERED_IDS_LIMIT + 50)])
