@@ -10,9 +10,8 @@ optional parts, never the text.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from relay.cards import REPLY_ID_KEY, render_activity
@@ -42,10 +41,14 @@ DEFAULT_CHANNEL_TYPES = {
 }
 
 
-def directline_user_id(channel: str, channel_user_id: str) -> str:
-    """A stable Direct Line user id for a channel user that does not reveal the phone number."""
-    digest = hashlib.sha256(f"{channel}:{channel_user_id}".encode()).hexdigest()[:32]
-    return f"dl_{channel}_{digest}"
+def directline_user_id(channel: str, channel_user_id: str, *, key_for: Callable[..., str]) -> str:
+    """A stable Direct Line user id for a channel user: `dl_<channel>_<keyed hash>` (`key_for` is
+    Tables.key_for, keyed with the relay's own secret).
+
+    Keyed, so nobody who knows a phone number can work out its user id: without enhanced
+    authentication Direct Line takes `from.id` as a client sends it, and a Web Chat page of the same
+    bot could otherwise post as that channel user. (A conversation keeps the id it was created with.)"""
+    return f"dl_{channel}_{key_for('directline user', channel, channel_user_id)}"
 
 
 def _client_activity_id(channel: str, provider_message_id: str) -> str:
@@ -72,10 +75,11 @@ def build_inbound_activity(
     message: InboundMessage,
     *,
     channel: str,
+    user_id: str,
     omnichannel: Mapping[str, Any] | None = None,
     limit_bytes: int = ACTIVITY_LIMIT_BYTES,
 ) -> dict:
-    """The message activity to post to Direct Line for one channel message."""
+    """The message activity to post to Direct Line for one channel message, from `user_id` (directline_user_id)."""
     context = omnichannel or {}
     values = {"user_id": message.user_id, "user_name": message.user_name or "", "channel": channel}
     channel_data: dict[str, Any] = {
@@ -88,7 +92,7 @@ def build_inbound_activity(
     }
     activity: dict[str, Any] = {
         "type": "message",
-        "from": {"id": directline_user_id(channel, message.user_id), "name": message.user_name or message.user_id,
+        "from": {"id": user_id, "name": message.user_name or message.user_id,
                  "role": "user"},
         "text": message.text,
         "textFormat": "plain",

@@ -85,7 +85,8 @@ def accept_message(ctx: RelayContext, key: ConversationKey, message: InboundMess
     now = now or ctx.clock.now()
     # The inbound row first: an outbox entry must never exist without a row the poller will find.
     mark = ctx.store.due_polls.mark_inbound(key, message.message_id, now=now)
-    activity = build_inbound_activity(message, channel=key.channel,
+    user_id = directline_user_id(key.channel, key.user, key_for=ctx.store.tables.key_for)
+    activity = build_inbound_activity(message, channel=key.channel, user_id=user_id,
                                       omnichannel=ctx.settings.relay.omnichannel.get(key.channel))
     result = ctx.store.outbox.add_message(key, message.message_id, activity, reply_context=message.reply_context,
                                           now=now)
@@ -156,7 +157,7 @@ def relay_now(ctx: RelayContext, key: ConversationKey, marks: list[InboundMark],
     owner = new_owner("webhook")
     try:
         lease = ctx.settings.relay.lease_seconds
-        user_id = directline_user_id(key.channel, key.user)
+        user_id = directline_user_id(key.channel, key.user, key_for=ctx.store.tables.key_for)
         record = ctx.store.conversations.acquire_lease(key, owner=owner, lease_seconds=lease,
                                                        create_with_user_id=user_id)
         while record is None and ctx.clock.now() + timedelta(seconds=LEASE_WAIT_STEP) < burst_until:

@@ -75,7 +75,8 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
                     return None
             record = ctx.store.conversations.claim_due(item, owner=owner,
                                                        lease_seconds=ctx.settings.relay.lease_seconds,
-                                                       user_id=directline_user_id(item.key.channel, item.key.user),
+                                                       user_id=directline_user_id(item.key.channel, item.key.user,
+                                                                                  key_for=ctx.store.tables.key_for),
                                                        now=ctx.clock.now())
             if record is None:
                 return None  # not due after all, or another poller holds it

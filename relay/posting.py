@@ -257,10 +257,13 @@ class OutboxPoster:
         one without a live token, is replaced by a new one and the message posted there."""
         def send(token: str) -> str | None:
             record = self.worker.record
+            # The conversation's user, whatever id the webhook computed (a conversation keeps the id it began with).
+            as_user = {**activity, "from": {**(activity.get("from") or {}), "id": record.user_id}} if record.user_id \
+                else activity
             if files:
                 return self.ctx.directline.upload(record.conversation_id, files, user_id=record.user_id,
-                                                  activity=activity, token=token)
-            return self.ctx.directline.post_activity(record.conversation_id, activity, token=token)
+                                                  activity=as_user, token=token)
+            return self.ctx.directline.post_activity(record.conversation_id, as_user, token=token)
 
         try:
             return self.worker.call_as_user(send)

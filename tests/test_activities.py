@@ -1,5 +1,7 @@
 """Activities built from channel messages and channel messages rendered from the bot's activities."""
 
+import hashlib
+import hmac
 import json
 
 from relay.activities import (
@@ -9,6 +11,15 @@ from relay.activities import (
     render_outbound,
 )
 from relay.channels.base import InboundMessage, Media
+
+
+def keyed_with(secret: bytes):
+    """A stand-in for Tables.key_for under `secret` (the real one keeps its secret in Table Storage)."""
+    return lambda *ids: hmac.new(secret, json.dumps(ids).encode(), hashlib.sha256).hexdigest()[:32]
+
+
+KEY_FOR = keyed_with(b"this relay's secret")
+USER_ID = directline_user_id("twilio", "+15550001", key_for=KEY_FOR)
 
 
 def message(**overrides):
@@ -21,13 +32,13 @@ def message(**overrides):
 def test_inbound_activity_carries_identity_text_media_and_omnichannel_data():
     activity = build_inbound_activity(
         message(media=(Media("https://m.example/1.jpg", "image/jpeg"),), locale="en-GB"),
-        channel="twilio",
+        channel="twilio", user_id=USER_ID,
         omnichannel={"channeltype": "sms", "conversationcontext": {"Product": "Xbox"},
                      "customercontext": {"phonenumber": "{user_id}", "name": "{user_name}"}},
     )
     assert activity["type"] == "message"
     assert activity["text"] == "Hello ✓"
-    assert activity["from"]["id"] == directline_user_id("twilio", "+15550001")
+    assert activity["from"]["id"] == USER_ID
     assert activity["from"]["id"].startswith("dl_")
     assert "+15550001" not in activity["from"]["id"]
     assert activity["locale"] == "en-GB"
@@ -40,14 +51,20 @@ def test_inbound_activity_carries_identity_text_media_and_omnichannel_data():
     assert data["relay"]["payload"] == {"Body": "Hello ✓", "From": "+15550001"}
 
 
-def test_user_id_is_stable_per_channel_user():
-    assert directline_user_id("twilio", "+1") == directline_user_id("twilio", "+1")
-    assert directline_user_id("twilio", "+1") != directline_user_id("whatsapp", "+1")
+def test_user_id_is_stable_per_channel_user_and_takes_the_relays_secret_to_work_out():
+    assert directline_user_id("twilio", "+1", key_for=KEY_FOR) == directline_user_id("twilio", "+1", key_for=KEY_FOR)
+    assert directline_user_id("twilio", "+1", key_for=KEY_FOR) != directline_user_id("whatsapp", "+1", key_for=KEY_FOR)
+    # Knowing the number is not enough: without the secret nobody can post as this user.
+    assert directline_user_id("twilio", "+1", key_for=KEY_FOR) != \
+        directline_user_id("twilio", "+1", key_for=keyed_with(b"another secret"))
+    assert directline_user_id("twilio", "+1", key_for=KEY_FOR) != \
+        "dl_twilio_" + hashlib.sha256(b"twilio:+1").hexdigest()[:32]  # the unkeyed id of earlier versions
 
 
 def test_oversized_activity_drops_optional_parts_but_never_the_text():
     text = "é" * 9000  # 18 KB of UTF-8: fits alone, not with a 20 KB raw payload
-    activity = build_inbound_activity(message(text=text, raw={"blob": "x" * 20000}), channel="twilio")
+    activity = build_inbound_activity(message(text=text, raw={"blob": "x" * 20000}), channel="twilio",
+                                      user_id=USER_ID)
     encoded = json.dumps(activity, ensure_ascii=False, separators=(",", ":")).encode()
     assert len(encoded) <= ACTIVITY_LIMIT_BYTES
     assert activity["text"] == text
@@ -56,7 +73,7 @@ def test_oversized_activity_drops_optional_parts_but_never_the_text():
 
 
 def test_small_activity_is_untouched():
-    activity = build_inbound_activity(message(), channel="twilio")
+    activity = build_inbound_activity(message(), channel="twilio", user_id=USER_ID)
     assert "trimmed" not in activity["channelData"]["relay"]
 
 

@@ -42,7 +42,8 @@ def rendered(activity: dict) -> Rendering:
 
 def said(text: str = "", *, reply_id: str | None = None, message_id: str = "m1") -> dict:
     """The inbound activity of a user's message, as the webhook stored it."""
-    return build_inbound_activity(InboundMessage(message_id, "15550001", text, reply_id=reply_id), channel="whatsapp")
+    return build_inbound_activity(InboundMessage(message_id, "15550001", text, reply_id=reply_id), channel="whatsapp",
+                                  user_id="dl_whatsapp_user")
 
 
 def question_of(activity: dict) -> PendingQuestion:

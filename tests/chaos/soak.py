@@ -506,7 +506,7 @@ class ChaosRun:
                 else reply["user"]
             at_provider[(reply["provider"], user)].append(reply)
         for user in self.users:
-            got = at_bot.pop(directline_user_id(user.provider, user.address), [])
+            got = at_bot.pop(directline_user_id(user.provider, user.address, key_for=store.tables.key_for), [])
             lost, doubled, disordered = compare(user.texts, got)
             report.at_bot += len(got) - doubled
             report.bot_lost += lost

@@ -204,7 +204,8 @@ class InProcessRelay:
         owner = new_owner("test")
         record = self.store.conversations.acquire_lease(key, owner=owner, now=self.time(),
                                                         lease_seconds=self.ctx.settings.relay.lease_seconds,
-                                                        create_with_user_id=directline_user_id(key.channel, key.user))
+                                                        create_with_user_id=directline_user_id(
+                                                            key.channel, key.user, key_for=self.store.tables.key_for))
         assert record is not None, "another owner holds the lease"
         return work_conversation(self.ctx, record, owner=owner, inbound=self.arrivals.pop(key, []), **options)
 

@@ -22,6 +22,7 @@ from relay.store.conversations import ConversationKey, ConversationState
 from tests.relay.conftest import InProcessRelay
 
 USER = "+15550200001"
+OTHER_USER = "+15550200002"
 LONG_TEXT = " ".join(f"word{n:03d}" for n in range(250))  # "You said: ..." is 2,009 characters: 2 Twilio messages
 
 
@@ -52,7 +53,8 @@ def test_the_poller_works_a_conversation_only_under_a_lease_it_holds(inprocess_r
     lease = relay.ctx.settings.relay.lease_seconds
     assert relay.store.conversations.acquire_lease(key, owner="webhook:stalled", lease_seconds=lease,
                                                    now=relay.time(),
-                                                   create_with_user_id=directline_user_id(key.channel, key.user))
+                                                   create_with_user_id=directline_user_id(
+                                                       key.channel, key.user, key_for=relay.store.tables.key_for))
     relay.time.advance(seconds_later)
 
     tick = relay.tick()
@@ -68,6 +70,27 @@ def test_the_poller_works_a_conversation_only_under_a_lease_it_holds(inprocess_r
         assert (tick.worked, tick.posted) == (0, 0)
         assert relay.calls() == {}
         assert len(waiting) == 1 and record.lease_owner == "webhook:stalled"
+
+
+def test_a_conversation_keeps_the_user_id_it_began_with_and_new_users_get_keyed_ones(inprocess_relay):
+    relay = inprocess_relay()
+    # A conversation stored by an earlier version, whose ids were an unkeyed hash of the number.
+    old_id = "dl_twilio_" + "0" * 32
+    key = relay.message("twilio", USER, "hello")
+    owner = "test:earlier-version"
+    record = relay.store.conversations.acquire_lease(key, owner=owner, now=relay.time(), create_with_user_id=old_id,
+                                                     lease_seconds=relay.ctx.settings.relay.lease_seconds)
+    assert record is not None
+    relay.store.conversations.release_lease(record, owner=owner)
+    relay.tick()
+    newcomer = relay.message("twilio", OTHER_USER, "hi")
+    relay.tick()
+
+    at_bot = relay.activities_at_bot(relay.record(key).conversation_id)
+    assert [(a["text"], a["from"]["id"]) for a in at_bot] == [("hello", old_id)]  # the bot's user stays the same
+    newcomers_id = relay.activities_at_bot(relay.record(newcomer).conversation_id)[0]["from"]["id"]
+    assert newcomers_id == relay.record(newcomer).user_id == directline_user_id(
+        "twilio", OTHER_USER, key_for=relay.store.tables.key_for)
 
 
 # ------------------------------------------------------------------------------------------- peeks
