@@ -1,5 +1,8 @@
 """Outbound: the bot's activities of one leased conversation delivered to the provider, part by part.
 
+Only the bot's final messages reach the user (`relay.activities.is_interim`: never typing or a
+streamed answer's steps).
+
 Each activity is delivered once: its id is saved among the delivered ones right after the provider
 took it (a reply sent part-way is remembered as "<id>#<parts taken>" and resumes at the first part
 the provider did not take), and the watermark moves on only once its whole page is handled.
@@ -21,7 +24,7 @@ from datetime import timedelta
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
-from relay.activities import render_outbound
+from relay.activities import is_interim, render_outbound
 from relay.errors import (
     BadRequest,
     ConcurrencyConflict,
@@ -161,6 +164,8 @@ class ReplyDelivery:
                                                last_bot_activity_at=now))
             self.worker.result.ended = True
             return True
+        if is_interim(activity):
+            return True  # typing and a streamed answer's steps: the final message carries the text
         message = render_outbound(activity)
         if message is None:
             return True  # typing, events and empty messages have nothing for the channel

@@ -134,6 +134,31 @@ def test_an_idle_conversation_is_peeked_less_and_less_often_up_to_the_ceiling(in
     assert relay.record(key).lease_owner is None
 
 
+# ------------------------------------------------------------------------------------- final text only
+
+
+def test_a_streamed_answer_reaches_the_user_once_as_its_final_text(inprocess_relay):
+    relay = inprocess_relay()
+    key = settled(relay)
+    conversation_id = relay.record(key).conversation_id
+    steps = [
+        {"type": "message", "text": "Searching the knowledge base...",
+         "entities": [{"type": "streaminfo", "streamType": "informative", "streamSequence": 1}]},
+        {"type": "message", "text": "The opening",
+         "entities": [{"type": "streaminfo", "streamType": "streaming", "streamSequence": 2}]},
+        {"type": "message", "text": "The opening hours are", "channelData": {"streamType": "streaming"}},
+        {"type": "message", "text": "The opening hours are 9 to 5.",
+         "entities": [{"type": "streaminfo", "streamType": "final"}]},
+    ]
+    for step in steps:
+        relay.emulator.http.post(f"{relay.emulator.url}/v3/conversations/{conversation_id}/activities",
+                                 json=step, timeout=5).raise_for_status()
+
+    relay.work(key)
+
+    assert relay.replies(key) == ["You said: hello", "The opening hours are 9 to 5."]
+
+
 # --------------------------------------------------------------------------------- multi-part replies
 
 
