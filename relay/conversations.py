@@ -44,6 +44,7 @@ from relay.errors import (
     Throttled,
     TokenExpired,
 )
+from relay.events import EventWebhook
 from relay.posting import OutboxPoster
 from relay.settings import Settings, get_settings
 from relay.store import RelayStore, get_store
@@ -102,6 +103,11 @@ class RelayContext:
     directline: DirectLineClient
     adapter: Callable[[str], ChannelAdapter]
     clock: Clock = SYSTEM_CLOCK
+
+    @functools.cached_property
+    def events(self) -> EventWebhook:
+        """Where the bot's event activities go (RELAY_EVENT_WEBHOOK_URL), on the context's clock."""
+        return EventWebhook(self.settings.relay, clock=self.clock)
 
 
 @functools.lru_cache(maxsize=1)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import base64
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -256,3 +258,48 @@ def inprocess_relay(storage_connection_string, table_prefix) -> Iterator[Callabl
         relay.ctx.directline.close()
         relay.emulator.close()
         relay.simulator.close()
+
+
+# ------------------------------------------------------------------------------- the operator's event endpoint
+
+EVENT_SECRET = "whsec_" + base64.b64encode(b"the operator's event webhook key!").decode()
+
+
+@dataclass
+class EventReceiver:
+    """A real HTTP endpoint on loopback standing in for an agent desk: it records every POST (headers, body)
+    and answers with the statuses in `answers`, one per request, then 200."""
+
+    url: str
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"RELAY_EVENT_WEBHOOK_URL": self.url, "RELAY_EVENT_WEBHOOK_SECRET": EVENT_SECRET}
+
+
+@pytest.fixture
+def event_receiver() -> Iterator[EventReceiver]:
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            with lock:
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                status = receiver.answers.pop(0) if receiver.answers else 200
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    receiver = EventReceiver(url=f"http://127.0.0.1:{server.server_address[1]}/events")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield receiver
+    server.shutdown()
+    server.server_close()

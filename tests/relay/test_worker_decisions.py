@@ -13,13 +13,14 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
+from standardwebhooks import Webhook
 
 from relay.activities import directline_user_id
 from relay.channels.base import InboundMessage
 from relay.errors import TokenExpired
 from relay.inbound import accept_all
 from relay.store.conversations import ConversationKey, ConversationState
-from tests.relay.conftest import InProcessRelay
+from tests.relay.conftest import EVENT_SECRET, EventReceiver, InProcessRelay
 
 USER = "+15550200001"
 LONG_TEXT = " ".join(f"word{n:03d}" for n in range(250))  # "You said: ..." is 2,009 characters: 2 Twilio messages
@@ -157,6 +158,99 @@ def test_a_streamed_answer_reaches_the_user_once_as_its_final_text(inprocess_rel
     relay.work(key)
 
     assert relay.replies(key) == ["You said: hello", "The opening hours are 9 to 5."]
+
+
+# ------------------------------------------------------------------------------------------- events
+
+HANDOFF = {"type": "event", "name": "handoff.initiate", "value": {"reason": "the user asked for a person"},
+           "attachments": [{"contentType": "application/json", "name": "context", "content": {"topic": "billing"}}]}
+
+
+def bot_sends(relay: InProcessRelay, key: ConversationKey, activity: dict) -> str:
+    """The bot sends `activity` in the user's conversation; its activity id."""
+    response = relay.emulator.http.post(
+        f"{relay.emulator.url}/v3/conversations/{relay.record(key).conversation_id}/activities", json=activity,
+        timeout=5)
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+def verified_events(receiver: EventReceiver) -> list[dict]:
+    """What the receiver got, each POST's Standard Webhooks signature checked by the reference library."""
+    return [Webhook(EVENT_SECRET).verify(body, headers) for headers, body in receiver.received]
+
+
+def test_a_handoff_reaches_the_event_webhook_once_signed_with_the_user_and_the_transcript(inprocess_relay,
+                                                                                         event_receiver):
+    relay = inprocess_relay(env=event_receiver.env)
+    key = settled(relay)
+    event_id = bot_sends(relay, key, HANDOFF)
+
+    relay.work(key)
+    relay.time.advance(5)
+    relay.tick()
+
+    [event] = verified_events(event_receiver)
+    record = relay.record(key)
+    assert event["type"] == "bot.event"
+    data = event["data"]
+    assert data["conversation"] == {"id": record.conversation_id}
+    assert (data["channel"], data["user"]) == ("twilio", {"id": USER, "directLineId": record.user_id})
+    assert data["event"] == {"id": event_id, **{k: HANDOFF[k] for k in ("name", "value", "attachments")}}
+    assert [(m["from"], m["text"]) for m in data["transcript"]] == [("user", "hello"), ("bot", "You said: hello")]
+    assert relay.replies(key) == ["You said: hello"]  # nothing of it reaches the phone
+
+
+def test_the_transcript_is_the_last_messages_the_setting_allows(inprocess_relay, event_receiver):
+    relay = inprocess_relay(env={**event_receiver.env, "RELAY_EVENT_TRANSCRIPT_MESSAGES": "3"})
+    key = settled(relay, "one")
+    relay.message("twilio", USER, "two")
+    relay.work(key)
+    bot_sends(relay, key, {"type": "event", "name": "escalate"})
+
+    relay.work(key)
+
+    [event] = verified_events(event_receiver)
+    assert [m["text"] for m in event["data"]["transcript"]] == ["You said: one", "two", "You said: two"]
+
+
+@pytest.mark.parametrize(("answers", "posts", "dead_letters"), [
+    pytest.param([503], 2, 0, id="an endpoint that cannot take it now gets it again later, with the same webhook-id"),
+    pytest.param([400], 1, 1, id="an endpoint that refuses it for good leaves a dead letter, and it is not sent again"),
+])
+def test_an_event_the_endpoint_does_not_take_is_retried_or_dead_lettered(inprocess_relay, event_receiver,
+                                                                         answers, posts, dead_letters):
+    event_receiver.answers.extend(answers)
+    relay = inprocess_relay(env=event_receiver.env)
+    key = settled(relay)
+    bot_sends(relay, key, HANDOFF)
+
+    relay.work(key)
+    relay.time.advance(30)
+    relay.tick()
+    relay.time.advance(30)
+    relay.tick()
+
+    assert len(event_receiver.received) == posts
+    assert len({headers["webhook-id"] for headers, _ in event_receiver.received}) == 1
+    letters = relay.store.dead_letters.list_letters(key)
+    assert [(letter.kind, letter.payload["activity"]["name"]) for letter in letters] == [("event", "handoff.initiate")
+                                                                                          ] * dead_letters
+
+
+def test_without_an_event_webhook_an_event_is_logged_by_name_and_skipped(inprocess_relay, caplog):
+    relay = inprocess_relay()
+    key = settled(relay)
+    event_id = bot_sends(relay, key, HANDOFF)
+
+    with caplog.at_level("INFO", logger="relay.delivery"):
+        relay.work(key)
+
+    assert any("handoff.initiate" in r.getMessage() and "RELAY_EVENT_WEBHOOK_URL" in r.getMessage()
+               for r in caplog.records)
+    assert "the user asked for a person" not in caplog.text
+    assert relay.record(key).is_delivered(event_id)
+    assert relay.replies(key) == ["You said: hello"]
 
 
 # --------------------------------------------------------------------------------- multi-part replies
