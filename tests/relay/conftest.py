@@ -37,6 +37,9 @@ from relay.store.due_polls import InboundMark
 from tests.conftest import DIRECTLINE_TEST_SECRET, subprocess_env
 
 PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic")
+NO_GREETING = {"RELAY_START_EVENT": ""}
+"""The stacks here start without the greeting event (the echo bot's first reply is then its echo); a test of
+the greeting passes env={"RELAY_START_EVENT": "startConversation"}."""
 EVERY_SECOND = "* * * * * *"
 NEVER = "0 0 0 1 1 *"  # the timer stays out of the way: only the webhook's burst delivers
 
@@ -102,6 +105,7 @@ def relay_stack(storage_connection_string, table_prefix, start_emulator, start_h
             "RELAY_PUBLIC_BASE_URL": host_url,
             "RELAY_POLL_SCHEDULE": schedule,
             "RELAY_BURST_POLL_SECONDS": burst,
+            **NO_GREETING,
             **(env or {}),
         }
         store = RelayStore.from_settings(StorageSettings(connection_string=storage_connection_string,
@@ -239,6 +243,7 @@ def inprocess_relay(storage_connection_string, table_prefix) -> Iterator[Callabl
             "DIRECTLINE_SECRET": DIRECTLINE_TEST_SECRET,
             "DIRECTLINE_ENDPOINT": emulator.base_url,
             "RELAY_PUBLIC_BASE_URL": RELAY_URL,
+            **NO_GREETING,
             **(env or {}),
         })
         time = ManualTime()

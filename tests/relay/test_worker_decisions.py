@@ -15,6 +15,7 @@ from datetime import timedelta
 import pytest
 from standardwebhooks import Webhook
 
+from devstack.directline.echo import greeting
 from relay.activities import directline_user_id
 from relay.channels.base import InboundMessage
 from relay.errors import TokenExpired
@@ -158,6 +159,71 @@ def test_a_streamed_answer_reaches_the_user_once_as_its_final_text(inprocess_rel
     relay.work(key)
 
     assert relay.replies(key) == ["You said: hello", "The opening hours are 9 to 5."]
+
+
+# ----------------------------------------------------------------------------------------- greeting
+
+GREETED = {"RELAY_START_EVENT": "startConversation"}
+
+
+def start_events(relay: InProcessRelay, conversation_id: str) -> list[dict]:
+    """The greeting events the bot received in a conversation."""
+    return [a for a in relay.emulator.conversation(conversation_id)["activities"]
+            if a.get("type") == "event" and a.get("name") == "startConversation"]
+
+
+@pytest.mark.parametrize(("fault", "runs"), [
+    pytest.param(None, 1, id="the first message starts a conversation that greets the user before the answer"),
+    pytest.param({"error_502_rate": 1.0, "phase": "after"}, 1,
+                 id="the greeting's post failed after Direct Line took it: found, not posted twice"),
+    pytest.param({"drop_rate": 1.0, "phase": "after"}, 1,
+                 id="the connection dropped after Direct Line took the greeting: found, not posted twice"),
+    pytest.param({"error_500_rate": 1.0}, 1,
+                 id="Direct Line failed on the greeting without taking it: not found, so posted again, once"),
+    pytest.param({"throttle_rate": 1.0, "retry_after": "3"}, 2,
+                 id="Direct Line throttled the greeting: the message waits and a new conversation greets once"),
+])
+def test_a_new_conversation_greets_the_user_once_before_their_first_answer(inprocess_relay, fault, runs):
+    relay = inprocess_relay(env=GREETED)
+    if fault:
+        relay.emulator.set_faults(**{"endpoints": ["activities/post"], **fault, "limit": 1})
+    key = relay.message("twilio", USER, "hello")
+
+    posted = []
+    for _ in range(runs):
+        posted.append(relay.work(key).posted)
+        relay.time.advance(10)
+    relay.message("twilio", USER, "again")
+    relay.work(key)
+
+    conversation_id = relay.record(key).conversation_id
+    [event] = start_events(relay, conversation_id)
+    assert event["locale"] == "en-US" and event["from"]["id"] == relay.record(key).user_id
+    assert relay.messages_at_bot(conversation_id) == ["hello", "again"]
+    assert relay.replies(key) == [greeting("en-US"), "You said: hello", "You said: again"]
+    assert posted == [0] * (runs - 1) + [1]  # the message waited only while the greeting could not be posted
+
+
+def test_the_greeting_carries_the_locale_the_provider_gave_else_the_default(inprocess_relay):
+    relay = inprocess_relay(env={**GREETED, "RELAY_DEFAULT_LOCALE": "fr-FR"})
+    told = InboundMessage("m-1", "u-de", "hallo", locale="de-DE", reply_context={"user_id": "u-de"})
+    untold = InboundMessage("m-2", "u-fr", "salut", reply_context={"user_id": "u-fr"})
+    for key, marks in accept_all(relay.ctx, "generic", [told, untold]).items():
+        relay.arrivals[key] = marks
+        relay.work(key)
+
+    assert [r["text"] for r in relay.simulator.replies("generic", "u-de")] == [greeting("de-DE"), "You said: hallo"]
+    assert [r["text"] for r in relay.simulator.replies("generic", "u-fr")] == [greeting("fr-FR"), "You said: salut"]
+
+
+def test_with_the_start_event_set_empty_nobody_is_greeted(inprocess_relay):
+    relay = inprocess_relay(env={"RELAY_START_EVENT": ""})
+    key = relay.message("twilio", USER, "hello")
+
+    relay.work(key)
+
+    assert start_events(relay, relay.record(key).conversation_id) == []
+    assert relay.replies(key) == ["You said: hello"]
 
 
 # ------------------------------------------------------------------------------------------- events
