@@ -248,8 +248,9 @@ def verified_events(receiver: EventReceiver) -> list[dict]:
 
 def test_a_handoff_reaches_the_event_webhook_once_signed_with_the_user_and_the_transcript(inprocess_relay,
                                                                                          event_receiver):
-    relay = inprocess_relay(env=event_receiver.env)
-    key = settled(relay)
+    relay = inprocess_relay(env={**event_receiver.env, **GREETED})  # the relay's own start event is not the bot's
+    key = relay.message("twilio", USER, "hello")
+    relay.work(key)
     event_id = bot_sends(relay, key, HANDOFF)
 
     relay.work(key)
@@ -263,8 +264,9 @@ def test_a_handoff_reaches_the_event_webhook_once_signed_with_the_user_and_the_t
     assert data["conversation"] == {"id": record.conversation_id}
     assert (data["channel"], data["user"]) == ("twilio", {"id": USER, "directLineId": record.user_id})
     assert data["event"] == {"id": event_id, **{k: HANDOFF[k] for k in ("name", "value", "attachments")}}
-    assert [(m["from"], m["text"]) for m in data["transcript"]] == [("user", "hello"), ("bot", "You said: hello")]
-    assert relay.replies(key) == ["You said: hello"]  # nothing of it reaches the phone
+    assert [(m["from"], m["text"]) for m in data["transcript"]] == [
+        ("bot", greeting("en-US")), ("user", "hello"), ("bot", "You said: hello")]
+    assert relay.replies(key) == [greeting("en-US"), "You said: hello"]  # nothing of the event reaches the phone
 
 
 def test_the_transcript_is_the_last_messages_the_setting_allows(inprocess_relay, event_receiver):
