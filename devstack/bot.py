@@ -6,7 +6,7 @@ Its messaging endpoint is http://127.0.0.1:PORT/api/messages; it runs without an
 as a bot does locally, and answers through the Bot Connector API at each activity's serviceUrl
 (the Direct Line emulator's). It says what the emulator's built-in echo says
 (devstack/directline/echo.py): a typing activity, then the echo, "later" (plus a proactive reply after
-the turn), "card", "bye". `EchoBot` starts it from Python.
+the turn), "card", "bye", and a greeting on a `startConversation` event. `EchoBot` starts it from Python.
 """
 
 from __future__ import annotations

@@ -131,6 +131,10 @@ param genericWebhookSecret string = ''
 @description('GENERIC_CALLBACK_SECRET: signs the replies (empty: the webhook secret does).')
 param genericCallbackSecret string = ''
 
+@secure()
+@description('RELAY_EVENT_WEBHOOK_SECRET: Standard Webhooks secret (whsec_...) signing the bot\'s events.')
+param eventWebhookSecret string = ''
+
 // Plain settings: empty means the relay's own default (see the README's settings table).
 @description('DIRECTLINE_ENDPOINT: Direct Line base URL (regional bots set their own).')
 param directLineEndpoint string = ''
@@ -143,6 +147,9 @@ param pollSchedule string = ''
 
 @description('RELAY_OMNICHANNEL_CONTEXT: JSON of per-channel channelData for Omnichannel (see the README).')
 param omnichannelContext string = ''
+
+@description('RELAY_EVENT_WEBHOOK_URL: where the bot\'s events (handoff.initiate...) are POSTed (empty: logged only).')
+param eventWebhookUrl string = ''
 
 @description('WEBCHAT_ALLOWED_ORIGINS: comma-separated origins allowed to call the token endpoints.')
 param webChatAllowedOrigins string = ''
@@ -207,6 +214,7 @@ var secrets = {
   'bird-access-key': birdAccessKey
   'generic-webhook-secret': genericWebhookSecret
   'generic-callback-secret': genericCallbackSecret
+  'relay-event-webhook-secret': eventWebhookSecret
 }
 // An app setting resolved from Key Vault by the app's identity; an unresolved one reaches the
 // relay as this literal text, which relay/settings.py rejects with a message naming the setting.
@@ -304,6 +312,8 @@ module app 'modules/function-app.bicep' = {
       DIRECTLINE_BOT_IDS: directLineBotIds
       RELAY_POLL_SCHEDULE: empty(pollSchedule) ? '*/5 * * * * *' : pollSchedule
       RELAY_OMNICHANNEL_CONTEXT: omnichannelContext
+      RELAY_EVENT_WEBHOOK_URL: eventWebhookUrl
+      RELAY_EVENT_WEBHOOK_SECRET: empty(eventWebhookSecret) ? '' : '${kvRef}relay-event-webhook-secret/)'
       WEBCHAT_ALLOWED_ORIGINS: webChatAllowedOrigins
       WEBCHAT_DEMO_ENABLED: webChatDemoEnabled
       WEBCHAT_BUNDLE_URL: webChatBundleUrl

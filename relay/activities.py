@@ -5,6 +5,11 @@ Inbound activities carry what Dynamics 365 Omnichannel and Copilot Studio expect
 provider's message id (so an ambiguous post can be recognised instead of repeated), and the raw
 provider payload under "relay". They are kept under Omnichannel's 28 KB limit by trimming the
 optional parts, never the text.
+
+Only a bot's final text is for a phone: `is_interim` names what a channel user must never get, a
+`typing` activity and every step of a streamed answer (Copilot Studio's generative answers stream as
+activities carrying a `streaminfo` entity with streamType `streaming` or `informative`, or that
+streamType in channelData); the final message (`final`, or none) carries the whole text.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ __all__ = [
     "ACTIVITY_LIMIT_BYTES",
     "build_inbound_activity",
     "directline_user_id",
+    "is_interim",
     "render_outbound",
     "take_pending_media",
     "with_unavailable_media",
@@ -160,6 +166,26 @@ def _fit_activity(activity: dict, limit_bytes: int = ACTIVITY_LIMIT_BYTES) -> di
         if _size(trimmed) <= limit_bytes:
             break
     return trimmed
+
+
+INTERIM_STREAM_TYPES = frozenset({"streaming", "informative"})
+"""The streamType of a streamed answer's steps; the final message says `final` (or nothing)."""
+
+
+def _stream_types(activity: Mapping[str, Any]) -> set[str]:
+    types = {str(entity.get("streamType", "")).lower() for entity in activity.get("entities") or []
+             if isinstance(entity, Mapping) and str(entity.get("type", "")).lower() == "streaminfo"}
+    channel_data = activity.get("channelData")
+    if isinstance(channel_data, Mapping) and channel_data.get("streamType"):
+        types.add(str(channel_data["streamType"]).lower())
+    return types
+
+
+def is_interim(activity: Mapping[str, Any]) -> bool:
+    """True for what only shows a bot at work: `typing`, and each step of a streamed answer (a `streaminfo`
+    entity or channelData streamType of `streaming` or `informative`). A channel user gets neither: the
+    final message, sent after them, carries the whole text."""
+    return activity.get("type") == "typing" or bool(_stream_types(activity) & INTERIM_STREAM_TYPES)
 
 
 def render_outbound(activity: Mapping[str, Any]) -> OutboundMessage | None:

@@ -38,12 +38,14 @@ from relay.delivery import MIN_POLL_GAP, ReplyDelivery
 from relay.directline import ActivitySet, ConversationToken, DirectLineClient, get_directline_client
 from relay.errors import (
     AuthenticationFailed,
+    BadRequest,
     ConcurrencyConflict,
     ConversationNotFound,
     DirectLineError,
     Throttled,
     TokenExpired,
 )
+from relay.events import EventWebhook
 from relay.posting import OutboxPoster
 from relay.settings import Settings, get_settings
 from relay.store import RelayStore, get_store
@@ -102,6 +104,11 @@ class RelayContext:
     directline: DirectLineClient
     adapter: Callable[[str], ChannelAdapter]
     clock: Clock = SYSTEM_CLOCK
+
+    @functools.cached_property
+    def events(self) -> EventWebhook:
+        """Where the bot's event activities go (RELAY_EVENT_WEBHOOK_URL), on the context's clock."""
+        return EventWebhook(self.settings.relay, clock=self.clock)
 
 
 @functools.lru_cache(maxsize=1)
@@ -171,16 +178,56 @@ class ConversationWorker:
                                                                  lease_owner=self.owner) or self.record
 
     # --------------------------------------------------------------------------------- Direct Line
-    def start_directline(self) -> None:
+    def start_directline(self, *, locale: str | None = None) -> None:
         """A new Direct Line conversation for this user (the first, or after one was forgotten, ended or
-        its tokens lapsed), started with the secret and the user's id; the watermark starts anew, the
-        delivered ids stay (activity ids are unique across conversations); a question the old one asked is
-        forgotten (the new one's bot never asked it)."""
+        its tokens lapsed), started with the secret and the user's id, and greeted (`_greet`, in the user's
+        `locale`, else RELAY_DEFAULT_LOCALE) before anything of the user's is posted there; the watermark
+        starts anew, the delivered ids stay (activity ids are unique across conversations); a question the
+        old one asked is forgotten (the new one's bot never asked it)."""
         started = self.ctx.directline.start_conversation(user_id=self.record.user_id)
+        self._greet(started, locale or self.ctx.settings.relay.default_locale)
         with_token = self._with_token(started)
         log.info("started Direct Line conversation %s for a %s user", started.conversation_id, self.key.channel)
         self.save(lambda r: replace(with_token(r), conversation_id=started.conversation_id, watermark=None,
                                      state=ConversationState.ACTIVE, pending_question=None))
+
+    def _greet(self, started: ConversationToken, locale: str) -> None:
+        """Post the RELAY_START_EVENT event (a Copilot Studio agent's greeting fires on it) to the conversation
+        just started, once.
+
+        It is posted before the record names the conversation: a run that fails here leaves the
+        conversation unused, and the next one starts (and greets) another, so the user sees one greeting.
+        After an ambiguous failure the event is looked up by its clientActivityID and posted again
+        (under the same id) only when Direct Line does not have it; a bot that refuses it, or a second
+        failure, leaves the conversation without a greeting rather than hold the user's message up.
+        Any other failure (throttled, Direct Line down) is raised: the user's message waits."""
+        name = self.ctx.settings.relay.start_event
+        if not name:
+            return
+        client_id = f"{self.key.channel}:start:{started.conversation_id}"
+        event = {"type": "event", "name": name, "locale": locale,
+                 "from": {"id": self.record.user_id, "role": "user"}, "channelData": {"clientActivityID": client_id}}
+        post = functools.partial(self.ctx.directline.post_activity, started.conversation_id, event,
+                                 token=started.token)
+        try:
+            post()
+            return
+        except BadRequest as error:
+            self._greeting_skipped(started, f"Direct Line refused it ({error.upstream_code})")
+            return
+        except DirectLineError as error:
+            if not error.ambiguous:
+                raise
+        try:
+            if self.ctx.directline.find_activity_by_client_id(started.conversation_id, client_id,
+                                                              token=started.token) is None:
+                post()
+        except DirectLineError as error:
+            self._greeting_skipped(started, str(error))
+
+    def _greeting_skipped(self, started: ConversationToken, why: str) -> None:
+        log.warning("the %s event of Direct Line conversation %s was not posted (%s): the %s user is not greeted",
+                    self.ctx.settings.relay.start_event[:100], started.conversation_id, why, self.key.channel)
 
     def keep_token_fresh(self) -> None:
         """Refresh the conversation's token once its refresh time has come, let it go once it lapsed."""

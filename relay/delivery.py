@@ -1,5 +1,8 @@
 """Outbound: the bot's activities of one leased conversation delivered to the provider, part by part.
 
+Only the bot's final messages reach the user (`relay.activities.is_interim`: never typing or a
+streamed answer's steps).
+
 Each activity is delivered once: its id is saved among the delivered ones right after the provider
 took it (a reply sent part-way is remembered as "<id>#<parts taken>" and resumes at the first part
 the provider did not take), and the watermark moves on only once its whole page is handled.
@@ -19,6 +22,7 @@ answer asked again) is sent before the bot's new activities, and marked sent the
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,6 +30,7 @@ from datetime import timedelta
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
+from relay.activities import is_interim
 from relay.cards import PendingQuestion, next_prompt, render_activity
 from relay.channels.base import OutboundMessage
 from relay.errors import (
@@ -36,6 +41,7 @@ from relay.errors import (
     ProviderUnavailable,
     StoreError,
 )
+from relay.events import event_payload, transcript_of
 from relay.store.conversations import ConversationRecord, ConversationState
 from relay.store.dead_letters import DeadLetterKind
 
@@ -50,6 +56,8 @@ log = logging.getLogger(__name__)
 MIN_POLL_GAP = timedelta(seconds=1)  # never poll one conversation more than once a second
 MAX_PAGES = 20
 """Pages read in one delivery run; the rest comes next time."""
+TRANSCRIPT_PAGES = 10
+"""Pages of the activity set read for an event's transcript, at most."""
 
 
 PARTS_MARK = "#"
@@ -169,6 +177,10 @@ class ReplyDelivery:
                                                last_bot_activity_at=now))
             self.worker.result.ended = True
             return True
+        if activity.get("type") == "event":
+            return self._forward_event(activity)
+        if is_interim(activity):
+            return True  # typing and a streamed answer's steps: the final message carries the text
         rendering = render_activity(activity)
         if rendering is None:
             return True  # typing, events and empty messages have nothing for the channel
@@ -233,6 +245,60 @@ class ReplyDelivery:
 
         self._save_delivered(asked)
         return True
+
+    def _forward_event(self, activity: dict) -> bool:
+        """Send a bot's event to RELAY_EVENT_WEBHOOK_URL with the recent transcript (with none configured, log its
+        name), then record it as delivered; False when the endpoint cannot take it now (tried again later)."""
+        activity_id, name = activity.get("id") or "", str(activity.get("name") or "")[:100]
+        record, events = self.worker.record, self.ctx.events
+        if not events.configured:
+            log.info("the bot sent event %r in %s conversation %s; RELAY_EVENT_WEBHOOK_URL is not set: not forwarded",
+                     name, self.worker.key.channel, record.conversation_id)
+        else:
+            payload = event_payload(activity, conversation_id=record.conversation_id, channel=self.worker.key.channel,
+                                    user=self.worker.key.user, directline_user=record.user_id,
+                                    transcript=self._transcript(activity_id), now=self.ctx.clock.now().isoformat())
+            try:
+                events.send(payload, activity_id=activity_id)
+            except ProviderRejected as error:
+                self.ctx.store.dead_letters.add_letter(self.worker.key, kind=DeadLetterKind.EVENT, payload={
+                    "activity": activity}, reason=f"{error.reason}: {error}")
+                self.worker.result.dead_letters += 1
+            except ProviderUnavailable as error:
+                log.info("the event webhook cannot take event %r of a %s conversation now (%s); retrying later",
+                         name, self.worker.key.channel, error)
+                self.worker.wait(error.retry_after)
+                return False
+            else:
+                log.info("forwarded event %r of %s conversation %s to the event webhook", name,
+                         self.worker.key.channel, record.conversation_id)
+        if activity_id:
+            self._save_delivered(lambda r: r.with_delivered(activity_id))
+        return True
+
+    def _transcript(self, until: str) -> list[dict]:
+        """The conversation's last messages before activity `until`, read from Direct Line's activity set."""
+        limit = self.ctx.events.transcript_messages
+        if not limit:
+            return []
+        conversation_id, user_id = self.worker.record.conversation_id, self.worker.record.user_id
+        activities: list[dict] = []
+        watermark: str | None = None
+        for _ in range(TRANSCRIPT_PAGES):
+            page = self.worker.call(functools.partial(self._page_after, conversation_id, watermark))
+            activities.extend(page.activities)
+            if not page.activities or page.watermark in (None, watermark) or \
+                    any(a.get("id") == until for a in page.activities):
+                break
+            watermark = page.watermark
+
+        def is_bot(activity: dict) -> bool:
+            return (activity.get("from") or {}).get("id") != user_id and self.ctx.directline.is_from_bot(activity)
+
+        return transcript_of(activities, until=until, limit=limit, is_bot=is_bot)
+
+    def _page_after(self, conversation_id: str, watermark: str | None, token: str | None) -> ActivitySet:
+        return self.ctx.directline.get_activities(conversation_id, watermark=watermark, token=token)
 
     def _save_delivered(self, change: Callable[[ConversationRecord], ConversationRecord]) -> None:
         """Record that the provider took a reply, riding out a storage blip of up to 10 s (within the lease).

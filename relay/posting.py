@@ -150,7 +150,7 @@ class OutboxPoster:
     def _post_page(self, page: list[OutboxMessage]) -> bool:
         for message in page:
             if not self.worker.record.conversation_id:
-                self.worker.start_directline()
+                self.worker.start_directline(locale=message.activity.get("locale"))
             asked = self.worker.record.pending_question
             answered = answer(PendingQuestion.from_json(asked), message.activity, message_id=message.message_id)
             if answered.activity is None:
@@ -270,13 +270,13 @@ class OutboxPoster:
         except ConversationNotFound:
             # Direct Line forgot the conversation: this user gets a new one, the message goes there.
             log.info("Direct Line forgot conversation %s; starting a new one", self.worker.record.conversation_id)
-            self.worker.start_directline()
+            self.worker.start_directline(locale=activity.get("locale"))
         except (TokenExpired, AuthenticationFailed):
-            if not self._leave_lapsed_conversation():
+            if not self._leave_lapsed_conversation(locale=activity.get("locale")):
                 raise  # the bot's last replies there must reach the user first: the message waits
         return self.worker.call_as_user(send)
 
-    def _leave_lapsed_conversation(self) -> bool:
+    def _leave_lapsed_conversation(self, *, locale: str | None) -> bool:
         """Move the user to a new Direct Line conversation, theirs having no token that can be used or renewed.
 
         The bot's replies still unread in the old one are delivered first (read with the secret); False
@@ -284,7 +284,7 @@ class OutboxPoster:
         lapsed = self.worker.record.conversation_id
         if not self.worker.delivery.deliver_rest():
             return False
-        self.worker.start_directline()
+        self.worker.start_directline(locale=locale)
         log.info("the %s user's messages go to Direct Line conversation %s: no token of %s could be used or renewed",
                  self.worker.key.channel, self.worker.record.conversation_id, lapsed)
         return True

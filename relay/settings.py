@@ -8,9 +8,12 @@ its value (several are secrets).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -96,6 +99,19 @@ SETTINGS: dict[str, Setting] = _catalogue(
     Setting("RELAY_OMNICHANNEL_CONTEXT", "JSON per channel: {\"twilio\": {\"channeltype\": \"sms\", "
             "\"conversationcontext\": {...}, \"customercontext\": {\"phonenumber\": \"{user_id}\"}}} for the "
             "activity's channelData ({user_id}, {user_name} are filled in).", default="", group="relay"),
+    Setting("RELAY_START_EVENT", "Name of the event activity posted (with the user's locale) when the relay starts "
+            "a Direct Line conversation for a channel user, before their first message: a Copilot Studio agent "
+            "greets on it. Set but empty: no event.", default="startConversation", group="relay"),
+    Setting("RELAY_DEFAULT_LOCALE", "The user's locale in that event when the provider's webhook does not say "
+            "(BCP 47, e.g. en-US, de-DE).", default="en-US", group="relay"),
+    Setting("RELAY_EVENT_WEBHOOK_URL", "Where the bot's event activities (handoff.initiate and any other) are "
+            "POSTed as Standard Webhooks-signed JSON with the conversation, the channel user and the recent "
+            "transcript (https; http only on a loopback host). Empty: events are logged by name and skipped.",
+            default="", group="relay"),
+    Setting("RELAY_EVENT_WEBHOOK_SECRET", "Standard Webhooks secret ('whsec_' + base64) signing those POSTs; "
+            "required with RELAY_EVENT_WEBHOOK_URL.", default="", secret=True, group="relay"),
+    Setting("RELAY_EVENT_TRANSCRIPT_MESSAGES", "How many of the conversation's last messages an event's POST "
+            "carries (0 to 100).", default="20", group="relay"),
     # Web Chat token server
     Setting("WEBCHAT_ALLOWED_ORIGINS", "Comma-separated origins allowed to call the token endpoints (CORS).",
             default="", group="webchat"),
@@ -166,6 +182,7 @@ SETTINGS: dict[str, Setting] = _catalogue(
 )
 
 KEY_VAULT_REFERENCE_PREFIX = "@Microsoft.KeyVault("
+STANDARD_WEBHOOKS_PREFIX = "whsec_"
 
 
 class _Environment:
@@ -183,6 +200,12 @@ class _Environment:
                 "'Key Vault Secrets User' and check keyVaultReferenceIdentity"
             )
         return value or (spec.default or "")
+
+    def as_set(self, name: str) -> str:
+        """Like `text`, but a setting that is present and empty stays empty (it turns something off)."""
+        if name in self._environ and not self._environ[name].strip():
+            return ""
+        return self.text(name)
 
     def required(self, name: str, why: str = "") -> str:
         value = self.text(name)
@@ -268,6 +291,12 @@ class RelaySettings:
     max_body_bytes: int
     lease_seconds: float = 60.0
     omnichannel: dict[str, dict] = field(default_factory=dict)
+    start_event: str = "startConversation"
+    """The event posted first in every Direct Line conversation the relay starts; empty: none."""
+    default_locale: str = "en-US"
+    event_webhook_url: str = ""
+    event_webhook_secret: str = field(default="", repr=False)
+    event_transcript_messages: int = 20
 
 
 @dataclass(frozen=True)
@@ -350,7 +379,55 @@ def _relay(env: _Environment) -> RelaySettings:
         max_body_bytes=env.integer("RELAY_MAX_BODY_BYTES", minimum=1024),
         lease_seconds=env.number("RELAY_LEASE_SECONDS", minimum=5),
         omnichannel=_omnichannel(env),
+        start_event=env.as_set("RELAY_START_EVENT"),
+        default_locale=_locale(env),
+        event_webhook_url=_event_webhook_url(env),
+        event_webhook_secret=_event_webhook_secret(env),
+        event_transcript_messages=_transcript_messages(env),
     )
+
+
+_LOCALE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*")
+MAX_TRANSCRIPT_MESSAGES = 100
+
+
+def _locale(env: _Environment) -> str:
+    locale = env.text("RELAY_DEFAULT_LOCALE")
+    if not _LOCALE.fullmatch(locale):
+        raise SettingsError("RELAY_DEFAULT_LOCALE must be a BCP 47 language tag such as en-US")
+    return locale
+
+
+def _event_webhook_url(env: _Environment) -> str:
+    url = env.url("RELAY_EVENT_WEBHOOK_URL")
+    if url and urlsplit(url).scheme != "https" and urlsplit(url).hostname not in LOOPBACK_HOSTS:
+        # The POSTs carry the user's address and messages: never in clear over a network.
+        raise SettingsError("RELAY_EVENT_WEBHOOK_URL must be an https URL (http only on a loopback host)")
+    return url
+
+
+def _event_webhook_secret(env: _Environment) -> str:
+    secret = env.text("RELAY_EVENT_WEBHOOK_SECRET")
+    if not env.text("RELAY_EVENT_WEBHOOK_URL"):
+        return secret
+    if not secret:
+        raise SettingsError("RELAY_EVENT_WEBHOOK_SECRET is not set: the events sent to RELAY_EVENT_WEBHOOK_URL "
+                            "must be signed")
+    try:
+        key = base64.b64decode(secret.removeprefix(STANDARD_WEBHOOKS_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not secret.startswith(STANDARD_WEBHOOKS_PREFIX) or len(key) < 24:
+        raise SettingsError("RELAY_EVENT_WEBHOOK_SECRET must be 'whsec_' followed by at least 24 bytes in base64, "
+                            "as Standard Webhooks secrets are")
+    return secret
+
+
+def _transcript_messages(env: _Environment) -> int:
+    count = env.integer("RELAY_EVENT_TRANSCRIPT_MESSAGES")
+    if count > MAX_TRANSCRIPT_MESSAGES:
+        raise SettingsError(f"RELAY_EVENT_TRANSCRIPT_MESSAGES must be at most {MAX_TRANSCRIPT_MESSAGES}")
+    return count
 
 
 def _omnichannel(env: _Environment) -> dict[str, dict]:

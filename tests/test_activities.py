@@ -4,10 +4,13 @@ import hashlib
 import hmac
 import json
 
+import pytest
+
 from relay.activities import (
     ACTIVITY_LIMIT_BYTES,
     build_inbound_activity,
     directline_user_id,
+    is_interim,
     render_outbound,
 )
 from relay.channels.base import InboundMessage, Media
@@ -104,3 +107,26 @@ def test_adaptive_card_falls_back_to_its_text():
     rendered = render_outbound({"type": "message", "attachments": [
         {"contentType": "application/vnd.microsoft.card.adaptive", "content": {"fallbackText": "Plain version"}}]})
     assert rendered.text == "Plain version"
+
+
+def streaminfo(stream_type: str) -> list[dict]:
+    return [{"type": "streaminfo", "streamType": stream_type, "streamSequence": 1}]
+
+
+@pytest.mark.parametrize(("activity", "interim"), [
+    pytest.param({"type": "typing"}, True, id="typing"),
+    pytest.param({"type": "typing", "text": "The ans", "entities": streaminfo("streaming")}, True,
+                 id="a streamed step sent as typing"),
+    pytest.param({"type": "message", "text": "The ans", "entities": streaminfo("streaming")}, True,
+                 id="a streamed step sent as a message"),
+    pytest.param({"type": "message", "text": "Searching...", "entities": streaminfo("informative")}, True,
+                 id="an informative step"),
+    pytest.param({"type": "message", "text": "The ans", "channelData": {"streamType": "streaming"}}, True,
+                 id="a streamed step named in channelData"),
+    pytest.param({"type": "message", "text": "The answer.", "entities": streaminfo("final")}, False,
+                 id="the streamed answer's final message"),
+    pytest.param({"type": "message", "text": "Hello", "entities": [{"type": "mention"}]}, False,
+                 id="a plain message with other entities"),
+])
+def test_only_typing_and_a_streamed_answers_steps_are_interim(activity, interim):
+    assert is_interim(activity) is interim

@@ -40,11 +40,45 @@ def test_missing_secret_is_named():
     ("WEBCHAT_BUNDLE_URL", "cdn.example/webchat.js", "absolute http"),
     ("WEBCHAT_BUNDLE_URL", "http://cdn.example/webchat.js", "https URL"),
     ("DIRECTLINE_SECRET", "@Microsoft.KeyVault(SecretUri=https://v.vault.azure.net/secrets/x/)", "Key Vault"),
+    ("RELAY_DEFAULT_LOCALE", "english please", "BCP 47"),
+    ("RELAY_EVENT_WEBHOOK_URL", "http://desk.example/events", "https URL"),
+    ("RELAY_EVENT_TRANSCRIPT_MESSAGES", "101", "at most 100"),
 ])
 def test_malformed_values_are_named(name, value, message):
     with pytest.raises(SettingsError, match=message) as raised:
         Settings.from_environ({**BASE, name: value})
     assert name in str(raised.value)
+
+
+EVENT_SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="  # 26 bytes
+
+
+def test_the_greeting_event_is_on_by_default_and_off_when_set_empty():
+    assert (Settings.from_environ(BASE).relay.start_event, Settings.from_environ(BASE).relay.default_locale) == (
+        "startConversation", "en-US")
+    assert Settings.from_environ({**BASE, "RELAY_START_EVENT": " "}).relay.start_event == ""
+    assert Settings.from_environ({**BASE, "RELAY_START_EVENT": "hello"}).relay.start_event == "hello"
+
+
+@pytest.mark.parametrize(("secret", "message"), [
+    pytest.param("", "must be signed", id="missing"),
+    pytest.param("plain-secret-of-enough-length-here", "whsec_", id="not whsec_"),
+    pytest.param("whsec_not base64!", "whsec_", id="not base64"),
+    pytest.param("whsec_c2hvcnQ=", "24 bytes", id="too short"),
+])
+def test_an_event_webhook_needs_a_standard_webhooks_secret(secret, message):
+    with pytest.raises(SettingsError, match=message) as raised:
+        Settings.from_environ({**BASE, "RELAY_EVENT_WEBHOOK_URL": "https://desk.example/events",
+                               "RELAY_EVENT_WEBHOOK_SECRET": secret})
+    assert "RELAY_EVENT_WEBHOOK_SECRET" in str(raised.value) and (not secret or secret not in str(raised.value))
+
+
+def test_an_event_webhook_on_https_or_loopback_with_its_secret_is_accepted():
+    for url in ("https://desk.example/events", "http://127.0.0.1:8080/events"):
+        relay = Settings.from_environ({**BASE, "RELAY_EVENT_WEBHOOK_URL": url,
+                                       "RELAY_EVENT_WEBHOOK_SECRET": EVENT_SECRET}).relay
+        assert (relay.event_webhook_url, relay.event_transcript_messages) == (url, 20)
+        assert EVENT_SECRET not in repr(relay)
 
 
 def test_identity_based_storage_from_account_name():

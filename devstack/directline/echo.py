@@ -5,8 +5,10 @@ Both bots answer the same words the same way, so a relay test can run against ei
 - any message: "You said: <text>" (an upload: "You sent: <file names>");
 - "later": that echo, then LATE_PREFIX + text about `late_reply_seconds` after the turn (a proactive message);
 - "card": a hero card with buttons plus suggested actions;
-- "bye": "Goodbye." and then an endOfConversation activity.
-Other activity types (conversationUpdate, event, endOfConversation, typing) get no answer.
+- "bye": "Goodbye." and then an endOfConversation activity;
+- a `startConversation` event (what the relay and relay-webchat.js send first in a new conversation,
+  as a Copilot Studio agent expects): the greeting, GREETING_PREFIX + the event's locale.
+Other activity types (conversationUpdate, other events, endOfConversation, typing) get no answer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ ECHO_PREFIX = "You said: "
 LATE_PREFIX = "Late reply: "
 CARD_TEXT = "Here is a card."
 GOODBYE_TEXT = "Goodbye."
+START_EVENT = "startConversation"
+GREETING_PREFIX = "Hello, I am the echo bot. Your locale: "
 DEFAULT_LATE_REPLY_SECONDS = 3.0
 
 
@@ -29,6 +33,8 @@ TYPING: dict[str, Any] = {"type": "typing"}
 
 def replies_to(activity: dict[str, Any]) -> list[dict[str, Any]]:
     """The activities the bot sends during the turn, TYPING first (without ids, sender or conversation)."""
+    if activity.get("type") == "event" and activity.get("name") == START_EVENT:
+        return [{"type": "message", "text": greeting(activity.get("locale"))}]
     if activity.get("type") != "message":
         return []
     return [dict(TYPING), *_answers_to(activity)]
@@ -46,6 +52,11 @@ def _answers_to(activity: dict[str, Any]) -> list[dict[str, Any]]:
     if files and not text:
         return [{"type": "message", "text": "You sent: " + ", ".join(files)}]
     return [{"type": "message", "text": ECHO_PREFIX + text}]
+
+
+def greeting(locale: str | None) -> str:
+    """What the bot says on a `startConversation` event with `locale` (none given: "unknown")."""
+    return GREETING_PREFIX + (locale or "unknown")
 
 
 def late_reply_to(activity: dict[str, Any]) -> dict[str, Any] | None:

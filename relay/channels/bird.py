@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from relay.channels.base import InboundMessage, Media, OutboundMessage, WebhookRequest
@@ -27,6 +28,7 @@ from relay.channels.common import (
     send_parts,
 )
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
+from relay.formatting import ChannelKind, format_for
 
 __all__ = ["BirdAdapter", "compute_signature"]
 
@@ -70,7 +72,9 @@ class BirdAdapter(AdapterBase):
         if not message_id or not user:
             raise BadPayload("the Bird message lacks payload.id or sender.contact")
         text, media = self._content(payload.get("body") or {})
-        context = {"channel_id": identifier(payload.get("channelId")) or self.channel_id}
+        # The event names the platform ("whatsapp.inbound", "sms.inbound"): how the user's phone shows a reply.
+        context = {"channel_id": identifier(payload.get("channelId")) or self.channel_id,
+                   "platform": str(body.get("event", "")).rsplit(".", 1)[0]}
         if address:
             context |= {"identifier_key": identifier(contact.get("identifierKey")) or "", "identifier_value": address}
         else:
@@ -115,6 +119,8 @@ class BirdAdapter(AdapterBase):
         else:
             raise ProviderRejected("the Bird reply context needs 'identifier_value' or 'contact_id'")
         channel = reply_context.get("channel_id") or self.channel_id
+        kind = ChannelKind.WHATSAPP if reply_context.get("platform") == "whatsapp" else ChannelKind.PLAIN
+        message = replace(message, text=format_for(kind, message.text))
         url = f"{self.api_base}/workspaces/{self.workspace_id}/channels/{channel}/messages"
         bodies = []
         images = [m for m in message.media if (m.content_type or "").startswith("image/")]

@@ -28,6 +28,7 @@ import hmac
 import json
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from relay.channels.base import InboundMessage, Media, OutboundMessage, WebhookRequest
@@ -43,6 +44,7 @@ from relay.channels.common import (
     send_parts,
 )
 from relay.errors import BadPayload, ProviderRejected, SettingsError, SignatureInvalid
+from relay.formatting import ChannelKind, format_for
 
 __all__ = ["GenericAdapter", "hmac_signature", "secret_key", "standard_headers", "standard_signature"]
 
@@ -187,6 +189,7 @@ class GenericAdapter(AdapterBase):
         user_id = reply_context.get("user_id")
         if not user_id:
             raise ProviderRejected("the generic reply context needs 'user_id'")
+        message = replace(message, text=format_for(ChannelKind.PLAIN, message.text))
         # Standard Webhooks receivers deduplicate on webhook-id: a resend of the same reply (after a
         # crash between sending and saving) carries the same id, so it is recognised as one message.
         key = message.idempotency_key

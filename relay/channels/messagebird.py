@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -32,6 +33,7 @@ from relay.channels.common import (
     send_parts,
 )
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid, StaleTimestamp
+from relay.formatting import ChannelKind, format_for
 
 __all__ = ["MessageBirdAdapter", "compute_legacy_signature"]
 
@@ -152,7 +154,7 @@ class MessageBirdAdapter(AdapterBase):
             text=text,
             user_name=name,
             media=media,
-            reply_context={"conversation_id": conversation_id},
+            reply_context={"conversation_id": conversation_id, "platform": str(message.get("platform") or "")},
             raw=body,
         )]
 
@@ -174,6 +176,8 @@ class MessageBirdAdapter(AdapterBase):
         conversation_id = reply_context.get("conversation_id")
         if not conversation_id:
             raise ProviderRejected("the MessageBird reply context needs 'conversation_id'")
+        kind = ChannelKind.WHATSAPP if reply_context.get("platform") == "whatsapp" else ChannelKind.PLAIN
+        message = replace(message, text=format_for(kind, message.text))
         url = f"{self.api_base}/v1/conversations/{conversation_id}/messages"
         bodies = [self._media_body(m) for m in message.media]
         text = message_text(message)

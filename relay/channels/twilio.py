@@ -25,6 +25,7 @@ import hmac
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
 from relay.channels.base import InboundMessage, Media, MediaContent, OutboundMessage, WebhookAnswer, WebhookRequest
@@ -43,6 +44,7 @@ from relay.channels.common import (
     split_text,
 )
 from relay.errors import BadPayload, ProviderRejected, SignatureInvalid
+from relay.formatting import ChannelKind, format_for
 
 __all__ = ["MEDIA_PER_MESSAGE", "MESSAGE_SID", "TwilioAdapter", "compute_signature"]
 
@@ -95,6 +97,11 @@ def _url_variants(url: str) -> list[str]:
     without = urlunsplit(parts._replace(netloc=prefix + host))
     with_port = urlunsplit(parts._replace(netloc=f"{prefix}{host}:{default}"))
     return [without, with_port]
+
+
+def _text_kind(address: str) -> ChannelKind:
+    """How the user's phone shows a reply: WhatsApp formatting for a `whatsapp:` address, else plain SMS text."""
+    return ChannelKind.WHATSAPP if address.startswith("whatsapp:") else ChannelKind.PLAIN
 
 
 class TwilioAdapter(AdapterBase):
@@ -213,6 +220,7 @@ class TwilioAdapter(AdapterBase):
         to, sender = reply_context.get("to"), reply_context.get("from")
         if not to or not sender:
             raise ProviderRejected("the Twilio reply context needs 'to' and 'from'")
+        message = replace(message, text=format_for(_text_kind(to), message.text))
         text = message_text(message)
         pieces = split_text(text, TEXT_LIMIT) if text else []
         media_urls = [m.url for m in message.media]

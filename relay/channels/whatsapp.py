@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -50,6 +51,7 @@ from relay.channels.common import (
     unix_time,
 )
 from relay.errors import BadPayload, ProviderRejected, ProviderUnavailable, SignatureInvalid, VerifyTokenMismatch
+from relay.formatting import ChannelKind, format_for
 
 __all__ = [
     "BUTTON_LIMIT",
@@ -257,6 +259,7 @@ class WhatsAppAdapter(AdapterBase):
         to = reply_context.get("to")
         if not to:
             raise ProviderRejected("the WhatsApp reply context needs 'to'")
+        message = replace(message, text=format_for(ChannelKind.WHATSAPP, message.text))
         url = f"{self.api_base}/{reply_context.get('phone_number_id') or self.phone_number_id}/messages"
         return send_parts(self._bodies(message), lambda body: self._post(url, to, body), first_part=first_part)
 

@@ -19,11 +19,16 @@
  * The connection underneath uses Direct Line's WebSocket stream where the browser has WebSocket, and
  * polls otherwise (or with webSocket: false).
  *
+ * A new conversation (never a resumed one) starts with an event activity named `startEvent` carrying
+ * the browser's locale, before anything the user types: a Copilot Studio agent greets on it.
+ *
  * sessionStorage (per tab) keeps conversationId, userId, resumeKey and watermark; the token is never
  * stored. Options: baseUrl (the relay; default this page's origin), webSocket (true: the stream where
  * available; false: poll), pollingInterval (ms, 1000, when polling), hiddenResumeMs (a tab hidden this
- * long checks its connection when shown again, 60000), storage, createDirectLine, fetch, log (function
- * receiving diagnostic strings, never tokens or keys).
+ * long checks its connection when shown again, 60000), startEvent (the event a new conversation starts
+ * with, 'startConversation'; '' or null: none), locale (sent with it; the browser's navigator.language,
+ * else 'en-US'), storage, createDirectLine, fetch, log (function receiving diagnostic strings, never
+ * tokens or keys).
  */
 (function (global) {
   'use strict';
@@ -136,6 +141,8 @@
     var pollingInterval = options.pollingInterval || 1000;
     var fetch = options.fetch || function (url, init) { return global.fetch(url, init); };
     var log = options.log || function () {};
+    var startEvent = options.startEvent === undefined ? 'startConversation' : options.startEvent;
+    var locale = options.locale || (global.navigator && global.navigator.language) || 'en-US';
     if (!createDirectLine) {
       return Promise.reject(new Error('relay-webchat.js needs Web Chat (window.WebChat.createDirectLine)'));
     }
@@ -297,11 +304,20 @@
       current = null;
     }
 
+    // A new conversation: a token for it, the connection, then the start event (posted once, before the
+    // page is handed to Web Chat, so the bot's greeting comes before any answer; a failure is logged and
+    // the page goes on without it). A stream opened without a watermark carries only what comes after it
+    // opened, and the event may be posted (and answered) before that: what the bot said by the time the
+    // post returns is read over HTTPS too (shown once: by id).
     function start() {
       return call('token', {}).then(function (grant) {
         save({ watermark: '' });
         adopt(grant);
         attach(null);
+        if (!startEvent) { return undefined; }
+        return post(asPageUser({ type: 'event', name: startEvent, locale: locale, from: {} }), true).then(
+          function () { return catchUp(load().watermark || '', 0); },
+          function (error) { log('the start event was not sent: ' + (error && error.code)); });
       });
     }
 

@@ -33,6 +33,7 @@ class DeadLetterKind(StrEnum):
     REPLY = "reply"  # a bot's reply the provider refused
     MEDIA = "media"  # a user's file the relay could not carry to the bot (the message itself was posted)
     INBOUND = "inbound"  # a user's message Direct Line refused
+    EVENT = "event"  # a bot's event activity RELAY_EVENT_WEBHOOK_URL refused
 
 
 @dataclass(frozen=True)

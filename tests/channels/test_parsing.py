@@ -208,7 +208,8 @@ def test_messagebird_text_and_name():
     [message] = make_adapter("messagebird").parse(post(body))
     assert (message.message_id, message.user_id, message.user_name, message.text) == (
         "6c9ff6a8fbd946bd9e3f5e5b2f1e0fa1", "+31600000001", "Renée Ørsted", "Tschüß 👋")
-    assert dict(message.reply_context) == {"conversation_id": "2e15efafec384e1c82e9842075e87beb"}
+    assert dict(message.reply_context) == {"conversation_id": "2e15efafec384e1c82e9842075e87beb",
+                                           "platform": "whatsapp"}
 
 
 def test_messagebird_image_with_caption_and_contact_without_names():
@@ -251,7 +252,8 @@ def test_bird_text():
     assert (message.message_id, message.user_id, message.user_name, message.text) == (
         "4a8f8a3e-3b5e-4d6b-9f9f-1b2c3d4e5f60", "+15550002", "Ana Núñez", "¿Qué tal? 🌮")
     assert dict(message.reply_context) == {"channel_id": "8f3e1b2c-0000-4000-8000-000000000001",
-                                           "identifier_key": "phonenumber", "identifier_value": "+15550002"}
+                                           "platform": "whatsapp", "identifier_key": "phonenumber",
+                                           "identifier_value": "+15550002"}
 
 
 def test_bird_images_and_files():

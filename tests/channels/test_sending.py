@@ -49,6 +49,31 @@ def test_media_reaches_the_user(sim, provider):
     assert "a cat" in [r["text"] for r in replies]
 
 
+MARKDOWN = "**Open** _today_: see [the site](https://shop.example/opening_hours)"
+AS_WHATSAPP = "*Open* _today_: see the site (https://shop.example/opening_hours)"
+AS_PLAIN = "Open today: see the site (https://shop.example/opening_hours)"
+
+
+@pytest.mark.parametrize(("provider", "user", "context", "shown"), [
+    pytest.param("whatsapp", *CONTEXTS["whatsapp"], AS_WHATSAPP, id="WhatsApp Cloud"),
+    pytest.param("twilio", "whatsapp:+15550003", {"to": "whatsapp:+15550003", "from": "whatsapp:+14155238886"},
+                 AS_WHATSAPP, id="Twilio WhatsApp"),
+    pytest.param("twilio", *CONTEXTS["twilio"], AS_PLAIN, id="Twilio SMS"),
+    pytest.param("messagebird", "conv-wa", {"conversation_id": "conv-wa", "platform": "whatsapp"}, AS_WHATSAPP,
+                 id="MessageBird WhatsApp"),
+    pytest.param("messagebird", "conv-sms", {"conversation_id": "conv-sms", "platform": "sms"}, AS_PLAIN,
+                 id="MessageBird SMS"),
+    pytest.param("bird", "+15550004", {"identifier_key": "phonenumber", "identifier_value": "+15550004",
+                                        "platform": "whatsapp"}, AS_WHATSAPP, id="Bird WhatsApp"),
+    pytest.param("bird", "+15550005", {"identifier_key": "phonenumber", "identifier_value": "+15550005",
+                                        "platform": "sms"}, AS_PLAIN, id="Bird SMS"),
+    pytest.param("generic", *CONTEXTS["generic"], AS_PLAIN, id="generic"),
+])
+def test_the_bots_markdown_reaches_the_user_as_their_channel_shows_it(sim, provider, user, context, shown):
+    adapter_for(sim, provider).send(context, OutboundMessage(text=MARKDOWN))
+    assert [r["text"] for r in sim.replies(provider, user)] == [shown]
+
+
 def test_twilio_splits_long_text_at_1600_characters(sim):
     user, context = CONTEXTS["twilio"]
     words = " ".join(f"word{n}" for n in range(700))  # about 5,400 characters

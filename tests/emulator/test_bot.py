@@ -48,6 +48,17 @@ def test_botbuilder_echo_answers_through_the_connector_api(via_bot, bot_emulator
     assert bot_emulator.counters()["conversations"][cid].get("connector/reply", 0) >= 1
 
 
+def test_both_echo_bots_greet_on_a_start_conversation_event_in_its_locale(via_bot, directline_emulator):
+    builtin = DirectLineCalls(directline_emulator.base_url, secret=directline_emulator.secret)
+    for calls in (via_bot, builtin):
+        cid = calls.start(user={"id": "dl_alice"})["conversationId"]
+        for event in ({"name": "somethingElse"}, {"name": "startConversation", "locale": "de-DE"}):
+            response = calls.post(cid, {"type": "event", "from": {"id": "dl_alice"}, **event})
+            assert response.status_code == 200, response.text
+        replies = [a["text"] for a in calls.all_activities(cid) if a["from"].get("role") == "bot"]
+        assert replies == ["Hello, I am the echo bot. Your locale: de-DE"]
+
+
 def test_botbuilder_echo_types_before_it_answers_over_the_stream(via_bot):
     conversation = via_bot.start(user={"id": "dl_alice"})
     with connect(conversation["streamUrl"], open_timeout=10) as stream:

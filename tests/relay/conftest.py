@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import base64
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,9 @@ from relay.store.due_polls import InboundMark
 from tests.conftest import DIRECTLINE_TEST_SECRET, subprocess_env
 
 PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic")
+NO_GREETING = {"RELAY_START_EVENT": ""}
+"""The stacks here start without the greeting event (the echo bot's first reply is then its echo); a test of
+the greeting passes env={"RELAY_START_EVENT": "startConversation"}."""
 EVERY_SECOND = "* * * * * *"
 NEVER = "0 0 0 1 1 *"  # the timer stays out of the way: only the webhook's burst delivers
 
@@ -100,6 +105,7 @@ def relay_stack(storage_connection_string, table_prefix, start_emulator, start_h
             "RELAY_PUBLIC_BASE_URL": host_url,
             "RELAY_POLL_SCHEDULE": schedule,
             "RELAY_BURST_POLL_SECONDS": burst,
+            **NO_GREETING,
             **(env or {}),
         }
         store = RelayStore.from_settings(StorageSettings(connection_string=storage_connection_string,
@@ -250,6 +256,7 @@ def inprocess_relay(storage_connection_string, table_prefix) -> Iterator[Callabl
             "DIRECTLINE_SECRET": DIRECTLINE_TEST_SECRET,
             "DIRECTLINE_ENDPOINT": emulator.base_url,
             "RELAY_PUBLIC_BASE_URL": RELAY_URL,
+            **NO_GREETING,
             **(env or {}),
         })
         time = ManualTime()
@@ -269,3 +276,48 @@ def inprocess_relay(storage_connection_string, table_prefix) -> Iterator[Callabl
         relay.ctx.directline.close()
         relay.emulator.close()
         relay.simulator.close()
+
+
+# ------------------------------------------------------------------------------- the operator's event endpoint
+
+EVENT_SECRET = "whsec_" + base64.b64encode(b"the operator's event webhook key!").decode()
+
+
+@dataclass
+class EventReceiver:
+    """A real HTTP endpoint on loopback standing in for an agent desk: it records every POST (headers, body)
+    and answers with the statuses in `answers`, one per request, then 200."""
+
+    url: str
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"RELAY_EVENT_WEBHOOK_URL": self.url, "RELAY_EVENT_WEBHOOK_SECRET": EVENT_SECRET}
+
+
+@pytest.fixture
+def event_receiver() -> Iterator[EventReceiver]:
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            with lock:
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                status = receiver.answers.pop(0) if receiver.answers else 200
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    receiver = EventReceiver(url=f"http://127.0.0.1:{server.server_address[1]}/events")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield receiver
+    server.shutdown()
+    server.server_close()

@@ -13,13 +13,15 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
+from standardwebhooks import Webhook
 
+from devstack.directline.echo import greeting
 from relay.activities import directline_user_id
 from relay.channels.base import InboundMessage
 from relay.errors import TokenExpired
 from relay.inbound import accept_all
 from relay.store.conversations import ConversationKey, ConversationState
-from tests.relay.conftest import InProcessRelay
+from tests.relay.conftest import EVENT_SECRET, EventReceiver, InProcessRelay
 
 USER = "+15550200001"
 OTHER_USER = "+15550200002"
@@ -155,6 +157,191 @@ def test_an_idle_conversation_is_peeked_less_and_less_often_up_to_the_ceiling(in
     assert gaps == [5, 10, 20, 30, 30]
     assert relay.calls() == {"activities/get": 6}  # one read per peek, nothing else
     assert relay.record(key).lease_owner is None
+
+
+# ------------------------------------------------------------------------------------- final text only
+
+
+def test_a_streamed_answer_reaches_the_user_once_as_its_final_text(inprocess_relay):
+    relay = inprocess_relay()
+    key = settled(relay)
+    conversation_id = relay.record(key).conversation_id
+    steps = [
+        {"type": "message", "text": "Searching the knowledge base...",
+         "entities": [{"type": "streaminfo", "streamType": "informative", "streamSequence": 1}]},
+        {"type": "message", "text": "The opening",
+         "entities": [{"type": "streaminfo", "streamType": "streaming", "streamSequence": 2}]},
+        {"type": "message", "text": "The opening hours are", "channelData": {"streamType": "streaming"}},
+        {"type": "message", "text": "The opening hours are 9 to 5.",
+         "entities": [{"type": "streaminfo", "streamType": "final"}]},
+    ]
+    for step in steps:
+        relay.emulator.http.post(f"{relay.emulator.url}/v3/conversations/{conversation_id}/activities",
+                                 json=step, timeout=5).raise_for_status()
+
+    relay.work(key)
+
+    assert relay.replies(key) == ["You said: hello", "The opening hours are 9 to 5."]
+
+
+# ----------------------------------------------------------------------------------------- greeting
+
+GREETED = {"RELAY_START_EVENT": "startConversation"}
+
+
+def start_events(relay: InProcessRelay, conversation_id: str) -> list[dict]:
+    """The greeting events the bot received in a conversation."""
+    return [a for a in relay.emulator.conversation(conversation_id)["activities"]
+            if a.get("type") == "event" and a.get("name") == "startConversation"]
+
+
+@pytest.mark.parametrize(("fault", "runs"), [
+    pytest.param(None, 1, id="the first message starts a conversation that greets the user before the answer"),
+    pytest.param({"error_502_rate": 1.0, "phase": "after"}, 1,
+                 id="the greeting's post failed after Direct Line took it: found, not posted twice"),
+    pytest.param({"drop_rate": 1.0, "phase": "after"}, 1,
+                 id="the connection dropped after Direct Line took the greeting: found, not posted twice"),
+    pytest.param({"error_500_rate": 1.0}, 1,
+                 id="Direct Line failed on the greeting without taking it: not found, so posted again, once"),
+    pytest.param({"throttle_rate": 1.0, "retry_after": "3"}, 2,
+                 id="Direct Line throttled the greeting: the message waits and a new conversation greets once"),
+])
+def test_a_new_conversation_greets_the_user_once_before_their_first_answer(inprocess_relay, fault, runs):
+    relay = inprocess_relay(env=GREETED)
+    if fault:
+        relay.emulator.set_faults(**{"endpoints": ["activities/post"], **fault, "limit": 1})
+    key = relay.message("twilio", USER, "hello")
+
+    posted = []
+    for _ in range(runs):
+        posted.append(relay.work(key).posted)
+        relay.time.advance(10)
+    relay.message("twilio", USER, "again")
+    relay.work(key)
+
+    conversation_id = relay.record(key).conversation_id
+    [event] = start_events(relay, conversation_id)
+    assert event["locale"] == "en-US" and event["from"]["id"] == relay.record(key).user_id
+    assert relay.messages_at_bot(conversation_id) == ["hello", "again"]
+    assert relay.replies(key) == [greeting("en-US"), "You said: hello", "You said: again"]
+    assert posted == [0] * (runs - 1) + [1]  # the message waited only while the greeting could not be posted
+
+
+def test_the_greeting_carries_the_locale_the_provider_gave_else_the_default(inprocess_relay):
+    relay = inprocess_relay(env={**GREETED, "RELAY_DEFAULT_LOCALE": "fr-FR"})
+    told = InboundMessage("m-1", "u-de", "hallo", locale="de-DE", reply_context={"user_id": "u-de"})
+    untold = InboundMessage("m-2", "u-fr", "salut", reply_context={"user_id": "u-fr"})
+    for key, marks in accept_all(relay.ctx, "generic", [told, untold]).items():
+        relay.arrivals[key] = marks
+        relay.work(key)
+
+    assert [r["text"] for r in relay.simulator.replies("generic", "u-de")] == [greeting("de-DE"), "You said: hallo"]
+    assert [r["text"] for r in relay.simulator.replies("generic", "u-fr")] == [greeting("fr-FR"), "You said: salut"]
+
+
+def test_with_the_start_event_set_empty_nobody_is_greeted(inprocess_relay):
+    relay = inprocess_relay(env={"RELAY_START_EVENT": ""})
+    key = relay.message("twilio", USER, "hello")
+
+    relay.work(key)
+
+    assert start_events(relay, relay.record(key).conversation_id) == []
+    assert relay.replies(key) == ["You said: hello"]
+
+
+# ------------------------------------------------------------------------------------------- events
+
+HANDOFF = {"type": "event", "name": "handoff.initiate", "value": {"reason": "the user asked for a person"},
+           "attachments": [{"contentType": "application/json", "name": "context", "content": {"topic": "billing"}}]}
+
+
+def bot_sends(relay: InProcessRelay, key: ConversationKey, activity: dict) -> str:
+    """The bot sends `activity` in the user's conversation; its activity id."""
+    response = relay.emulator.http.post(
+        f"{relay.emulator.url}/v3/conversations/{relay.record(key).conversation_id}/activities", json=activity,
+        timeout=5)
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+def verified_events(receiver: EventReceiver) -> list[dict]:
+    """What the receiver got, each POST's Standard Webhooks signature checked by the reference library."""
+    return [Webhook(EVENT_SECRET).verify(body, headers) for headers, body in receiver.received]
+
+
+def test_a_handoff_reaches_the_event_webhook_once_signed_with_the_user_and_the_transcript(inprocess_relay,
+                                                                                         event_receiver):
+    relay = inprocess_relay(env={**event_receiver.env, **GREETED})  # the relay's own start event is not the bot's
+    key = relay.message("twilio", USER, "hello")
+    relay.work(key)
+    event_id = bot_sends(relay, key, HANDOFF)
+
+    relay.work(key)
+    relay.time.advance(5)
+    relay.tick()
+
+    [event] = verified_events(event_receiver)
+    record = relay.record(key)
+    assert event["type"] == "bot.event"
+    data = event["data"]
+    assert data["conversation"] == {"id": record.conversation_id}
+    assert (data["channel"], data["user"]) == ("twilio", {"id": USER, "directLineId": record.user_id})
+    assert data["event"] == {"id": event_id, **{k: HANDOFF[k] for k in ("name", "value", "attachments")}}
+    assert [(m["from"], m["text"]) for m in data["transcript"]] == [
+        ("bot", greeting("en-US")), ("user", "hello"), ("bot", "You said: hello")]
+    assert relay.replies(key) == [greeting("en-US"), "You said: hello"]  # nothing of the event reaches the phone
+
+
+def test_the_transcript_is_the_last_messages_the_setting_allows(inprocess_relay, event_receiver):
+    relay = inprocess_relay(env={**event_receiver.env, "RELAY_EVENT_TRANSCRIPT_MESSAGES": "3"})
+    key = settled(relay, "one")
+    relay.message("twilio", USER, "two")
+    relay.work(key)
+    bot_sends(relay, key, {"type": "event", "name": "escalate"})
+
+    relay.work(key)
+
+    [event] = verified_events(event_receiver)
+    assert [m["text"] for m in event["data"]["transcript"]] == ["You said: one", "two", "You said: two"]
+
+
+@pytest.mark.parametrize(("answers", "posts", "dead_letters"), [
+    pytest.param([503], 2, 0, id="an endpoint that cannot take it now gets it again later, with the same webhook-id"),
+    pytest.param([400], 1, 1, id="an endpoint that refuses it for good leaves a dead letter, and it is not sent again"),
+])
+def test_an_event_the_endpoint_does_not_take_is_retried_or_dead_lettered(inprocess_relay, event_receiver,
+                                                                         answers, posts, dead_letters):
+    event_receiver.answers.extend(answers)
+    relay = inprocess_relay(env=event_receiver.env)
+    key = settled(relay)
+    bot_sends(relay, key, HANDOFF)
+
+    relay.work(key)
+    relay.time.advance(30)
+    relay.tick()
+    relay.time.advance(30)
+    relay.tick()
+
+    assert len(event_receiver.received) == posts
+    assert len({headers["webhook-id"] for headers, _ in event_receiver.received}) == 1
+    letters = relay.store.dead_letters.list_letters(key)
+    assert [(letter.kind, letter.payload["activity"]["name"]) for letter in letters] == [("event", "handoff.initiate")
+                                                                                          ] * dead_letters
+
+
+def test_without_an_event_webhook_an_event_is_logged_by_name_and_skipped(inprocess_relay, caplog):
+    relay = inprocess_relay()
+    key = settled(relay)
+    event_id = bot_sends(relay, key, HANDOFF)
+
+    with caplog.at_level("INFO", logger="relay.delivery"):
+        relay.work(key)
+
+    assert any("handoff.initiate" in r.getMessage() and "RELAY_EVENT_WEBHOOK_URL" in r.getMessage()
+               for r in caplog.records)
+    assert "the user asked for a person" not in caplog.text
+    assert relay.record(key).is_delivered(event_id)
+    assert relay.replies(key) == ["You said: hello"]
 
 
 # --------------------------------------------------------------------------------- multi-part replies

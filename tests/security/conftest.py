@@ -91,6 +91,7 @@ def exposed_relay(storage_connection_string, directline_emulator, start_simulato
         "RELAY_PUBLIC_BASE_URL": url,
         "RELAY_POLL_SCHEDULE": "* * * * * *",
         "RELAY_BURST_POLL_SECONDS": "1",
+        "RELAY_START_EVENT": "",  # no greeting: the bot's first reply is the echo
         "WEBCHAT_ALLOWED_ORIGINS": ALLOWED_ORIGIN,
         "WEBCHAT_TOKEN_RATE_LIMIT": "3",
         "DEVSTACK_LOG_LEVEL": "DEBUG",  # the most talkative logs: the secret scan reads them

@@ -1,5 +1,6 @@
 // The Web Chat demo in headless Chromium (Debian's, driven by playwright-core): chat, go offline (or
 // sleep) until the token has expired, come back, chat again, reload.
+// The browser speaks German (navigator.language de-DE): the page's start event carries that locale.
 // Usage: node browser_chat.js <demo page URL> [chromium path] [--chat-only] [--sleep <emulator URL>]
 // Prints one JSON line with what the page showed at each step; exits non-zero on a failed step.
 // --chat-only: stop after the first answer (the page loads, connects and chats).
@@ -71,6 +72,7 @@ async function main() {
   const context = await chromium.launchPersistentContext(profile, {
     executablePath,
     headless: true,
+    locale: 'de-DE',
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });

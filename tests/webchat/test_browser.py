@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack.directline.echo import greeting
 from devstack.procs import ROOT
 from tests.conftest import subprocess_env
 from tests.webchat.conftest import Stack
@@ -46,18 +47,21 @@ def test_the_deployed_demo_chats_with_web_chat_from_the_bundle_url(chromium, new
     """As in Azure: the app from `make package`, no node_modules, Web Chat from WEBCHAT_BUNDLE_URL."""
     stack = new_stack(app=packaged_app, env={"WEBCHAT_DEMO_ENABLED": "true", "WEBCHAT_BUNDLE_URL": bundle_host.url})
     result = chat_in_browser(chromium, f"{stack.url}/api/webchat/demo", "--chat-only")
-    assert result["bubbles"] == ["hello", "You said: hello"]
+    assert result["bubbles"] == [GREETING, "hello", "You said: hello"]
     assert stack.emulator.counters()["requests"].get("conversations/stream", 0) >= 1  # the WebSocket stream
     assert bundle_host.requests == ["/botframework-webchat/test/webchat.js"]
 
 
-TRANSCRIPT = ["hello", "You said: hello", "refreshed", "You said: refreshed", "after the break",
+GREETING = greeting("de-DE")  # the echo bot's answer to the page's startConversation event, in the browser's locale
+USER_SAID = ["hello", "refreshed", "after the break"]
+TRANSCRIPT = [GREETING, "hello", "You said: hello", "refreshed", "You said: refreshed", "after the break",
               "You said: after the break"]
 
 
 def assert_one_conversation(stack: Stack, result: dict, transcript: list[str]) -> None:
     """Back, the page went on in its conversation: its transcript exactly once, after a reload too, and
-    Direct Line got each of its messages once, from the page's own dl_ user."""
+    Direct Line got each of its messages once, from the page's own dl_ user, and one start event (the
+    greeting's): none on the resume or the reload."""
     assert result["conversationAfter"] == result["conversationBefore"]
     assert result["bubbles"] == transcript
     assert result["conversationAfterReload"] == result["conversationBefore"]
@@ -66,8 +70,10 @@ def assert_one_conversation(stack: Stack, result: dict, transcript: list[str]) -
     user = result["userId"]
     assert user.startswith("dl_")
     assert [a["text"] for a in activities if a["type"] == "message"] == transcript
-    assert [a["from"]["id"] for a in activities if a["type"] == "message" and a["from"].get("role") != "bot"] == \
-        [user] * (len(transcript) // 2)
+    said = [a for a in activities if a["type"] == "message" and a["from"].get("role") != "bot"]
+    assert [(a["from"]["id"], a["text"]) for a in said] == [(user, text) for text in USER_SAID]
+    assert [(a["name"], a["locale"], a["from"]["id"]) for a in activities if a["type"] == "event"] == [
+        ("startConversation", "de-DE", user)]
     log = stack.log_text()
     assert "Executed 'Functions.directline_refresh' (Succeeded, Status=200" in log
     assert "Executed 'Functions.directline_resume' (Succeeded, Status=200" in log
@@ -93,5 +99,5 @@ def test_a_streaming_page_asleep_past_its_tokens_expiry_wakes_into_its_conversat
     requests_made = stack.emulator.counters()["requests"]
     assert requests_made.get("conversations/stream", 0) >= 2  # a stream before the sleep, another after
     assert requests_made.get("activities/get", 0) >= 1  # what it missed, read once awake
-    transcript = [*TRANSCRIPT[:4], "while you slept", *TRANSCRIPT[4:]]
+    transcript = [*TRANSCRIPT[:5], "while you slept", *TRANSCRIPT[5:]]
     assert_one_conversation(stack, result, transcript)
