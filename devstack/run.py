@@ -70,7 +70,7 @@ def build_stack(ports: Ports, settings_file: Path, data_dir: Path,
     azurite = Azurite(location=data_dir, ports=ports.azurite, log_path=data_dir / "logs" / "azurite.log")
     # As under Core Tools, an app setting exported in the shell wins over the settings file.
     values = {**local_values(settings_file), **{k: v for k, v in os.environ.items() if k in SETTINGS}}
-    bot: ManagedProcess | None = None
+    bot: EchoBot | None = None
     directline_env: dict[str, str]
     if bot_kind == "copilot":
         emulator = DirectLineEmulator(secret=secrets.token_urlsafe(32), port=ports.directline, copilot=True,
