@@ -229,7 +229,7 @@ class ConversationWorker:
         return self.record.token
 
     def _let_token_go(self, why: str) -> None:
-        if not self.ctx.directline.has_secret:
+        if self.ctx.directline.uses_token_endpoint:
             log.info("the token of Direct Line conversation %s %s: with no secret nothing can read it any more, so "
                      "it is left, and the %s user's next message starts a new one", self.record.conversation_id, why,
                      self.key.channel)
@@ -248,7 +248,7 @@ class ConversationWorker:
         endpoint mode there is no secret: without a live token (the conversation was left) ConversationLapsed."""
         conversation_id = self.record.conversation_id
         token = self._token()
-        if token is None and not self.ctx.directline.has_secret:
+        if token is None and self.ctx.directline.uses_token_endpoint:
             raise ConversationLapsed(f"Direct Line conversation {conversation_id} has no live token, and there is "
                                      "no secret to read it with")
         try:
@@ -257,7 +257,7 @@ class ConversationWorker:
             if not token:
                 raise  # the secret itself was refused
             self._let_token_go("was refused")
-            if not self.ctx.directline.has_secret:
+            if self.ctx.directline.uses_token_endpoint:
                 raise ConversationLapsed(f"the token of Direct Line conversation {conversation_id} was refused "
                                          f"({error.upstream_code}), and there is no secret to read it with") from None
             return operation(None)

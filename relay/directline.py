@@ -130,9 +130,9 @@ class DirectLineClient:
         return f"DirectLineClient(endpoint={where!r})"
 
     @property
-    def has_secret(self) -> bool:
-        """False in token endpoint mode: every call then needs a token of its conversation."""
-        return bool(self._settings.secret)
+    def uses_token_endpoint(self) -> bool:
+        """Token endpoint mode: there is no secret, and every call but the endpoint's needs a conversation's token."""
+        return self._settings.uses_token_endpoint
 
     @property
     def endpoint(self) -> str:
@@ -195,7 +195,7 @@ class DirectLineClient:
         """Start a conversation: with a generated token, that token's one; else a new one, with the secret, or in
         token endpoint mode with a token from the agent's endpoint (which binds no user: activities keep the
         from.id they are sent with)."""
-        if token is None and not self.has_secret:
+        if token is None and self.uses_token_endpoint:
             token = self.token_from_endpoint().token
         body = _token_body(user_id, user_name, trusted_origins)
         payload = self._call("conversations/start", "POST", "/conversations", auth=self._auth(token),
@@ -273,7 +273,7 @@ class DirectLineClient:
         (a caller's mistake: with no secret, every call names its conversation's token)."""
         if token:
             return token
-        if not self._settings.secret:
+        if self.uses_token_endpoint:
             raise ValueError("no token given, and there is no secret in token endpoint mode")
         return self._settings.secret
 

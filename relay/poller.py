@@ -137,7 +137,7 @@ def _peek(ctx: RelayContext, item: DueConversation) -> Peek | None:
     """The conversation's activities after the row's watermark, read with the row's token (else the secret);
     None without either (token endpoint mode) or on any failure (the full path then deals with it: a forgotten
     conversation, a refused token, throttling, an outage)."""
-    if not item.token and not ctx.directline.has_secret:
+    if not item.token and ctx.directline.uses_token_endpoint:
         return None
     try:
         page = ctx.directline.get_activities(item.conversation_id, watermark=item.watermark, token=item.token or None)

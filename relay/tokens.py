@@ -178,7 +178,7 @@ class TokenServer:
         trusted = [o for o in self._webchat.allowed_origins if o != "*"]
         if caller.origin and caller.origin not in trusted and "*" not in self._webchat.allowed_origins:
             trusted.append(caller.origin)
-        if self._client.has_secret:
+        if not self._client.uses_token_endpoint:
             grant = self._directline(lambda: self._client.generate_token(user_id=user_id, trusted_origins=trusted))
         else:  # token endpoint mode: the token binds neither the user nor the origins (see the module doc)
             grant = self._directline(self._client.token_from_endpoint)

@@ -36,7 +36,7 @@ def agent_calls(relay: InProcessRelay) -> dict[str, int]:
 
 def test_a_channel_message_reaches_the_agent_and_its_late_answers_reach_the_phone_with_no_secret(inprocess_relay):
     relay = inprocess_relay(token_endpoint=True)
-    assert relay.ctx.settings.directline.secret == "" and not relay.ctx.directline.has_secret
+    assert relay.ctx.settings.directline.secret == "" and relay.ctx.directline.uses_token_endpoint
     key = relay.message("twilio", PHONE, "pricing")
     relay.work(key)
     record = relay.record(key)
