@@ -12,6 +12,7 @@ from websockets.sync.client import connect
 
 from devstack.directline import DirectLineEmulator
 from devstack.directline import copilot as bot
+from devstack.directline.server import AGENT_TOKEN_PATH
 from devstack.procs import wait_until
 from tests.conftest import subprocess_env
 from tests.emulator.conftest import DirectLineCalls, calls_through, error_of, next_sets
@@ -33,16 +34,10 @@ def token_from_endpoint(calls: DirectLineCalls, url: str) -> dict[str, Any]:
 
 def start_with_endpoint(calls: DirectLineCalls) -> tuple[str, str]:
     """(conversation id, token): a token from the agent's token endpoint, then the conversation started with it."""
-    granted = token_from_endpoint(calls, calls.base_url.removesuffix("/v3/directline") + bot_token_path())
+    granted = token_from_endpoint(calls, calls.base_url.removesuffix("/v3/directline") + AGENT_TOKEN_PATH)
     started = calls.start(auth=granted["token"])
     assert started["conversationId"] == granted["conversationId"]
     return granted["conversationId"], granted["token"]
-
-
-def bot_token_path() -> str:
-    from devstack.directline.server import AGENT_TOKEN_PATH
-
-    return AGENT_TOKEN_PATH
 
 
 def bot_messages(calls: DirectLineCalls, cid: str, token: str, count: int) -> list[dict[str, Any]]:
@@ -68,7 +63,7 @@ def at(activity: dict[str, Any]) -> datetime:
 
 
 def test_the_token_endpoint_needs_no_auth_and_gives_hour_long_tokens_that_start_a_conversation(agent):
-    url = agent.base_url.removesuffix("/v3/directline") + bot_token_path()
+    url = agent.base_url.removesuffix("/v3/directline") + AGENT_TOKEN_PATH
     granted = token_from_endpoint(agent, url)
     assert set(granted) == {"token", "expires_in", "conversationId"} and granted["expires_in"] == 3600
     started = agent.start(auth=granted["token"])
