@@ -16,8 +16,9 @@ Line (sections named in brackets), so the relay can be tested against one withou
 - Several messages per turn, in Markdown: any other text gets MARKDOWN_ANSWER (bold, italics, a
   list, a link, a citation `[1]` with its reference definition) and then FOLLOW_UP.
 - "choice": a multiple-choice question as `suggestedActions` (imBack and postBack actions, each
-  with its `value`): the next message whose text is one of the values (case-insensitive) gets
-  "You chose <title>."; any other text gets "<text> is not one of the options." and the question again.
+  with its `value`): the next message whose text (or, without text, a string `value`) is one of the
+  values (case-insensitive) gets "You chose <title>." and FOLLOW_UP; any other text gets "<text> is
+  not one of the options." and the question again.
 - "card": an Adaptive Card question ("Ask with adaptive card") with no fallbackText, as the agent
   sends it: an Input.ChoiceSet `size` (CARD_SIZES), an Input.Text `note` and an Action.Submit whose
   data is {"action": "order"}. The next message is checked: its `value` must be the submit data
@@ -141,7 +142,8 @@ def _answers(activity: dict[str, Any], history: Sequence[dict[str, Any]]) -> lis
     if asked == "card":
         return _card_answer(activity.get("value"))
     if asked == "choice":
-        return _choice_answer(text)
+        value = activity.get("value")
+        return _choice_answer(text or (value if isinstance(value, str) else ""))
     if command == "choice":
         return [_choice_question()]
     if command == "card":
