@@ -38,8 +38,8 @@ Line (sections named in brackets), so the relay can be tested against one withou
 Tokens last COPILOT_TOKEN_SECONDS (3,600 s, as seen from Copilot Studio) unless `--token-ttl` says.
 
 `turn` is the pure part (what to say, with each step's time after the turn starts); `TurnPlayer`
-plays turns on one thread, in order, each composed when it starts: as the agent's dialog, a turn
-answers what the bot had asked by then (a question still in its delay counts as asked).
+plays turns on one thread, in order, each composed when it starts, once everything the turn before
+it sends was sent: as the agent's dialog, a turn answers what the bot had asked by then.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ __all__ = [
     "COPILOT_TOKEN_SECONDS",
     "DEFAULT_DELAY",
     "FOLLOW_UP",
+    "GOODBYE_TEXT",
     "GREETINGS",
     "HANDOFF_TEXT",
     "START_EVENT",

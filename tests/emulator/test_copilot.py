@@ -208,3 +208,11 @@ def test_a_streamed_answer_is_typing_with_streaminfo_then_the_final_message(agen
     assert final["text"].startswith(streamed[-1]["text"])
     polled = [a for a in calls.all_activities(cid, auth=token) if a["from"].get("role") == "bot"]
     assert [a["id"] for a in polled] == [final["id"]]  # typing, streamed or not, is never in the activity set
+
+
+def test_bye_ends_the_conversation_after_a_goodbye(agent):
+    cid, token = start_with_endpoint(agent)
+    asked = say(agent, cid, token, "bye")
+    goodbye, end = bot_messages(agent, cid, token, 2)
+    assert (goodbye["text"], end["type"]) == (bot.GOODBYE_TEXT, "endOfConversation")
+    assert goodbye["replyToId"] == end["replyToId"] == asked
