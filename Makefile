@@ -1,4 +1,5 @@
-# The README's two commands: `make run` (the whole local stack) and `make test`.
+# The README's two commands: `make run` (the whole local stack; `make run BOT=copilot` with the
+# Copilot-like agent) and `make test`.
 # Both install what is missing first, so a fresh clone needs only Python 3.11 and Node 20.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -38,8 +39,9 @@ browser:
 
 deps: $(PY_STAMP) $(NODE_STAMP)
 
+# BOT=copilot: the emulator's Copilot-like agent and the relay in token endpoint mode (no secret).
 run: deps
-	$(PY) -m devstack.run
+	$(PY) -m devstack.run $(if $(BOT),--bot $(BOT))
 
 test: deps browser
 	$(PY) -m pytest $(PYTEST_ARGS)

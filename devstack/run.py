@@ -4,6 +4,13 @@ Creates local.settings.json from the sample when it is absent, starts each compo
 loopback port, wires the endpoints the components need into the host's environment (which wins
 over local.settings.json, as it does under Core Tools), prints each URL, and stops everything
 when interrupted or when any component dies.
+
+`--bot echo` (the default) puts the botbuilder echo bot (devstack/bot.py) behind the Direct Line
+emulator, and the relay uses the settings file's DIRECTLINE_SECRET. `--bot copilot` (`make run
+BOT=copilot`) runs the emulator's Copilot-like bot instead and the relay in token endpoint mode,
+as in front of a Copilot Studio agent without web channel security: DIRECTLINE_TOKEN_ENDPOINT is the
+emulator's agent token endpoint, DIRECTLINE_SECRET and DIRECTLINE_ENDPOINT are emptied (no secret
+anywhere; the Direct Line host is discovered from regionalchannelsettings).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -53,17 +61,32 @@ def busy(port: int, what: str) -> None:
         sys.exit(f"port {port} for {what} is already in use: stop what holds it, or pass another port")
 
 
-def build_stack(ports: Ports, settings_file: Path, data_dir: Path) -> list[tuple[ManagedProcess, str]]:
-    """Each component with the URL a person would open; started in this order."""
+BOTS = ("echo", "copilot")
+
+
+def build_stack(ports: Ports, settings_file: Path, data_dir: Path,
+                bot_kind: str = "echo") -> list[tuple[ManagedProcess, str]]:
+    """Each component with the URL a person would open; started in this order. `bot_kind`: one of BOTS."""
     azurite = Azurite(location=data_dir, ports=ports.azurite, log_path=data_dir / "logs" / "azurite.log")
     # As under Core Tools, an app setting exported in the shell wins over the settings file.
     values = {**local_values(settings_file), **{k: v for k, v in os.environ.items() if k in SETTINGS}}
-    if not values.get("DIRECTLINE_SECRET"):
-        sys.exit(f"{settings_file.name} has no DIRECTLINE_SECRET: the Direct Line emulator needs one")
-    bot = EchoBot(port=ports.bot, log_path=data_dir / "logs" / "bot.log")
-    # Enhanced authentication on, as on many production bots: reconnect with the secret is refused.
-    emulator = DirectLineEmulator(secret=values["DIRECTLINE_SECRET"], port=ports.directline, bot_url=bot.url,
-                                  enhanced_auth=True, log_path=data_dir / "logs" / "directline.log")
+    bot: EchoBot | None = None
+    directline_env: dict[str, str]
+    if bot_kind == "copilot":
+        emulator = DirectLineEmulator(secret=secrets.token_urlsafe(32), port=ports.directline, copilot=True,
+                                      enhanced_auth=True, log_path=data_dir / "logs" / "directline.log")
+        directline_env = {"DIRECTLINE_TOKEN_ENDPOINT": emulator.token_endpoint, "DIRECTLINE_SECRET": "",
+                          "DIRECTLINE_ENDPOINT": ""}
+        described = "Copilot-like agent, token endpoint mode: no secret"
+    else:
+        if not values.get("DIRECTLINE_SECRET"):
+            sys.exit(f"{settings_file.name} has no DIRECTLINE_SECRET: the Direct Line emulator needs one")
+        bot = EchoBot(port=ports.bot, log_path=data_dir / "logs" / "bot.log")
+        # Enhanced authentication on, as on many production bots: reconnect with the secret is refused.
+        emulator = DirectLineEmulator(secret=values["DIRECTLINE_SECRET"], port=ports.directline, bot_url=bot.url,
+                                      enhanced_auth=True, log_path=data_dir / "logs" / "directline.log")
+        directline_env = {"DIRECTLINE_ENDPOINT": emulator.base_url, "DIRECTLINE_TOKEN_ENDPOINT": ""}
+        described = "enhanced authentication"
     host_url = f"http://127.0.0.1:{ports.host}"
     simulator = ProviderSimulator(port=ports.simulator, relay_url=host_url, values=values,
                                   log_path=data_dir / "logs" / "simulator.log")
@@ -74,7 +97,7 @@ def build_stack(ports: Ports, settings_file: Path, data_dir: Path) -> list[tuple
         **values,
         **{k: v for k, v in loopback.items() if values.get(k, "").startswith("http://127.0.0.1:")},
         "AzureWebJobsStorage": azurite.connection_string,
-        "DIRECTLINE_ENDPOINT": emulator.base_url,
+        **directline_env,
         "PYTHONUNBUFFERED": "1",
     }
     host = ManagedProcess(
@@ -85,8 +108,8 @@ def build_stack(ports: Ports, settings_file: Path, data_dir: Path) -> list[tuple
     )
     return [
         (azurite, f"table storage http://127.0.0.1:{azurite.table_port}/devstoreaccount1 (data in {data_dir})"),
-        (bot, f"{bot.url} (botbuilder echo bot)"),
-        (emulator, f"{emulator.base_url} (Direct Line emulator, enhanced authentication; admin {emulator.admin_url}/)"),
+        *([(bot, f"{bot.url} (botbuilder echo bot)")] if bot is not None else []),
+        (emulator, f"{emulator.base_url} (Direct Line emulator, {described}; admin {emulator.admin_url}/)"),
         (simulator, f"{simulator.page_url} (provider simulator: a phone per channel)"),
         (host, f"http://127.0.0.1:{ports.host}/api/health (Web Chat demo: http://127.0.0.1:{ports.host}/api/webchat/demo)"),
     ]
@@ -103,15 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where Azurite keeps its data")
     parser.add_argument("--settings", type=Path, default=ROOT / "local.settings.json",
                         help="the settings file (created from local.settings.sample.json when absent)")
+    parser.add_argument("--bot", choices=BOTS, default="echo",
+                        help="echo: the botbuilder echo bot, with the secret; copilot: the emulator's Copilot-like "
+                             "agent, in token endpoint mode")
     args = parser.parse_args(argv)
     blob, queue, table = (int(p) for p in args.azurite_ports.split(","))
     ports = Ports(host=args.host_port, azurite=(blob, queue, table), directline=args.directline_port,
                   bot=args.bot_port, simulator=args.simulator_port)
-    for port in (ports.host, *ports.azurite, ports.directline, ports.bot, ports.simulator):
+    for port in (ports.host, *ports.azurite, ports.directline, ports.simulator,
+                 *((ports.bot,) if args.bot == "echo" else ())):
         busy(port, "the local stack")
 
     settings_file = ensure_local_settings(args.settings)
-    stack = build_stack(ports, settings_file, args.data_dir)
+    stack = build_stack(ports, settings_file, args.data_dir, args.bot)
     started: list[ManagedProcess] = []
     stopping = threading.Event()
 

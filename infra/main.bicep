@@ -87,9 +87,8 @@ param keyVaultPurgeProtection bool = false
 
 // Secrets: stored in Key Vault, referenced from app settings. Empty means the channel is off.
 @secure()
-@minLength(1)
-@description('DIRECTLINE_SECRET: the bot\'s Direct Line channel secret.')
-param directLineSecret string
+@description('DIRECTLINE_SECRET: the bot\'s Direct Line channel secret. Give exactly one of it and directLineTokenEndpoint.')
+param directLineSecret string = ''
 
 @secure()
 @description('TWILIO_AUTH_TOKEN (enables the twilio channel).')
@@ -136,7 +135,10 @@ param genericCallbackSecret string = ''
 param eventWebhookSecret string = ''
 
 // Plain settings: empty means the relay's own default (see the README's settings table).
-@description('DIRECTLINE_ENDPOINT: Direct Line base URL (regional bots set their own).')
+@description('DIRECTLINE_TOKEN_ENDPOINT: a Copilot Studio agent\'s token endpoint, instead of directLineSecret (no secret anywhere). Give exactly one of the two.')
+param directLineTokenEndpoint string = ''
+
+@description('DIRECTLINE_ENDPOINT: Direct Line base URL (regional bots set their own; with a token endpoint, empty discovers it from the agent\'s environment).')
 param directLineEndpoint string = ''
 
 @description('DIRECTLINE_BOT_IDS: comma-separated bot handles.')
@@ -307,7 +309,8 @@ module app 'modules/function-app.bicep' = {
     // The relay's own settings (relay/settings.py); the module adds the platform and storage ones.
     // Secret settings are Key Vault references, empty when the deployer gave no value.
     relaySettings: {
-      DIRECTLINE_SECRET: '${kvRef}directline-secret/)'
+      DIRECTLINE_SECRET: empty(directLineSecret) ? '' : '${kvRef}directline-secret/)'
+      DIRECTLINE_TOKEN_ENDPOINT: directLineTokenEndpoint
       DIRECTLINE_ENDPOINT: directLineEndpoint
       DIRECTLINE_BOT_IDS: directLineBotIds
       RELAY_POLL_SCHEDULE: empty(pollSchedule) ? '*/5 * * * * *' : pollSchedule

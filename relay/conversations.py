@@ -18,6 +18,12 @@ relied on: it fails under enhanced authentication. A token that lapsed anyway (a
 its life, or Direct Line refusing it) is let go: the bot's replies are then read with the secret
 (which reading allows in every mode), and the user's next message goes to a new Direct Line
 conversation for the same user, after what the bot still had to say in the old one was delivered.
+
+In token endpoint mode (DIRECTLINE_TOKEN_ENDPOINT: a Copilot Studio agent, no secret anywhere) a
+conversation starts with a token from the agent's endpoint and lives exactly as long as its token is
+kept fresh. A token that lapsed anyway cannot be replaced by anything: the conversation is left
+at once (what the bot still had to say there is lost with it), and the user's next message starts
+a new one; a read that finds no token raises ConversationLapsed, a ConversationNotFound.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from relay.errors import (
     AuthenticationFailed,
     BadRequest,
     ConcurrencyConflict,
+    ConversationLapsed,
     ConversationNotFound,
     DirectLineError,
     Throttled,
@@ -180,7 +187,8 @@ class ConversationWorker:
     # --------------------------------------------------------------------------------- Direct Line
     def start_directline(self, *, locale: str | None = None) -> None:
         """A new Direct Line conversation for this user (the first, or after one was forgotten, ended or
-        its tokens lapsed), started with the secret and the user's id, and greeted (`_greet`, in the user's
+        its tokens lapsed), started with the secret and the user's id (in token endpoint mode with a token
+        from the agent's endpoint: DirectLineClient.start_conversation), and greeted (`_greet`, in the user's
         `locale`, else RELAY_DEFAULT_LOCALE) before anything of the user's is posted there; the watermark
         starts anew, the delivered ids stay (activity ids are unique across conversations); a question the
         old one asked is forgotten (the new one's bot never asked it)."""
@@ -269,6 +277,12 @@ class ConversationWorker:
         return self.record.token
 
     def _let_token_go(self, why: str) -> None:
+        if self.ctx.directline.uses_token_endpoint:
+            log.info("the token of Direct Line conversation %s %s: with no secret nothing can read it any more, so "
+                     "it is left, and the %s user's next message starts a new one", self.record.conversation_id, why,
+                     self.key.channel)
+            self.save(lambda r: replace(r.without_token(), conversation_id="", watermark=None))
+            return
         log.info("the token of Direct Line conversation %s %s: its replies are read with the secret, and the %s "
                  "user's next message goes to a new conversation", self.record.conversation_id, why,
                  self.key.channel)
@@ -278,14 +292,22 @@ class ConversationWorker:
         """Run a Direct Line read (or the end notice) with the conversation's live token, else the secret.
 
         Reading with the secret works whatever the site's settings. A token Direct Line refuses
-        (expired early, or unknown to it) is let go and the call made once more with the secret."""
+        (expired early, or unknown to it) is let go and the call made once more with the secret. In token
+        endpoint mode there is no secret: without a live token (the conversation was left) ConversationLapsed."""
+        conversation_id = self.record.conversation_id
         token = self._token()
+        if token is None and self.ctx.directline.uses_token_endpoint:
+            raise ConversationLapsed(f"Direct Line conversation {conversation_id} has no live token, and there is "
+                                     "no secret to read it with")
         try:
             return operation(token)
-        except (TokenExpired, AuthenticationFailed):
+        except (TokenExpired, AuthenticationFailed) as error:
             if not token:
                 raise  # the secret itself was refused
             self._let_token_go("was refused")
+            if self.ctx.directline.uses_token_endpoint:
+                raise ConversationLapsed(f"the token of Direct Line conversation {conversation_id} was refused "
+                                         f"({error.upstream_code}), and there is no secret to read it with") from None
             return operation(None)
 
     def call_as_user(self, operation: Callable[[str], T]) -> T:

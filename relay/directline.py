@@ -8,6 +8,17 @@ TransientError(ambiguous=True) is raised, and the caller looks for the activity'
 (find_activity_by_client_id) before deciding to post again. A POST answered 200 or 204 without a
 body succeeded: the activity's id is then None (some deployments never send one).
 
+Token endpoint mode (DIRECTLINE_TOKEN_ENDPOINT, a Copilot Studio agent without web channel security;
+/work/shared/reference/copilot-studio.md): there is no secret. `token_from_endpoint` GETs a token for
+a new conversation from the agent's endpoint (no auth; `expires_in` as given), and a conversation
+started without a token starts with one of those. Every other call needs a token of its conversation.
+Without an explicit DIRECTLINE_ENDPOINT the Direct Line base is discovered once per client (the
+process's one, shared by its clones) from the environment's
+`GET /powervirtualagents/regionalchannelsettings?api-version=...` on the token endpoint's host:
+`channelUrlsById.directline` + "v3/directline". A failed discovery is tried again on the next call.
+A 4xx (not 429) from either agent route is AgentEndpointRefused, never a Direct Line verdict on a
+conversation or a token.
+
 Secrets and tokens never appear in log lines, exception messages or reprs. `requests` is imported
 on first use: the module stays cheap to import at a cold start.
 """
@@ -23,10 +34,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.errors import (
+    AgentEndpointRefused,
     AuthenticationFailed,
     BadRequest,
     BotFailed,
@@ -49,6 +61,9 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 3.05  # seconds; just above a TCP retransmission window
 ACTIVITY_CONTENT_TYPE = "application/vnd.microsoft.activity"
+REGIONAL_SETTINGS_PATH = "/powervirtualagents/regionalchannelsettings"
+AGENT_API_VERSION = "2022-03-01-preview"
+"""The api-version asked of regionalchannelsettings when the token endpoint's URL names none."""
 
 
 @dataclass(frozen=True)
@@ -108,9 +123,27 @@ class DirectLineClient:
         self._transport = transport
         self._session: requests.Session | None = None
         self._lock = threading.Lock()
+        self._discovered = _Discovered()
 
     def __repr__(self) -> str:
-        return f"DirectLineClient(endpoint={self._settings.endpoint!r})"
+        where = self._settings.endpoint or f"discovered from {_origin(self._settings.token_endpoint)}"
+        return f"DirectLineClient(endpoint={where!r})"
+
+    @property
+    def uses_token_endpoint(self) -> bool:
+        """Token endpoint mode: there is no secret, and every call but the endpoint's needs a conversation's token."""
+        return self._settings.uses_token_endpoint
+
+    @property
+    def endpoint(self) -> str:
+        """The Direct Line 3.0 base URL: DIRECTLINE_ENDPOINT, else discovered from the agent's environment (once;
+        AgentEndpointRefused or another DirectLineError when that fails, tried again next time)."""
+        if self._settings.endpoint:
+            return self._settings.endpoint
+        with self._discovered.lock:
+            if not self._discovered.endpoint:
+                self._discovered.endpoint = self._discover()
+            return self._discovered.endpoint
 
     def with_options(self, *, timeout_seconds: float | None = None,
                      retry: RetryPolicy | None = None) -> DirectLineClient:
@@ -123,6 +156,7 @@ class DirectLineClient:
         clone = DirectLineClient(settings, retry=retry or self._retry, clock=self._clock, pool_size=self._pool_size,
                                  transport=self._transport)
         clone._session = self._http()
+        clone._discovered = self._discovered
         return clone
 
     def close(self) -> None:
@@ -136,8 +170,17 @@ class DirectLineClient:
                        trusted_origins: Sequence[str] = ()) -> ConversationToken:
         """A token for a new conversation (with the secret); starts nothing, contacts no bot."""
         body = _token_body(user_id, user_name, trusted_origins)
-        payload = self._call("tokens/generate", "POST", "/tokens/generate", auth=self._settings.secret,
+        payload = self._call("tokens/generate", "POST", "/tokens/generate", auth=self._auth(None),
                              json_body=body, idempotent=True)
+        return _conversation_token(payload)
+
+    def token_from_endpoint(self) -> ConversationToken:
+        """A token for a new conversation from the agent's token endpoint (token endpoint mode), bound to no user
+        and no origin; `expires_in` as the endpoint gave it. AgentEndpointRefused for a 4xx (not 429)."""
+        payload = self._call("agent token", "GET", self._settings.token_endpoint, auth=None, idempotent=True,
+                             agent_route=True)
+        if not isinstance(payload.get("token"), str) or not payload.get("conversationId"):
+            raise AgentEndpointRefused("the agent's token endpoint answered without a token and a conversationId")
         return _conversation_token(payload)
 
     def refresh_token(self, *, token: str) -> ConversationToken:
@@ -149,9 +192,13 @@ class DirectLineClient:
 
     def start_conversation(self, *, token: str | None = None, user_id: str | None = None,
                            user_name: str | None = None, trusted_origins: Sequence[str] = ()) -> ConversationToken:
-        """Start a conversation: with the secret a new one; with a generated token, that token's one."""
+        """Start a conversation: with a generated token, that token's one; else a new one, with the secret, or in
+        token endpoint mode with a token from the agent's endpoint (which binds no user: activities keep the
+        from.id they are sent with)."""
+        if token is None and self.uses_token_endpoint:
+            token = self.token_from_endpoint().token
         body = _token_body(user_id, user_name, trusted_origins)
-        payload = self._call("conversations/start", "POST", "/conversations", auth=token or self._settings.secret,
+        payload = self._call("conversations/start", "POST", "/conversations", auth=self._auth(token),
                              json_body=body, idempotent=True)
         return _conversation_token(payload)
 
@@ -162,7 +209,7 @@ class DirectLineClient:
         With the secret this fails under enhanced authentication (400 MissingProperty "Missing user ID"),
         and an expired token cannot be used: whoever must stay in a conversation refreshes its token in time."""
         payload = self._call("conversations/reconnect", "GET", f"/conversations/{_segment(conversation_id)}",
-                             auth=token or self._settings.secret, params=_watermark(watermark), idempotent=True)
+                             auth=self._auth(token), params=_watermark(watermark), idempotent=True)
         return _conversation_token(payload)
 
     # ------------------------------------------------------------------------------- activities
@@ -171,7 +218,7 @@ class DirectLineClient:
                        token: str | None = None) -> ActivitySet:
         """The activities after `watermark`; the answer keeps `watermark` when Direct Line sends none."""
         payload = self._call("activities/get", "GET", f"/conversations/{_segment(conversation_id)}/activities",
-                             auth=token or self._settings.secret, params=_watermark(watermark), idempotent=True)
+                             auth=self._auth(token), params=_watermark(watermark), idempotent=True)
         activities = payload.get("activities") or []
         return ActivitySet(tuple(activities), payload.get("watermark") or watermark)
 
@@ -180,7 +227,7 @@ class DirectLineClient:
         """Send one activity; returns its id, None when Direct Line took it without saying (204, or no body).
         Never re-sent after an ambiguous failure (see the module doc)."""
         payload = self._call("activities/post", "POST", f"/conversations/{_segment(conversation_id)}/activities",
-                             auth=token or self._settings.secret, json_body=dict(activity), idempotent=False)
+                             auth=self._auth(token), json_body=dict(activity), idempotent=False)
         return _activity_id(payload)
 
     def upload(self, conversation_id: str, files: Iterable[UploadFile], *, user_id: str,
@@ -192,7 +239,7 @@ class DirectLineClient:
             parts.append(("activity", ("activity", json.dumps(dict(activity)).encode(), ACTIVITY_CONTENT_TYPE)))
         parts += [("file", (f.name, f.content, f.content_type)) for f in files]
         payload = self._call("upload", "POST", f"/conversations/{_segment(conversation_id)}/upload",
-                             auth=token or self._settings.secret, params={"userId": user_id}, files=parts,
+                             auth=self._auth(token), params={"userId": user_id}, files=parts,
                              idempotent=False)
         return _activity_id(payload)
 
@@ -221,6 +268,30 @@ class DirectLineClient:
 
     # -------------------------------------------------------------------------------- transport
 
+    def _auth(self, token: str | None) -> str:
+        """The credential of a call: `token`, else the secret; ValueError in token endpoint mode without a token
+        (a caller's mistake: with no secret, every call names its conversation's token)."""
+        if token:
+            return token
+        if self.uses_token_endpoint:
+            raise ValueError("no token given, and there is no secret in token endpoint mode")
+        return self._settings.secret
+
+    def _discover(self) -> str:
+        """The Direct Line base named by the environment of the agent's token endpoint (regionalchannelsettings)."""
+        token_endpoint = self._settings.token_endpoint
+        version = parse_qs(urlsplit(token_endpoint).query).get("api-version", [AGENT_API_VERSION])[-1]
+        payload = self._call("regionalchannelsettings", "GET", _origin(token_endpoint) + REGIONAL_SETTINGS_PATH,
+                             auth=None, idempotent=True, params={"api-version": version}, agent_route=True)
+        urls = payload.get("channelUrlsById")
+        directline = urls.get("directline") if isinstance(urls, dict) else None
+        if not isinstance(directline, str) or urlsplit(directline).scheme not in ("http", "https") \
+                or not urlsplit(directline).netloc:
+            raise AgentEndpointRefused("regionalchannelsettings named no Direct Line URL (channelUrlsById.directline)")
+        endpoint = directline.rstrip("/") + "/v3/directline"
+        log.info("Direct Line of the agent's environment: %s", endpoint)
+        return endpoint
+
     def _http(self) -> requests.Session:
         if self._session is None:
             with self._lock:
@@ -233,19 +304,24 @@ class DirectLineClient:
                     session.mount("https://", adapter)
                     session.mount("http://", adapter)
                     if self._transport is not None:
-                        session.mount(self._settings.endpoint, self._transport)
+                        for url in (self._settings.endpoint, _origin(self._settings.token_endpoint)):
+                            if url:
+                                session.mount(url, self._transport)
                     session.headers["User-Agent"] = "directline-relay/0.1"
                     self._session = session
         return self._session
 
-    def _call(self, operation: str, method: str, path: str, *, auth: str, idempotent: bool,
+    def _call(self, operation: str, method: str, path: str, *, auth: str | None, idempotent: bool,
               json_body: Any = None, params: dict[str, str] | None = None,
-              files: list | None = None) -> dict[str, Any]:
+              files: list | None = None, agent_route: bool = False) -> dict[str, Any]:
+        """Direct Line's JSON answer to `method` on the base URL + `path`, tried again as the policy allows;
+        `agent_route`: `path` is a whole URL of the agent's environment, called without auth when `auth` is None."""
         waited = 0.0
         for attempt in range(1, self._retry.attempts + 1):
             try:
-                response = self._attempt(operation, method, path, auth=auth, idempotent=idempotent,
-                                         json_body=json_body, params=params, files=files)
+                response = self._attempt(operation, method, path if agent_route else self.endpoint + path, auth=auth,
+                                         idempotent=idempotent, json_body=json_body, params=params, files=files,
+                                         agent_route=agent_route)
             except DirectLineError as error:
                 delay = self._retry_delay(error, attempt, waited)
                 if delay is None:
@@ -257,20 +333,24 @@ class DirectLineClient:
             return _json(response, operation, idempotent)
         raise AssertionError("unreachable")  # the last attempt always raises
 
-    def _attempt(self, operation: str, method: str, path: str, *, auth: str, idempotent: bool,
-                 json_body: Any, params: dict[str, str] | None, files: list | None) -> requests.Response:
+    def _attempt(self, operation: str, method: str, url: str, *, auth: str | None, idempotent: bool,
+                 json_body: Any, params: dict[str, str] | None, files: list | None,
+                 agent_route: bool) -> requests.Response:
         """One request: Direct Line's successful answer, or its failure raised as a DirectLineError."""
         started = self._clock.monotonic()
         with _connection_errors(operation, idempotent):
-            response = self._http().request(method, self._settings.endpoint + path,
-                                            headers={"Authorization": f"Bearer {auth}"}, params=params,
-                                            json=json_body, files=files,
+            response = self._http().request(method, url, headers={"Authorization": f"Bearer {auth}"} if auth else {},
+                                            params=params, json=json_body, files=files,
                                             timeout=(CONNECT_TIMEOUT, self._settings.timeout_seconds))
         log.debug("Direct Line %s: %s in %.0f ms", operation, response.status_code,
                   (self._clock.monotonic() - started) * 1000)
         if response.status_code >= 300:
-            raise _status_error(operation, response, idempotent, secrets=(auth, self._settings.secret),
-                                retry_after_cap=self._retry.max_retry_after, now=self._clock.now())
+            error = _status_error(operation, response, idempotent, secrets=(auth or "", self._settings.secret),
+                                  retry_after_cap=self._retry.max_retry_after, now=self._clock.now())
+            if agent_route and not isinstance(error, Throttled | TransientError):
+                raise AgentEndpointRefused(str(error), upstream_status=error.upstream_status,
+                                           upstream_code=error.upstream_code)
+            raise error
         return response
 
     def _retry_delay(self, error: DirectLineError, attempt: int, waited: float) -> float | None:
@@ -302,6 +382,20 @@ def _token_body(user_id: str | None, user_name: str | None, trusted_origins: Seq
     if trusted_origins:
         body["trustedOrigins"] = list(trusted_origins)
     return body or None
+
+
+@dataclass
+class _Discovered:
+    """The Direct Line base discovered from the agent's environment, shared by a client and its clones."""
+
+    endpoint: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _origin(url: str) -> str:
+    """scheme://host[:port] of `url` ("" for "")."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else ""
 
 
 def _segment(value: str) -> str:

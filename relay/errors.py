@@ -9,8 +9,13 @@
     │   ├── AuthenticationFailed   401/403 other than expiry: wrong secret, wrong region, bot deleted
     │   ├── TokenExpired           403 TokenExpired: the token can be neither used nor refreshed any more
     │   ├── ConversationNotFound   404: Direct Line forgot the conversation; start a new one
+    │   │   └── ConversationLapsed no token of the conversation is alive and there is no secret (token endpoint
+    │   │                          mode): the relay can never read or write it again; start a new one
     │   ├── Throttled              429: retry_after (seconds) when Direct Line said
     │   ├── BotFailed              502/504 after a POST: the bot failed or timed out; the activity MAY have arrived
+    │   ├── AgentEndpointRefused   a Copilot Studio agent's token endpoint or regionalchannelsettings answered a 4xx
+    │   │                          (not 429) or nothing usable: DIRECTLINE_TOKEN_ENDPOINT is wrong, or the agent
+    │   │                          needs a secret (web channel security on); retrying will not help
     │   └── TransientError         5xx, connection errors, timeouts, an answer without JSON; `ambiguous` for a POST
     ├── ChannelError               a channel webhook or provider API problem
     │   ├── ChannelDisabled        no such channel, or its settings are absent
@@ -58,6 +63,7 @@ must look for its clientActivityID before posting again, never re-post blindly.
 from __future__ import annotations
 
 __all__ = [
+    "AgentEndpointRefused",
     "AuthenticationFailed",
     "BadPayload",
     "BadRequest",
@@ -66,6 +72,7 @@ __all__ = [
     "ChannelError",
     "ConcurrencyConflict",
     "ConversationGone",
+    "ConversationLapsed",
     "ConversationNotFound",
     "DemoDisabled",
     "DirectLineBusy",
@@ -139,6 +146,11 @@ class BadRequest(DirectLineError):
     pass
 
 
+class AgentEndpointRefused(DirectLineError):
+    """The agent's token endpoint, or its environment's regionalchannelsettings, refused (a 4xx but 429) or gave an
+    answer without what it should hold; upstream_status is its HTTP status (None for an unusable 200)."""
+
+
 class AuthenticationFailed(DirectLineError):
     pass
 
@@ -149,6 +161,10 @@ class TokenExpired(DirectLineError):
 
 class ConversationNotFound(DirectLineError):
     pass
+
+
+class ConversationLapsed(ConversationNotFound):
+    """Token endpoint mode: the conversation's tokens lapsed and no secret can read it: for the relay it is gone."""
 
 
 class Throttled(DirectLineError):

@@ -42,8 +42,9 @@ def _check_table_storage(settings: Settings) -> _Check:
 
 
 def _check_directline(settings: Settings) -> _Check:
-    """Reachable when Direct Line answers HTTP at all (any status): connection and name resolution work."""
-    endpoint = settings.directline.endpoint
+    """Reachable when Direct Line answers HTTP at all (any status): connection and name resolution work. When
+    its base is to be discovered (token endpoint mode), the agent's environment host is tried instead."""
+    endpoint = settings.directline.endpoint or settings.directline.token_endpoint.partition("?")[0]
     try:
         requests.get(endpoint.rstrip("/") + "/", timeout=(2, 3), allow_redirects=False).close()
     except requests.RequestException as error:

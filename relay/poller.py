@@ -7,6 +7,12 @@ its record or lease. Only when something is there (or it is time for its hourly 
 claimed and worked under its lease; otherwise its next peek is moved on, in batches of 100 rows per
 transaction. So an idle conversation costs one Direct Line request and about 0.01 transaction per poll.
 
+A peek reads with the conversation's token, which the due row carries (relay/store/due_polls.py),
+else with the secret. In token endpoint mode there is no secret: a row without a token (its token
+lapsed and the conversation was left) is not peeked but worked under its lease, which finds nothing
+to read. So peeking costs the same in both modes; the price is a copy of each open conversation's
+token in its due row.
+
 A peek never replaces the run that refreshes the conversation's token: from the time the token wants
 refreshing (about half its lifetime, carried by the due row) the conversation is worked under its
 lease, and a peek is never postponed past that time. So an open conversation's token stays alive
@@ -129,10 +135,13 @@ def _may_peek(ctx: RelayContext, item: DueConversation, now: datetime) -> bool:
 
 
 def _peek(ctx: RelayContext, item: DueConversation) -> Peek | None:
-    """The conversation's activities after the row's watermark, read with the secret; None on any failure
-    (the full path then deals with it: a forgotten conversation, throttling, an outage)."""
+    """The conversation's activities after the row's watermark, read with the row's token (else the secret);
+    None without either (token endpoint mode) or on any failure (the full path then deals with it: a forgotten
+    conversation, a refused token, throttling, an outage)."""
+    if not item.token and ctx.directline.uses_token_endpoint:
+        return None
     try:
-        page = ctx.directline.get_activities(item.conversation_id, watermark=item.watermark)
+        page = ctx.directline.get_activities(item.conversation_id, watermark=item.watermark, token=item.token or None)
     except DirectLineError:
         return None
     return Peek(item.conversation_id, item.watermark, page, ctx.clock.monotonic())

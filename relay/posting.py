@@ -8,7 +8,9 @@ A message is posted only with a live token of the conversation, never with the s
 conversation has none any more (its tokens lapsed, or Direct Line refused the one it had), the
 message goes to a new conversation for the same user, once what the bot still had to say in the old
 one was delivered (read with the secret), so no reply is lost and the order holds; so does a message
-for a conversation Direct Line forgot. Neither is a dead letter.
+for a conversation Direct Line forgot. Neither is a dead letter. (In token endpoint mode there is no
+secret: a conversation whose token lapsed was already left, see relay/conversations.py, and the
+message simply starts a new one.)
 
 Webhooks only append (outbox rows, and inbound rows in the due index); what a message changes in
 the conversation record is applied here, under the lease, as each page of the outbox is read: an

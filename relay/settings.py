@@ -56,9 +56,14 @@ def _catalogue(*settings: Setting) -> dict[str, Setting]:
 
 SETTINGS: dict[str, Setting] = _catalogue(
     # Direct Line
-    Setting("DIRECTLINE_SECRET", "Direct Line channel secret of the bot (Key Vault reference in Azure).",
-            secret=True, group="directline"),
-    Setting("DIRECTLINE_ENDPOINT", "Direct Line 3.0 base URL; regional bots and the emulator set their own.",
+    Setting("DIRECTLINE_SECRET", "Direct Line channel secret of the bot (Key Vault reference in Azure). Exactly one "
+            "of this and DIRECTLINE_TOKEN_ENDPOINT.", default="", secret=True, group="directline"),
+    Setting("DIRECTLINE_TOKEN_ENDPOINT", "Token endpoint of a Copilot Studio agent without web channel security "
+            "(its Mobile app channel page), instead of a secret: every conversation starts with a token from there. "
+            "Exactly one of this and DIRECTLINE_SECRET.", default="", group="directline"),
+    Setting("DIRECTLINE_ENDPOINT", "Direct Line 3.0 base URL; regional bots and the emulator set their own. With "
+            "DIRECTLINE_TOKEN_ENDPOINT and no value here, it is discovered from the agent's environment "
+            "(regionalchannelsettings).",
             default="https://directline.botframework.com/v3/directline", group="directline"),
     Setting("DIRECTLINE_TIMEOUT_SECONDS", "Read timeout for one Direct Line call.", default="20",
             group="directline"),
@@ -207,6 +212,10 @@ class _Environment:
             return ""
         return self.text(name)
 
+    def given(self, name: str) -> bool:
+        """True when the environment sets `name` to something other than blanks (its default does not count)."""
+        return bool(self._environ.get(name, "").strip())
+
     def required(self, name: str, why: str = "") -> str:
         value = self.text(name)
         if not value:
@@ -261,10 +270,19 @@ class _Environment:
 
 @dataclass(frozen=True)
 class DirectLineSettings:
+    """How the relay reaches the bot. `secret` is empty in token endpoint mode (`token_endpoint` set), and
+    `endpoint` is empty when the Direct Line base is to be discovered from the agent's environment."""
+
     secret: str = field(repr=False)
     endpoint: str
     timeout_seconds: float
     bot_ids: tuple[str, ...]
+    token_endpoint: str = ""
+
+    @property
+    def uses_token_endpoint(self) -> bool:
+        """No secret: every token comes from the agent's token endpoint."""
+        return bool(self.token_endpoint)
 
 
 @dataclass(frozen=True)
@@ -331,11 +349,23 @@ class Settings:
 
 
 def _directline(env: _Environment) -> DirectLineSettings:
+    """Exactly one of the secret and the token endpoint; the explicit DIRECTLINE_ENDPOINT, else (token endpoint
+    mode) none: it is discovered from the agent's environment (relay/directline.py)."""
+    secret = env.text("DIRECTLINE_SECRET")
+    token_endpoint = env.url("DIRECTLINE_TOKEN_ENDPOINT")
+    if bool(secret) == bool(token_endpoint):
+        raise SettingsError(
+            f"{'both' if secret else 'neither of'} DIRECTLINE_SECRET and DIRECTLINE_TOKEN_ENDPOINT "
+            f"{'are' if secret else 'is'} set: set exactly one, the bot's Direct Line secret or a Copilot Studio "
+            "agent's token endpoint"
+        )
+    discover = bool(token_endpoint) and not env.given("DIRECTLINE_ENDPOINT")
     return DirectLineSettings(
-        secret=env.required("DIRECTLINE_SECRET", "the relay needs the bot's Direct Line secret"),
-        endpoint=env.url("DIRECTLINE_ENDPOINT"),
+        secret=secret,
+        endpoint="" if discover else env.url("DIRECTLINE_ENDPOINT"),
         timeout_seconds=env.number("DIRECTLINE_TIMEOUT_SECONDS", minimum=1),
         bot_ids=env.listing("DIRECTLINE_BOT_IDS"),
+        token_endpoint=token_endpoint,
     )
 
 

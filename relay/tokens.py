@@ -35,6 +35,14 @@ Choices:
   Direct Line issued, which cannot be guessed.
 - The held token is a bearer secret: stored like a conversation record's token, never logged, and
   answered only to the holder of the session's resume key.
+- Token endpoint mode (DIRECTLINE_TOKEN_ENDPOINT, a Copilot Studio agent without web channel security):
+  with no secret, tokens come from the agent's token endpoint, and such a token is bound to no user and
+  no origin. The page still gets its own fresh `dl_` user id (which it sends as from.id, and resume
+  answers again), but Direct Line does not enforce it: anyone holding the token may post as any user,
+  and no trusted origins are recorded. The origin check and rate limits here hold as before; refresh,
+  the held token and resume work unchanged (they only ever use tokens). The answer's `domain` is the
+  Direct Line base the relay uses (discovered from the agent's environment when DIRECTLINE_ENDPOINT is
+  not set). An endpoint that refuses (AgentEndpointRefused) is our configuration: DirectLineRejected.
 """
 
 from __future__ import annotations
@@ -51,11 +59,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.directline import ConversationToken, DirectLineClient, RetryPolicy, get_directline_client
 from relay.errors import (
+    AgentEndpointRefused,
     AuthenticationFailed,
     ConversationGone,
     ConversationNotFound,
@@ -99,6 +108,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RATE_WINDOW_SECONDS = 60
 DEFAULT_TOKEN_SECONDS = 1800  # Direct Line's documented lifetime, when an answer does not say
@@ -138,13 +148,12 @@ class TokenServer:
         self._clock = clock
         self._webchat = settings.webchat
         self._session_lifetime = timedelta(hours=settings.webchat.session_hours)
-        self._domain = settings.directline.endpoint
         self._public_origin = _origin_of(settings.relay.public_base_url)
         self._client = client
         self._store = store
 
     def __repr__(self) -> str:
-        return f"TokenServer(domain={self._domain!r})"
+        return f"TokenServer(client={self._client!r})"
 
     def is_origin_allowed(self, caller: Caller) -> bool:
         """No Origin (not a browser), listed in WEBCHAT_ALLOWED_ORIGINS ("*": any), or the relay's own (the demo).
@@ -169,14 +178,18 @@ class TokenServer:
         trusted = [o for o in self._webchat.allowed_origins if o != "*"]
         if caller.origin and caller.origin not in trusted and "*" not in self._webchat.allowed_origins:
             trusted.append(caller.origin)
-        grant = self._directline(lambda: self._client.generate_token(user_id=user_id, trusted_origins=trusted))
+        if not self._client.uses_token_endpoint:
+            grant = self._directline(lambda: self._client.generate_token(user_id=user_id, trusted_origins=trusted))
+        else:  # token endpoint mode: the token binds neither the user nor the origins (see the module doc)
+            grant = self._directline(self._client.token_from_endpoint)
+        domain = self._domain()
         resume_key = _new_resume_key()
         now = self._clock.now()
         self._store.sessions.create_session(grant.conversation_id, user_id=user_id, resume_key=resume_key,
                                             expires_at=now + self._session_lifetime,
                                             held=_held_token(grant, now=now, clock=self._clock), now=now)
         log.info("Web Chat token issued for conversation %s", grant.conversation_id)
-        return {**self._grant(grant), "userId": user_id, "resumeKey": resume_key, "domain": self._domain}
+        return {**self._grant(grant), "userId": user_id, "resumeKey": resume_key, "domain": domain}
 
     def refresh_token(self, token: str, *, caller: Caller = Caller()) -> dict[str, Any]:
         """A fresh token for the same conversation; an expired one is RefreshTooLate (the page resumes).
@@ -227,7 +240,7 @@ class TokenServer:
         log.info("Web Chat conversation %s resumed%s", conversation_id,
                  " (the previous key again, within the grace period)" if retried else "")
         return {**self._grant(grant), "resumeKey": next_key, "userId": result.session.user_id,
-                "domain": self._domain}
+                "domain": self._domain()}
 
     # ----------------------------------------------------------------------------------------- helpers
 
@@ -256,10 +269,17 @@ class TokenServer:
         self._store.sessions.hold_token(conversation_id, _held_token(grant, now=now, clock=self._clock), now=now)
         return grant
 
-    def _directline(self, call: Callable[[], ConversationToken], *, callers_token: bool = False) -> ConversationToken:
+    def _domain(self) -> str:
+        """The Direct Line base the page talks to (discovered from the agent's environment when not set)."""
+        return self._directline(lambda: self._client.endpoint)
+
+    def _directline(self, call: Callable[[], T], *, callers_token: bool = False) -> T:
         """Direct Line's answer, or its failure as what the page should do next."""
         try:
             return call()
+        except AgentEndpointRefused as error:
+            log.error("the agent's token endpoint refused the relay: %s", error)  # our configuration, not the page's
+            raise DirectLineRejected("The agent's token endpoint refused the relay") from None
         except TokenExpired:
             raise RefreshTooLate("The token has expired: resume the conversation with its resume key") from None
         except ConversationNotFound:

@@ -13,11 +13,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
+from devstack.directline.transport import InProcessEmulator
 from devstack.inprocess import Answer, InProcessTransport
 from devstack.procs import free_port, wait_until
 from relay.clock import ManualClock
 from relay.directline import ActivitySet, DirectLineClient, RetryPolicy, UploadFile
 from relay.errors import (
+    AgentEndpointRefused,
     AuthenticationFailed,
     BadRequest,
     BotFailed,
@@ -429,3 +431,22 @@ def test_secrets_and_tokens_stay_out_of_logs_errors_and_reprs(start_emulator, ca
     assert caplog.records  # the retries were logged
     for value in (secret, *tokens, *(t[:20] for t in tokens)):
         assert value not in text
+
+
+def test_an_agent_endpoint_that_refuses_is_agent_endpoint_refused_never_a_verdict_on_a_conversation():
+    """A wrong DIRECTLINE_TOKEN_ENDPOINT (404 here) must not read as "Direct Line forgot the conversation"."""
+    emulator = InProcessEmulator(secret="unused", copilot=True)
+    wrong = f"{emulator.url}/powervirtualagents/bots/cr_agent/directline/token?api-version=2022-03-01-preview"
+    client = DirectLineClient(DirectLineSettings(secret="", endpoint="", timeout_seconds=5, bot_ids=(),
+                                                 token_endpoint=wrong),
+                              retry=RetryPolicy(attempts=1), clock=ManualClock(), transport=emulator.transport)
+    try:
+        with pytest.raises(AgentEndpointRefused) as raised:
+            client.start_conversation(user_id="dl_agent1")
+        assert raised.value.upstream_status == 404 and not isinstance(raised.value, ConversationNotFound)
+        assert client.endpoint == emulator.base_url  # the environment itself answers: discovery works
+        with pytest.raises(ValueError, match="token endpoint mode"):
+            client.get_activities("any")  # no token and no secret: a caller's mistake, never "Bearer "
+    finally:
+        client.close()
+        emulator.close()

@@ -376,7 +376,50 @@ def test_the_app_settings_check_catches_a_removed_setting(main):
     assert mutated_main != main_text
     problems = []
     settings = provisioned_app_settings(parse(mutated_main), parse(text), problems)
-    assert any(p.startswith("DIRECTLINE_SECRET is not provisioned (required)") for p in check_app_settings(settings))
+    assert any(p.startswith("DIRECTLINE_SECRET is not provisioned") for p in check_app_settings(settings))
+
+
+def check_optional_secret(main: dict, parameters: dict) -> list[str]:
+    """A Copilot Studio agent needs no secret: the deployer gives the secret or the token endpoint, and the
+    secret's Key Vault reference exists only when a secret was given (an empty one stores nothing)."""
+    problems = []
+    params = main["parameters"]
+    for name in ("directLineSecret", "directLineTokenEndpoint"):
+        if params.get(name, {}).get("default") != "":
+            problems.append(f"parameter {name} must be optional (default '')")
+    if any(d["type"] == "min_length" for d in params["directLineSecret"].get("decorators", [])):
+        problems.append("directLineSecret must not have a minimum length")
+    relay_settings = main["modules"]["app"]["config"]["params"]["relaySettings"]
+    value = relay_settings.get("DIRECTLINE_SECRET")
+    conditional = value.get("operator", {}) if isinstance(value, dict) else {}
+    operands = conditional.get("operands", {})
+    if not (conditional.get("type") == "conditional"
+            and operands.get("condition") == {"function": {"type": "empty",
+                                                           "parameters": {"item_to_test": "directLineSecret"}}}
+            and operands.get("true_value") == "" and is_key_vault_reference(operands.get("false_value"))):
+        problems.append("DIRECTLINE_SECRET must be empty(directLineSecret) ? '' : <its Key Vault reference>")
+    if relay_settings.get("DIRECTLINE_TOKEN_ENDPOINT") != "directLineTokenEndpoint":
+        problems.append("DIRECTLINE_TOKEN_ENDPOINT must be the directLineTokenEndpoint parameter")
+    if parameters["parameters"].get("directLineTokenEndpoint", {}).get("value") != "${DIRECTLINE_TOKEN_ENDPOINT}":
+        problems.append("azd must fill directLineTokenEndpoint from DIRECTLINE_TOKEN_ENDPOINT")
+    return problems
+
+
+def test_the_direct_line_secret_is_optional_beside_a_token_endpoint(main, parameters):
+    assert check_optional_secret(main, parameters) == []
+
+
+@pytest.mark.parametrize(("before", "after", "problem"), [
+    ("DIRECTLINE_SECRET: empty(directLineSecret) ? '' : '${kvRef}directline-secret/)'",
+     "DIRECTLINE_SECRET: '${kvRef}directline-secret/)'", "DIRECTLINE_SECRET must be"),
+    ("param directLineSecret string = ''", "@minLength(1)\nparam directLineSecret string",
+     "parameter directLineSecret must be optional"),
+])
+def test_the_optional_secret_check_catches_a_required_secret(parameters, before, after, problem):
+    text = MAIN.read_text()
+    mutated = text.replace(before, after)
+    assert mutated != text
+    assert any(p.startswith(problem) for p in check_optional_secret(parse(mutated), parameters))
 
 
 def test_the_app_settings_check_catches_an_unread_setting_and_a_clear_secret(main, function_app):
@@ -431,13 +474,14 @@ def test_the_wiring_check_catches_a_crossed_parameter(main, parameters):
 
 def test_the_wiring_check_catches_a_parameter_azd_cannot_fill(main, parameters):
     entries = dict(parameters["parameters"])
-    del entries["directLineSecret"]
+    del entries["directLineSecret"], entries["environmentName"]
     entries["directLineSecrets"] = {"value": "${DIRECTLINE_SECRET}"}
     assert sorted(check_parameter_wiring(main, {"parameters": entries})) == [
+        "DIRECTLINE_SECRET is fed by parameter directLineSecret, which azd fills from None",
         "DIRECTLINE_SECRET references Key Vault secret directline-secret, which holds parameter directLineSecret "
         "(filled from None)",
         "main.parameters.json sets directLineSecrets, which main.bicep does not declare",
-        "parameter directLineSecret has no default and no value in main.parameters.json",
+        "parameter environmentName has no default and no value in main.parameters.json",
     ]
 
 

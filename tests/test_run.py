@@ -63,3 +63,19 @@ def assert_emulator_answers_through_the_bot(base_url: str, secret: str) -> None:
     activities = requests.get(f"{base_url}/conversations/{conversation}/activities", headers=auth,
                               timeout=20).json()["activities"]
     assert "You said: ping" in [a.get("text") for a in activities if a["from"].get("role") == "bot"]
+
+
+def test_make_run_bot_copilot_wires_the_relay_to_the_agent_token_endpoint_with_no_secret(tmp_path):
+    """`make run BOT=copilot`: the emulator's Copilot-like agent, no botbuilder bot, and the host in token endpoint
+    mode (the settings file's secret and endpoint overridden: the Direct Line base is discovered)."""
+    from devstack.run import Ports, build_stack, ensure_local_settings
+
+    settings_file = ensure_local_settings(tmp_path / "local.settings.json")
+    stack = build_stack(Ports(), settings_file, tmp_path / "data", "copilot")
+    names = [process.name for process, _ in stack]
+    assert names == ["azurite", "directline emulator", "provider simulator", "functions host"], names
+    emulator, host = stack[1][0], stack[3][0]
+    assert "--copilot" in emulator.argv
+    assert host.env["DIRECTLINE_TOKEN_ENDPOINT"] == emulator.token_endpoint
+    assert host.env["DIRECTLINE_SECRET"] == host.env["DIRECTLINE_ENDPOINT"] == ""
+    assert emulator.env["DIRECTLINE_SECRET"] != json.loads(settings_file.read_text())["Values"]["DIRECTLINE_SECRET"]

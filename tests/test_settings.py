@@ -26,6 +26,45 @@ def test_missing_secret_is_named():
         Settings.from_environ({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
 
 
+AGENT_TOKEN_ENDPOINT = ("https://contoso.environment.api.powerplatform.com/powervirtualagents/botsbyschema/"
+                        "cr_agent/directline/token?api-version=2022-03-01-preview")
+AGENT = {"DIRECTLINE_TOKEN_ENDPOINT": AGENT_TOKEN_ENDPOINT, "AzureWebJobsStorage": "UseDevelopmentStorage=true"}
+
+
+def test_a_token_endpoint_replaces_the_secret_and_leaves_the_direct_line_host_to_discovery():
+    directline = Settings.from_environ(AGENT).directline
+    assert directline.uses_token_endpoint and directline.secret == ""
+    assert directline.token_endpoint == AGENT_TOKEN_ENDPOINT
+    assert directline.endpoint == ""  # discovered from the agent's environment, not the global default
+
+
+def test_an_explicit_direct_line_endpoint_wins_over_discovery():
+    europe = "https://europe.directline.botframework.com/v3/directline"
+    assert Settings.from_environ({**AGENT, "DIRECTLINE_ENDPOINT": europe}).directline.endpoint == europe
+    assert Settings.from_environ({**AGENT, "DIRECTLINE_ENDPOINT": "  "}).directline.endpoint == ""
+
+
+@pytest.mark.parametrize(("environ", "says"), [
+    ({**BASE, "DIRECTLINE_TOKEN_ENDPOINT": AGENT_TOKEN_ENDPOINT}, "both"),
+    ({"AzureWebJobsStorage": "UseDevelopmentStorage=true"}, "neither"),
+    ({**AGENT, "DIRECTLINE_SECRET": "   "}, None),
+], ids=["both", "neither", "blank-secret-is-none"])
+def test_exactly_one_of_the_secret_and_the_token_endpoint_is_required(environ, says):
+    if says is None:
+        assert Settings.from_environ(environ).directline.uses_token_endpoint
+        return
+    with pytest.raises(SettingsError, match="exactly one") as raised:
+        Settings.from_environ(environ)
+    message = str(raised.value)
+    assert says in message and "DIRECTLINE_SECRET" in message and "DIRECTLINE_TOKEN_ENDPOINT" in message
+    assert "dl-secret-value" not in message and "contoso" not in message
+
+
+def test_a_malformed_token_endpoint_is_named():
+    with pytest.raises(SettingsError, match="DIRECTLINE_TOKEN_ENDPOINT must be an absolute http"):
+        Settings.from_environ({**AGENT, "DIRECTLINE_TOKEN_ENDPOINT": "contoso.example/token"})
+
+
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("DIRECTLINE_ENDPOINT", "directline.example", "absolute http"),
     ("RELAY_BURST_POLL_SECONDS", "soon", "must be a number"),

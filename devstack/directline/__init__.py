@@ -1,8 +1,10 @@
 """A Direct Line 3.0 emulator: the documented service, offline, for development and every relay test.
 
-    python -m devstack.directline --port 3000 --secret S [--enhanced-auth] [--token-ttl 1800] [--echo | --bot-url URL]
+    python -m devstack.directline --port 3000 --secret S [--enhanced-auth] [--token-ttl 1800]
+        [--echo | --copilot [--copilot-delay MIN MAX] | --bot-url URL]
 
-The secret may also come from the DIRECTLINE_SECRET environment variable (keeps it out of `ps`).
+The secret may also come from the DIRECTLINE_SECRET environment variable (keeps it out of `ps`);
+with `--copilot` it may be left out (a random one is made: clients use the token endpoint).
 Multi-threaded, bound to 127.0.0.1 only, all state in memory. The Direct Line API is served under
 http://127.0.0.1:PORT/v3/directline with every call of the reference table (tokens/generate,
 tokens/refresh, start conversation, reconnect, GET/POST activities, upload), the documented statuses
@@ -18,6 +20,14 @@ The bot
   with suggested actions; "bye" "Goodbye." then endOfConversation. Replies come from {id: --bot-id
   (default "relaybot"), name: --bot-name, role: "bot"} and are in the activity set before the
   user's POST returns, as a real bot's in-turn replies are.
+- `--copilot`: a built-in Copilot-like bot (devstack/directline/copilot.py, whose docstring lists
+  everything it does, after /work/shared/reference/copilot-studio.md): tokens of 3,600 s (unless
+  `--token-ttl`), a greeting only on an `event` named `startConversation` (in its `locale`), answers
+  `--copilot-delay MIN MAX` seconds (1-4) after the user's message on a thread of its own, each turn
+  preceded by `typing` and holding several Markdown messages; "choice" asks a multiple-choice
+  question as suggestedActions, "card" an Adaptive Card question whose answer `value` it checks,
+  "agent" sends a `handoff.initiate` event, "stream" streams an answer as typing activities with a
+  `streaminfo` entity before the final message. Its from.name is "Copilot" unless `--bot-name`.
 - `--bot-url URL`: each client activity is POSTed to the bot's messaging endpoint (Bot Connector
   protocol, no auth header) with `serviceUrl` = http://127.0.0.1:PORT; the bot answers through
   `POST /v3/conversations/{id}/activities[/{replyToId}]` here (anonymous accepted, as locally
@@ -26,6 +36,17 @@ The bot
   already in the activity set (so clients must look for it before re-posting).
 - `--no-bot`: activities are stored and nothing answers (tests drive the bot side through the
   connector endpoint).
+
+Copilot Studio environment routes (no auth, whatever the bot; the host of a real agent's token endpoint
+serves them: "Getting a token without a secret", "Which Direct Line host" in copilot-studio.md)
+- `GET /powervirtualagents/botsbyschema/{schema}/directline/token?api-version=V` (AGENT_TOKEN_PATH):
+  200 {"token", "expires_in", "conversationId"}: a token for a new conversation, bound to no user and
+  no origin (as generate without a body); start it with `POST /v3/directline/conversations` and that
+  token. Any schema name is served. Without api-version: 400 BadArgument.
+- `GET /powervirtualagents/regionalchannelsettings?api-version=V`: 200
+  {"channelUrlsById": {"directline": "http://127.0.0.1:PORT/"}}: the Direct Line base is that URL +
+  "v3/directline". Without api-version: 400 BadArgument.
+Both are counted (agent/token, agent/regionalchannelsettings); faults never apply to them.
 
 Choices where the documentation is silent or inconsistent (configurable where it matters)
 - Enhanced authentication (`--enhanced-auth`; off by default on the command line as on a new
@@ -114,7 +135,7 @@ Admin API (no auth, loopback only; JSON in and out)
   "conversations": <number alive>, "clock": {"now", "offset_seconds"}, "options": {... no secret}}.
   Endpoints counted: tokens/generate, tokens/refresh, conversations/start, conversations/reconnect,
   conversations/stream, activities/get, activities/post, upload, attachments/get, connector/send,
-  connector/reply.
+  connector/reply, agent/token, agent/regionalchannelsettings.
 - `POST /_emulator/counters/reset`: zero the counters.
 - `PUT /_emulator/faults` with any of (merged into the current settings; 400 on an unknown key):
     latency_ms (0)           added to every matching request
@@ -163,6 +184,8 @@ from typing import Any
 
 import requests
 
+from devstack.directline.copilot import COPILOT_TOKEN_SECONDS
+from devstack.directline.server import AGENT_TOKEN_PATH
 from devstack.procs import ManagedProcess, free_port, http_ok, python_module
 
 __all__ = ["DirectLineEmulator", "EmulatorAdmin"]
@@ -225,20 +248,30 @@ class EmulatorAdmin:
 class DirectLineEmulator(EmulatorAdmin, ManagedProcess):
     """`python -m devstack.directline` on a loopback port, with helpers for its admin API.
 
-    Enhanced authentication is on unless `enhanced_auth=False`; other flags go in `extra_args`."""
+    Enhanced authentication is on unless `enhanced_auth=False`; other flags go in `extra_args`.
+    `copilot=True` runs the Copilot-like bot (tokens of 3,600 s unless `token_ttl`, answers `copilot_delay`
+    seconds late); `token_endpoint` is its agent token endpoint URL either way."""
 
-    def __init__(self, *, secret: str, port: int | None = None, token_ttl: float = 1800, echo: bool = True,
-                 bot_url: str | None = None, enhanced_auth: bool = True, extra_args: Sequence[str] = (),
+    def __init__(self, *, secret: str, port: int | None = None, token_ttl: float | None = None, echo: bool = True,
+                 bot_url: str | None = None, enhanced_auth: bool = True, copilot: bool = False,
+                 copilot_delay: tuple[float, float] | None = None, extra_args: Sequence[str] = (),
                  log_path: Path | None = None, env: dict[str, str] | None = None, startup_timeout: float = 30):
         self.port = port or free_port()
         self.secret = secret
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = f"{self.url}/v3/directline"
         self.admin_url = f"{self.url}/_emulator"
+        self.token_endpoint = f"{self.url}{AGENT_TOKEN_PATH}"
+        if token_ttl is None:
+            token_ttl = COPILOT_TOKEN_SECONDS if copilot else 1800
         argv = python_module("devstack.directline", "--port", str(self.port), "--token-ttl", f"{token_ttl:g}",
                              "--enhanced-auth" if enhanced_auth else "--no-enhanced-auth")
         if bot_url:
             argv += ["--bot-url", bot_url]
+        elif copilot:
+            argv += ["--copilot"]
+            if copilot_delay is not None:
+                argv += ["--copilot-delay", f"{copilot_delay[0]:g}", f"{copilot_delay[1]:g}"]
         elif not echo:
             argv += ["--no-bot"]
         argv += list(extra_args)

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
 
-from devstack.directline import echo
-from devstack.directline.server import KEEPALIVE_SECONDS, RETENTION_SECONDS, Faults, Options, make_server
+from devstack.directline import copilot, echo
+from devstack.directline.server import (
+    AGENT_TOKEN_PATH,
+    KEEPALIVE_SECONDS,
+    RETENTION_SECONDS,
+    Faults,
+    Options,
+    make_server,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -18,7 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=3000, help="0 picks a free port (printed at start)")
     parser.add_argument("--secret", default=os.environ.get("DIRECTLINE_SECRET"),
                         help="the channel secret (default: $DIRECTLINE_SECRET)")
-    parser.add_argument("--token-ttl", type=float, default=1800, help="token lifetime in seconds")
+    parser.add_argument("--token-ttl", type=float,
+                        help="token lifetime in seconds (default 1800; 3600 with --copilot)")
     parser.add_argument("--conversation-ttl", type=float, default=15 * 24 * 3600,
                         help="seconds an idle conversation is kept before it answers 404")
     parser.add_argument("--enhanced-auth", action=argparse.BooleanOptionalAction, default=False,
@@ -29,11 +38,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="an open stream gets an empty frame after this many seconds without activity")
     bot = parser.add_mutually_exclusive_group()
     bot.add_argument("--echo", action="store_true", help="built-in echo bot (the default)")
+    bot.add_argument("--copilot", action="store_true",
+                     help="built-in Copilot-like bot: late answers, greeting on startConversation, cards, handoff")
     bot.add_argument("--bot-url", help="a real bot's messaging endpoint, e.g. http://127.0.0.1:3978/api/messages")
     bot.add_argument("--no-bot", action="store_true",
                      help="nothing answers; bot replies come through /v3/conversations")
     parser.add_argument("--bot-id", default="relaybot", help="the bot handle: from.id of its activities")
-    parser.add_argument("--bot-name", default="Echo Bot")
+    parser.add_argument("--bot-name", help="the bot's from.name (default 'Echo Bot'; 'Copilot' with --copilot)")
+    parser.add_argument("--copilot-delay", type=float, nargs=2, metavar=("MIN", "MAX"), default=copilot.DEFAULT_DELAY,
+                        help="seconds between a message and the Copilot-like bot's answer, drawn per turn (1 4)")
     parser.add_argument("--bot-timeout", type=float, default=15, help="seconds before a silent bot gives 504 BotError")
     parser.add_argument("--late-reply-seconds", type=float, default=echo.DEFAULT_LATE_REPLY_SECONDS,
                         help="delay of the built-in echo's answer to 'later'")
@@ -56,8 +69,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="share of POST activities/upload answered 204 without a body once processed")
     parser.add_argument("--quiet", action="store_true", help="no line per request")
     args = parser.parse_args(argv)
+    if args.copilot and not args.secret:
+        args.secret = secrets.token_urlsafe(32)  # an agent without web channel security: clients use its token endpoint
     if not args.secret:
         parser.error("give --secret or set DIRECTLINE_SECRET")
+    if not 0 <= args.copilot_delay[0] <= args.copilot_delay[1]:
+        parser.error("--copilot-delay needs 0 <= MIN <= MAX")
+    if args.token_ttl is None:
+        args.token_ttl = copilot.COPILOT_TOKEN_SECONDS if args.copilot else 1800
+    if args.bot_name is None:
+        args.bot_name = "Copilot" if args.copilot else "Echo Bot"
     if args.keepalive_seconds <= 0 or args.retention_seconds <= 0:
         parser.error("--keepalive-seconds and --retention-seconds must be more than 0")
     return args
@@ -69,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     options = Options(
         secret=args.secret, port=args.port, token_ttl=args.token_ttl, conversation_ttl=args.conversation_ttl,
-        echo=not args.bot_url and not args.no_bot, bot_url=args.bot_url, bot_id=args.bot_id, bot_name=args.bot_name,
+        echo=not args.bot_url and not args.no_bot and not args.copilot, copilot=args.copilot,
+        copilot_delay=(args.copilot_delay[0], args.copilot_delay[1]), bot_url=args.bot_url, bot_id=args.bot_id,
+        bot_name=args.bot_name,
         bot_timeout=args.bot_timeout, late_reply_seconds=args.late_reply_seconds, page_size=args.page_size,
         max_activity_chars=args.max_activity_chars, max_upload_bytes=args.max_upload_bytes,
         forward_end_of_conversation=args.forward_end_of_conversation, seed=args.seed,
@@ -87,10 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     server, emulator = make_server(options, faults)
-    bot = f"bot at {options.bot_url}" if options.bot_url else ("built-in echo bot" if options.echo else "no bot")
+    bot = (f"bot at {options.bot_url}" if options.bot_url else "built-in Copilot-like bot" if options.copilot
+           else "built-in echo bot" if options.echo else "no bot")
     auth = "enhanced authentication" if options.enhanced_auth else "no enhanced authentication"
-    print(f"Direct Line emulator on http://127.0.0.1:{emulator.options.port}/v3/directline ({bot}; {auth}); "
-          f"admin at http://127.0.0.1:{emulator.options.port}/_emulator/", flush=True)
+    root = f"http://127.0.0.1:{emulator.options.port}"
+    print(f"Direct Line emulator on {root}/v3/directline ({bot}; {auth}); admin at {root}/_emulator/", flush=True)
+    if options.copilot:
+        print(f"agent token endpoint {root}{AGENT_TOKEN_PATH}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     try:
         server.serve_forever(poll_interval=0.2)

@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -39,6 +39,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from devstack.directline import copilot as copilot_bot
 from devstack.directline import echo as echo_bot
 from devstack.http_server import LocalHTTPServer
 from devstack.inprocess import Answer, ConnectionDropped, Headers
@@ -63,6 +64,10 @@ KEEPALIVE_SECONDS = 30.0
 CLOSE_TIMEOUT_SECONDS = 5.0
 """How long a stream waits for the client's half of the closing handshake before it drops the connection."""
 _ALNUM = string.ascii_letters + string.digits
+AGENT_API_VERSION = "2022-03-01-preview"
+AGENT_TOKEN_PATH = ("/powervirtualagents/botsbyschema/cr_emulator_copilot/directline/token"
+                    f"?api-version={AGENT_API_VERSION}")
+"""The path of an agent's token endpoint on the emulator (any schema name is served)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,9 @@ class Options:
     enhanced_auth: bool = False
     retention_seconds: float = RETENTION_SECONDS
     keepalive_seconds: float = KEEPALIVE_SECONDS
+    copilot: bool = False
+    """The Copilot-like built-in bot (copilot.py) answers instead of the echo bot."""
+    copilot_delay: tuple[float, float] = copilot_bot.DEFAULT_DELAY
 
 
 @dataclass
@@ -265,6 +273,7 @@ class Emulator:
         self._http = requests.Session()
         self._closing = False
         self._streams_open = 0
+        self._copilot = copilot_bot.TurnPlayer(self._copilot_sends) if options.copilot else None
         self.reset_counters()
 
     # ---------------------------------------------------------------- counters and faults
@@ -474,6 +483,19 @@ class Emulator:
             conversation = self._new_conversation(user)
         value, expires_in = self._mint(conversation.id, user, origins)
         return 200, {"conversationId": conversation.id, "token": value, "expires_in": expires_in}
+
+    def agent_token(self, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """A Copilot Studio environment's token endpoint: no auth, a token for a new conversation, no user bound."""
+        _require_api_version(query)
+        with self._lock:
+            conversation = self._new_conversation(None)
+        value, expires_in = self._mint(conversation.id, None, [])
+        return 200, {"token": value, "expires_in": expires_in, "conversationId": conversation.id}
+
+    def regional_channel_settings(self, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """Where the environment's Direct Line is: this emulator's root (the base is that + "v3/directline")."""
+        _require_api_version(query)
+        return 200, {"channelUrlsById": {"directline": f"{self.root_url}/"}}
 
     def refresh_token(self, token: Token | None) -> tuple[int, dict[str, Any]]:
         if token is None:
@@ -744,8 +766,33 @@ class Emulator:
             return
         if self.options.bot_url:
             self._forward(self.options.bot_url, conversation, activity)
+        elif self._copilot is not None:
+            self._ask_copilot(conversation, activity)
         elif self.options.echo:
             self._echo(conversation, activity)
+
+    def _ask_copilot(self, conversation: Conversation, activity: dict[str, Any]) -> None:
+        """Queue the Copilot-like bot's turn for `activity`: composed once the turns before it were sent, from the
+        conversation as it is then (the bot's activities so far and the user's up to `activity`)."""
+        def compose() -> list[copilot_bot.Step]:
+            with self._lock:
+                sequence = int(activity["id"].rpartition("|")[2])
+                history = _copy([kept.activity for kept in conversation.activities if kept.sequence < sequence
+                                 or (kept.activity.get("from") or {}).get("role") == "bot"])
+                delay = self._random.uniform(*self.options.copilot_delay)
+            steps = copilot_bot.turn(activity, history, delay=delay)
+            return [replace(step, activity={**step.activity, "recipient": activity.get("from")}) for step in steps]
+
+        assert self._copilot is not None
+        self._copilot.play(conversation.id, compose)
+
+    def _copilot_sends(self, conversation_id: str, activity: dict[str, Any]) -> str | None:
+        """The Copilot-like bot's activity appended to its conversation; None when the conversation is gone."""
+        with self._lock:
+            conversation = self._conversations.get(conversation_id)
+        if conversation is None:
+            return None
+        return self.append_bot(conversation, activity, None)
 
     def _echo(self, conversation: Conversation, activity: dict[str, Any]) -> None:
         user = activity.get("from")
@@ -865,13 +912,15 @@ class Emulator:
 
     def close(self) -> None:
         """End every open stream (close code 1001, waiting for the closing handshakes a few seconds at most)
-        and cancel the echo bot's pending late replies."""
+        and cancel the echo bot's pending late replies and the Copilot-like bot's pending turns."""
         with self._changed:
             self._closing = True
             self._changed.notify_all()
             self._changed.wait_for(lambda: self._streams_open == 0, CLOSE_TIMEOUT_SECONDS + 1)
         for timer in list(self._timers):
             timer.cancel()
+        if self._copilot is not None:
+            self._copilot.close()
         self._http.close()
 
 
@@ -882,6 +931,11 @@ def _copy(value: Any) -> Any:
 
 def _new_mark() -> str:
     return "".join(secrets.choice(string.ascii_lowercase) for _ in range(4))
+
+
+def _require_api_version(query: dict[str, str]) -> None:
+    if not query.get("api-version"):
+        raise ErrorResponse(400, "BadArgument", "The api-version query parameter is required")
 
 
 def _user_and_origins(body: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
@@ -950,6 +1004,8 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(rf"{API}/conversations/(?P<cid>[^/]+)/activities"), "activities/post"),
     ("POST", re.compile(rf"{API}/conversations/(?P<cid>[^/]+)/upload"), "upload"),
     ("GET", re.compile(rf"{API}/conversations/(?P<cid>[^/]+)/stream"), "conversations/stream"),
+    ("GET", re.compile(r"/powervirtualagents/botsbyschema/(?P<schema>[^/]+)/directline/token"), "agent/token"),
+    ("GET", re.compile(r"/powervirtualagents/regionalchannelsettings"), "agent/regionalchannelsettings"),
     ("GET", re.compile(rf"{API}/attachments/(?P<key>[^/]+)(?:/[^/]*)?"), "attachments/get"),
     ("POST", re.compile(r"/v3/conversations/(?P<cid>[^/]+)/activities"), "connector/send"),
     ("POST", re.compile(r"/v3/conversations/(?P<cid>[^/]+)/activities/(?P<reply>[^/]+)"), "connector/reply"),
@@ -1095,6 +1151,10 @@ def _dispatch(emulator: Emulator, endpoint: str, params: dict[str, str], query: 
                                   "Content-Disposition": f'inline; filename="{quote(stored.name)}"'}
     if endpoint.startswith("connector/"):
         return (*emulator.bot_sends(cid, params.get("reply"), raw), {})
+    if endpoint == "agent/token":
+        return (*emulator.agent_token(query), {})
+    if endpoint == "agent/regionalchannelsettings":
+        return (*emulator.regional_channel_settings(query), {})
     token = emulator.authenticate(headers)
     result: tuple[int, dict[str, Any]]
     if endpoint == "tokens/generate":

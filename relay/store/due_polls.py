@@ -8,7 +8,11 @@ for new activities without reading the record or taking the lease, and when ther
 moves `peek_after` on, for up to 100 conversations in one batch, never past `token_refresh_at`. So
 the row of an idle conversation is due at the latest when its token wants refreshing, and the
 poller then works it under its lease (a peek is not allowed from that time on): the token is kept
-alive for as long as the conversation is open, at the cost of one refresh per half-life.
+alive for as long as the conversation is open, at the cost of one refresh per half-life. The row
+also carries the conversation's token (`token`), which a peek reads with: in token endpoint mode
+there is no secret to read with. It is a copy of the record's, in the same storage account, written
+anew with each refresh (a refresh moves `token_refresh_at`, so the row is replaced anyway) and good
+until at least `token_refresh_at`, past which no peek uses it.
 
 The record points at its row (`due_index_key`); a row is written before the record points at it,
 so none is ever missing, and a row nothing points at any more is removed when it is claimed.
@@ -78,6 +82,8 @@ class DueConversation:
     poll_interval: float = 0.0
     token_refresh_at: datetime | None = None
     """When the conversation's token wants refreshing: no peek from then on, and no postponement past it."""
+    token: str = field(default="", repr=False)
+    """The conversation's token when the row was written ("" when it had none): what a peek reads with."""
     etag: str | None = field(default=None, repr=False, compare=False)
     inbound: tuple[InboundMark, ...] = ()
     """The conversation's inbound rows that were read: messages that may wait, whatever the schedule."""
@@ -133,7 +139,7 @@ class DuePolls:
             "PartitionKey eq @pk and RowKey lt @upper and not (peek_after gt @now )",
             parameters={"pk": _PARTITION, "upper": f"{millis(now) + 1:015d}", "now": now},
             select=["RowKey", "channel", "user", "conversation_id", "watermark", "last_activity_at", "poll_interval",
-                    "token_refresh_at", "message_id", "marked_at"],
+                    "token_refresh_at", "token", "message_id", "marked_at"],
             results_per_page=min(max(limit, 1), 1000),
         )
         due: dict[ConversationKey, DueConversation] = {}
@@ -153,7 +159,8 @@ class DuePolls:
                         key, at, entity["RowKey"], conversation_id=entity.get("conversation_id") or "",
                         watermark=entity.get("watermark"), last_activity_at=entity.get("last_activity_at"),
                         poll_interval=entity.get("poll_interval") or 0.0,
-                        token_refresh_at=entity.get("token_refresh_at"), etag=entity.metadata.get("etag"))
+                        token_refresh_at=entity.get("token_refresh_at"), token=entity.get("token") or "",
+                        etag=entity.metadata.get("etag"))
                 else:
                     continue
                 if len(due) >= limit:
@@ -214,7 +221,8 @@ class DuePolls:
             row |= {"conversation_id": record.conversation_id, "watermark": record.watermark,
                     "last_activity_at": max((t for t in (record.last_user_activity_at, record.last_bot_activity_at)
                                              if t), default=None),
-                    "poll_interval": float(record.poll_interval), "token_refresh_at": record.token_refresh_at}
+                    "poll_interval": float(record.poll_interval), "token_refresh_at": record.token_refresh_at,
+                    "token": record.token}
         self._table.create(row)
         return index
 
@@ -228,7 +236,7 @@ def _peek_view(record: ConversationRecord) -> tuple | None:
 
     The watermark is not part of it: a row's older watermark only makes a peek see activities the
     record already handled, which sends the poller down the full path (never a missed message). The
-    token's refresh time is: a row must never let a peek run past it."""
+    token's refresh time is: a row must never let a peek run past it; and so is the token a peek reads with."""
     if not (record.peekable and record.conversation_id):
         return None
-    return record.conversation_id, record.token_refresh_at
+    return record.conversation_id, record.token_refresh_at, record.token

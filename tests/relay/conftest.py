@@ -82,13 +82,27 @@ class RelayStack:
                 if a.get("type") == "message" and (a.get("from") or {}).get("role") != "bot"]
 
 
+def directline_settings(emulator: DirectLineEmulator | InProcessEmulator, secret: str,
+                        token_endpoint: bool) -> dict[str, str]:
+    """The relay's Direct Line settings for `emulator`: its secret and base URL, or (`token_endpoint`) its agent
+    token endpoint alone: no secret, and the base discovered from regionalchannelsettings."""
+    if token_endpoint:
+        return {"DIRECTLINE_TOKEN_ENDPOINT": emulator.token_endpoint, "DIRECTLINE_SECRET": "",
+                "DIRECTLINE_ENDPOINT": ""}
+    return {"DIRECTLINE_SECRET": secret, "DIRECTLINE_ENDPOINT": emulator.base_url}
+
+
 @pytest.fixture
 def relay_stack(storage_connection_string, table_prefix, start_emulator, start_host,
                 tmp_path: Path) -> Iterator[Callable[..., RelayStack]]:
     simulators: list[ProviderSimulator] = []
 
     def start(*, schedule: str = EVERY_SECOND, burst: str = "2", emulator_options: dict | None = None,
-              env: dict[str, str] | None = None) -> RelayStack:
+              env: dict[str, str] | None = None, token_endpoint: bool = False) -> RelayStack:
+        """`token_endpoint`: the relay in token endpoint mode, with no secret (and the Direct Line base discovered:
+        no DIRECTLINE_ENDPOINT), in front of the emulator's Copilot-like bot unless `emulator_options` say."""
+        if token_endpoint:
+            emulator_options = {"copilot": True, "copilot_delay": (0.5, 1.0), **(emulator_options or {})}
         emulator = start_emulator(**{"extra_args": ("--late-reply-seconds", "1"), **(emulator_options or {})})
         port = free_port()
         host_url = f"http://127.0.0.1:{port}"
@@ -99,8 +113,7 @@ def relay_stack(storage_connection_string, table_prefix, start_emulator, start_h
             **DEV_VALUES, **simulator.api_bases(),
             "AzureWebJobsStorage": storage_connection_string,
             "RELAY_TABLE_PREFIX": table_prefix,
-            "DIRECTLINE_SECRET": emulator.secret,
-            "DIRECTLINE_ENDPOINT": emulator.base_url,
+            **directline_settings(emulator, emulator.secret, token_endpoint),
             "DIRECTLINE_TIMEOUT_SECONDS": "5",
             "RELAY_PUBLIC_BASE_URL": host_url,
             "RELAY_POLL_SCHEDULE": schedule,
@@ -243,18 +256,22 @@ class InProcessRelay:
 def inprocess_relay(storage_connection_string, table_prefix) -> Iterator[Callable[..., InProcessRelay]]:
     """Build an InProcessRelay: inprocess_relay(env={RELAY_* settings}, **InProcessEmulator options).
 
+    `token_endpoint=True`: the relay in token endpoint mode (no secret, the Direct Line base discovered), in
+    front of the emulator's Copilot-like bot (answering 50-150 ms late) unless the options say otherwise.
     Direct Line calls are not retried (RetryPolicy(attempts=1)), so each decision meets each fault."""
     built: list[InProcessRelay] = []
 
-    def start(*, env: dict[str, str] | None = None, **emulator_options) -> InProcessRelay:
+    def start(*, env: dict[str, str] | None = None, token_endpoint: bool = False,
+              **emulator_options) -> InProcessRelay:
+        if token_endpoint:
+            emulator_options = {"copilot": True, "copilot_delay": (0.05, 0.15), **emulator_options}
         emulator = InProcessEmulator(secret=DIRECTLINE_TEST_SECRET, **emulator_options)
         simulator = InProcessSimulator()
         settings = Settings.from_environ({
             **DEV_VALUES, **simulator.api_bases(),
             "AzureWebJobsStorage": storage_connection_string,
             "RELAY_TABLE_PREFIX": table_prefix,
-            "DIRECTLINE_SECRET": DIRECTLINE_TEST_SECRET,
-            "DIRECTLINE_ENDPOINT": emulator.base_url,
+            **directline_settings(emulator, DIRECTLINE_TEST_SECRET, token_endpoint),
             "RELAY_PUBLIC_BASE_URL": RELAY_URL,
             **NO_GREETING,
             **(env or {}),

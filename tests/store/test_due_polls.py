@@ -114,3 +114,18 @@ def test_a_peek_is_never_postponed_past_the_time_the_conversations_token_wants_r
 
     assert store.due_polls.list_due(now=refresh_at - timedelta(seconds=1)) == []
     assert [d.key for d in store.due_polls.list_due(now=refresh_at)] == [key]
+
+
+def test_a_settled_row_carries_the_token_a_peek_reads_with_and_a_new_token_gets_a_new_row(store):
+    """Token endpoint mode has no secret: the poller peeks with the conversation's token, so the row must hold the
+    record's current one (a refresh writes a new row), never in its repr."""
+    key = ConversationKey("twilio", "+1556")
+    record = create(store, key, token="first-token", token_expires_at=T0 + timedelta(hours=1),
+                    token_refresh_at=T0 + timedelta(minutes=30), peekable=True, next_poll_at=T0)
+    [row] = store.due_polls.list_due(now=T0)
+    assert row.token == "first-token" and "first-token" not in repr(row)
+    store.conversations.update_record(key, lambda r: replace(r, token="second-token",
+                                                             token_refresh_at=T0 + timedelta(minutes=45)),
+                                      current=record)
+    [row] = store.due_polls.list_due(now=T0)
+    assert row.token == "second-token"

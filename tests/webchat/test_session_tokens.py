@@ -14,11 +14,12 @@ import pytest
 import requests
 from requests.adapters import BaseAdapter
 
-from devstack.directline.transport import InProcessEmulator
+from devstack.directline.transport import DEFAULT_URL, InProcessEmulator
 from relay.clock import SYSTEM_CLOCK, ManualClock
 from relay.directline import DirectLineClient, RetryPolicy
 from relay.errors import (
     ConversationGone,
+    DirectLineRejected,
     OriginNotAllowed,
     ResumeKeyReused,
     SessionExpired,
@@ -96,15 +97,19 @@ class Relay:
 
 @pytest.fixture
 def relay(storage_connection_string, table_prefix) -> Iterator[Callable[..., Relay]]:
-    """relay(WEBCHAT_*="...", token_ttl=..., enhanced_auth=...) -> a token server of the test's own, its clock
-    starting at the real time."""
+    """relay(WEBCHAT_*="...", token_ttl=..., enhanced_auth=..., token_endpoint=...) -> a token server of the test's
+    own, its clock starting at the real time. `token_endpoint=True`: in front of the emulator's Copilot-like agent,
+    in token endpoint mode (no secret; the Direct Line base discovered)."""
     built: list[Relay] = []
 
-    def start(*, token_ttl: float = TOKEN_SECONDS, enhanced_auth: bool = True, **env: str) -> Relay:
-        emulator = InProcessEmulator(secret=DIRECTLINE_TEST_SECRET, token_ttl=token_ttl, enhanced_auth=enhanced_auth)
+    def start(*, token_ttl: float = TOKEN_SECONDS, enhanced_auth: bool = True, token_endpoint: bool = False,
+              **env: str) -> Relay:
+        emulator = InProcessEmulator(secret=DIRECTLINE_TEST_SECRET, token_ttl=token_ttl, enhanced_auth=enhanced_auth,
+                                     copilot=token_endpoint)
+        directline = ({"DIRECTLINE_TOKEN_ENDPOINT": emulator.token_endpoint} if token_endpoint else
+                      {"DIRECTLINE_SECRET": DIRECTLINE_TEST_SECRET, "DIRECTLINE_ENDPOINT": emulator.base_url})
         settings = Settings.from_environ({
-            "AzureWebJobsStorage": storage_connection_string, "RELAY_TABLE_PREFIX": table_prefix,
-            "DIRECTLINE_SECRET": DIRECTLINE_TEST_SECRET, "DIRECTLINE_ENDPOINT": emulator.base_url,
+            "AzureWebJobsStorage": storage_connection_string, "RELAY_TABLE_PREFIX": table_prefix, **directline,
             "RELAY_PUBLIC_BASE_URL": RELAY_URL, "WEBCHAT_ALLOWED_ORIGINS": SHOP, **env})
         time = ManualClock(SYSTEM_CLOCK.now().replace(microsecond=0))
         transport = Recording(emulator.transport)
@@ -293,3 +298,40 @@ def test_a_forgotten_conversation_found_on_resume_says_start_over(relay):
     with pytest.raises(SessionRevoked):
         server.resume(grant)
     assert server.store.sessions.list_due_refreshes(now=server.time.now() + timedelta(days=1)) == []
+
+
+def test_in_token_endpoint_mode_pages_get_agent_tokens_and_resume_after_theirs_expired(relay):
+    """A Copilot Studio agent without a secret: the token comes from its endpoint (hour-long, bound to no user or
+    origin), the page is told the discovered Direct Line base, and the held token carries it through a sleep."""
+    server = relay(token_endpoint=True, token_ttl=3600)
+    grant = server.tokens.issue_token(Caller(origin=SHOP))
+    cid = grant["conversationId"]
+    assert grant["expires_in"] == 3600 and grant["domain"] == server.emulator.base_url
+    assert server.calls("tokens/generate") == [] and len(server.calls("/directline/token")) == 1
+    assert server.held_token(cid) == grant["token"]
+    server.client.start_conversation(token=grant["token"])
+    server.client.post_activity(cid, {"type": "message", "text": "before", "from": {"id": grant["userId"]}},
+                                token=grant["token"])
+
+    server.wait(3 * 3600)  # hours asleep, while the timer keeps the held token fresh
+    with pytest.raises(TokenExpired):
+        server.client.refresh_token(token=grant["token"])
+    resumed = server.resume(grant, origin=SHOP)
+    assert (resumed["conversationId"], resumed["userId"], resumed["domain"]) == (cid, grant["userId"],
+                                                                                 server.emulator.base_url)
+    server.client.post_activity(cid, {"type": "message", "text": "back", "from": {"id": grant["userId"]}},
+                                token=resumed["token"])
+    page = server.client.get_activities(cid, token=resumed["token"])
+    assert [a["text"] for a in page.activities if a["from"].get("role") != "bot"] == ["before", "back"]
+    assert len(server.calls("/directline/token")) == 1  # one token from the endpoint; refreshes did the rest
+    secret = f"Bearer {DIRECTLINE_TEST_SECRET}"
+    assert all(r.headers.get("Authorization") != secret for r in server.transport.sent)
+    assert all("Authorization" not in r.headers for r in server.transport.sent if "powervirtualagents" in r.url)
+
+
+def test_an_agent_endpoint_that_refuses_is_the_relays_configuration_not_the_pages(relay, caplog):
+    server = relay(token_endpoint=True, DIRECTLINE_TOKEN_ENDPOINT=f"{DEFAULT_URL}/powervirtualagents/botsbyschema/"
+                   "cr_agent/directline/token")  # no api-version: the environment answers 400
+    with pytest.raises(DirectLineRejected):
+        server.tokens.issue_token(Caller(origin=SHOP))
+    assert "token endpoint refused" in caplog.text
