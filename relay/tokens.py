@@ -27,6 +27,9 @@ Choices:
   SessionExpired and the relay stops refreshing the held token. If the held token lapsed anyway
   (Direct Line out of reach for longer than a token lives), nobody can rejoin the conversation: resume
   is SessionLapsed, and the page starts a new one.
+- The timer spends a few seconds of each run on held tokens (SESSION_REFRESH_BUDGET_SECONDS, each call with a
+  short read timeout; less once Direct Line throttles or fails a few times): a Direct Line that hangs never
+  holds up the channel poller that runs it. The rows not reached are due again at the next run.
 - A revoked session's tokens are not refreshed, neither the page's (refresh is SessionRevoked) nor the
   held one (revoking forgets it).
 - The page's watermark is the page's business: resume accepts and ignores it (older pages send one).
@@ -78,6 +81,7 @@ from relay.errors import (
     Throttled,
     TokenExpired,
     TooManyRequests,
+    TransientError,
     WebChatError,
     WebChatFileNotFound,
 )
@@ -88,6 +92,10 @@ from relay.store.sessions import DueRefresh, HeldToken, ResumeOutcome, WebChatSe
 __all__ = [
     "MAX_BODY_BYTES",
     "REFRESH_AT",
+    "REFRESH_WORKERS",
+    "SESSION_REFRESH_BUDGET_SECONDS",
+    "SESSION_REFRESH_MAX_FAILURES",
+    "SESSION_REFRESH_TIMEOUT_SECONDS",
     "Asset",
     "Caller",
     "SessionRefreshTick",
@@ -107,6 +115,16 @@ REFRESH_AT = (0.45, 0.55)
 REFRESH_RETRY_SECONDS = 30.0  # a failed refresh is tried again this soon (sooner when the token has less left)
 MAX_REFRESHES_PER_TICK = 500
 REFRESH_WORKERS = 8
+SESSION_REFRESH_BUDGET_SECONDS = 5.0
+"""How long one timer run starts refreshes of held tokens; the rows it does not reach stay due for the next run
+(every few seconds: a held token is due at half its life, so a few seconds late costs nothing). The run ends
+at most one read timeout (SESSION_REFRESH_TIMEOUT_SECONDS, plus the connect timeout) after this: the
+channel poller that runs it is never held up for long."""
+SESSION_REFRESH_TIMEOUT_SECONDS = 5.0
+"""The read timeout of the timer's refresh of one held token (a refresh answers in well under a second)."""
+SESSION_REFRESH_MAX_FAILURES = 3
+"""Timeouts, lost connections or 5xx answers in one timer run after which it starts no more refreshes: Direct
+Line is in trouble, the rest of the run's rows stay due for the next run (as after a 429)."""
 MAX_FIELD_CHARS = 512
 MAX_BODY_BYTES = 4096
 """The largest body a token call may send: a resume body is a few short strings."""
@@ -303,8 +321,34 @@ class _Refresh(StrEnum):
     LAPSED = "lapsed"  # the held token had expired: the session can no longer be resumed
     ENDED = "ended"  # the session is gone, revoked, expired or rescheduled: nothing to refresh
     POSTPONED = "postponed"  # Direct Line failed or throttled: tried again later
-    SKIPPED = "skipped"  # left due for the next tick (Direct Line throttles)
-    FAILED = "failed"  # Table Storage or something unforeseen: the row stays due
+    SKIPPED = "skipped"  # left due for the next tick (Direct Line throttles or fails, or the tick's time is up)
+    FAILED = "failed"  # Table Storage or something unforeseen: tried again later if the row can be moved
+
+
+class _TickBudget:
+    """Whether a timer run may start another refresh: not once its time is up (`seconds` from now on `clock`),
+    Direct Line throttled it, or failed SESSION_REFRESH_MAX_FAILURES times. Shared by the run's workers."""
+
+    def __init__(self, clock: Clock, seconds: float):
+        self._clock = clock
+        self._deadline = clock.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._stopped = False
+
+    def may_start(self) -> bool:
+        with self._lock:
+            return not self._stopped and self._clock.monotonic() < self._deadline
+
+    def throttled(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+    def failed(self) -> None:
+        """Direct Line timed out, dropped the connection or answered 5xx."""
+        with self._lock:
+            self._failures += 1
+            self._stopped = self._stopped or self._failures >= SESSION_REFRESH_MAX_FAILURES
 
 
 @dataclass(frozen=True)
@@ -321,27 +365,32 @@ class SessionRefreshTick:
 
 
 def refresh_session_tokens(store: RelayStore, client: DirectLineClient, *, clock: Clock,
-                           limit: int = MAX_REFRESHES_PER_TICK, workers: int = REFRESH_WORKERS) -> SessionRefreshTick:
+                           limit: int = MAX_REFRESHES_PER_TICK, workers: int = REFRESH_WORKERS,
+                           budget_seconds: float = SESSION_REFRESH_BUDGET_SECONDS) -> SessionRefreshTick:
     """Refresh every held token whose time has come (the sessions' refresh index, one range query), up to
-    `limit` of them, `workers` at a time.
+    `limit` of them, `workers` at a time, each call with a read timeout of SESSION_REFRESH_TIMEOUT_SECONDS.
 
-    One session's trouble never stops the others: a Direct Line failure is tried again soon (within the
-    token's life), and a throttled refresh is tried again after Retry-After, and leaves the rest of this run's
-    rows due for the next run. An expired or revoked session's row goes; a token found expired goes too
-    (resume is then SessionLapsed)."""
+    Refreshes start for `budget_seconds`; the rows not reached by then stay due for the next run, and so do
+    the rest of the rows once Direct Line throttles (429) or fails SESSION_REFRESH_MAX_FAILURES times (a
+    timeout, a lost connection, 5xx). One session's trouble never stops the others: a Direct Line failure is
+    tried again soon (within the token's life, counted from when the call failed), a throttled refresh after
+    Retry-After, and a row that fails for another reason (Table Storage) about as soon as a Direct Line failure,
+    so that it does not stay first in line. An expired or revoked session's row goes; a token found expired
+    goes too (resume is then SessionLapsed)."""
     due = store.sessions.list_due_refreshes(now=clock.now(), limit=limit)
     if not due:
         return SessionRefreshTick()
-    client = client.with_options(retry=SESSION_REFRESH_RETRY)
-    throttled = threading.Event()
+    client = client.with_options(retry=SESSION_REFRESH_RETRY, timeout_seconds=SESSION_REFRESH_TIMEOUT_SECONDS)
+    budget = _TickBudget(clock, budget_seconds)
 
     def work(item: DueRefresh) -> _Refresh:
-        if throttled.is_set():
+        if not budget.may_start():
             return _Refresh.SKIPPED
         try:
-            return _refresh_held_token(store, client, clock, item, throttled)
+            return _refresh_held_token(store, client, clock, item, budget)
         except Exception:  # one session's trouble never stops the others
             log.exception("Web Chat session refresh failed")
+            _put_off(store, clock, item)
             return _Refresh.FAILED
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(due))), thread_name_prefix="session") as pool:
@@ -353,7 +402,7 @@ def refresh_session_tokens(store: RelayStore, client: DirectLineClient, *, clock
 
 
 def _refresh_held_token(store: RelayStore, client: DirectLineClient, clock: Clock, item: DueRefresh,
-                        throttled: threading.Event) -> _Refresh:
+                        budget: _TickBudget) -> _Refresh:
     now = clock.now()
     session = store.sessions.get_session(item.conversation_id)
     if session is None or session.held is None or session.refresh_index_key != item.index_key:
@@ -374,20 +423,42 @@ def _refresh_held_token(store: RelayStore, client: DirectLineClient, clock: Cloc
         store.sessions.revoke_session(conversation_id, now=now)
         return _Refresh.ENDED
     except Throttled as error:
-        throttled.set()
-        _postpone(store, conversation_id, held, now, error.retry_after or REFRESH_RETRY_SECONDS)
+        budget.throttled()
+        _postpone(store, clock, conversation_id, held, seconds=error.retry_after or REFRESH_RETRY_SECONDS)
         return _Refresh.POSTPONED
     except DirectLineError as error:
+        if isinstance(error, TransientError):
+            budget.failed()
         log.warning("could not refresh the token of Web Chat conversation %s: %s", conversation_id, error)
-        left = (held.expires_at - now).total_seconds()
-        _postpone(store, conversation_id, held, now, max(1.0, min(REFRESH_RETRY_SECONDS, left / 4)))
+        _postpone(store, clock, conversation_id, held)
         return _Refresh.POSTPONED
     store.sessions.hold_token(conversation_id, _held_token(grant, now=clock.now(), clock=clock))
     return _Refresh.REFRESHED
 
 
-def _postpone(store: RelayStore, conversation_id: str, held: HeldToken, now: datetime, seconds: float) -> None:
+def _postpone(store: RelayStore, clock: Clock, conversation_id: str, held: HeldToken, *,
+              seconds: float | None = None) -> None:
+    """Refresh `held` again `seconds` from now; by default soon, and several times before it expires (a quarter of
+    what it has left, at most REFRESH_RETRY_SECONDS). Now is after the failed call, however long that took."""
+    now = clock.now()
+    if seconds is None:
+        seconds = max(1.0, min(REFRESH_RETRY_SECONDS, (held.expires_at - now).total_seconds() / 4))
     store.sessions.postpone_refresh(conversation_id, held.token, refresh_at=now + timedelta(seconds=seconds), now=now)
+
+
+def _put_off(store: RelayStore, clock: Clock, item: DueRefresh) -> None:
+    """After an unforeseen failure: the row's refresh tried again later (as after a Direct Line failure), or the
+    row deleted when its session no longer points at it. A row that fails every time must not stay first in
+    line, taking a place in every run. Best effort: when this fails too, the row stays due."""
+    try:
+        session = store.sessions.get_session(item.conversation_id)
+        if session is None or session.held is None or session.refresh_index_key != item.index_key:
+            store.sessions.end_refresh(item)
+        else:
+            _postpone(store, clock, session.conversation_id, session.held)
+    except Exception as error:
+        log.warning("could not put off the refresh of Web Chat conversation %s: %s", item.conversation_id,
+                    type(error).__name__)
 
 
 def _lapse(store: RelayStore, conversation_id: str, held: HeldToken, now: datetime) -> _Refresh:

@@ -28,7 +28,17 @@ from relay.errors import (
 )
 from relay.settings import Settings
 from relay.store import RelayStore
-from relay.tokens import REFRESH_AT, Caller, SessionRefreshTick, TokenServer, refresh_session_tokens
+from relay.tokens import (
+    REFRESH_AT,
+    REFRESH_WORKERS,
+    SESSION_REFRESH_BUDGET_SECONDS,
+    SESSION_REFRESH_MAX_FAILURES,
+    SESSION_REFRESH_TIMEOUT_SECONDS,
+    Caller,
+    SessionRefreshTick,
+    TokenServer,
+    refresh_session_tokens,
+)
 from tests.conftest import DIRECTLINE_TEST_SECRET
 from tests.webchat.conftest import SHOP
 
@@ -38,15 +48,33 @@ TOKEN_SECONDS = 1800
 
 
 class Recording(BaseAdapter):
-    """The emulator's transport, keeping every request the relay sent to Direct Line."""
+    """The emulator's transport, keeping every request the relay sent to Direct Line and the read timeout it
+    gave; `stall` makes Direct Line slow on one path: the relay's clock moves on while it waits, and past its
+    read timeout the request times out, as over a network."""
 
-    def __init__(self, inner: BaseAdapter):
+    def __init__(self, inner: BaseAdapter, time: ManualClock):
         super().__init__()
         self.inner = inner
+        self.time = time
         self.sent: list[requests.PreparedRequest] = []
+        self.read_timeouts: list[float | None] = []
+        self.stalls: dict[str, float] = {}
+
+    def stall(self, operation: str, seconds: float) -> None:
+        """Each request to `operation` (e.g. "tokens/refresh") answers after `seconds` (0: at once again)."""
+        self.stalls[operation] = seconds
 
     def send(self, request, **options):
         self.sent.append(request)
+        timeout = options.get("timeout")
+        read_timeout = timeout[1] if isinstance(timeout, tuple) else timeout
+        self.read_timeouts.append(read_timeout)
+        path = (request.path_url or "").split("?")[0]
+        stall = max((s for operation, s in self.stalls.items() if path.endswith(operation)), default=0.0)
+        if read_timeout is not None and stall > read_timeout:
+            self.time.advance(read_timeout)
+            raise requests.ReadTimeout(f"no answer within the read timeout ({read_timeout:g} s)", request=request)
+        self.time.advance(stall)
         return self.inner.send(request, **options)
 
     def close(self) -> None:
@@ -65,6 +93,15 @@ class Relay:
     def calls(self, operation: str) -> list[requests.PreparedRequest]:
         """The relay's requests to one Direct Line path, e.g. "tokens/refresh"."""
         return [r for r in self.transport.sent if (r.path_url or "").split("?")[0].endswith(operation)]
+
+    def read_timeouts(self, operation: str) -> list[float | None]:
+        """The read timeout of each of the relay's requests to one Direct Line path."""
+        return [timeout for request, timeout in zip(self.transport.sent, self.transport.read_timeouts, strict=True)
+                if (request.path_url or "").split("?")[0].endswith(operation)]
+
+    def due(self) -> list[str]:
+        """The conversations whose held token is due for its refresh now."""
+        return [d.conversation_id for d in self.store.sessions.list_due_refreshes(now=self.time.now())]
 
     def tick(self, **options: Any) -> SessionRefreshTick:
         """One run of the timer's session refresh at the current time."""
@@ -107,7 +144,7 @@ def relay(storage_connection_string, table_prefix) -> Iterator[Callable[..., Rel
             "DIRECTLINE_SECRET": DIRECTLINE_TEST_SECRET, "DIRECTLINE_ENDPOINT": emulator.base_url,
             "RELAY_PUBLIC_BASE_URL": RELAY_URL, "WEBCHAT_ALLOWED_ORIGINS": SHOP, **env})
         time = ManualClock(SYSTEM_CLOCK.now().replace(microsecond=0))
-        transport = Recording(emulator.transport)
+        transport = Recording(emulator.transport, time)
         client = DirectLineClient(settings.directline, retry=RetryPolicy(attempts=1), clock=time, transport=transport)
         store = RelayStore.from_settings(settings.storage, clock=time)
         built.append(Relay(TokenServer(settings, client=client, store=store, clock=time), store, client, emulator,
@@ -293,3 +330,74 @@ def test_a_forgotten_conversation_found_on_resume_says_start_over(relay):
     with pytest.raises(SessionRevoked):
         server.resume(grant)
     assert server.store.sessions.list_due_refreshes(now=server.time.now() + timedelta(days=1)) == []
+
+
+# ----------------------------------------------------------------------- Direct Line slow, hanging, failing
+
+
+def due_sessions(server: Relay, count: int) -> list[dict]:
+    """`count` pages' sessions, every held token due for its refresh."""
+    grants = [server.tokens.issue_token(Caller(address=f"192.0.2.{n}")) for n in range(count)]  # under the rate limit
+    server.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
+    return grants
+
+
+def test_a_hanging_direct_line_holds_the_timer_up_for_one_short_timeout_and_the_rest_wait_for_the_next_tick(relay):
+    """Direct Line takes the connection and never answers: the run stops starting refreshes once its few seconds
+    are spent, each call gives up after a short timeout, and the channel poller that runs it moves on."""
+    server = relay()
+    grants = due_sessions(server, 20)
+    server.transport.stall("tokens/refresh", 3600)
+    tick = server.tick()
+    tried = server.read_timeouts("tokens/refresh")
+    assert tried == [SESSION_REFRESH_TIMEOUT_SECONDS] * len(tried)
+    assert 0 < len(tried) <= REFRESH_WORKERS  # one round of the workers' timeouts at most
+    assert (tick.due, tick.postponed, tick.skipped) == (20, len(tried), 20 - len(tried))
+    assert len(server.due()) == tick.skipped  # the ones tried wait a while; the others are first next time
+
+    server.transport.stall("tokens/refresh", 0)
+    assert server.tick().refreshed == tick.skipped
+    server.advance(30)
+    assert server.tick().refreshed == tick.postponed
+    assert all(server.held_token(g["conversationId"]) != g["token"] for g in grants)
+
+
+def test_direct_line_failing_fast_stops_the_runs_refreshes_after_a_few_failures(relay):
+    server = relay()
+    due_sessions(server, 12)
+    server.emulator.set_faults(error_500_rate=1.0, endpoints=["tokens/refresh"])
+    tick = server.tick(workers=1)
+    assert len(server.calls("tokens/refresh")) == SESSION_REFRESH_MAX_FAILURES
+    assert (tick.postponed, tick.skipped) == (SESSION_REFRESH_MAX_FAILURES, 12 - SESSION_REFRESH_MAX_FAILURES)
+    server.emulator.clear_faults()
+    assert server.tick().refreshed == tick.skipped
+
+
+def test_a_slow_direct_line_gets_the_runs_few_seconds_and_the_rest_are_refreshed_next_tick(relay):
+    server = relay()
+    grants = due_sessions(server, 12)
+    server.transport.stall("tokens/refresh", 1)  # every refresh works, in a second
+    started = server.time.monotonic()
+    first = server.tick(workers=1)
+    assert server.time.monotonic() - started <= SESSION_REFRESH_BUDGET_SECONDS + 1
+    assert 0 < first.refreshed < 12 and first.skipped == 12 - first.refreshed
+    assert len(server.due()) == first.skipped
+    while server.due():
+        assert server.tick(workers=1).refreshed > 0
+    assert all(server.held_token(g["conversationId"]) != g["token"] for g in grants)
+
+
+def test_a_refresh_that_timed_out_is_tried_again_counting_from_its_failure_not_from_its_start(relay):
+    """A short-lived token is retried within seconds: counted from before the call, it would be due again at
+    once, and every tick would spend its time on it."""
+    server = relay(token_ttl=24)
+    grant = server.tokens.issue_token(Caller())
+    server.advance(24 * REFRESH_AT[1] + 0.5)
+    server.transport.stall("tokens/refresh", 3600)
+    assert server.tick().postponed == 1
+    assert server.due() == []
+    assert server.tick().due == 0
+    server.transport.stall("tokens/refresh", 0)
+    server.advance(SESSION_REFRESH_TIMEOUT_SECONDS)
+    assert server.tick().refreshed == 1
+    assert server.held_token(grant["conversationId"]) != grant["token"]
