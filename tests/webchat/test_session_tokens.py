@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import requests
+from azure.data.tables import UpdateMode
 from requests.adapters import BaseAdapter
 
 from devstack.directline.transport import InProcessEmulator
@@ -24,6 +25,7 @@ from relay.errors import (
     SessionExpired,
     SessionLapsed,
     SessionRevoked,
+    StoreError,
     TokenExpired,
 )
 from relay.settings import Settings
@@ -124,6 +126,12 @@ class Relay:
     def resume(self, grant: dict, **caller: str) -> dict:
         body = json.dumps({"conversationId": grant["conversationId"], "resumeKey": grant["resumeKey"]}).encode()
         return self.tokens.resume(body, caller=Caller(**caller))
+
+    def damage(self, conversation_id: str, /, **fields: Any) -> None:
+        """Overwrite some of a stored session's properties with values of the wrong type, as a hand edit would."""
+        self.store.tables.client("webchatsessions").update_entity(
+            {"PartitionKey": self.store.tables.key_for("web chat session", conversation_id), "RowKey": "session",
+             **fields}, mode=UpdateMode.MERGE)
 
     def held_token(self, conversation_id: str) -> str | None:
         session = self.store.sessions.get_session(conversation_id)
@@ -401,3 +409,48 @@ def test_a_refresh_that_timed_out_is_tried_again_counting_from_its_failure_not_f
     server.advance(SESSION_REFRESH_TIMEOUT_SECONDS)
     assert server.tick().refreshed == 1
     assert server.held_token(grant["conversationId"]) != grant["token"]
+
+
+# -------------------------------------------------------------------------- rows the timer cannot work
+
+
+@pytest.mark.parametrize(("fields", "refusal"), [
+    ({"token_expires_at": "2030-01-01T00:00:00Z"}, SessionLapsed),
+    ({"token": 12345}, SessionLapsed),
+    ({"expires_at": "2030-01-01T00:00:00Z"}, SessionExpired),
+    ({"user_id": 7}, SessionExpired),
+], ids=["token expiry", "token", "session end", "user"])
+def test_a_malformed_session_row_gets_a_clear_refusal_and_the_timer_lets_it_go(relay, caplog, fields, refusal):
+    server = relay()
+    grant = server.tokens.issue_token(Caller())
+    server.damage(grant["conversationId"], **fields)
+    with pytest.raises(refusal):
+        server.resume(grant)
+    server.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
+    assert server.tick().failed == 0
+    assert server.due() == []
+    assert server.tick().due == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no traceback, in this tick or any later
+
+
+def test_a_row_whose_refresh_keeps_failing_is_put_off_and_does_not_keep_the_others_waiting(relay, monkeypatch):
+    """Table Storage refuses to keep one session's refreshed token, every time. The timer reads only the earliest
+    due rows: that one must not stay first in line."""
+    server = relay()
+    grants = due_sessions(server, 2)
+    [first] = server.store.sessions.list_due_refreshes(now=server.time.now(), limit=1)
+    hold_token = server.store.sessions.hold_token
+
+    def failing_for_the_first(conversation_id, held, **options):
+        if conversation_id == first.conversation_id:
+            raise StoreError("cannot keep a Web Chat session's token: the table refused it")
+        return hold_token(conversation_id, held, **options)
+
+    monkeypatch.setattr(server.store.sessions, "hold_token", failing_for_the_first)
+    assert server.tick(limit=1).failed == 1
+    assert server.tick(limit=1).refreshed == 1
+    [other] = [g for g in grants if g["conversationId"] != first.conversation_id]
+    assert server.held_token(other["conversationId"]) != other["token"]
+    assert server.due() == []  # the failing one is tried again later, not at once
+    server.advance(30)
+    assert server.due() == [first.conversation_id]
