@@ -5,9 +5,9 @@ authentication (on for many bots) nothing else gets back into a conversation eit
 the secret is refused (400 MissingProperty). So a page that slept past its token (a closed lid, a
 phone in a pocket) would lose its conversation. Here the relay keeps a token of every live session's
 conversation itself (relay/store/sessions.py: HeldToken) and the poll timer refreshes it at about half
-its life (`refresh_session_tokens`), for as long as the session lasts. The page gets, with its first
-token, a resume key: random (256 bits), stored only as a SHA-256 hash with the session, checked in
-constant time. Presenting it gets a fresh token of the same conversation and the same user (the held
+its life (`refresh_session_tokens`) unless the page did, for as long as the session lasts. The page
+gets, with its first token, a resume key: random (256 bits), stored only as a SHA-256 hash with the
+session, checked in constant time. Presenting it gets a fresh token of the same conversation and the same user (the held
 token, refreshed), in either authentication mode, and a new key; the old key is kept as a hash, and
 presenting a rotated key again revokes the session: two holders of one key means one of them copied
 it. Except briefly (RESUME_GRACE in relay/store/sessions.py): the key the last resume used answers
@@ -27,6 +27,12 @@ Choices:
   SessionExpired and the relay stops refreshing the held token. If the held token lapsed anyway
   (Direct Line out of reach for longer than a token lives), nobody can rejoin the conversation: resume
   is SessionLapsed, and the page starts a new one.
+- The page's own refresh is held too: the session holds the page's fresh token from then on, refreshed by
+  the timer only after the page's next refresh was due (PAGE_TOKEN_REFRESH_AT; likewise the token a page
+  is issued or resumed with). So an open page's conversation is refreshed once per half-life, by the page,
+  and the timer takes over when the page closes. It also gives a token back to a session that held none
+  (stored before sessions held tokens) or whose held token lapsed while its page stayed open: its next
+  resume works. The page had that token already: holding it shows it to nobody new.
 - The timer spends a few seconds of each run on held tokens (SESSION_REFRESH_BUDGET_SECONDS, each call with a
   short read timeout; less once Direct Line throttles or fails a few times): a Direct Line that hangs never
   holds up the channel poller that runs it. The rows not reached are due again at the next run.
@@ -91,6 +97,7 @@ from relay.store.sessions import DueRefresh, HeldToken, ResumeOutcome, WebChatSe
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "PAGE_TOKEN_REFRESH_AT",
     "REFRESH_AT",
     "REFRESH_WORKERS",
     "SESSION_REFRESH_BUDGET_SECONDS",
@@ -111,7 +118,13 @@ log = logging.getLogger(__name__)
 RATE_WINDOW_SECONDS = 60
 DEFAULT_TOKEN_SECONDS = 1800  # Direct Line's documented lifetime, when an answer does not say
 REFRESH_AT = (0.45, 0.55)
-"""When a held token is refreshed, as shares of its lifetime (drawn per token: sessions do not refresh in step)."""
+"""When the timer refreshes a token it refreshed itself, as shares of its lifetime (drawn per token: sessions do not
+refresh in step)."""
+PAGE_TOKEN_REFRESH_AT = (0.6, 0.7)
+"""When the timer refreshes a held token that the page has too (issued, resumed or refreshed by the page): after the
+page's own refresh (relay-webchat.js: at 0.45 to 0.55 of its life, a browser's throttled timer up to a minute
+late), so that an open page's conversation is refreshed once, by the page. A closed page's is then refreshed by
+the timer, with 30 to 40% of the token's life left for retries."""
 REFRESH_RETRY_SECONDS = 30.0  # a failed refresh is tried again this soon (sooner when the token has less left)
 MAX_REFRESHES_PER_TICK = 500
 REFRESH_WORKERS = 8
@@ -192,14 +205,16 @@ class TokenServer:
         now = self._clock.now()
         self._store.sessions.create_session(grant.conversation_id, user_id=user_id, resume_key=resume_key,
                                             expires_at=now + self._session_lifetime,
-                                            held=_held_token(grant, now=now, clock=self._clock), now=now)
+                                            held=_held_token(grant, now=now, clock=self._clock, page_has_it=True),
+                                            now=now)
         log.info("Web Chat token issued for conversation %s", grant.conversation_id)
         return {**self._grant(grant), "userId": user_id, "resumeKey": resume_key, "domain": self._domain}
 
     def refresh_token(self, token: str, *, caller: Caller = Caller()) -> dict[str, Any]:
         """A fresh token for the same conversation; an expired one is RefreshTooLate (the page resumes).
 
-        A live page's refresh extends its session: WEBCHAT_SESSION_HOURS from now."""
+        A live page's refresh extends its session (WEBCHAT_SESSION_HOURS from now), and the session holds the
+        fresh token from now on: the timer leaves it to the page until the page stops refreshing."""
         self._check_origin(caller)
         if not token:
             raise MissingToken("Send the token to refresh as 'Authorization: Bearer <token>'")
@@ -211,7 +226,8 @@ class TokenServer:
         if session is not None and now < session.expires_at:
             # Under the ETag of what was read: a write in between (a resume, the timer, a revocation) wins, and
             # the page's next refresh extends it.
-            self._store.sessions.extend_session(session, expires_at=now + self._session_lifetime, now=now)
+            self._store.sessions.extend_session(session, expires_at=now + self._session_lifetime, now=now,
+                                                held=_held_token(grant, now=now, clock=self._clock, page_has_it=True))
         return self._grant(grant)
 
     def resume(self, body: bytes, *, caller: Caller = Caller()) -> dict[str, Any]:
@@ -271,7 +287,8 @@ class TokenServer:
         except ConversationGone:
             self._store.sessions.revoke_session(conversation_id, now=now)
             raise
-        self._store.sessions.hold_token(conversation_id, _held_token(grant, now=now, clock=self._clock), now=now)
+        self._store.sessions.hold_token(conversation_id, _held_token(grant, now=now, clock=self._clock,
+                                                                     page_has_it=True), now=now)
         return grant
 
     def _directline(self, call: Callable[[], ConversationToken], *, callers_token: bool = False) -> ConversationToken:
@@ -299,12 +316,14 @@ class TokenServer:
                 "expires_in": grant.expires_in or DEFAULT_TOKEN_SECONDS}
 
 
-def _held_token(grant: ConversationToken, *, now: datetime, clock: Clock) -> HeldToken:
+def _held_token(grant: ConversationToken, *, now: datetime, clock: Clock, page_has_it: bool) -> HeldToken:
     """`grant` as a session holds it: expiring `expires_in` (as Direct Line gave it) after `now`, refreshed at
-    about half of that (REFRESH_AT, a draw of `clock`)."""
+    about half of that (REFRESH_AT, a draw of `clock`), or after the page's own refresh when the page has it too
+    (PAGE_TOKEN_REFRESH_AT)."""
     lifetime = grant.expires_in or DEFAULT_TOKEN_SECONDS
+    share = clock.uniform(*(PAGE_TOKEN_REFRESH_AT if page_has_it else REFRESH_AT))
     return HeldToken(grant.token, expires_at=now + timedelta(seconds=lifetime),
-                     refresh_at=now + timedelta(seconds=lifetime * clock.uniform(*REFRESH_AT)))
+                     refresh_at=now + timedelta(seconds=lifetime * share))
 
 
 def _lapsed() -> SessionLapsed:
@@ -432,7 +451,7 @@ def _refresh_held_token(store: RelayStore, client: DirectLineClient, clock: Cloc
         log.warning("could not refresh the token of Web Chat conversation %s: %s", conversation_id, error)
         _postpone(store, clock, conversation_id, held)
         return _Refresh.POSTPONED
-    store.sessions.hold_token(conversation_id, _held_token(grant, now=clock.now(), clock=clock))
+    store.sessions.hold_token(conversation_id, _held_token(grant, now=clock.now(), clock=clock, page_has_it=False))
     return _Refresh.REFRESHED
 
 

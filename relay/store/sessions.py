@@ -236,10 +236,16 @@ class WebChatSessions:
             return ResumeResult(outcome, written)
         raise ConcurrencyConflict("the Web Chat session kept changing")
 
-    def extend_session(self, session: WebChatSession, *, expires_at: datetime, now: datetime | None = None) -> bool:
-        """Move the end of `session` (as read) to `expires_at`; False, and nothing written, when it changed since."""
+    def extend_session(self, session: WebChatSession, *, expires_at: datetime, held: HeldToken | None = None,
+                       now: datetime | None = None) -> bool:
+        """Move the end of `session` (as read) to `expires_at` and, given `held`, keep that token from now on (as
+        `hold_token`); False, and nothing written, when it changed since."""
+        now = now or self._clock.now()
+        if held is not None:
+            updated = replace(session, expires_at=expires_at, held=held, updated_at=now)
+            return self._write_under_etag(session, updated, "extend a Web Chat session") is not None
         entity = {"PartitionKey": self._partition(session.conversation_id), "RowKey": _ROW,
-                  "expires_at": expires_at, "updated_at": now or self._clock.now()}
+                  "expires_at": expires_at, "updated_at": now}
         with storage_errors("extend a Web Chat session"):
             try:
                 self._table.client.update_entity(entity, mode=UpdateMode.MERGE, etag=session.etag,

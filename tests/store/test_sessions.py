@@ -261,6 +261,18 @@ def test_webchat_extending_a_session_needs_it_unchanged_since_it_was_read(store)
     assert store.sessions.get_session("conv-e").expires_at == T0 + timedelta(hours=5)
 
 
+
+def test_webchat_extending_a_session_with_a_token_holds_it_and_moves_its_refresh(store):
+    store.sessions.create_session("conv-x", user_id="dl_u", resume_key="k", expires_at=T0 + timedelta(hours=1),
+                                 now=T0)
+    session = store.sessions.get_session("conv-x")  # holds no token (a session from before sessions held any)
+    assert store.sessions.extend_session(session, expires_at=T0 + timedelta(hours=5), held=held("token-p", 1200),
+                                         now=T0)
+    assert store.sessions.get_session("conv-x").held == held("token-p", 1200)
+    assert due(store, T0 + timedelta(seconds=1200)) == ["conv-x"]
+    assert not store.sessions.extend_session(session, expires_at=T0, held=held("token-q", 600), now=T0)  # stale
+    assert store.sessions.get_session("conv-x").held.token == "token-p"
+
 # ------------------------------------------------------------------------------------------ malformed rows
 
 

@@ -31,6 +31,7 @@ from relay.errors import (
 from relay.settings import Settings
 from relay.store import RelayStore
 from relay.tokens import (
+    PAGE_TOKEN_REFRESH_AT,
     REFRESH_AT,
     REFRESH_WORKERS,
     SESSION_REFRESH_BUDGET_SECONDS,
@@ -185,12 +186,13 @@ def test_a_token_carries_the_trusted_origins_and_a_foreign_page_gets_none(relay)
     assert len(server.transport.sent) == before
 
 
-def test_the_timer_refreshes_the_held_token_at_about_half_its_life_and_again_after(relay):
+def test_the_timer_refreshes_the_held_token_after_the_pages_own_refresh_was_due_then_at_about_half_its_life(relay):
     server = relay()
     grant = server.tokens.issue_token(Caller())
     cid = grant["conversationId"]
     assert server.held_token(cid) == grant["token"]
-    early, late = (TOKEN_SECONDS * share for share in REFRESH_AT)
+    early, late = (TOKEN_SECONDS * share for share in PAGE_TOKEN_REFRESH_AT)
+    assert early > TOKEN_SECONDS * REFRESH_AT[1]  # the page refreshes first, while it is open
 
     server.advance(early - 1)
     assert server.tick() == SessionRefreshTick()  # nothing due: not even a Direct Line call
@@ -203,7 +205,10 @@ def test_the_timer_refreshes_the_held_token_at_about_half_its_life_and_again_aft
     assert second not in (None, grant["token"])
     assert server.tick().due == 0  # the next refresh is half the new token's life away
 
-    server.advance(late + 1)
+    early, late = (TOKEN_SECONDS * share for share in REFRESH_AT)  # a token only the relay has
+    server.advance(early - 1)
+    assert server.tick().due == 0
+    server.advance(late - early + 2)
     assert server.tick().refreshed == 1
     assert server.held_token(cid) not in (grant["token"], second)
     assert len(server.calls("tokens/refresh")) == 2
@@ -270,6 +275,37 @@ def test_a_pages_own_refresh_extends_its_session(relay):
     assert server.resume(grant)["conversationId"] == grant["conversationId"]
 
 
+def test_a_session_holding_no_token_holds_its_pages_refreshed_one_and_can_be_resumed_again(relay):
+    """A session stored before sessions held tokens, or whose held token lapsed in an outage while its page stayed
+    open and refreshed its own: the page's next refresh gives the session a token to resume with."""
+    server = relay()
+    grant = server.tokens.issue_token(Caller())
+    cid = grant["conversationId"]
+    server.store.sessions.drop_token(cid, grant["token"])
+    assert server.held_token(cid) is None
+    with pytest.raises(SessionLapsed):
+        server.resume(grant)
+    refreshed = server.tokens.refresh_token(grant["token"])
+    assert server.held_token(cid) == refreshed["token"]
+    server.wait(3 * 3600)  # the page asleep; the timer keeps the token it now holds fresh
+    resumed = server.resume(grant)
+    assert (resumed["conversationId"], resumed["userId"]) == (cid, grant["userId"])
+
+
+def test_an_open_pages_conversation_is_refreshed_by_the_page_alone_and_by_the_timer_once_it_closes(relay):
+    server = relay()
+    grant = server.tokens.issue_token(Caller())
+    cid, token = grant["conversationId"], grant["token"]
+    for _ in range(6):  # open for an hour and a half, refreshing as relay-webchat.js does: at half its token's life
+        server.wait(TOKEN_SECONDS * REFRESH_AT[1])
+        token = server.tokens.refresh_token(token)["token"]
+    assert len(server.calls("tokens/refresh")) == 6  # the page's refreshes only
+    assert server.held_token(cid) == token
+    server.wait(3 * 3600)  # closed: the timer keeps the conversation's token alive from here on
+    assert len(server.calls("tokens/refresh")) > 6
+    assert server.resume(grant)["conversationId"] == cid
+
+
 def test_a_revoked_session_is_not_refreshed(relay):
     server = relay()
     grant = server.tokens.issue_token(Caller())
@@ -303,7 +339,7 @@ def test_one_sessions_trouble_does_not_stop_the_others(relay):
     server = relay()
     grants = [server.tokens.issue_token(Caller()) for _ in range(3)]
     server.emulator.forget(grants[1]["conversationId"])
-    server.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
+    server.advance(TOKEN_SECONDS * PAGE_TOKEN_REFRESH_AT[1] + 1)
     tick = server.tick()
     assert (tick.due, tick.refreshed, tick.ended) == (3, 2, 1)
     held = [server.held_token(g["conversationId"]) for g in grants]
@@ -316,7 +352,7 @@ def test_one_sessions_trouble_does_not_stop_the_others(relay):
 def test_a_throttled_refresh_waits_for_retry_after_and_leaves_the_rest_for_the_next_tick(relay):
     server = relay()
     grants = [server.tokens.issue_token(Caller()) for _ in range(3)]
-    server.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
+    server.advance(TOKEN_SECONDS * PAGE_TOKEN_REFRESH_AT[1] + 1)
     server.emulator.set_faults(throttle_rate=1.0, retry_after="20", endpoints=["tokens/refresh"])
     tick = server.tick(workers=1)
     assert (tick.due, tick.postponed, tick.skipped) == (3, 1, 2)
@@ -346,7 +382,7 @@ def test_a_forgotten_conversation_found_on_resume_says_start_over(relay):
 def due_sessions(server: Relay, count: int) -> list[dict]:
     """`count` pages' sessions, every held token due for its refresh."""
     grants = [server.tokens.issue_token(Caller(address=f"192.0.2.{n}")) for n in range(count)]  # under the rate limit
-    server.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
+    server.advance(TOKEN_SECONDS * PAGE_TOKEN_REFRESH_AT[1] + 1)
     return grants
 
 
@@ -399,15 +435,15 @@ def test_a_slow_direct_line_gets_the_runs_few_seconds_and_the_rest_are_refreshed
 def test_a_refresh_that_timed_out_is_tried_again_counting_from_its_failure_not_from_its_start(relay):
     """A short-lived token is retried within seconds: counted from before the call, it would be due again at
     once, and every tick would spend its time on it."""
-    server = relay(token_ttl=24)
+    server = relay(token_ttl=40)
     grant = server.tokens.issue_token(Caller())
-    server.advance(24 * REFRESH_AT[1] + 0.5)
+    server.advance(40 * PAGE_TOKEN_REFRESH_AT[1] + 0.5)  # 11.5 s left: tried again within 3 s, less than the timeout
     server.transport.stall("tokens/refresh", 3600)
     assert server.tick().postponed == 1
     assert server.due() == []
     assert server.tick().due == 0
     server.transport.stall("tokens/refresh", 0)
-    server.advance(SESSION_REFRESH_TIMEOUT_SECONDS)
+    server.advance(2)
     assert server.tick().refreshed == 1
     assert server.held_token(grant["conversationId"]) != grant["token"]
 
@@ -427,7 +463,7 @@ def test_a_malformed_session_row_gets_a_clear_refusal_and_the_timer_lets_it_go(r
     server.damage(grant["conversationId"], **fields)
     with pytest.raises(refusal):
         server.resume(grant)
-    server.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
+    server.advance(TOKEN_SECONDS * PAGE_TOKEN_REFRESH_AT[1] + 1)
     assert server.tick().failed == 0
     assert server.due() == []
     assert server.tick().due == 0
