@@ -232,13 +232,17 @@ def test_resume_after_the_pages_token_expired_answers_a_token_of_the_same_conver
     assert resumed["token"] == server.held_token(cid)  # held from now on, refreshed as before
     requests_made = server.emulator.counters()["requests"]
     assert "conversations/reconnect" not in requests_made
-    # The token is the page's user's: what it posts is that user's, whatever the activity says; and it reads
-    # the conversation's history.
-    posted = server.client.post_activity(cid, {"type": "message", "text": "back", "from": {"id": "someone-else"}},
+    # The page posts as its user (relay-webchat.js stamps from.id with it: without enhanced authentication
+    # Direct Line takes from.id as sent) and reads the conversation's history. Under enhanced authentication
+    # the token is the user's, whatever the activity says.
+    posted = server.client.post_activity(cid, {"type": "message", "text": "back", "from": {"id": resumed["userId"]}},
                                          token=resumed["token"])
+    if enhanced_auth:
+        server.client.post_activity(cid, {"type": "message", "text": "as whom?", "from": {"id": "someone-else"}},
+                                    token=resumed["token"])
     page = server.client.get_activities(cid, token=resumed["token"])
     assert [(a["from"]["id"], a["text"]) for a in page.activities if a["from"].get("role") != "bot"] == \
-        [(grant["userId"], "before"), (grant["userId"], "back")]
+        [(grant["userId"], "before"), (grant["userId"], "back")] + [(grant["userId"], "as whom?")] * enhanced_auth
     assert posted in [a["id"] for a in page.activities]
     # A reconnect with the token the relay answered gets the page its stream (what DirectLineJS does next).
     assert server.client.reconnect(cid, token=resumed["token"]).stream_url
