@@ -7,12 +7,13 @@ phone in a pocket) would lose its conversation. Here the relay keeps a token of 
 conversation itself (relay/store/sessions.py: HeldToken) and the poll timer refreshes it at about half
 its life (`refresh_session_tokens`) unless the page did, for as long as the session lasts. The page
 gets, with its first token, a resume key: random (256 bits), stored only as a SHA-256 hash with the
-session, checked in constant time. Presenting it gets a fresh token of the same conversation and the same user (the held
-token, refreshed), in either authentication mode, and a new key; the old key is kept as a hash, and
-presenting a rotated key again revokes the session: two holders of one key means one of them copied
-it. Except briefly (RESUME_GRACE in relay/store/sessions.py): the key the last resume used answers
-again, with another new key, while none of its successors was used, so a page whose answer the network
-lost, or whose two resumes raced, keeps its conversation. The relay never reconnects with the secret.
+session, checked in constant time. Presenting it gets a fresh token of the same conversation and the
+same user (the held token, refreshed), in either authentication mode, and a new key; the old key is
+kept as a hash, and presenting a rotated key again revokes the session: two holders of one key means
+one of them copied it. Except briefly (RESUME_GRACE in relay/store/sessions.py): the key the last
+resume used answers again, with another new key, while none of its successors was used, so a page
+whose answer the network lost, or whose two resumes raced, keeps its conversation. The relay never
+reconnects with the secret.
 
 Choices:
 - Tokens are bound to a fresh `dl_` user id and to the allowed origins (trustedOrigins): the

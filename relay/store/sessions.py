@@ -304,7 +304,7 @@ class WebChatSessions:
         now = now or self._clock.now()
         rows = self._table.query("PartitionKey eq @pk and RowKey lt @upper",
                                  {"pk": _REFRESH_PARTITION, "upper": f"{millis(now) + 1:015d}"}, limit=limit)
-        return [DueRefresh(row.get("conversation_id") or "", row["RowKey"]) for row in rows]
+        return [DueRefresh(_text(row.get("conversation_id")), row["RowKey"]) for row in rows]
 
     def end_refresh(self, due: DueRefresh) -> None:
         """Delete a refresh index row its session no longer points at (best effort: the timer finds it again)."""
