@@ -20,7 +20,7 @@ however long it idles, for one refresh (and one leased run, about ten storage tr
 half-life of its token.
 
 Each tick then refreshes the Web Chat sessions' tokens that are due (relay/tokens.py), found with one
-more range query.
+more range query, for a few seconds at most (SESSION_REFRESH_BUDGET_SECONDS, whatever Direct Line does).
 """
 
 from __future__ import annotations

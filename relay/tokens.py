@@ -5,14 +5,15 @@ authentication (on for many bots) nothing else gets back into a conversation eit
 the secret is refused (400 MissingProperty). So a page that slept past its token (a closed lid, a
 phone in a pocket) would lose its conversation. Here the relay keeps a token of every live session's
 conversation itself (relay/store/sessions.py: HeldToken) and the poll timer refreshes it at about half
-its life (`refresh_session_tokens`), for as long as the session lasts. The page gets, with its first
-token, a resume key: random (256 bits), stored only as a SHA-256 hash with the session, checked in
-constant time. Presenting it gets a fresh token of the same conversation and the same user (the held
-token, refreshed), in either authentication mode, and a new key; the old key is kept as a hash, and
-presenting a rotated key again revokes the session: two holders of one key means one of them copied
-it. Except briefly (RESUME_GRACE in relay/store/sessions.py): the key the last resume used answers
-again, with another new key, while none of its successors was used, so a page whose answer the network
-lost, or whose two resumes raced, keeps its conversation. The relay never reconnects with the secret.
+its life (`refresh_session_tokens`) unless the page did, for as long as the session lasts. The page
+gets, with its first token, a resume key: random (256 bits), stored only as a SHA-256 hash with the
+session, checked in constant time. Presenting it gets a fresh token of the same conversation and the
+same user (the held token, refreshed), in either authentication mode, and a new key; the old key is
+kept as a hash, and presenting a rotated key again revokes the session: two holders of one key means
+one of them copied it. Except briefly (RESUME_GRACE in relay/store/sessions.py): the key the last
+resume used answers again, with another new key, while none of its successors was used, so a page
+whose answer the network lost, or whose two resumes raced, keeps its conversation. The relay never
+reconnects with the secret.
 
 Choices:
 - Tokens are bound to a fresh `dl_` user id and to the allowed origins (trustedOrigins): the
@@ -27,6 +28,15 @@ Choices:
   SessionExpired and the relay stops refreshing the held token. If the held token lapsed anyway
   (Direct Line out of reach for longer than a token lives), nobody can rejoin the conversation: resume
   is SessionLapsed, and the page starts a new one.
+- The page's own refresh is held too: the session holds the page's fresh token from then on, refreshed by
+  the timer only after the page's next refresh was due (PAGE_TOKEN_REFRESH_AT; likewise the token a page
+  is issued or resumed with). So an open page's conversation is refreshed once per half-life, by the page,
+  and the timer takes over when the page closes. It also gives a token back to a session that held none
+  (stored before sessions held tokens) or whose held token lapsed while its page stayed open: its next
+  resume works. The page had that token already: holding it shows it to nobody new.
+- The timer spends a few seconds of each run on held tokens (SESSION_REFRESH_BUDGET_SECONDS, each call with a
+  short read timeout; less once Direct Line throttles or fails a few times): a Direct Line that hangs never
+  holds up the channel poller that runs it. The rows not reached are due again at the next run.
 - A revoked session's tokens are not refreshed, neither the page's (refresh is SessionRevoked) nor the
   held one (revoking forgets it).
 - The page's watermark is the page's business: resume accepts and ignores it (older pages send one).
@@ -87,6 +97,7 @@ from relay.errors import (
     Throttled,
     TokenExpired,
     TooManyRequests,
+    TransientError,
     WebChatError,
     WebChatFileNotFound,
 )
@@ -96,7 +107,12 @@ from relay.store.sessions import DueRefresh, HeldToken, ResumeOutcome, WebChatSe
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "PAGE_TOKEN_REFRESH_AT",
     "REFRESH_AT",
+    "REFRESH_WORKERS",
+    "SESSION_REFRESH_BUDGET_SECONDS",
+    "SESSION_REFRESH_MAX_FAILURES",
+    "SESSION_REFRESH_TIMEOUT_SECONDS",
     "Asset",
     "Caller",
     "SessionRefreshTick",
@@ -113,10 +129,26 @@ T = TypeVar("T")
 RATE_WINDOW_SECONDS = 60
 DEFAULT_TOKEN_SECONDS = 1800  # Direct Line's documented lifetime, when an answer does not say
 REFRESH_AT = (0.45, 0.55)
-"""When a held token is refreshed, as shares of its lifetime (drawn per token: sessions do not refresh in step)."""
+"""When the timer refreshes a token it refreshed itself, as shares of its lifetime (drawn per token: sessions do not
+refresh in step)."""
+PAGE_TOKEN_REFRESH_AT = (0.6, 0.7)
+"""When the timer refreshes a held token that the page has too (issued, resumed or refreshed by the page): after the
+page's own refresh (relay-webchat.js: at 0.45 to 0.55 of its life, a browser's throttled timer up to a minute
+late), so that an open page's conversation is refreshed once, by the page. A closed page's is then refreshed by
+the timer, with 30 to 40% of the token's life left for retries."""
 REFRESH_RETRY_SECONDS = 30.0  # a failed refresh is tried again this soon (sooner when the token has less left)
 MAX_REFRESHES_PER_TICK = 500
 REFRESH_WORKERS = 8
+SESSION_REFRESH_BUDGET_SECONDS = 5.0
+"""How long one timer run starts refreshes of held tokens; the rows it does not reach stay due for the next run
+(every few seconds: a held token is due at half its life, so a few seconds late costs nothing). The run ends
+at most one read timeout (SESSION_REFRESH_TIMEOUT_SECONDS, plus the connect timeout) after this: the
+channel poller that runs it is never held up for long."""
+SESSION_REFRESH_TIMEOUT_SECONDS = 5.0
+"""The read timeout of the timer's refresh of one held token (a refresh answers in well under a second)."""
+SESSION_REFRESH_MAX_FAILURES = 3
+"""Timeouts, lost connections or 5xx answers in one timer run after which it starts no more refreshes: Direct
+Line is in trouble, the rest of the run's rows stay due for the next run (as after a 429)."""
 MAX_FIELD_CHARS = 512
 MAX_BODY_BYTES = 4096
 """The largest body a token call may send: a resume body is a few short strings."""
@@ -187,14 +219,16 @@ class TokenServer:
         now = self._clock.now()
         self._store.sessions.create_session(grant.conversation_id, user_id=user_id, resume_key=resume_key,
                                             expires_at=now + self._session_lifetime,
-                                            held=_held_token(grant, now=now, clock=self._clock), now=now)
+                                            held=_held_token(grant, now=now, clock=self._clock, page_has_it=True),
+                                            now=now)
         log.info("Web Chat token issued for conversation %s", grant.conversation_id)
         return {**self._grant(grant), "userId": user_id, "resumeKey": resume_key, "domain": domain}
 
     def refresh_token(self, token: str, *, caller: Caller = Caller()) -> dict[str, Any]:
         """A fresh token for the same conversation; an expired one is RefreshTooLate (the page resumes).
 
-        A live page's refresh extends its session: WEBCHAT_SESSION_HOURS from now."""
+        A live page's refresh extends its session (WEBCHAT_SESSION_HOURS from now), and the session holds the
+        fresh token from now on: the timer leaves it to the page until the page stops refreshing."""
         self._check_origin(caller)
         if not token:
             raise MissingToken("Send the token to refresh as 'Authorization: Bearer <token>'")
@@ -206,7 +240,8 @@ class TokenServer:
         if session is not None and now < session.expires_at:
             # Under the ETag of what was read: a write in between (a resume, the timer, a revocation) wins, and
             # the page's next refresh extends it.
-            self._store.sessions.extend_session(session, expires_at=now + self._session_lifetime, now=now)
+            self._store.sessions.extend_session(session, expires_at=now + self._session_lifetime, now=now,
+                                                held=_held_token(grant, now=now, clock=self._clock, page_has_it=True))
         return self._grant(grant)
 
     def resume(self, body: bytes, *, caller: Caller = Caller()) -> dict[str, Any]:
@@ -266,7 +301,8 @@ class TokenServer:
         except ConversationGone:
             self._store.sessions.revoke_session(conversation_id, now=now)
             raise
-        self._store.sessions.hold_token(conversation_id, _held_token(grant, now=now, clock=self._clock), now=now)
+        self._store.sessions.hold_token(conversation_id, _held_token(grant, now=now, clock=self._clock,
+                                                                     page_has_it=True), now=now)
         return grant
 
     def _domain(self) -> str:
@@ -301,12 +337,14 @@ class TokenServer:
                 "expires_in": grant.expires_in or DEFAULT_TOKEN_SECONDS}
 
 
-def _held_token(grant: ConversationToken, *, now: datetime, clock: Clock) -> HeldToken:
+def _held_token(grant: ConversationToken, *, now: datetime, clock: Clock, page_has_it: bool) -> HeldToken:
     """`grant` as a session holds it: expiring `expires_in` (as Direct Line gave it) after `now`, refreshed at
-    about half of that (REFRESH_AT, a draw of `clock`)."""
+    about half of that (REFRESH_AT, a draw of `clock`), or after the page's own refresh when the page has it too
+    (PAGE_TOKEN_REFRESH_AT)."""
     lifetime = grant.expires_in or DEFAULT_TOKEN_SECONDS
+    share = clock.uniform(*(PAGE_TOKEN_REFRESH_AT if page_has_it else REFRESH_AT))
     return HeldToken(grant.token, expires_at=now + timedelta(seconds=lifetime),
-                     refresh_at=now + timedelta(seconds=lifetime * clock.uniform(*REFRESH_AT)))
+                     refresh_at=now + timedelta(seconds=lifetime * share))
 
 
 def _lapsed() -> SessionLapsed:
@@ -323,8 +361,34 @@ class _Refresh(StrEnum):
     LAPSED = "lapsed"  # the held token had expired: the session can no longer be resumed
     ENDED = "ended"  # the session is gone, revoked, expired or rescheduled: nothing to refresh
     POSTPONED = "postponed"  # Direct Line failed or throttled: tried again later
-    SKIPPED = "skipped"  # left due for the next tick (Direct Line throttles)
-    FAILED = "failed"  # Table Storage or something unforeseen: the row stays due
+    SKIPPED = "skipped"  # left due for the next tick (Direct Line throttles or fails, or the tick's time is up)
+    FAILED = "failed"  # Table Storage or something unforeseen: tried again later if the row can be moved
+
+
+class _TickBudget:
+    """Whether a timer run may start another refresh: not once its time is up (`seconds` from now on `clock`),
+    Direct Line throttled it, or failed SESSION_REFRESH_MAX_FAILURES times. Shared by the run's workers."""
+
+    def __init__(self, clock: Clock, seconds: float):
+        self._clock = clock
+        self._deadline = clock.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._stopped = False
+
+    def may_start(self) -> bool:
+        with self._lock:
+            return not self._stopped and self._clock.monotonic() < self._deadline
+
+    def throttled(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+    def failed(self) -> None:
+        """Direct Line timed out, dropped the connection or answered 5xx."""
+        with self._lock:
+            self._failures += 1
+            self._stopped = self._stopped or self._failures >= SESSION_REFRESH_MAX_FAILURES
 
 
 @dataclass(frozen=True)
@@ -341,27 +405,32 @@ class SessionRefreshTick:
 
 
 def refresh_session_tokens(store: RelayStore, client: DirectLineClient, *, clock: Clock,
-                           limit: int = MAX_REFRESHES_PER_TICK, workers: int = REFRESH_WORKERS) -> SessionRefreshTick:
+                           limit: int = MAX_REFRESHES_PER_TICK, workers: int = REFRESH_WORKERS,
+                           budget_seconds: float = SESSION_REFRESH_BUDGET_SECONDS) -> SessionRefreshTick:
     """Refresh every held token whose time has come (the sessions' refresh index, one range query), up to
-    `limit` of them, `workers` at a time.
+    `limit` of them, `workers` at a time, each call with a read timeout of SESSION_REFRESH_TIMEOUT_SECONDS.
 
-    One session's trouble never stops the others: a Direct Line failure is tried again soon (within the
-    token's life), and a throttled refresh is tried again after Retry-After, and leaves the rest of this run's
-    rows due for the next run. An expired or revoked session's row goes; a token found expired goes too
-    (resume is then SessionLapsed)."""
+    Refreshes start for `budget_seconds`; the rows not reached by then stay due for the next run, and so do
+    the rest of the rows once Direct Line throttles (429) or fails SESSION_REFRESH_MAX_FAILURES times (a
+    timeout, a lost connection, 5xx). One session's trouble never stops the others: a Direct Line failure is
+    tried again soon (within the token's life, counted from when the call failed), a throttled refresh after
+    Retry-After, and a row that fails for another reason (Table Storage) about as soon as a Direct Line failure,
+    so that it does not stay first in line. An expired or revoked session's row goes; a token found expired
+    goes too (resume is then SessionLapsed)."""
     due = store.sessions.list_due_refreshes(now=clock.now(), limit=limit)
     if not due:
         return SessionRefreshTick()
-    client = client.with_options(retry=SESSION_REFRESH_RETRY)
-    throttled = threading.Event()
+    client = client.with_options(retry=SESSION_REFRESH_RETRY, timeout_seconds=SESSION_REFRESH_TIMEOUT_SECONDS)
+    budget = _TickBudget(clock, budget_seconds)
 
     def work(item: DueRefresh) -> _Refresh:
-        if throttled.is_set():
+        if not budget.may_start():
             return _Refresh.SKIPPED
         try:
-            return _refresh_held_token(store, client, clock, item, throttled)
+            return _refresh_held_token(store, client, clock, item, budget)
         except Exception:  # one session's trouble never stops the others
             log.exception("Web Chat session refresh failed")
+            _put_off(store, clock, item)
             return _Refresh.FAILED
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(due))), thread_name_prefix="session") as pool:
@@ -373,7 +442,7 @@ def refresh_session_tokens(store: RelayStore, client: DirectLineClient, *, clock
 
 
 def _refresh_held_token(store: RelayStore, client: DirectLineClient, clock: Clock, item: DueRefresh,
-                        throttled: threading.Event) -> _Refresh:
+                        budget: _TickBudget) -> _Refresh:
     now = clock.now()
     session = store.sessions.get_session(item.conversation_id)
     if session is None or session.held is None or session.refresh_index_key != item.index_key:
@@ -394,20 +463,42 @@ def _refresh_held_token(store: RelayStore, client: DirectLineClient, clock: Cloc
         store.sessions.revoke_session(conversation_id, now=now)
         return _Refresh.ENDED
     except Throttled as error:
-        throttled.set()
-        _postpone(store, conversation_id, held, now, error.retry_after or REFRESH_RETRY_SECONDS)
+        budget.throttled()
+        _postpone(store, clock, conversation_id, held, seconds=error.retry_after or REFRESH_RETRY_SECONDS)
         return _Refresh.POSTPONED
     except DirectLineError as error:
+        if isinstance(error, TransientError):
+            budget.failed()
         log.warning("could not refresh the token of Web Chat conversation %s: %s", conversation_id, error)
-        left = (held.expires_at - now).total_seconds()
-        _postpone(store, conversation_id, held, now, max(1.0, min(REFRESH_RETRY_SECONDS, left / 4)))
+        _postpone(store, clock, conversation_id, held)
         return _Refresh.POSTPONED
-    store.sessions.hold_token(conversation_id, _held_token(grant, now=clock.now(), clock=clock))
+    store.sessions.hold_token(conversation_id, _held_token(grant, now=clock.now(), clock=clock, page_has_it=False))
     return _Refresh.REFRESHED
 
 
-def _postpone(store: RelayStore, conversation_id: str, held: HeldToken, now: datetime, seconds: float) -> None:
+def _postpone(store: RelayStore, clock: Clock, conversation_id: str, held: HeldToken, *,
+              seconds: float | None = None) -> None:
+    """Refresh `held` again `seconds` from now; by default soon, and several times before it expires (a quarter of
+    what it has left, at most REFRESH_RETRY_SECONDS). Now is after the failed call, however long that took."""
+    now = clock.now()
+    if seconds is None:
+        seconds = max(1.0, min(REFRESH_RETRY_SECONDS, (held.expires_at - now).total_seconds() / 4))
     store.sessions.postpone_refresh(conversation_id, held.token, refresh_at=now + timedelta(seconds=seconds), now=now)
+
+
+def _put_off(store: RelayStore, clock: Clock, item: DueRefresh) -> None:
+    """After an unforeseen failure: the row's refresh tried again later (as after a Direct Line failure), or the
+    row deleted when its session no longer points at it. A row that fails every time must not stay first in
+    line, taking a place in every run. Best effort: when this fails too, the row stays due."""
+    try:
+        session = store.sessions.get_session(item.conversation_id)
+        if session is None or session.held is None or session.refresh_index_key != item.index_key:
+            store.sessions.end_refresh(item)
+        else:
+            _postpone(store, clock, session.conversation_id, session.held)
+    except Exception as error:
+        log.warning("could not put off the refresh of Web Chat conversation %s: %s", item.conversation_id,
+                    type(error).__name__)
 
 
 def _lapse(store: RelayStore, conversation_id: str, held: HeldToken, now: datetime) -> _Refresh:

@@ -57,8 +57,10 @@ Choices where the documentation is silent or inconsistent (configurable where it
   the 404 for an unknown conversation (the order is unconfirmed). With a still-valid token of the
   conversation it works and the new token carries the same user. Without enhanced auth, reconnect
   with the secret works and the new token carries no user (BotFramework-Services#277). In both
-  modes GET/POST activities and upload accept the secret, and the user id bound to a token wins
-  over the activity's from.id (otherwise from.id is kept as sent); "dl_" prefixes are not required.
+  modes GET/POST activities and upload accept the secret. With enhanced auth the user id bound to a
+  token wins over the activity's from.id (and upload's userId); without it, from.id (or userId) is
+  kept as the client sent it, whatever user its token carries, as on the real service: a client
+  stamps from.id itself. "dl_" prefixes are not required.
   Whether the service invents a user id for a token asked for without one under enhanced auth is
   unconfirmed: here such a token carries no user.
 - Tokens: opaque `<base64url payload>.<HMAC>` strings signed with a key made at start-up, bound to

@@ -560,11 +560,16 @@ class Emulator:
         sender = activity.get("from")
         if not isinstance(sender, dict) or not sender.get("id"):
             raise ErrorResponse(400, "MissingProperty", "The activity needs from.id")
-        if token is not None and token.user_id:
-            sender["id"] = token.user_id
+        self._stamp_token_user(sender, token)
         stored = self._append_user(conversation, activity)
         self._deliver(conversation, stored)
         return 200, {"id": stored["id"]}
+
+    def _stamp_token_user(self, sender: dict[str, Any], token: Token | None) -> None:
+        """Under enhanced authentication the user id bound to the token wins over from.id; without it, from.id
+        (or upload's userId) is kept as the client sent it, whatever user the token carries."""
+        if self.options.enhanced_auth and token is not None and token.user_id:
+            sender["id"] = token.user_id
 
     def upload(self, token: Token | None, conversation_id: str, user_id: str | None, headers: Headers,
                raw: bytes) -> tuple[int, dict[str, Any]]:
@@ -579,8 +584,7 @@ class Emulator:
             sender = {}
         if user_id:
             sender["id"] = user_id
-        if token is not None and token.user_id:
-            sender["id"] = token.user_id
+        self._stamp_token_user(sender, token)
         if not sender.get("id"):
             raise ErrorResponse(400, "MissingProperty", "Give the user id (userId query parameter or from.id)")
         activity["from"] = sender

@@ -5,7 +5,9 @@ conversation id (`Tables.key_for`: a resume names any id it likes, of any length
 "session". A page proves it owns the session with its resume key, of which only hashes are
 stored: the newest, the ones answered in the current grace period, the one the last resume used
 and every key rotated away (presenting one of those revokes the session: someone copied it).
-Every decision is written under the ETag of the row it was made on.
+Every decision is written under the ETag of the row it was made on. A malformed row (a value of the
+wrong type, written by hand or by another version) reads as less, never as an error: no held token,
+or a session that has ended.
 
 The row also holds a token of the conversation (`HeldToken`), as a conversation record holds its
 token: a bearer secret, in plain text in the table, out of every repr and log line. The relay keeps it
@@ -24,7 +26,7 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -189,9 +191,10 @@ class WebChatSessions:
         return replace(session, etag=result.get("etag"))
 
     def get_session(self, conversation_id: str) -> WebChatSession | None:
-        """The session of `conversation_id`, or None when there is none."""
+        """The session of `conversation_id`, or None when there is none; a malformed row reads as less (no held
+        token, or ended: `_from_entity`), never as an error."""
         entity = self._table.get(self._partition(conversation_id), _ROW)
-        return None if entity is None else _from_entity(entity)
+        return None if entity is None else _from_entity(conversation_id, entity)
 
     def resume_session(self, conversation_id: str, *, resume_key: str, new_resume_key: str,
                        expires_at: datetime, now: datetime | None = None) -> ResumeResult:
@@ -233,10 +236,16 @@ class WebChatSessions:
             return ResumeResult(outcome, written)
         raise ConcurrencyConflict("the Web Chat session kept changing")
 
-    def extend_session(self, session: WebChatSession, *, expires_at: datetime, now: datetime | None = None) -> bool:
-        """Move the end of `session` (as read) to `expires_at`; False, and nothing written, when it changed since."""
+    def extend_session(self, session: WebChatSession, *, expires_at: datetime, held: HeldToken | None = None,
+                       now: datetime | None = None) -> bool:
+        """Move the end of `session` (as read) to `expires_at` and, given `held`, keep that token from now on (as
+        `hold_token`); False, and nothing written, when it changed since."""
+        now = now or self._clock.now()
+        if held is not None:
+            updated = replace(session, expires_at=expires_at, held=held, updated_at=now)
+            return self._write_under_etag(session, updated, "extend a Web Chat session") is not None
         entity = {"PartitionKey": self._partition(session.conversation_id), "RowKey": _ROW,
-                  "expires_at": expires_at, "updated_at": now or self._clock.now()}
+                  "expires_at": expires_at, "updated_at": now}
         with storage_errors("extend a Web Chat session"):
             try:
                 self._table.client.update_entity(entity, mode=UpdateMode.MERGE, etag=session.etag,
@@ -295,7 +304,7 @@ class WebChatSessions:
         now = now or self._clock.now()
         rows = self._table.query("PartitionKey eq @pk and RowKey lt @upper",
                                  {"pk": _REFRESH_PARTITION, "upper": f"{millis(now) + 1:015d}"}, limit=limit)
-        return [DueRefresh(row.get("conversation_id") or "", row["RowKey"]) for row in rows]
+        return [DueRefresh(_text(row.get("conversation_id")), row["RowKey"]) for row in rows]
 
     def end_refresh(self, due: DueRefresh) -> None:
         """Delete a refresh index row its session no longer points at (best effort: the timer finds it again)."""
@@ -389,15 +398,47 @@ def _to_entity(session: WebChatSession, partition_key: str) -> dict[str, Any]:
     return entity
 
 
-def _from_entity(entity: TableEntity) -> WebChatSession:
+_ENDED = datetime(1970, 1, 1, tzinfo=UTC)
+"""The end of a session whose end or user cannot be read: it has ended (the sweep deletes it once rewritten)."""
+
+
+def _from_entity(conversation_id: str, entity: TableEntity) -> WebChatSession:
+    """The session stored in `entity`, read tolerantly: a value of the wrong type (a row written by hand, or by
+    another version) reads as missing, and missing means less, never an error. No readable token, expiry and
+    refresh time: no held token (resume is SessionLapsed). No readable end or user: the session has ended
+    (SessionExpired). A key hash, or list of them, that cannot be read matches no key. Anything else falsy or
+    absent. A revoked flag of the wrong type that is not false reads as revoked."""
+    token, token_expires_at, token_refresh_at = (_text(entity.get("token")), _moment(entity.get("token_expires_at")),
+                                                 _moment(entity.get("token_refresh_at")))
     held = None
-    if entity.get("token") and entity.get("token_expires_at") and entity.get("token_refresh_at"):
-        held = HeldToken(entity["token"], entity["token_expires_at"], entity["token_refresh_at"])
-    return WebChatSession(entity["conversation_id"], entity["user_id"], entity["expires_at"],
-                          revoked=bool(entity.get("revoked")), created_at=entity.get("created_at"),
-                          updated_at=entity.get("updated_at"), resume_key_hash=entity.get("resume_key_hash", ""),
-                          retry_key_hashes=tuple(get_json(entity, "retry_key_hashes", [])),
-                          grace_key_hash=entity.get("grace_key_hash", ""), rotated_at=entity.get("rotated_at"),
-                          previous_key_hashes=tuple(get_json(entity, "previous_key_hashes", [])),
-                          held=held, refresh_index_key=entity.get("refresh_index_key") or "",
+    if token and token_expires_at is not None and token_refresh_at is not None:
+        held = HeldToken(token, token_expires_at, token_refresh_at)
+    user_id, expires_at = _text(entity.get("user_id")), _moment(entity.get("expires_at"))
+    if not user_id or expires_at is None:
+        expires_at = _ENDED
+    return WebChatSession(conversation_id, user_id, expires_at, revoked=bool(entity.get("revoked")),
+                          created_at=_moment(entity.get("created_at")), updated_at=_moment(entity.get("updated_at")),
+                          resume_key_hash=_text(entity.get("resume_key_hash")),
+                          retry_key_hashes=_hashes(entity, "retry_key_hashes"),
+                          grace_key_hash=_text(entity.get("grace_key_hash")),
+                          rotated_at=_moment(entity.get("rotated_at")),
+                          previous_key_hashes=_hashes(entity, "previous_key_hashes"),
+                          held=held, refresh_index_key=_text(entity.get("refresh_index_key")),
                           etag=entity.metadata["etag"])
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _moment(value: Any) -> datetime | None:
+    """An aware datetime (what the table gives for an Edm.DateTime), else None."""
+    return value if isinstance(value, datetime) and value.tzinfo is not None else None
+
+
+def _hashes(entity: TableEntity, name: str) -> tuple[str, ...]:
+    try:
+        stored = get_json(entity, name, [])
+    except (ValueError, TypeError):  # not JSON, or split over parts that are not all strings
+        return ()
+    return tuple(item for item in stored if isinstance(item, str)) if isinstance(stored, list) else ()

@@ -53,7 +53,7 @@ def test_reconnect_with_the_secret_is_refused_under_enhanced_auth_and_gives_a_us
     assert senders(dl, cid) == ["dl_someone_else"]  # the token carries no user: from.id stays as sent
 
 
-def test_reconnect_with_a_valid_token_keeps_the_conversation_and_its_user_in_both_modes(site):
+def test_reconnect_with_a_valid_token_keeps_the_conversation_and_its_user_in_both_modes(site, enhanced):
     dl = DirectLineCalls(site.base_url)
     started = dl.start(user={"id": "dl_alice"})
     cid = started["conversationId"]
@@ -61,8 +61,25 @@ def test_reconnect_with_a_valid_token_keeps_the_conversation_and_its_user_in_bot
     assert response.status_code == 200, response.text
     rejoined = response.json()
     assert rejoined["conversationId"] == cid and rejoined["token"] != started["token"]
-    dl.say(cid, "who am I", user="dl_mallory", auth=rejoined["token"])
-    assert senders(dl, cid) == ["dl_alice"]  # the token's user wins over from.id
+    dl.say(cid, "as the page says", user="dl_alice", auth=rejoined["token"])
+    if enhanced:  # the user the new token carries shows where it wins over from.id
+        dl.say(cid, "who am I", user="dl_mallory", auth=rejoined["token"])
+        assert senders(dl, cid) == ["dl_alice", "dl_alice"]
+    else:
+        assert senders(dl, cid) == ["dl_alice"]
+
+
+def test_the_tokens_user_wins_over_from_id_under_enhanced_auth_only(site, enhanced):
+    """Without enhanced authentication Direct Line takes from.id (and upload's userId) as the client sends it."""
+    dl = DirectLineCalls(site.base_url)
+    started = dl.start(user={"id": "dl_alice"})
+    cid = started["conversationId"]
+    dl.say(cid, "who am I", user="dl_mallory", auth=started["token"])
+    uploaded = dl.call("POST", f"/conversations/{cid}/upload", params={"userId": "dl_mallory"}, data=b"a file",
+                       headers={"Content-Type": "text/plain"}, auth=started["token"])
+    assert uploaded.status_code == 200, uploaded.text
+    expected = "dl_alice" if enhanced else "dl_mallory"
+    assert senders(dl, cid) == [expected, expected]
 
 
 def test_the_secret_reads_and_posts_in_both_modes_with_from_id_as_sent(site):

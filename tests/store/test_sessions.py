@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 
 import pytest
 from azure.core.pipeline.transport import RequestsTransport
+from azure.data.tables import UpdateMode
 
 from relay.errors import ConcurrencyConflict
 from relay.store import RelayStore
@@ -258,3 +259,61 @@ def test_webchat_extending_a_session_needs_it_unchanged_since_it_was_read(store)
     assert store.sessions.get_session("conv-e").expires_at == T0 + timedelta(hours=5)
     assert not store.sessions.extend_session(session, expires_at=T0 + timedelta(hours=9), now=T0)  # stale read
     assert store.sessions.get_session("conv-e").expires_at == T0 + timedelta(hours=5)
+
+
+
+def test_webchat_extending_a_session_with_a_token_holds_it_and_moves_its_refresh(store):
+    store.sessions.create_session("conv-x", user_id="dl_u", resume_key="k", expires_at=T0 + timedelta(hours=1),
+                                 now=T0)
+    session = store.sessions.get_session("conv-x")  # holds no token (a session from before sessions held any)
+    assert store.sessions.extend_session(session, expires_at=T0 + timedelta(hours=5), held=held("token-p", 1200),
+                                         now=T0)
+    assert store.sessions.get_session("conv-x").held == held("token-p", 1200)
+    assert due(store, T0 + timedelta(seconds=1200)) == ["conv-x"]
+    assert not store.sessions.extend_session(session, expires_at=T0, held=held("token-q", 600), now=T0)  # stale
+    assert store.sessions.get_session("conv-x").held.token == "token-p"
+
+# ------------------------------------------------------------------------------------------ malformed rows
+
+
+def damage(store: RelayStore, conversation_id: str, /, **fields) -> None:
+    """Overwrite some of a stored session's properties with values of the wrong type, as a hand edit would."""
+    store.tables.client("webchatsessions").update_entity(
+        {"PartitionKey": store.tables.key_for("web chat session", conversation_id), "RowKey": "session", **fields},
+        mode=UpdateMode.MERGE)
+
+
+@pytest.mark.parametrize("fields", [{"token_expires_at": "2030-01-01T12:30:00Z"}, {"token": 42},
+                                    {"token_refresh_at": True}], ids=["expiry", "token", "refresh time"])
+def test_webchat_a_held_token_that_cannot_be_read_is_no_held_token(store, fields):
+    store.sessions.create_session("conv-d", user_id="dl_u", resume_key="key-1", expires_at=T0 + timedelta(hours=1),
+                                 held=held("token-1", 900), now=T0)
+    damage(store, "conv-d", **fields)
+    session = store.sessions.get_session("conv-d")
+    assert session.held is None and session.user_id == "dl_u"
+    assert resume(store, "key-1", "key-2", T0, "conv-d") == ResumeOutcome.RESUMED  # the rest of the session works
+
+
+@pytest.mark.parametrize("fields", [{"expires_at": "2030-01-01T13:00:00Z"}, {"user_id": 7}],
+                         ids=["end", "user"])
+def test_webchat_a_session_whose_end_or_user_cannot_be_read_has_ended(store, fields):
+    store.sessions.create_session("conv-e", user_id="dl_u", resume_key="key-1", expires_at=T0 + timedelta(hours=1),
+                                 held=held("token-1", 900), now=T0)
+    damage(store, "conv-e", **fields)
+    assert store.sessions.get_session("conv-e").expires_at <= T0
+    assert resume(store, "key-1", "key-2", T0, "conv-e") == ResumeOutcome.EXPIRED
+
+
+def test_webchat_key_hashes_that_cannot_be_read_match_no_key(store):
+    store.sessions.create_session("conv-k", user_id="dl_u", resume_key="key-1", expires_at=T0 + timedelta(hours=1),
+                                 now=T0)
+    assert resume(store, "key-1", "key-2", T0, "conv-k") == ResumeOutcome.RESUMED
+    damage(store, "conv-k", previous_key_hashes="[not json", retry_key_hashes="[1, 2]", grace_key_hash=5,
+           rotated_at="just now", created_at=3, conversation_id=8)
+    session = store.sessions.get_session("conv-k")
+    assert (session.conversation_id, session.previous_key_hashes, session.retry_key_hashes, session.rotated_at) == \
+        ("conv-k", (), (), None)
+    assert resume(store, "key-1", "x", T0, "conv-k") == ResumeOutcome.WRONG_KEY  # no longer known as rotated away
+    assert resume(store, "key-2", "key-3", T0, "conv-k") == ResumeOutcome.RESUMED
+    damage(store, "conv-k", resume_key_hash=12345)
+    assert resume(store, "key-3", "key-4", T0, "conv-k") == ResumeOutcome.WRONG_KEY

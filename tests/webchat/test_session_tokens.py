@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import requests
+from azure.data.tables import UpdateMode
 from requests.adapters import BaseAdapter
 
 from devstack.directline.transport import DEFAULT_URL, InProcessEmulator
@@ -25,11 +26,23 @@ from relay.errors import (
     SessionExpired,
     SessionLapsed,
     SessionRevoked,
+    StoreError,
     TokenExpired,
 )
 from relay.settings import Settings
 from relay.store import RelayStore
-from relay.tokens import REFRESH_AT, Caller, SessionRefreshTick, TokenServer, refresh_session_tokens
+from relay.tokens import (
+    PAGE_TOKEN_REFRESH_AT,
+    REFRESH_AT,
+    REFRESH_WORKERS,
+    SESSION_REFRESH_BUDGET_SECONDS,
+    SESSION_REFRESH_MAX_FAILURES,
+    SESSION_REFRESH_TIMEOUT_SECONDS,
+    Caller,
+    SessionRefreshTick,
+    TokenServer,
+    refresh_session_tokens,
+)
 from tests.conftest import DIRECTLINE_TEST_SECRET
 from tests.webchat.conftest import SHOP
 
@@ -39,15 +52,33 @@ TOKEN_SECONDS = 1800
 
 
 class Recording(BaseAdapter):
-    """The emulator's transport, keeping every request the relay sent to Direct Line."""
+    """The emulator's transport, keeping every request the relay sent to Direct Line and the read timeout it
+    gave; `stall` makes Direct Line slow on one path: the relay's clock moves on while it waits, and past its
+    read timeout the request times out, as over a network."""
 
-    def __init__(self, inner: BaseAdapter):
+    def __init__(self, inner: BaseAdapter, time: ManualClock):
         super().__init__()
         self.inner = inner
+        self.time = time
         self.sent: list[requests.PreparedRequest] = []
+        self.read_timeouts: list[float | None] = []
+        self.stalls: dict[str, float] = {}
+
+    def stall(self, operation: str, seconds: float) -> None:
+        """Each request to `operation` (e.g. "tokens/refresh") answers after `seconds` (0: at once again)."""
+        self.stalls[operation] = seconds
 
     def send(self, request, **options):
         self.sent.append(request)
+        timeout = options.get("timeout")
+        read_timeout = timeout[1] if isinstance(timeout, tuple) else timeout
+        self.read_timeouts.append(read_timeout)
+        path = (request.path_url or "").split("?")[0]
+        stall = max((s for operation, s in self.stalls.items() if path.endswith(operation)), default=0.0)
+        if read_timeout is not None and stall > read_timeout:
+            self.time.advance(read_timeout)
+            raise requests.ReadTimeout(f"no answer within the read timeout ({read_timeout:g} s)", request=request)
+        self.time.advance(stall)
         return self.inner.send(request, **options)
 
     def close(self) -> None:
@@ -66,6 +97,15 @@ class Relay:
     def calls(self, operation: str) -> list[requests.PreparedRequest]:
         """The relay's requests to one Direct Line path, e.g. "tokens/refresh"."""
         return [r for r in self.transport.sent if (r.path_url or "").split("?")[0].endswith(operation)]
+
+    def read_timeouts(self, operation: str) -> list[float | None]:
+        """The read timeout of each of the relay's requests to one Direct Line path."""
+        return [timeout for request, timeout in zip(self.transport.sent, self.transport.read_timeouts, strict=True)
+                if (request.path_url or "").split("?")[0].endswith(operation)]
+
+    def due(self) -> list[str]:
+        """The conversations whose held token is due for its refresh now."""
+        return [d.conversation_id for d in self.store.sessions.list_due_refreshes(now=self.time.now())]
 
     def tick(self, **options: Any) -> SessionRefreshTick:
         """One run of the timer's session refresh at the current time."""
@@ -88,6 +128,12 @@ class Relay:
     def resume(self, grant: dict, **caller: str) -> dict:
         body = json.dumps({"conversationId": grant["conversationId"], "resumeKey": grant["resumeKey"]}).encode()
         return self.tokens.resume(body, caller=Caller(**caller))
+
+    def damage(self, conversation_id: str, /, **fields: Any) -> None:
+        """Overwrite some of a stored session's properties with values of the wrong type, as a hand edit would."""
+        self.store.tables.client("webchatsessions").update_entity(
+            {"PartitionKey": self.store.tables.key_for("web chat session", conversation_id), "RowKey": "session",
+             **fields}, mode=UpdateMode.MERGE)
 
     def held_token(self, conversation_id: str) -> str | None:
         session = self.store.sessions.get_session(conversation_id)
@@ -112,7 +158,7 @@ def relay(storage_connection_string, table_prefix) -> Iterator[Callable[..., Rel
             "AzureWebJobsStorage": storage_connection_string, "RELAY_TABLE_PREFIX": table_prefix, **directline,
             "RELAY_PUBLIC_BASE_URL": RELAY_URL, "WEBCHAT_ALLOWED_ORIGINS": SHOP, **env})
         time = ManualClock(SYSTEM_CLOCK.now().replace(microsecond=0))
-        transport = Recording(emulator.transport)
+        transport = Recording(emulator.transport, time)
         client = DirectLineClient(settings.directline, retry=RetryPolicy(attempts=1), clock=time, transport=transport)
         store = RelayStore.from_settings(settings.storage, clock=time)
         built.append(Relay(TokenServer(settings, client=client, store=store, clock=time), store, client, emulator,
@@ -145,12 +191,13 @@ def test_a_token_carries_the_trusted_origins_and_a_foreign_page_gets_none(relay)
     assert len(server.transport.sent) == before
 
 
-def test_the_timer_refreshes_the_held_token_at_about_half_its_life_and_again_after(relay):
+def test_the_timer_refreshes_the_held_token_after_the_pages_own_refresh_was_due_then_at_about_half_its_life(relay):
     server = relay()
     grant = server.tokens.issue_token(Caller())
     cid = grant["conversationId"]
     assert server.held_token(cid) == grant["token"]
-    early, late = (TOKEN_SECONDS * share for share in REFRESH_AT)
+    early, late = (TOKEN_SECONDS * share for share in PAGE_TOKEN_REFRESH_AT)
+    assert early > TOKEN_SECONDS * REFRESH_AT[1]  # the page refreshes first, while it is open
 
     server.advance(early - 1)
     assert server.tick() == SessionRefreshTick()  # nothing due: not even a Direct Line call
@@ -163,7 +210,10 @@ def test_the_timer_refreshes_the_held_token_at_about_half_its_life_and_again_aft
     assert second not in (None, grant["token"])
     assert server.tick().due == 0  # the next refresh is half the new token's life away
 
-    server.advance(late + 1)
+    early, late = (TOKEN_SECONDS * share for share in REFRESH_AT)  # a token only the relay has
+    server.advance(early - 1)
+    assert server.tick().due == 0
+    server.advance(late - early + 2)
     assert server.tick().refreshed == 1
     assert server.held_token(cid) not in (grant["token"], second)
     assert len(server.calls("tokens/refresh")) == 2
@@ -187,13 +237,17 @@ def test_resume_after_the_pages_token_expired_answers_a_token_of_the_same_conver
     assert resumed["token"] == server.held_token(cid)  # held from now on, refreshed as before
     requests_made = server.emulator.counters()["requests"]
     assert "conversations/reconnect" not in requests_made
-    # The token is the page's user's: what it posts is that user's, whatever the activity says; and it reads
-    # the conversation's history.
-    posted = server.client.post_activity(cid, {"type": "message", "text": "back", "from": {"id": "someone-else"}},
+    # The page posts as its user (relay-webchat.js stamps from.id with it: without enhanced authentication
+    # Direct Line takes from.id as sent) and reads the conversation's history. Under enhanced authentication
+    # the token is the user's, whatever the activity says.
+    posted = server.client.post_activity(cid, {"type": "message", "text": "back", "from": {"id": resumed["userId"]}},
                                          token=resumed["token"])
+    if enhanced_auth:
+        server.client.post_activity(cid, {"type": "message", "text": "as whom?", "from": {"id": "someone-else"}},
+                                    token=resumed["token"])
     page = server.client.get_activities(cid, token=resumed["token"])
     assert [(a["from"]["id"], a["text"]) for a in page.activities if a["from"].get("role") != "bot"] == \
-        [(grant["userId"], "before"), (grant["userId"], "back")]
+        [(grant["userId"], "before"), (grant["userId"], "back")] + [(grant["userId"], "as whom?")] * enhanced_auth
     assert posted in [a["id"] for a in page.activities]
     # A reconnect with the token the relay answered gets the page its stream (what DirectLineJS does next).
     assert server.client.reconnect(cid, token=resumed["token"]).stream_url
@@ -230,6 +284,37 @@ def test_a_pages_own_refresh_extends_its_session(relay):
     assert server.resume(grant)["conversationId"] == grant["conversationId"]
 
 
+def test_a_session_holding_no_token_holds_its_pages_refreshed_one_and_can_be_resumed_again(relay):
+    """A session stored before sessions held tokens, or whose held token lapsed in an outage while its page stayed
+    open and refreshed its own: the page's next refresh gives the session a token to resume with."""
+    server = relay()
+    grant = server.tokens.issue_token(Caller())
+    cid = grant["conversationId"]
+    server.store.sessions.drop_token(cid, grant["token"])
+    assert server.held_token(cid) is None
+    with pytest.raises(SessionLapsed):
+        server.resume(grant)
+    refreshed = server.tokens.refresh_token(grant["token"])
+    assert server.held_token(cid) == refreshed["token"]
+    server.wait(3 * 3600)  # the page asleep; the timer keeps the token it now holds fresh
+    resumed = server.resume(grant)
+    assert (resumed["conversationId"], resumed["userId"]) == (cid, grant["userId"])
+
+
+def test_an_open_pages_conversation_is_refreshed_by_the_page_alone_and_by_the_timer_once_it_closes(relay):
+    server = relay()
+    grant = server.tokens.issue_token(Caller())
+    cid, token = grant["conversationId"], grant["token"]
+    for _ in range(6):  # open for an hour and a half, refreshing as relay-webchat.js does: at half its token's life
+        server.wait(TOKEN_SECONDS * REFRESH_AT[1])
+        token = server.tokens.refresh_token(token)["token"]
+    assert len(server.calls("tokens/refresh")) == 6  # the page's refreshes only
+    assert server.held_token(cid) == token
+    server.wait(3 * 3600)  # closed: the timer keeps the conversation's token alive from here on
+    assert len(server.calls("tokens/refresh")) > 6
+    assert server.resume(grant)["conversationId"] == cid
+
+
 def test_a_revoked_session_is_not_refreshed(relay):
     server = relay()
     grant = server.tokens.issue_token(Caller())
@@ -263,7 +348,7 @@ def test_one_sessions_trouble_does_not_stop_the_others(relay):
     server = relay()
     grants = [server.tokens.issue_token(Caller()) for _ in range(3)]
     server.emulator.forget(grants[1]["conversationId"])
-    server.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
+    server.advance(TOKEN_SECONDS * PAGE_TOKEN_REFRESH_AT[1] + 1)
     tick = server.tick()
     assert (tick.due, tick.refreshed, tick.ended) == (3, 2, 1)
     held = [server.held_token(g["conversationId"]) for g in grants]
@@ -276,7 +361,7 @@ def test_one_sessions_trouble_does_not_stop_the_others(relay):
 def test_a_throttled_refresh_waits_for_retry_after_and_leaves_the_rest_for_the_next_tick(relay):
     server = relay()
     grants = [server.tokens.issue_token(Caller()) for _ in range(3)]
-    server.advance(TOKEN_SECONDS * REFRESH_AT[1] + 1)
+    server.advance(TOKEN_SECONDS * PAGE_TOKEN_REFRESH_AT[1] + 1)
     server.emulator.set_faults(throttle_rate=1.0, retry_after="20", endpoints=["tokens/refresh"])
     tick = server.tick(workers=1)
     assert (tick.due, tick.postponed, tick.skipped) == (3, 1, 2)
@@ -335,3 +420,120 @@ def test_an_agent_endpoint_that_refuses_is_the_relays_configuration_not_the_page
     with pytest.raises(DirectLineRejected):
         server.tokens.issue_token(Caller(origin=SHOP))
     assert "token endpoint refused" in caplog.text
+
+
+# ----------------------------------------------------------------------- Direct Line slow, hanging, failing
+
+
+def due_sessions(server: Relay, count: int) -> list[dict]:
+    """`count` pages' sessions, every held token due for its refresh."""
+    grants = [server.tokens.issue_token(Caller(address=f"192.0.2.{n}")) for n in range(count)]  # under the rate limit
+    server.advance(TOKEN_SECONDS * PAGE_TOKEN_REFRESH_AT[1] + 1)
+    return grants
+
+
+def test_a_hanging_direct_line_holds_the_timer_up_for_one_short_timeout_and_the_rest_wait_for_the_next_tick(relay):
+    """Direct Line takes the connection and never answers: the run stops starting refreshes once its few seconds
+    are spent, each call gives up after a short timeout, and the channel poller that runs it moves on."""
+    server = relay()
+    grants = due_sessions(server, 20)
+    server.transport.stall("tokens/refresh", 3600)
+    tick = server.tick()
+    tried = server.read_timeouts("tokens/refresh")
+    assert tried == [SESSION_REFRESH_TIMEOUT_SECONDS] * len(tried)
+    assert 0 < len(tried) <= REFRESH_WORKERS  # one round of the workers' timeouts at most
+    assert (tick.due, tick.postponed, tick.skipped) == (20, len(tried), 20 - len(tried))
+    asked = {r.headers["Authorization"] for r in server.calls("tokens/refresh")}
+    not_reached = {g["conversationId"] for g in grants if f"Bearer {g['token']}" not in asked}
+    assert len(not_reached) == tick.skipped and not_reached <= set(server.due())  # first in line next time
+
+    server.transport.stall("tokens/refresh", 0)
+    server.advance(30)
+    assert server.tick().refreshed == 20
+    assert all(server.held_token(g["conversationId"]) != g["token"] for g in grants)
+
+
+def test_direct_line_failing_fast_stops_the_runs_refreshes_after_a_few_failures(relay):
+    server = relay()
+    due_sessions(server, 12)
+    server.emulator.set_faults(error_500_rate=1.0, endpoints=["tokens/refresh"])
+    tick = server.tick(workers=1)
+    assert len(server.calls("tokens/refresh")) == SESSION_REFRESH_MAX_FAILURES
+    assert (tick.postponed, tick.skipped) == (SESSION_REFRESH_MAX_FAILURES, 12 - SESSION_REFRESH_MAX_FAILURES)
+    server.emulator.clear_faults()
+    assert server.tick().refreshed == tick.skipped
+
+
+def test_a_slow_direct_line_gets_the_runs_few_seconds_and_the_rest_are_refreshed_next_tick(relay):
+    server = relay()
+    grants = due_sessions(server, 12)
+    server.transport.stall("tokens/refresh", 1)  # every refresh works, in a second
+    started = server.time.monotonic()
+    first = server.tick(workers=1)
+    assert server.time.monotonic() - started <= SESSION_REFRESH_BUDGET_SECONDS + 1
+    assert 0 < first.refreshed < 12 and first.skipped == 12 - first.refreshed
+    assert len(server.due()) == first.skipped
+    while server.due():
+        assert server.tick(workers=1).refreshed > 0
+    assert all(server.held_token(g["conversationId"]) != g["token"] for g in grants)
+
+
+def test_a_refresh_that_timed_out_is_tried_again_counting_from_its_failure_not_from_its_start(relay):
+    """A short-lived token is retried within seconds: counted from before the call, it would be due again at
+    once, and every tick would spend its time on it."""
+    server = relay(token_ttl=40)
+    grant = server.tokens.issue_token(Caller())
+    server.advance(40 * PAGE_TOKEN_REFRESH_AT[1] + 0.5)  # 11.5 s left: tried again within 3 s, less than the timeout
+    server.transport.stall("tokens/refresh", 3600)
+    assert server.tick().postponed == 1
+    assert server.due() == []
+    assert server.tick().due == 0
+    server.transport.stall("tokens/refresh", 0)
+    server.advance(2)
+    assert server.tick().refreshed == 1
+    assert server.held_token(grant["conversationId"]) != grant["token"]
+
+
+# -------------------------------------------------------------------------- rows the timer cannot work
+
+
+@pytest.mark.parametrize(("fields", "refusal"), [
+    ({"token_expires_at": "2030-01-01T00:00:00Z"}, SessionLapsed),
+    ({"token": 12345}, SessionLapsed),
+    ({"expires_at": "2030-01-01T00:00:00Z"}, SessionExpired),
+    ({"user_id": 7}, SessionExpired),
+], ids=["token expiry", "token", "session end", "user"])
+def test_a_malformed_session_row_gets_a_clear_refusal_and_the_timer_lets_it_go(relay, caplog, fields, refusal):
+    server = relay()
+    grant = server.tokens.issue_token(Caller())
+    server.damage(grant["conversationId"], **fields)
+    with pytest.raises(refusal):
+        server.resume(grant)
+    server.advance(TOKEN_SECONDS * PAGE_TOKEN_REFRESH_AT[1] + 1)
+    assert server.tick().failed == 0
+    assert server.due() == []
+    assert server.tick().due == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no traceback, in this tick or any later
+
+
+def test_a_row_whose_refresh_keeps_failing_is_put_off_and_does_not_keep_the_others_waiting(relay, monkeypatch):
+    """Table Storage refuses to keep one session's refreshed token, every time. The timer reads only the earliest
+    due rows: that one must not stay first in line."""
+    server = relay()
+    grants = due_sessions(server, 2)
+    [first] = server.store.sessions.list_due_refreshes(now=server.time.now(), limit=1)
+    hold_token = server.store.sessions.hold_token
+
+    def failing_for_the_first(conversation_id, held, **options):
+        if conversation_id == first.conversation_id:
+            raise StoreError("cannot keep a Web Chat session's token: the table refused it")
+        return hold_token(conversation_id, held, **options)
+
+    monkeypatch.setattr(server.store.sessions, "hold_token", failing_for_the_first)
+    assert server.tick(limit=1).failed == 1
+    assert server.tick(limit=1).refreshed == 1
+    [other] = [g for g in grants if g["conversationId"] != first.conversation_id]
+    assert server.held_token(other["conversationId"]) != other["token"]
+    assert server.due() == []  # the failing one is tried again later, not at once
+    server.advance(30)
+    assert server.due() == [first.conversation_id]
