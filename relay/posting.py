@@ -208,9 +208,17 @@ class OutboxPoster:
             self.worker.save(lambda r: replace(r, pending_question=left) if r.pending_question == asked else r)
 
     def _find_posted(self, client_id: str) -> dict[str, Any] | None:
-        """The activity an earlier post with this clientActivityID left at Direct Line, or None."""
-        return self.worker.call(lambda token: self.ctx.directline.find_activity_by_client_id(
-            self.worker.record.conversation_id, client_id, token=token))
+        """The activity an earlier post with this clientActivityID left at Direct Line, or None.
+
+        None too when Direct Line forgot the conversation (or it cannot be read any more): whatever the
+        earlier post left there is gone with it, and the message is posted to a new conversation."""
+        try:
+            return self.worker.call(lambda token: self.ctx.directline.find_activity_by_client_id(
+                self.worker.record.conversation_id, client_id, token=token))
+        except ConversationNotFound:
+            log.info("Direct Line forgot conversation %s while a %s message was in doubt there; it goes to a new one",
+                     self.worker.record.conversation_id, self.worker.key.channel)
+            return None
 
     def _with_media(self, message: OutboxMessage, answered: Mapping[str, Any]) -> tuple[
             dict, list[UploadFile], list[tuple[Media, ProviderError]]]:

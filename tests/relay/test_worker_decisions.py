@@ -629,6 +629,27 @@ def test_a_conversation_direct_line_forgot_is_replaced_and_no_message_lost(inpro
     assert relay.store.outbox.list_messages(key) == []
 
 
+def test_a_message_in_doubt_in_a_conversation_direct_line_then_forgot_goes_to_a_new_one(inprocess_relay):
+    relay = inprocess_relay()
+    key = settled(relay)
+    relay.emulator.set_faults(drop_rate=1.0, phase="after", limit=1, endpoints=["activities/post"])
+    relay.message("twilio", USER, "in doubt")
+    relay.work(key)  # posted, but the answer was lost: the message waits, in doubt
+    [waiting] = relay.store.outbox.list_messages(key)
+    assert waiting.in_doubt
+    forgotten = relay.record(key).conversation_id
+    relay.emulator.forget(forgotten)  # and then Direct Line forgot the conversation it may be in
+
+    relay.time.advance(6)
+    relay.work(key)
+
+    record = relay.record(key)
+    assert record.conversation_id not in ("", forgotten)
+    assert relay.messages_at_bot(record.conversation_id) == ["in doubt"]
+    assert relay.replies(key)[-1] == "You said: in doubt"
+    assert relay.store.outbox.list_messages(key) == []
+
+
 def bot_says_goodbye(relay: InProcessRelay) -> ConversationKey:
     return relay.message("twilio", USER, "bye")  # the echo bot answers "Goodbye." and ends the conversation
 
