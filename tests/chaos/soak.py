@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -438,11 +438,14 @@ class ChaosRun:
 
     # -------------------------------------------------------------------------------------- audit
     def settle(self) -> None:
-        """Wait until every expected reply arrived, no outbox row is left and no lease is stale (or the deadline)."""
-        expected = sum(len(u.texts) for u in self.users)
+        """Wait until every expected reply arrived, no outbox row is left and no lease is stale (or the deadline).
+
+        Each user's replies are looked for by their texts, not counted: a reply the provider got twice (the
+        documented resend after the SIGKILL) must not stand in for one still on its way, or the audit would
+        find that one lost although it arrives a moment later."""
 
         def done() -> bool:
-            return len(self.stack.simulator.replies()) >= expected and self.nothing_pending()
+            return not missing_replies(self.users, self.stack.simulator.replies()) and self.nothing_pending()
 
         try:
             wait_until(done, timeout=self.options.settle_timeout, interval=1.0, what="every reply")
@@ -489,22 +492,21 @@ class ChaosRun:
         report.directline_faults = counters.get("faults", {})
         report.directline_calls = counters.get("requests", {})
         at_bot: dict[str, list[str]] = collections.defaultdict(list)
+        said_in: dict[str, str] = {}  # the bot's reply text -> the Direct Line conversation it is in (texts are unique)
         for conversation_id in counters.get("conversations", {}):
             try:
                 activities = self.stack.emulator.conversation(conversation_id)["activities"]
             except requests.HTTPError:
                 continue
             for activity in activities:
-                if activity.get("type") == "message" and (activity.get("from") or {}).get("role") != "bot":
+                if activity.get("type") != "message":
+                    continue
+                if (activity.get("from") or {}).get("role") == "bot":
+                    said_in[activity.get("text", "")] = conversation_id
+                else:
                     at_bot[activity["from"]["id"]].append(activity.get("text", ""))
         # --- at the provider
-        by_conversation = {webhooks.conversation_id(u.address): u.address for u in self.users
-                           if u.provider == "messagebird"}
-        at_provider: dict[tuple[str, str], list[dict]] = collections.defaultdict(list)
-        for reply in self.stack.simulator.replies():
-            user = by_conversation.get(reply["user"], reply["user"]) if reply["provider"] == "messagebird" \
-                else reply["user"]
-            at_provider[(reply["provider"], user)].append(reply)
+        at_provider = replies_by_user(self.users, self.stack.simulator.replies())
         for user in self.users:
             got = at_bot.pop(directline_user_id(user.provider, user.address, key_for=store.tables.key_for), [])
             lost, doubled, disordered = compare(user.texts, got)
@@ -516,10 +518,11 @@ class ChaosRun:
             lost, doubled, disordered = compare([ECHO + t for t in user.texts], [r["text"] for r in replies])
             report.replies += len(replies) - doubled
             report.reply_lost += lost
-            if lost:  # which ones, and where the user's conversations were: the run's texts are made up
+            if lost:  # which ones, and where: the run's texts are made up, so each names its conversation
                 record = store.conversations.get_record(user.key)
                 got_texts = {r["text"] for r in replies}
-                report.lost_replies += [f"{user.provider} {user.address}: {text!r} (conversation now "
+                report.lost_replies += [f"{user.provider} {user.address}: {text!r} (the bot said it in "
+                                        f"{said_in.get(text, 'no conversation')}; the user's conversation now "
                                         f"{record.conversation_id if record else None})"
                                         for text in (ECHO + t for t in user.texts) if text not in got_texts]
             report.reply_duplicates += doubled - min(doubled, self.crash_resent(user, replies))
@@ -539,6 +542,28 @@ class ChaosRun:
                   ("reconnects", report.directline_calls.get("conversations/reconnect", 0))]
         report.problems += [f"{name}: {count}" for name, count in checks if count]
         report.problems += [f"secret in the logs: {leak}" for leak in scan(log_files(self.stack.workdir).items())]
+
+
+def replies_by_user(users: Sequence[User], replies: Iterable[dict]) -> dict[tuple[str, str], list[dict]]:
+    """The provider's replies by (provider, user address), in the order they came (a MessageBird reply names
+    the user's MessageBird conversation, not the user)."""
+    by_conversation = {webhooks.conversation_id(u.address): u.address for u in users if u.provider == "messagebird"}
+    found: dict[tuple[str, str], list[dict]] = collections.defaultdict(list)
+    for reply in replies:
+        user = by_conversation.get(reply["user"], reply["user"]) if reply["provider"] == "messagebird" \
+            else reply["user"]
+        found[(reply["provider"], user)].append(reply)
+    return found
+
+
+def missing_replies(users: Sequence[User], replies: Iterable[dict]) -> list[tuple[User, str]]:
+    """Each (user, reply text) the provider has not received yet; a reply it received twice counts once."""
+    found = replies_by_user(users, replies)
+    missing = []
+    for user in users:
+        got = {r["text"] for r in found.get((user.provider, user.address), [])}
+        missing += [(user, ECHO + text) for text in user.texts if ECHO + text not in got]
+    return missing
 
 
 def compare(expected: list[str], got: list[str]) -> tuple[int, int, int]:

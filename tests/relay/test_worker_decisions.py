@@ -568,6 +568,56 @@ def test_a_message_for_a_conversation_whose_tokens_lapsed_goes_to_a_new_conversa
     assert len(relay.replies(key)) == len(replies) + 2  # and nothing twice
 
 
+def died_after_posting(relay: InProcessRelay, key: ConversationKey) -> None:
+    """The worker posted the message and died before it could mark it done: it stays in doubt."""
+    [message] = relay.store.outbox.list_messages(key)
+    relay.store.outbox.mark_post_attempt(message)
+    record = relay.record(key)
+    relay.ctx.directline.post_activity(record.conversation_id, message.activity, token=record.token)
+
+
+def died_before_delivering(relay: InProcessRelay, key: ConversationKey) -> None:
+    """The worker posted the message and marked it done, then died before the bot's reply was delivered."""
+    [message] = relay.store.outbox.list_messages(key)
+    record = relay.record(key)
+    posted = relay.ctx.directline.post_activity(record.conversation_id, message.activity, token=record.token)
+    relay.store.outbox.complete_message(relay.store.outbox.mark_post_attempt(message), activity_id=posted)
+
+
+@pytest.mark.parametrize("died", [
+    pytest.param(died_after_posting, id="it died after posting: the message is found, not posted again"),
+    pytest.param(died_before_delivering, id="it died before delivering: the reply still reaches the user"),
+])
+def test_tokens_that_lapse_while_a_dead_worker_holds_the_lease_lose_no_message_and_no_reply(inprocess_relay,
+                                                                                            died):
+    """As in the chaos run: an instance is killed holding a conversation's lease, every token of the
+    conversation expires before the lease runs out, and the user writes on meanwhile."""
+    relay = inprocess_relay(token_ttl=60, env={"RELAY_LEASE_SECONDS": "30"})
+    key = settled(relay)
+    lapsed = relay.record(key).conversation_id
+    relay.message("twilio", USER, "before the crash")
+    lease = relay.ctx.settings.relay.lease_seconds
+    assert relay.store.conversations.acquire_lease(key, owner="poller:killed", lease_seconds=lease, now=relay.time())
+    died(relay, key)
+    relay.time.advance(20)
+    relay.emulator.expire_tokens(lapsed)
+    relay.message("twilio", USER, "while it was held")
+    relay.message("twilio", USER, "and again")
+
+    relay.time.advance(lease)
+    for _ in range(5):
+        relay.tick()
+        relay.time.advance(1)
+
+    record = relay.record(key)
+    assert record.conversation_id != lapsed and record.lease_owner is None
+    assert relay.messages_at_bot(lapsed) == ["hello", "before the crash"]
+    assert relay.messages_at_bot(record.conversation_id) == ["while it was held", "and again"]
+    assert relay.replies(key) == ["You said: hello", "You said: before the crash", "You said: while it was held",
+                                  "You said: and again"]
+    assert relay.store.outbox.list_messages(key) == [] and relay.store.dead_letters.list_letters(key) == []
+
+
 # ------------------------------------------------------------------------------------------ watermarks
 
 
