@@ -6,9 +6,10 @@
 The whole relay runs on real parts: TWO local Functions hosts (two instances, both running the
 poller timer every second on the same tables), an Azurite of the run's own with a `--location`
 (so it can be restarted without losing its data), the Direct Line emulator with its built-in echo
-bot, in enhanced authentication mode (no reconnect with the secret) and with tokens that live only
-`--token-ttl` seconds (60: every conversation's token is refreshed many times during the run), and
-the provider simulator receiving the replies. The users write as providers do: each
+bot (which greets each conversation the relay starts: RELAY_START_EVENT), in enhanced
+authentication mode (no reconnect with the secret) and with tokens that live only `--token-ttl`
+seconds (60: every conversation's token is refreshed many times during the run), and the provider
+simulator receiving the replies. The users write as providers do: each
 user's messages one after another (a provider waits for the answer before the next), retried
 until they are answered 200, on either host. At the same time:
 
@@ -51,6 +52,7 @@ import requests
 
 from devstack.channels import DEV_VALUES, ProviderSimulator, webhooks
 from devstack.directline import DirectLineEmulator
+from devstack.directline.echo import GREETING_PREFIX
 from devstack.procs import ROOT, Azurite, ManagedProcess, free_port, http_ok, python_module, wait_until
 from relay.activities import directline_user_id
 from relay.settings import StorageSettings
@@ -545,11 +547,14 @@ class ChaosRun:
 
 
 def replies_by_user(users: Sequence[User], replies: Iterable[dict]) -> dict[tuple[str, str], list[dict]]:
-    """The provider's replies by (provider, user address), in the order they came (a MessageBird reply names
-    the user's MessageBird conversation, not the user)."""
+    """The provider's answers to the users' messages by (provider, user address), in the order they came (a
+    MessageBird reply names the user's MessageBird conversation, not the user). Greetings are left out: the
+    bot greets each new Direct Line conversation once, and a user whose tokens lapsed gets a second one."""
     by_conversation = {webhooks.conversation_id(u.address): u.address for u in users if u.provider == "messagebird"}
     found: dict[tuple[str, str], list[dict]] = collections.defaultdict(list)
     for reply in replies:
+        if reply["text"].startswith(GREETING_PREFIX):
+            continue
         user = by_conversation.get(reply["user"], reply["user"]) if reply["provider"] == "messagebird" \
             else reply["user"]
         found[(reply["provider"], user)].append(reply)
