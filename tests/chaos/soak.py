@@ -388,22 +388,18 @@ class ChaosRun:
         self.stack.emulator.set_faults(latency_ms=0)
 
     def reset_watermarks(self) -> None:
-        started = [u for u in self.users if u.sent]
-        chosen = self.random.sample(started, min(len(started), max(2, len(self.users) // 10)))
-        done = 0
-        for user in chosen:
-            record = self.stack.store.conversations.get_record(user.key)
-            if record is not None and record.conversation_id:
-                try:
-                    self.stack.emulator.reset_watermark(record.conversation_id)
-                    done += 1
-                except requests.HTTPError:
-                    pass  # a conversation the emulator does not know (yet): nothing to replay
+        done = self.on_some_conversations(self.stack.emulator.reset_watermark)
         self.event(f"watermark reset on {done} conversations")
 
     def expire_tokens(self) -> None:
         """Every token of some conversations expires now: the relay can neither refresh nor reconnect (enhanced
         authentication), so those users' next messages must go to new conversations, lost by none."""
+        done = self.on_some_conversations(self.stack.emulator.expire_tokens)
+        self.event(f"every token of {done} conversations expired")
+
+    def on_some_conversations(self, action: Callable[[str], None]) -> int:
+        """`action` on the Direct Line conversation of a tenth of the users who wrote (at least 2); how many it
+        reached (a conversation the emulator does not know yet is skipped)."""
         started = [u for u in self.users if u.sent]
         chosen = self.random.sample(started, min(len(started), max(2, len(self.users) // 10)))
         done = 0
@@ -411,11 +407,11 @@ class ChaosRun:
             record = self.stack.store.conversations.get_record(user.key)
             if record is not None and record.conversation_id:
                 try:
-                    self.stack.emulator.expire_tokens(record.conversation_id)
+                    action(record.conversation_id)
                     done += 1
                 except requests.HTTPError:
-                    pass  # a conversation the emulator does not know (yet)
-        self.event(f"every token of {done} conversations expired")
+                    pass
+        return done
 
     def provider_outage(self) -> None:
         for provider in PROVIDERS:
