@@ -862,7 +862,21 @@ ORDER_CARD = {"type": "message", "attachments": [{"contentType": "application/vn
          "choices": [{"title": "Small", "value": "S"}, {"title": "Medium", "value": "M"}]}],
     "actions": [{"type": "Action.Submit", "title": "Send", "data": {"action": "order"}}]}}]}
 NOTE = {"type": "Input.Text", "id": "note", "label": "Anything else?", "isRequired": True}
+ORDER_CARD_WITH_NOTE = {**ORDER_CARD, "attachments": [{**ORDER_CARD["attachments"][0], "content": {
+    **ORDER_CARD["attachments"][0]["content"], "body": [*ORDER_CARD["attachments"][0]["content"]["body"], NOTE]}}]}
 WHATSAPP_USER = "15550200002"
+
+
+def the_bot_asked(relay: InProcessRelay, card: dict, *, channel: str = "twilio",
+                  user: str = USER) -> tuple[ConversationKey, str]:
+    """The user wrote, and the bot (the test, through the connector) answered with `card`, delivered:
+    (the conversation's key, its Direct Line conversation id)."""
+    key = relay.message(channel, user, "I want a shirt")
+    relay.work(key)
+    conversation_id = relay.record(key).conversation_id
+    relay.bot_sends(conversation_id, card)
+    relay.work(key)
+    return key, conversation_id
 
 
 def tap_the_second_button(relay: InProcessRelay, key: ConversationKey) -> list[str]:
@@ -889,19 +903,13 @@ def type_two_then_a_note(relay: InProcessRelay, key: ConversationKey) -> list[st
 @pytest.mark.parametrize(("channel", "user", "card", "answer", "value"), [
     ("whatsapp", WHATSAPP_USER, ORDER_CARD, tap_the_second_button, {"action": "order", "size": "M"}),
     ("twilio", USER, ORDER_CARD, type_two, {"action": "order", "size": "M"}),
-    ("twilio", USER, {**ORDER_CARD, "attachments": [{**ORDER_CARD["attachments"][0], "content": {
-        **ORDER_CARD["attachments"][0]["content"],
-        "body": [*ORDER_CARD["attachments"][0]["content"]["body"], NOTE]}}]}, type_two_then_a_note,
+    ("twilio", USER, ORDER_CARD_WITH_NOTE, type_two_then_a_note,
      {"action": "order", "size": "M", "note": "Gift wrap"}),
 ], ids=["a WhatsApp button", "2 on SMS", "2 then a note on SMS"])
 def test_a_card_question_answered_on_the_phone_reaches_the_bot_as_the_value_it_expects(
         inprocess_relay, channel, user, card, answer, value):
     relay = inprocess_relay(echo=False)
-    key = relay.message(channel, user, "I want a shirt")
-    relay.work(key)
-    conversation_id = relay.record(key).conversation_id
-    relay.bot_sends(conversation_id, card)
-    relay.work(key)
+    key, conversation_id = the_bot_asked(relay, card, channel=channel, user=user)
     assert relay.record(key).pending_question is not None
     prompts = answer(relay, key)
     relay.work(key)
@@ -914,11 +922,7 @@ def test_a_card_question_answered_on_the_phone_reaches_the_bot_as_the_value_it_e
 
 def test_a_message_that_answers_nothing_reaches_the_bot_as_text_and_the_question_is_forgotten(inprocess_relay):
     relay = inprocess_relay(echo=False)
-    key = relay.message("twilio", USER, "I want a shirt")
-    relay.work(key)
-    conversation_id = relay.record(key).conversation_id
-    relay.bot_sends(conversation_id, ORDER_CARD)
-    relay.work(key)
+    key, conversation_id = the_bot_asked(relay, ORDER_CARD)
     relay.message("twilio", USER, "do you have it in red?")
     relay.work(key)
     *_, posted = relay.activities_at_bot(conversation_id)
@@ -928,11 +932,7 @@ def test_a_message_that_answers_nothing_reaches_the_bot_as_text_and_the_question
 
 def test_an_answer_whose_post_failed_is_posted_later_with_the_same_value(inprocess_relay):
     relay = inprocess_relay(echo=False)
-    key = relay.message("twilio", USER, "I want a shirt")
-    relay.work(key)
-    conversation_id = relay.record(key).conversation_id
-    relay.bot_sends(conversation_id, ORDER_CARD)
-    relay.work(key)
+    key, conversation_id = the_bot_asked(relay, ORDER_CARD)
     relay.message("twilio", USER, "medium")
     relay.emulator.set_faults(error_500_rate=1.0, endpoints=["activities/post"])
     assert relay.work(key).posted == 0
@@ -946,13 +946,7 @@ def test_an_answer_whose_post_failed_is_posted_later_with_the_same_value(inproce
 
 def test_the_relays_prompt_for_a_cards_next_input_waits_out_a_provider_outage_and_goes_once(inprocess_relay):
     relay = inprocess_relay(echo=False)
-    key = relay.message("twilio", USER, "I want a shirt")
-    relay.work(key)
-    conversation_id = relay.record(key).conversation_id
-    content = ORDER_CARD["attachments"][0]["content"]
-    relay.bot_sends(conversation_id, {**ORDER_CARD, "attachments": [{**ORDER_CARD["attachments"][0], "content": {
-        **content, "body": [*content["body"], NOTE]}}]})
-    relay.work(key)
+    key, conversation_id = the_bot_asked(relay, ORDER_CARD_WITH_NOTE)
     relay.message("twilio", USER, "small")
     relay.simulator.fail_next("twilio", 503)
     relay.work(key)
