@@ -75,10 +75,6 @@ T = TypeVar("T")
 
 REPLY_LIKELY_FOR = timedelta(minutes=2)  # after a user or bot message, poll at every tick this long
 FIRST_IDLE_INTERVAL = 5.0
-ASSUMED_TOKEN_SECONDS = 1800
-"""A token's lifetime when Direct Line's answer does not say (`expires_in`): its documented default."""
-TOKEN_REFRESH_SHARE = (0.45, 0.55)
-"""A token wants refreshing once this share of its lifetime has passed, drawn per token (jitter)."""
 RETRY_WAITING_AFTER = 5.0  # seconds: messages still waiting after a failure nobody put a time on
 
 
@@ -243,9 +239,7 @@ class ConversationWorker:
 
     def _with_token(self, granted: ConversationToken) -> Callable[[ConversationRecord], ConversationRecord]:
         """The change that stores `granted`, with when it expires and when it wants refreshing."""
-        lifetime = timedelta(seconds=granted.expires_in if granted.expires_in is not None else ASSUMED_TOKEN_SECONDS)
-        now = self.ctx.clock.now()
-        expires_at, refresh_at = now + lifetime, now + lifetime * self.ctx.clock.uniform(*TOKEN_REFRESH_SHARE)
+        expires_at, refresh_at = granted.schedule(now=self.ctx.clock.now(), clock=self.ctx.clock)
         return lambda r: replace(r, token=granted.token, token_expires_at=expires_at, token_refresh_at=refresh_at)
 
     def _token(self) -> str | None:

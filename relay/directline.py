@@ -32,7 +32,7 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -55,7 +55,16 @@ if TYPE_CHECKING:
     import requests
     from requests.adapters import BaseAdapter
 
-__all__ = ["ActivitySet", "ConversationToken", "DirectLineClient", "RetryPolicy", "UploadFile", "get_directline_client"]
+__all__ = [
+    "DEFAULT_TOKEN_SECONDS",
+    "TOKEN_REFRESH_SHARE",
+    "ActivitySet",
+    "ConversationToken",
+    "DirectLineClient",
+    "RetryPolicy",
+    "UploadFile",
+    "get_directline_client",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,11 @@ ACTIVITY_CONTENT_TYPE = "application/vnd.microsoft.activity"
 REGIONAL_SETTINGS_PATH = "/powervirtualagents/regionalchannelsettings"
 AGENT_API_VERSION = "2022-03-01-preview"
 """The api-version asked of regionalchannelsettings when the token endpoint's URL names none."""
+DEFAULT_TOKEN_SECONDS = 1800
+"""A token's lifetime when Direct Line's answer does not say (`expires_in`): its documented default."""
+TOKEN_REFRESH_SHARE = (0.45, 0.55)
+"""A token wants refreshing once this share of its lifetime has passed, drawn per token (jitter): about half
+its life, for every token the relay keeps alive."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,18 @@ class ConversationToken:
     token: str = field(repr=False)
     expires_in: int | None = None
     stream_url: str | None = field(default=None, repr=False)
+
+    @property
+    def lifetime_seconds(self) -> int:
+        """`expires_in`, or DEFAULT_TOKEN_SECONDS when Direct Line did not say."""
+        return self.expires_in if self.expires_in is not None else DEFAULT_TOKEN_SECONDS
+
+    def schedule(self, *, now: datetime, clock: Clock,
+                 share: tuple[float, float] = TOKEN_REFRESH_SHARE) -> tuple[datetime, datetime]:
+        """(when it expires, when it wants refreshing), for a token granted at `now`: its lifetime as given,
+        and a `share` of that drawn from `clock`."""
+        lifetime = timedelta(seconds=self.lifetime_seconds)
+        return now + lifetime, now + lifetime * clock.uniform(*share)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.clock import SYSTEM_CLOCK, Clock
-from relay.directline import ConversationToken, DirectLineClient, RetryPolicy, get_directline_client
+from relay.directline import (
+    TOKEN_REFRESH_SHARE,
+    ConversationToken,
+    DirectLineClient,
+    RetryPolicy,
+    get_directline_client,
+)
 from relay.errors import (
     AgentEndpointRefused,
     AuthenticationFailed,
@@ -108,7 +114,6 @@ from relay.store.sessions import DueRefresh, HeldToken, ResumeOutcome, WebChatSe
 __all__ = [
     "MAX_BODY_BYTES",
     "PAGE_TOKEN_REFRESH_AT",
-    "REFRESH_AT",
     "REFRESH_WORKERS",
     "SESSION_REFRESH_BUDGET_SECONDS",
     "SESSION_REFRESH_MAX_FAILURES",
@@ -127,10 +132,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RATE_WINDOW_SECONDS = 60
-DEFAULT_TOKEN_SECONDS = 1800  # Direct Line's documented lifetime, when an answer does not say
-REFRESH_AT = (0.45, 0.55)
-"""When the timer refreshes a token it refreshed itself, as shares of its lifetime (drawn per token: sessions do not
-refresh in step)."""
 PAGE_TOKEN_REFRESH_AT = (0.6, 0.7)
 """When the timer refreshes a held token that the page has too (issued, resumed or refreshed by the page): after the
 page's own refresh (relay-webchat.js: at 0.45 to 0.55 of its life, a browser's throttled timer up to a minute
@@ -334,17 +335,16 @@ class TokenServer:
     @staticmethod
     def _grant(grant: ConversationToken) -> dict[str, Any]:
         return {"token": grant.token, "conversationId": grant.conversation_id,
-                "expires_in": grant.expires_in or DEFAULT_TOKEN_SECONDS}
+                "expires_in": grant.lifetime_seconds}
 
 
 def _held_token(grant: ConversationToken, *, now: datetime, clock: Clock, page_has_it: bool) -> HeldToken:
     """`grant` as a session holds it: expiring `expires_in` (as Direct Line gave it) after `now`, refreshed at
-    about half of that (REFRESH_AT, a draw of `clock`), or after the page's own refresh when the page has it too
-    (PAGE_TOKEN_REFRESH_AT)."""
-    lifetime = grant.expires_in or DEFAULT_TOKEN_SECONDS
-    share = clock.uniform(*(PAGE_TOKEN_REFRESH_AT if page_has_it else REFRESH_AT))
-    return HeldToken(grant.token, expires_at=now + timedelta(seconds=lifetime),
-                     refresh_at=now + timedelta(seconds=lifetime * share))
+    about half of that (TOKEN_REFRESH_SHARE, a draw of `clock`), or after the page's own refresh when the page
+    has it too (PAGE_TOKEN_REFRESH_AT)."""
+    expires_at, refresh_at = grant.schedule(now=now, clock=clock,
+                                            share=PAGE_TOKEN_REFRESH_AT if page_has_it else TOKEN_REFRESH_SHARE)
+    return HeldToken(grant.token, expires_at=expires_at, refresh_at=refresh_at)
 
 
 def _lapsed() -> SessionLapsed:

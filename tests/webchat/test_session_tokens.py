@@ -17,7 +17,7 @@ from requests.adapters import BaseAdapter
 
 from devstack.directline.transport import DEFAULT_URL, InProcessEmulator
 from relay.clock import SYSTEM_CLOCK, ManualClock
-from relay.directline import DirectLineClient, RetryPolicy
+from relay.directline import TOKEN_REFRESH_SHARE, DirectLineClient, RetryPolicy
 from relay.errors import (
     ConversationGone,
     DirectLineRejected,
@@ -33,7 +33,6 @@ from relay.settings import Settings
 from relay.store import RelayStore
 from relay.tokens import (
     PAGE_TOKEN_REFRESH_AT,
-    REFRESH_AT,
     REFRESH_WORKERS,
     SESSION_REFRESH_BUDGET_SECONDS,
     SESSION_REFRESH_MAX_FAILURES,
@@ -197,7 +196,7 @@ def test_the_timer_refreshes_the_held_token_after_the_pages_own_refresh_was_due_
     cid = grant["conversationId"]
     assert server.held_token(cid) == grant["token"]
     early, late = (TOKEN_SECONDS * share for share in PAGE_TOKEN_REFRESH_AT)
-    assert early > TOKEN_SECONDS * REFRESH_AT[1]  # the page refreshes first, while it is open
+    assert early > TOKEN_SECONDS * TOKEN_REFRESH_SHARE[1]  # the page refreshes first, while it is open
 
     server.advance(early - 1)
     assert server.tick() == SessionRefreshTick()  # nothing due: not even a Direct Line call
@@ -210,7 +209,7 @@ def test_the_timer_refreshes_the_held_token_after_the_pages_own_refresh_was_due_
     assert second not in (None, grant["token"])
     assert server.tick().due == 0  # the next refresh is half the new token's life away
 
-    early, late = (TOKEN_SECONDS * share for share in REFRESH_AT)  # a token only the relay has
+    early, late = (TOKEN_SECONDS * share for share in TOKEN_REFRESH_SHARE)  # a token only the relay has
     server.advance(early - 1)
     assert server.tick().due == 0
     server.advance(late - early + 2)
@@ -306,7 +305,7 @@ def test_an_open_pages_conversation_is_refreshed_by_the_page_alone_and_by_the_ti
     grant = server.tokens.issue_token(Caller())
     cid, token = grant["conversationId"], grant["token"]
     for _ in range(6):  # open for an hour and a half, refreshing as relay-webchat.js does: at half its token's life
-        server.wait(TOKEN_SECONDS * REFRESH_AT[1])
+        server.wait(TOKEN_SECONDS * TOKEN_REFRESH_SHARE[1])
         token = server.tokens.refresh_token(token)["token"]
     assert len(server.calls("tokens/refresh")) == 6  # the page's refreshes only
     assert server.held_token(cid) == token
