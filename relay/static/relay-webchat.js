@@ -40,22 +40,19 @@
   var MAX_HISTORY_PAGES = 50;
   var MAX_REPLAY = 1000;
 
-  // A minimal multicast observable: Web Chat only needs subscribe() with next/error/complete.
-  function Subject(initial) {
+  // A minimal multicast observable: Web Chat only needs subscribe() with next/error/complete. Each
+  // item is handed to `remember`; a new subscriber first gets what `replay` returns, then what comes.
+  function Multicast(remember, replay) {
     var observers = [];
-    var hasValue = arguments.length > 0;
-    var value = initial;
     return {
       next: function (item) {
-        value = item;
-        hasValue = true;
+        remember(item);
         observers.slice().forEach(function (o) { if (o.next) { o.next(item); } });
       },
-      getValue: function () { return value; },
       subscribe: function (observerOrNext, error, complete) {
         var observer = toObserver(observerOrNext, error, complete);
         observers.push(observer);
-        if (hasValue && observer.next) { observer.next(value); }
+        replay().forEach(function (item) { if (observer.next) { observer.next(item); } });
         var subscription = {
           closed: false,
           unsubscribe: function () {
@@ -68,36 +65,31 @@
     };
   }
 
+  // A value that changes (the connection status): a new subscriber gets the current one.
+  function Subject(initial) {
+    var hasValue = arguments.length > 0;
+    var value = initial;
+    var subject = Multicast(function (item) {
+      value = item;
+      hasValue = true;
+    }, function () { return hasValue ? [value] : []; });
+    subject.getValue = function () { return value; };
+    return subject;
+  }
+
   // The activity stream Web Chat reads. Web Chat reads it only once connected, and stops reading while
   // it reconnects (a resume), reading again after; what came meanwhile, a reloaded page's history or
   // what the page missed asleep, would be lost to it. So every subscriber first gets what the page has
   // shown so far (the last MAX_REPLAY activities with an id: Web Chat puts an activity it already has
   // back in its place, by id), then what comes.
   function ActivityStream() {
-    var observers = [];
     var shown = [];
-    return {
-      next: function (item) {
-        if (item.id) {
-          shown.push(item);
-          if (shown.length > MAX_REPLAY) { shown.shift(); }
-        }
-        observers.slice().forEach(function (o) { if (o.next) { o.next(item); } });
-      },
-      subscribe: function (observerOrNext, error, complete) {
-        var observer = toObserver(observerOrNext, error, complete);
-        observers.push(observer);
-        shown.slice().forEach(function (item) { if (observer.next) { observer.next(item); } });
-        var subscription = {
-          closed: false,
-          unsubscribe: function () {
-            subscription.closed = true;
-            observers = observers.filter(function (o) { return o !== observer; });
-          }
-        };
-        return subscription;
+    return Multicast(function (item) {
+      if (item.id) {
+        shown.push(item);
+        if (shown.length > MAX_REPLAY) { shown.shift(); }
       }
-    };
+    }, function () { return shown.slice(); });
   }
 
   function toObserver(observerOrNext, error, complete) {
