@@ -450,40 +450,45 @@ def _refresh_held_token(store: RelayStore, client: DirectLineClient, clock: Cloc
         return _Refresh.ENDED
     conversation_id, held = session.conversation_id, session.held
     if session.revoked or session.expires_at <= now:
-        store.sessions.drop_token(conversation_id, held.token, now=now)
+        store.sessions.drop_token(conversation_id, held.token, now=now, current=session)
         return _Refresh.ENDED
     if not held.alive(now):
-        return _lapse(store, conversation_id, held, now)
+        return _lapse(store, session, now)
     try:
         grant = client.refresh_token(token=held.token)
     except TokenExpired:
-        return _lapse(store, conversation_id, held, now)
+        return _lapse(store, session, now)
     except ConversationNotFound:
         log.info("Web Chat session %s revoked: Direct Line forgot its conversation", conversation_id)
         store.sessions.revoke_session(conversation_id, now=now)
         return _Refresh.ENDED
     except Throttled as error:
         budget.throttled()
-        _postpone(store, clock, conversation_id, held, seconds=error.retry_after or REFRESH_RETRY_SECONDS)
+        _postpone(store, clock, session, seconds=error.retry_after or REFRESH_RETRY_SECONDS)
         return _Refresh.POSTPONED
     except DirectLineError as error:
         if isinstance(error, TransientError):
             budget.failed()
         log.warning("could not refresh the token of Web Chat conversation %s: %s", conversation_id, error)
-        _postpone(store, clock, conversation_id, held)
+        _postpone(store, clock, session)
         return _Refresh.POSTPONED
-    store.sessions.hold_token(conversation_id, _held_token(grant, now=clock.now(), clock=clock, page_has_it=False))
+    store.sessions.hold_token(conversation_id, _held_token(grant, now=clock.now(), clock=clock, page_has_it=False),
+                              current=session)
     return _Refresh.REFRESHED
 
 
-def _postpone(store: RelayStore, clock: Clock, conversation_id: str, held: HeldToken, *,
-              seconds: float | None = None) -> None:
-    """Refresh `held` again `seconds` from now; by default soon, and several times before it expires (a quarter of
-    what it has left, at most REFRESH_RETRY_SECONDS). Now is after the failed call, however long that took."""
+def _postpone(store: RelayStore, clock: Clock, session: WebChatSession, *, seconds: float | None = None) -> None:
+    """Refresh the held token of `session` (as read) again `seconds` from now; by default soon, and several times
+    before it expires (a quarter of what it has left, at most REFRESH_RETRY_SECONDS). Now is after the failed
+    call, however long that took."""
+    held = session.held
+    if held is None:
+        return
     now = clock.now()
     if seconds is None:
         seconds = max(1.0, min(REFRESH_RETRY_SECONDS, (held.expires_at - now).total_seconds() / 4))
-    store.sessions.postpone_refresh(conversation_id, held.token, refresh_at=now + timedelta(seconds=seconds), now=now)
+    store.sessions.postpone_refresh(session.conversation_id, held.token, refresh_at=now + timedelta(seconds=seconds),
+                                    now=now, current=session)
 
 
 def _put_off(store: RelayStore, clock: Clock, item: DueRefresh) -> None:
@@ -495,16 +500,17 @@ def _put_off(store: RelayStore, clock: Clock, item: DueRefresh) -> None:
         if session is None or session.held is None or session.refresh_index_key != item.index_key:
             store.sessions.end_refresh(item)
         else:
-            _postpone(store, clock, session.conversation_id, session.held)
+            _postpone(store, clock, session)
     except Exception as error:
         log.warning("could not put off the refresh of Web Chat conversation %s: %s", item.conversation_id,
                     type(error).__name__)
 
 
-def _lapse(store: RelayStore, conversation_id: str, held: HeldToken, now: datetime) -> _Refresh:
+def _lapse(store: RelayStore, session: WebChatSession, now: datetime) -> _Refresh:
     log.warning("Web Chat conversation %s can no longer be resumed: its token expired before the relay could "
-                "refresh it", conversation_id)
-    store.sessions.drop_token(conversation_id, held.token, now=now)
+                "refresh it", session.conversation_id)
+    if session.held is not None:
+        store.sessions.drop_token(session.conversation_id, session.held.token, now=now, current=session)
     return _Refresh.LAPSED
 
 

@@ -264,20 +264,21 @@ class WebChatSessions:
 
         self._update(conversation_id, change, "revoke a Web Chat session")
 
-    def hold_token(self, conversation_id: str, held: HeldToken, *,
-                   now: datetime | None = None) -> WebChatSession | None:
+    def hold_token(self, conversation_id: str, held: HeldToken, *, now: datetime | None = None,
+                   current: WebChatSession | None = None) -> WebChatSession | None:
         """Keep `held` as the session's token, refreshed from `held.refresh_at` on; None (nothing kept) when the
-        session is gone or revoked."""
+        session is gone or revoked. `current`: the session as the caller read it (not read again unless it changed)."""
         now = now or self._clock.now()
 
         def change(session: WebChatSession) -> WebChatSession | None:
             return None if session.revoked else replace(session, held=held, updated_at=now)
 
-        return self._update(conversation_id, change, "keep a Web Chat session's token")
+        return self._update(conversation_id, change, "keep a Web Chat session's token", current=current)
 
-    def postpone_refresh(self, conversation_id: str, token: str, *, refresh_at: datetime,
-                         now: datetime | None = None) -> WebChatSession | None:
-        """Refresh the held token at `refresh_at` instead (its refresh failed), if the session still holds `token`."""
+    def postpone_refresh(self, conversation_id: str, token: str, *, refresh_at: datetime, now: datetime | None = None,
+                         current: WebChatSession | None = None) -> WebChatSession | None:
+        """Refresh the held token at `refresh_at` instead (its refresh failed), if the session still holds `token`
+        (`current` as for hold_token)."""
         now = now or self._clock.now()
 
         def change(session: WebChatSession) -> WebChatSession | None:
@@ -285,11 +286,12 @@ class WebChatSessions:
                 return None
             return replace(session, held=replace(session.held, refresh_at=refresh_at), updated_at=now)
 
-        return self._update(conversation_id, change, "reschedule a Web Chat session's refresh")
+        return self._update(conversation_id, change, "reschedule a Web Chat session's refresh", current=current)
 
-    def drop_token(self, conversation_id: str, token: str, *, now: datetime | None = None) -> None:
+    def drop_token(self, conversation_id: str, token: str, *, now: datetime | None = None,
+                   current: WebChatSession | None = None) -> None:
         """The held `token` lapsed (it can no longer be refreshed): forget it and stop refreshing, unless the
-        session holds another token by now."""
+        session holds another token by now (`current` as for hold_token)."""
         now = now or self._clock.now()
 
         def change(session: WebChatSession) -> WebChatSession | None:
@@ -297,7 +299,7 @@ class WebChatSessions:
                 return None
             return replace(session, held=None, updated_at=now)
 
-        self._update(conversation_id, change, "forget a Web Chat session's lapsed token")
+        self._update(conversation_id, change, "forget a Web Chat session's lapsed token", current=current)
 
     def list_due_refreshes(self, *, now: datetime | None = None, limit: int = 200) -> list[DueRefresh]:
         """The sessions whose held token is due for its refresh, earliest first: one RowKey range of the index."""
@@ -322,12 +324,12 @@ class WebChatSessions:
         return self._tables.key_for("web chat session", conversation_id)
 
     def _update(self, conversation_id: str, change: Callable[[WebChatSession], WebChatSession | None],
-                what: str) -> WebChatSession | None:
+                what: str, *, current: WebChatSession | None = None) -> WebChatSession | None:
         """Apply `change` (free of side effects; None: leave the session as it is) to the stored session under its
-        ETag, on fresh data after a conflict; the session written, or None. ConcurrencyConflict after
-        UPDATE_ATTEMPTS conflicts."""
+        ETag, on fresh data after a conflict (first on `current`, the session as the caller read it, when given);
+        the session written, or None. ConcurrencyConflict after UPDATE_ATTEMPTS conflicts."""
         for attempt in range(UPDATE_ATTEMPTS):
-            session = self.get_session(conversation_id)
+            session = current if attempt == 0 and current is not None else self.get_session(conversation_id)
             updated = None if session is None else change(session)
             if session is None or updated is None:
                 return None
