@@ -755,8 +755,9 @@ def evaluate(node, scope: dict, queries: dict[str, str]):
         return [evaluate(value, scope, queries) for value in node]
     if not isinstance(node, dict):
         return node
-    operator = node.get("operator", {})
-    function = node.get("function", {})
+    # An object literal may have keys of these names too (a condition's `operator: 'GreaterThan'`).
+    operator = node["operator"] if isinstance(node.get("operator"), dict) else {}
+    function = node["function"] if isinstance(node.get("function"), dict) else {}
     if operator.get("type") == "property_accessor" and operator["operands"]["operand_1"] in scope:
         return evaluate(scope[operator["operands"]["operand_1"]].get(operator["operands"]["operand_2"]), {}, queries)
     if operator.get("type") == "conditional":
@@ -868,10 +869,9 @@ def test_each_alert_watches_its_metric_and_mails_the_action_group(alerts):
      "outbox-age: not wired to the action group"),
     ("        emailAddress: alertEmail\n", "        emailAddress: 'ops@example.com'\n",
      "action group actionGroup's e-mail receiver must be the alertEmail parameter"),
-    ("    metricMeasureColumn: 'throttled'\n", "    metricMeasureColumn: 'throttles'\n",
+    ("      metricMeasureColumn: 'throttled'\n", "      metricMeasureColumn: 'throttles'\n",
      "directline-throttled: the query gives no column throttles"),
-    ("    timeAggregation: 'Count'\n    metricMeasureColumn: ''\n",
-     "    timeAggregation: 'Count'\n    metricMeasureColumn: 'ticks'\n",
+    ("      timeAggregation: 'Count'\n", "      timeAggregation: 'Count'\n      metricMeasureColumn: 'ticks'\n",
      "poller-stopped: Count counts rows without a measure column"),
     ("    name: 'poller-stopped'\n", "    name: 'poller-quiet'\n", "no alert rule poller-stopped"),
     ("    severity: 3\n", "    severity: 5\n", "directline-throttled: severity must be"),

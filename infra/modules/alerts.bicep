@@ -2,7 +2,8 @@
 // Insights), e-mailed through one action group. The queries live in infra/alerts/*.kql, which the
 // README's "Operate" section shows verbatim (tests/test_infra.py checks both), so an operator can
 // run by hand exactly what an alert ran. Each query returns the metric's rows; the rule's condition
-// (aggregation, operator, threshold) is below.
+// aggregates them over its window (Total or Maximum of a column the query gives, or Count of the
+// rows) and compares that with its threshold.
 //
 // Every rule is evaluated every 5 minutes, about the delay of the metrics themselves (exported
 // each minute, ingested within minutes): log alerts are billed by how often they run, and a
@@ -53,11 +54,13 @@ var rules = [
     description: 'Dead letters were written: messages or replies the relay gave up on. List them with `python -m relay.admin dead-letters list`.'
     severity: 2
     windowSize: 'PT15M'
-    query: loadTextContent('../alerts/dead-letters.kql')
-    timeAggregation: 'Total'
-    metricMeasureColumn: 'deadLetters'
-    operator: 'GreaterThan'
-    threshold: 0
+    condition: {
+      query: loadTextContent('../alerts/dead-letters.kql')
+      timeAggregation: 'Total'
+      metricMeasureColumn: 'deadLetters'
+      operator: 'GreaterThan'
+      threshold: 0
+    }
   }
   // A tick raises only when the poller itself cannot work (storage unreachable or refusing the
   // identity): nothing is posted or delivered while it lasts. Any failed tick in 5 minutes.
@@ -67,11 +70,13 @@ var rules = [
     description: 'Poll ticks failed: while they do, no message is posted to the bot and no reply is delivered.'
     severity: 1
     windowSize: 'PT5M'
-    query: loadTextContent('../alerts/poller-failing.kql')
-    timeAggregation: 'Total'
-    metricMeasureColumn: 'failedTicks'
-    operator: 'GreaterThan'
-    threshold: 0
+    condition: {
+      query: loadTextContent('../alerts/poller-failing.kql')
+      timeAggregation: 'Total'
+      metricMeasureColumn: 'failedTicks'
+      operator: 'GreaterThan'
+      threshold: 0
+    }
   }
   // The failure that leaves no failure behind: the host not running the timer, or the app failing
   // before a tick starts. No successful tick in 15 minutes (the poller ticks every few seconds;
@@ -82,11 +87,12 @@ var rules = [
     description: 'No successful poll tick in 15 minutes: the poller is not running, or telemetry no longer arrives.'
     severity: 1
     windowSize: 'PT15M'
-    query: loadTextContent('../alerts/poller-stopped.kql')
-    timeAggregation: 'Count'
-    metricMeasureColumn: ''
-    operator: 'LessThan'
-    threshold: 1
+    condition: {
+      query: loadTextContent('../alerts/poller-stopped.kql')
+      timeAggregation: 'Count'
+      operator: 'LessThan'
+      threshold: 1
+    }
   }
   // A user message still waiting after 5 minutes: Direct Line is down or refusing the relay.
   {
@@ -95,11 +101,13 @@ var rules = [
     description: 'A user message has waited more than 5 minutes to be posted to the bot.'
     severity: 2
     windowSize: 'PT5M'
-    query: loadTextContent('../alerts/outbox-age.kql')
-    timeAggregation: 'Maximum'
-    metricMeasureColumn: 'oldestSeconds'
-    operator: 'GreaterThan'
-    threshold: 300
+    condition: {
+      query: loadTextContent('../alerts/outbox-age.kql')
+      timeAggregation: 'Maximum'
+      metricMeasureColumn: 'oldestSeconds'
+      operator: 'GreaterThan'
+      threshold: 300
+    }
   }
   // The relay honours Retry-After, so a few 429s cost only delay; many mean the bot's Direct Line
   // rate limit is the relay's ceiling.
@@ -109,11 +117,13 @@ var rules = [
     description: 'Direct Line answered 429 (too many requests) more often than the threshold in 5 minutes.'
     severity: 3
     windowSize: 'PT5M'
-    query: loadTextContent('../alerts/directline-throttled.kql')
-    timeAggregation: 'Total'
-    metricMeasureColumn: 'throttled'
-    operator: 'GreaterThan'
-    threshold: directLineThrottleThreshold
+    condition: {
+      query: loadTextContent('../alerts/directline-throttled.kql')
+      timeAggregation: 'Total'
+      metricMeasureColumn: 'throttled'
+      operator: 'GreaterThan'
+      threshold: directLineThrottleThreshold
+    }
   }
 ]
 
@@ -135,18 +145,7 @@ resource rule 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = [for item in
     autoMitigate: true
     criteria: {
       allOf: [
-        {
-          query: item.query
-          timeAggregation: item.timeAggregation
-          // Table rows (Count) are counted without a measure column.
-          metricMeasureColumn: empty(item.metricMeasureColumn) ? null : item.metricMeasureColumn
-          operator: item.operator
-          threshold: item.threshold
-          failingPeriods: {
-            numberOfEvaluationPeriods: 1
-            minFailingPeriodsToAlert: 1
-          }
-        }
+        item.condition
       ]
     }
     actions: {
