@@ -749,10 +749,12 @@ def alert_queries() -> dict[str, str]:
 
 
 def evaluate(node, scope: dict, queries: dict[str, str]):
-    """A parsed expression with the loop item's fields, `empty()`, `cond ? a : b` and loadTextContent
-    worked out (what these checks need); anything else stays as parsed."""
+    """A parsed expression with the loop item's fields (also in '${item.x}') and loadTextContent worked out
+    (what these checks need); anything else stays as parsed."""
     if isinstance(node, list):
         return [evaluate(value, scope, queries) for value in node]
+    if isinstance(node, str):  # '${item.title}' interpolations of the loop item
+        return re.sub(r"\$\{(\w+)\.(\w+)\}", lambda m: str(scope[m[1]][m[2]]) if m[1] in scope else m[0], node)
     if not isinstance(node, dict):
         return node
     # An object literal may have keys of these names too (a condition's `operator: 'GreaterThan'`).
@@ -760,28 +762,19 @@ def evaluate(node, scope: dict, queries: dict[str, str]):
     function = node["function"] if isinstance(node.get("function"), dict) else {}
     if operator.get("type") == "property_accessor" and operator["operands"]["operand_1"] in scope:
         return evaluate(scope[operator["operands"]["operand_1"]].get(operator["operands"]["operand_2"]), {}, queries)
-    if operator.get("type") == "conditional":
-        operands = operator["operands"]
-        chosen = "true_value" if evaluate(operands["condition"], scope, queries) else "false_value"
-        return evaluate(operands[chosen], scope, queries)
-    if function.get("type") == "empty":
-        return not evaluate(function["parameters"]["item_to_test"], scope, queries)
     if function.get("type") == "load_text_content":
         return queries.get(function["parameters"]["file_path"], f"<no file {function['parameters']['file_path']}>")
     return {key: evaluate(value, scope, queries) for key, value in node.items()}
 
 
 def alert_rules(module: dict, queries: dict[str, str]) -> dict[str, dict]:
-    """The scheduledQueryRules the module makes, by the name of their entry in `rules`, worked out."""
+    """The scheduledQueryRules the module makes (one resource looping over a variable of rules), by the name of
+    their entry in that variable, worked out."""
     rules = {}
     for resource in module.get("resources", {}).values():
         if resource["type"] != "Microsoft.Insights/scheduledQueryRules":
             continue
-        loop = resource["config"].get("loop_type")
-        if not loop:
-            body = resource["config"]
-            rules[str(body["name"])] = evaluate(body, {}, queries)
-            continue
+        loop = resource["config"]["loop_type"]
         items = module["variables"][loop["detail"]["array_name"]]["value"]
         for item in items:
             rules[item["name"]] = evaluate(resource["config"]["config"], {loop["detail"]["item_name"]: item}, queries)
@@ -964,6 +957,40 @@ def check_readme_shows_queries(readme: str, queries: dict[str, str]) -> list[str
 
 def test_the_readme_shows_each_alert_query_verbatim():
     assert check_readme_shows_queries(README.read_text(), alert_queries()) == []
+
+
+def check_readme_alert_table(readme: str, rules: dict[str, dict]) -> list[str]:
+    """The README's table of alerts gives each rule's title, severity, frequency and window as the Bicep has them."""
+    problems = []
+    for rule in rules.values():
+        props = rule["properties"]
+        title = props["displayName"].rsplit(": ", 1)[-1]
+        minutes = [int(props[field][2:-1]) for field in ("evaluationFrequency", "windowSize")]
+        row = f"| {title} | {props['severity']} ("
+        line = next((line for line in readme.splitlines() if line.startswith(row)), None)
+        if line is None:
+            problems.append(f"README.md's alert table has no row {row}...")
+        elif f" | {minutes[0]} / {minutes[1]} minutes | " not in line:
+            problems.append(f"README.md's row for {title} must say it runs every {minutes[0]} / looks back "
+                            f"{minutes[1]} minutes")
+    return problems
+
+
+def test_the_readme_alert_table_matches_the_rules(alerts):
+    assert check_readme_alert_table(README.read_text(), alert_rules(alerts, alert_queries())) == []
+
+
+def test_the_readme_alert_table_check_catches_a_changed_rule():
+    text = ALERTS.read_text()
+    for old, new, problem in (
+            ("    severity: 3\n", "    severity: 2\n",
+             "README.md's alert table has no row | Direct Line throttling | 2 ("),
+            ("    windowSize: 'PT15M'\n", "    windowSize: 'PT30M'\n",
+             "README.md's row for dead letters must say it runs every 5 / looks back 30 minutes")):
+        mutated = text.replace(old, new, 1)
+        assert mutated != text
+        rules = alert_rules(parse(mutated), alert_queries())
+        assert any(p.startswith(problem) for p in check_readme_alert_table(README.read_text(), rules)), problem
 
 
 def test_the_readme_check_catches_a_query_that_drifted():
