@@ -1,6 +1,7 @@
 """Offline checks of infra/ (the Bicep CLI cannot run here): every file parses, the function app's
 app settings match what relay/settings.py reads, secrets arrive through Key Vault, the role ids are
-Azure's built-in ones, and each check is shown to catch the mistake it exists for.
+Azure's built-in ones, the alert rules watch the relay's metrics and e-mail the operator, telemetry
+has what it needs, and each check is shown to catch the mistake it exists for.
 
 The Bicep is read with pycep-parser, whose tree keeps identifiers and string literals alike as
 Python strings: `name: site` and `name: 'site'` both give "site". The checks below only compare
