@@ -82,6 +82,13 @@ param instanceMemoryMB int = 2048
 @description('Daily ingestion cap of the Log Analytics workspace in GB (-1: no cap).')
 param logDailyCapGb int = 1
 
+@description('Where the alerts (infra/modules/alerts.bicep) are e-mailed; empty: no alert rules at all, since a rule that tells nobody costs money for nothing.')
+param alertEmail string = ''
+
+@minValue(0)
+@description('Direct Line answers of 429 (throttled) in 5 minutes above which an alert fires.')
+param alertThrottleThreshold int = 10
+
 @description('Key Vault purge protection: on for production (a deleted vault cannot be purged for 7 days, and the setting is permanent); off by default so `azd down --purge` frees the vault\'s name for the next `azd up`.')
 param keyVaultPurgeProtection bool = false
 
@@ -247,6 +254,21 @@ module monitoring 'modules/monitoring.bicep' = {
     location: location
     tags: tags
     dailyCapGb: logDailyCapGb
+  }
+}
+
+module alerts 'modules/alerts.bicep' = if (!empty(alertEmail)) {
+  name: 'alerts'
+  scope: rg
+  params: {
+    location: location
+    tags: tags
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    actionGroupName: 'ag-relay-${resourceToken}'
+    ruleNamePrefix: 'alert-relay-${resourceToken}-'
+    environmentName: environmentName
+    alertEmail: alertEmail
+    directLineThrottleThreshold: alertThrottleThreshold
   }
 }
 

@@ -1,6 +1,7 @@
 """Offline checks of infra/ (the Bicep CLI cannot run here): every file parses, the function app's
 app settings match what relay/settings.py reads, secrets arrive through Key Vault, the role ids are
-Azure's built-in ones, and each check is shown to catch the mistake it exists for.
+Azure's built-in ones, the alert rules watch the relay's metrics and e-mail the operator, telemetry
+has what it needs, and each check is shown to catch the mistake it exists for.
 
 The Bicep is read with pycep-parser, whose tree keeps identifiers and string literals alike as
 Python strings: `name: site` and `name: 'site'` both give "site". The checks below only compare
@@ -705,3 +706,350 @@ def test_production_sizes_come_from_azd_variables(main, parameters):
                             ("logDailyCapGb", "AZURE_LOG_DAILY_CAP_GB")):
         default = main["parameters"][param]["default"]
         assert wired[param] == f"${{{variable}={default}}}"
+
+
+# --- alerts (infra/modules/alerts.bicep, infra/alerts/*.kql) ------------------------------------------
+
+ALERTS = INFRA / "modules" / "alerts.bicep"
+ALERT_QUERIES = INFRA / "alerts"
+README = ROOT / "README.md"
+
+# The relay's metrics (meter "relay") and the dimensions each carries, as issue #18's contract names
+# them. relay/telemetry.py names them too: point this at its names once it exists.
+RELAY_METRICS = {
+    "relay.webhooks": {"channel", "outcome", "status"},
+    "relay.messages.posted": {"channel", "outcome"},
+    "relay.replies.delivered": {"channel", "outcome"},
+    "relay.reply.latency": {"channel"},
+    "relay.outbox.age": {"channel"},
+    "relay.dead_letters": {"channel", "kind"},
+    "relay.poll.duration": {"outcome"},
+    "relay.poll.conversations": {"outcome"},
+    "relay.poll.ticks": {"outcome"},
+    "relay.directline.errors": {"operation", "status"},
+    "relay.tokens.refreshed": {"kind", "outcome"},
+}
+
+# The alerts issue #18 asks for, by rule name, and the metric each must watch.
+ISSUE_ALERTS = {
+    "dead-letters": "relay.dead_letters",
+    "poller-failing": "relay.poll.ticks",
+    "poller-stopped": "relay.poll.ticks",
+    "outbox-age": "relay.outbox.age",
+    "directline-throttled": "relay.directline.errors",
+}
+
+# What log search alert rules accept (Azure/bicep-types-az, Microsoft.Insights scheduledQueryRules@2023-12-01).
+TIME_AGGREGATIONS = {"Average", "Count", "Maximum", "Minimum", "Total"}
+OPERATORS = {"Equals", "GreaterThan", "GreaterThanOrEqual", "LessThan", "LessThanOrEqual"}
+
+
+def alert_queries() -> dict[str, str]:
+    """Each query file, by the path alerts.bicep loads it from."""
+    return {f"../alerts/{path.name}": path.read_text() for path in sorted(ALERT_QUERIES.glob("*.kql"))}
+
+
+def evaluate(node, scope: dict, queries: dict[str, str]):
+    """A parsed expression with the loop item's fields (also in '${item.x}') and loadTextContent worked out
+    (what these checks need); anything else stays as parsed."""
+    if isinstance(node, list):
+        return [evaluate(value, scope, queries) for value in node]
+    if isinstance(node, str):  # '${item.title}' interpolations of the loop item
+        return re.sub(r"\$\{(\w+)\.(\w+)\}", lambda m: str(scope[m[1]][m[2]]) if m[1] in scope else m[0], node)
+    if not isinstance(node, dict):
+        return node
+    # An object literal may have keys of these names too (a condition's `operator: 'GreaterThan'`).
+    operator = node["operator"] if isinstance(node.get("operator"), dict) else {}
+    function = node["function"] if isinstance(node.get("function"), dict) else {}
+    if operator.get("type") == "property_accessor" and operator["operands"]["operand_1"] in scope:
+        return evaluate(scope[operator["operands"]["operand_1"]].get(operator["operands"]["operand_2"]), {}, queries)
+    if function.get("type") == "load_text_content":
+        return queries.get(function["parameters"]["file_path"], f"<no file {function['parameters']['file_path']}>")
+    return {key: evaluate(value, scope, queries) for key, value in node.items()}
+
+
+def alert_rules(module: dict, queries: dict[str, str]) -> dict[str, dict]:
+    """The scheduledQueryRules the module makes (one resource looping over a variable of rules), by the name of
+    their entry in that variable, worked out."""
+    rules = {}
+    for resource in module.get("resources", {}).values():
+        if resource["type"] != "Microsoft.Insights/scheduledQueryRules":
+            continue
+        loop = resource["config"]["loop_type"]
+        items = module["variables"][loop["detail"]["array_name"]]["value"]
+        for item in items:
+            rules[item["name"]] = evaluate(resource["config"]["config"], {loop["detail"]["item_name"]: item}, queries)
+    return rules
+
+
+def check_query(name: str, query: str, *, expected_metric: str | None) -> list[str]:
+    """The query reads customMetrics for one metric of the contract, by its dimensions only."""
+    problems = []
+    if not query.startswith("customMetrics\n"):
+        problems.append(f"{name}: the query must start from customMetrics (the relay's metrics in App Insights)")
+    metrics = re.findall(r'\bname == "([^"]+)"', query)
+    if len(metrics) != 1 or metrics[0] not in RELAY_METRICS:
+        problems.append(f"{name}: the query names {metrics}, not one metric of the contract")
+    elif expected_metric and metrics[0] != expected_metric:
+        problems.append(f"{name}: the query watches {metrics[0]}, not {expected_metric}")
+    else:
+        for dimension in re.findall(r'customDimensions\["([^"]+)"\]', query):
+            if dimension not in RELAY_METRICS[metrics[0]]:
+                problems.append(f"{name}: {metrics[0]} has no dimension {dimension!r}")
+    return problems
+
+
+def check_alerts(module: dict, queries: dict[str, str]) -> list[str]:
+    """Every alert of the issue exists, watches its metric in Application Insights and e-mails the
+    action group whose receiver is the alertEmail parameter."""
+    problems = []
+    resources = module.get("resources", {})
+    components = [name for name, r in resources.items()
+                  if r["type"] == "Microsoft.Insights/components" and r["existing"]
+                  and r["config"]["name"] == "applicationInsightsName"]
+    groups = {name: r["config"] for name, r in resources.items() if r["type"] == "Microsoft.Insights/actionGroups"}
+    if len(components) != 1:
+        problems.append("the module must refer to the Application Insights component applicationInsightsName")
+    if len(groups) != 1:
+        problems.append(f"expected one action group, found {len(groups)}")
+    for name, group in groups.items():
+        receivers = group["properties"].get("emailReceivers") or []
+        if group["properties"].get("enabled") is not True:
+            problems.append(f"action group {name} must be enabled")
+        if [r.get("emailAddress") for r in receivers] != ["alertEmail"]:
+            problems.append(f"action group {name}'s e-mail receiver must be the alertEmail parameter")
+    rules = alert_rules(module, queries)
+    for name in ISSUE_ALERTS.keys() - rules.keys():
+        problems.append(f"no alert rule {name}")
+    for name, rule in rules.items():
+        props = rule["properties"]
+        if components and props.get("scopes") != [accessor(components[0], "id")]:
+            problems.append(f"{name}: not scoped to the Application Insights component")
+        if props.get("actions", {}).get("actionGroups") != [accessor(group, "id") for group in groups]:
+            problems.append(f"{name}: not wired to the action group")
+        criteria = props.get("criteria", {}).get("allOf") or [{}]
+        if len(criteria) != 1:
+            problems.append(f"{name}: a log search alert takes one condition")
+        condition = criteria[0]
+        problems += check_query(name, condition.get("query") or "", expected_metric=ISSUE_ALERTS.get(name))
+        aggregation, column = condition.get("timeAggregation"), condition.get("metricMeasureColumn")
+        if aggregation not in TIME_AGGREGATIONS or condition.get("operator") not in OPERATORS:
+            problems.append(f"{name}: {aggregation} / {condition.get('operator')} is not a log alert condition")
+        if (aggregation == "Count") != (column is None):
+            problems.append(f"{name}: Count counts rows without a measure column; every other aggregation needs one")
+        if column is not None and not re.search(rf"\b{column} = ", condition.get("query") or ""):
+            problems.append(f"{name}: the query gives no column {column}")
+        if not (isinstance(props.get("severity"), int) and 0 <= props["severity"] <= 4):
+            problems.append(f"{name}: severity must be 0 (critical) to 4 (verbose)")
+        for field in ("evaluationFrequency", "windowSize"):
+            if not re.fullmatch(r"PT\d+[MH]", str(props.get(field))):
+                problems.append(f"{name}: {field} must be an ISO 8601 duration")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def alerts() -> dict:
+    return parse(ALERTS.read_text())
+
+
+def test_each_alert_watches_its_metric_and_mails_the_action_group(alerts):
+    assert check_alerts(alerts, alert_queries()) == []
+
+
+@pytest.mark.parametrize(("old", "new", "problem"), [
+    ("    scopes: [\n      applicationInsights.id\n", "    scopes: [\n      actionGroup.id\n",
+     "dead-letters: not scoped to the Application Insights component"),
+    ("      actionGroups: [\n        actionGroup.id\n      ]\n", "      actionGroups: []\n",
+     "outbox-age: not wired to the action group"),
+    ("        emailAddress: alertEmail\n", "        emailAddress: 'ops@example.com'\n",
+     "action group actionGroup's e-mail receiver must be the alertEmail parameter"),
+    ("      metricMeasureColumn: 'throttled'\n", "      metricMeasureColumn: 'throttles'\n",
+     "directline-throttled: the query gives no column throttles"),
+    ("      timeAggregation: 'Count'\n", "      timeAggregation: 'Count'\n      metricMeasureColumn: 'ticks'\n",
+     "poller-stopped: Count counts rows without a measure column"),
+    ("    name: 'poller-stopped'\n", "    name: 'poller-quiet'\n", "no alert rule poller-stopped"),
+    ("    severity: 3\n", "    severity: 5\n", "directline-throttled: severity must be"),
+])
+def test_the_alert_check_catches_a_miswired_rule(old, new, problem):
+    text = ALERTS.read_text()
+    mutated = text.replace(old, new, 1)
+    assert mutated != text
+    assert any(p.startswith(problem) for p in check_alerts(parse(mutated), alert_queries()))
+
+
+@pytest.mark.parametrize(("file", "old", "new", "problem"), [
+    ("dead-letters.kql", '"relay.dead_letters"', '"relay.deadletters"',
+     "dead-letters: the query names ['relay.deadletters'], not one metric of the contract"),
+    ("outbox-age.kql", '"relay.outbox.age"', '"relay.reply.latency"',
+     "outbox-age: the query watches relay.reply.latency, not relay.outbox.age"),
+    ("directline-throttled.kql", 'customDimensions["status"]', 'customDimensions["code"]',
+     "directline-throttled: relay.directline.errors has no dimension 'code'"),
+    ("poller-failing.kql", "customMetrics\n", "customEvents\n",
+     "poller-failing: the query must start from customMetrics"),
+])
+def test_the_alert_check_catches_a_query_off_the_contract(alerts, file, old, new, problem):
+    queries = alert_queries()
+    path = f"../alerts/{file}"
+    mutated = queries[path].replace(old, new, 1)
+    assert mutated != queries[path]
+    assert any(p.startswith(problem) for p in check_alerts(alerts, {**queries, path: mutated}))
+
+
+def check_alerts_wiring(main: dict, parameters: dict) -> list[str]:
+    """main.bicep makes the alerts only with an e-mail, for the Application Insights component the app
+    sends to, and azd fills the e-mail and the 429 threshold from AZURE_ALERT_EMAIL and
+    AZURE_ALERT_THROTTLE_THRESHOLD."""
+    problems = []
+    modules = [m for m in main["modules"].values() if m["detail"]["path"] == f"modules/{ALERTS.name}"]
+    if len(modules) != 1:
+        return [f"main.bicep must use modules/{ALERTS.name} once"]
+    config = modules[0]["config"]
+    if config.get("condition") != {"operator": {"type": "not", "operands": {"bool_value": {
+            "function": {"type": "empty", "parameters": {"item_to_test": "alertEmail"}}}}}}:
+        problems.append("the alerts module must be made only if (!empty(alertEmail))")
+    params = config.get("config", config)["params"]
+    wanted = {
+        "alertEmail": "alertEmail",
+        "directLineThrottleThreshold": "alertThrottleThreshold",
+        "applicationInsightsName": accessor("monitoring", "outputs", "applicationInsightsName"),
+    }
+    problems += [f"the alerts module's {name} must be {value}" for name, value in wanted.items()
+                 if params.get(name) != value]
+    if main["parameters"].get("alertEmail", {}).get("default") != "":
+        problems.append("parameter alertEmail must default to '' (no alerts)")
+    threshold = main["parameters"].get("alertThrottleThreshold", {}).get("default")
+    filled = {name: entry.get("value") for name, entry in parameters["parameters"].items()}
+    if filled.get("alertEmail") != "${AZURE_ALERT_EMAIL}":
+        problems.append("azd must fill alertEmail from AZURE_ALERT_EMAIL")
+    if filled.get("alertThrottleThreshold") != f"${{AZURE_ALERT_THROTTLE_THRESHOLD={threshold}}}":
+        problems.append(
+            f"azd must fill alertThrottleThreshold from AZURE_ALERT_THROTTLE_THRESHOLD, default {threshold}")
+    return problems
+
+
+def test_the_alerts_are_made_with_an_e_mail_from_azd(main, parameters):
+    assert check_alerts_wiring(main, parameters) == []
+
+
+@pytest.mark.parametrize(("old", "new", "problem"), [
+    ("module alerts 'modules/alerts.bicep' = if (!empty(alertEmail)) {", "module alerts 'modules/alerts.bicep' = {",
+     "the alerts module must be made only if"),
+    ("    alertEmail: alertEmail\n", "    alertEmail: principalId\n", "the alerts module's alertEmail must be"),
+    ("param alertThrottleThreshold int = 10", "param alertThrottleThreshold int = 20",
+     "azd must fill alertThrottleThreshold from AZURE_ALERT_THROTTLE_THRESHOLD, default 20"),
+])
+def test_the_alerts_wiring_check_catches_a_miswired_module(parameters, old, new, problem):
+    text = MAIN.read_text()
+    mutated = text.replace(old, new, 1)
+    assert mutated != text
+    assert any(p.startswith(problem) for p in check_alerts_wiring(parse(mutated), parameters))
+
+
+def readme_queries(readme: str) -> list[str]:
+    """The text of every ```kusto block of the README."""
+    return [block.rstrip("\n") for block in re.findall(r"^```kusto\n(.*?)^```$", readme, re.M | re.S)]
+
+
+def check_readme_shows_queries(readme: str, queries: dict[str, str]) -> list[str]:
+    shown = readme_queries(readme)
+    return [f"README.md does not show {path.removeprefix('../')} verbatim in a ```kusto block"
+            for path, query in queries.items() if query.rstrip("\n") not in shown]
+
+
+def test_the_readme_shows_each_alert_query_verbatim():
+    assert check_readme_shows_queries(README.read_text(), alert_queries()) == []
+
+
+def check_readme_alert_table(readme: str, rules: dict[str, dict]) -> list[str]:
+    """The README's table of alerts gives each rule's title, severity, frequency and window as the Bicep has them."""
+    problems = []
+    for rule in rules.values():
+        props = rule["properties"]
+        title = props["displayName"].rsplit(": ", 1)[-1]
+        minutes = [int(props[field][2:-1]) for field in ("evaluationFrequency", "windowSize")]
+        row = f"| {title} | {props['severity']} ("
+        line = next((line for line in readme.splitlines() if line.startswith(row)), None)
+        if line is None:
+            problems.append(f"README.md's alert table has no row {row}...")
+        elif f" | {minutes[0]} / {minutes[1]} minutes | " not in line:
+            problems.append(f"README.md's row for {title} must say it runs every {minutes[0]} / looks back "
+                            f"{minutes[1]} minutes")
+    return problems
+
+
+def test_the_readme_alert_table_matches_the_rules(alerts):
+    assert check_readme_alert_table(README.read_text(), alert_rules(alerts, alert_queries())) == []
+
+
+def test_the_readme_alert_table_check_catches_a_changed_rule():
+    text = ALERTS.read_text()
+    for old, new, problem in (
+            ("    severity: 3\n", "    severity: 2\n",
+             "README.md's alert table has no row | Direct Line throttling | 2 ("),
+            ("    windowSize: 'PT15M'\n", "    windowSize: 'PT30M'\n",
+             "README.md's row for dead letters must say it runs every 5 / looks back 30 minutes")):
+        mutated = text.replace(old, new, 1)
+        assert mutated != text
+        rules = alert_rules(parse(mutated), alert_queries())
+        assert any(p.startswith(problem) for p in check_readme_alert_table(README.read_text(), rules)), problem
+
+
+def test_the_readme_check_catches_a_query_that_drifted():
+    readme = README.read_text()
+    queries = alert_queries()
+    path = "../alerts/outbox-age.kql"
+    drifted = {**queries, path: queries[path].replace("valueMax", "valueSum")}
+    assert drifted[path] != queries[path]
+    assert check_readme_shows_queries(readme, drifted) == [
+        "README.md does not show alerts/outbox-age.kql verbatim in a ```kusto block"]
+
+
+# --- what telemetry needs: host.json and app settings (/work/notes/ops18-otel-facts.md) -----------------
+
+# The Functions Python worker configures the Azure Monitor distro itself when these are "true": without
+# the identity's credential (local auth is off), with every library instrumented (URLs carry ids), and a
+# second time beside relay/telemetry.py's own configuration. The relay configures it; these stay unset.
+WORKER_TELEMETRY_SETTINGS = ("PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY", "PYTHON_ENABLE_OPENTELEMETRY")
+
+
+def check_telemetry_settings(settings: dict[str, object], host: dict) -> list[str]:
+    problems = []
+    if host.get("telemetryMode") != "OpenTelemetry":
+        problems.append('host.json must set "telemetryMode": "OpenTelemetry" (the host exports with OpenTelemetry)')
+    if settings.get("APPLICATIONINSIGHTS_CONNECTION_STRING") != accessor("applicationInsights", "properties",
+                                                                         "ConnectionString"):
+        problems.append("APPLICATIONINSIGHTS_CONNECTION_STRING must be the component's connection string")
+    if settings.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING") != "ClientId=${identityClientId};Authorization=AAD":
+        problems.append("APPLICATIONINSIGHTS_AUTHENTICATION_STRING must name the user-assigned identity")
+    problems += [f"{name} must not be set: the relay configures telemetry itself"
+                 for name in WORKER_TELEMETRY_SETTINGS if name in settings]
+    return problems
+
+
+def test_telemetry_has_what_it_needs_from_host_json_and_app_settings(main, function_app):
+    settings = provisioned_app_settings(main, function_app, [])
+    assert check_telemetry_settings(settings, json.loads((ROOT / "host.json").read_text())) == []
+    # The app sends to the component monitoring.bicep makes, whose identity may publish to it.
+    assert main["modules"]["app"]["config"]["params"]["applicationInsightsName"] == accessor(
+        "monitoring", "outputs", "applicationInsightsName")
+    roles = parse(ROLE_ASSIGNMENTS.read_text())["resources"]["identityTelemetry"]["config"]
+    assert roles["scope"] == "applicationInsights"
+    assert roles["properties"]["roleDefinitionId"]["function"]["parameters"]["resource_name_1"] == accessor(
+        "roles", "monitoringMetricsPublisher")
+
+
+def test_the_telemetry_check_catches_a_missing_mode_and_a_worker_setting(main, function_app):
+    host = json.loads((ROOT / "host.json").read_text())
+    settings = provisioned_app_settings(main, function_app, [])
+    assert check_telemetry_settings(settings, {k: v for k, v in host.items() if k != "telemetryMode"}) == [
+        'host.json must set "telemetryMode": "OpenTelemetry" (the host exports with OpenTelemetry)']
+    text = FUNCTION_APP.read_text()
+    mutated = text.replace("  AZURE_CLIENT_ID: identityClientId\n", "  AZURE_CLIENT_ID: identityClientId\n"
+                           "  PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: 'true'\n")
+    assert mutated != text
+    settings = provisioned_app_settings(main, parse(mutated), [])
+    assert check_telemetry_settings(settings, host) == [
+        "PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY must not be set: the relay configures telemetry itself"]
+    settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] = "Authorization=AAD"
+    assert "APPLICATIONINSIGHTS_AUTHENTICATION_STRING must name the user-assigned identity" in check_telemetry_settings(
+        settings, host)
