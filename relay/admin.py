@@ -167,8 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    stats = commands.add_parser("stats", parents=[output], help="open conversations, due now, outbox depth and oldest age, dead "
-                                              "letters by kind, live Web Chat sessions (scans every table)")
+    stats = commands.add_parser("stats", parents=[output],
+                                help="open conversations, due now, outbox depth and oldest age, dead letters by kind, "
+                                     "live Web Chat sessions (scans every table)")
     stats.set_defaults(run=_stats)
 
     conversations = commands.add_parser("conversations", help="list, show or end conversations").add_subparsers(
@@ -207,9 +208,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sessions = commands.add_parser("sessions", help="Web Chat sessions").add_subparsers(
         dest="action", required=True, metavar="action")
-    revoke = sessions.add_parser("revoke", parents=[output], help="the page of this Direct Line conversation can no longer resume or "
-                                                "refresh (sessions are keyed by the conversation id: "
-                                                "`conversations show` prints it for channel users)")
+    revoke = sessions.add_parser("revoke", parents=[output],
+                                 help="the page of this Direct Line conversation can no longer resume or refresh "
+                                      "(Web Chat sessions are keyed by their conversation id)")
     revoke.add_argument("conversation_id", help="the Direct Line conversation id of the Web Chat session")
     revoke.set_defaults(run=_sessions_revoke)
     return parser
