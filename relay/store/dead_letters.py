@@ -119,21 +119,23 @@ class DeadLetters:
         """Note that a replay of `letter` (as read) begins sending it; ConcurrencyConflict when the letter changed
         or went since (another replay got there first)."""
         now = now or self._clock.now()
-        return self._merge(letter, {"replay_started_at": now}, replay_started_at=now)
+        return self._merge(letter, {"replaying": True, "replay_started_at": now}, replay_started_at=now)
 
     def end_replay(self, letter: DeadLetter, *, parts_sent: int) -> DeadLetter:
         """A replay of `letter` (as `start_replay` returned it) surely failed: it may be replayed again, from part
         `parts_sent` on. ConcurrencyConflict when the letter changed since."""
-        return self._merge(letter, {"replay_started_at": None, "parts_sent": parts_sent}, replay_started_at=None,
+        # A merge cannot remove a property: `replaying` says whether `replay_started_at` still stands.
+        return self._merge(letter, {"replaying": False, "parts_sent": parts_sent}, replay_started_at=None,
                            parts_sent=parts_sent)
 
     def delete_letter(self, letter: DeadLetter) -> None:
-        """Delete `letter` if unchanged since it was read; ConcurrencyConflict when it changed or went since."""
+        """Delete `letter` if unchanged since it was read (whatever it holds now when its `etag` is None; a no-op when
+        it is gone then); ConcurrencyConflict when it changed or went since it was read."""
         pk, rk = _address(letter.letter_id) or ("", "")
+        condition = {"etag": letter.etag, "match_condition": MatchConditions.IfNotModified} if letter.etag else {}
         with storage_errors("remove a dead letter"):
             try:
-                self._table.client.delete_entity(pk, rk, etag=letter.etag,
-                                                 match_condition=MatchConditions.IfNotModified)
+                self._table.client.delete_entity(pk, rk, **condition)
             except (ResourceModifiedError, ResourceNotFoundError):
                 raise ConcurrencyConflict("the dead letter was changed or deleted meanwhile") from None
 
@@ -177,5 +179,6 @@ def _from_entity(entity: TableEntity) -> DeadLetter:
     return DeadLetter(ConversationKey(entity["channel"], entity["user"]), DeadLetterKind(entity["kind"]),
                       entity["reason"], get_json(entity, "payload"), entity["created_at"], row_key=entity["RowKey"],
                       letter_id=_letter_id(entity["PartitionKey"], entity["RowKey"]),
-                      replay_started_at=entity.get("replay_started_at"), parts_sent=entity.get("parts_sent") or 0,
+                      replay_started_at=entity.get("replay_started_at") if entity.get("replaying") else None,
+                      parts_sent=entity.get("parts_sent") or 0,
                       etag=entity.metadata.get("etag"))
