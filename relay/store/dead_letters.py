@@ -132,10 +132,10 @@ class DeadLetters:
         """Delete `letter` if unchanged since it was read (whatever it holds now when its `etag` is None; a no-op when
         it is gone then); ConcurrencyConflict when it changed or went since it was read."""
         pk, rk = _address(letter.letter_id) or ("", "")
-        condition = {"etag": letter.etag, "match_condition": MatchConditions.IfNotModified} if letter.etag else {}
         with storage_errors("remove a dead letter"):
             try:
-                self._table.client.delete_entity(pk, rk, **condition)
+                self._table.client.delete_entity(pk, rk, etag=letter.etag,
+                                                 match_condition=MatchConditions.IfNotModified if letter.etag else None)
             except (ResourceModifiedError, ResourceNotFoundError):
                 raise ConcurrencyConflict("the dead letter was changed or deleted meanwhile") from None
 
