@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from relay.cards import PendingQuestion, next_prompt, render_activity
-from relay.errors import ConcurrencyConflict, ConversationNotFound, ProviderRejected, ProviderUnavailable, RelayError
+from relay.errors import ConcurrencyConflict, DirectLineError, ProviderRejected, ProviderUnavailable, RelayError
 from relay.events import event_payload
 from relay.store.conversations import ConversationKey, ConversationRecord
 from relay.store.dead_letters import DeadLetter, DeadLetterKind
@@ -245,8 +245,8 @@ def _reply_of(letter: DeadLetter) -> tuple[OutboundMessage, PendingQuestion | No
 
 
 def _post_event(ctx: RelayContext, record: ConversationRecord, owner: str, letter: DeadLetter) -> None:
-    """POST the bot's event to RELAY_EVENT_WEBHOOK_URL again, with the transcript Direct Line still has (the
-    same webhook-id as the first attempt: the receiver can tell it is the same event)."""
+    """POST the bot's event to RELAY_EVENT_WEBHOOK_URL again, with the transcript Direct Line still has (none when
+    it cannot be read), under the webhook-id of the first attempt: the receiver can tell it is the same event."""
     from relay.conversations import ConversationWorker
 
     if not ctx.events.configured:
@@ -258,7 +258,7 @@ def _post_event(ctx: RelayContext, record: ConversationRecord, owner: str, lette
     transcript: list[dict] = []
     if record.conversation_id:
         worker = ConversationWorker(ctx, record, owner=owner, peek=None, patient=False)
-        with contextlib.suppress(ConversationNotFound):  # Direct Line forgot it: the event goes without
+        with contextlib.suppress(DirectLineError):  # forgotten, or out of reach: the event goes without one
             transcript = worker.delivery.transcript(activity_id)
     ctx.events.send(event_payload(activity, conversation_id=record.conversation_id, channel=letter.key.channel,
                                   user=letter.key.user, directline_user=record.user_id, transcript=transcript,

@@ -24,6 +24,7 @@ from relay.settings import Settings
 from relay.store import RelayStore
 from tests.conftest import DIRECTLINE_TEST_SECRET, subprocess_env
 from tests.relay.conftest import NO_GREETING, RELAY_URL, InProcessRelay, ManualTime
+from tests.relay.conftest import event_receiver as event_receiver  # the operator's event endpoint, for these tests too
 
 
 @dataclass

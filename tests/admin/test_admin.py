@@ -146,6 +146,27 @@ def test_a_user_message_replay_that_died_before_removing_its_letter_is_not_poste
     assert relay.store.dead_letters.list_letters(key) == []
 
 
+def test_an_event_the_endpoint_refused_is_posted_again_once_under_its_first_webhook_id(admin_relay, event_receiver):
+    event_receiver.answers.append(400)
+    relay, _ = admin_relay(env=event_receiver.env)
+    key = relay.message("twilio", new_user(), "hello")
+    relay.work(key)
+    relay.bot_sends(relay.record(key).conversation_id, {"type": "event", "name": "handoff.initiate"})
+    relay.work(key)
+    [letter] = relay.store.dead_letters.list_letters(key)
+    assert letter.kind == "event"
+
+    outcome = operations.replay_letter(relay.store, letter.letter_id, context=lambda: relay.ctx)
+    with pytest.raises(operations.NotFound):
+        operations.replay_letter(relay.store, letter.letter_id, context=lambda: relay.ctx)
+
+    assert outcome == operations.ReplayOutcome.DELIVERED
+    first, replayed = (json.loads(body) for _, body in event_receiver.received)
+    assert len({headers["webhook-id"] for headers, _ in event_receiver.received}) == 1
+    assert replayed["data"]["event"] == first["data"]["event"]
+    assert [m["text"] for m in replayed["data"]["transcript"]] == ["hello", "You said: hello"]
+
+
 def test_a_media_letter_is_refused_for_replay_with_the_reason(admin_relay):
     relay, admin = admin_relay()
     key = ConversationKey("twilio", new_user())
@@ -241,6 +262,7 @@ def test_a_revoked_session_can_no_longer_be_resumed(admin_relay):
     pytest.param(("dead-letters", "replay", "000000000000001-0123456789ab-" + "0" * 32), id="an unknown letter id"),
     pytest.param(("dead-letters", "discard", "nonsense"), id="discard of an unknown letter"),
     pytest.param(("conversations", "show", "twilio", "+15550000000"), id="no such conversation"),
+    pytest.param(("conversations", "end", "twilio", "+15550000000"), id="no such conversation to end"),
     pytest.param(("sessions", "revoke", "no-such-conversation"), id="no such session"),
 ])
 def test_an_unknown_id_exits_1_with_a_message(admin_relay, args):
