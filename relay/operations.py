@@ -148,7 +148,8 @@ def replay_letter(store: RelayStore, letter_id: str, *, context: Callable[[], Re
     """Send a dead letter again, once (see the module docstring), and delete it once that succeeded.
 
     `context` gives the relay's settings and clients; it is called only for a reply or an event (a user's message
-    is replayed with the storage settings alone). NotFound when there is no such letter; Refused for a media
+    is replayed with the storage settings alone). NotFound when there is no such letter (or it went meanwhile: a
+    concurrent replay delivered it, or it was discarded); Refused for a media
     letter (its files cannot be fetched again), when the provider or the event webhook refuses it or cannot take
     it now (the letter stays), or when an earlier replay began sending it and did not finish (`force`: send it
     anyway)."""
@@ -194,25 +195,26 @@ def _requeue(store: RelayStore, letter: DeadLetter) -> ReplayOutcome:
 
 
 def _resend(ctx: RelayContext, letter: DeadLetter, *, force: bool) -> ReplayOutcome:
-    """A reply to the provider, or an event to the event webhook, under the conversation's lease."""
+    """A reply to the provider, or an event to the event webhook, under the conversation's lease. Everything that
+    can be refused before sending is checked before the letter is marked."""
     with _leased(ctx, letter.key) as (record, owner):
         fresh = ctx.store.dead_letters.get_letter(letter.letter_id)  # under the lease: no other replay sends now
         if fresh is None:
-            return ReplayOutcome.DELIVERED  # a replay that held the lease before us delivered it
+            raise NotFound(f"dead letter {letter.letter_id} went meanwhile: another replay delivered it, or it was "
+                           "discarded")
         if fresh.replay_started_at is not None and not force:
             began = f"{fresh.replay_started_at:%Y-%m-%d %H:%M:%S}"
             raise Refused(f"a replay of dead letter {letter.letter_id} began at {began} UTC and did not finish: it "
                           "may have reached its recipient. Discard the letter, or replay it with --force to send it "
                           "anyway")
+        send = _event_post(ctx, record, owner, fresh) if fresh.kind == DeadLetterKind.EVENT else \
+            _reply_send(ctx, record, owner, fresh)
         try:
             started = ctx.store.dead_letters.start_replay(fresh)
         except ConcurrencyConflict:
             raise Refused(f"dead letter {letter.letter_id} changed meanwhile: look at it again") from None
         try:
-            if fresh.kind == DeadLetterKind.EVENT:
-                _post_event(ctx, record, owner, fresh)
-            else:
-                _send_reply(ctx, record, owner, fresh)
+            send()
         except (ProviderRejected, ProviderUnavailable) as error:
             ctx.store.dead_letters.end_replay(started, parts_sent=max(error.parts_sent, fresh.parts_sent))
             how = "for good" if isinstance(error, ProviderRejected) else "now; try again later"
@@ -221,14 +223,20 @@ def _resend(ctx: RelayContext, letter: DeadLetter, *, force: bool) -> ReplayOutc
     return ReplayOutcome.DELIVERED
 
 
-def _send_reply(ctx: RelayContext, record: ConversationRecord, owner: str, letter: DeadLetter) -> None:
-    """Send the reply from its first part not yet taken; the question it asks is then the one the user answers."""
+def _reply_send(ctx: RelayContext, record: ConversationRecord, owner: str,
+                letter: DeadLetter) -> Callable[[], None]:
+    """Sends the reply from its first part not yet taken; the question it asks is then the one the user answers."""
     message, question = _reply_of(letter)
-    ctx.adapter(letter.key.channel).send(record.reply_context, message, first_part=letter.parts_sent)
-    if question is not None:
-        asked = question.to_json()
-        ctx.store.conversations.update_record(letter.key, lambda r: r and replace(r, pending_question=asked),
-                                              lease_owner=owner)
+    adapter = ctx.adapter(letter.key.channel)  # ChannelDisabled now, when the provider's settings are missing
+
+    def send() -> None:
+        adapter.send(record.reply_context, message, first_part=letter.parts_sent)
+        if question is not None:
+            asked = question.to_json()
+            ctx.store.conversations.update_record(letter.key, lambda r: r and replace(r, pending_question=asked),
+                                                  lease_owner=owner)
+
+    return send
 
 
 def _reply_of(letter: DeadLetter) -> tuple[OutboundMessage, PendingQuestion | None]:
@@ -244,8 +252,9 @@ def _reply_of(letter: DeadLetter) -> tuple[OutboundMessage, PendingQuestion | No
     raise Refused(f"dead letter {letter.letter_id} holds nothing the user can be sent")
 
 
-def _post_event(ctx: RelayContext, record: ConversationRecord, owner: str, letter: DeadLetter) -> None:
-    """POST the bot's event to RELAY_EVENT_WEBHOOK_URL again, with the transcript Direct Line still has (none when
+def _event_post(ctx: RelayContext, record: ConversationRecord, owner: str,
+                letter: DeadLetter) -> Callable[[], None]:
+    """POSTs the bot's event to RELAY_EVENT_WEBHOOK_URL again, with the transcript Direct Line still has (none when
     it cannot be read), under the webhook-id of the first attempt: the receiver can tell it is the same event."""
     from relay.conversations import ConversationWorker
 
@@ -255,14 +264,18 @@ def _post_event(ctx: RelayContext, record: ConversationRecord, owner: str, lette
     if not isinstance(activity, Mapping):
         raise Refused(f"dead letter {letter.letter_id} holds no event")
     activity_id = str(activity.get("id") or "")
-    transcript: list[dict] = []
-    if record.conversation_id:
-        worker = ConversationWorker(ctx, record, owner=owner, peek=None, patient=False)
-        with contextlib.suppress(DirectLineError):  # forgotten, or out of reach: the event goes without one
-            transcript = worker.delivery.transcript(activity_id)
-    ctx.events.send(event_payload(activity, conversation_id=record.conversation_id, channel=letter.key.channel,
-                                  user=letter.key.user, directline_user=record.user_id, transcript=transcript,
-                                  now=ctx.clock.now().isoformat()), activity_id=activity_id)
+
+    def post() -> None:
+        transcript: list[dict] = []
+        if record.conversation_id:
+            worker = ConversationWorker(ctx, record, owner=owner, peek=None, patient=False)
+            with contextlib.suppress(DirectLineError):  # forgotten, or out of reach: the event goes without one
+                transcript = worker.delivery.transcript(activity_id)
+        ctx.events.send(event_payload(activity, conversation_id=record.conversation_id, channel=letter.key.channel,
+                                      user=letter.key.user, directline_user=record.user_id, transcript=transcript,
+                                      now=ctx.clock.now().isoformat()), activity_id=activity_id)
+
+    return post
 
 
 def _recipient(letter: DeadLetter) -> str:

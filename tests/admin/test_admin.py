@@ -59,6 +59,19 @@ def test_a_reply_the_provider_refused_is_listed_replayed_once_it_recovers_and_de
     assert [letter for letter in admin.json("dead-letters", "list") if letter["user"] == key.user] == []
 
 
+def test_a_reply_replay_without_the_providers_settings_is_refused_and_sends_nothing(admin_relay):
+    relay, admin = admin_relay()
+    key = refused_reply(relay, new_user())
+    [letter] = relay.store.dead_letters.list_letters(key)
+    without_twilio = {name: value for name, value in admin.env.items() if not name.startswith("TWILIO_")}
+
+    refused = admin.run("dead-letters", "replay", letter.letter_id, env=without_twilio)
+
+    assert refused.returncode == 1 and "twilio" in refused.stderr and "Traceback" not in refused.stderr
+    assert admin.run("dead-letters", "replay", letter.letter_id).returncode == 0  # not taken for a half-done replay
+    assert relay.replies(key) == ["You said: hello"]
+
+
 def test_two_replays_of_one_reply_at_once_deliver_it_once(admin_relay):
     relay, _ = admin_relay()
     key = refused_reply(relay, new_user())
