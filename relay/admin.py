@@ -124,9 +124,17 @@ def _letters_show(tools: _Tools, args: argparse.Namespace) -> dict[str, Any]:
             "parts_sent": letter.parts_sent, "payload": dict(letter.payload)}
 
 
+_REPLAYED = {
+    operations.ReplayOutcome.QUEUED: "back in its outbox: the relay's next poll posts it to the bot",
+    operations.ReplayOutcome.ALREADY_QUEUED: "an earlier replay put it back in its outbox: it waits for the next poll",
+    operations.ReplayOutcome.ALREADY_POSTED: "an earlier replay put it back, and Direct Line took it",
+    operations.ReplayOutcome.DELIVERED: "delivered",
+}
+
+
 def _letters_replay(tools: _Tools, args: argparse.Namespace) -> dict[str, Any]:
     outcome = operations.replay_letter(tools.store, args.id, context=tools.context, force=args.force)
-    return {"id": args.id, "outcome": outcome.value}
+    return {"id": args.id, "outcome": outcome.value, "detail": _REPLAYED[outcome]}
 
 
 def _letters_discard(tools: _Tools, args: argparse.Namespace) -> dict[str, Any]:
@@ -158,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
                ".azurite/stack.settings.json, which `make run` writes while the local stack is up.\n"
                "`conversations end` needs the Direct Line settings too; replaying a reply the provider's, an\n"
                "event RELAY_EVENT_WEBHOOK_URL and _SECRET (Key Vault references are not resolved: export values).\n\n"
-               "Exit codes: 0 done, 1 not found, refused or failed, 2 usage.")
+               "Times are UTC. Exit codes: 0 done, 1 not found, refused or failed, 2 usage.")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
     parser.add_argument("--settings", type=Path, metavar="FILE",
                         help="a local.settings.json-style file whose Values are read first (the environment wins)")
