@@ -180,6 +180,33 @@ def test_an_event_the_endpoint_refused_is_posted_again_once_under_its_first_webh
     assert [m["text"] for m in replayed["data"]["transcript"]] == ["hello", "You said: hello"]
 
 
+def test_two_replays_of_one_user_message_at_once_queue_it_once(admin_relay):
+    relay, _ = admin_relay(max_activity_chars=1500)
+    key = relay.message("twilio", new_user(), LONG_TEXT)
+    relay.work(key)
+    [letter] = relay.store.dead_letters.list_letters(key)
+    relay.emulator.core.options = replace(relay.emulator.core.options, max_activity_chars=256 * 1024)
+    outcomes: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def replay() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(operations.replay_letter(relay.store, letter.letter_id, context=lambda: relay.ctx))
+        except operations.NotFound:  # the other one was done before this one read the letter
+            outcomes.append("not found")
+
+    threads = [threading.Thread(target=replay) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    relay.tick()
+
+    assert outcomes.count("queued") == 1 and len(outcomes) == 2
+    assert [a["text"] for a in relay.activities_at_bot(relay.record(key).conversation_id)] == [LONG_TEXT]
+
+
 def test_a_media_letter_is_refused_for_replay_with_the_reason(admin_relay):
     relay, admin = admin_relay()
     key = ConversationKey("twilio", new_user())
