@@ -1,6 +1,6 @@
 # The README's two commands: `make run` (the whole local stack; `make run BOT=copilot` with the
 # Copilot-like agent) and `make test`; `make admin ARGS="stats"` looks into the running local stack.
-# Both install what is missing first, so a fresh clone needs only Python 3.11 and Node 20.
+# Each installs what is missing first, so a fresh clone needs only Python 3.11 and Node 20.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
