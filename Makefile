@@ -1,6 +1,6 @@
 # The README's two commands: `make run` (the whole local stack; `make run BOT=copilot` with the
-# Copilot-like agent) and `make test`.
-# Both install what is missing first, so a fresh clone needs only Python 3.11 and Node 20.
+# Copilot-like agent) and `make test`; `make admin ARGS="stats"` looks into the running local stack.
+# Each installs what is missing first, so a fresh clone needs only Python 3.11 and Node 20.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -10,7 +10,7 @@ NODE_STAMP := node_modules/.installed
 CHECKOV := .tools/checkov
 CHECKOV_STAMP := $(CHECKOV)/.installed
 
-.PHONY: deps browser run test lint bench soak package clean
+.PHONY: deps browser run admin test lint bench soak package clean
 
 $(PY_STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ deps: $(PY_STAMP) $(NODE_STAMP)
 # BOT=copilot: the emulator's Copilot-like agent and the relay in token endpoint mode (no secret).
 run: deps
 	$(PY) -m devstack.run $(if $(BOT),--bot $(BOT))
+
+# The operator's command line on the stack `make run` runs (its settings: .azurite/stack.settings.json, written
+# while it is up): make admin ARGS="stats", ARGS="dead-letters list", ARGS="--json conversations list"...
+admin: deps
+	$(PY) -m relay.admin --settings .azurite/stack.settings.json $(ARGS)
 
 test: deps browser
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -11,6 +11,11 @@ BOT=copilot`) runs the emulator's Copilot-like bot instead and the relay in toke
 as in front of a Copilot Studio agent without web channel security: DIRECTLINE_TOKEN_ENDPOINT is the
 emulator's agent token endpoint, DIRECTLINE_SECRET and DIRECTLINE_ENDPOINT are emptied (no secret
 anywhere; the Direct Line host is discovered from regionalchannelsettings).
+
+While the stack is up, the settings its host runs with (the settings file's, with the ports and
+endpoints wired in) are in `<data dir>/stack.settings.json`, in the settings file's format, so that
+`make admin` (`python -m relay.admin --settings .azurite/stack.settings.json`) works on this stack's
+tables, bot and simulator; it is removed when the stack stops.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class Ports:
 
 
 DATA_DIR = ROOT / ".azurite"
+STACK_SETTINGS = "stack.settings.json"
+"""In the data dir while the stack is up: the host's settings, for `make admin`."""
 
 
 def ensure_local_settings(target: Path = ROOT / "local.settings.json") -> Path:
@@ -54,6 +61,12 @@ def ensure_local_settings(target: Path = ROOT / "local.settings.json") -> Path:
 
 def local_values(settings_file: Path) -> dict[str, str]:
     return {k: str(v) for k, v in json.loads(settings_file.read_text()).get("Values", {}).items()}
+
+
+def write_stack_settings(target: Path, host_env: dict[str, str]) -> None:
+    """The app settings of `host_env` in local.settings.json's format (dev-only values, like that file's)."""
+    values = {name: value for name, value in host_env.items() if name in SETTINGS}
+    target.write_text(json.dumps({"IsEncrypted": False, "Values": values}, indent=2))
 
 
 def busy(port: int, what: str) -> None:
@@ -155,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"starting {process.name} ...", flush=True)
             started.append(process.start())
             print(f"  {process.name:<16} {url}", flush=True)
-        print("local stack is up; Ctrl-C stops it", flush=True)
+        host = stack[-1][0]
+        write_stack_settings(args.data_dir / STACK_SETTINGS, host.env or {})
+        print("local stack is up; Ctrl-C stops it (make admin ARGS=\"stats\" looks into it)", flush=True)
         while not stopping.wait(1):
             dead = [p for p in started if p.returncode is not None]
             if dead:
@@ -164,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        (args.data_dir / STACK_SETTINGS).unlink(missing_ok=True)
         for process in reversed(started):
             process.stop()
         print("stopped", flush=True)

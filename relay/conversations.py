@@ -326,16 +326,21 @@ class ConversationWorker:
         last = self.record.last_activity_at
         if last is None or self.ctx.clock.now() - last < idle_limit:
             return False
+        self.end(why="The conversation was idle.")
+        return True
+
+    def end(self, *, why: str) -> None:
+        """End the conversation: the bot gets endOfConversation saying `why` (unless Direct Line forgot the
+        conversation), and the record is ENDED; the user's next message starts a new one."""
         if self.record.conversation_id:
             end = {"type": "endOfConversation", "from": {"id": self.record.user_id, "role": "user"},
-                   "code": "completedSuccessfully", "text": "The conversation was idle."}
+                   "code": "completedSuccessfully", "text": why}
             with contextlib.suppress(ConversationNotFound):
                 self.call(lambda token: self.ctx.directline.post_activity(
                     self.record.conversation_id, end, token=token))
-        log.info("ended idle %s conversation %s", self.key.channel, self.record.conversation_id)
+        log.info("ended %s conversation %s (%s)", self.key.channel, self.record.conversation_id, why)
         self.save(lambda r: replace(r, state=ConversationState.ENDED))
         self.result.ended = True
-        return True
 
     def wait(self, retry_after: float | None, attempts: int = 1) -> None:
         """Come back after the provider's or Direct Line's Retry-After, else after a growing backoff."""

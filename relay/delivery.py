@@ -206,7 +206,8 @@ class ReplyDelivery:
         except ProviderRejected as error:
             where = f" (part {error.parts_sent + 1} of {error.parts_total})" if error.parts_total > 1 else ""
             self.ctx.store.dead_letters.add_letter(self.worker.key, kind=DeadLetterKind.REPLY,
-                                                   reason=f"{error.reason}: {error}{where}", payload=payload)
+                                                   reason=f"{error.reason}: {error}{where}", payload=payload,
+                                                   parts_sent=error.parts_sent)
             self.worker.result.dead_letters += 1
             return False
         except ProviderUnavailable as error:
@@ -257,7 +258,7 @@ class ReplyDelivery:
         else:
             payload = event_payload(activity, conversation_id=record.conversation_id, channel=self.worker.key.channel,
                                     user=self.worker.key.user, directline_user=record.user_id,
-                                    transcript=self._transcript(activity_id), now=self.ctx.clock.now().isoformat())
+                                    transcript=self.transcript(activity_id), now=self.ctx.clock.now().isoformat())
             try:
                 events.send(payload, activity_id=activity_id)
             except ProviderRejected as error:
@@ -276,7 +277,7 @@ class ReplyDelivery:
             self._save_delivered(lambda r: r.with_delivered(activity_id))
         return True
 
-    def _transcript(self, until: str) -> list[dict]:
+    def transcript(self, until: str) -> list[dict]:
         """The conversation's last messages before activity `until`, read from Direct Line's activity set."""
         limit = self.ctx.events.transcript_messages
         if not limit:

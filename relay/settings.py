@@ -297,6 +297,11 @@ class StorageSettings:
     def uses_identity(self) -> bool:
         return not self.connection_string
 
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> StorageSettings:
+        """The storage settings alone (SettingsError names what is wrong), for a tool that needs nothing else."""
+        return _storage(_Environment(os.environ if environ is None else environ))
+
 
 @dataclass(frozen=True)
 class RelaySettings:

@@ -1,6 +1,10 @@
-"""`make run`'s launcher brings the stack up, serves health, and stops everything on Ctrl-C."""
+"""`make run`'s launcher brings the stack up, serves health, lets `make admin` look into it, and stops everything on
+Ctrl-C."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import requests
 
@@ -28,7 +32,9 @@ def test_launcher_serves_health_and_stops_everything(tmp_path):
         assert_emulator_answers_through_the_bot(f"http://127.0.0.1:{directline_port}/v3/directline",
                                                 settings["DIRECTLINE_SECRET"])
         assert_phone_gets_the_bots_answer(f"http://127.0.0.1:{simulator_port}")
+        assert_admin_sees_the_conversation(tmp_path / "data" / "stack.settings.json")
     assert launcher.process.returncode == 0
+    assert not (tmp_path / "data" / "stack.settings.json").exists()
     assert not port_open(host_port)
     assert not any(port_open(p) for p in ports)
     assert not port_open(directline_port) and not port_open(bot_port) and not port_open(simulator_port)
@@ -51,6 +57,16 @@ def assert_phone_gets_the_bots_answer(simulator_url: str) -> None:
         return "You said: hello from make run" in [r["text"] for r in replies]
 
     wait_until(answered, timeout=30, what="the bot's answer on the simulated phone")
+
+
+def assert_admin_sees_the_conversation(stack_settings: Path) -> None:
+    """What `make admin` does while the stack is up: the operator's command line on the stack's own settings."""
+    wait_until(stack_settings.exists, timeout=10, what="the stack's settings for make admin")
+    done = subprocess.run([sys.executable, "-m", "relay.admin", "--settings", str(stack_settings), "--json",
+                           "conversations", "list", "--channel", "twilio"], capture_output=True, text=True,
+                          timeout=60, env=subprocess_env())
+    assert done.returncode == 0, done.stderr
+    assert "+15550123456" in [c["user"] for c in json.loads(done.stdout)]
 
 
 def assert_emulator_answers_through_the_bot(base_url: str, secret: str) -> None:

@@ -148,6 +148,17 @@ class Conversations:
         entity = self._table.get(partition_of(self._tables, key), _ROW)
         return None if entity is None else _from_entity(key, entity)
 
+    def list_records(self, *, channel: str | None = None, limit: int = 100) -> list[ConversationRecord]:
+        """Up to `limit` records, of `channel` only when given, in no particular order: a scan of the table (one
+        request per 1000 records read), for an operator."""
+        query, parameters = ("channel eq @channel", {"channel": channel}) if channel else ("", {})
+        return [_from_entity(ConversationKey(e["channel"], e["user"]), e)
+                for e in self._table.query(query, parameters, limit=limit)]
+
+    def get_open_count(self) -> int:
+        """How many conversations are open (not ended): a scan of the table (one request per 1000 records)."""
+        return len(self._table.scan("state ne @ended", {"ended": ConversationState.ENDED.value}, select=["state"]))
+
     def update_record(
         self,
         key: ConversationKey,

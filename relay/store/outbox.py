@@ -131,6 +131,13 @@ class Outbox:
                                      limit=limit)
         return [_from_entity(key, e) for e in entities]
 
+    def get_backlog(self) -> tuple[int, datetime | None]:
+        """(messages waiting in every outbox, when the oldest of them arrived; None when none waits): a scan of
+        the table's outbox rows (one request per 1000 rows read), for an operator."""
+        rows = self._table.scan("RowKey ge @lo and RowKey lt @hi", {"lo": _OUTBOX, "hi": _OUTBOX[:-1] + "}"},
+                                select=["received_at"])
+        return len(rows), min((r["received_at"] for r in rows if r.get("received_at")), default=None)
+
     def mark_post_attempt(self, message: OutboxMessage) -> OutboxMessage:
         """Note that a post is starting (sets in_doubt). ConcurrencyConflict: someone else is working it."""
         return self._save(replace(message, attempts=message.attempts + 1, in_doubt=True))
@@ -151,6 +158,47 @@ class Outbox:
         self._dead_letters.add_letter(message.key, kind=DeadLetterKind.INBOUND, reason=reason, now=now,
                                       payload={"message_id": message.message_id, "activity": dict(message.activity)})
         self._finish(message, {"state": InboundState.DEAD, "reason": reason[:500]})
+
+    def requeue_message(self, key: ConversationKey, message_id: str, activity: Mapping[str, Any], *,
+                        now: datetime | None = None) -> InboundState:
+        """Put a message Direct Line refused (DEAD) back in the outbox, as it was: its activity (its clientActivityID
+        too) in its first outbox row, and its dedupe row PENDING again, in one transaction under that row's ETag.
+
+        It goes back in doubt: the poster looks for its clientActivityID at Direct Line before posting it, so
+        an earlier attempt that reached the bot after all is never doubled. Returns the state found: DEAD when
+        it was queued now, PENDING or POSTED when it was already (a replay ran before; nothing written). A
+        dedupe row the sweep removed is written again. The caller marks the conversation due first
+        (DuePolls.mark_inbound), as a webhook does."""
+        now = now or self._clock.now()
+        pk = partition_of(self._tables, key)
+        dedupe_key = _DEDUPE + self._tables.key_for("message", message_id)
+        for _ in range(2):
+            existing = self._table.get(pk, dedupe_key)
+            state = InboundState(existing.get("state", InboundState.PENDING)) if existing else InboundState.DEAD
+            if state != InboundState.DEAD:
+                return state
+            outbox_row = (existing.get("outbox_row") if existing else None) or \
+                f"{_OUTBOX}{millis(now):015d}|{self._tables.key_for('message', message_id)}"
+            dedupe: dict[str, Any] = {"PartitionKey": pk, "RowKey": dedupe_key, "message_id": message_id,
+                                      "state": InboundState.PENDING, "received_at": now, "outbox_row": outbox_row}
+            outbox = {"PartitionKey": pk, "RowKey": outbox_row, "message_id": message_id, "received_at": now,
+                      "attempts": 0, "in_doubt": True, "channel": key.channel, "user": key.user}
+            put_json(outbox, "activity", activity)
+            put_json(outbox, "reply_context", {})
+            write_dedupe: tuple = ("create", dedupe) if existing is None else \
+                ("update", {**dedupe, "received_at": existing.get("received_at") or now},
+                 {"mode": UpdateMode.REPLACE, "etag": existing.metadata["etag"],
+                  "match_condition": MatchConditions.IfNotModified})
+            with storage_errors("queue an inbound message again"):
+                try:
+                    self._table.client.submit_transaction([write_dedupe, ("create", outbox)])
+                except TableTransactionError as error:
+                    if transaction_error_code(error) not in ("EntityAlreadyExists", "UpdateConditionNotSatisfied",
+                                                             "ResourceNotFound"):
+                        raise  # storage_errors translates it
+                    continue  # another replay got there first: its state is read again
+            return InboundState.DEAD
+        raise ConcurrencyConflict("the inbound message kept changing while it was queued again")
 
     def delete_old_dedupe(self, *, received_before: datetime, budget: Budget) -> int:
         """Forget the handled messages received before `received_before` (a scan for the sweep, paged while

@@ -254,6 +254,14 @@ class WebChatSessions:
                 return False
         return True
 
+    def get_live_count(self, *, now: datetime | None = None) -> int:
+        """How many sessions can still be resumed (neither expired nor revoked): a scan of the table's session rows
+        (one request per 1000 rows), for an operator."""
+        now = now or self._clock.now()
+        rows = self._table.scan("RowKey eq @row and expires_at gt @now", {"row": _ROW, "now": now},
+                                select=["revoked"])
+        return sum(1 for row in rows if not row.get("revoked"))
+
     def revoke_session(self, conversation_id: str, *, now: datetime | None = None) -> None:
         """Mark the session revoked and forget its held token (a no-op when there is none): its page must start a
         new conversation."""
