@@ -16,6 +16,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from relay import telemetry
 from relay.clock import Clock
 from relay.store.conversations import ConversationKey, partition_of
 from relay.store.tables import Budget, Tables, get_json, millis, put_json
@@ -56,13 +57,14 @@ class DeadLetters:
 
     def add_letter(self, key: ConversationKey, *, kind: DeadLetterKind, reason: str, payload: Mapping[str, Any],
                    now: datetime | None = None) -> DeadLetter:
-        """Store a dead letter (the reason cut to 2000 characters) and log that there is one."""
+        """Store a dead letter (the reason cut to 2000 characters), log that there is one and count it."""
         now = now or self._clock.now()
         row = f"{millis(now):015d}|{secrets.token_hex(6)}"
         entity = {"PartitionKey": partition_of(self._tables, key), "RowKey": row, "kind": kind, "reason": reason[:2000],
                   "created_at": now, "channel": key.channel, "user": key.user}
         put_json(entity, "payload", payload)
         self._table.create(entity)
+        telemetry.count(telemetry.DEAD_LETTERS, channel=key.channel, kind=kind)
         log.warning("dead letter (%s) for a %s conversation: %s", kind, key.channel, reason[:200])
         return DeadLetter(key, kind, reason, dict(payload), now, row_key=row)
 
