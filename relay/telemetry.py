@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -213,11 +214,13 @@ def use(*, meter_provider: MeterProvider | None = None, tracer_provider: TracerP
 
 
 def configure_from_settings(load_settings: Callable[[], TelemetrySettings] = TelemetrySettings.from_environ) -> bool:
-    """Send the relay's metrics, spans and log lines to Application Insights when APPLICATIONINSIGHTS_CONNECTION_STRING
-    is set, with the managed identity APPLICATIONINSIGHTS_AUTHENTICATION_STRING names; True when it does.
+    """Send the relay's metrics and spans to Application Insights when APPLICATIONINSIGHTS_CONNECTION_STRING is set,
+    with the managed identity APPLICATIONINSIGHTS_AUTHENTICATION_STRING names; True when it does.
 
-    Telemetry never takes the app down: a malformed setting or a failing distro is logged and the relay runs
-    without it. Without a connection string nothing of OpenTelemetry or the distro is imported."""
+    Log lines are left to the Functions host, which sends the worker's already: the distro sending them too
+    would bill each line twice (OTEL_LOGS_EXPORTER=none for this process unless set otherwise). Telemetry never
+    takes the app down: a malformed setting or a failing distro is logged and the relay runs without it. Without
+    a connection string nothing of OpenTelemetry or the distro is imported."""
     from relay.errors import SettingsError
 
     try:
@@ -227,13 +230,13 @@ def configure_from_settings(load_settings: Callable[[], TelemetrySettings] = Tel
         return False
     if not settings.connection_string:
         return False
+    os.environ.setdefault("OTEL_LOGS_EXPORTER", "none")  # the distro reads no argument for it
     try:
         import azure.monitor.opentelemetry as distro
 
         distro.configure_azure_monitor(
             connection_string=settings.connection_string,
             credential=_credential(settings),
-            logger_name="relay",
             instrumentation_options={name: {"enabled": False} for name in OFF_INSTRUMENTATIONS},
             enable_live_metrics=False,
             enable_performance_counters=False,

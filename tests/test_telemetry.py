@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -46,9 +47,14 @@ def distro(monkeypatch) -> Iterator[list[dict[str, Any]]]:
     import azure.monitor.opentelemetry
 
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(azure.monitor.opentelemetry, "configure_azure_monitor", lambda **options: calls.append(options))
+    monkeypatch.setattr(azure.monitor.opentelemetry, "configure_azure_monitor",
+                        lambda **options: calls.append({**options, "logs": os.environ.get("OTEL_LOGS_EXPORTER")}))
+    logs_exporter = os.environ.pop("OTEL_LOGS_EXPORTER", None)
     yield calls
     telemetry.use()
+    os.environ.pop("OTEL_LOGS_EXPORTER", None)
+    if logs_exporter is not None:
+        os.environ["OTEL_LOGS_EXPORTER"] = logs_exporter
 
 
 def test_a_connection_string_configures_the_distro_with_the_managed_identity_and_no_auto_instrumentation(distro):
@@ -64,7 +70,7 @@ def test_a_connection_string_configures_the_distro_with_the_managed_identity_and
     assert {name for name, option in instrumentations.items() if not option["enabled"]} >= {
         "requests", "urllib", "urllib3", "azure_sdk", "httpx"}
     assert all(not option["enabled"] for option in instrumentations.values())
-    assert options["logger_name"] == "relay"
+    assert options["logs"] == "none"  # the host sends the worker's log lines already
     assert telemetry.carry_context(len) is not len  # the facade records now, to the providers the distro set
 
 
