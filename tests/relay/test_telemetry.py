@@ -30,6 +30,7 @@ from relay.poller import poll_tick
 from relay.settings import SETTINGS
 from relay.store import RelayStore
 from relay.store.conversations import ConversationKey
+from relay.tokens import PAGE_TOKEN_REFRESH_AT, Caller, TokenServer
 from tests.conftest import DIRECTLINE_TEST_SECRET
 from tests.relay.conftest import RELAY_URL, InProcessRelay
 
@@ -239,3 +240,14 @@ def test_a_conversations_token_refresh_is_counted(inprocess_relay, recorded):
     relay.work(key)
     assert recorded.total(telemetry.TOKENS_REFRESHED, kind="conversation", outcome="refreshed") == 1
     assert_nothing_personal_or_secret(recorded, relay, key)
+
+
+def test_the_timers_refresh_of_a_web_chat_sessions_token_is_counted(inprocess_relay, recorded):
+    relay = inprocess_relay()
+    tokens = TokenServer(relay.ctx.settings, client=relay.ctx.directline, store=relay.store, clock=relay.time)
+    grant = tokens.issue_token(Caller())
+    relay.time.advance(grant["expires_in"] * PAGE_TOKEN_REFRESH_AT[1] + 1)  # the page is gone: the timer refreshes
+    relay.tick()
+    assert recorded.total(telemetry.TOKENS_REFRESHED, kind="session", outcome="refreshed") == 1
+    assert recorded.total(telemetry.TOKENS_REFRESHED, kind="session", outcome="failed") == 0
+    assert not [v for v in recorded.attribute_values() if grant["token"] in v or grant["conversationId"] in v]
