@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from relay.errors import SettingsError
 from relay.settings import TelemetrySettings
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.metrics import Meter, MeterProvider
     from opentelemetry.trace import Span as OtelSpan
     from opentelemetry.trace import Tracer, TracerProvider
 
@@ -91,8 +92,8 @@ SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 """Histogram buckets in seconds (Application Insights keeps only sum, count, min and max; an OTLP backend more)."""
 
 TAG_LENGTH = 12
-OFF_INSTRUMENTATIONS = ("azure_sdk", "django", "fastapi", "flask", "httpx", "psycopg2", "requests", "urllib",
-                        "urllib3")
+OFF_INSTRUMENTATIONS = ("azure_sdk", "django", "fastapi", "flask", "httpx", "httpx2", "psycopg2", "requests",
+                        "urllib", "urllib3")
 """The distro's automatic instrumentations, all off: URLs carry conversation ids and tokens' owners, and one
 dependency record per storage call every 5 s is ingestion paid for nothing."""
 
@@ -116,7 +117,7 @@ _NO_SPAN = Span()
 class _Bound:
     """The meter's instruments (made on first use) and the tracer the facade records to."""
 
-    meter: Any
+    meter: Meter
     tracer: Tracer
     instruments: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -221,8 +222,6 @@ def configure_from_settings(load_settings: Callable[[], TelemetrySettings] = Tel
     would bill each line twice (OTEL_LOGS_EXPORTER=none for this process unless set otherwise). Telemetry never
     takes the app down: a malformed setting or a failing distro is logged and the relay runs without it. Without
     a connection string nothing of OpenTelemetry or the distro is imported."""
-    from relay.errors import SettingsError
-
     try:
         settings = load_settings()
     except SettingsError as error:
