@@ -17,9 +17,11 @@ from relay.http import (
 )
 from relay.inbound import handle_webhook
 from relay.poller import poll_tick, sweep
+from relay.telemetry import configure_from_settings
 
 # The Azure SDK logs every storage request at INFO; keep the app's log about the relay.
 logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
+configure_from_settings()  # Application Insights when APPLICATIONINSIGHTS_CONNECTION_STRING is set; else nothing
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 

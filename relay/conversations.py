@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from relay import telemetry
 from relay.channels import get_adapter
 from relay.channels.base import ChannelAdapter
 from relay.clock import SYSTEM_CLOCK, Clock
@@ -161,6 +162,11 @@ class ConversationWorker:
     def key(self) -> ConversationKey:
         return self.record.key
 
+    @functools.cached_property
+    def tag(self) -> str:
+        """The conversation's name in telemetry (telemetry.conversation_tag)."""
+        return telemetry.conversation_tag(self.ctx.store, self.key)
+
     # ------------------------------------------------------------------------------------ storage
     def save(self, change: Callable[[ConversationRecord], ConversationRecord]) -> None:
         """Apply `change` to the freshest record under our lease (re-applied after an ETag conflict).
@@ -259,14 +265,17 @@ class ConversationWorker:
         try:
             refreshed = self.ctx.directline.refresh_token(token=record.token)
         except (TokenExpired, AuthenticationFailed) as error:
+            telemetry.count(telemetry.TOKENS_REFRESHED, kind="conversation", outcome="failed")
             self._let_token_go(f"could not be refreshed ({error.upstream_code})")
             return None
         except DirectLineError as error:
+            telemetry.count(telemetry.TOKENS_REFRESHED, kind="conversation", outcome="failed")
             log.info("could not refresh the token of Direct Line conversation %s now (%s); trying again later",
                      record.conversation_id, error)
             self.wait(getattr(error, "retry_after", None), attempts=2)
             self._refresh_deferred = True
             return record.token
+        telemetry.count(telemetry.TOKENS_REFRESHED, kind="conversation", outcome="refreshed")
         self.save(self._with_token(refreshed))
         return self.record.token
 
@@ -360,6 +369,9 @@ class ConversationWorker:
         ceiling = self.ctx.settings.relay.poll_ceiling_seconds
         if self.posting.waiting and self._retry_at is None:
             self.wait(RETRY_WAITING_AFTER)
+        oldest = self.posting.oldest_waiting
+        if self.posting.waiting and oldest is not None:
+            telemetry.record(telemetry.OUTBOX_AGE, (now - oldest).total_seconds(), channel=self.key.channel)
         started_at, retry_at, delivered = self.started_at, self._retry_at, self.result.delivered
         settled, claimed, ours = self.settled, self.claimed, self.record.etag
 

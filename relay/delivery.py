@@ -26,10 +26,11 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
+from relay import telemetry
 from relay.activities import is_interim
 from relay.cards import PendingQuestion, next_prompt, render_activity
 from relay.channels.base import OutboundMessage
@@ -185,9 +186,12 @@ class ReplyDelivery:
         if rendering is None:
             return True  # typing, events and empty messages have nothing for the channel
         message = replace(rendering.message, idempotency_key=activity_id)
-        sent = self._send(message, activity_id, payload={"activity": activity})
+        with telemetry.span("relay.deliver", channel=self.worker.key.channel, conversation=self.worker.tag):
+            sent = self._send(message, activity_id, payload={"activity": activity})
         if sent is None:
             return False
+        if sent:
+            self._record_latency(activity)
         # The question it asked is remembered (a new one replaces the last) once it reached the user.
         asked = rendering.question.to_json() if sent and rendering.question else None
         self._save_delivered(lambda r: replace(_with_parts_done(r, activity_id, 0).with_delivered(activity_id),
@@ -208,6 +212,7 @@ class ReplyDelivery:
             self.ctx.store.dead_letters.add_letter(self.worker.key, kind=DeadLetterKind.REPLY,
                                                    reason=f"{error.reason}: {error}{where}", payload=payload,
                                                    parts_sent=error.parts_sent)
+            telemetry.count(telemetry.REPLIES_DELIVERED, channel=self.worker.key.channel, outcome="dead_letter")
             self.worker.result.dead_letters += 1
             return False
         except ProviderUnavailable as error:
@@ -217,12 +222,26 @@ class ReplyDelivery:
                 # The parts the provider took stay sent: the retry resumes at the first one it did not.
                 parts_sent = error.parts_sent
                 self._save_delivered(lambda r: _with_parts_done(r, activity_id, parts_sent))
+            telemetry.count(telemetry.REPLIES_DELIVERED, channel=self.worker.key.channel, outcome="retry")
             self.worker.wait(error.retry_after)
             return None
+        telemetry.count(telemetry.REPLIES_DELIVERED, channel=self.worker.key.channel, outcome="delivered")
         self.worker.result.delivered += 1
         log.info("delivered %s to %s in %.0f ms", activity_id, self.worker.key.channel,
                  (self.ctx.clock.monotonic() - started) * 1000)
         return True
+
+    def _record_latency(self, activity: dict) -> None:
+        """The reply's latency: from the bot activity's timestamp (Direct Line's, when the bot sent it) to now,
+        the provider having just taken it (0 when Direct Line's clock is ahead of ours). Nothing for an activity
+        without a readable timestamp."""
+        try:
+            sent_at = datetime.fromisoformat(str(activity.get("timestamp") or ""))
+        except ValueError:
+            return
+        if sent_at.tzinfo is not None:
+            telemetry.record(telemetry.REPLY_LATENCY, max(0.0, (self.ctx.clock.now() - sent_at).total_seconds()),
+                             channel=self.worker.key.channel)
 
     def _ask_pending(self) -> bool:
         """Send the pending question's next prompt when one is due (the user answered a card's earlier input, or

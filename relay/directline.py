@@ -36,6 +36,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+from relay import telemetry
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.errors import (
     AgentEndpointRefused,
@@ -75,6 +76,12 @@ AGENT_API_VERSION = "2022-03-01-preview"
 """The api-version asked of regionalchannelsettings when the token endpoint's URL names none."""
 DEFAULT_TOKEN_SECONDS = 1800
 """A token's lifetime when Direct Line's answer does not say (`expires_in`): its documented default."""
+OPERATION_NAMES = {
+    "tokens/generate": "generate", "agent token": "token_endpoint", "tokens/refresh": "refresh",
+    "conversations/start": "start", "conversations/reconnect": "reconnect", "activities/get": "get",
+    "activities/post": "post", "upload": "upload", "regionalchannelsettings": "discover",
+}
+"""Each call's name in telemetry (relay.directline.errors, dimension `operation`)."""
 TOKEN_REFRESH_SHARE = (0.45, 0.55)
 """A token wants refreshing once this share of its lifetime has passed, drawn per token (jitter): about half
 its life, for every token the relay keeps alive."""
@@ -371,6 +378,8 @@ class DirectLineClient:
         log.debug("Direct Line %s: %s in %.0f ms", operation, response.status_code,
                   (self._clock.monotonic() - started) * 1000)
         if response.status_code >= 300:
+            telemetry.count(telemetry.DIRECTLINE_ERRORS, operation=OPERATION_NAMES[operation],
+                            status=str(response.status_code))
             error = _status_error(operation, response, idempotent, secrets=(auth or "", self._settings.secret),
                                   retry_after_cap=self._retry.max_retry_after, now=self._clock.now())
             if agent_route and not isinstance(error, Throttled | TransientError):
@@ -501,6 +510,7 @@ def _connection_errors(operation: str, idempotent: bool) -> Iterator[None]:
     try:
         yield
     except requests.RequestException as exc:
+        telemetry.count(telemetry.DIRECTLINE_ERRORS, operation=OPERATION_NAMES[operation], status="network")
         never_sent = isinstance(exc, requests.ConnectTimeout) or _refused(exc)
         what = "timed out" if isinstance(exc, requests.Timeout) else "lost its connection"
         raise TransientError(f"Direct Line {operation} {what} ({type(exc).__name__})",

@@ -21,10 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import TypeVar
 
+from relay import telemetry
 from relay.activities import build_inbound_activity, directline_user_id
+from relay.channels import ADAPTERS
 from relay.channels.base import ChannelAdapter, InboundMessage, WebhookAnswer, WebhookRequest
 from relay.conversations import RelayContext, new_owner, work_conversation
 from relay.errors import BadPayload, MethodNotAllowed, RelayError
+from relay.http import error_answer
 from relay.store.conversations import ConversationKey
 from relay.store.due_polls import InboundMark
 from relay.store.outbox import InboundState
@@ -42,11 +45,30 @@ T = TypeVar("T")
 
 
 def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> WebhookAnswer:
-    """Verify, store and relay a provider's webhook; the answer the provider gets back."""
+    """Verify, store and relay a provider's webhook; the answer the provider gets back (counted in telemetry:
+    accepted, duplicate, handshake; refused for a 4xx, failed for a 5xx)."""
+    channel_name = channel if channel in ADAPTERS else "other"  # the route is anyone's to call: no free text
+    with telemetry.span("relay.webhook", channel=channel_name) as span:
+        try:
+            answer, outcome = _handle_webhook(ctx, channel, request)
+        except Exception as error:
+            status = error_answer(error)[0] if isinstance(error, RelayError) else 500
+            _answered(span, channel_name, "refused" if status < 500 else "failed", status)
+            raise
+        _answered(span, channel_name, outcome, answer.status)
+        return answer
+
+
+def _answered(span: telemetry.Span, channel: str, outcome: str, status: int) -> None:
+    span.set(outcome=outcome, status=status)
+    telemetry.count(telemetry.WEBHOOKS, channel=channel, outcome=outcome, status=str(status))
+
+
+def _handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> tuple[WebhookAnswer, str]:
     adapter = ctx.adapter(channel)
     handshake = adapter.handshake(request)
     if handshake is not None:
-        return handshake
+        return handshake, "handshake"
     if request.method != "POST":
         raise MethodNotAllowed(f"{request.method} is not accepted here: providers POST their webhooks")
     adapter.verify(request)
@@ -58,7 +80,7 @@ def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> 
     relay_all(ctx, to_work, burst_until=ctx.clock.now() + timedelta(seconds=burst), poll=burst > 0)
     log.info("webhook %s: %d message(s) of %d user(s) new, stored in %.0f ms, relayed in %.0f ms", channel,
              len(messages), len(to_work), (stored - started) * 1000, (ctx.clock.monotonic() - stored) * 1000)
-    return adapter.acknowledgement()
+    return adapter.acknowledgement(), "duplicate" if messages and not to_work else "accepted"
 
 
 def parse_messages(adapter: ChannelAdapter, channel: str, request: WebhookRequest) -> list[InboundMessage]:
@@ -145,7 +167,7 @@ def _side_by_side(work: Callable[[ConversationKey], T], keys: list[ConversationK
     if len(keys) <= 1:
         return [work(key) for key in keys]
     with ThreadPoolExecutor(max_workers=min(len(keys), BURST_WORKERS), thread_name_prefix="burst") as pool:
-        return list(pool.map(work, keys))
+        return list(pool.map(telemetry.carry_context(work), keys))
 
 
 def relay_now(ctx: RelayContext, key: ConversationKey, marks: list[InboundMark], *, burst_until: datetime,

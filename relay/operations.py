@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from relay import telemetry
 from relay.cards import PendingQuestion, next_prompt, render_activity
 from relay.errors import ConcurrencyConflict, DirectLineError, ProviderRejected, ProviderUnavailable, RelayError
 from relay.events import event_payload
@@ -102,9 +103,9 @@ def conversation_view(store: RelayStore, key: ConversationKey) -> dict[str, Any]
     record = store.conversations.get_record(key)
     if record is None:
         raise NotFound(f"no {key.channel} conversation with user {key.user}")
-    # TODO(lead): add "telemetry_tag": relay.telemetry.conversation_tag(store, key) once relay/telemetry.py is merged.
     return {
-        "channel": key.channel, "user": key.user, "state": record.state.value,
+        "channel": key.channel, "user": key.user, "telemetry_tag": telemetry.conversation_tag(store, key),
+        "state": record.state.value,
         "conversation_id": record.conversation_id, "directline_user_id": record.user_id,
         "token_expires_at": record.token_expires_at if record.token else None,
         "token_refresh_at": record.token_refresh_at if record.token else None,

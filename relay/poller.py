@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from relay import telemetry
 from relay.activities import directline_user_id
 from relay.conversations import Peek, RelayContext, WorkResult, new_owner, next_idle_poll, work_conversation
 from relay.errors import DirectLineError
@@ -61,7 +62,24 @@ class TickResult:
 
 
 def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, workers: int = WORKERS) -> TickResult:
-    started = ctx.clock.monotonic()
+    """Work every due conversation (up to `limit`, `workers` at a time) and refresh the due session tokens; one
+    conversation's trouble never stops the others. Counted in telemetry, a tick that raised as failed."""
+    started, outcome = ctx.clock.monotonic(), "failed"
+    try:
+        with telemetry.span("relay.poll") as span:
+            result = _tick(ctx, started, limit=limit, workers=workers)
+            span.set(due=result.due, worked=result.worked, quiet=result.quiet, failed=result.failed)
+        telemetry.count(telemetry.POLL_CONVERSATIONS, result.worked - result.failed, outcome="worked")
+        telemetry.count(telemetry.POLL_CONVERSATIONS, result.quiet, outcome="quiet")
+        telemetry.count(telemetry.POLL_CONVERSATIONS, result.failed, outcome="failed")
+        outcome = "ok"
+        return result
+    finally:
+        telemetry.record(telemetry.POLL_DURATION, ctx.clock.monotonic() - started, outcome=outcome)
+        telemetry.count(telemetry.POLL_TICKS, outcome=outcome)
+
+
+def _tick(ctx: RelayContext, started: float, *, limit: int, workers: int) -> TickResult:
     tick = new_owner("poller")
     now = ctx.clock.now()
     due = ctx.store.due_polls.list_due(now=now, limit=limit)
@@ -86,14 +104,16 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
                                                        now=ctx.clock.now())
             if record is None:
                 return None  # not due after all, or another poller holds it
-            return work_conversation(ctx, record, owner=owner, peek=peek, inbound=item.inbound)
+            with telemetry.span("relay.conversation", channel=item.key.channel,
+                                conversation=telemetry.conversation_tag(ctx.store, item.key)):
+                return work_conversation(ctx, record, owner=owner, peek=peek, inbound=item.inbound)
         except Exception as error:  # one conversation's trouble never stops the others
             log.exception("poller: a %s conversation failed", item.key.channel)
             return WorkResult(error=type(error).__name__)
 
     if due:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(due))), thread_name_prefix="poll") as pool:
-            results = [r for r in pool.map(work, due) if r is not None]
+            results = [r for r in pool.map(telemetry.carry_context(work), due) if r is not None]
     else:
         results = []
     if quiet:

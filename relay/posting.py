@@ -30,9 +30,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from relay import telemetry
 from relay.activities import take_pending_media, with_unavailable_media
 from relay.cards import PendingQuestion, answer
 from relay.channels.base import Media
@@ -98,6 +99,14 @@ class OutboxPoster:
         self.seen: set[str] = set()  # provider message ids read from the outbox by this worker
         self.waiting = False  # messages read from the outbox wait to be posted
         self._page: list[OutboxMessage] | None = None
+        self._in_hand: OutboxMessage | None = None  # the message being posted (the oldest that waits)
+
+    @property
+    def oldest_waiting(self) -> datetime | None:
+        """When the oldest message read from the outbox and not yet posted was received (None: none is known)."""
+        if self._in_hand is not None:
+            return self._in_hand.received_at
+        return self._page[0].received_at if self._page else None
 
     def take_arrivals(self) -> None:
         """Read the first page of the outbox and bring the record up to date with it (before anything else)."""
@@ -151,6 +160,7 @@ class OutboxPoster:
 
     def _post_page(self, page: list[OutboxMessage]) -> bool:
         for message in page:
+            self._in_hand = message
             if not self.worker.record.conversation_id:
                 self.worker.start_directline(locale=message.activity.get("locale"))
             asked = self.worker.record.pending_question
@@ -167,7 +177,7 @@ class OutboxPoster:
                 if found is not None:
                     self._remember(asked, answered.question)
                     self.ctx.store.outbox.complete_message(message, activity_id=found.get("id"))
-                    self.worker.result.posted += 1
+                    self._posted(message)
                     continue
             try:
                 message = self.ctx.store.outbox.mark_post_attempt(message)
@@ -178,28 +188,40 @@ class OutboxPoster:
             except ProviderUnavailable as error:
                 # Nothing was posted: the download is tried again later, as a post is after a Direct Line outage.
                 self.ctx.store.outbox.release_message(message, error=f"media: {error}", in_doubt=False)
+                telemetry.count(telemetry.MESSAGES_POSTED, channel=self.worker.key.channel, outcome="retry")
                 self.worker.wait(error.retry_after, attempts=message.attempts)
                 log.info("a %s message waits in the outbox for its media (%s, attempt %d)", self.worker.key.channel,
                          error.reason, message.attempts)
                 return False
             try:
-                activity_id = self._post(activity, files)
+                with telemetry.span("relay.post", channel=self.worker.key.channel, conversation=self.worker.tag):
+                    activity_id = self._post(activity, files)
             except BadRequest as error:
                 self.ctx.store.outbox.dead_letter_message(message, reason=f"Direct Line refused the message: {error}")
+                telemetry.count(telemetry.MESSAGES_POSTED, channel=self.worker.key.channel, outcome="dead_letter")
                 self.worker.result.dead_letters += 1
                 continue
             except DirectLineError as error:
                 self.ctx.store.outbox.release_message(message, error=str(error), in_doubt=error.ambiguous)
+                telemetry.count(telemetry.MESSAGES_POSTED, channel=self.worker.key.channel, outcome="retry")
                 self.worker.wait(getattr(error, "retry_after", None), attempts=message.attempts)
                 log.info("a %s message waits in the outbox (%s, attempt %d)", self.worker.key.channel,
                          error, message.attempts)
                 return False
             self._remember(asked, answered.question)
             self.ctx.store.outbox.complete_message(message, activity_id=activity_id)
-            self.worker.result.posted += 1
+            self._posted(message)
             if missing:
                 self._dead_letter_media(message, missing)
+        self._in_hand = None
         return True
+
+    def _posted(self, message: OutboxMessage) -> None:
+        """Count a message Direct Line took, and how long it waited in the outbox."""
+        self.worker.result.posted += 1
+        telemetry.count(telemetry.MESSAGES_POSTED, channel=self.worker.key.channel, outcome="posted")
+        telemetry.record(telemetry.OUTBOX_AGE, (self.ctx.clock.now() - message.received_at).total_seconds(),
+                         channel=self.worker.key.channel)
 
     def _remember(self, asked: Mapping[str, Any] | None, question: PendingQuestion | None) -> None:
         """Store what is left of the question `asked` once a user message answered it (or went past it)."""

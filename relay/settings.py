@@ -29,6 +29,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "StorageSettings",
+    "TelemetrySettings",
     "WebChatSettings",
     "get_settings",
 ]
@@ -184,6 +185,13 @@ SETTINGS: dict[str, Setting] = _catalogue(
             group="generic"),
     Setting("GENERIC_CALLBACK_SECRET", "Secret signing the replies (defaults to the webhook secret).",
             default="", secret=True, group="generic"),
+    # Telemetry
+    Setting("APPLICATIONINSIGHTS_CONNECTION_STRING", "Application Insights connection string: the relay's metrics, "
+            "spans and log lines go there (relay/telemetry.py), and the Functions host's telemetry too. Empty: no "
+            "telemetry, and nothing of OpenTelemetry is imported.", default="", group="telemetry"),
+    Setting("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "'ClientId=<client id>;Authorization=AAD' (a user-assigned "
+            "identity) or 'Authorization=AAD' (the system-assigned one): telemetry is sent with that managed "
+            "identity (Entra ID) instead of the connection string's key.", default="", group="telemetry"),
 )
 
 KEY_VAULT_REFERENCE_PREFIX = "@Microsoft.KeyVault("
@@ -333,6 +341,21 @@ class WebChatSettings:
 
 
 @dataclass(frozen=True)
+class TelemetrySettings:
+    """Where telemetry goes (`connection_string`, empty: nowhere) and whether it is sent with a managed identity
+    (`entra_id`; `client_id` names a user-assigned one, empty: the system-assigned one)."""
+
+    connection_string: str = field(default="", repr=False)
+    entra_id: bool = False
+    client_id: str = ""
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> TelemetrySettings:
+        """The telemetry settings alone: read at import (function_app.py), before anything else is needed."""
+        return _telemetry(_Environment(os.environ if environ is None else environ))
+
+
+@dataclass(frozen=True)
 class Settings:
     directline: DirectLineSettings
     storage: StorageSettings
@@ -340,6 +363,7 @@ class Settings:
     webchat: WebChatSettings
     channels: dict[str, dict[str, str]] = field(repr=False)
     """Raw values of each enabled channel provider, keyed by channel name; the adapters validate them."""
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -350,6 +374,7 @@ class Settings:
             relay=_relay(env),
             webchat=_webchat(env),
             channels=_channels(env),
+            telemetry=_telemetry(env),
         )
 
 
@@ -509,6 +534,25 @@ def _session_hours(env: _Environment) -> float:
         raise SettingsError(f"WEBCHAT_SESSION_HOURS must be more than 0 and at most {MAX_SESSION_HOURS} "
                             "(Direct Line forgets an idle conversation after about 15 days)")
     return hours
+
+
+def _telemetry(env: _Environment) -> TelemetrySettings:
+    """The connection string (its instrumentation key checked for, never shown) and the authentication string's
+    two accepted forms, keys in any order and case, as the exporter and the host read it."""
+    connection_string = env.text("APPLICATIONINSIGHTS_CONNECTION_STRING")
+    if connection_string and "instrumentationkey=" not in connection_string.lower():
+        raise SettingsError("APPLICATIONINSIGHTS_CONNECTION_STRING must be an Application Insights connection string "
+                            "(InstrumentationKey=...;IngestionEndpoint=...)")
+    raw = env.text("APPLICATIONINSIGHTS_AUTHENTICATION_STRING")
+    if not raw:
+        return TelemetrySettings(connection_string=connection_string)
+    pairs = [part.partition("=") for part in raw.split(";") if part.strip()]
+    fields = {name.strip().lower(): value.strip() for name, _, value in pairs}
+    if any(not sep or not value.strip() for _, sep, value in pairs) or len(fields) != len(pairs) \
+            or fields.get("authorization") != "AAD" or not set(fields) <= {"authorization", "clientid"}:
+        raise SettingsError("APPLICATIONINSIGHTS_AUTHENTICATION_STRING must be 'ClientId=<client id of the "
+                            "user-assigned identity>;Authorization=AAD' or 'Authorization=AAD'")
+    return TelemetrySettings(connection_string=connection_string, entra_id=True, client_id=fields.get("clientid", ""))
 
 
 # The setting whose presence turns each channel provider on.

@@ -71,6 +71,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from relay import telemetry
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.directline import (
     TOKEN_REFRESH_SHARE,
@@ -436,6 +437,9 @@ def refresh_session_tokens(store: RelayStore, client: DirectLineClient, *, clock
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(due))), thread_name_prefix="session") as pool:
         outcomes = list(pool.map(work, due))
     tick = SessionRefreshTick(due=len(due), **{o.value: outcomes.count(o) for o in _Refresh})
+    telemetry.count(telemetry.TOKENS_REFRESHED, tick.refreshed, kind="session", outcome="refreshed")
+    telemetry.count(telemetry.TOKENS_REFRESHED, tick.lapsed + tick.postponed + tick.failed, kind="session",
+                    outcome="failed")
     log.info("session tokens: due=%d refreshed=%d lapsed=%d ended=%d postponed=%d skipped=%d failed=%d",
              tick.due, tick.refreshed, tick.lapsed, tick.ended, tick.postponed, tick.skipped, tick.failed)
     return tick

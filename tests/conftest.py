@@ -12,6 +12,7 @@ import pytest
 
 from devstack.directline import DirectLineEmulator
 from devstack.procs import ROOT, Azurite, ManagedProcess, free_port, http_ok, python_module
+from relay.settings import SETTINGS
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,10 +57,11 @@ def table_prefix() -> str:
 
 
 def subprocess_env(**values: str) -> dict[str, str]:
-    """The environment for a child process: ours, minus settings that would leak in, plus `values`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIRECTLINE_", "RELAY_", "TWILIO_",
-                                                                       "WHATSAPP_", "MESSAGEBIRD_", "BIRD_",
-                                                                       "GENERIC_", "WEBCHAT_", "AzureWebJobs"))}
+    """The environment for a child process: ours, minus any app setting (or one of its family, as DIRECTLINE_*) that
+    would leak in from the developer's shell (a connection string there would send the tests' telemetry), plus
+    `values`."""
+    families = tuple({name.split("_")[0] + "_" for name in SETTINGS} | {"AzureWebJobs"})
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith(families)}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(values)
     return env

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from pycep import BicepParser
 
+from relay import telemetry
 from relay.settings import CHANNEL_SWITCHES, SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,8 +42,6 @@ BUILT_IN_ROLES = {
 PLATFORM_SETTINGS = {
     "AzureWebJobsStorage__blobServiceUri": "host: leases, timer schedules (identity-based storage)",
     "AzureWebJobsStorage__queueServiceUri": "host: identity-based storage",
-    "APPLICATIONINSIGHTS_CONNECTION_STRING": "host: where telemetry goes",
-    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "host: send telemetry with the identity (local auth is off)",
     "AZURE_CLIENT_ID": "azure-identity: DefaultAzureCredential picks the user-assigned identity",
 }
 
@@ -714,29 +713,28 @@ ALERTS = INFRA / "modules" / "alerts.bicep"
 ALERT_QUERIES = INFRA / "alerts"
 README = ROOT / "README.md"
 
-# The relay's metrics (meter "relay") and the dimensions each carries, as issue #18's contract names
-# them. relay/telemetry.py names them too: point this at its names once it exists.
+# The relay's metrics (meter "relay", named in relay/telemetry.py) and the dimensions each carries.
 RELAY_METRICS = {
-    "relay.webhooks": {"channel", "outcome", "status"},
-    "relay.messages.posted": {"channel", "outcome"},
-    "relay.replies.delivered": {"channel", "outcome"},
-    "relay.reply.latency": {"channel"},
-    "relay.outbox.age": {"channel"},
-    "relay.dead_letters": {"channel", "kind"},
-    "relay.poll.duration": {"outcome"},
-    "relay.poll.conversations": {"outcome"},
-    "relay.poll.ticks": {"outcome"},
-    "relay.directline.errors": {"operation", "status"},
-    "relay.tokens.refreshed": {"kind", "outcome"},
+    telemetry.WEBHOOKS: {"channel", "outcome", "status"},
+    telemetry.MESSAGES_POSTED: {"channel", "outcome"},
+    telemetry.REPLIES_DELIVERED: {"channel", "outcome"},
+    telemetry.REPLY_LATENCY: {"channel"},
+    telemetry.OUTBOX_AGE: {"channel"},
+    telemetry.DEAD_LETTERS: {"channel", "kind"},
+    telemetry.POLL_DURATION: {"outcome"},
+    telemetry.POLL_CONVERSATIONS: {"outcome"},
+    telemetry.POLL_TICKS: {"outcome"},
+    telemetry.DIRECTLINE_ERRORS: {"operation", "status"},
+    telemetry.TOKENS_REFRESHED: {"kind", "outcome"},
 }
 
 # The alerts issue #18 asks for, by rule name, and the metric each must watch.
 ISSUE_ALERTS = {
-    "dead-letters": "relay.dead_letters",
-    "poller-failing": "relay.poll.ticks",
-    "poller-stopped": "relay.poll.ticks",
-    "outbox-age": "relay.outbox.age",
-    "directline-throttled": "relay.directline.errors",
+    "dead-letters": telemetry.DEAD_LETTERS,
+    "poller-failing": telemetry.POLL_TICKS,
+    "poller-stopped": telemetry.POLL_TICKS,
+    "outbox-age": telemetry.OUTBOX_AGE,
+    "directline-throttled": telemetry.DIRECTLINE_ERRORS,
 }
 
 # What log search alert rules accept (Azure/bicep-types-az, Microsoft.Insights scheduledQueryRules@2023-12-01).

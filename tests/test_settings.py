@@ -181,3 +181,38 @@ def test_the_web_chat_bundle_defaults_to_microsofts_cdn_at_the_version_the_demo_
     version = tested["devDependencies"]["botframework-webchat"]
     assert Settings.from_environ(BASE).webchat.bundle_url == (
         f"https://cdn.botframework.com/botframework-webchat/{version}/webchat.js")
+
+
+APP_INSIGHTS = "InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=https://example.invalid/"
+
+
+@pytest.mark.parametrize(("authentication", "entra_id", "client_id"), [
+    pytest.param("", False, "", id="none: the connection string's key"),
+    pytest.param("Authorization=AAD", True, "", id="the system-assigned identity"),
+    pytest.param("ClientId=abc-123;Authorization=AAD", True, "abc-123", id="a user-assigned identity"),
+    pytest.param(" authorization=AAD ; clientid=abc-123 ", True, "abc-123", id="keys in any order and case"),
+])
+def test_telemetry_is_sent_with_the_identity_the_authentication_string_names(authentication, entra_id, client_id):
+    telemetry = Settings.from_environ({**BASE, "APPLICATIONINSIGHTS_CONNECTION_STRING": APP_INSIGHTS,
+                                       "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": authentication}).telemetry
+    assert (telemetry.connection_string, telemetry.entra_id, telemetry.client_id) == (APP_INSIGHTS, entra_id,
+                                                                                      client_id)
+
+
+@pytest.mark.parametrize("authentication", ["ClientId=abc-123", "ClientId=abc-123;Authorization=aad",
+                                            "Authorization=AAD;ClientId=", "Authorization=AAD;Secret=x",
+                                            "ClientId=a;ClientId=b;Authorization=AAD", "AAD"])
+def test_a_malformed_authentication_string_is_named_without_its_value(authentication):
+    environ = {**BASE, "APPLICATIONINSIGHTS_CONNECTION_STRING": APP_INSIGHTS,
+               "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": authentication}
+    with pytest.raises(SettingsError, match="APPLICATIONINSIGHTS_AUTHENTICATION_STRING must be") as raised:
+        Settings.from_environ(environ)
+    assert "abc-123" not in str(raised.value)
+
+
+def test_a_connection_string_without_an_instrumentation_key_is_named_and_telemetry_is_off_by_default():
+    with pytest.raises(SettingsError, match="APPLICATIONINSIGHTS_CONNECTION_STRING must be"):
+        Settings.from_environ({**BASE, "APPLICATIONINSIGHTS_CONNECTION_STRING": "https://example.invalid/"})
+    assert Settings.from_environ(BASE).telemetry.connection_string == ""
+    assert APP_INSIGHTS not in repr(Settings.from_environ({**BASE, "APPLICATIONINSIGHTS_CONNECTION_STRING":
+                                                           APP_INSIGHTS}))

@@ -23,6 +23,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableEntity, UpdateMode
 
+from relay import telemetry
 from relay.clock import Clock
 from relay.errors import ConcurrencyConflict
 from relay.store.conversations import ConversationKey, partition_of
@@ -71,8 +72,8 @@ class DeadLetters:
 
     def add_letter(self, key: ConversationKey, *, kind: DeadLetterKind, reason: str, payload: Mapping[str, Any],
                    parts_sent: int = 0, now: datetime | None = None) -> DeadLetter:
-        """Store a dead letter (the reason cut to 2000 characters) and log that there is one. `parts_sent`: parts of
-        a multi-part reply the provider took before refusing the rest."""
+        """Store a dead letter (the reason cut to 2000 characters), log that there is one and count it. `parts_sent`:
+        parts of a multi-part reply the provider took before refusing the rest."""
         now = now or self._clock.now()
         pk = partition_of(self._tables, key)
         row = f"{millis(now):015d}|{secrets.token_hex(6)}"
@@ -80,6 +81,7 @@ class DeadLetters:
                   "created_at": now, "channel": key.channel, "user": key.user, "parts_sent": parts_sent}
         put_json(entity, "payload", payload)
         self._table.create(entity)
+        telemetry.count(telemetry.DEAD_LETTERS, channel=key.channel, kind=kind)
         log.warning("dead letter (%s) for a %s conversation: %s", kind, key.channel, reason[:200])
         return DeadLetter(key, kind, reason, dict(payload), now, row_key=row, letter_id=_letter_id(pk, row),
                           parts_sent=parts_sent)
