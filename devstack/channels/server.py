@@ -96,6 +96,7 @@ class State:
         self.messages: list[dict[str, Any]] = []
         self.failures: dict[str, deque[tuple[int, float | None] | None]] = defaultdict(deque)  # None: let one through
         self.conversations: dict[str, str] = {}  # MessageBird conversation id -> user
+        self.vonage_users: dict[str, str] = {}  # Vonage "<channel>:<id>" -> the user as the test or page named them
         self.media: dict[str, webhooks.Attachment] = {}  # WhatsApp media id or Twilio media sid -> the user's file
         self.base_url = ""  # where this simulator listens, for the media URLs it hands out
         self.sequence = 0
@@ -426,7 +427,8 @@ class _Exchange:
         else:
             raise _vonage_invalid("message_type", f"{kind!r} cannot be sent on {channel}")
         message_uuid = str(uuid.uuid4())
-        self.state.record("vonage", "bot", f"{channel}:{body['to']}", text, media=media,
+        address = f"{channel}:{body['to']}"
+        self.state.record("vonage", "bot", self.state.vonage_users.get(address, address), text, media=media,
                           actions=[c["title"] for c in choices], choices=choices, message_id=message_uuid, request=body)
         return 202, {"message_uuid": message_uuid}, {}
 
@@ -497,9 +499,9 @@ class _Exchange:
         provider, sender = body.get("provider"), str(body.get("from") or "")
         if provider not in webhooks.PROVIDERS or not sender:
             raise Reply(400, {"error": {"code": "BadInbound", "message": "give a known provider and 'from'"}})
-        if provider == "vonage":  # one user id for both directions: "<channel>:<id>"
+        if provider == "vonage":  # its replies go to "<channel>:<id>": recorded under the name the user was given
             try:
-                sender = ":".join(webhooks.vonage_address(sender))
+                self.state.vonage_users[":".join(webhooks.vonage_address(sender))] = sender
             except ValueError as error:
                 raise Reply(400, {"error": {"code": "BadInbound", "message": str(error)}}) from None
         media = tuple(webhooks.Attachment.from_url(m["url"], m.get("contentType", ""))
