@@ -247,13 +247,13 @@ def _generic(values, url, sender, text, name, media, now) -> Webhook:
 
 
 def vonage_address(sender: str) -> tuple[str, str]:
-    """A simulated Vonage user, "<channel>:<id>" (sms when no channel is given), as (channel, id): the id
-    the way Vonage writes it, without a leading +."""
+    """A simulated Vonage user, "<channel>:<id>" or an SMS number (vonage.channel_user's form), as (channel, id).
+    Vonage writes numbers without a +: a simulated user may have one, and keeps it."""
     channel, _, user = sender.rpartition(":")
     channel = channel or "sms"
-    if channel not in vonage.CHANNELS:
-        raise ValueError(f"unknown Vonage channel {channel!r}; one of {', '.join(vonage.CHANNELS)}")
-    return channel, user.lstrip("+")
+    if channel not in vonage.CHANNELS or (channel == "sms" and ":" in sender):
+        raise ValueError(f"a Vonage user is '<channel>:<id>' ({', '.join(vonage.CHANNELS[1:])}) or an SMS number")
+    return channel, user
 
 
 def _vonage(values, url, sender, text, name, media, now, reply: InteractiveReply | None = None) -> Webhook:

@@ -54,7 +54,7 @@ from relay.channels.whatsapp import CHOOSE_PROMPT, INTERACTIVE_BODY_LIMIT, inter
 from relay.errors import BadPayload, ProviderRejected, SettingsError, SignatureInvalid, StaleTimestamp
 from relay.formatting import ChannelKind, format_for
 
-__all__ = ["CHANNELS", "TEXT_LIMITS", "VonageAdapter", "application_jwt", "signed_webhook_jwt"]
+__all__ = ["CHANNELS", "TEXT_LIMITS", "VonageAdapter", "application_jwt", "channel_user", "signed_webhook_jwt"]
 
 TEXT_LIMITS = {"sms": 1000, "whatsapp": 4096, "messenger": 640, "viber_service": 1000}
 """The channels Vonage relays for us and the most text one message may carry on each (Messages API reference)."""
@@ -69,6 +69,12 @@ MEDIA_TYPES = {
 APPLICATION_JWT_SECONDS = 15 * 60
 """How long a reply's JWT is valid: Vonage's SDKs give theirs 15 minutes."""
 VONAGE_MEDIA_HOSTS = (".nexmo.com", ".vonage.com")
+
+
+def channel_user(channel: str, address: str) -> str:
+    """The relay's id of a Vonage user: the number on SMS, "<channel>:<id>" elsewhere (as Twilio writes its
+    WhatsApp users), so one number on SMS and on WhatsApp is two conversations, each answered where it began."""
+    return address if channel == "sms" else f"{channel}:{address}"
 
 
 def _b64url(data: bytes) -> str:
@@ -185,7 +191,7 @@ class VonageAdapter(AdapterBase):
         name = profile.get("name") if isinstance(profile, dict) else None
         return [InboundMessage(
             message_id=message_id,
-            user_id=user,
+            user_id=channel_user(channel, user),
             text=text,
             user_name=name or None,
             media=media,

@@ -70,7 +70,7 @@ AS_PLAIN = "Open today: see the site (https://shop.example/opening_hours)"
                                         "platform": "sms"}, AS_PLAIN, id="Bird SMS"),
     pytest.param("generic", *CONTEXTS["generic"], AS_PLAIN, id="generic"),
     pytest.param("vonage", *CONTEXTS["vonage"], AS_WHATSAPP, id="Vonage WhatsApp"),
-    pytest.param("vonage", "sms:447700900002", {"channel": "sms", "to": "447700900002", "from": "447700900000"},
+    pytest.param("vonage", "447700900002", {"channel": "sms", "to": "447700900002", "from": "447700900000"},
                  AS_PLAIN, id="Vonage SMS"),
 ])
 def test_the_bots_markdown_reaches_the_user_as_their_channel_shows_it(sim, provider, user, context, shown):

@@ -16,6 +16,7 @@ from vonage_jwt import JwtClient, verify_signature
 
 from devstack.channels import DEV_VALUES, webhooks
 from relay.channels.base import Choice, Media, OutboundMessage, WebhookRequest
+from relay.channels.vonage import channel_user
 from relay.errors import BadPayload, ProviderRejected, SettingsError, SignatureInvalid, StaleTimestamp
 from tests.channels.conftest import make_adapter
 
@@ -104,7 +105,7 @@ def test_anything_but_a_bearer_hs256_jwt_is_refused(authorization):
 
 
 @pytest.mark.parametrize(("sender", "channel", "ours"), [
-    ("sms:447700900001", "sms", "447700900000"),
+    ("447700900001", "sms", "447700900000"),
     ("whatsapp:447700900001", "whatsapp", "447700900000"),
     ("messenger:3757346847612387", "messenger", "107083064136738"),
     ("viber_service:447700900001", "viber_service", "16273"),
@@ -112,10 +113,9 @@ def test_anything_but_a_bearer_hs256_jwt_is_refused(authorization):
 def test_each_channel_gives_the_user_and_how_to_answer_them(sender, channel, ours):
     request = webhook(sender, "Grüß Gott", name="Jane")
     [message] = make_adapter("vonage").parse(request)
-    user = sender.split(":")[1]
-    assert (message.user_id, message.text) == (user, "Grüß Gott")
+    assert (message.user_id, message.text) == (sender, "Grüß Gott")  # a number on SMS, "<channel>:<id>" elsewhere
     assert message.message_id == json.loads(request.body)["message_uuid"]
-    assert dict(message.reply_context) == {"channel": channel, "to": user, "from": ours}
+    assert dict(message.reply_context) == {"channel": channel, "to": sender.rpartition(":")[2], "from": ours}
     assert message.user_name == ("Jane" if channel == "whatsapp" else None)
 
 
@@ -148,7 +148,7 @@ def test_sms_splits_long_text_at_1000_characters_and_returns_vonages_message_uui
     words = " ".join(f"word{n}" for n in range(400))  # about 3,200 characters
     ids = make_adapter("vonage", sim.api_bases()).send({"channel": "sms", "to": "447700900003",
                                                          "from": "447700900000"}, OutboundMessage(text=words))
-    replies = sim.replies("vonage", "sms:447700900003")
+    replies = sim.replies("vonage", "447700900003")
     assert ids == [r["id"] for r in replies] and len(ids) == 4
     assert all(len(r["text"]) <= 1000 for r in replies)
     assert " ".join(r["text"] for r in replies) == words
@@ -175,7 +175,7 @@ def test_choices_on_other_channels_are_numbered_text(sim, channel):
     ours = webhooks.VONAGE_ADDRESSES[channel]
     make_adapter("vonage", sim.api_bases()).send({"channel": channel, "to": "447700900005", "from": ours},
                                                  OutboundMessage(text="Pick", choices=(Choice("a", "Small"),)))
-    [reply] = sim.replies("vonage", f"{channel}:447700900005")
+    [reply] = sim.replies("vonage", channel_user(channel, "447700900005"))
     assert reply["text"] == "Pick\n\n1. Small\n\nReply with the number of your choice."
 
 
@@ -183,7 +183,7 @@ def test_an_image_on_sms_goes_as_a_link_in_the_text(sim):
     make_adapter("vonage", sim.api_bases()).send(
         {"channel": "sms", "to": "447700900006", "from": "447700900000"},
         OutboundMessage(text="a cat", media=(Media("https://cdn.example/cat.png", "image/png"),)))
-    [reply] = sim.replies("vonage", "sms:447700900006")
+    [reply] = sim.replies("vonage", "447700900006")
     assert reply["text"] == "a cat\nhttps://cdn.example/cat.png"
 
 
