@@ -96,9 +96,9 @@ class State:
         self.messages: list[dict[str, Any]] = []
         self.failures: dict[str, deque[tuple[int, float | None] | None]] = defaultdict(deque)  # None: let one through
         self.conversations: dict[str, str] = {}  # MessageBird conversation id -> user
-        self.vonage_users: dict[str, str] = {}  # Vonage "<channel>:<id>" -> the user as the test or page named them
         self.media: dict[str, webhooks.Attachment] = {}  # WhatsApp media id or Twilio media sid -> the user's file
         self.base_url = ""  # where this simulator listens, for the media URLs it hands out
+        self.clock_offset = 0.0  # seconds its clock is ahead of the real one (InProcessSimulator.advance_clock)
         self.sequence = 0
 
     def record(self, provider: str, direction: str, user: str, text: str, *, media=(), actions=(), choices=(),
@@ -129,6 +129,10 @@ class State:
                         return webhooks.InteractiveReply(choice["kind"], choice["id"], choice["title"],
                                                          choice.get("description", ""), context_id=entry["id"])
         return None
+
+    def now(self) -> float:
+        """Unix time as the simulator sees it: the real time, moved on with the relay's in the in-process tests."""
+        return time.time() + self.clock_offset
 
     def take_failure(self, provider: str) -> tuple[int, float | None] | None:
         with self.lock:
@@ -427,8 +431,7 @@ class _Exchange:
         else:
             raise _vonage_invalid("message_type", f"{kind!r} cannot be sent on {channel}")
         message_uuid = str(uuid.uuid4())
-        address = f"{channel}:{body['to']}"
-        self.state.record("vonage", "bot", self.state.vonage_users.get(address, address), text, media=media,
+        self.state.record("vonage", "bot", vonage.channel_user(channel, body["to"]), text, media=media,
                           actions=[c["title"] for c in choices], choices=choices, message_id=message_uuid, request=body)
         return 202, {"message_uuid": message_uuid}, {}
 
@@ -444,10 +447,13 @@ class _Exchange:
         if not isinstance(key, rsa.RSAPrivateKey):
             raise refused
         try:
-            claims = jwt.decode(token, key.public_key(), algorithms=["RS256"], options={"require": ["iat", "jti"]})
+            claims = jwt.decode(token, key.public_key(), algorithms=["RS256"],
+                                options={"require": ["iat", "jti"], "verify_exp": False, "verify_iat": False})
         except jwt.PyJWTError:
             raise refused from None
-        if claims.get("application_id") != self._value("VONAGE_APPLICATION_ID"):
+        expiry = claims.get("exp")
+        if claims.get("application_id") != self._value("VONAGE_APPLICATION_ID") \
+                or (expiry is not None and (not isinstance(expiry, int | float) or expiry <= self.state.now())):
             raise refused
 
     def _vonage_media(self, media_id: str):
@@ -499,9 +505,9 @@ class _Exchange:
         provider, sender = body.get("provider"), str(body.get("from") or "")
         if provider not in webhooks.PROVIDERS or not sender:
             raise Reply(400, {"error": {"code": "BadInbound", "message": "give a known provider and 'from'"}})
-        if provider == "vonage":  # its replies go to "<channel>:<id>": recorded under the name the user was given
+        if provider == "vonage":
             try:
-                self.state.vonage_users[":".join(webhooks.vonage_address(sender))] = sender
+                webhooks.vonage_address(sender)
             except ValueError as error:
                 raise Reply(400, {"error": {"code": "BadInbound", "message": str(error)}}) from None
         media = tuple(webhooks.Attachment.from_url(m["url"], m.get("contentType", ""))
