@@ -131,6 +131,14 @@ param genericWebhookSecret string = ''
 param genericCallbackSecret string = ''
 
 @secure()
+@description('VONAGE_SIGNATURE_SECRET (enables the vonage channel): the account\'s signature secret.')
+param vonageSignatureSecret string = ''
+
+@secure()
+@description('VONAGE_PRIVATE_KEY: the Vonage application\'s private key (PEM), signing each reply\'s JWT.')
+param vonagePrivateKey string = ''
+
+@secure()
 @description('RELAY_EVENT_WEBHOOK_SECRET: Standard Webhooks secret (whsec_...) signing the bot\'s events.')
 param eventWebhookSecret string = ''
 
@@ -198,6 +206,12 @@ param genericTimestampHeader string = ''
 @description('GENERIC_CALLBACK_URL: where the bot\'s replies are POSTed.')
 param genericCallbackUrl string = ''
 
+@description('VONAGE_APPLICATION_ID: the Vonage application replies are sent as.')
+param vonageApplicationId string = ''
+
+@description('VONAGE_API_BASE: a regional Messages API host (empty: https://api.nexmo.com).')
+param vonageApiBase string = ''
+
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
   'azd-env-name': environmentName
@@ -216,6 +230,8 @@ var secrets = {
   'bird-access-key': birdAccessKey
   'generic-webhook-secret': genericWebhookSecret
   'generic-callback-secret': genericCallbackSecret
+  'vonage-signature-secret': vonageSignatureSecret
+  'vonage-private-key': vonagePrivateKey
   'relay-event-webhook-secret': eventWebhookSecret
 }
 // An app setting resolved from Key Vault by the app's identity; an unresolved one reaches the
@@ -342,6 +358,10 @@ module app 'modules/function-app.bicep' = {
       GENERIC_TIMESTAMP_HEADER: genericTimestampHeader
       GENERIC_CALLBACK_URL: genericCallbackUrl
       GENERIC_CALLBACK_SECRET: empty(genericCallbackSecret) ? '' : '${kvRef}generic-callback-secret/)'
+      VONAGE_SIGNATURE_SECRET: empty(vonageSignatureSecret) ? '' : '${kvRef}vonage-signature-secret/)'
+      VONAGE_APPLICATION_ID: vonageApplicationId
+      VONAGE_PRIVATE_KEY: empty(vonagePrivateKey) ? '' : '${kvRef}vonage-private-key/)'
+      VONAGE_API_BASE: vonageApiBase
     }
   }
 }
@@ -365,3 +385,4 @@ output WHATSAPP_WEBHOOK_URL string = '${app.outputs.url}/api/channels/whatsapp'
 output MESSAGEBIRD_WEBHOOK_URL string = '${app.outputs.url}/api/channels/messagebird'
 output BIRD_WEBHOOK_URL string = '${app.outputs.url}/api/channels/bird'
 output GENERIC_WEBHOOK_URL string = '${app.outputs.url}/api/channels/generic'
+output VONAGE_WEBHOOK_URL string = '${app.outputs.url}/api/channels/vonage'
