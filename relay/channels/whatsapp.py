@@ -56,6 +56,7 @@ from relay.formatting import ChannelKind, format_for
 __all__ = [
     "BUTTON_LIMIT",
     "BUTTON_TITLE_LIMIT",
+    "CHOOSE_PROMPT",
     "INTERACTIVE_BODY_LIMIT",
     "LIST_DESCRIPTION_LIMIT",
     "LIST_ROW_LIMIT",
