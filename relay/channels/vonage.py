@@ -54,7 +54,15 @@ from relay.channels.whatsapp import CHOOSE_PROMPT, INTERACTIVE_BODY_LIMIT, inter
 from relay.errors import BadPayload, ProviderRejected, SettingsError, SignatureInvalid, StaleTimestamp
 from relay.formatting import ChannelKind, format_for
 
-__all__ = ["CHANNELS", "TEXT_LIMITS", "VonageAdapter", "application_jwt", "channel_user", "signed_webhook_jwt"]
+__all__ = [
+    "CHANNELS",
+    "MEDIA_TYPES",
+    "TEXT_LIMITS",
+    "VonageAdapter",
+    "application_jwt",
+    "channel_user",
+    "signed_webhook_jwt",
+]
 
 TEXT_LIMITS = {"sms": 1000, "whatsapp": 4096, "messenger": 640, "viber_service": 1000}
 """The channels Vonage relays for us and the most text one message may carry on each (Messages API reference)."""
