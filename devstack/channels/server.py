@@ -457,7 +457,8 @@ class _Exchange:
             raise refused
 
     def _vonage_media(self, media_id: str):
-        """A user's file on Vonage's media store, with "secure inbound media" on: the application JWT or 401."""
+        """A user's file on Vonage's media store with "Secure inbound media" on (developer.vonage.com/en/messages/
+        concepts/secure-inbound-media: GET the URL with the application's JWT as Bearer, else unauthorized)."""
         self._vonage_auth()
         data = _file_bytes(self.state.media.get(media_id))
         if data is None:

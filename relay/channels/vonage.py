@@ -6,6 +6,8 @@ claims hold `payload_hash` (hex SHA-256 of the raw body), `iat`, `jti`, `api_key
 The body is signed only through `payload_hash`, so it is compared (in constant time) before anything in
 the body is read; `iat` must be inside the replay window, and a token issued for another application of
 the same account (the secret is the account's) is refused. The dedupe key is the body's `message_uuid`.
+Status webhooks, and messages on a channel the relay cannot answer on (MMS, RCS), are acknowledged and
+not relayed: Vonage would retry a refusal.
 
 Replies are authenticated as Vonage recommends for the Messages API: a short-lived RS256 JWT made with
 the application's private key (VONAGE_APPLICATION_ID + VONAGE_PRIVATE_KEY). The same JWT opens a user's
@@ -24,6 +26,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import replace
@@ -77,6 +80,8 @@ MEDIA_TYPES = {
 APPLICATION_JWT_SECONDS = 15 * 60
 """How long a reply's JWT is valid: Vonage's SDKs give theirs 15 minutes."""
 VONAGE_MEDIA_HOSTS = (".nexmo.com", ".vonage.com")
+
+log = logging.getLogger(__name__)
 
 
 def channel_user(channel: str, address: str) -> str:
@@ -189,8 +194,10 @@ class VonageAdapter(AdapterBase):
         message_id, user, ours = (identifier(body.get(key)) for key in ("message_uuid", "from", "to"))
         if not message_id or not user or not ours:
             raise BadPayload("the Vonage message lacks message_uuid, from or to")
-        if channel not in CHANNELS:
-            raise BadPayload(f"the Vonage message came on a channel the relay does not answer on ({channel!r})")
+        if channel not in CHANNELS:  # MMS, RCS...: Vonage would retry a refusal, so it is acknowledged and logged
+            log.warning("Vonage message %s came on channel %r, which the relay does not answer on: acknowledged, "
+                        "not relayed", message_id, str(channel)[:20])
+            return []
         content = self._content(body, kind)
         if content is None:
             return []  # reactions, stickers, unsupported types: nothing for the bot
@@ -242,9 +249,12 @@ class VonageAdapter(AdapterBase):
     def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
         """A user's file from Vonage's media store, with the application's JWT (needed with secure inbound media);
         ProviderRejected for a URL that is not Vonage's (it would get our JWT)."""
-        host = (urlsplit(media.url).hostname or "").lower()
-        if host != (urlsplit(self.api_base).hostname or "").lower() and not host.endswith(VONAGE_MEDIA_HOSTS):
-            raise ProviderRejected("the Vonage media url is not on a Vonage host", reason="MediaNotFetched")
+        url = urlsplit(media.url)
+        host = (url.hostname or "").lower()
+        if host != (urlsplit(self.api_base).hostname or "").lower() \
+                and not (url.scheme == "https" and host.endswith(VONAGE_MEDIA_HOSTS)):
+            raise ProviderRejected("the Vonage media url is not on a Vonage host (over https)",
+                                   reason="MediaNotFetched")
         content, content_type = download(self.session, self.name, media.url, max_bytes=max_bytes,
                                          headers=self._auth(), clock=self.clock)
         content_type = content_type or media.content_type or "application/octet-stream"

@@ -125,6 +125,12 @@ def test_a_status_webhook_is_acknowledged_without_a_message():
     assert make_adapter("vonage").parse(minted(body)) == []
 
 
+def test_a_message_on_a_channel_the_relay_cannot_answer_on_is_acknowledged_without_a_message():
+    body = json.dumps({"channel": "rcs", "message_uuid": str(uuid.uuid4()), "to": "447700900000",
+                       "from": "447700900001", "message_type": "text", "text": "hi"}).encode()
+    assert make_adapter("vonage").parse(minted(body)) == []
+
+
 def test_a_whatsapp_button_reply_carries_the_choices_id():
     body = json.dumps({"channel": "whatsapp", "message_uuid": str(uuid.uuid4()), "to": "447700900000",
                        "from": "447700900001", "message_type": "reply",
@@ -136,9 +142,8 @@ def test_a_whatsapp_button_reply_carries_the_choices_id():
 @pytest.mark.parametrize("body", [
     {"channel": "whatsapp", "to": "447700900000", "from": "447700900001", "message_type": "text", "text": "x"},
     {"channel": "whatsapp", "message_uuid": ["u"], "to": "1", "from": "2", "message_type": "text", "text": "x"},
-    {"channel": "rcs", "message_uuid": "u", "to": "1", "from": "2", "message_type": "text", "text": "x"},
     {"channel": "sms", "message_uuid": "u", "to": "1", "from": "2", "message_type": "image", "image": {"url": 3}},
-], ids=["no message_uuid", "a list for an id", "a channel we cannot answer on", "an image without a url"])
+], ids=["no message_uuid", "a list for an id", "an image without a url"])
 def test_a_malformed_message_is_a_bad_payload(body):
     with pytest.raises(BadPayload):
         make_adapter("vonage").parse(minted(json.dumps(body).encode()))
@@ -219,10 +224,11 @@ def test_the_users_photo_is_fetched_from_vonages_media_store_with_the_applicatio
     assert fetched.name.endswith(".png")
 
 
-def test_a_media_url_off_vonages_hosts_never_gets_the_jwt():
+@pytest.mark.parametrize("url", ["https://attacker.example/v3/media/1", "https://api.nexmo.com.attacker.example/1",
+                                 "http://api-us.nexmo.com/v3/media/1"])
+def test_a_media_url_off_vonages_hosts_never_gets_the_jwt(url):
     with pytest.raises(ProviderRejected, match="not on a Vonage host"):
-        make_adapter("vonage").fetch_media(Media("https://attacker.example/v3/media/1", protected=True),
-                                           max_bytes=1000)
+        make_adapter("vonage").fetch_media(Media(url, protected=True), max_bytes=1000)
 
 
 def test_wrong_application_credentials_are_refused_by_the_media_store(sim, fake_relay):
