@@ -9,8 +9,9 @@ the same account (the secret is the account's) is refused. The dedupe key is the
 Status webhooks, and messages on a channel the relay cannot answer on (MMS, RCS), are acknowledged and
 not relayed: Vonage would retry a refusal.
 
-Replies are authenticated as Vonage recommends for the Messages API: a short-lived RS256 JWT made with
-the application's private key (VONAGE_APPLICATION_ID + VONAGE_PRIVATE_KEY). The same JWT opens a user's
+Replies are authenticated as Vonage recommends for the Messages API (its Authentication guide: Basic
+auth "does not support webhooks or advanced features"): a short-lived RS256 JWT made with the
+application's private key (VONAGE_APPLICATION_ID + VONAGE_PRIVATE_KEY). The same JWT opens a user's
 media when the application has "Secure inbound media" on; without it the URL needs none (valid 48 h).
 Media URLs on any other host never get it.
 
