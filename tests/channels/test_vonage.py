@@ -247,3 +247,21 @@ def test_unusable_settings_are_named_without_quoting_the_key(values, message):
     with pytest.raises(SettingsError, match=message) as caught:
         make_adapter("vonage", values)
     assert "not a key" not in str(caught.value)
+
+
+def test_a_tap_on_a_simulated_whatsapp_button_comes_back_as_a_signed_reply_with_the_choices_id(sim, fake_relay):
+    user = "whatsapp:447700900009"
+    make_adapter("vonage", sim.api_bases()).send(
+        {"channel": "whatsapp", "to": "447700900009", "from": "447700900000"},
+        OutboundMessage(text="Size?", choices=(Choice("q7-0-1", "Small"), Choice("q7-0-2", "Large"))))
+    answer = sim.send_inbound("vonage", user, reply_id="q7-0-2")
+    assert answer["status"] == 200
+    [(_, request, [message])] = fake_relay.received
+    assert json.loads(request.body)["message_type"] == "reply"
+    assert (message.user_id, message.text, message.reply_id) == (user, "Large", "q7-0-2")
+
+
+def test_the_simulator_refuses_a_vonage_user_on_an_unknown_channel(sim):
+    with pytest.raises(requests.HTTPError) as refused:
+        sim.send_inbound("vonage", "telegram:12345", "hi")
+    assert refused.value.response.status_code == 400
