@@ -138,6 +138,14 @@ param genericWebhookSecret string = ''
 param genericCallbackSecret string = ''
 
 @secure()
+@description('VONAGE_SIGNATURE_SECRET (enables the vonage channel): the account\'s signature secret.')
+param vonageSignatureSecret string = ''
+
+@secure()
+@description('VONAGE_PRIVATE_KEY: the Vonage application\'s private key (PEM), signing each reply\'s JWT.')
+param vonagePrivateKey string = ''
+
+@secure()
 @description('RELAY_EVENT_WEBHOOK_SECRET: Standard Webhooks secret (whsec_...) signing the bot\'s events.')
 param eventWebhookSecret string = ''
 
@@ -205,6 +213,12 @@ param genericTimestampHeader string = ''
 @description('GENERIC_CALLBACK_URL: where the bot\'s replies are POSTed.')
 param genericCallbackUrl string = ''
 
+@description('VONAGE_APPLICATION_ID: the Vonage application replies are sent as.')
+param vonageApplicationId string = ''
+
+@description('VONAGE_API_BASE: a regional Messages API host (empty: https://api.nexmo.com).')
+param vonageApiBase string = ''
+
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
   'azd-env-name': environmentName
@@ -223,6 +237,8 @@ var secrets = {
   'bird-access-key': birdAccessKey
   'generic-webhook-secret': genericWebhookSecret
   'generic-callback-secret': genericCallbackSecret
+  'vonage-signature-secret': vonageSignatureSecret
+  'vonage-private-key': vonagePrivateKey
   'relay-event-webhook-secret': eventWebhookSecret
 }
 // An app setting resolved from Key Vault by the app's identity; an unresolved one reaches the
@@ -364,6 +380,10 @@ module app 'modules/function-app.bicep' = {
       GENERIC_TIMESTAMP_HEADER: genericTimestampHeader
       GENERIC_CALLBACK_URL: genericCallbackUrl
       GENERIC_CALLBACK_SECRET: empty(genericCallbackSecret) ? '' : '${kvRef}generic-callback-secret/)'
+      VONAGE_SIGNATURE_SECRET: empty(vonageSignatureSecret) ? '' : '${kvRef}vonage-signature-secret/)'
+      VONAGE_APPLICATION_ID: vonageApplicationId
+      VONAGE_PRIVATE_KEY: empty(vonagePrivateKey) ? '' : '${kvRef}vonage-private-key/)'
+      VONAGE_API_BASE: vonageApiBase
     }
   }
 }
@@ -387,3 +407,4 @@ output WHATSAPP_WEBHOOK_URL string = '${app.outputs.url}/api/channels/whatsapp'
 output MESSAGEBIRD_WEBHOOK_URL string = '${app.outputs.url}/api/channels/messagebird'
 output BIRD_WEBHOOK_URL string = '${app.outputs.url}/api/channels/bird'
 output GENERIC_WEBHOOK_URL string = '${app.outputs.url}/api/channels/generic'
+output VONAGE_WEBHOOK_URL string = '${app.outputs.url}/api/channels/vonage'

@@ -185,6 +185,16 @@ SETTINGS: dict[str, Setting] = _catalogue(
             group="generic"),
     Setting("GENERIC_CALLBACK_SECRET", "Secret signing the replies (defaults to the webhook secret).",
             default="", secret=True, group="generic"),
+    # Vonage Messages API (SMS, WhatsApp, Messenger, Viber)
+    Setting("VONAGE_SIGNATURE_SECRET", "Vonage account signature secret, HS256 key of the signed webhooks' JWTs "
+            "(enables the vonage channel).", default="", secret=True, group="vonage"),
+    Setting("VONAGE_APPLICATION_ID", "Id of the Vonage application whose inbound URL is the relay: replies are "
+            "sent as it, and webhooks signed for another application are refused.", default="", group="vonage"),
+    Setting("VONAGE_PRIVATE_KEY", "The application's private key (PEM, as downloaded; escaped \\n line breaks "
+            "accepted): signs the RS256 JWT of each reply and media download.", default="", secret=True,
+            group="vonage"),
+    Setting("VONAGE_API_BASE", "Messages API base URL (a regional one such as https://api-eu.vonage.com works "
+            "too).", default="https://api.nexmo.com", group="vonage"),
     # Telemetry
     Setting("APPLICATIONINSIGHTS_CONNECTION_STRING", "Application Insights connection string: the relay's metrics, "
             "spans and log lines go there (relay/telemetry.py), and the Functions host's telemetry too. Empty: no "
@@ -562,6 +572,7 @@ CHANNEL_SWITCHES = {
     "messagebird": "MESSAGEBIRD_SIGNING_KEY",
     "bird": "BIRD_SIGNING_KEY",
     "generic": "GENERIC_WEBHOOK_SECRET",
+    "vonage": "VONAGE_SIGNATURE_SECRET",
 }
 
 

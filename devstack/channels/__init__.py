@@ -19,7 +19,8 @@ import requests
 from devstack.procs import ManagedProcess, free_port, http_ok, python_module
 from relay.settings import SETTINGS
 
-PROVIDER_GROUPS = ("twilio", "whatsapp", "messagebird", "bird", "generic")
+PROVIDER_GROUPS = ("twilio", "whatsapp", "messagebird", "bird", "generic",
+                   "vonage")
 DEFAULT_PORT = 3001
 
 DEV_VALUES: dict[str, str] = {
@@ -42,6 +43,40 @@ DEV_VALUES: dict[str, str] = {
     "GENERIC_WEBHOOK_SECRET": "whsec_ZGV2LW9ubHktZ2VuZXJpYy13ZWJob29rLXNlY3JldA==",
     "GENERIC_SIGNATURE_SCHEME": "standard",
     "GENERIC_CALLBACK_URL": "http://127.0.0.1:3001/generic/callback",
+    "VONAGE_SIGNATURE_SECRET": "dev-only-vonage-signature-secret",
+    "VONAGE_APPLICATION_ID": "00000000-0000-4000-8000-000000000dev",
+    # A throwaway RSA key made for the simulator; it signs nothing outside it.
+    "VONAGE_PRIVATE_KEY": (
+        "-----BEGIN PRIVATE KEY-----\n"
+        "MIIEvAIBADANBgkqhkiG9w0BAQEFAASCBKYwggSiAgEAAoIBAQCq7yWBGKyx/4PW\n"
+        "gmZj6lNiscapt/GlCNpLmuEZJzAzxdkk0i6ZJJxc6RbmfzlKOOO9nKpAtciYIuxg\n"
+        "5MhdLTuzxm1YIz9Bp4xR03Dd9AJN1J5PFLi8NC1rTFqHbzt9LHjXoKvBwLQmoUxG\n"
+        "gDGiEsolP4/f2tXuxRLdn+CS/wbcisd9JFrtBRHgCjETxyjIaluyieCzPKap3ky1\n"
+        "i6bnKz3KZnRN1/K9y8ZmZK0VqFpTZuUDChgloUtihKP7ycg2Vf74tWbcSES+NLG0\n"
+        "0QaHFxqVULq0GO9+6PuMnEAD2s5yFvX9WJ+m7YBdF9tl7QBOCIluWOUxX0I2lWFw\n"
+        "qt/hFWkHAgMBAAECggEAJjZ+QOT+PnCrzXmrYCzTZV3u1qQ7jjRzcLF4HwJmwTw6\n"
+        "tgOSzUOk/RRSvUa1zQT4zLvIR90bsf8kruiWblYdYaw7Z5fBnXDSaryFH+lb1oBw\n"
+        "v6cXQWO8v577IgnY17voa/QMUa092OD4R06DSgM/U6JpDJdEejNua0NBljsTEpxK\n"
+        "CYqrIf6Bg98tQIPaIxlaKo4h1jULYz+HUoS6jAZuxoOHHqdSzSxj/MLTydLY/jPQ\n"
+        "iGOD4FxFmbK4EgFVVM2IKADWq5gfMyoODC3GknRGEc0TFmlwTJHFC+zbiSB8NeJA\n"
+        "D/n0jJfjaUdMA6r3eugs+V3E6JbEcaEvf8gXKGlKYQKBgQDgKn1lPngUgpEbOWPd\n"
+        "XhK9Muho4abB8xvzrDQ4iAoUL8dAp4sJbbhwJVjr4vMt81FMJyBLItXTV9hpr3Un\n"
+        "AhA24A4jNcUQ1xPhUPFRewfAOiJky4h7pkuTnKHQlQ1D9MRzHpiDz6j0EgnJ2Vzk\n"
+        "bOtrgjqYWfAzIKo4TrPNWbg5NwKBgQDDNWy1rvED0tiOi8Gw4hhYEM932QOCi1b3\n"
+        "B0dfQvaMgNf2DaoJH3G5cmS8c5MakbqnVz0FZi4JNaszayVyN2Kc9ou290/woECc\n"
+        "j311r2tx8ZZ+zgNldy7cFlDv5WkiTszyakYREVvJjSTLy/BHY81Iq3jS9asLPA02\n"
+        "tb5EnZ32sQKBgFwwHTGt5yRILfTMPU2kioBUl0/KvRG2MSCdCTzWdY6nt4HXZU6T\n"
+        "WO6F7XPU+b1D+4Md9CHySY2I6u9LwRoxtwlaS3YfftPWH87hwtyHhECBp/Nb4N05\n"
+        "HouuNr3ZDoOL/d56Dq7mj80QPgZM5e7q/EZSYFaXZjkgjeBqPXeOFj0xAoGAP8HK\n"
+        "QMjjpSkPW/dfisM9yj2rVWyGzfNusv4onH+FgTxvzMiHubUQcs5fAoIJEMt6GD/R\n"
+        "CVtnO9DQmtmrAFQAnF2WImtCK8hbcgcXpgFmaW/LhJ0K1PAJWQ7c3o2iOfdczuxQ\n"
+        "+DAgN4Mm+n0gfGCnYs3Gh7h/Zgr2EeFoRIbqWfECgYAtsKo4pDeE/vm/SIc5tAiy\n"
+        "hjWR2E9hS00TmeFT783mEnlS95o+xN8yN8VkVh6skwukf3MkUwsHdP8ZPe8kc5rY\n"
+        "iK0jTPQrMd7iLERrQP+X5hWpuFrXD5uZeXOGrv9ZPJHKD0SBC0Yl7VyO0i9lfQDZ\n"
+        "rlU/jm/kEBhP652x8ZRQ2A==\n"
+        "-----END PRIVATE KEY-----\n"
+    ),
+    "VONAGE_API_BASE": "http://127.0.0.1:3001",
 }
 """Obviously dev-only credentials; local.settings.sample.json carries the same values."""
 
@@ -75,7 +110,8 @@ class SimulatorAdmin:
         """The *_API_BASE values that point the relay's adapters at this simulator."""
         return {"TWILIO_API_BASE": self.url, "WHATSAPP_API_BASE": f"{self.url}/v21.0",
                 "MESSAGEBIRD_API_BASE": self.url, "BIRD_API_BASE": self.url,
-                "GENERIC_CALLBACK_URL": f"{self.url}/generic/callback"}
+                "GENERIC_CALLBACK_URL": f"{self.url}/generic/callback",
+                "VONAGE_API_BASE": self.url}
 
     def _call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
         response = self._request(method, self.url + path, json=body, params=params, timeout=60)

@@ -14,6 +14,9 @@ Reply APIs (on each provider's real paths, auth checked as the provider does, 40
     POST /v1/conversations/{id}/messages                MessageBird, AccessKey
     POST /workspaces/{ws}/channels/{ch}/messages        Bird, AccessKey; answers 202
     POST /generic/callback                              generic callback, Standard Webhooks signature
+    POST /v1/messages                                   Vonage Messages API, Bearer application JWT (RS256);
+                                                        answers 202 {message_uuid}; see _vonage for its sources
+    GET  /v3/media/{uuid}                               Vonage inbound media ("secure inbound media": JWT)
 Admin API (JSON), under /_sim:
     GET    /_sim/health
     GET    /_sim/replies?provider=&user=                the replies received, oldest first
@@ -27,7 +30,8 @@ Admin API (JSON), under /_sim:
                                                         may be a data: URL (the file the user sends);
                                                         whatsapp `reply_id`: the user taps that button or
                                                         list row of the newest message offering it (an
-                                                        interactive button_reply/list_reply, as Meta sends)
+                                                        interactive button_reply/list_reply, as Meta sends;
+                                                        on vonage a `reply` message, from "whatsapp:<number>")
     POST   /_sim/handshake {verify_token?, challenge?}  Meta's GET verification call to the relay
     GET    /                                            the phone-like page
 """
@@ -49,13 +53,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes, urlencode, urlsplit
 
+import jwt
 import requests
 import standardwebhooks
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from devstack.channels import webhooks
 from devstack.http_server import LocalHTTPServer
 from devstack.inprocess import Answer, Headers
-from relay.channels import whatsapp
+from relay.channels import vonage, whatsapp
 
 log = logging.getLogger("devstack.channels")
 PAGE = Path(__file__).with_name("page.html")
@@ -67,6 +74,8 @@ TWILIO_MEDIA_PATH = re.compile(r"^/2010-04-01/Accounts/([^/]+)/Messages/[^/]+/Me
 MESSAGEBIRD_PATH = re.compile(r"^/v1/conversations/([^/]+)/messages$")
 BIRD_PATH = re.compile(r"^/workspaces/([^/]+)/channels/([^/]+)/messages$")
 GENERIC_PATH = "/generic/callback"
+VONAGE_MESSAGES_PATH = "/v1/messages"
+VONAGE_MEDIA_PATH = re.compile(r"^/v3/media/([0-9a-f-]+)$")
 
 
 class Reply(Exception):
@@ -89,6 +98,7 @@ class State:
         self.conversations: dict[str, str] = {}  # MessageBird conversation id -> user
         self.media: dict[str, webhooks.Attachment] = {}  # WhatsApp media id or Twilio media sid -> the user's file
         self.base_url = ""  # where this simulator listens, for the media URLs it hands out
+        self.clock_offset = 0.0  # seconds its clock is ahead of the real one (InProcessSimulator.advance_clock)
         self.sequence = 0
 
     def record(self, provider: str, direction: str, user: str, text: str, *, media=(), actions=(), choices=(),
@@ -107,17 +117,22 @@ class State:
             return [m for m in self.messages if (not provider or m["provider"] == provider)
                     and (not user or m["user"] == user) and (not direction or m["direction"] == direction)]
 
-    def interactive_reply(self, user: str, reply_id: str) -> webhooks.InteractiveReply | None:
-        """The user's tap on the button or list row `reply_id` of the newest WhatsApp message that offered it."""
+    def interactive_reply(self, user: str, reply_id: str,
+                          provider: str = "whatsapp") -> webhooks.InteractiveReply | None:
+        """The user's tap on the button or list row `reply_id` of the newest `provider` message that offered it."""
         with self.lock:
             for entry in reversed(self.messages):
-                if entry["provider"] != "whatsapp" or entry["direction"] != "bot" or entry["user"] != user:
+                if entry["provider"] != provider or entry["direction"] != "bot" or entry["user"] != user:
                     continue
                 for choice in entry.get("choices") or []:
                     if choice["id"] == reply_id:
                         return webhooks.InteractiveReply(choice["kind"], choice["id"], choice["title"],
                                                          choice.get("description", ""), context_id=entry["id"])
         return None
+
+    def now(self) -> float:
+        """Unix time as the simulator sees it: the real time, moved on with the relay's in the in-process tests."""
+        return time.time() + self.clock_offset
 
     def take_failure(self, provider: str) -> tuple[int, float | None] | None:
         with self.lock:
@@ -179,6 +194,8 @@ class _Exchange:
                     return handler(match, raw)
             if path == GENERIC_PATH:
                 return self._generic(raw)
+            if path == VONAGE_MESSAGES_PATH:
+                return self._vonage(raw)
         media = GRAPH_MEDIA_PATH.match(path) if method == "GET" else None
         if media:
             return self._whatsapp_media(media)
@@ -187,6 +204,9 @@ class _Exchange:
         media = TWILIO_MEDIA_PATH.match(path) if method == "GET" else None
         if media:
             return self._twilio_media(media)
+        media = VONAGE_MEDIA_PATH.match(path) if method == "GET" else None
+        if media:
+            return self._vonage_media(media.group(1))
         raise Reply(404, {"error": {"code": "NotFound", "message": f"no {method} {path} here"}})
 
     # -- failures -----------------------------------------------------------------------------
@@ -356,6 +376,95 @@ class _Exchange:
                           message_id=str(body.get("id", "")), request=body)
         return 200, {"ok": True}, {}
 
+    # -- Vonage -------------------------------------------------------------------------------
+    def _vonage(self, raw: bytes):
+        """Vonage's POST /v1/messages, no kinder than the real one. Sources: the Messages API reference
+        (developer.vonage.com/en/api/messages, OpenAPI 1.17: 202 {message_uuid}; 401, 422, 429 answered as RFC 7807
+        application/problem+json with type/title/detail/instance, 422 with invalid_parameters), the SDK's own test
+        data for those bodies (Vonage/vonage-python-sdk messages/tests/data/*.json), its JwtClient for the
+        application JWT (vonage_jwt/jwt.py: RS256, application_id, iat, jti, exp), "Working with WhatsApp
+        Interactive Messages" (message_type custom on channel whatsapp carries Meta's interactive object) and the
+        per-channel text limits of the reference (sms 1000, whatsapp 4096, messenger 640, viber_service 1000).
+        Basic auth (api_key:api_secret) is refused: the simulator knows no API secret."""
+        self._vonage_auth()
+        failure = self.state.take_failure("vonage")
+        if failure:
+            status, retry_after = failure
+            headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+            if status == 429:
+                raise _vonage_problem(429, "#throttled", "Rate Limit Hit", "Please wait, then retry your request",
+                                      headers)
+            if status < 500:
+                raise _vonage_problem(status, "/messages#1150", "Invalid params", f"simulated {status}", headers)
+            raise _vonage_problem(status, "#internal-error", "Internal Error", f"simulated {status}", headers)
+        body = self._json(raw)
+        if not isinstance(body, dict):
+            raise _vonage_invalid("body", "must be a JSON object")
+        channel, kind = body.get("channel"), body.get("message_type")
+        for name in ("to", "from", "channel", "message_type"):
+            if not isinstance(body.get(name), str) or not body[name]:
+                raise _vonage_invalid(name, "is required")
+        if channel not in vonage.TEXT_LIMITS:
+            raise _vonage_invalid("channel", f"{channel!r} is not a supported channel")
+        if body["from"] != webhooks.VONAGE_ADDRESSES[channel]:
+            raise _vonage_invalid("from", f"is not a {channel} sender of this application")
+        text, media = "", []
+        choices: list[dict[str, str]] = []
+        if kind == "text":
+            text = body["text"] if isinstance(body.get("text"), str) else ""
+            if not 0 < len(text) <= vonage.TEXT_LIMITS[channel]:
+                raise _vonage_invalid("text", f"must be 1 to {vonage.TEXT_LIMITS[channel]} characters on {channel}")
+        elif kind in vonage.MEDIA_TYPES[channel]:
+            item = body.get(kind)
+            if not isinstance(item, dict) or not str(item.get("url", "")).startswith(("https://", "http://")):
+                raise _vonage_invalid(f"{kind}.url", "is required")
+            media = [{"url": item["url"], "kind": kind}]
+            text = str(item.get("caption", ""))
+        elif kind == "custom" and channel == "whatsapp":
+            custom = body.get("custom")
+            if not isinstance(custom, dict) or custom.get("type") != "interactive":
+                raise _vonage_invalid("custom", "is not an object WhatsApp takes")
+            try:
+                text, choices = _interactive_choices(custom.get("interactive"))
+            except Reply:
+                raise _vonage_invalid("custom.interactive", "is not an interactive message WhatsApp takes") from None
+        else:
+            raise _vonage_invalid("message_type", f"{kind!r} cannot be sent on {channel}")
+        message_uuid = str(uuid.uuid4())
+        self.state.record("vonage", "bot", vonage.channel_user(channel, body["to"]), text, media=media,
+                          actions=[c["title"] for c in choices], choices=choices, message_id=message_uuid, request=body)
+        return 202, {"message_uuid": message_uuid}, {}
+
+    def _vonage_auth(self) -> None:
+        """The application JWT as Vonage checks it: RS256 with the application's key, its application_id, not
+        expired; 401 otherwise."""
+        scheme, _, token = str(self.headers.get("Authorization") or "").partition(" ")
+        refused = _vonage_problem(401, "#unauthorized", "Unauthorized", "You did not provide correct credentials.")
+        pem = self._value("VONAGE_PRIVATE_KEY").replace("\\n", "\n")
+        if scheme != "Bearer" or not token or not pem:
+            raise refused
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise refused
+        try:
+            claims = jwt.decode(token, key.public_key(), algorithms=["RS256"],
+                                options={"require": ["iat", "jti"], "verify_exp": False, "verify_iat": False})
+        except jwt.PyJWTError:
+            raise refused from None
+        expiry = claims.get("exp")
+        if claims.get("application_id") != self._value("VONAGE_APPLICATION_ID") \
+                or (expiry is not None and (not isinstance(expiry, int | float) or expiry <= self.state.now())):
+            raise refused
+
+    def _vonage_media(self, media_id: str):
+        """A user's file on Vonage's media store with "Secure inbound media" on (developer.vonage.com/en/messages/
+        concepts/secure-inbound-media: GET the URL with the application's JWT as Bearer, else unauthorized)."""
+        self._vonage_auth()
+        data = _file_bytes(self.state.media.get(media_id))
+        if data is None:
+            raise _vonage_problem(404, "#not-found", "Not Found", "The requested media could not be found.")
+        return 200, (data, self.state.media[media_id].content_type), {}
+
     # -- admin --------------------------------------------------------------------------------
     def _admin(self, method: str, name: str, query: dict[str, str], raw: bytes):
         state = self.state
@@ -397,6 +506,11 @@ class _Exchange:
         provider, sender = body.get("provider"), str(body.get("from") or "")
         if provider not in webhooks.PROVIDERS or not sender:
             raise Reply(400, {"error": {"code": "BadInbound", "message": "give a known provider and 'from'"}})
+        if provider == "vonage":
+            try:
+                webhooks.vonage_address(sender)
+            except ValueError as error:
+                raise Reply(400, {"error": {"code": "BadInbound", "message": str(error)}}) from None
         media = tuple(webhooks.Attachment.from_url(m["url"], m.get("contentType", ""))
                       for m in body.get("media") or [] if isinstance(m, dict) and m.get("url"))
         sent, hosted = media, {}
@@ -405,9 +519,14 @@ class _Exchange:
             hosted = {"ME" + uuid.uuid4().hex: item for item in media}
             sent = tuple(webhooks.Attachment(f"{self.state.base_url}/2010-04-01/Accounts/{account}/Messages/{message}"
                                              f"/Media/{sid}", item.content_type) for sid, item in hosted.items())
+        if provider == "vonage":  # Vonage keeps the user's files on its media store and sends those URLs
+            hosted = {str(uuid.uuid4()): item for item in media}
+            sent = tuple(webhooks.Attachment(f"{self.state.base_url}/v3/media/{media_id}", item.content_type)
+                         for media_id, item in hosted.items())
         reply = None
         if body.get("reply_id"):
-            reply = self.state.interactive_reply(sender, str(body["reply_id"])) if provider == "whatsapp" else None
+            reply = self.state.interactive_reply(sender, str(body["reply_id"]), provider) \
+                if provider in ("whatsapp", "vonage") else None
             if reply is None:
                 raise Reply(400, {"error": {"code": "BadInbound", "message": "no WhatsApp message to this user "
                                             "offered that reply_id"}})
@@ -500,6 +619,20 @@ def _file_bytes(item: webhooks.Attachment | None) -> bytes | None:
     except requests.RequestException:
         return None
     return response.content if response.ok else None
+
+
+def _vonage_problem(status: int, kind: str, title: str, detail: str, headers: dict[str, str] | None = None,
+                    **extra: Any) -> Reply:
+    """A Vonage error as the Messages API answers one: RFC 7807 application/problem+json; `kind` is the part of
+    the type URL after api-errors ("#unauthorized", "/messages#1150")."""
+    body = {"type": f"https://developer.vonage.com/api-errors{kind}", "title": title, "detail": detail,
+            "instance": uuid.uuid4().hex, **extra}
+    return Reply(status, body, {"Content-Type": "application/problem+json", **(headers or {})})
+
+
+def _vonage_invalid(name: str, reason: str) -> Reply:
+    return _vonage_problem(422, "/messages#1150", "Invalid params", "The value of one or more parameters is invalid.",
+                           invalid_parameters=[{"name": name, "reason": reason}])
 
 
 def _graph_error(code: int, message: str) -> dict[str, Any]:

@@ -35,6 +35,11 @@ class InProcessSimulator(InProcessServer, SimulatorAdmin):
         super().__init__(url, functools.partial(respond, self.state))
         self.state.base_url = self.url  # the media URLs it hands out point here
 
+    def advance_clock(self, seconds: float) -> None:
+        """Move the simulator's clock on (a Vonage JWT's exp is checked by it) with the relay's test clock."""
+        with self.state.lock:
+            self.state.clock_offset += seconds
+
     def __repr__(self) -> str:
         return f"InProcessSimulator(url={self.url!r})"
 

@@ -18,14 +18,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
-from relay.channels import bird, generic, twilio, whatsapp
+from relay.channels import bird, generic, twilio, vonage, whatsapp
 
-PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic")
+PROVIDERS: tuple[str, ...] = ("twilio", "whatsapp", "messagebird", "bird", "generic")
+PROVIDERS += ("vonage",)
 TWILIO_SMS_NUMBER = "+15005550006"
 TWILIO_WHATSAPP_NUMBER = "whatsapp:+14155238886"
 WHATSAPP_DISPLAY_NUMBER = "15550100"
 MESSAGEBIRD_CHANNEL_ID = "619747f69cf940a98fb443140ce9aed2"
 MESSAGEBIRD_NUMBER = "+31612345678"
+VONAGE_ADDRESSES = {"sms": "447700900000", "whatsapp": "447700900000", "messenger": "107083064136738",
+                    "viber_service": "16273"}
+"""Our side of each Vonage channel: the number, the Facebook page id, the Viber service id."""
+VONAGE_API_KEY = "abcd1234"
 
 
 @dataclass(frozen=True)
@@ -89,15 +94,18 @@ def _iso(now: float) -> str:
 def build(provider: str, values: Mapping[str, str], relay_url: str, *, sender: str, text: str = "",
           name: str = "", media: tuple[Attachment, ...] = (), now: float | None = None,
           reply: InteractiveReply | None = None) -> Webhook:
-    """The signed webhook of a user's message; `reply` (whatsapp only): a tap on a button or list row instead."""
+    """The signed webhook of a user's message; `reply` (whatsapp, and vonage's whatsapp channel): a tap on a button
+    or list row instead."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; one of {', '.join(PROVIDERS)}")
-    if reply is not None and provider != "whatsapp":
+    if reply is not None and provider not in ("whatsapp", "vonage"):
         raise ValueError("only WhatsApp sends interactive replies")
     now = time.time() if now is None else now
     url = f"{relay_url.rstrip('/')}/api/channels/{provider}"
-    if reply is not None:
+    if reply is not None and provider == "whatsapp":
         return _whatsapp(values, url, sender, text, name, media, now, reply=reply)
+    if provider == "vonage":
+        return _vonage(values, url, sender, text, name, media, now, reply=reply)
     return globals()[f"_{provider}"](values, url, sender, text, name, media, now)
 
 
@@ -236,3 +244,46 @@ def _generic(values, url, sender, text, name, media, now) -> Webhook:
         if stamp_header:
             headers[stamp_header] = stamp
     return Webhook(url, headers, raw, message_id)
+
+
+def vonage_address(sender: str) -> tuple[str, str]:
+    """A simulated Vonage user, "<channel>:<id>" or an SMS number (vonage.channel_user's form), as (channel, id).
+    Vonage writes numbers without a +: a simulated user may have one, and keeps it."""
+    channel, _, user = sender.rpartition(":")
+    channel = channel or "sms"
+    if channel not in vonage.CHANNELS or (channel == "sms" and ":" in sender):
+        raise ValueError(f"a Vonage user is '<channel>:<id>' ({', '.join(vonage.CHANNELS[1:])}) or an SMS number")
+    return channel, user
+
+
+def _vonage(values, url, sender, text, name, media, now, reply: InteractiveReply | None = None) -> Webhook:
+    """A Messages API inbound webhook (v1): `sender` is "<channel>:<id>"; signed with a Bearer JWT (HS256, the
+    signature secret) whose payload_hash covers the body."""
+    channel, user = vonage_address(sender)
+    if reply is not None and channel != "whatsapp":
+        raise ValueError("only Vonage's WhatsApp channel sends interactive replies")
+    message_uuid = str(uuid.uuid4())
+    body: dict[str, object] = {"channel": channel, "message_uuid": message_uuid, "to": VONAGE_ADDRESSES[channel],
+                               "from": user, "timestamp": _iso(now)}
+    if channel == "whatsapp":
+        body |= {"profile": {"name": name or user}, "context_status": "none"}
+    if reply is not None:
+        chosen = {"id": reply.id, "title": reply.title, **({"description": reply.description}
+                                                            if reply.description else {})}
+        body |= {"message_type": "reply", "reply": chosen, "context_status": "available",
+                 "context": {"message_uuid": reply.context_id, "message_from": VONAGE_ADDRESSES[channel]}}
+    elif media:
+        kind = whatsapp.media_kind(media[0].content_type)
+        kind = "file" if kind == "document" else kind
+        body |= {"message_type": kind, kind: {"url": media[0].url, **({"caption": text} if text else {})}}
+    else:
+        body |= {"message_type": "text", "text": text}
+    if channel == "sms":
+        body |= {"sms": {"num_messages": "1"}, "usage": {"currency": "EUR", "price": "0.0057"}}
+    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    claims = {"iat": int(now), "jti": str(uuid.uuid4()), "iss": "Vonage",
+              "payload_hash": hashlib.sha256(raw).hexdigest(), "api_key": VONAGE_API_KEY,
+              "application_id": values.get("VONAGE_APPLICATION_ID", "")}
+    token = vonage.signed_webhook_jwt(claims, values.get("VONAGE_SIGNATURE_SECRET", ""))
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    return Webhook(url, headers, raw, message_uuid)

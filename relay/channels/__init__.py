@@ -22,6 +22,7 @@ from relay.channels.common import new_session
 from relay.channels.generic import GenericAdapter
 from relay.channels.messagebird import MessageBirdAdapter
 from relay.channels.twilio import TwilioAdapter
+from relay.channels.vonage import VonageAdapter
 from relay.channels.whatsapp import WhatsAppAdapter
 from relay.clock import SYSTEM_CLOCK, Clock
 from relay.errors import ChannelDisabled
@@ -33,6 +34,7 @@ ADAPTERS: dict[str, type[ChannelAdapter]] = {
     adapter.name: adapter
     for adapter in (TwilioAdapter, WhatsAppAdapter, MessageBirdAdapter, BirdAdapter, GenericAdapter)
 }
+ADAPTERS[VonageAdapter.name] = VonageAdapter
 
 _session: requests.Session | None = None
 _session_lock = threading.Lock()

@@ -56,6 +56,7 @@ from relay.formatting import ChannelKind, format_for
 __all__ = [
     "BUTTON_LIMIT",
     "BUTTON_TITLE_LIMIT",
+    "CHOOSE_PROMPT",
     "INTERACTIVE_BODY_LIMIT",
     "LIST_DESCRIPTION_LIMIT",
     "LIST_ROW_LIMIT",
@@ -63,6 +64,7 @@ __all__ = [
     "TEXT_LIMIT",
     "WhatsAppAdapter",
     "compute_signature",
+    "interactive_object",
     "media_kind",
 ]
 
@@ -86,8 +88,9 @@ def compute_signature(app_secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def _interactive(choices: tuple[Choice, ...]) -> dict[str, Any] | None:
-    """Reply buttons when the choices fit them, else a list when they fit one, else None (body added by the caller)."""
+def interactive_object(choices: tuple[Choice, ...]) -> dict[str, Any] | None:
+    """Reply buttons when the choices fit them, else a list when they fit one, else None (body added by the caller).
+    Vonage's WhatsApp channel sends the same object (relay/channels/vonage.py)."""
     titles = [c.title for c in choices]
     if len(choices) <= BUTTON_LIMIT and all(0 < len(t) <= BUTTON_TITLE_LIMIT for t in titles) \
             and len(set(titles)) == len(titles):
@@ -270,7 +273,7 @@ class WhatsAppAdapter(AdapterBase):
         bodies: list[dict[str, Any]] = [
             {"type": media_kind(m.content_type), media_kind(m.content_type): {"link": m.url}} for m in message.media
         ]
-        interactive = _interactive(message.choices) if message.choices and not message.multiple else None
+        interactive = interactive_object(message.choices) if message.choices and not message.multiple else None
         if interactive is None:
             text = message_text(message)
         else:

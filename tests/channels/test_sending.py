@@ -22,6 +22,7 @@ CONTEXTS = {
     "bird": ("+15550002", {"channel_id": "dev-channel", "identifier_key": "phonenumber",
                            "identifier_value": "+15550002"}),
     "generic": ("u-1", {"user_id": "u-1", "reply_to_id": "m-1"}),
+    "vonage": ("whatsapp:447700900001", {"channel": "whatsapp", "to": "447700900001", "from": "447700900000"}),
 }
 PROVIDERS = list(CONTEXTS)
 
@@ -68,6 +69,9 @@ AS_PLAIN = "Open today: see the site (https://shop.example/opening_hours)"
     pytest.param("bird", "+15550005", {"identifier_key": "phonenumber", "identifier_value": "+15550005",
                                         "platform": "sms"}, AS_PLAIN, id="Bird SMS"),
     pytest.param("generic", *CONTEXTS["generic"], AS_PLAIN, id="generic"),
+    pytest.param("vonage", *CONTEXTS["vonage"], AS_WHATSAPP, id="Vonage WhatsApp"),
+    pytest.param("vonage", "447700900002", {"channel": "sms", "to": "447700900002", "from": "447700900000"},
+                 AS_PLAIN, id="Vonage SMS"),
 ])
 def test_the_bots_markdown_reaches_the_user_as_their_channel_shows_it(sim, provider, user, context, shown):
     adapter_for(sim, provider).send(context, OutboundMessage(text=MARKDOWN))
@@ -208,6 +212,7 @@ def test_provider_429_and_5xx_are_transient(sim, provider):
     ("twilio", {"TWILIO_AUTH_TOKEN": "wrong-token"}), ("whatsapp", {"WHATSAPP_ACCESS_TOKEN": "wrong-token"}),
     ("messagebird", {"MESSAGEBIRD_ACCESS_KEY": "wrong-key"}), ("bird", {"BIRD_ACCESS_KEY": "wrong-key"}),
     ("generic", {"GENERIC_CALLBACK_SECRET": "whsec_d3Jvbmctc2VjcmV0"}),
+    ("vonage", {"VONAGE_APPLICATION_ID": "wrong-application"}),
 ])
 def test_wrong_credentials_are_rejected_permanently_without_echoing_them(sim, provider, wrong):
     with pytest.raises(ProviderRejected, match="401") as caught:

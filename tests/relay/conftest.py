@@ -36,7 +36,8 @@ from relay.store.conversations import ConversationKey, ConversationRecord
 from relay.store.due_polls import InboundMark
 from tests.conftest import DIRECTLINE_TEST_SECRET, subprocess_env
 
-PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic")
+PROVIDERS: tuple[str, ...] = ("twilio", "whatsapp", "messagebird", "bird", "generic")
+PROVIDERS += ("vonage",)
 NO_GREETING = {"RELAY_START_EVENT": ""}
 """The stacks here start without the greeting event (the echo bot's first reply is then its echo); a test of
 the greeting passes env={"RELAY_START_EVENT": "startConversation"}."""
@@ -187,9 +188,9 @@ class InProcessRelay:
         """A user's signed webhook parsed and its message accepted (stored, due now), as a webhook does,
         but nothing worked yet; then a second passes (a worker starting in the very instant the message
         was stored would take it for one written while it worked). For twilio, whatsapp, bird and generic
-        (the providers whose replies name the user). `reply_id` (whatsapp): a tap on that button or list
-        row of the newest message offering it, instead of text."""
-        reply = self.simulator.state.interactive_reply(user, reply_id) if reply_id else None
+        (the providers whose replies name the user). `reply_id` (whatsapp, vonage's whatsapp users): a tap on
+        that button or list row of the newest message offering it, instead of text."""
+        reply = self.simulator.state.interactive_reply(user, reply_id, channel) if reply_id else None
         assert reply is not None or not reply_id, f"no WhatsApp message to {user} offered {reply_id}"
         hook = webhooks.build(channel, DEV_VALUES, RELAY_URL, sender=user, text=text, reply=reply)
         request = WebhookRequest("POST", hook.url, hook.headers, hook.body)
@@ -278,6 +279,7 @@ def inprocess_relay(storage_connection_string, table_prefix) -> Iterator[Callabl
         })
         time = ManualTime()
         time.followers.append(emulator.advance_clock)
+        time.followers.append(simulator.advance_clock)
         directline = DirectLineClient(settings.directline, retry=RetryPolicy(attempts=1), clock=time,
                                       transport=emulator.transport)
         adapters = functools.cache(lambda name: get_adapter(name, settings, session=simulator.http, clock=time))

@@ -26,6 +26,7 @@ from tests.relay.conftest import PROVIDERS
 CONCURRENT = 50
 USERS = {"twilio": "+15550900001", "whatsapp": "15550900002", "messagebird": "+15550900003",
          "bird": "+15550900004", "generic": "user-0900005"}
+USERS["vonage"] = "whatsapp:15550900006"
 
 
 def post_together(hooks: list[webhooks.Webhook]) -> list[requests.Response]:
@@ -42,7 +43,7 @@ def post_together(hooks: list[webhooks.Webhook]) -> list[requests.Response]:
 
 
 def test_fifty_concurrent_messages_of_one_user_each_reach_the_bot_once(relay_stack):
-    """On every provider at the same moment: 50 different messages of one user each, 250 webhooks at once."""
+    """On every provider at the same moment: 50 different messages of one user each, all at once."""
     stack = relay_stack()
     texts = {provider: [f"message {n} from {provider}" for n in range(CONCURRENT)] for provider in PROVIDERS}
     hooks = [webhooks.build(provider, DEV_VALUES, stack.host.url, sender=USERS[provider], text=text)

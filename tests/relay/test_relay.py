@@ -21,6 +21,7 @@ from tests.relay.conftest import NEVER, PROVIDERS, RelayStack
 
 USERS = {"twilio": "+15550000001", "whatsapp": "15550000002", "messagebird": "+15550000003",
          "bird": "+15550000004", "generic": "user-5"}
+USERS["vonage"] = "whatsapp:15550000006"
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -177,7 +178,8 @@ def user_activities(stack: RelayStack, provider: str, user: str) -> list[dict]:
     return [a for a in activities if a.get("type") == "message" and (a.get("from") or {}).get("role") != "bot"]
 
 
-@pytest.mark.parametrize(("provider", "user"), [("whatsapp", "15550017000"), ("twilio", "whatsapp:+15550017001")])
+@pytest.mark.parametrize(("provider", "user"), [("whatsapp", "15550017000"), ("twilio", "whatsapp:+15550017001"),
+                                               ("vonage", "whatsapp:15550017003")])
 def test_media_behind_the_providers_credentials_reach_the_bot_as_files_it_can_open(relay_stack, provider, user):
     stack = relay_stack()
     answer = stack.send(provider, user, "look", media=[{"url": PHOTO_URL, "contentType": "image/png"}])

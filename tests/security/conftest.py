@@ -15,7 +15,7 @@ import requests
 from devstack.channels import DEV_VALUES, ProviderSimulator, webhooks
 from devstack.directline import DirectLineEmulator
 from devstack.procs import ROOT, ManagedProcess, free_port, http_ok, python_module
-from relay.channels import bird, generic, twilio, whatsapp
+from relay.channels import bird, generic, twilio, vonage, whatsapp
 from relay.settings import StorageSettings
 from relay.store import RelayStore
 from tests.conftest import subprocess_env
@@ -70,6 +70,11 @@ def sign(provider: str, body: bytes, url: str, *, now: float | None = None) -> d
 
         params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         return {"X-Twilio-Signature": twilio.compute_signature(DEV_VALUES["TWILIO_AUTH_TOKEN"], url, params)}
+    if provider == "vonage":
+        claims = {"iat": int(now), "jti": str(uuid.uuid4()), "iss": "Vonage", "api_key": webhooks.VONAGE_API_KEY,
+                  "payload_hash": hashlib.sha256(body).hexdigest(),
+                  "application_id": DEV_VALUES["VONAGE_APPLICATION_ID"]}
+        return {"Authorization": "Bearer " + vonage.signed_webhook_jwt(claims, DEV_VALUES["VONAGE_SIGNATURE_SECRET"])}
     raise ValueError(provider)
 
 

@@ -58,7 +58,9 @@ def shaped_like(provider: str):
             "messagebird": ["type", "contact", "conversation", "message", "id", "content", "text", "from",
                             "direction", "msisdn"],
             "generic": ["type", "id", "user", "text", "media", "messages", "url", "locale", "name"],
-            "twilio": ["From", "Body", "MessageSid", "NumMedia", "MediaUrl0", "To"]}[provider]
+            "twilio": ["From", "Body", "MessageSid", "NumMedia", "MediaUrl0", "To"],
+            "vonage": ["channel", "message_uuid", "to", "from", "message_type", "text", "image", "url", "reply",
+                       "id", "title", "profile", "name", "status"]}[provider]
     return st.recursive(
         hostile_scalars | st.sampled_from(keys),
         lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(keys), children,
@@ -185,6 +187,21 @@ def test_a_messagebird_jwt_of_any_shape_signed_with_the_key_is_refused_never_a_5
     token = ".".join([*parts, b64url(hmac.new(key, ".".join(parts).encode(), hashlib.sha256).digest())])
     response = exposed_relay.request("POST", "/api/channels/messagebird", data=b"{}",
                                      headers={"Content-Type": "application/json", "MessageBird-Signature-JWT": token})
+    assert_json_error(response, {401})
+
+
+@HOSTILE
+@given(header=st.fixed_dictionaries({"alg": not_strings | st.just("HS256") | LONE_SURROGATES},
+                                    optional={"typ": json_values}),
+       claims=st.dictionaries(st.sampled_from(["iat", "exp", "jti", "payload_hash", "application_id", "api_key"]),
+                              json_values, max_size=6))
+def test_a_vonage_jwt_of_any_shape_signed_with_the_secret_is_refused_never_a_500(exposed_relay, header, claims):
+    """A Bearer JWT signed with the signature secret but with claims of the wrong kind (or none) is a 401."""
+    parts = [b64url(json.dumps(part).encode()) for part in (header, claims)]
+    key = DEV_VALUES["VONAGE_SIGNATURE_SECRET"].encode()
+    token = ".".join([*parts, b64url(hmac.new(key, ".".join(parts).encode(), hashlib.sha256).digest())])
+    response = exposed_relay.request("POST", "/api/channels/vonage", data=b"{}",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     assert_json_error(response, {401})
 
 
