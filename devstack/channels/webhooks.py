@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
 from relay.channels import bird, generic, twilio, whatsapp
+from relay.channels import line as line_channel
 
-PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic")
+PROVIDERS: tuple[str, ...] = ("twilio", "whatsapp", "messagebird", "bird", "generic")
+PROVIDERS += ("line",)
 TWILIO_SMS_NUMBER = "+15005550006"
 TWILIO_WHATSAPP_NUMBER = "whatsapp:+14155238886"
 WHATSAPP_DISPLAY_NUMBER = "15550100"
@@ -58,6 +60,8 @@ class Webhook:
     message_id: str
     conversation_id: str = ""
     media_ids: dict[str, Attachment] = field(default_factory=dict)
+    reply_token: str = ""
+    """LINE: the event's reply token, which the simulator then takes once, for a minute."""
 
 
 def conversation_id(user: str) -> str:
@@ -89,15 +93,18 @@ def _iso(now: float) -> str:
 def build(provider: str, values: Mapping[str, str], relay_url: str, *, sender: str, text: str = "",
           name: str = "", media: tuple[Attachment, ...] = (), now: float | None = None,
           reply: InteractiveReply | None = None) -> Webhook:
-    """The signed webhook of a user's message; `reply` (whatsapp only): a tap on a button or list row instead."""
+    """The signed webhook of a user's message; `reply` (whatsapp, line): a tap on a button or list row (a LINE
+    quick reply button's postback) instead."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; one of {', '.join(PROVIDERS)}")
-    if reply is not None and provider != "whatsapp":
-        raise ValueError("only WhatsApp sends interactive replies")
+    if reply is not None and provider not in ("whatsapp", "line"):
+        raise ValueError("only WhatsApp and LINE send interactive replies")
     now = time.time() if now is None else now
     url = f"{relay_url.rstrip('/')}/api/channels/{provider}"
-    if reply is not None:
+    if reply is not None and provider == "whatsapp":
         return _whatsapp(values, url, sender, text, name, media, now, reply=reply)
+    if provider == "line":
+        return _line(values, url, sender, text, media, now, reply=reply)
     return globals()[f"_{provider}"](values, url, sender, text, name, media, now)
 
 
@@ -236,3 +243,47 @@ def _generic(values, url, sender, text, name, media, now) -> Webhook:
         if stamp_header:
             headers[stamp_header] = stamp
     return Webhook(url, headers, raw, message_id)
+
+
+def line_user(name: str) -> str:
+    """A LINE user id for `name`: "U" and 32 hex digits, stable, as LINE gives each user of a channel."""
+    return "U" + hashlib.sha256(f"line-user:{name}".encode()).hexdigest()[:32]
+
+
+def _ulid() -> str:
+    """A webhookEventId: 26 characters of Crockford base32, as LINE's ULIDs."""
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    number = (int(time.time() * 1000) << 80) | uuid.uuid4().int >> 48
+    return "".join(alphabet[(number >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def _line(values, url, sender, text, media, now, *, reply: InteractiveReply | None = None,
+          redelivery: bool = False) -> Webhook:
+    """A LINE webhook of one event: a text or media message, or a quick reply button's postback (`reply.id`
+    is its data), from a one-on-one chat with `sender` (a LINE user id)."""
+    event_id, reply_token = _ulid(), uuid.uuid4().hex
+    event: dict[str, object] = {"replyToken": reply_token, "webhookEventId": event_id,
+                                "deliveryContext": {"isRedelivery": redelivery}, "timestamp": int(now * 1000),
+                                "source": {"type": "user", "userId": sender}, "mode": "active"}
+    media_ids = {}
+    if reply is not None:
+        event |= {"type": "postback", "postback": {"data": reply.id}}
+    elif media:
+        message_id = str(uuid.uuid4().int)[:18]
+        media_ids[message_id] = media[0]
+        major = media[0].content_type.split("/")[0]
+        kind = major if major in ("image", "video", "audio") else "file"
+        message: dict[str, object] = {"type": kind, "id": message_id, "quoteToken": uuid.uuid4().hex,
+                                      "contentProvider": {"type": "line"}}
+        if kind == "file":
+            message |= {"fileName": media[0].url.rsplit("/", 1)[-1].split("?")[0][-100:] or "file",
+                        "fileSize": 0}
+        event |= {"type": "message", "message": message}
+    else:
+        event |= {"type": "message", "message": {"type": "text", "id": str(uuid.uuid4().int)[:18],
+                                                 "quoteToken": uuid.uuid4().hex, "text": text}}
+    body = {"destination": "U" + hashlib.sha256(b"line-bot").hexdigest()[:32], "events": [event]}
+    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": "LineBotWebhook/2.0",
+               "X-Line-Signature": line_channel.compute_signature(values.get("LINE_CHANNEL_SECRET", ""), raw)}
+    return Webhook(url, headers, raw, event_id, media_ids=media_ids, reply_token=reply_token)
