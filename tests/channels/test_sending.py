@@ -23,6 +23,7 @@ CONTEXTS = {
                            "identifier_value": "+15550002"}),
     "generic": ("u-1", {"user_id": "u-1", "reply_to_id": "m-1"}),
 }
+CONTEXTS["line"] = ("U" + "1" * 32, {"to": "U" + "1" * 32})
 PROVIDERS = list(CONTEXTS)
 
 
