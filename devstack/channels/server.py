@@ -130,6 +130,11 @@ class State:
                                                          choice.get("description", ""), context_id=entry["id"])
         return None
 
+    def issue_reply_token(self, token: str, user: str) -> None:
+        """LINE issued `token` to a webhook of `user`'s, now: a reply may use it once, within a minute."""
+        with self.lock:
+            self.reply_tokens[token] = (user, time.time())
+
     def take_failure(self, provider: str) -> tuple[int, float | None] | None:
         with self.lock:
             queue = self.failures.get(provider)
@@ -490,8 +495,8 @@ class _Exchange:
                 self.state.conversations[hook.conversation_id] = sender
             self.state.media.update(hook.media_ids)
             self.state.media.update(hosted)
-            if hook.reply_token:
-                self.state.reply_tokens[hook.reply_token] = (sender, time.time())
+        if hook.reply_token:
+            self.state.issue_reply_token(hook.reply_token, sender)
         self.state.record(provider, "user", sender, reply.title if reply else str(body.get("text", "")),
                           media=[{"url": m.url, "contentType": m.content_type} for m in media],
                           message_id=hook.message_id)
