@@ -58,7 +58,9 @@ def shaped_like(provider: str):
             "messagebird": ["type", "contact", "conversation", "message", "id", "content", "text", "from",
                             "direction", "msisdn"],
             "generic": ["type", "id", "user", "text", "media", "messages", "url", "locale", "name"],
-            "twilio": ["From", "Body", "MessageSid", "NumMedia", "MediaUrl0", "To"]}[provider]
+            "twilio": ["From", "Body", "MessageSid", "NumMedia", "MediaUrl0", "To"],
+            "line": ["destination", "events", "type", "webhookEventId", "replyToken", "source", "userId", "message",
+                     "postback", "data", "text", "timestamp", "deliveryContext", "isRedelivery", "mode"]}[provider]
     return st.recursive(
         hostile_scalars | st.sampled_from(keys),
         lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(keys), children,
