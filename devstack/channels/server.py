@@ -495,8 +495,8 @@ class _Exchange:
                 self.state.conversations[hook.conversation_id] = sender
             self.state.media.update(hook.media_ids)
             self.state.media.update(hosted)
-        if hook.reply_token:
-            self.state.issue_reply_token(hook.reply_token, sender)
+        for token in hook.reply_tokens:
+            self.state.issue_reply_token(token, sender)
         self.state.record(provider, "user", sender, reply.title if reply else str(body.get("text", "")),
                           media=[{"url": m.url, "contentType": m.content_type} for m in media],
                           message_id=hook.message_id)

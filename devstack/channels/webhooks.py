@@ -60,8 +60,8 @@ class Webhook:
     message_id: str
     conversation_id: str = ""
     media_ids: dict[str, Attachment] = field(default_factory=dict)
-    reply_token: str = ""
-    """LINE: the event's reply token, which the simulator then takes once, for a minute."""
+    reply_tokens: tuple[str, ...] = ()
+    """LINE: its events' reply tokens, which the simulator then takes once each, for a minute."""
 
 
 def conversation_id(user: str) -> str:
@@ -257,33 +257,38 @@ def _ulid() -> str:
     return "".join(alphabet[(number >> shift) & 31] for shift in range(125, -1, -5))
 
 
-def _line(values, url, sender, text, media, now, *, reply: InteractiveReply | None = None,
-          redelivery: bool = False) -> Webhook:
-    """A LINE webhook of one event: a text or media message, or a quick reply button's postback (`reply.id`
-    is its data), from a one-on-one chat with `sender` (a LINE user id)."""
-    event_id, reply_token = _ulid(), uuid.uuid4().hex
-    event: dict[str, object] = {"replyToken": reply_token, "webhookEventId": event_id,
-                                "deliveryContext": {"isRedelivery": redelivery}, "timestamp": int(now * 1000),
-                                "source": {"type": "user", "userId": sender}, "mode": "active"}
+def _line(values, url, sender, text, media, now, *, reply: InteractiveReply | None = None) -> Webhook:
+    """A LINE webhook from a one-on-one chat with `sender` (a LINE user id): a text message, a quick reply
+    button's postback (`reply.id` is its data), or a media message. A LINE message is text or one file, never
+    both: text with media is two events in one webhook, as LINE sends a user's text and photo; `message_id`
+    is the first event's."""
+    events: list[dict[str, object]] = []
     media_ids = {}
     if reply is not None:
-        event |= {"type": "postback", "postback": {"data": reply.id}}
-    elif media:
+        events.append({"type": "postback", "postback": {"data": reply.id}})
+    if text and reply is None:
+        events.append({"type": "message", "message": {"type": "text", "id": str(uuid.uuid4().int)[:18],
+                                                      "quoteToken": uuid.uuid4().hex, "text": text}})
+    for item in media[:1] if reply is None else ():
         message_id = str(uuid.uuid4().int)[:18]
-        media_ids[message_id] = media[0]
-        major = media[0].content_type.split("/")[0]
+        media_ids[message_id] = item
+        major = item.content_type.split("/")[0]
         kind = major if major in ("image", "video", "audio") else "file"
         message: dict[str, object] = {"type": kind, "id": message_id, "quoteToken": uuid.uuid4().hex,
                                       "contentProvider": {"type": "line"}}
         if kind == "file":
-            message |= {"fileName": media[0].url.rsplit("/", 1)[-1].split("?")[0][-100:] or "file",
-                        "fileSize": 0}
-        event |= {"type": "message", "message": message}
-    else:
-        event |= {"type": "message", "message": {"type": "text", "id": str(uuid.uuid4().int)[:18],
-                                                 "quoteToken": uuid.uuid4().hex, "text": text}}
-    body = {"destination": "U" + hashlib.sha256(b"line-bot").hexdigest()[:32], "events": [event]}
+            message |= {"fileName": item.url.rsplit("/", 1)[-1].split("?")[0][-100:] or "file", "fileSize": 0}
+        events.append({"type": "message", "message": message})
+    if not events:
+        events.append({"type": "message", "message": {"type": "text", "id": str(uuid.uuid4().int)[:18],
+                                                      "quoteToken": uuid.uuid4().hex, "text": text}})
+    for event in events:
+        event |= {"replyToken": uuid.uuid4().hex, "webhookEventId": _ulid(),
+                  "deliveryContext": {"isRedelivery": False}, "timestamp": int(now * 1000),
+                  "source": {"type": "user", "userId": sender}, "mode": "active"}
+    body = {"destination": "U" + hashlib.sha256(b"line-bot").hexdigest()[:32], "events": events}
     raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
     headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": "LineBotWebhook/2.0",
                "X-Line-Signature": line_channel.compute_signature(values.get("LINE_CHANNEL_SECRET", ""), raw)}
-    return Webhook(url, headers, raw, event_id, media_ids=media_ids, reply_token=reply_token)
+    return Webhook(url, headers, raw, str(events[0]["webhookEventId"]), media_ids=media_ids,
+                   reply_tokens=tuple(str(event["replyToken"]) for event in events))

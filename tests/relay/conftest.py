@@ -193,8 +193,8 @@ class InProcessRelay:
         reply = self.simulator.state.interactive_reply(user, reply_id, channel) if reply_id else None
         assert reply is not None or not reply_id, f"no {channel} message to {user} offered {reply_id}"
         hook = webhooks.build(channel, DEV_VALUES, RELAY_URL, sender=user, text=text, reply=reply)
-        if hook.reply_token:
-            self.simulator.state.issue_reply_token(hook.reply_token, user)
+        for token in hook.reply_tokens:
+            self.simulator.state.issue_reply_token(token, user)
         request = WebhookRequest("POST", hook.url, hook.headers, hook.body)
         [message] = parse_messages(self.ctx.adapter(channel), channel, request)
         key = ConversationKey(channel, message.user_id)
