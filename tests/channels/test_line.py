@@ -13,10 +13,10 @@ from linebot.v3.exceptions import InvalidSignatureError
 from linebot.v3.webhook import SignatureValidator
 
 from devstack.channels import DEV_VALUES, webhooks
-from relay.channels.base import Choice, Media, OutboundMessage, WebhookRequest
+from relay.channels.base import Choice, InboundMessage, Media, OutboundMessage, WebhookRequest
 from relay.channels.line import MESSAGES_PER_CALL, QUICK_REPLY_LIMIT, REPLY_TOKEN_SECONDS, compute_signature
 from relay.clock import ManualClock
-from relay.errors import BadPayload, SignatureInvalid
+from relay.errors import BadPayload, ProviderRejected, ProviderUnavailable, SignatureInvalid
 from tests.channels.conftest import make_adapter
 
 SECRET = DEV_VALUES["LINE_CHANNEL_SECRET"]
@@ -82,7 +82,7 @@ def test_a_text_message_is_one_message_keyed_by_its_webhook_event_id_with_a_fres
     hook = webhook(text="hello", now=clock.now().timestamp())
     [message] = make_adapter("line", clock=clock).parse(request_of(hook))
     assert (message.message_id, message.user_id, message.text) == (hook.message_id, USER, "hello")
-    assert message.reply_context == {"to": USER, "reply_token": hook.reply_token,
+    assert message.reply_context == {"to": USER, "reply_token": hook.reply_tokens[0],
                                      "reply_by": f"{clock.now().timestamp() + REPLY_TOKEN_SECONDS:.0f}"}
 
 
@@ -137,8 +137,8 @@ def test_a_malformed_event_is_a_bad_payload(events):
 
 
 # ---------------------------------------------------------------------------------------------- sending
-def line_adapter(sim, **options):
-    return make_adapter("line", sim.api_bases(), **options)
+def line_adapter(sim, clock=None, **values: str):
+    return make_adapter("line", {**sim.api_bases(), **values}, **({"clock": clock} if clock else {}))
 
 
 def issued(sim, text: str = "hi") -> tuple[dict[str, str], str]:
@@ -213,13 +213,35 @@ def test_more_messages_than_one_call_takes_go_in_calls_of_five(sim):
     assert [len(r["request"]["messages"]) for r in replies] == [MESSAGES_PER_CALL, 2]
 
 
+PHOTO = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+
+
+def sent_photo(sim, text: str = "") -> list[InboundMessage]:
+    """The messages of a user's photo (and text) sent through the simulator, as the relay's adapter parses them."""
+    url = "data:image/png;base64," + base64.b64encode(PHOTO).decode()
+    answer = sim.send_inbound("line", USER, text, media=[{"url": url, "contentType": "image/png"}])
+    return line_adapter(sim).parse(WebhookRequest("POST", URL, answer["webhook"]["headers"],
+                                                  base64.b64decode(answer["webhook"]["body_b64"])))
+
+
+def test_a_users_text_and_photo_are_two_messages_as_line_sends_them(sim):
+    caption, photo = sent_photo(sim, "look")
+    assert (caption.text, caption.media, photo.text, len(photo.media)) == ("look", (), "", 1)
+    assert caption.message_id != photo.message_id
+
+
 def test_a_users_image_is_fetched_from_the_content_api_with_the_access_token(sim):
-    data = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
-    url = "data:image/png;base64," + base64.b64encode(data).decode()
-    answer = sim.send_inbound("line", USER, media=[{"url": url, "contentType": "image/png"}])
-    adapter = line_adapter(sim)
-    [message] = adapter.parse(WebhookRequest("POST", URL, answer["webhook"]["headers"],
-                                             base64.b64decode(answer["webhook"]["body_b64"])))
-    [media] = message.media
-    fetched = adapter.fetch_media(media, max_bytes=1000)
-    assert (fetched.content, fetched.content_type) == (data, "image/png")
+    [message] = sent_photo(sim)
+    fetched = line_adapter(sim).fetch_media(message.media[0], max_bytes=1000)
+    assert (fetched.content, fetched.content_type) == (PHOTO, "image/png")
+
+
+def test_media_with_the_wrong_token_is_refused_for_good_and_an_outage_is_transient(sim):
+    [message] = sent_photo(sim)
+    with pytest.raises(ProviderRejected) as caught:
+        line_adapter(sim, LINE_CHANNEL_ACCESS_TOKEN="not-the-token").fetch_media(message.media[0], max_bytes=1000)
+    assert "401" in str(caught.value) and "not-the-token" not in str(caught.value)
+    sim.fail_next("line", 503, retry_after=7)
+    with pytest.raises(ProviderUnavailable) as unavailable:
+        line_adapter(sim).fetch_media(message.media[0], max_bytes=1000)
+    assert unavailable.value.retry_after == 7
