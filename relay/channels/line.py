@@ -317,9 +317,12 @@ class LineAdapter(AdapterBase):
                                  json={"replyToken": token, "messages": list(messages)}, headers=self._bearer(),
                                  clock=self.clock, answers=(400,))
         if response.status_code == 400:
-            problem = str(response_json(response).get("message") or "")[:300]
-            if problem != EXPIRED_REPLY_MESSAGE:
-                raise ProviderRejected(f"the LINE API rejected the reply with 400: {problem or 'no details'}")
+            answer = response_json(response)
+            if answer.get("message") != EXPIRED_REPLY_MESSAGE:
+                details = [f"{d.get('property')}: {d.get('message')}" for d in answer.get("details") or []
+                           if isinstance(d, dict)]
+                problem = "; ".join([str(answer.get("message") or "no details"), *details])[:300]
+                raise ProviderRejected(f"the LINE API rejected the reply with 400: {problem}")
             log.info("LINE called a reply token invalid (expired before its minute); pushing instead")
             return None
         return _request_id(response)

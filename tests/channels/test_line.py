@@ -245,3 +245,11 @@ def test_media_with_the_wrong_token_is_refused_for_good_and_an_outage_is_transie
     with pytest.raises(ProviderUnavailable) as unavailable:
         line_adapter(sim).fetch_media(message.media[0], max_bytes=1000)
     assert unavailable.value.retry_after == 7
+
+
+def test_a_reply_line_refuses_for_another_reason_is_refused_for_good_not_pushed(sim):
+    context, _ = issued(sim)
+    sim.fail_next("line", 400)
+    with pytest.raises(ProviderRejected, match="400"):
+        line_adapter(sim).send(context, OutboundMessage(text="refused"))
+    assert sim.replies("line", USER) == []
