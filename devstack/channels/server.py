@@ -385,8 +385,22 @@ class _Exchange:
                               "authorization header is valid."})
 
     def _line(self, path: str, raw: bytes):
-        """A reply or a push, checked as LINE checks them (see _line_messages); replies with a reply token LINE
-        issued to a webhook less than a minute ago and not used yet, pushes once per X-Line-Retry-Key."""
+        """A reply or a push, checked as LINE checks them (see _line_messages), from LINE's Messaging API
+        reference and guides (developers.line.biz/en/reference/messaging-api/, .../docs/messaging-api/):
+        - Bearer channel access token, else 401 {"message": "Authentication failed. ..."} (status codes table).
+        - A reply token is issued per webhook event, may be used once, and "must be used within one minute"
+          of the webhook (the reference since 2022; it was observed to lapse after about 30 s before: LINE
+          keeps no promise past the minute); a used, unknown or lapsed one is 400 {"message": "Invalid reply
+          token"}, the error table's wording for both "a used reply token" and one "that became invalid once a
+          certain period of time had passed".
+        - X-Line-Retry-Key (a UUID) is taken by push, multicast, narrowcast and broadcast only: on the reply
+          API it is a 400; once a key's request was accepted, the same key answers 409 with the accepted
+          request's id in `x-line-accepted-request-id` and the message is not sent again ("Retry failed API
+          requests").
+        - `to` must be a user, group or room id LINE gave ("The property, 'to', in the request body is
+          invalid"); the user ids are "U" and 32 hex digits.
+        - 429 (rate limit, or the month's message quota spent) and 5xx come from `/_sim/failures`: LINE
+          documents that a 5xx or a timeout may still have sent the message."""
         self._line_auth()
         body = self._json(raw)
         retry_key = self.headers.get("X-Line-Retry-Key")
