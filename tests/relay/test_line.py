@@ -26,7 +26,7 @@ def test_a_line_message_reaches_the_bot_once_and_is_answered_with_its_reply_toke
 
     assert stack.replay(answer).status_code == 200  # LINE's redelivery of the same event
     hook = answer["webhook"]
-    body = base64.b64decode(hook["body_b64"]).replace("hello LINE".encode(), b"forged LINE")
+    body = base64.b64decode(hook["body_b64"]).replace(b"hello LINE", b"forged LINE")
     tampered = requests.post(hook["url"], data=body, headers=hook["headers"], timeout=10)
     assert tampered.status_code == 401 and tampered.json()["error"]["code"] == "InvalidSignature"
 
@@ -60,3 +60,15 @@ def test_a_webhook_signed_with_another_secret_relays_nothing(relay_stack):
     assert response.status_code == 401
     assert compute_signature(DEV_VALUES["LINE_CHANNEL_SECRET"], hook.body) != hook.headers["X-Line-Signature"]
     assert stack.record("line", user) is None
+
+
+def test_a_reply_that_failed_with_its_token_is_retried_as_a_push_never_with_the_token_again(inprocess_relay):
+    relay = inprocess_relay()
+    user = webhooks.line_user("relay-line-4")
+    key = relay.message("line", user, "hello")
+    relay.simulator.fail_next("line", 503, retry_after=1)  # LINE may or may not have used the token
+    relay.work(key)
+    assert relay.simulator.replies("line", user) == [] and "reply_token" not in relay.record(key).reply_context
+    relay.time.advance(2)
+    relay.work(key)
+    assert apis(relay.simulator.replies("line", user)) == [("You said: hello", "push")]
