@@ -122,6 +122,14 @@ param messageBirdSigningKey string = ''
 param messageBirdAccessKey string = ''
 
 @secure()
+@description('LINE_CHANNEL_SECRET (enables the line channel).')
+param lineChannelSecret string = ''
+
+@secure()
+@description('LINE_CHANNEL_ACCESS_TOKEN: Messaging API token for replies, pushes and users\' media.')
+param lineChannelAccessToken string = ''
+
+@secure()
 @description('BIRD_SIGNING_KEY (enables the bird channel).')
 param birdSigningKey string = ''
 
@@ -233,6 +241,8 @@ var secrets = {
   'whatsapp-access-token': whatsAppAccessToken
   'messagebird-signing-key': messageBirdSigningKey
   'messagebird-access-key': messageBirdAccessKey
+  'line-channel-secret': lineChannelSecret
+  'line-channel-access-token': lineChannelAccessToken
   'bird-signing-key': birdSigningKey
   'bird-access-key': birdAccessKey
   'generic-webhook-secret': genericWebhookSecret
@@ -368,6 +378,8 @@ module app 'modules/function-app.bicep' = {
       WHATSAPP_PHONE_NUMBER_ID: whatsAppPhoneNumberId
       MESSAGEBIRD_SIGNING_KEY: empty(messageBirdSigningKey) ? '' : '${kvRef}messagebird-signing-key/)'
       MESSAGEBIRD_ACCESS_KEY: empty(messageBirdAccessKey) ? '' : '${kvRef}messagebird-access-key/)'
+      LINE_CHANNEL_SECRET: empty(lineChannelSecret) ? '' : '${kvRef}line-channel-secret/)'
+      LINE_CHANNEL_ACCESS_TOKEN: empty(lineChannelAccessToken) ? '' : '${kvRef}line-channel-access-token/)'
       BIRD_SIGNING_KEY: empty(birdSigningKey) ? '' : '${kvRef}bird-signing-key/)'
       BIRD_ACCESS_KEY: empty(birdAccessKey) ? '' : '${kvRef}bird-access-key/)'
       BIRD_WORKSPACE_ID: birdWorkspaceId
@@ -405,6 +417,7 @@ output DIRECTLINE_TOKEN_URL string = '${app.outputs.url}/api/directline/token'
 output TWILIO_WEBHOOK_URL string = '${app.outputs.url}/api/channels/twilio'
 output WHATSAPP_WEBHOOK_URL string = '${app.outputs.url}/api/channels/whatsapp'
 output MESSAGEBIRD_WEBHOOK_URL string = '${app.outputs.url}/api/channels/messagebird'
+output LINE_WEBHOOK_URL string = '${app.outputs.url}/api/channels/line'
 output BIRD_WEBHOOK_URL string = '${app.outputs.url}/api/channels/bird'
 output GENERIC_WEBHOOK_URL string = '${app.outputs.url}/api/channels/generic'
 output VONAGE_WEBHOOK_URL string = '${app.outputs.url}/api/channels/vonage'

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from enum import Enum, auto
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from relay import telemetry
 from relay.activities import is_interim
 from relay.cards import PendingQuestion, next_prompt, render_activity
-from relay.channels.base import OutboundMessage
+from relay.channels.base import ChannelAdapter, OutboundMessage
 from relay.errors import (
     BadRequest,
     ConcurrencyConflict,
@@ -203,10 +203,11 @@ class ReplyDelivery:
         """Send one message to the user: True once the provider took it, False when it refused it for good (a
         dead letter with `payload`), None when it cannot take it now (the worker comes back later)."""
         first_part = _parts_done(self.worker.record, activity_id)
+        adapter = self.ctx.adapter(self.worker.key.channel)
+        reply_context = self._spend(adapter)
         started = self.ctx.clock.monotonic()
         try:
-            self.ctx.adapter(self.worker.key.channel).send(self.worker.record.reply_context, message,
-                                                           first_part=first_part)
+            adapter.send(reply_context, message, first_part=first_part)
         except ProviderRejected as error:
             where = f" (part {error.parts_sent + 1} of {error.parts_total})" if error.parts_total > 1 else ""
             self.ctx.store.dead_letters.add_letter(self.worker.key, kind=DeadLetterKind.REPLY,
@@ -242,6 +243,16 @@ class ReplyDelivery:
         if sent_at.tzinfo is not None:
             telemetry.record(telemetry.REPLY_LATENCY, max(0.0, (self.ctx.clock.now() - sent_at).total_seconds()),
                              channel=self.worker.key.channel)
+
+    def _spend(self, adapter: ChannelAdapter) -> Mapping[str, str]:
+        """The record's reply context for one send. What a send may use only once (LINE's reply token) is stored
+        as used before the send, so neither a retry nor a later reply can use it again: at worst a send that
+        failed after using it falls back on what the context still allows (LINE's push)."""
+        context = self.worker.record.reply_context
+        spent = dict(adapter.spend(context))
+        if spent != dict(context):
+            self._save_delivered(lambda r: replace(r, reply_context=spent) if r.reply_context == context else r)
+        return context
 
     def _ask_pending(self) -> bool:
         """Send the pending question's next prompt when one is due (the user answered a card's earlier input, or

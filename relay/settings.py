@@ -160,6 +160,14 @@ SETTINGS: dict[str, Setting] = _catalogue(
             secret=True, group="messagebird"),
     Setting("MESSAGEBIRD_API_BASE", "Conversations API base URL.",
             default="https://conversations.messagebird.com", group="messagebird"),
+    # LINE Messaging API
+    Setting("LINE_CHANNEL_SECRET", "LINE channel secret (verifies X-Line-Signature; enables the line channel).",
+            default="", secret=True, group="line"),
+    Setting("LINE_CHANNEL_ACCESS_TOKEN", "LINE channel access token for replies, pushes and users' media.",
+            default="", secret=True, group="line"),
+    Setting("LINE_API_BASE", "LINE Messaging API base URL.", default="https://api.line.me", group="line"),
+    Setting("LINE_DATA_API_BASE", "LINE content API base URL (users' images and files).",
+            default="https://api-data.line.me", group="line"),
     # Bird (api.bird.com)
     Setting("BIRD_SIGNING_KEY", "Bird webhook signing key (enables the bird channel).", default="",
             secret=True, group="bird"),
@@ -570,6 +578,7 @@ CHANNEL_SWITCHES = {
     "twilio": "TWILIO_AUTH_TOKEN",
     "whatsapp": "WHATSAPP_APP_SECRET",
     "messagebird": "MESSAGEBIRD_SIGNING_KEY",
+    "line": "LINE_CHANNEL_SECRET",
     "bird": "BIRD_SIGNING_KEY",
     "generic": "GENERIC_WEBHOOK_SECRET",
     "vonage": "VONAGE_SIGNATURE_SECRET",

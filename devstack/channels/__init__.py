@@ -19,8 +19,9 @@ import requests
 from devstack.procs import ManagedProcess, free_port, http_ok, python_module
 from relay.settings import SETTINGS
 
-PROVIDER_GROUPS = ("twilio", "whatsapp", "messagebird", "bird", "generic",
-                   "vonage")
+PROVIDER_GROUPS: tuple[str, ...] = ("twilio", "whatsapp", "messagebird", "bird", "generic")
+PROVIDER_GROUPS += ("vonage",)
+PROVIDER_GROUPS += ("line",)
 DEFAULT_PORT = 3001
 
 DEV_VALUES: dict[str, str] = {
@@ -35,6 +36,10 @@ DEV_VALUES: dict[str, str] = {
     "MESSAGEBIRD_SIGNING_KEY": "dev-only-messagebird-signing-key",
     "MESSAGEBIRD_ACCESS_KEY": "dev-only-messagebird-access-key",
     "MESSAGEBIRD_API_BASE": "http://127.0.0.1:3001",
+    "LINE_CHANNEL_SECRET": "dev-only-line-channel-secret",
+    "LINE_CHANNEL_ACCESS_TOKEN": "dev-only-line-channel-access-token",
+    "LINE_API_BASE": "http://127.0.0.1:3001",
+    "LINE_DATA_API_BASE": "http://127.0.0.1:3001",
     "BIRD_SIGNING_KEY": "dev-only-bird-signing-key",
     "BIRD_ACCESS_KEY": "dev-only-bird-access-key",
     "BIRD_WORKSPACE_ID": "dev-workspace",
@@ -111,7 +116,8 @@ class SimulatorAdmin:
         return {"TWILIO_API_BASE": self.url, "WHATSAPP_API_BASE": f"{self.url}/v21.0",
                 "MESSAGEBIRD_API_BASE": self.url, "BIRD_API_BASE": self.url,
                 "GENERIC_CALLBACK_URL": f"{self.url}/generic/callback",
-                "VONAGE_API_BASE": self.url}
+                "VONAGE_API_BASE": self.url,
+                "LINE_API_BASE": self.url, "LINE_DATA_API_BASE": self.url}
 
     def _call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
         response = self._request(method, self.url + path, json=body, params=params, timeout=60)
@@ -138,7 +144,8 @@ class SimulatorAdmin:
     def send_inbound(self, provider: str, sender: str, text: str = "", *, name: str = "",
                      media: list[dict[str, str]] | None = None, reply_id: str = "") -> dict[str, Any]:
         """Sign and POST a user's message to the relay; the relay's answer as {status, body, message_id}.
-        `reply_id` (whatsapp): the user taps that button or list row of the newest message offering it."""
+        `reply_id` (whatsapp, line): the user taps that button, list row or quick reply button of the newest
+        message offering it."""
         return self._call("POST", "/_sim/inbound",
                           {"provider": provider, "from": sender, "text": text, "name": name, "media": media or [],
                            **({"reply_id": reply_id} if reply_id else {})})

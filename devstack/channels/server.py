@@ -17,6 +17,10 @@ Reply APIs (on each provider's real paths, auth checked as the provider does, 40
     POST /v1/messages                                   Vonage Messages API, Bearer application JWT (RS256);
                                                         answers 202 {message_uuid}; see _vonage for its sources
     GET  /v3/media/{uuid}                               Vonage inbound media ("secure inbound media": JWT)
+
+    POST /v2/bot/message/reply                          LINE reply (a webhook's reply token, once, for a minute)
+    POST /v2/bot/message/push                           LINE push, X-Line-Retry-Key (409 once taken)
+    GET  /v2/bot/message/{id}/content                   LINE content API: a user's file, Bearer access token
 Admin API (JSON), under /_sim:
     GET    /_sim/health
     GET    /_sim/replies?provider=&user=                the replies received, oldest first
@@ -32,6 +36,8 @@ Admin API (JSON), under /_sim:
                                                         list row of the newest message offering it (an
                                                         interactive button_reply/list_reply, as Meta sends;
                                                         on vonage a `reply` message, from "whatsapp:<number>")
+
+                                                        line: the postback of that quick reply button)
     POST   /_sim/handshake {verify_token?, challenge?}  Meta's GET verification call to the relay
     GET    /                                            the phone-like page
 """
@@ -77,6 +83,10 @@ GENERIC_PATH = "/generic/callback"
 VONAGE_MESSAGES_PATH = "/v1/messages"
 VONAGE_MEDIA_PATH = re.compile(r"^/v3/media/([0-9a-f-]+)$")
 
+LINE_REPLY_PATH = "/v2/bot/message/reply"
+LINE_PUSH_PATH = "/v2/bot/message/push"
+LINE_CONTENT_PATH = re.compile(r"^/v2/bot/message/([^/]+)/content$")
+
 
 class Reply(Exception):
     """An HTTP answer raised from a handler: status, JSON body, extra headers."""
@@ -99,6 +109,9 @@ class State:
         self.media: dict[str, webhooks.Attachment] = {}  # WhatsApp media id or Twilio media sid -> the user's file
         self.base_url = ""  # where this simulator listens, for the media URLs it hands out
         self.clock_offset = 0.0  # seconds its clock is ahead of the real one (InProcessSimulator.advance_clock)
+
+        self.reply_tokens: dict[str, tuple[str, float]] = {}  # LINE reply token -> (user, issued at), until used
+        self.retry_keys: dict[str, str] = {}  # LINE X-Line-Retry-Key -> the request id that took it
         self.sequence = 0
 
     def record(self, provider: str, direction: str, user: str, text: str, *, media=(), actions=(), choices=(),
@@ -119,7 +132,8 @@ class State:
 
     def interactive_reply(self, user: str, reply_id: str,
                           provider: str = "whatsapp") -> webhooks.InteractiveReply | None:
-        """The user's tap on the button or list row `reply_id` of the newest `provider` message that offered it."""
+        """The user's tap on the button or list row `reply_id` of the newest `provider` message that offered it (line:
+        the quick reply button whose postback data is `reply_id`)."""
         with self.lock:
             for entry in reversed(self.messages):
                 if entry["provider"] != provider or entry["direction"] != "bot" or entry["user"] != user:
@@ -133,6 +147,11 @@ class State:
     def now(self) -> float:
         """Unix time as the simulator sees it: the real time, moved on with the relay's in the in-process tests."""
         return time.time() + self.clock_offset
+
+    def issue_reply_token(self, token: str, user: str) -> None:
+        """LINE issued `token` to a webhook of `user`'s, now: a reply may use it once, within a minute."""
+        with self.lock:
+            self.reply_tokens[token] = (user, self.now())
 
     def take_failure(self, provider: str) -> tuple[int, float | None] | None:
         with self.lock:
@@ -196,6 +215,12 @@ class _Exchange:
                 return self._generic(raw)
             if path == VONAGE_MESSAGES_PATH:
                 return self._vonage(raw)
+
+            if path in (LINE_REPLY_PATH, LINE_PUSH_PATH):
+                return self._line(path, raw)
+        content = LINE_CONTENT_PATH.match(path) if method == "GET" else None
+        if content:
+            return self._line_content(content.group(1))
         media = GRAPH_MEDIA_PATH.match(path) if method == "GET" else None
         if media:
             return self._whatsapp_media(media)
@@ -465,6 +490,74 @@ class _Exchange:
             raise _vonage_problem(404, "#not-found", "Not Found", "The requested media could not be found.")
         return 200, (data, self.state.media[media_id].content_type), {}
 
+    # -- LINE ---------------------------------------------------------------------------------
+    def _line_auth(self) -> None:
+        token = self._value("LINE_CHANNEL_ACCESS_TOKEN")
+        if not token or self.headers.get("Authorization") != f"Bearer {token}":
+            raise Reply(401, {"message": "Authentication failed. Confirm that the access token in the "
+                              "authorization header is valid."})
+
+    def _line(self, path: str, raw: bytes):
+        """A reply or a push, checked as LINE checks them (see _line_messages), from LINE's Messaging API
+        reference and guides (developers.line.biz/en/reference/messaging-api/, .../docs/messaging-api/):
+        - Bearer channel access token, else 401 {"message": "Authentication failed. ..."} (status codes table).
+        - A reply token is issued per webhook event, may be used once, and "must be used within one minute"
+          of the webhook (the reference since 2022; it was observed to lapse after about 30 s before: LINE
+          keeps no promise past the minute); a used, unknown or lapsed one is 400 {"message": "Invalid reply
+          token"}, the error table's wording for both "a used reply token" and one "that became invalid once a
+          certain period of time had passed".
+        - X-Line-Retry-Key (a UUID) is taken by push, multicast, narrowcast and broadcast only: on the reply
+          API it is a 400; once a key's request was accepted, the same key answers 409 with the accepted
+          request's id in `x-line-accepted-request-id` and the message is not sent again ("Retry failed API
+          requests").
+        - `to` must be a user, group or room id LINE gave ("The property, 'to', in the request body is
+          invalid"); the user ids are "U" and 32 hex digits.
+        - 429 (rate limit, or the month's message quota spent) and 5xx come from `/_sim/failures`: LINE
+          documents that a 5xx or a timeout may still have sent the message."""
+        self._line_auth()
+        body = self._json(raw)
+        retry_key = self.headers.get("X-Line-Retry-Key")
+        if path == LINE_REPLY_PATH and retry_key is not None:
+            raise Reply(400, {"message": "X-Line-Retry-Key header is not supported in this API"})
+        if retry_key is not None and not _is_uuid(retry_key):
+            raise Reply(400, {"message": "The value of the X-Line-Retry-Key header is invalid"})
+        with self.state.lock:
+            accepted = self.state.retry_keys.get(retry_key or "")
+        if accepted:
+            raise Reply(409, {"message": "The retry key is already accepted", "sentMessages": []},
+                        {"x-line-accepted-request-id": accepted})
+        self._maybe_fail("line")
+        messages, text, media, choices = _line_messages(body.get("messages"))
+        if path == LINE_REPLY_PATH:
+            with self.state.lock:
+                issued = self.state.reply_tokens.pop(str(body.get("replyToken") or ""), None)
+            if issued is None or self.state.now() - issued[1] > LINE_REPLY_TOKEN_SECONDS:
+                raise Reply(400, {"message": "Invalid reply token"})
+            user = issued[0]
+        else:
+            user = str(body.get("to") or "")
+            if not LINE_USER_ID.fullmatch(user):
+                raise Reply(400, {"message": "The property, 'to', in the request body is invalid (line: -, "
+                                  "column: -)"})
+        request_id = str(uuid.uuid4())
+        with self.state.lock:
+            if retry_key:
+                self.state.retry_keys[retry_key] = request_id
+        self.state.record("line", "bot", user, text, media=media, actions=[c["title"] for c in choices],
+                          choices=choices, message_id=request_id,
+                          request={"api": "reply" if path == LINE_REPLY_PATH else "push", **body})
+        return 200, {"sentMessages": [{"id": str(uuid.uuid4().int)[:18], "quoteToken": uuid.uuid4().hex}
+                                      for _ in messages]}, {"x-line-request-id": request_id}
+
+    def _line_content(self, message_id: str):
+        """A user's file on LINE's content API, readable with the channel access token."""
+        self._line_auth()
+        self._maybe_fail("line")
+        data = _file_bytes(self.state.media.get(message_id))
+        if data is None:
+            raise Reply(404, {"message": "Not found"})
+        return 200, (data, self.state.media[message_id].content_type), {}
+
     # -- admin --------------------------------------------------------------------------------
     def _admin(self, method: str, name: str, query: dict[str, str], raw: bytes):
         state = self.state
@@ -526,9 +619,9 @@ class _Exchange:
         reply = None
         if body.get("reply_id"):
             reply = self.state.interactive_reply(sender, str(body["reply_id"]), provider) \
-                if provider in ("whatsapp", "vonage") else None
+                if provider in ("whatsapp", "vonage", "line") else None
             if reply is None:
-                raise Reply(400, {"error": {"code": "BadInbound", "message": "no WhatsApp message to this user "
+                raise Reply(400, {"error": {"code": "BadInbound", "message": f"no {provider} message to this user "
                                             "offered that reply_id"}})
         hook = webhooks.build(provider, self.state.values, self.state.relay_url, sender=sender,
                               text=str(body.get("text", "")), name=str(body.get("name", "")), media=sent,
@@ -538,6 +631,8 @@ class _Exchange:
                 self.state.conversations[hook.conversation_id] = sender
             self.state.media.update(hook.media_ids)
             self.state.media.update(hosted)
+        for token in hook.reply_tokens:
+            self.state.issue_reply_token(token, sender)
         self.state.record(provider, "user", sender, reply.title if reply else str(body.get("text", "")),
                           media=[{"url": m.url, "contentType": m.content_type} for m in media],
                           message_id=hook.message_id)
@@ -602,6 +697,66 @@ def _interactive_choices(interactive: Any) -> tuple[str, list[dict[str, str]]]:
     else:
         raise Reply(400, _graph_error(100, f"Unsupported interactive type {interactive.get('type')!r}"))
     return text, choices
+
+
+LINE_REPLY_TOKEN_SECONDS = 60
+LINE_USER_ID = re.compile(r"U[0-9a-f]{32}")
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _line_messages(messages: Any) -> tuple[list[dict[str, Any]], str, list[dict[str, str]], list[dict[str, str]]]:
+    """The message objects of a reply or push, their text, images and quick reply buttons ({id: the postback
+    data, title, kind}), checked as LINE checks them (400 "The request body has 1 error(s)" otherwise): 1 to 5
+    messages; text of 1 to 5000 characters; images with HTTPS URLs; at most 13 quick reply items, labels of
+    1 to 20 characters, postback data of at most 300."""
+    def invalid(message: str, prop: str) -> Reply:
+        return Reply(400, {"message": "The request body has 1 error(s)",
+                           "details": [{"message": message, "property": prop}]})
+
+    if not isinstance(messages, list) or not 1 <= len(messages) <= 5:
+        raise invalid("Size must be between 1 and 5", "messages")
+    texts: list[str] = []
+    media: list[dict[str, str]] = []
+    choices: list[dict[str, str]] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise invalid("Must be an object", f"messages[{index}]")
+        if message.get("type") == "text":
+            text = message.get("text")
+            if not isinstance(text, str) or not 0 < len(text) <= 5000:
+                raise invalid("Length must be between 0 and 5000", f"messages[{index}].text")
+            texts.append(text)
+        elif message.get("type") == "image":
+            for key in ("originalContentUrl", "previewImageUrl"):
+                if not str(message.get(key) or "").startswith("https://"):
+                    raise invalid("Must be a valid HTTPS URL", f"messages[{index}].{key}")
+            media.append({"url": message["originalContentUrl"], "kind": "image"})
+        else:
+            raise invalid("Must be one of the following values: [text, image, ...]", f"messages[{index}].type")
+        items = (message.get("quickReply") or {}).get("items") if "quickReply" in message else None
+        if items is not None:
+            if not isinstance(items, list) or not 1 <= len(items) <= 13:
+                raise invalid("Size must be between 1 and 13", f"messages[{index}].quickReply.items")
+            choices = []
+            for number, item in enumerate(items):
+                action = (item or {}).get("action") or {}
+                where = f"messages[{index}].quickReply.items[{number}].action"
+                if action.get("type") != "postback":
+                    raise invalid("Must be one of the following values: [postback, message, ...]", where + ".type")
+                if not 0 < len(str(action.get("label") or "")) <= 20:
+                    raise invalid("Length must be between 1 and 20", where + ".label")
+                if not 0 < len(str(action.get("data") or "")) <= 300:
+                    raise invalid("Length must be between 1 and 300", where + ".data")
+                choices.append({"id": str(action["data"]), "title": str(action.get("displayText") or action["label"]),
+                                "kind": "postback"})
+    return messages, "\n".join(texts), media, choices
 
 
 def _file_bytes(item: webhooks.Attachment | None) -> bytes | None:

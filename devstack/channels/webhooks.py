@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
 from relay.channels import bird, generic, twilio, vonage, whatsapp
+from relay.channels import line as line_channel
 
 PROVIDERS: tuple[str, ...] = ("twilio", "whatsapp", "messagebird", "bird", "generic")
 PROVIDERS += ("vonage",)
+PROVIDERS += ("line",)
 TWILIO_SMS_NUMBER = "+15005550006"
 TWILIO_WHATSAPP_NUMBER = "whatsapp:+14155238886"
 WHATSAPP_DISPLAY_NUMBER = "15550100"
@@ -63,6 +65,8 @@ class Webhook:
     message_id: str
     conversation_id: str = ""
     media_ids: dict[str, Attachment] = field(default_factory=dict)
+    reply_tokens: tuple[str, ...] = ()
+    """LINE: its events' reply tokens, which the simulator then takes once each, for a minute."""
 
 
 def conversation_id(user: str) -> str:
@@ -94,18 +98,21 @@ def _iso(now: float) -> str:
 def build(provider: str, values: Mapping[str, str], relay_url: str, *, sender: str, text: str = "",
           name: str = "", media: tuple[Attachment, ...] = (), now: float | None = None,
           reply: InteractiveReply | None = None) -> Webhook:
-    """The signed webhook of a user's message; `reply` (whatsapp, and vonage's whatsapp channel): a tap on a button
-    or list row instead."""
+    """The signed webhook of a user's message; `reply` (whatsapp, vonage's whatsapp channel, line): a tap on a
+    button or list row (a LINE quick reply button's postback) instead."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; one of {', '.join(PROVIDERS)}")
-    if reply is not None and provider not in ("whatsapp", "vonage"):
-        raise ValueError("only WhatsApp sends interactive replies")
+    if reply is not None and provider not in ("whatsapp", "vonage", "line"):
+        raise ValueError("only WhatsApp (also through Vonage) and LINE send interactive replies")
     now = time.time() if now is None else now
     url = f"{relay_url.rstrip('/')}/api/channels/{provider}"
     if reply is not None and provider == "whatsapp":
         return _whatsapp(values, url, sender, text, name, media, now, reply=reply)
     if provider == "vonage":
         return _vonage(values, url, sender, text, name, media, now, reply=reply)
+
+    if provider == "line":
+        return _line(values, url, sender, text, media, now, reply=reply)
     return globals()[f"_{provider}"](values, url, sender, text, name, media, now)
 
 
@@ -287,3 +294,51 @@ def _vonage(values, url, sender, text, name, media, now, reply: InteractiveReply
     token = vonage.signed_webhook_jwt(claims, values.get("VONAGE_SIGNATURE_SECRET", ""))
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
     return Webhook(url, headers, raw, message_uuid)
+
+def line_user(name: str) -> str:
+    """A LINE user id for `name`: "U" and 32 hex digits, stable, as LINE gives each user of a channel."""
+    return "U" + hashlib.sha256(f"line-user:{name}".encode()).hexdigest()[:32]
+
+
+def _ulid() -> str:
+    """A webhookEventId: 26 characters of Crockford base32, as LINE's ULIDs."""
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    number = (int(time.time() * 1000) << 80) | uuid.uuid4().int >> 48
+    return "".join(alphabet[(number >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def _line(values, url, sender, text, media, now, *, reply: InteractiveReply | None = None) -> Webhook:
+    """A LINE webhook from a one-on-one chat with `sender` (a LINE user id): a text message, a quick reply
+    button's postback (`reply.id` is its data), or a media message. A LINE message is text or one file, never
+    both: text with media is two events in one webhook, as LINE sends a user's text and photo; `message_id`
+    is the first event's."""
+    events: list[dict[str, object]] = []
+    media_ids = {}
+    if reply is not None:
+        events.append({"type": "postback", "postback": {"data": reply.id}})
+    if text and reply is None:
+        events.append({"type": "message", "message": {"type": "text", "id": str(uuid.uuid4().int)[:18],
+                                                      "quoteToken": uuid.uuid4().hex, "text": text}})
+    for item in media[:1] if reply is None else ():
+        message_id = str(uuid.uuid4().int)[:18]
+        media_ids[message_id] = item
+        major = item.content_type.split("/")[0]
+        kind = major if major in ("image", "video", "audio") else "file"
+        message: dict[str, object] = {"type": kind, "id": message_id, "quoteToken": uuid.uuid4().hex,
+                                      "contentProvider": {"type": "line"}}
+        if kind == "file":
+            message |= {"fileName": item.url.rsplit("/", 1)[-1].split("?")[0][-100:] or "file", "fileSize": 0}
+        events.append({"type": "message", "message": message})
+    if not events:
+        events.append({"type": "message", "message": {"type": "text", "id": str(uuid.uuid4().int)[:18],
+                                                      "quoteToken": uuid.uuid4().hex, "text": text}})
+    for event in events:
+        event |= {"replyToken": uuid.uuid4().hex, "webhookEventId": _ulid(),
+                  "deliveryContext": {"isRedelivery": False}, "timestamp": int(now * 1000),
+                  "source": {"type": "user", "userId": sender}, "mode": "active"}
+    body = {"destination": "U" + hashlib.sha256(b"line-bot").hexdigest()[:32], "events": events}
+    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": "LineBotWebhook/2.0",
+               "X-Line-Signature": line_channel.compute_signature(values.get("LINE_CHANNEL_SECRET", ""), raw)}
+    return Webhook(url, headers, raw, str(events[0]["webhookEventId"]), media_ids=media_ids,
+                   reply_tokens=tuple(str(event["replyToken"]) for event in events))

@@ -20,6 +20,7 @@ from relay.channels.base import ChannelAdapter
 from relay.channels.bird import BirdAdapter
 from relay.channels.common import new_session
 from relay.channels.generic import GenericAdapter
+from relay.channels.line import LineAdapter
 from relay.channels.messagebird import MessageBirdAdapter
 from relay.channels.twilio import TwilioAdapter
 from relay.channels.vonage import VonageAdapter
@@ -35,6 +36,7 @@ ADAPTERS: dict[str, type[ChannelAdapter]] = {
     for adapter in (TwilioAdapter, WhatsAppAdapter, MessageBirdAdapter, BirdAdapter, GenericAdapter)
 }
 ADAPTERS[VonageAdapter.name] = VonageAdapter
+ADAPTERS[LineAdapter.name] = LineAdapter
 
 _session: requests.Session | None = None
 _session_lock = threading.Lock()

@@ -175,6 +175,10 @@ class ChannelAdapter(Protocol):
         the error's `parts_sent` says how many the provider accepted, and a retry passes that as
         `first_part` so no part reaches the user twice."""
 
+    def spend(self, reply_context: Mapping[str, str]) -> Mapping[str, str]:
+        """`reply_context` as it stands once a send has used it: without what a send may use only once (LINE's
+        reply token), else unchanged. The relay stores this before it sends, so nothing is used twice."""
+
     def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
         """The bytes of a user's `protected` media, at most `max_bytes`; ProviderRejected when the provider
         refuses it for good (gone, too large, not its URL), ProviderUnavailable when it cannot give it now."""

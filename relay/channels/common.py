@@ -20,7 +20,7 @@ import json
 import math
 import mimetypes
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, TypeGuard, TypeVar
 from urllib.parse import parse_qsl
 
@@ -111,6 +111,9 @@ class AdapterBase:
 
     def acknowledgement(self) -> WebhookAnswer:
         return WebhookAnswer(200, b"", "text/plain")
+
+    def spend(self, reply_context: Mapping[str, str]) -> Mapping[str, str]:
+        return reply_context
 
     def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
         raise ProviderRejected(f"the {self.name} channel's media are public: nothing to fetch",
@@ -287,12 +290,13 @@ def _provider_errors(what: str) -> Iterator[None]:
 
 
 def call_provider(session: requests.Session, provider: str, method: str, url: str, *, clock: Clock,
-                  **kwargs: Any) -> requests.Response:
+                  answers: Collection[int] = (), **kwargs: Any) -> requests.Response:
     """Make one API call; raise ProviderRejected or ProviderUnavailable unless it succeeded (a Retry-After
-    date counted from `clock`)."""
+    date counted from `clock`) or its status is one of `answers`, which the caller reads itself (LINE's
+    409 for a push it already took)."""
     with _provider_errors(f"the {provider} API"):
         response = session.request(method, url, timeout=TIMEOUT, **kwargs)
-    if response.status_code < 400:
+    if response.status_code < 400 or response.status_code in answers:
         return response
     detail = _detail(response)
     if response.status_code == 429 or response.status_code >= 500:

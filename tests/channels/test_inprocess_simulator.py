@@ -22,6 +22,8 @@ USERS = {"twilio": "+15550003001", "whatsapp": "15550003002", "messagebird": "co
 REPLY_CONTEXTS = {"twilio": {"to": USERS["twilio"], "from": "+15005550006"}, "whatsapp": {"to": USERS["whatsapp"]},
                   "messagebird": {"conversation_id": USERS["messagebird"]},
                   "bird": {"identifier_value": USERS["bird"]}, "generic": {"user_id": USERS["generic"]}}
+USERS["line"] = "U" + "3" * 32
+REPLY_CONTEXTS["line"] = {"to": USERS["line"]}
 LONG_TEXT = " ".join(f"word{n:03d}" for n in range(400))  # 3,199 characters: 2 Twilio messages
 
 
@@ -82,7 +84,8 @@ def a_picture(side: Side, provider: str) -> tuple:
 def wrong_credentials(side: Side, provider: str) -> tuple:
     wrong = {"twilio": {"TWILIO_AUTH_TOKEN": "wrong"}, "whatsapp": {"WHATSAPP_ACCESS_TOKEN": "wrong"},
              "messagebird": {"MESSAGEBIRD_ACCESS_KEY": "wrong"}, "bird": {"BIRD_ACCESS_KEY": "wrong"},
-             "generic": {"GENERIC_CALLBACK_SECRET": "whsec_d3Jvbmctc2VjcmV0LXdyb25nLXNlY3JldA=="}}[provider]
+             "generic": {"GENERIC_CALLBACK_SECRET": "whsec_d3Jvbmctc2VjcmV0LXdyb25nLXNlY3JldA=="},
+             "line": {"LINE_CHANNEL_ACCESS_TOKEN": "wrong"}}[provider]
     return send(side, provider, OutboundMessage(text="hi"), **wrong)
 
 

@@ -20,7 +20,7 @@ def settings(**values: str) -> Settings:
 def test_every_provider_with_its_dev_values_is_enabled_and_built():
     configured = settings(**DEV_VALUES)
     assert list_enabled(configured) == ["twilio", "whatsapp", "messagebird", "bird", "generic",
-                                        "vonage"]
+                                        "vonage", "line"]
     for name in list_enabled(configured):
         adapter = get_adapter(name, configured)
         assert adapter.name == name
@@ -44,6 +44,7 @@ def test_unknown_and_unconfigured_providers_are_disabled():
     ({"BIRD_SIGNING_KEY": "k", "BIRD_ACCESS_KEY": "a", "BIRD_WORKSPACE_ID": "w"}, "BIRD_CHANNEL_ID"),
     ({"GENERIC_WEBHOOK_SECRET": "s"}, "GENERIC_CALLBACK_URL"),
     ({"VONAGE_SIGNATURE_SECRET": "s", "VONAGE_PRIVATE_KEY": "k"}, "VONAGE_APPLICATION_ID"),
+    ({"LINE_CHANNEL_SECRET": "s"}, "LINE_CHANNEL_ACCESS_TOKEN"),
 ])
 def test_incomplete_provider_settings_name_the_missing_one(values, missing):
     configured = settings(**values)
@@ -78,4 +79,4 @@ def test_the_sample_settings_and_the_simulator_share_the_dev_credentials():
     sample = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
     assert {k: sample.get(k) for k in DEV_VALUES} == DEV_VALUES
     assert list_enabled(settings(**sample)) == ["twilio", "whatsapp", "messagebird", "bird", "generic",
-                                                "vonage"]
+                                                "vonage", "line"]

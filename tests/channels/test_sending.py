@@ -24,6 +24,7 @@ CONTEXTS = {
     "generic": ("u-1", {"user_id": "u-1", "reply_to_id": "m-1"}),
     "vonage": ("whatsapp:447700900001", {"channel": "whatsapp", "to": "447700900001", "from": "447700900000"}),
 }
+CONTEXTS["line"] = ("U" + "1" * 32, {"to": "U" + "1" * 32})
 PROVIDERS = list(CONTEXTS)
 
 

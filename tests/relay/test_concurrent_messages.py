@@ -27,6 +27,7 @@ CONCURRENT = 50
 USERS = {"twilio": "+15550900001", "whatsapp": "15550900002", "messagebird": "+15550900003",
          "bird": "+15550900004", "generic": "user-0900005"}
 USERS["vonage"] = "whatsapp:15550900006"
+USERS["line"] = webhooks.line_user("user-0900006")
 
 
 def post_together(hooks: list[webhooks.Webhook]) -> list[requests.Response]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import standardwebhooks
 
+from devstack.channels import webhooks
 from devstack.directline import copilot as agent
 from devstack.procs import wait_until
 from relay.store.conversations import ConversationKey
@@ -16,6 +17,10 @@ from tests.relay.conftest import EVENT_SECRET, EventReceiver, InProcessRelay
 
 USERS = {"twilio": "+15550017201", "whatsapp": "15550017202", "bird": "+15550017203", "generic": "copilot-user-4"}
 USERS["vonage"] = "whatsapp:15550017205"  # Vonage's WhatsApp channel: its own reply buttons
+USERS["line"] = webhooks.line_user("copilot-user-5")
+BUTTONS = ("whatsapp", "vonage", "line")
+"""Channels whose card choices are buttons the user taps (WhatsApp reply buttons, also through Vonage; LINE quick
+replies)."""
 GREETING = agent.GREETINGS["en"]
 
 
@@ -55,7 +60,7 @@ def test_an_agent_greets_asks_a_card_question_and_hands_over_on_every_channel_wi
     relay.message(provider, user, "card")
     until_delivered(relay, key, agent.CARD_QUESTION)
     question = [r for r in relay.simulator.replies(provider, user) if agent.CARD_QUESTION in r["text"]][-1]
-    if provider in ("whatsapp", "vonage"):
+    if provider in BUTTONS:
         assert [c["title"] for c in question["choices"]] == list(agent.CARD_SIZES.values())  # reply buttons
         relay.message(provider, user, "", reply_id=question["choices"][1]["id"])
     else:

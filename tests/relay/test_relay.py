@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from devstack.bot import EchoBot
-from devstack.channels import DEV_VALUES
+from devstack.channels import DEV_VALUES, webhooks
 from devstack.procs import free_port, wait_until
 from tests.conftest import subprocess_env
 from tests.relay.conftest import NEVER, PROVIDERS, RelayStack
@@ -22,6 +22,7 @@ from tests.relay.conftest import NEVER, PROVIDERS, RelayStack
 USERS = {"twilio": "+15550000001", "whatsapp": "15550000002", "messagebird": "+15550000003",
          "bird": "+15550000004", "generic": "user-5"}
 USERS["vonage"] = "whatsapp:15550000006"
+USERS["line"] = webhooks.line_user("relay-user-6")
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

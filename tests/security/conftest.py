@@ -15,7 +15,7 @@ import requests
 from devstack.channels import DEV_VALUES, ProviderSimulator, webhooks
 from devstack.directline import DirectLineEmulator
 from devstack.procs import ROOT, ManagedProcess, free_port, http_ok, python_module
-from relay.channels import bird, generic, twilio, vonage, whatsapp
+from relay.channels import bird, generic, line, twilio, vonage, whatsapp
 from relay.settings import StorageSettings
 from relay.store import RelayStore
 from tests.conftest import subprocess_env
@@ -53,6 +53,8 @@ def sign(provider: str, body: bytes, url: str, *, now: float | None = None) -> d
     now = time.time() if now is None else now
     if provider == "whatsapp":
         return {"X-Hub-Signature-256": whatsapp.compute_signature(DEV_VALUES["WHATSAPP_APP_SECRET"], body)}
+    if provider == "line":
+        return {"X-Line-Signature": line.compute_signature(DEV_VALUES["LINE_CHANNEL_SECRET"], body)}
     if provider == "bird":
         stamp = str(int(now))
         return {"messagebird-request-timestamp": stamp,

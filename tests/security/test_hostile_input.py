@@ -60,7 +60,9 @@ def shaped_like(provider: str):
             "generic": ["type", "id", "user", "text", "media", "messages", "url", "locale", "name"],
             "twilio": ["From", "Body", "MessageSid", "NumMedia", "MediaUrl0", "To"],
             "vonage": ["channel", "message_uuid", "to", "from", "message_type", "text", "image", "url", "reply",
-                       "id", "title", "profile", "name", "status"]}[provider]
+                       "id", "title", "profile", "name", "status"],
+            "line": ["destination", "events", "type", "webhookEventId", "replyToken", "source", "userId", "message",
+                     "postback", "data", "text", "timestamp", "deliveryContext", "isRedelivery", "mode"]}[provider]
     return st.recursive(
         hostile_scalars | st.sampled_from(keys),
         lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(keys), children,

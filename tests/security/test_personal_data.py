@@ -32,6 +32,7 @@ PUBLIC_URL = "http://relay.test"
 PHONES = {"twilio": "+15557770001", "whatsapp": "15557770002", "messagebird": "+15557770003",
           "bird": "+15557770004", "generic": "+15557770005"}
 PHONES["vonage"] = "+15557770006"
+PHONES["line"] = webhooks.line_user("+15557770006")  # not a number: a LINE user id, as personal as one
 DEBUG_LOGGERS = ("", "azure", "azure.core.pipeline.policies.http_logging_policy", "urllib3", "relay")
 
 

@@ -7,6 +7,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import pytest
 
+from devstack.channels import webhooks
 from devstack.procs import wait_until
 from relay.store.conversations import ConversationKey
 from relay.store.sweep import DEDUPE_RETENTION
@@ -100,6 +101,20 @@ def test_a_whatsapp_webhook_older_than_the_dedupe_memory_is_acknowledged_and_not
     fresh = exposed_relay.webhook("whatsapp", user, "in time", now=time.time() - 3600)
     assert exposed_relay.deliver(fresh).status_code == 200
     assert bot_saw(exposed_relay, "whatsapp", user) == ["in time"]
+
+
+def test_a_line_event_older_than_the_dedupe_memory_is_acknowledged_and_not_relayed(exposed_relay):
+    """As WhatsApp's: LINE signs no time in a header, but each event's `timestamp` is in the signed body."""
+    user = webhooks.line_user("security-line-1")
+    old = exposed_relay.webhook("line", user, "eight days late",
+                                now=time.time() - DEDUPE_RETENTION.total_seconds() - 86400)
+    assert exposed_relay.deliver(old).status_code == 200
+    assert nothing_stored(exposed_relay, "line", user)
+    assert old.message_id in exposed_relay.log_path.read_text()
+    fresh = exposed_relay.webhook("line", user, "in time", now=time.time() - 3600)
+    assert exposed_relay.deliver(fresh).status_code == 200
+    assert exposed_relay.deliver(fresh).status_code == 200  # LINE's redelivery, or a replay: relayed once
+    assert bot_saw(exposed_relay, "line", user) == ["in time"]
 
 
 @pytest.mark.parametrize("signed_for", PROVIDERS)
