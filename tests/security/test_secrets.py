@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import requests
 
+from devstack.channels import webhooks
 from devstack.procs import wait_until
 from relay.store.conversations import ConversationKey
 from relay.store.sessions import hash_resume_key
@@ -14,6 +15,7 @@ from tests.security.leaks import configured_secrets, directline_tokens, find_lea
 USERS = {"twilio": "+15550600001", "whatsapp": "15550600002", "messagebird": "+15550600003",
          "bird": "+15550600004", "generic": "secret-user-5"}
 USERS["vonage"] = "15550600006"
+USERS["line"] = webhooks.line_user("secret-user-7")
 
 
 def test_the_leak_finder_finds_what_it_looks_for():
