@@ -91,7 +91,8 @@ def format_for(kind: ChannelKind, text: str) -> str:
 
 def _as_html(marked: str) -> str:
     """`marked` escaped for Telegram's HTML, its marks as tags; without any tag when they do not nest."""
-    pieces, opened = [], []
+    pieces: list[str] = []
+    opened: list[str] = []
     for piece in _HTML_MARK.split(html.escape(marked, quote=False)):
         if piece not in _HTML_TAGS:
             pieces.append(piece)
