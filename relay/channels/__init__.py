@@ -21,6 +21,7 @@ from relay.channels.bird import BirdAdapter
 from relay.channels.common import new_session
 from relay.channels.generic import GenericAdapter
 from relay.channels.messagebird import MessageBirdAdapter
+from relay.channels.telegram import TelegramAdapter
 from relay.channels.twilio import TwilioAdapter
 from relay.channels.whatsapp import WhatsAppAdapter
 from relay.clock import SYSTEM_CLOCK, Clock
@@ -33,6 +34,7 @@ ADAPTERS: dict[str, type[ChannelAdapter]] = {
     adapter.name: adapter
     for adapter in (TwilioAdapter, WhatsAppAdapter, MessageBirdAdapter, BirdAdapter, GenericAdapter)
 }
+ADAPTERS[TelegramAdapter.name] = TelegramAdapter
 
 _session: requests.Session | None = None
 _session_lock = threading.Lock()
