@@ -14,6 +14,10 @@ Reply APIs (on each provider's real paths, auth checked as the provider does, 40
     POST /v1/conversations/{id}/messages                MessageBird, AccessKey
     POST /workspaces/{ws}/channels/{ch}/messages        Bird, AccessKey; answers 202
     POST /generic/callback                              generic callback, Standard Webhooks signature
+    GET|POST /bot{token}/{method}                       Telegram Bot API (telegram_server.py): sendMessage,
+                                                        sendPhoto, sendDocument, getFile, answerCallbackQuery,
+                                                        setWebhook; 401 for another token
+    GET  /file/bot{token}/{file_path}                   Telegram file download (getFile's file_path)
 Admin API (JSON), under /_sim:
     GET    /_sim/health
     GET    /_sim/replies?provider=&user=                the replies received, oldest first
@@ -29,6 +33,8 @@ Admin API (JSON), under /_sim:
                                                         list row of the newest message offering it (an
                                                         interactive button_reply/list_reply, as Meta sends)
     POST   /_sim/handshake {verify_token?, challenge?}  Meta's GET verification call to the relay
+    GET    /_sim/telegram                               the Telegram bot's webhook as setWebhook left it, and
+                                                        the callback queries answered
     GET    /                                            the phone-like page
 """
 
@@ -52,7 +58,7 @@ from urllib.parse import parse_qs, unquote_to_bytes, urlencode, urlsplit
 import requests
 import standardwebhooks
 
-from devstack.channels import webhooks
+from devstack.channels import telegram_server, webhooks
 from devstack.http_server import LocalHTTPServer
 from devstack.inprocess import Answer, Headers
 from relay.channels import whatsapp
@@ -90,6 +96,7 @@ class State:
         self.media: dict[str, webhooks.Attachment] = {}  # WhatsApp media id or Twilio media sid -> the user's file
         self.base_url = ""  # where this simulator listens, for the media URLs it hands out
         self.sequence = 0
+        self.telegram = telegram_server.TelegramBot()
 
     def record(self, provider: str, direction: str, user: str, text: str, *, media=(), actions=(), choices=(),
                message_id: str = "", request: Any = None) -> dict[str, Any]:
@@ -107,16 +114,19 @@ class State:
             return [m for m in self.messages if (not provider or m["provider"] == provider)
                     and (not user or m["user"] == user) and (not direction or m["direction"] == direction)]
 
-    def interactive_reply(self, user: str, reply_id: str) -> webhooks.InteractiveReply | None:
-        """The user's tap on the button or list row `reply_id` of the newest WhatsApp message that offered it."""
+    def interactive_reply(self, user: str, reply_id: str,
+                          provider: str = "whatsapp") -> webhooks.InteractiveReply | None:
+        """The user's tap on the button or list row `reply_id` of the newest `provider` message that offered it."""
         with self.lock:
             for entry in reversed(self.messages):
-                if entry["provider"] != "whatsapp" or entry["direction"] != "bot" or entry["user"] != user:
+                if entry["provider"] != provider or entry["direction"] != "bot" or entry["user"] != user:
                     continue
                 for choice in entry.get("choices") or []:
                     if choice["id"] == reply_id:
                         return webhooks.InteractiveReply(choice["kind"], choice["id"], choice["title"],
-                                                         choice.get("description", ""), context_id=entry["id"])
+                                                         choice.get("description", ""), context_id=entry["id"],
+                                                         offered=tuple((c["id"], c["title"])
+                                                                       for c in entry["choices"]))
         return None
 
     def take_failure(self, provider: str) -> tuple[int, float | None] | None:
@@ -179,6 +189,8 @@ class _Exchange:
                     return handler(match, raw)
             if path == GENERIC_PATH:
                 return self._generic(raw)
+        if method in ("GET", "POST") and telegram_server.handles(path):
+            return telegram_server.respond(self.state, self.headers, path, query, raw, file_bytes=_file_bytes)
         media = GRAPH_MEDIA_PATH.match(path) if method == "GET" else None
         if media:
             return self._whatsapp_media(media)
@@ -378,6 +390,8 @@ class _Exchange:
             return self._inbound(self._json(raw))
         if name == "handshake" and method == "POST":
             return self._handshake(self._json(raw))
+        if name == "telegram" and method == "GET":
+            return 200, state.telegram.admin_view(), {}
         raise Reply(404, {"error": {"code": "NotFound", "message": f"no admin {method} {name}"}})
 
     def _inject(self, body: dict[str, Any]):
@@ -407,9 +421,10 @@ class _Exchange:
                                              f"/Media/{sid}", item.content_type) for sid, item in hosted.items())
         reply = None
         if body.get("reply_id"):
-            reply = self.state.interactive_reply(sender, str(body["reply_id"])) if provider == "whatsapp" else None
+            reply = self.state.interactive_reply(sender, str(body["reply_id"]), provider) \
+                if provider in ("whatsapp", "telegram") else None
             if reply is None:
-                raise Reply(400, {"error": {"code": "BadInbound", "message": "no WhatsApp message to this user "
+                raise Reply(400, {"error": {"code": "BadInbound", "message": f"no {provider} message to this user "
                                             "offered that reply_id"}})
         hook = webhooks.build(provider, self.state.values, self.state.relay_url, sender=sender,
                               text=str(body.get("text", "")), name=str(body.get("name", "")), media=sent,
@@ -419,6 +434,8 @@ class _Exchange:
                 self.state.conversations[hook.conversation_id] = sender
             self.state.media.update(hook.media_ids)
             self.state.media.update(hosted)
+        if provider == "telegram":
+            self.state.telegram.wrote(sender, callback_query_id=hook.callback_query_id)
         self.state.record(provider, "user", sender, reply.title if reply else str(body.get("text", "")),
                           media=[{"url": m.url, "contentType": m.content_type} for m in media],
                           message_id=hook.message_id)
@@ -523,7 +540,7 @@ class Handler(BaseHTTPRequestHandler):
     state: State  # set on the class built by make_server
 
     def log_message(self, fmt: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), fmt % args)
+        log.info("%s %s", self.address_string(), telegram_server.without_token(fmt % args))
 
     def _dispatch(self, method: str) -> None:
         try:
