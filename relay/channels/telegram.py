@@ -22,7 +22,8 @@ stops the spinner on the user's button) before the reply to it is sent.
 Photos arrive as sizes of one picture: the largest is relayed, `protected`, as a getFile URL without
 the token; `fetch_media` asks getFile for the file's path and downloads it from
 `{api}/file/bot<token>/<path>`. That URL holds the token: it is built where it is fetched, and never
-logged, stored or put in an error.
+logged, stored or put in an error. Every API URL holds it too (`/bot<token>/<method>`): urllib3 logs
+request lines at DEBUG, so its logger masks the token (`/bot[token]/`) in every record.
 """
 
 from __future__ import annotations
@@ -82,8 +83,22 @@ CHOOSE_PROMPT = "Choose one:"
 ALLOWED_UPDATES = ("message", "callback_query")
 """The updates the webhook is registered for: what the adapter relays."""
 _SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_TOKEN_IN_PATH = re.compile(r"/(file/)?bot[^/\s]+/")
 
 log = logging.getLogger(__name__)
+
+
+class _TokenMask(logging.Filter):
+    """Masks a bot token in the URL path of a log record's arguments (urllib3's DEBUG request lines)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_TOKEN_IN_PATH.sub(lambda m: f"/{m.group(1) or ''}bot[token]/", arg)
+                                if isinstance(arg, str) else arg for arg in record.args)
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_TokenMask())
 
 
 def _retry_after(response: requests.Response) -> float | None:
