@@ -9,8 +9,9 @@ parameter, and for flood control 429 "Too Many Requests: retry after N" with
 Source: https://core.telegram.org/bots/api ("Making requests", ResponseParameters).
 
 What each method checks, as the Bot API documents it:
-- sendMessage (https://core.telegram.org/bots/api#sendmessage): a chat that wrote to the bot (a bot
-  cannot start a chat: 400 "chat not found" otherwise); text of 1-4096 characters after entities
+- sendMessage (https://core.telegram.org/bots/api#sendmessage): a chat id that is a number (400
+  "chat not found" otherwise; every user is taken to have started the bot, so a webhook delivered
+  straight to the relay can be answered); text of 1-4096 characters after entities
   are parsed; parse_mode HTML (https://core.telegram.org/bots/api#html-style) with only the
   documented tags, properly nested, and `<`, `>`, `&` escaped elsewhere (400 "can't parse
   entities"), or no parse_mode (MarkdownV2 is not simulated: 400); an inline keyboard
@@ -64,22 +65,19 @@ _ENTITIES = {"lt": "<", "gt": ">", "amp": "&", "quot": '"'}
 
 
 class TelegramBot:
-    """What the simulated bot knows: its chats, its webhook, the taps to answer, its message ids."""
+    """What the simulated bot knows: its webhook, the taps to answer, its message ids."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.chats: set[str] = set()
         self.webhook: dict[str, Any] | None = None
         self.queries: dict[str, bool] = {}  # callback query id -> answered
         self.answered: list[str] = []
         self.next_message_id = 1
 
-    def wrote(self, user: str, *, callback_query_id: str = "") -> None:
-        """A user's update went to the relay: their chat may be written to, their tap answered."""
+    def tapped(self, callback_query_id: str) -> None:
+        """A user's tap went to the relay: it is to be answered (once)."""
         with self.lock:
-            self.chats.add(user)
-            if callback_query_id:
-                self.queries[callback_query_id] = False
+            self.queries[callback_query_id] = False
 
     def admin_view(self) -> dict[str, Any]:
         with self.lock:
@@ -173,9 +171,7 @@ def _chat(state: Any, params: Mapping[str, Any]) -> str:
     chat_id = str(params.get("chat_id") or "")
     if not chat_id:
         raise _bad("chat_id is empty")
-    with state.telegram.lock:
-        known = chat_id in state.telegram.chats
-    if not known:
+    if not re.fullmatch(r"-?[1-9][0-9]{0,15}", chat_id):
         raise _bad("chat not found")
     return chat_id
 
