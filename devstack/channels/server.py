@@ -434,8 +434,8 @@ class _Exchange:
                 self.state.conversations[hook.conversation_id] = sender
             self.state.media.update(hook.media_ids)
             self.state.media.update(hosted)
-        if provider == "telegram":
-            self.state.telegram.wrote(sender, callback_query_id=hook.callback_query_id)
+        if hook.callback_query_id:
+            self.state.telegram.tapped(hook.callback_query_id)
         self.state.record(provider, "user", sender, reply.title if reply else str(body.get("text", "")),
                           media=[{"url": m.url, "contentType": m.content_type} for m in media],
                           message_id=hook.message_id)
