@@ -58,6 +58,8 @@ def shaped_like(provider: str):
             "messagebird": ["type", "contact", "conversation", "message", "id", "content", "text", "from",
                             "direction", "msisdn"],
             "generic": ["type", "id", "user", "text", "media", "messages", "url", "locale", "name"],
+            "telegram": ["update_id", "message", "callback_query", "chat", "from", "id", "text", "photo", "file_id",
+                         "caption", "date", "data", "document", "reply_markup", "inline_keyboard"],
             "twilio": ["From", "Body", "MessageSid", "NumMedia", "MediaUrl0", "To"]}[provider]
     return st.recursive(
         hostile_scalars | st.sampled_from(keys),

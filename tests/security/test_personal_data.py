@@ -31,6 +31,7 @@ from tests.security.leaks import LogCapture
 PUBLIC_URL = "http://relay.test"
 PHONES = {"twilio": "+15557770001", "whatsapp": "15557770002", "messagebird": "+15557770003",
           "bird": "+15557770004", "generic": "+15557770005"}
+PHONES["telegram"] = "5557770006"  # a Telegram user id: no phone number, but as personal
 DEBUG_LOGGERS = ("", "azure", "azure.core.pipeline.policies.http_logging_policy", "urllib3", "relay")
 
 

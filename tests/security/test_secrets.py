@@ -13,6 +13,7 @@ from tests.security.leaks import configured_secrets, directline_tokens, find_lea
 
 USERS = {"twilio": "+15550600001", "whatsapp": "15550600002", "messagebird": "+15550600003",
          "bird": "+15550600004", "generic": "secret-user-5"}
+USERS["telegram"] = "5550600006"
 
 
 def test_the_leak_finder_finds_what_it_looks_for():
