@@ -62,6 +62,7 @@ from tests.conftest import subprocess_env
 from tests.security.leaks import log_files, scan
 
 PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic")
+PROVIDERS += ("telegram",)
 SECRET = "chaos-directline-secret"
 ECHO = "You said: "
 STALE_LEASE_AFTER = timedelta(seconds=15)  # past expiry, with pollers ticking every second: nobody takes it over
@@ -137,7 +138,8 @@ class ChaosReport:
 
 def user_address(provider: str, index: int) -> str:
     return {"twilio": f"+1555{index:07d}", "whatsapp": f"4477{index:08d}", "messagebird": f"+3161{index:07d}",
-            "bird": f"+4915{index:08d}", "generic": f"chaos-user-{index}"}[provider]
+            "bird": f"+4915{index:08d}", "generic": f"chaos-user-{index}",
+            "telegram": f"7007{index:08d}"}[provider]
 
 
 @dataclasses.dataclass

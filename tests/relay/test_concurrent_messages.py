@@ -26,6 +26,7 @@ from tests.relay.conftest import PROVIDERS
 CONCURRENT = 50
 USERS = {"twilio": "+15550900001", "whatsapp": "15550900002", "messagebird": "+15550900003",
          "bird": "+15550900004", "generic": "user-0900005"}
+USERS["telegram"] = "5550900006"
 
 
 def post_together(hooks: list[webhooks.Webhook]) -> list[requests.Response]:

@@ -15,6 +15,7 @@ from relay.store.conversations import ConversationKey
 from tests.relay.conftest import EVENT_SECRET, EventReceiver, InProcessRelay
 
 USERS = {"twilio": "+15550017201", "whatsapp": "15550017202", "bird": "+15550017203", "generic": "copilot-user-4"}
+USERS["telegram"] = "5550017205"
 GREETING = agent.GREETINGS["en"]
 
 
@@ -54,8 +55,8 @@ def test_an_agent_greets_asks_a_card_question_and_hands_over_on_every_channel_wi
     relay.message(provider, user, "card")
     until_delivered(relay, key, agent.CARD_QUESTION)
     question = [r for r in relay.simulator.replies(provider, user) if agent.CARD_QUESTION in r["text"]][-1]
-    if provider == "whatsapp":
-        assert [c["title"] for c in question["choices"]] == list(agent.CARD_SIZES.values())  # reply buttons
+    if provider in ("whatsapp", "telegram"):  # reply buttons, an inline keyboard
+        assert [c["title"] for c in question["choices"]] == list(agent.CARD_SIZES.values())
         relay.message(provider, user, "", reply_id=question["choices"][1]["id"])
     else:
         assert "2. Medium" in question["text"]  # numbered text

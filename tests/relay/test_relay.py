@@ -21,6 +21,7 @@ from tests.relay.conftest import NEVER, PROVIDERS, RelayStack
 
 USERS = {"twilio": "+15550000001", "whatsapp": "15550000002", "messagebird": "+15550000003",
          "bird": "+15550000004", "generic": "user-5"}
+USERS["telegram"] = "5550000006"
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
