@@ -50,8 +50,8 @@ from relay.channels import telegram
 
 __all__ = ["TelegramBot", "handles", "respond", "without_token"]
 
-API_PATH = re.compile(r"^/bot([^/]+)/([A-Za-z]+)$")
-FILE_PATH = re.compile(r"^/file/bot([^/]+)/([a-z]+)/([^/]+)$")
+API_PATH = re.compile(r"^/bot([^/]+)/([^/]*)$")
+FILE_PATH = re.compile(r"^/file/bot([^/]+)/(.*)$")
 _TOKEN_IN_PATH = re.compile(r"/(file/)?bot[^/\s]+/")
 CAPTION_LIMIT = 1024
 DOWNLOAD_LIMIT = 20 * 1024 * 1024
@@ -329,10 +329,10 @@ def _get_file(state: Any, params: Mapping[str, Any], file_bytes: Callable[[Any],
 def _download(state: Any, match: re.Match, file_bytes: Callable[[Any], bytes | None]):
     if not state.values.get("TELEGRAM_BOT_TOKEN") or match.group(1) != state.values["TELEGRAM_BOT_TOKEN"]:
         raise _Refused(401, "Unauthorized")
-    file_id = match.group(3).rsplit(".", 1)[0] if "." in match.group(3) else match.group(3)
+    path = match.group(2)
+    file_id = path.rsplit("/", 1)[-1].split(".", 1)[0]
     item = state.media.get(file_id)
-    data = file_bytes(item) if item is not None and _file_path(file_id, item.content_type) == \
-        f"{match.group(2)}/{match.group(3)}" else None
+    data = file_bytes(item) if item is not None and _file_path(file_id, item.content_type) == path else None
     if data is None:
         raise _Refused(404, "Not Found")
     return 200, (data, "application/octet-stream"), {}
