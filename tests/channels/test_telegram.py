@@ -10,6 +10,7 @@ import logging
 import time
 
 import pytest
+import requests
 
 from devstack.channels import DEV_VALUES
 from relay.channels import telegram, telegram_webhook
@@ -240,3 +241,49 @@ def test_set_webhook_says_in_one_line_why_it_failed(sim, capsys, args, values, s
     printed = capsys.readouterr()
     assert said in printed.err and "Traceback" not in printed.err and printed.err.count("\n") == 1
     assert TOKEN not in printed.err and SECRET not in printed.err
+
+
+# -- the simulator answers as Telegram does ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "params", "status", "description"), [
+    ("sendMessage", {"chat_id": USER, "text": "a < b", "parse_mode": "HTML"}, 400,
+     "Bad Request: can't parse entities: Can't find end of the entity"),
+    ("sendMessage", {"chat_id": USER, "text": "<b>open", "parse_mode": "HTML"}, 400,
+     "Bad Request: can't parse entities: Can't find end tag corresponding to start tag \"b\""),
+    ("sendMessage", {"chat_id": USER, "text": "<blink>x</blink>", "parse_mode": "HTML"}, 400,
+     "Bad Request: can't parse entities: Unsupported start tag \"blink\""),
+    ("sendMessage", {"chat_id": USER, "text": ""}, 400, "Bad Request: message text is empty"),
+    ("sendMessage", {"chat_id": USER, "text": "x" * 4097}, 400, "Bad Request: message is too long"),
+    ("sendMessage", {"chat_id": USER, "text": "pick", "reply_markup": {"inline_keyboard": [[
+        {"text": "A", "callback_data": "a" * 65}]]}}, 400, "Bad Request: BUTTON_DATA_INVALID"),
+    ("getFile", {"file_id": "nobody-sent-this"}, 400, "Bad Request: invalid file_id"),
+    ("answerCallbackQuery", {"callback_query_id": "123"}, 400,
+     "Bad Request: query is too old and response timeout expired or query ID is invalid"),
+    ("setWebhook", {"url": "https://relay.example.net/x", "secret_token": "no spaces"}, 400,
+     "Bad Request: secret token contains unallowed characters"),
+    ("getMe2", {}, 404, "Not Found"),
+])
+def test_the_simulator_refuses_as_the_bot_api_does(sim, method, params, status, description):
+    response = requests.post(f"{sim.url}/bot{TOKEN}/{method}", json=params, timeout=10)
+    assert (response.status_code, response.json()) == (status, {"ok": False, "error_code": status,
+                                                                "description": description})
+
+
+def test_the_simulator_wants_the_bots_token_and_takes_parameters_as_a_form_too(sim):
+    wrong = requests.post(f"{sim.url}/bot1:wrong/sendMessage", data={"chat_id": USER, "text": "hi"}, timeout=10)
+    assert (wrong.status_code, wrong.json()) == (401, {"ok": False, "error_code": 401, "description": "Unauthorized"})
+    form = requests.post(f"{sim.url}/bot{TOKEN}/SENDMESSAGE", data={"chat_id": USER, "text": "hi"}, timeout=10)
+    assert form.json()["ok"] is True and form.json()["result"]["text"] == "hi"
+    sim.fail_next("telegram", 429, retry_after=3)
+    throttled = requests.post(f"{sim.url}/bot{TOKEN}/sendMessage", json={"chat_id": USER, "text": "hi"}, timeout=10)
+    assert throttled.status_code == 429 and "Retry-After" not in throttled.headers
+    assert throttled.json()["parameters"] == {"retry_after": 3}
+
+
+@pytest.mark.parametrize("path", [f"/bot{TOKEN}/", f"/bot{TOKEN}/send-message", f"/file/bot{TOKEN}/x",
+                                  f"/file/bot{TOKEN}/photos/a/b.jpg"])
+def test_the_simulator_answers_any_bot_path_in_telegrams_shape_and_never_repeats_the_token(sim, path):
+    response = requests.get(sim.url + path, timeout=10)
+    assert response.status_code == 404 and response.json() == {"ok": False, "error_code": 404,
+                                                               "description": "Not Found"}
