@@ -149,7 +149,7 @@ def respond(state: State, method: str, target: str, headers: Headers, body: byte
     except Reply as reply:
         return _answer(reply.status, reply.body, reply.headers)
     except Exception:  # a bug here must show up as a 500 the caller sees, not a hung socket
-        log.exception("simulator failed on %s %s", method, parts.path)
+        log.exception("simulator failed on %s %s", method, telegram_server.without_token(parts.path))
         return _answer(500, {"error": {"code": "SimulatorError", "message": "see the simulator's log"}})
     if isinstance(content, tuple):  # (bytes, content type)
         return _answer(status, content[0], extra, content[1])
