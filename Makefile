@@ -65,6 +65,12 @@ bench: deps
 package: $(PY_STAMP)
 	$(PY) -m devstack.package --output dist/relay.zip
 
+# Point a Telegram bot's updates at the relay (setWebhook) with the relay's settings from the environment:
+# TELEGRAM_BOT_TOKEN, TELEGRAM_WEBHOOK_SECRET and RELAY_PUBLIC_BASE_URL (or URL=https://…/api/channels/telegram).
+.PHONY: telegram-webhook
+telegram-webhook: $(PY_STAMP)
+	$(PY) -m relay.channels.telegram_webhook set-webhook $(if $(URL),--url $(URL))
+
 lint: $(PY_STAMP) $(CHECKOV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy

@@ -138,6 +138,14 @@ param birdSigningKey string = ''
 param birdAccessKey string = ''
 
 @secure()
+@description('TELEGRAM_WEBHOOK_SECRET: the webhook\'s secret_token (enables the telegram channel).')
+param telegramWebhookSecret string = ''
+
+@secure()
+@description('TELEGRAM_BOT_TOKEN: the bot\'s token for replies and files.')
+param telegramBotToken string = ''
+
+@secure()
 @description('GENERIC_WEBHOOK_SECRET (enables the generic channel).')
 param genericWebhookSecret string = ''
 
@@ -245,6 +253,8 @@ var secrets = {
   'line-channel-access-token': lineChannelAccessToken
   'bird-signing-key': birdSigningKey
   'bird-access-key': birdAccessKey
+  'telegram-webhook-secret': telegramWebhookSecret
+  'telegram-bot-token': telegramBotToken
   'generic-webhook-secret': genericWebhookSecret
   'generic-callback-secret': genericCallbackSecret
   'vonage-signature-secret': vonageSignatureSecret
@@ -384,6 +394,8 @@ module app 'modules/function-app.bicep' = {
       BIRD_ACCESS_KEY: empty(birdAccessKey) ? '' : '${kvRef}bird-access-key/)'
       BIRD_WORKSPACE_ID: birdWorkspaceId
       BIRD_CHANNEL_ID: birdChannelId
+      TELEGRAM_WEBHOOK_SECRET: empty(telegramWebhookSecret) ? '' : '${kvRef}telegram-webhook-secret/)'
+      TELEGRAM_BOT_TOKEN: empty(telegramBotToken) ? '' : '${kvRef}telegram-bot-token/)'
       GENERIC_WEBHOOK_SECRET: empty(genericWebhookSecret) ? '' : '${kvRef}generic-webhook-secret/)'
       GENERIC_SIGNATURE_SCHEME: genericSignatureScheme
       GENERIC_SIGNATURE_HEADER: genericSignatureHeader
@@ -419,5 +431,6 @@ output WHATSAPP_WEBHOOK_URL string = '${app.outputs.url}/api/channels/whatsapp'
 output MESSAGEBIRD_WEBHOOK_URL string = '${app.outputs.url}/api/channels/messagebird'
 output LINE_WEBHOOK_URL string = '${app.outputs.url}/api/channels/line'
 output BIRD_WEBHOOK_URL string = '${app.outputs.url}/api/channels/bird'
+output TELEGRAM_WEBHOOK_URL string = '${app.outputs.url}/api/channels/telegram'
 output GENERIC_WEBHOOK_URL string = '${app.outputs.url}/api/channels/generic'
 output VONAGE_WEBHOOK_URL string = '${app.outputs.url}/api/channels/vonage'

@@ -1,4 +1,4 @@
-"""The bot's Markdown as a phone shows it: WhatsApp's own formatting, or plain text on SMS.
+"""The bot's Markdown as a phone shows it: WhatsApp's own formatting, Telegram's HTML, or plain text on SMS.
 
 Bots (Copilot Studio's generative answers above all) write Markdown; a phone shows its asterisks
 and brackets as they are. `format_for(kind, text)` is the one translation, applied where an adapter
@@ -7,6 +7,9 @@ sends a reply:
 - WHATSAPP: `**bold**`/`__bold__` -> `*bold*`, `*italic*`/`_italic_` -> `_italic_`, `~~strike~~` ->
   `~strike~`, inline code and code blocks -> monospace (```), a heading -> a bold line, a quote
   stays `> `;
+- TELEGRAM_HTML (sent with parse_mode HTML): `<b>`, `<i>`, `<s>`, `<code>` and `<pre>`, every other
+  `<`, `>` and `&` escaped as Telegram requires; a quote stays `> `. Emphasis that does not nest
+  (`**a _b** c_`) is dropped rather than sent as tags Telegram would refuse ("can't parse entities");
 - PLAIN (SMS and every channel that shows text as it is): no markup at all.
 
 Both keep every URL visible (`[text](url)` -> `text (url)`, an autolink or bare URL as it is, never
@@ -18,6 +21,7 @@ text alone (a retried reply is split into the same parts).
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Callable
 from enum import StrEnum
@@ -26,21 +30,27 @@ __all__ = ["ChannelKind", "format_for"]
 
 
 class ChannelKind(StrEnum):
-    """How a channel shows text: WhatsApp's formatting, or plain text (SMS, generic)."""
+    """How a channel shows text: WhatsApp's formatting, Telegram's HTML, or plain text (SMS, generic)."""
 
     WHATSAPP = "whatsapp"
     PLAIN = "plain"
+    TELEGRAM_HTML = "telegram_html"
 
 
 # Private-use characters: a protected piece of text (code, URL) is replaced by _HOLD + index + _END
 # until the end, and emphasis is marked with _BOLD/_ITALIC/_STRIKE until it is written for the channel.
 _HOLD, _END = "\ue000", "\ue001"
 _BOLD, _ITALIC, _STRIKE = "\ue002", "\ue003", "\ue004"
+_CODE, _PRE = "\ue005", "\ue006"
+"""Telegram's inline code and code block, kept as marks until the text is written as HTML."""
 _MARKS = {
     ChannelKind.WHATSAPP: {_BOLD: "*", _ITALIC: "_", _STRIKE: "~"},
     ChannelKind.PLAIN: {_BOLD: "", _ITALIC: "", _STRIKE: ""},
+    ChannelKind.TELEGRAM_HTML: {},  # written as tags by _as_html, once the whole text is known
 }
 _MONOSPACE = "```"
+_HTML_TAGS = {_BOLD: "b", _ITALIC: "i", _STRIKE: "s", _CODE: "code", _PRE: "pre"}
+_HTML_MARK = re.compile(f"([{''.join(_HTML_TAGS)}])")
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)(?:\s+#+)?\s*$")
@@ -75,7 +85,26 @@ def format_for(kind: ChannelKind, text: str) -> str:
     """`text` (the bot's Markdown) as a `kind` channel shows it; see the module docstring."""
     if not text:
         return text
-    return _Formatter(kind).format(text)
+    written = _Formatter(kind).format(text)
+    return _as_html(written) if kind is ChannelKind.TELEGRAM_HTML else written
+
+
+def _as_html(marked: str) -> str:
+    """`marked` escaped for Telegram's HTML, its marks as tags; without any tag when they do not nest."""
+    pieces: list[str] = []
+    opened: list[str] = []
+    for piece in _HTML_MARK.split(html.escape(marked, quote=False)):
+        if piece not in _HTML_TAGS:
+            pieces.append(piece)
+        elif opened and opened[-1] == piece:
+            opened.pop()
+            pieces.append(f"</{_HTML_TAGS[piece]}>")
+        elif piece in opened:  # crossing emphasis: tags Telegram would refuse
+            return _HTML_MARK.sub("", html.escape(marked, quote=False))
+        else:
+            opened.append(piece)
+            pieces.append(f"<{_HTML_TAGS[piece]}>")
+    return "".join(pieces) if not opened else _HTML_MARK.sub("", html.escape(marked, quote=False))
 
 
 class _Formatter:
@@ -112,6 +141,8 @@ class _Formatter:
 
     def code_block(self, code: list[str]) -> str:
         body = "\n".join(code)
+        if self.kind is ChannelKind.TELEGRAM_HTML:
+            return self.hold(f"{_PRE}{body}{_PRE}")
         return self.hold(f"{_MONOSPACE}{body}{_MONOSPACE}" if self.kind is ChannelKind.WHATSAPP else body)
 
     def line(self, line: str) -> str:
@@ -134,7 +165,7 @@ class _Formatter:
             return f"{indent}{number}. {self.inline(rest)}"
         if match := _QUOTE.match(line):
             quoted = self.inline(match.group(1))
-            return f"> {quoted}" if self.kind is ChannelKind.WHATSAPP else quoted
+            return f"> {quoted}" if self.kind is not ChannelKind.PLAIN else quoted
         return self.inline(line)
 
     def inline(self, text: str) -> str:
@@ -160,6 +191,8 @@ class _Formatter:
         return f"{label} ({shown})"
 
     def monospace(self, code: str) -> str:
+        if self.kind is ChannelKind.TELEGRAM_HTML and code:
+            return f"{_CODE}{code}{_CODE}"
         return f"{_MONOSPACE}{code}{_MONOSPACE}" if self.kind is ChannelKind.WHATSAPP and code else code
 
     def marks(self, text: str) -> str:

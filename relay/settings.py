@@ -176,6 +176,14 @@ SETTINGS: dict[str, Setting] = _catalogue(
     Setting("BIRD_WORKSPACE_ID", "Bird workspace id.", default="", group="bird"),
     Setting("BIRD_CHANNEL_ID", "Bird channel id replies are sent on.", default="", group="bird"),
     Setting("BIRD_API_BASE", "Bird API base URL.", default="https://api.bird.com", group="bird"),
+    # Telegram Bot API
+    Setting("TELEGRAM_WEBHOOK_SECRET", "The secret_token the webhook is registered with (enables the Telegram "
+            "channel): 1-256 of A-Z, a-z, 0-9, _ and -; Telegram echoes it in X-Telegram-Bot-Api-Secret-Token.",
+            default="", secret=True, group="telegram"),
+    Setting("TELEGRAM_BOT_TOKEN", "The bot's token from @BotFather, for replies, files and setWebhook.",
+            default="", secret=True, group="telegram"),
+    Setting("TELEGRAM_API_BASE", "Telegram Bot API base URL.", default="https://api.telegram.org",
+            group="telegram"),
     # Generic HMAC webhook
     Setting("GENERIC_WEBHOOK_SECRET", "Secret of the generic webhook (enables the generic channel); "
             "'whsec_…' for Standard Webhooks.", default="", secret=True, group="generic"),
@@ -580,6 +588,7 @@ CHANNEL_SWITCHES = {
     "messagebird": "MESSAGEBIRD_SIGNING_KEY",
     "line": "LINE_CHANNEL_SECRET",
     "bird": "BIRD_SIGNING_KEY",
+    "telegram": "TELEGRAM_WEBHOOK_SECRET",
     "generic": "GENERIC_WEBHOOK_SECRET",
     "vonage": "VONAGE_SIGNATURE_SECRET",
 }

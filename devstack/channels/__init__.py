@@ -22,6 +22,7 @@ from relay.settings import SETTINGS
 PROVIDER_GROUPS: tuple[str, ...] = ("twilio", "whatsapp", "messagebird", "bird", "generic")
 PROVIDER_GROUPS += ("vonage",)
 PROVIDER_GROUPS += ("line",)
+PROVIDER_GROUPS += ("telegram",)
 DEFAULT_PORT = 3001
 
 DEV_VALUES: dict[str, str] = {
@@ -45,6 +46,9 @@ DEV_VALUES: dict[str, str] = {
     "BIRD_WORKSPACE_ID": "dev-workspace",
     "BIRD_CHANNEL_ID": "dev-channel",
     "BIRD_API_BASE": "http://127.0.0.1:3001",
+    "TELEGRAM_WEBHOOK_SECRET": "dev-only-telegram-webhook-secret",
+    "TELEGRAM_BOT_TOKEN": "100000001:dev-only-telegram-bot-token",
+    "TELEGRAM_API_BASE": "http://127.0.0.1:3001",
     "GENERIC_WEBHOOK_SECRET": "whsec_ZGV2LW9ubHktZ2VuZXJpYy13ZWJob29rLXNlY3JldA==",
     "GENERIC_SIGNATURE_SCHEME": "standard",
     "GENERIC_CALLBACK_URL": "http://127.0.0.1:3001/generic/callback",
@@ -117,7 +121,8 @@ class SimulatorAdmin:
                 "MESSAGEBIRD_API_BASE": self.url, "BIRD_API_BASE": self.url,
                 "GENERIC_CALLBACK_URL": f"{self.url}/generic/callback",
                 "VONAGE_API_BASE": self.url,
-                "LINE_API_BASE": self.url, "LINE_DATA_API_BASE": self.url}
+                "LINE_API_BASE": self.url, "LINE_DATA_API_BASE": self.url,
+                "TELEGRAM_API_BASE": self.url}
 
     def _call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
         response = self._request(method, self.url + path, json=body, params=params, timeout=60)
@@ -144,11 +149,16 @@ class SimulatorAdmin:
     def send_inbound(self, provider: str, sender: str, text: str = "", *, name: str = "",
                      media: list[dict[str, str]] | None = None, reply_id: str = "") -> dict[str, Any]:
         """Sign and POST a user's message to the relay; the relay's answer as {status, body, message_id}.
-        `reply_id` (whatsapp, line): the user taps that button, list row or quick reply button of the newest
-        message offering it."""
+        `reply_id` (whatsapp, line, telegram): the user taps that button, list row, quick reply button or inline
+        keyboard button of the newest message offering it."""
         return self._call("POST", "/_sim/inbound",
                           {"provider": provider, "from": sender, "text": text, "name": name, "media": media or [],
                            **({"reply_id": reply_id} if reply_id else {})})
+
+    def telegram(self) -> dict[str, Any]:
+        """What the Telegram bot was told: its webhook ({url, secret_token, allowed_updates}, or None) as setWebhook
+        left it, and the ids of the callback queries answered (answerCallbackQuery), oldest first."""
+        return self._call("GET", "/_sim/telegram")
 
 
 class ProviderSimulator(SimulatorAdmin, ManagedProcess):

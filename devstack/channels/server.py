@@ -21,6 +21,11 @@ Reply APIs (on each provider's real paths, auth checked as the provider does, 40
     POST /v2/bot/message/reply                          LINE reply (a webhook's reply token, once, for a minute)
     POST /v2/bot/message/push                           LINE push, X-Line-Retry-Key (409 once taken)
     GET  /v2/bot/message/{id}/content                   LINE content API: a user's file, Bearer access token
+
+    GET|POST /bot{token}/{method}                       Telegram Bot API (telegram_server.py): sendMessage,
+                                                        sendPhoto, sendDocument, getFile, answerCallbackQuery,
+                                                        setWebhook; 401 for another token
+    GET  /file/bot{token}/{file_path}                   Telegram file download (getFile's file_path)
 Admin API (JSON), under /_sim:
     GET    /_sim/health
     GET    /_sim/replies?provider=&user=                the replies received, oldest first
@@ -39,6 +44,8 @@ Admin API (JSON), under /_sim:
 
                                                         line: the postback of that quick reply button)
     POST   /_sim/handshake {verify_token?, challenge?}  Meta's GET verification call to the relay
+    GET    /_sim/telegram                               the Telegram bot's webhook as setWebhook left it, and
+                                                        the callback queries answered
     GET    /                                            the phone-like page
 """
 
@@ -65,7 +72,7 @@ import standardwebhooks
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from devstack.channels import webhooks
+from devstack.channels import telegram_server, webhooks
 from devstack.http_server import LocalHTTPServer
 from devstack.inprocess import Answer, Headers
 from relay.channels import vonage, whatsapp
@@ -113,6 +120,7 @@ class State:
         self.reply_tokens: dict[str, tuple[str, float]] = {}  # LINE reply token -> (user, issued at), until used
         self.retry_keys: dict[str, str] = {}  # LINE X-Line-Retry-Key -> the request id that took it
         self.sequence = 0
+        self.telegram = telegram_server.TelegramBot()
 
     def record(self, provider: str, direction: str, user: str, text: str, *, media=(), actions=(), choices=(),
                message_id: str = "", request: Any = None) -> dict[str, Any]:
@@ -141,7 +149,9 @@ class State:
                 for choice in entry.get("choices") or []:
                     if choice["id"] == reply_id:
                         return webhooks.InteractiveReply(choice["kind"], choice["id"], choice["title"],
-                                                         choice.get("description", ""), context_id=entry["id"])
+                                                         choice.get("description", ""), context_id=entry["id"],
+                                                         offered=tuple((c["id"], c["title"])
+                                                                       for c in entry["choices"]))
         return None
 
     def now(self) -> float:
@@ -173,7 +183,7 @@ def respond(state: State, method: str, target: str, headers: Headers, body: byte
     except Reply as reply:
         return _answer(reply.status, reply.body, reply.headers)
     except Exception:  # a bug here must show up as a 500 the caller sees, not a hung socket
-        log.exception("simulator failed on %s %s", method, parts.path)
+        log.exception("simulator failed on %s %s", method, telegram_server.without_token(parts.path))
         return _answer(500, {"error": {"code": "SimulatorError", "message": "see the simulator's log"}})
     if isinstance(content, tuple):  # (bytes, content type)
         return _answer(status, content[0], extra, content[1])
@@ -221,6 +231,8 @@ class _Exchange:
         content = LINE_CONTENT_PATH.match(path) if method == "GET" else None
         if content:
             return self._line_content(content.group(1))
+        if method in ("GET", "POST") and telegram_server.handles(path):
+            return telegram_server.respond(self.state, self.headers, path, query, raw, file_bytes=_file_bytes)
         media = GRAPH_MEDIA_PATH.match(path) if method == "GET" else None
         if media:
             return self._whatsapp_media(media)
@@ -580,6 +592,8 @@ class _Exchange:
             return self._inbound(self._json(raw))
         if name == "handshake" and method == "POST":
             return self._handshake(self._json(raw))
+        if name == "telegram" and method == "GET":
+            return 200, state.telegram.admin_view(), {}
         raise Reply(404, {"error": {"code": "NotFound", "message": f"no admin {method} {name}"}})
 
     def _inject(self, body: dict[str, Any]):
@@ -619,7 +633,7 @@ class _Exchange:
         reply = None
         if body.get("reply_id"):
             reply = self.state.interactive_reply(sender, str(body["reply_id"]), provider) \
-                if provider in ("whatsapp", "vonage", "line") else None
+                if provider in ("whatsapp", "vonage", "line", "telegram") else None
             if reply is None:
                 raise Reply(400, {"error": {"code": "BadInbound", "message": f"no {provider} message to this user "
                                             "offered that reply_id"}})
@@ -633,6 +647,8 @@ class _Exchange:
             self.state.media.update(hosted)
         for token in hook.reply_tokens:
             self.state.issue_reply_token(token, sender)
+        if hook.callback_query_id:
+            self.state.telegram.tapped(hook.callback_query_id)
         self.state.record(provider, "user", sender, reply.title if reply else str(body.get("text", "")),
                           media=[{"url": m.url, "contentType": m.content_type} for m in media],
                           message_id=hook.message_id)
@@ -811,7 +827,7 @@ class Handler(BaseHTTPRequestHandler):
     state: State  # set on the class built by make_server
 
     def log_message(self, fmt: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), fmt % args)
+        log.info("%s %s", self.address_string(), telegram_server.without_token(fmt % args))
 
     def _dispatch(self, method: str) -> None:
         try:

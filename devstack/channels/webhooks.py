@@ -18,12 +18,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
-from relay.channels import bird, generic, twilio, vonage, whatsapp
+from relay.channels import bird, generic, telegram, twilio, vonage, whatsapp
 from relay.channels import line as line_channel
 
 PROVIDERS: tuple[str, ...] = ("twilio", "whatsapp", "messagebird", "bird", "generic")
 PROVIDERS += ("vonage",)
 PROVIDERS += ("line",)
+PROVIDERS += ("telegram",)
 TWILIO_SMS_NUMBER = "+15005550006"
 TWILIO_WHATSAPP_NUMBER = "whatsapp:+14155238886"
 WHATSAPP_DISPLAY_NUMBER = "15550100"
@@ -33,6 +34,8 @@ VONAGE_ADDRESSES = {"sms": "447700900000", "whatsapp": "447700900000", "messenge
                     "viber_service": "16273"}
 """Our side of each Vonage channel: the number, the Facebook page id, the Viber service id."""
 VONAGE_API_KEY = "abcd1234"
+TELEGRAM_BOT = {"id": 100000001, "is_bot": True, "first_name": "Relay dev bot", "username": "relay_dev_bot"}
+"""The bot as Telegram shows it in a message it sent (its id is the number before the token's colon)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class InteractiveReply:
     title: str
     description: str = ""
     context_id: str = ""
+    offered: tuple[tuple[str, str], ...] = ()
+    """Telegram: the (callback_data, text) of every button of the tapped message's inline keyboard."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class Webhook:
     media_ids: dict[str, Attachment] = field(default_factory=dict)
     reply_tokens: tuple[str, ...] = ()
     """LINE: its events' reply tokens, which the simulator then takes once each, for a minute."""
+    callback_query_id: str = ""
+    """Telegram: the id of the button tap this update carries, for answerCallbackQuery."""
 
 
 def conversation_id(user: str) -> str:
@@ -98,19 +105,16 @@ def _iso(now: float) -> str:
 def build(provider: str, values: Mapping[str, str], relay_url: str, *, sender: str, text: str = "",
           name: str = "", media: tuple[Attachment, ...] = (), now: float | None = None,
           reply: InteractiveReply | None = None) -> Webhook:
-    """The signed webhook of a user's message; `reply` (whatsapp, vonage's whatsapp channel, line): a tap on a
-    button or list row (a LINE quick reply button's postback) instead."""
+    """The signed webhook of a user's message; `reply` (whatsapp, vonage's whatsapp channel, line, telegram): a
+    tap on a button, list row, LINE quick reply button (its postback) or inline keyboard button instead."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; one of {', '.join(PROVIDERS)}")
-    if reply is not None and provider not in ("whatsapp", "vonage", "line"):
-        raise ValueError("only WhatsApp (also through Vonage) and LINE send interactive replies")
+    if reply is not None and provider not in ("whatsapp", "vonage", "line", "telegram"):
+        raise ValueError("only WhatsApp (also through Vonage), LINE and Telegram send button taps")
     now = time.time() if now is None else now
     url = f"{relay_url.rstrip('/')}/api/channels/{provider}"
-    if reply is not None and provider == "whatsapp":
-        return _whatsapp(values, url, sender, text, name, media, now, reply=reply)
-    if provider == "vonage":
-        return _vonage(values, url, sender, text, name, media, now, reply=reply)
-
+    if reply is not None and provider in ("whatsapp", "vonage", "telegram"):
+        return globals()[f"_{provider}"](values, url, sender, text, name, media, now, reply=reply)
     if provider == "line":
         return _line(values, url, sender, text, media, now, reply=reply)
     return globals()[f"_{provider}"](values, url, sender, text, name, media, now)
@@ -342,3 +346,51 @@ def _line(values, url, sender, text, media, now, *, reply: InteractiveReply | No
                "X-Line-Signature": line_channel.compute_signature(values.get("LINE_CHANNEL_SECRET", ""), raw)}
     return Webhook(url, headers, raw, str(events[0]["webhookEventId"]), media_ids=media_ids,
                    reply_tokens=tuple(str(event["replyToken"]) for event in events))
+
+
+def _telegram(values, url, sender, text, name, media, now, reply: InteractiveReply | None = None) -> Webhook:
+    """An Update as Telegram POSTs it (https://core.telegram.org/bots/api#update): a private chat's message, or
+    a callback_query for a tap on an inline keyboard button; the secret_token in its header. Photos come in
+    three sizes of one file, smallest first."""
+    update_id = uuid.uuid4().int % 10**9
+    first, _, last = (name or "").partition(" ")
+    user = {"id": int(sender) if sender.isdigit() else sender, "is_bot": False, "first_name": first or sender,
+            **({"last_name": last} if last else {}), "language_code": "en"}
+    chat = {"id": user["id"], "first_name": user["first_name"], "type": "private"}
+    media_ids, query_id = {}, ""
+    update: dict[str, object] = {"update_id": update_id}
+    if reply is not None:
+        query_id = str(uuid.uuid4().int % 10**19)
+        keyboard = [[{"text": title, "callback_data": data}] for data, title in reply.offered or ((reply.id,
+                                                                                                 reply.title),)]
+        update["callback_query"] = {
+            "id": query_id, "from": user, "chat_instance": str(uuid.uuid5(uuid.NAMESPACE_OID, sender).int % 10**18),
+            "message": {"message_id": int(reply.context_id) if reply.context_id.isdigit() else 1, "from": TELEGRAM_BOT,
+                        "chat": chat, "date": int(now), "text": "", "reply_markup": {"inline_keyboard": keyboard}},
+            "data": reply.id,
+        }
+    else:
+        message: dict[str, object] = {"message_id": update_id % 10**6, "from": user, "chat": chat, "date": int(now)}
+        if media:
+            item = media[0]
+            file_id = "AgAC" + base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            media_ids[file_id] = item
+            if item.content_type.startswith("image/"):
+                message["photo"] = [{"file_id": f"{file_id}-{side}" if side != 1280 else file_id,
+                                     "file_unique_id": f"{file_id[:12]}{side}", "width": side, "height": side * 3 // 4}
+                                    for side in (90, 320, 1280)]
+            else:
+                message["document"] = {"file_id": file_id, "file_unique_id": file_id[:12],
+                                       "file_name": ("file" + (mimetypes.guess_extension(item.content_type) or "")
+                                                     if item.url.startswith("data:")
+                                                     else item.url.rsplit("/", 1)[-1][:64] or "file"),
+                                       "mime_type": item.content_type}
+            if text:
+                message["caption"] = text
+        else:
+            message["text"] = text
+        update["message"] = message
+    raw = json.dumps(update, separators=(",", ":"), ensure_ascii=False).encode()
+    headers = {"Content-Type": "application/json",
+               telegram.WEBHOOK_HEADER: values.get("TELEGRAM_WEBHOOK_SECRET", "")}
+    return Webhook(url, headers, raw, str(update_id), media_ids=media_ids, callback_query_id=query_id)

@@ -22,6 +22,7 @@ from relay.channels.common import new_session
 from relay.channels.generic import GenericAdapter
 from relay.channels.line import LineAdapter
 from relay.channels.messagebird import MessageBirdAdapter
+from relay.channels.telegram import TelegramAdapter
 from relay.channels.twilio import TwilioAdapter
 from relay.channels.vonage import VonageAdapter
 from relay.channels.whatsapp import WhatsAppAdapter
@@ -37,6 +38,7 @@ ADAPTERS: dict[str, type[ChannelAdapter]] = {
 }
 ADAPTERS[VonageAdapter.name] = VonageAdapter
 ADAPTERS[LineAdapter.name] = LineAdapter
+ADAPTERS[TelegramAdapter.name] = TelegramAdapter
 
 _session: requests.Session | None = None
 _session_lock = threading.Lock()

@@ -290,10 +290,13 @@ def _provider_errors(what: str) -> Iterator[None]:
 
 
 def call_provider(session: requests.Session, provider: str, method: str, url: str, *, clock: Clock,
-                  answers: Collection[int] = (), **kwargs: Any) -> requests.Response:
+                  answers: Collection[int] = (),
+                  retry_after_in_body: Callable[[requests.Response], float | None] | None = None,
+                  **kwargs: Any) -> requests.Response:
     """Make one API call; raise ProviderRejected or ProviderUnavailable unless it succeeded (a Retry-After
-    date counted from `clock`) or its status is one of `answers`, which the caller reads itself (LINE's
-    409 for a push it already took)."""
+    date counted from `clock`; without that header, what `retry_after_in_body` reads from a provider that
+    says it in the error's body, as Telegram does) or its status is one of `answers`, which the caller reads
+    itself (LINE's 409 for a push it already took)."""
     with _provider_errors(f"the {provider} API"):
         response = session.request(method, url, timeout=TIMEOUT, **kwargs)
     if response.status_code < 400 or response.status_code in answers:
@@ -301,6 +304,8 @@ def call_provider(session: requests.Session, provider: str, method: str, url: st
     detail = _detail(response)
     if response.status_code == 429 or response.status_code >= 500:
         retry_after = retry_after_seconds(response.headers.get("Retry-After"), now=clock.now())
+        if retry_after is None and retry_after_in_body is not None:
+            retry_after = retry_after_in_body(response)
         raise ProviderUnavailable(f"the {provider} API answered {response.status_code}: {detail}",
                                   retry_after=retry_after)
     raise ProviderRejected(f"the {provider} API rejected the message with {response.status_code}: {detail}")

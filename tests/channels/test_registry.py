@@ -20,7 +20,7 @@ def settings(**values: str) -> Settings:
 def test_every_provider_with_its_dev_values_is_enabled_and_built():
     configured = settings(**DEV_VALUES)
     assert list_enabled(configured) == ["twilio", "whatsapp", "messagebird", "bird", "generic",
-                                        "vonage", "line"]
+                                        "vonage", "line", "telegram"]
     for name in list_enabled(configured):
         adapter = get_adapter(name, configured)
         assert adapter.name == name
@@ -79,4 +79,18 @@ def test_the_sample_settings_and_the_simulator_share_the_dev_credentials():
     sample = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
     assert {k: sample.get(k) for k in DEV_VALUES} == DEV_VALUES
     assert list_enabled(settings(**sample)) == ["twilio", "whatsapp", "messagebird", "bird", "generic",
-                                                "vonage", "line"]
+                                                "vonage", "line", "telegram"]
+
+
+@pytest.mark.parametrize(("values", "named"), [
+    ({"TELEGRAM_WEBHOOK_SECRET": "s3cret"}, "TELEGRAM_BOT_TOKEN is not set"),
+    ({"TELEGRAM_WEBHOOK_SECRET": "not allowed!", "TELEGRAM_BOT_TOKEN": "1:t"}, "TELEGRAM_WEBHOOK_SECRET must be"),
+    ({"TELEGRAM_WEBHOOK_SECRET": "x" * 257, "TELEGRAM_BOT_TOKEN": "1:t"}, "TELEGRAM_WEBHOOK_SECRET must be"),
+])
+def test_telegram_settings_name_what_is_wrong_and_never_the_value(values, named):
+    """A secret_token Telegram would refuse at setWebhook is refused at start, naming the setting, not its value."""
+    configured = settings(**values)
+    assert list_enabled(configured) == ["telegram"]
+    with pytest.raises(SettingsError, match=named) as caught:
+        get_adapter("telegram", configured)
+    assert all(value not in str(caught.value) for value in values.values())

@@ -64,6 +64,7 @@ from tests.security.leaks import log_files, scan
 PROVIDERS: tuple[str, ...] = ("twilio", "whatsapp", "messagebird", "bird", "generic")
 PROVIDERS += ("vonage",)
 PROVIDERS += ("line",)
+PROVIDERS += ("telegram",)
 SECRET = "chaos-directline-secret"
 ECHO = "You said: "
 STALE_LEASE_AFTER = timedelta(seconds=15)  # past expiry, with pollers ticking every second: nobody takes it over
@@ -141,7 +142,8 @@ def user_address(provider: str, index: int) -> str:
     return {"twilio": f"+1555{index:07d}", "whatsapp": f"4477{index:08d}", "messagebird": f"+3161{index:07d}",
             "bird": f"+4915{index:08d}", "generic": f"chaos-user-{index}",
             "vonage": f"whatsapp:4478{index:08d}",
-            "line": webhooks.line_user(f"chaos-user-{index}")}[provider]
+            "line": webhooks.line_user(f"chaos-user-{index}"),
+            "telegram": f"7007{index:08d}"}[provider]
 
 
 @dataclasses.dataclass

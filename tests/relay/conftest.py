@@ -39,6 +39,7 @@ from tests.conftest import DIRECTLINE_TEST_SECRET, subprocess_env
 PROVIDERS: tuple[str, ...] = ("twilio", "whatsapp", "messagebird", "bird", "generic")
 PROVIDERS += ("vonage",)
 PROVIDERS += ("line",)
+PROVIDERS += ("telegram",)
 NO_GREETING = {"RELAY_START_EVENT": ""}
 """The stacks here start without the greeting event (the echo bot's first reply is then its echo); a test of
 the greeting passes env={"RELAY_START_EVENT": "startConversation"}."""
@@ -189,14 +190,16 @@ class InProcessRelay:
         """A user's signed webhook parsed and its message accepted (stored, due now), as a webhook does,
         but nothing worked yet; then a second passes (a worker starting in the very instant the message
         was stored would take it for one written while it worked). For twilio, whatsapp, bird and generic
-        (the providers whose replies name the user). `reply_id` (whatsapp, vonage's whatsapp users, line): a tap
-        on that button or list row of the newest message offering it (line: the postback of that quick reply
-        button), instead of text."""
+        (the providers whose replies name the user). `reply_id` (whatsapp, vonage's whatsapp users, line,
+        telegram): a tap on that button, list row or inline keyboard button of the newest message offering
+        it (line: the postback of that quick reply button), instead of text."""
         reply = self.simulator.state.interactive_reply(user, reply_id, channel) if reply_id else None
         assert reply is not None or not reply_id, f"no {channel} message to {user} offered {reply_id}"
         hook = webhooks.build(channel, DEV_VALUES, RELAY_URL, sender=user, text=text, reply=reply)
         for token in hook.reply_tokens:
             self.simulator.state.issue_reply_token(token, user)
+        if hook.callback_query_id:  # as the simulator's phone does: the tap is Telegram's to be answered
+            self.simulator.state.telegram.tapped(hook.callback_query_id)
         request = WebhookRequest("POST", hook.url, hook.headers, hook.body)
         [message] = parse_messages(self.ctx.adapter(channel), channel, request)
         key = ConversationKey(channel, message.user_id)

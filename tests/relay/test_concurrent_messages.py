@@ -28,6 +28,7 @@ USERS = {"twilio": "+15550900001", "whatsapp": "15550900002", "messagebird": "+1
          "bird": "+15550900004", "generic": "user-0900005"}
 USERS["vonage"] = "whatsapp:15550900006"
 USERS["line"] = webhooks.line_user("user-0900006")
+USERS["telegram"] = "5550900006"
 
 
 def post_together(hooks: list[webhooks.Webhook]) -> list[requests.Response]:

@@ -18,9 +18,10 @@ from tests.relay.conftest import EVENT_SECRET, EventReceiver, InProcessRelay
 USERS = {"twilio": "+15550017201", "whatsapp": "15550017202", "bird": "+15550017203", "generic": "copilot-user-4"}
 USERS["vonage"] = "whatsapp:15550017205"  # Vonage's WhatsApp channel: its own reply buttons
 USERS["line"] = webhooks.line_user("copilot-user-5")
-BUTTONS = ("whatsapp", "vonage", "line")
+USERS["telegram"] = "5550017205"
+BUTTONS = ("whatsapp", "vonage", "line", "telegram")
 """Channels whose card choices are buttons the user taps (WhatsApp reply buttons, also through Vonage; LINE quick
-replies)."""
+replies; Telegram's inline keyboard)."""
 GREETING = agent.GREETINGS["en"]
 
 

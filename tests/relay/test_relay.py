@@ -23,6 +23,7 @@ USERS = {"twilio": "+15550000001", "whatsapp": "15550000002", "messagebird": "+1
          "bird": "+15550000004", "generic": "user-5"}
 USERS["vonage"] = "whatsapp:15550000006"
 USERS["line"] = webhooks.line_user("relay-user-6")
+USERS["telegram"] = "5550000006"
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -126,7 +127,7 @@ def test_provider_outage_is_retried_and_a_refusal_dead_lettered(relay_stack):
 
 def test_disabled_or_unknown_channel_is_404(relay_stack):
     stack = relay_stack(env={"BIRD_SIGNING_KEY": ""})
-    for channel in ("bird", "telegram"):
+    for channel in ("bird", "pigeon"):  # disabled, and no such channel
         response = requests.post(f"{stack.host.url}/api/channels/{channel}", data=b"{}", timeout=10)
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "ChannelDisabled"

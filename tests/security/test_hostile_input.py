@@ -62,7 +62,9 @@ def shaped_like(provider: str):
             "vonage": ["channel", "message_uuid", "to", "from", "message_type", "text", "image", "url", "reply",
                        "id", "title", "profile", "name", "status"],
             "line": ["destination", "events", "type", "webhookEventId", "replyToken", "source", "userId", "message",
-                     "postback", "data", "text", "timestamp", "deliveryContext", "isRedelivery", "mode"]}[provider]
+                     "postback", "data", "text", "timestamp", "deliveryContext", "isRedelivery", "mode"],
+            "telegram": ["update_id", "message", "callback_query", "chat", "from", "id", "text", "photo", "file_id",
+                         "caption", "date", "data", "document", "reply_markup", "inline_keyboard"]}[provider]
     return st.recursive(
         hostile_scalars | st.sampled_from(keys),
         lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(keys), children,

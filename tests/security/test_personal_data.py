@@ -33,6 +33,7 @@ PHONES = {"twilio": "+15557770001", "whatsapp": "15557770002", "messagebird": "+
           "bird": "+15557770004", "generic": "+15557770005"}
 PHONES["vonage"] = "+15557770006"
 PHONES["line"] = webhooks.line_user("+15557770006")  # not a number: a LINE user id, as personal as one
+PHONES["telegram"] = "5557770006"  # a Telegram user id: no phone number, but as personal
 DEBUG_LOGGERS = ("", "azure", "azure.core.pipeline.policies.http_logging_policy", "urllib3", "relay")
 
 

@@ -16,6 +16,7 @@ USERS = {"twilio": "+15550600001", "whatsapp": "15550600002", "messagebird": "+1
          "bird": "+15550600004", "generic": "secret-user-5"}
 USERS["vonage"] = "15550600006"
 USERS["line"] = webhooks.line_user("secret-user-7")
+USERS["telegram"] = "5550600006"
 
 
 def test_the_leak_finder_finds_what_it_looks_for():

@@ -9,9 +9,10 @@ import pytest
 
 from devstack.channels import webhooks
 from devstack.procs import wait_until
+from relay.channels import telegram
 from relay.store.conversations import ConversationKey
 from relay.store.sweep import DEDUPE_RETENTION
-from tests.security.conftest import PROVIDERS
+from tests.security.conftest import BODY_SIGNED, PROVIDERS
 
 TIMESTAMPED: tuple[str, ...] = ("messagebird", "bird", "generic")  # the schemes that sign a time (window: 300 s)
 TIMESTAMPED += ("vonage",)  # its JWT's iat
@@ -21,7 +22,7 @@ def nothing_stored(relay, provider: str, user: str) -> bool:
     return relay.store.conversations.get_record(ConversationKey(provider, user)) is None
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", BODY_SIGNED)
 def test_a_forged_body_is_401_and_stores_nothing(exposed_relay, provider):
     user = f"+1555040{PROVIDERS.index(provider):04d}"
     hook = exposed_relay.webhook(provider, user, "payme")
@@ -45,10 +46,10 @@ def test_a_replay_outside_the_window_is_refused(exposed_relay, provider, age):
     assert nothing_stored(exposed_relay, provider, user)
 
 
-@pytest.mark.parametrize("provider", ("twilio", "whatsapp"))
+@pytest.mark.parametrize("provider", ("twilio", "whatsapp", "telegram"))
 def test_a_replay_of_an_untimed_signature_is_deduplicated(exposed_relay, provider):
-    """Twilio and Meta sign no time: a replayed webhook is accepted (200) and relayed no second time."""
-    user = {"twilio": "+15550420001", "whatsapp": "15550420002"}[provider]
+    """Twilio, Meta and Telegram sign no time: a replayed webhook is accepted (200) and relayed no second time."""
+    user = {"twilio": "+15550420001", "whatsapp": "15550420002", "telegram": "5550420003"}[provider]
     hook = exposed_relay.webhook(provider, user, "once only")
     assert exposed_relay.deliver(hook).status_code == 200
     assert exposed_relay.deliver(hook).status_code == 200
@@ -139,3 +140,36 @@ def test_whatsapp_handshake_needs_the_verify_token(exposed_relay):
     right = exposed_relay.request("GET", "/api/channels/whatsapp",
                                   params={**query, "hub.verify_token": DEV_VALUES["WHATSAPP_VERIFY_TOKEN"]})
     assert right.status_code == 200 and right.text == "12345"
+
+
+@pytest.mark.parametrize(("given", "user"), [
+    pytest.param(None, "5550460001", id="missing"),
+    pytest.param("", "5550460002", id="empty"),
+    pytest.param("dev-only-telegram-webhook-secreT", "5550460003", id="one letter off"),
+    pytest.param("dev-only-telegram-webhook-secret-and-more", "5550460004", id="longer"),
+])
+def test_a_telegram_update_without_the_secret_token_is_401_and_stores_nothing(exposed_relay, given, user):
+    """Telegram signs nothing: the secret token in its header is all that tells its updates from anyone's."""
+    hook = exposed_relay.webhook("telegram", user, "let me in")
+    headers = {k: v for k, v in hook.headers.items() if k != telegram.WEBHOOK_HEADER}
+    if given is not None:
+        headers[telegram.WEBHOOK_HEADER] = given
+    response = exposed_relay.request("POST", "/api/channels/telegram", data=hook.body, headers=headers)
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "InvalidSignature"
+    assert nothing_stored(exposed_relay, "telegram", user)
+
+
+def test_a_telegram_update_older_than_the_dedupe_memory_is_acknowledged_and_not_relayed(exposed_relay):
+    """As WhatsApp's: its update_id's dedupe row may have been swept, so it is answered 200 and relayed nowhere."""
+    user = "5550470001"
+    old = exposed_relay.webhook("telegram", user, "eight days late",
+                                now=time.time() - DEDUPE_RETENTION.total_seconds() - 86400)
+    response = exposed_relay.deliver(old)
+    assert response.status_code == 200, response.text
+    assert nothing_stored(exposed_relay, "telegram", user)
+    assert "eight days" not in exposed_relay.log_path.read_text()
+    assert old.message_id in exposed_relay.log_path.read_text()
+    fresh = exposed_relay.webhook("telegram", user, "in time", now=time.time() - 3600)
+    assert exposed_relay.deliver(fresh).status_code == 200
+    assert bot_saw(exposed_relay, "telegram", user) == ["in time"]
