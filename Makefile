@@ -10,7 +10,7 @@ NODE_STAMP := node_modules/.installed
 CHECKOV := .tools/checkov
 CHECKOV_STAMP := $(CHECKOV)/.installed
 
-.PHONY: deps browser run admin test lint bench soak package clean
+.PHONY: deps browser run admin test lint bench soak package telegram-webhook clean
 
 $(PY_STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,7 +67,6 @@ package: $(PY_STAMP)
 
 # Point a Telegram bot's updates at the relay (setWebhook) with the relay's settings from the environment:
 # TELEGRAM_BOT_TOKEN, TELEGRAM_WEBHOOK_SECRET and RELAY_PUBLIC_BASE_URL (or URL=https://…/api/channels/telegram).
-.PHONY: telegram-webhook
 telegram-webhook: $(PY_STAMP)
 	$(PY) -m relay.channels.telegram_webhook set-webhook $(if $(URL),--url $(URL))
 

@@ -19,10 +19,7 @@ import requests
 from devstack.procs import ManagedProcess, free_port, http_ok, python_module
 from relay.settings import SETTINGS
 
-PROVIDER_GROUPS: tuple[str, ...] = ("twilio", "whatsapp", "messagebird", "bird", "generic")
-PROVIDER_GROUPS += ("vonage",)
-PROVIDER_GROUPS += ("line",)
-PROVIDER_GROUPS += ("telegram",)
+PROVIDER_GROUPS = ("twilio", "whatsapp", "messagebird", "bird", "generic", "vonage", "line", "telegram")
 DEFAULT_PORT = 3001
 
 DEV_VALUES: dict[str, str] = {

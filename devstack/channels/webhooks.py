@@ -21,10 +21,7 @@ from urllib.parse import urlencode
 from relay.channels import bird, generic, telegram, twilio, vonage, whatsapp
 from relay.channels import line as line_channel
 
-PROVIDERS: tuple[str, ...] = ("twilio", "whatsapp", "messagebird", "bird", "generic")
-PROVIDERS += ("vonage",)
-PROVIDERS += ("line",)
-PROVIDERS += ("telegram",)
+PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic", "vonage", "line", "telegram")
 TWILIO_SMS_NUMBER = "+15005550006"
 TWILIO_WHATSAPP_NUMBER = "whatsapp:+14155238886"
 WHATSAPP_DISPLAY_NUMBER = "15550100"

@@ -34,11 +34,9 @@ __all__ = ["ADAPTERS", "get_adapter", "list_enabled", "public_url"]
 
 ADAPTERS: dict[str, type[ChannelAdapter]] = {
     adapter.name: adapter
-    for adapter in (TwilioAdapter, WhatsAppAdapter, MessageBirdAdapter, BirdAdapter, GenericAdapter)
+    for adapter in (TwilioAdapter, WhatsAppAdapter, MessageBirdAdapter, BirdAdapter, GenericAdapter, VonageAdapter,
+                    LineAdapter, TelegramAdapter)
 }
-ADAPTERS[VonageAdapter.name] = VonageAdapter
-ADAPTERS[LineAdapter.name] = LineAdapter
-ADAPTERS[TelegramAdapter.name] = TelegramAdapter
 
 _session: requests.Session | None = None
 _session_lock = threading.Lock()

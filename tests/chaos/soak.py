@@ -61,10 +61,7 @@ from relay.store.conversations import ConversationKey
 from tests.conftest import subprocess_env
 from tests.security.leaks import log_files, scan
 
-PROVIDERS: tuple[str, ...] = ("twilio", "whatsapp", "messagebird", "bird", "generic")
-PROVIDERS += ("vonage",)
-PROVIDERS += ("line",)
-PROVIDERS += ("telegram",)
+PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic", "vonage", "line", "telegram")
 SECRET = "chaos-directline-secret"
 ECHO = "You said: "
 STALE_LEASE_AFTER = timedelta(seconds=15)  # past expiry, with pollers ticking every second: nobody takes it over

@@ -36,10 +36,7 @@ from relay.store.conversations import ConversationKey, ConversationRecord
 from relay.store.due_polls import InboundMark
 from tests.conftest import DIRECTLINE_TEST_SECRET, subprocess_env
 
-PROVIDERS: tuple[str, ...] = ("twilio", "whatsapp", "messagebird", "bird", "generic")
-PROVIDERS += ("vonage",)
-PROVIDERS += ("line",)
-PROVIDERS += ("telegram",)
+PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic", "vonage", "line", "telegram")
 NO_GREETING = {"RELAY_START_EVENT": ""}
 """The stacks here start without the greeting event (the echo bot's first reply is then its echo); a test of
 the greeting passes env={"RELAY_START_EVENT": "startConversation"}."""
