@@ -8,10 +8,11 @@ retries a webhook that did not answer 2xx; only a body that came with the secret
 A message older than the relay's dedupe memory (`message.date` before DEDUPE_RETENTION) is
 acknowledged and logged, not relayed, as WhatsApp's are (Telegram itself gives up after 24 hours).
 
-The chat (`message.chat.id`) is where replies go; `from.id` is the user. In a private chat the two are
-the same number and it is the conversation's user; in a group each member has a conversation of their
-own with the bot, keyed `<chat id>:<user id>`, so a reply never goes to another chat than the one
-the message came from.
+Only private chats are relayed (as LINE relays only one-on-one chats): the bot talks to each user as to
+one person, and in a group every reply would be shown to all its members, a user's private answers
+too, while anyone can add the bot to a group. A group's messages and taps are acknowledged, not
+relayed. The chat (`message.chat.id`) is where replies go and the conversation's user: in a private
+chat it is the user's own id (`from.id`).
 
 A question's choices go out as an inline keyboard whose `callback_data` is the choice's id
 (relay/cards.py: a few ASCII characters, well inside Telegram's 1-64 bytes; the pending question maps
@@ -168,18 +169,23 @@ class TelegramAdapter(AdapterBase):
         return [found] if found else []
 
     @staticmethod
-    def _sender(chat: Any, user: Any) -> tuple[str, str, Mapping[str, Any]]:
-        """(the conversation's user, the chat replies go to, the user object); BadPayload without a chat."""
+    def _private_chat(chat: Any) -> str | None:
+        """The id of the private chat an update comes from, None for a group's, a supergroup's or a channel's
+        (acknowledged, not relayed: a reply there is shown to every member); BadPayload without a chat."""
         chat_id = identifier(chat.get("id")) if isinstance(chat, dict) else None
         if chat_id is None:
             raise BadPayload("the Telegram update has no chat id")
-        user = user if isinstance(user, dict) else {}
-        user_id = identifier(user.get("id"))
-        key = chat_id if user_id in (None, chat_id) else f"{chat_id}:{user_id}"
-        return key, chat_id, user
+        if chat.get("type") != "private":
+            log.info("a Telegram update from a %s chat was acknowledged, not relayed: only private chats are",
+                     str(chat.get("type"))[:20])
+            return None
+        return chat_id
 
     def _message(self, update_id: str, message: dict[str, Any]) -> InboundMessage | None:
-        key, chat_id, user = self._sender(message.get("chat"), message.get("from"))
+        chat_id = self._private_chat(message.get("chat"))
+        if chat_id is None:
+            return None
+        user = message["from"] if isinstance(message.get("from"), dict) else {}
         sent = message.get("date")
         if finite_number(sent) and self.outlived_dedupe(int(sent)):
             log.warning("Telegram update %s (sent at %d, Unix time) is older than the relay's dedupe memory: "
@@ -200,7 +206,7 @@ class TelegramAdapter(AdapterBase):
             return None  # stickers, locations, service messages: nothing for the bot
         return InboundMessage(
             message_id=update_id,
-            user_id=key,
+            user_id=chat_id,
             text=text if isinstance(text, str) else "",
             user_name=_name(user),
             media=media,
@@ -216,12 +222,15 @@ class TelegramAdapter(AdapterBase):
         if not isinstance(data, str) or not data:
             return None  # a game's button: nothing the relay offered
         message = query.get("message")
-        sender: dict[str, Any] = query["from"] if isinstance(query.get("from"), dict) else {}
-        chat = message.get("chat") if isinstance(message, dict) else None
-        key, chat_id, user = self._sender(chat or {"id": sender.get("id")}, sender)
+        if not isinstance(message, dict):
+            return None  # a button on a message sent in inline mode: not one the relay sent
+        chat_id = self._private_chat(message.get("chat"))
+        if chat_id is None:
+            return None
+        user: dict[str, Any] = query["from"] if isinstance(query.get("from"), dict) else {}
         return InboundMessage(
             message_id=update_id,
-            user_id=key,
+            user_id=chat_id,
             text=_tapped_title(message, data) or data,
             user_name=_name(user),
             locale=identifier(user.get("language_code")),
@@ -262,6 +271,10 @@ class TelegramAdapter(AdapterBase):
         content_type = media.content_type or (served if served not in ("", "application/octet-stream") else guessed) \
             or "application/octet-stream"
         return MediaContent(content, content_type, media.name or path.rsplit("/", 1)[-1])
+
+    def spend(self, reply_context: Mapping[str, str]) -> Mapping[str, str]:
+        """A tap is answered once, with the first reply to it: later ones go without its query id."""
+        return {k: v for k, v in reply_context.items() if k != "callback_query_id"}
 
     def send(self, reply_context: Mapping[str, str], message: OutboundMessage, *, first_part: int = 0) -> list[str]:
         chat_id = reply_context.get("chat_id")

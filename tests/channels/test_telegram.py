@@ -99,18 +99,37 @@ def test_a_file_of_another_bot_or_place_is_not_fetched(sim):
             adapter_for(sim).fetch_media(Media(url, protected=True), max_bytes=1000)
 
 
-def test_in_a_group_each_member_has_a_conversation_and_replies_go_to_the_group():
-    body = {"update_id": 7, "message": {"message_id": 3, "date": NOW, "text": "hi all",
-                                        "from": {"id": 42, "first_name": "Ana", "username": "ana"},
-                                        "chat": {"id": -100123, "type": "supergroup", "title": "Team"}}}
-    [message] = make_adapter("telegram").parse(update(body))
-    assert (message.message_id, message.user_id, dict(message.reply_context)) == ("7", "-100123:42",
-                                                                                  {"chat_id": "-100123"})
+@pytest.mark.parametrize("chat", [{"id": -100123, "type": "supergroup", "title": "Team"},
+                                  {"id": -4123, "type": "group", "title": "Family"},
+                                  {"id": -100456, "type": "channel", "title": "News"}])
+def test_a_groups_messages_and_taps_are_acknowledged_not_relayed(chat, caplog):
+    """Every member of a group would see the bot's replies to one of them: only private chats are relayed."""
+    said = {"update_id": 7, "message": {"message_id": 3, "date": NOW, "text": "my account number is 12345678",
+                                        "from": {"id": 42, "first_name": "Ana"}, "chat": chat}}
+    tapped = {"update_id": 8, "callback_query": {"id": "q7", "from": {"id": 42, "first_name": "Ana"}, "data": "x1",
+                                                 "message": {"message_id": 4, "date": NOW, "chat": chat}}}
+    with caplog.at_level(logging.INFO, logger="relay.channels.telegram"):
+        assert make_adapter("telegram").parse(update(said)) == []
+        assert make_adapter("telegram").parse(update(tapped)) == []
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "only private chats" in logged and str(chat["id"]) not in logged and "42" not in logged
+
+
+def test_a_private_chats_tap_is_relayed_to_be_answered_once(sim):
+    tapped = {"update_id": 9, "callback_query": {"id": "q9", "from": {"id": 42, "first_name": "Ana"}, "data": "x1",
+                                                 "message": {"message_id": 4, "date": NOW,
+                                                             "chat": {"id": 42, "type": "private"}}}}
+    adapter = adapter_for(sim)
+    [message] = adapter.parse(update(tapped))
+    assert (message.user_id, message.reply_id) == ("42", "x1")
+    assert dict(message.reply_context) == {"chat_id": "42", "callback_query_id": "q9"}
+    assert dict(adapter.spend(message.reply_context)) == {"chat_id": "42"}  # the next reply does not answer it
 
 
 @pytest.mark.parametrize("body", [
     {"update_id": 8, "edited_message": {"message_id": 1, "date": NOW, "text": "typo fixed", "chat": {"id": 1}}},
-    {"update_id": 9, "message": {"message_id": 1, "date": NOW, "chat": {"id": 1}, "sticker": {"file_id": "s"}}},
+    {"update_id": 9, "message": {"message_id": 1, "date": NOW, "chat": {"id": 1, "type": "private"},
+                                 "sticker": {"file_id": "s"}}},
     {"update_id": 10, "my_chat_member": {"chat": {"id": 1}}},
     {"update_id": 11, "callback_query": {"id": "q", "from": {"id": 1}, "game_short_name": "g"}},
 ], ids=["edit", "sticker", "member update", "game button"])
@@ -120,7 +139,8 @@ def test_updates_with_nothing_for_the_bot_are_acknowledged_not_relayed(body):
 
 @pytest.mark.parametrize("body", [b"[]", b'{"message": {"text": "no update_id"}}', b'{"update_id": [1]}',
                                   b'{"update_id": 1, "message": {"text": "no chat"}}',
-                                  b'{"update_id": 1, "message": {"chat": {"id": 1}, "photo": [{"width": 1}]}}',
+                                  b'{"update_id": 1, "message": {"chat": {"id": 1, "type": "private"}, '
+                                  b'"photo": [{"width": 1}]}}',
                                   b'{"update_id": 1, "callback_query": {"data": "x"}}'])
 def test_malformed_updates_are_a_bad_payload(body):
     with pytest.raises(BadPayload):

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
+import time
 
 import requests
 
 from devstack.channels import DEV_VALUES
 from devstack.procs import wait_until
+from relay.channels import telegram
 from tests.relay.conftest import InProcessRelay
 
 TOKEN = DEV_VALUES["TELEGRAM_BOT_TOKEN"]
@@ -49,6 +52,44 @@ def test_a_tap_reaches_the_bot_as_the_buttons_value_and_is_answered_once(inproce
     assert tapped["value"] == LONG_VALUE
     assert len(relay.simulator.telegram()["answered"]) == 1  # the spinner stopped with the reply, once
     assert relay.store.dead_letters.list_letters(limit=10) == []
+
+
+def test_a_tap_is_answered_with_the_first_reply_only(inprocess_relay, caplog):
+    """The bot may say several things after a tap: only the first reply answers it (Telegram refuses a second
+    answerCallbackQuery, and each would cost a call under its rate limits)."""
+    relay = inprocess_relay()
+    user = "5550017304"
+    key, question = ask(relay, user)
+    relay.message("telegram", user, "", reply_id=question["choices"][0]["id"])
+    with caplog.at_level(logging.INFO, logger="relay.channels.telegram"):
+        wait_until(lambda: (relay.time.advance(1), relay.work(key), len(relay.replies(key)) >= 3)[-1], timeout=20,
+                   interval=0.1, what="the echo of the tap")
+        relay.bot_says(relay.record(key).conversation_id, "Anything else?")
+        wait_until(lambda: (relay.time.advance(1), relay.work(key), len(relay.replies(key)) >= 4)[-1], timeout=20,
+                   interval=0.1, what="the bot's second message after the tap")
+    assert relay.replies(key)[-1] == "Anything else?"
+    assert len(relay.simulator.telegram()["answered"]) == 1
+    assert not [r for r in caplog.records if "not answered" in r.getMessage()]  # no second answerCallbackQuery
+    assert "callback_query_id" not in relay.record(key).reply_context
+
+
+def test_a_groups_message_is_acknowledged_and_reaches_no_bot(relay_stack):
+    """In a group every member would see the bot's replies to one of them: the update is answered 200 (Telegram
+    does not retry it) and relayed nowhere, while the same user's private chat is."""
+    stack = relay_stack()
+    member, group = "5550017305", -1001234567
+    said = {"update_id": 917305, "message": {"message_id": 5, "date": int(time.time()), "from": {
+        "id": int(member), "first_name": "Ana"}, "chat": {"id": group, "type": "supergroup", "title": "Team"},
+        "text": "my account number is 12345678"}}
+    response = requests.post(f"{stack.simulator.relay_url}/api/channels/telegram", data=json.dumps(said), timeout=30,
+                             headers={"Content-Type": "application/json",
+                                      telegram.WEBHOOK_HEADER: DEV_VALUES["TELEGRAM_WEBHOOK_SECRET"]})
+    assert response.status_code == 200, response.text
+    stack.send("telegram", member, "hello")
+    assert stack.wait_for_replies("telegram", member, 1) == ["You said: hello"]
+    assert stack.user_messages_at_bot(stack.record("telegram", member).conversation_id) == ["hello"]
+    assert all(stack.record("telegram", user) is None for user in (str(group), f"{group}:{member}"))
+    assert not [r for r in stack.simulator.replies("telegram") if str(group) in json.dumps(r)]
 
 
 def test_a_photo_reaches_the_bot_as_a_file_and_the_token_is_in_no_url_the_relay_keeps(relay_stack):
