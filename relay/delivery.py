@@ -204,7 +204,7 @@ class ReplyDelivery:
         dead letter with `payload`), None when it cannot take it now (the worker comes back later)."""
         first_part = _parts_done(self.worker.record, activity_id)
         adapter = self.ctx.adapter(self.worker.key.channel)
-        reply_context = self._spend(adapter)
+        reply_context = self.spend_reply_context(adapter)
         started = self.ctx.clock.monotonic()
         try:
             adapter.send(reply_context, message, first_part=first_part)
@@ -244,10 +244,11 @@ class ReplyDelivery:
             telemetry.record(telemetry.REPLY_LATENCY, max(0.0, (self.ctx.clock.now() - sent_at).total_seconds()),
                              channel=self.worker.key.channel)
 
-    def _spend(self, adapter: ChannelAdapter) -> Mapping[str, str]:
-        """The record's reply context for one send. What a send may use only once (LINE's reply token) is stored
-        as used before the send, so neither a retry nor a later reply can use it again: at worst a send that
-        failed after using it falls back on what the context still allows (LINE's push)."""
+    def spend_reply_context(self, adapter: ChannelAdapter) -> Mapping[str, str]:
+        """The record's reply context for one send (the relay's, or an operator's replay). What a send may use only
+        once (LINE's reply token, Telegram's tap to answer) is stored as used before the send, so neither a retry
+        nor a later reply can use it again: at worst a send that failed after using it falls back on what the
+        context still allows (LINE's push)."""
         context = self.worker.record.reply_context
         spent = dict(adapter.spend(context))
         if spent != dict(context):

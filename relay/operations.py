@@ -226,12 +226,17 @@ def _resend(ctx: RelayContext, letter: DeadLetter, *, force: bool) -> ReplayOutc
 
 def _reply_send(ctx: RelayContext, record: ConversationRecord, owner: str,
                 letter: DeadLetter) -> Callable[[], None]:
-    """Sends the reply from its first part not yet taken; the question it asks is then the one the user answers."""
+    """Sends the reply from its first part not yet taken, with the reply context spent as the relay spends it (a
+    LINE reply token is used once, by the replay or by the relay's next reply, never both); the question it asks is
+    then the one the user answers."""
+    from relay.conversations import ConversationWorker
+
     message, question = _reply_of(letter)
     adapter = ctx.adapter(letter.key.channel)  # ChannelDisabled now, when the provider's settings are missing
 
     def send() -> None:
-        adapter.send(record.reply_context, message, first_part=letter.parts_sent)
+        worker = ConversationWorker(ctx, record, owner=owner, peek=None, patient=False)
+        adapter.send(worker.delivery.spend_reply_context(adapter), message, first_part=letter.parts_sent)
         if question is not None:
             asked = question.to_json()
             ctx.store.conversations.update_record(letter.key, lambda r: r and replace(r, pending_question=asked),

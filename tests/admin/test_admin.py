@@ -15,7 +15,8 @@ import pytest
 from devstack.procs import free_port
 from relay import operations
 from relay.errors import RelayError
-from relay.store.conversations import ConversationKey, ConversationState
+from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState
+from relay.store.dead_letters import DeadLetterKind
 from relay.store.sessions import HeldToken
 
 LONG_TEXT = ("a user's long message " * 80).strip()  # over the emulator's activity limit in the inbound tests below
@@ -93,6 +94,29 @@ def test_two_replays_of_one_reply_at_once_deliver_it_once(admin_relay):
     assert relay.replies(key) == ["You said: hello"]
     assert operations.ReplayOutcome.DELIVERED in outcomes
     assert relay.store.dead_letters.list_letters(key) == []
+
+
+@pytest.mark.parametrize(("channel", "user", "address", "once"), [
+    ("line", "U" + "4" * 32, "to", {"reply_token": "a-fresh-reply-token", "reply_by": "32503680000"}),
+    ("telegram", "5550017310", "chat_id", {"callback_query_id": "a-fresh-tap"}),
+], ids=["LINE reply token", "Telegram tap"])
+def test_a_replay_stores_what_it_spends_before_it_sends(admin_relay, channel, user, address, once):
+    """The user's newest message brought what a send may use once (a LINE reply token: a second use is refused, then
+    pushed against the month's quota; a Telegram tap, answered once). A replay that uses it stores it as used first,
+    as the relay does, so the relay's next reply does not use it again."""
+    relay, _ = admin_relay()
+    key = ConversationKey(channel, user)
+    relay.store.conversations.update_record(key, lambda _: ConversationRecord(
+        key, conversation_id="", user_id=f"dl_{user}", reply_context={address: user, **once}))
+    letter = relay.store.dead_letters.add_letter(key, kind=DeadLetterKind.REPLY, reason="BadRequest: refused", payload={
+        "activity": {"type": "message", "id": f"{channel}-refused-1", "text": "You said: hello"}})
+
+    assert operations.replay_letter(relay.store, letter.letter_id,
+                                    context=lambda: relay.ctx) == operations.ReplayOutcome.DELIVERED
+
+    assert relay.replies(key)[-1:] == ["You said: hello"]
+    record = relay.record(key)
+    assert dict(record.reply_context) == {address: user} and record.lease_owner is None
 
 
 def test_a_replay_that_began_sending_and_did_not_finish_is_refused_unless_forced(admin_relay):
