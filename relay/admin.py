@@ -44,7 +44,22 @@ DEFAULT_LIMIT = 50
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command; a reader that goes before the output ends (`| head -1`) ends it quietly."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor a complaint when Python flushes at exit
+        return 1
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name, value in vars(args).items():
+        # A shell passes any bytes (`$'\xff'`); Python gives the undecodable ones as lone surrogates, which no id
+        # holds and no key can be made of.
+        if isinstance(value, str) and not _is_text(value):
+            parser.error(f"argument {name}: not valid UTF-8 text")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         environ = _environment(args.settings)
@@ -58,8 +73,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    print(json.dumps(result, indent=2, default=_json_value) if args.json else _human(result))
+    print(json.dumps(result, indent=2, default=_json_value) if args.json else _human(result), flush=True)
     return 0
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Tools:

@@ -5,6 +5,9 @@ mistake an operator can make answered with a message and exit code 1 (2 for usag
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from dataclasses import replace
@@ -12,12 +15,13 @@ from datetime import timedelta
 
 import pytest
 
-from devstack.procs import free_port
+from devstack.procs import ROOT, free_port
 from relay import operations
 from relay.errors import RelayError
 from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState
 from relay.store.dead_letters import DeadLetterKind
 from relay.store.sessions import HeldToken
+from tests.conftest import subprocess_env
 
 LONG_TEXT = ("a user's long message " * 80).strip()  # over the emulator's activity limit in the inbound tests below
 
@@ -334,6 +338,31 @@ def test_an_unknown_id_exits_1_with_a_message(admin_relay, args):
     done = admin.run(*args)
     assert done.returncode == 1
     assert done.stderr.startswith("error: no ") and "Traceback" not in done.stderr and done.stdout == ""
+
+
+@pytest.mark.parametrize("args", [("conversations", "show", "line", "\udcff"), ("sessions", "revoke", "\udcff"),
+                                  ("conversations", "list", "--channel", "tw\udcffilio")],
+                         ids=["a user", "a session", "a channel"])
+def test_an_argument_that_is_not_utf8_is_a_usage_mistake(admin_relay, args):
+    """What a shell passes for `$'\\xff'`: Python's surrogate escape of bytes that are no text."""
+    _, admin = admin_relay()
+    done = admin.run(*args)
+    assert done.returncode == 2 and "error: argument" in done.stderr and "not valid UTF-8" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_a_reader_that_goes_early_leaves_no_traceback(admin_relay):
+    """`python -m relay.admin stats | head -1`: the pipe is closed before the output is written."""
+    _, admin = admin_relay()
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader went: every write gets EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "relay.admin", "stats"], cwd=ROOT, stdout=writer,
+                              stderr=subprocess.PIPE, text=True, timeout=120, env=subprocess_env(**admin.env))
+    finally:
+        os.close(writer)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr and "Exception ignored" not in done.stderr
 
 
 def test_settings_missing_or_storage_out_of_reach_exit_1_with_a_message(admin_relay, tmp_path):
