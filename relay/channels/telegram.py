@@ -18,7 +18,8 @@ A question's choices go out as an inline keyboard whose `callback_data` is the c
 (relay/cards.py: a few ASCII characters, well inside Telegram's 1-64 bytes; the pending question maps
 it back to the value the bot expects). A tap arrives as a `callback_query`: relayed with the tapped
 button's text and its data as `InboundMessage.reply_id`, and answered (answerCallbackQuery, which
-stops the spinner on the user's button) before the reply to it is sent.
+stops the spinner on the user's button) before the first reply to it is sent, once: `spend` drops the
+query's id from the reply context, and the relay stores that before it sends.
 
 Photos arrive as sizes of one picture: the largest is relayed, `protected`, as a getFile URL without
 the token; `fetch_media` asks getFile for the file's path and downloads it from
@@ -286,8 +287,8 @@ class TelegramAdapter(AdapterBase):
         return send_parts(calls, lambda call: self._send_one(chat_id, *call), first_part=first_part)
 
     def _answer_tap(self, query_id: str) -> None:
-        """Stop the spinner on the button the user tapped. A query answered before (an earlier reply to the same
-        tap) or too old is refused by Telegram: the reply goes out all the same."""
+        """Stop the spinner on the button the user tapped. A query too old (or answered before) is refused by
+        Telegram: the reply goes out all the same."""
         try:
             self._call("answerCallbackQuery", {"callback_query_id": query_id})
         except ProviderError as error:
