@@ -239,7 +239,8 @@ def test_the_users_photo_is_fetched_from_vonages_media_store_with_the_applicatio
 ])
 def test_a_media_url_off_vonages_hosts_never_gets_the_jwt(url):
     with pytest.raises(ProviderRejected, match="not on a Vonage host") as refused:
-        make_adapter("vonage").fetch_media(Media(url, protected=True), max_bytes=1000)
+        make_adapter("vonage", {"VONAGE_API_BASE": "https://api.nexmo.com"}).fetch_media(
+            Media(url, protected=True), max_bytes=1000)
     assert refused.value.reason == "MediaNotFetched"
 
 
