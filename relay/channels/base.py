@@ -36,8 +36,9 @@ __all__ = [
 ]
 
 
-MAX_ID_CHARS = 1024
-"""Longest message or user id a webhook may carry: the providers' are under 100 characters."""
+MAX_ID_CHARS = 4096
+"""Longest message or user id a webhook may carry: the providers' are under 100 characters, and a user id of
+2,000 is relayed (SECURITY.md), while Table Storage keeps at most 32,768 UTF-16 units in a property."""
 
 
 def _check_types(item: object, what: str, required: tuple[str, ...], optional: tuple[str, ...]) -> None:

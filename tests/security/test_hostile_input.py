@@ -387,7 +387,7 @@ def test_a_signed_id_too_long_to_store_is_a_bad_payload_never_a_503(exposed_rela
 
     response = resigned(exposed_relay, provider, sender, change)
     assert_json_error(response, {400})
-    assert "1024" in response.json()["error"]["message"]
+    assert "4096" in response.json()["error"]["message"]
 
 
 def test_a_signed_400_digit_time_is_refused_never_a_500(exposed_relay):
