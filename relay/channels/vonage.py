@@ -4,7 +4,7 @@ Messenger and Viber channels Vonage relays, each answered on the channel it came
 A signed webhook carries `Authorization: Bearer <JWT>`, HS256 with the account's signature secret, whose
 claims hold `payload_hash` (hex SHA-256 of the raw body), `iat`, `jti`, `api_key` and `application_id`.
 The body is signed only through `payload_hash`, so it is compared (in constant time) before anything in
-the body is read; `iat` must be inside the replay window, and a token issued for another application of
+the body is read; `iat` must be inside the replay window, and a token not issued for our application of
 the same account (the secret is the account's) is refused. The dedupe key is the body's `message_uuid`.
 Status webhooks, and messages on a channel the relay cannot answer on (MMS, RCS), are acknowledged and
 not relayed: Vonage would retry a refusal.
@@ -83,9 +83,9 @@ MEDIA_TYPES = {
 APPLICATION_JWT_SECONDS = 15 * 60
 """How long a reply's JWT is valid: Vonage's SDKs give theirs 15 minutes."""
 VONAGE_MEDIA_HOSTS = (".nexmo.com", ".vonage.com")
-_UNSAFE_AUTHORITY = re.compile(r"[@\\%\s]|[^\x00-\x7f]")
+_UNSAFE_AUTHORITY = re.compile(r"[@\\%]|[^\x21-\x7e]")
 """What no media URL's authority may hold: userinfo, a backslash or percent escape (read differently by urlsplit
-and urllib3), a blank or a non-ASCII character (NFKC could turn it into a separator)."""
+and urllib3), a blank, a control character or a non-ASCII one (NFKC could turn it into a separator)."""
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class VonageAdapter(AdapterBase):
     def _is_media_url(self, url: str) -> bool:
         """True for a URL on a Vonage media host over https, or on the API base itself (same scheme, host and
         port). The URL is read both as the check's urlsplit and as requests' urllib3 reads it, and its authority
-        may hold no userinfo, backslash, percent sign, blank or non-ASCII: no spelling may name a Vonage host
+        may hold nothing _UNSAFE_AUTHORITY names: no spelling may name a Vonage host
         to one parser and send the JWT to another host through the other."""
         _, separator, rest = url.partition("://")
         if not separator or _UNSAFE_AUTHORITY.search(re.split(r"[/?#]", rest, maxsplit=1)[0]):

@@ -236,6 +236,7 @@ def test_the_users_photo_is_fetched_from_vonages_media_store_with_the_applicatio
     "https://x@api.nexmo.com/v3/media/1", "https://api-eu.vonage.com%2f.attacker.example/v3/media/1",
     "https://evil.com\uff0fx.nexmo.com/v3/media/1",  # urlsplit raises ValueError: a 500 once
     "https://api-eu.vonage.com:99999/v3/media/1", "https://api-eu.vonage.com /v3/media/1",
+    "https://attacker.example\x00.vonage.com/v3/media/1",
 ])
 def test_a_media_url_off_vonages_hosts_never_gets_the_jwt(url):
     with pytest.raises(ProviderRejected, match="not on a Vonage host") as refused:
