@@ -249,7 +249,8 @@ class OutboxPoster:
 
         A file the provider refuses for good (gone, too large) is left out and named in channelData, so
         the text still reaches the bot; one it cannot give now (ProviderUnavailable) holds the message
-        back to be tried again, for MEDIA_ATTEMPTS attempts."""
+        back to be tried again, for MEDIA_ATTEMPTS attempts. Any other failure (a URL the adapter cannot
+        read) is that medium not fetched: no message may block every later one of its user."""
         activity, pending = take_pending_media(answered)
         files: list[UploadFile] = []
         missing: list[tuple[Media, ProviderError]] = []
@@ -264,6 +265,12 @@ class OutboxPoster:
                 if message.attempts < MEDIA_ATTEMPTS:
                     raise
                 missing.append((media, error))
+                continue
+            except Exception as error:  # one medium, whatever broke, never holds the outbox back
+                log.warning("a %s medium could not be fetched (%s): the message goes without it",
+                            self.worker.key.channel, type(error).__name__)
+                missing.append((media, ProviderRejected(f"the medium could not be fetched ({type(error).__name__})",
+                                                        reason="MediaNotFetched")))
                 continue
             room -= len(fetched.content)
             files.append(UploadFile(fetched.name, fetched.content, fetched.content_type))

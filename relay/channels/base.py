@@ -6,6 +6,8 @@ its handshakes and how to send through its API. It knows nothing of Direct Line 
 A signed payload is the provider's, not necessarily well formed: an `InboundMessage` refuses
 (BadPayload, 400) a value of the wrong kind in itself or its media, such as a list for an id or a
 number for a name, so whatever an adapter reads from JSON arrives typed as declared, or not at all.
+Its ids are at most MAX_ID_CHARS characters: storage keeps each in one property, and would refuse a
+70 000-character one for good (the provider would send it again forever).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from relay.clock import Clock
 
 __all__ = [
+    "MAX_ID_CHARS",
     "ChannelAdapter",
     "Choice",
     "InboundMessage",
@@ -31,6 +34,11 @@ __all__ = [
     "WebhookAnswer",
     "WebhookRequest",
 ]
+
+
+MAX_ID_CHARS = 4096
+"""Longest message or user id a webhook may carry: the providers' are under 100 characters, and a user id of
+2,000 is relayed (SECURITY.md), while Table Storage keeps at most 32,768 UTF-16 units in a property."""
 
 
 def _check_types(item: object, what: str, required: tuple[str, ...], optional: tuple[str, ...]) -> None:
@@ -103,6 +111,10 @@ class InboundMessage:
 
     def __post_init__(self) -> None:
         _check_types(self, "a message", ("message_id", "user_id"), ("user_name", "locale", "reply_id"))
+        for name in ("message_id", "user_id"):
+            if len(getattr(self, name)) > MAX_ID_CHARS:
+                raise BadPayload(f"a message: {name} has {len(getattr(self, name))} characters, over the "
+                                 f"{MAX_ID_CHARS} allowed")
         if not isinstance(self.text, str):
             raise BadPayload("a message: text must be a string")
         for item in self.media:

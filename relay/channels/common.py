@@ -6,7 +6,8 @@ Provider errors are mapped here once: 4xx (not 429) is permanent (ProviderReject
 
 Hostile input is bounded here once, before any work that grows with it: a form or query of more
 than MAX_FORM_FIELDS fields is refused (413) before it is parsed or signed, a timestamp is at most
-TIMESTAMP_DIGITS digits (anything else is not a time, 401), and a JSON body's strings come out as
+TIMESTAMP_DIGITS digits (anything else is not a time, 401), a number in a body is at most MAX_NUMBER (a
+larger one is no time or size, as a string would not be), and a JSON body's strings come out as
 valid Unicode (a lone surrogate becomes U+FFFD), so nothing a provider sends becomes a 500 later.
 """
 
@@ -44,6 +45,7 @@ from relay.store.sweep import DEDUPE_RETENTION
 
 __all__ = [
     "MAX_FORM_FIELDS",
+    "MAX_NUMBER",
     "TIMESTAMP_DIGITS",
     "AdapterBase",
     "b64decode_or_none",
@@ -74,6 +76,9 @@ MAX_FORM_FIELDS = 256
 media) has well under 100. Checked before parsing, so a 1 MiB form of 160 000 fields costs nothing."""
 TIMESTAMP_DIGITS = 12
 """Most digits a Unix timestamp may have (seconds until the year 33658): longer is not a time."""
+
+MAX_NUMBER = 2 ** 53
+"""Largest number a body's time or size is read as: exact as a float, and past any clock (JavaScript's limit)."""
 
 Part = TypeVar("Part")
 
@@ -197,9 +202,10 @@ def identifier(value: Any) -> str | None:
 
 
 def finite_number(value: Any) -> TypeGuard[int | float]:
-    """True for a JSON number that can be compared with a clock: not a bool, NaN or infinity."""
+    """True for a JSON number that can be compared with a clock: not a bool, NaN or infinity, nor beyond
+    ±MAX_NUMBER (a 400-digit integer overflows as a float)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and \
-        (isinstance(value, int) or math.isfinite(value))
+        (isinstance(value, int) or math.isfinite(value)) and abs(value) <= MAX_NUMBER
 
 
 def require_header(request: WebhookRequest, name: str) -> str:

@@ -4,7 +4,7 @@ Messenger and Viber channels Vonage relays, each answered on the channel it came
 A signed webhook carries `Authorization: Bearer <JWT>`, HS256 with the account's signature secret, whose
 claims hold `payload_hash` (hex SHA-256 of the raw body), `iat`, `jti`, `api_key` and `application_id`.
 The body is signed only through `payload_hash`, so it is compared (in constant time) before anything in
-the body is read; `iat` must be inside the replay window, and a token issued for another application of
+the body is read; `iat` must be inside the replay window, and a token not issued for our application of
 the same account (the secret is the account's) is refused. The dedupe key is the body's `message_uuid`.
 Status webhooks, and messages on a channel the relay cannot answer on (MMS, RCS), are acknowledged and
 not relayed: Vonage would retry a refusal.
@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import replace
@@ -37,6 +38,7 @@ from urllib.parse import urlsplit
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from urllib3.util import parse_url
 
 from relay.channels.base import InboundMessage, Media, MediaContent, OutboundMessage, WebhookRequest
 from relay.channels.common import (
@@ -81,6 +83,9 @@ MEDIA_TYPES = {
 APPLICATION_JWT_SECONDS = 15 * 60
 """How long a reply's JWT is valid: Vonage's SDKs give theirs 15 minutes."""
 VONAGE_MEDIA_HOSTS = (".nexmo.com", ".vonage.com")
+_UNSAFE_AUTHORITY = re.compile(r"[@\\%]|[^\x21-\x7e]")
+"""What no media URL's authority may hold: userinfo, a backslash or percent escape (read differently by urlsplit
+and urllib3), a blank, a control character or a non-ASCII one (NFKC could turn it into a separator)."""
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +166,8 @@ class VonageAdapter(AdapterBase):
         expiry = claims.get("exp")
         if expiry is not None and (not finite_number(expiry) or now > expiry):
             raise StaleTimestamp("the Vonage webhook JWT has expired")
-        application = claims.get("application_id")
-        if application is not None and application != self.application_id:
-            raise SignatureInvalid("the Vonage webhook JWT was issued for another application")
+        if claims.get("application_id") != self.application_id:
+            raise SignatureInvalid("the Vonage webhook JWT was not issued for this application (application_id)")
         if not same(hashlib.sha256(request.body).hexdigest(), str(claims.get("payload_hash") or "")):
             raise SignatureInvalid("the Vonage webhook JWT's payload_hash does not match the body")
 
@@ -250,10 +254,7 @@ class VonageAdapter(AdapterBase):
     def fetch_media(self, media: Media, *, max_bytes: int) -> MediaContent:
         """A user's file from Vonage's media store, with the application's JWT (needed with secure inbound media);
         ProviderRejected for a URL that is not Vonage's (it would get our JWT)."""
-        url = urlsplit(media.url)
-        host = (url.hostname or "").lower()
-        if host != (urlsplit(self.api_base).hostname or "").lower() \
-                and not (url.scheme == "https" and host.endswith(VONAGE_MEDIA_HOSTS)):
+        if not self._is_media_url(media.url):
             raise ProviderRejected("the Vonage media url is not on a Vonage host (over https)",
                                    reason="MediaNotFetched")
         content, content_type = download(self.session, self.name, media.url, max_bytes=max_bytes,
@@ -262,6 +263,28 @@ class VonageAdapter(AdapterBase):
         name = media.name or media_file_name(urlsplit(media.url).path.rstrip("/").rsplit("/", 1)[-1] or "media",
                                              content_type)
         return MediaContent(content, content_type, name)
+
+    def _is_media_url(self, url: str) -> bool:
+        """True for a URL on a Vonage media host over https, or on the API base itself (same scheme, host and
+        port). The URL is read both as the check's urlsplit and as requests' urllib3 reads it, and its authority
+        may hold nothing _UNSAFE_AUTHORITY names: no spelling may name a Vonage host
+        to one parser and send the JWT to another host through the other."""
+        _, separator, rest = url.partition("://")
+        if not separator or _UNSAFE_AUTHORITY.search(re.split(r"[/?#]", rest, maxsplit=1)[0]):
+            return False
+        try:
+            split, parsed = urlsplit(url), parse_url(url)
+            read = {((split.scheme or "").lower(), (split.hostname or "").lower(), split.port),
+                    ((parsed.scheme or "").lower(), (parsed.host or "").lower(), parsed.port)}
+            api = urlsplit(self.api_base)
+        except ValueError:  # an invalid port or IPv6 address, or a host that NFKC normalization changes
+            return False
+        if len(read) != 1:
+            return False
+        [(scheme, host, _)] = read
+        if (split.scheme, split.netloc.lower()) == (api.scheme, api.netloc.lower()):
+            return True
+        return scheme == "https" and host.endswith(VONAGE_MEDIA_HOSTS)
 
     # -- outbound -----------------------------------------------------------------------------
     def send(self, reply_context: Mapping[str, str], message: OutboundMessage, *, first_part: int = 0) -> list[str]:

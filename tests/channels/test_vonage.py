@@ -6,8 +6,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
 import pytest
@@ -15,6 +18,7 @@ import requests
 from vonage_jwt import JwtClient, verify_signature
 
 from devstack.channels import DEV_VALUES, webhooks
+from devstack.procs import free_port
 from relay.channels.base import Choice, Media, OutboundMessage, WebhookRequest
 from relay.channels.vonage import channel_user
 from relay.errors import BadPayload, ProviderRejected, SettingsError, SignatureInvalid, StaleTimestamp
@@ -89,7 +93,7 @@ def test_a_replayed_webhook_is_refused_once_its_iat_left_the_window():
 
 
 @pytest.mark.parametrize("claims", [{"iat": None}, {"iat": "now"}, {"payload_hash": None},
-                                    {"application_id": "another-application"}])
+                                    {"application_id": "another-application"}, {"application_id": None}])
 def test_a_jwt_without_its_claims_or_for_another_application_is_refused(claims):
     request = minted(b"{}", **claims)
     with pytest.raises(SignatureInvalid):
@@ -224,11 +228,64 @@ def test_the_users_photo_is_fetched_from_vonages_media_store_with_the_applicatio
     assert fetched.name.endswith(".png")
 
 
-@pytest.mark.parametrize("url", ["https://attacker.example/v3/media/1", "https://api.nexmo.com.attacker.example/1",
-                                 "http://api-us.nexmo.com/v3/media/1"])
+@pytest.mark.parametrize("url", [
+    "https://attacker.example/v3/media/1", "https://api.nexmo.com.attacker.example/1",
+    "http://api-us.nexmo.com/v3/media/1",
+    "http://api.nexmo.com/v3/media/1",  # the API host in clear: the JWT readable on the way
+    "https://attacker.example\\@api-eu.vonage.com/v3/media/1",  # urllib3 (requests) connects to attacker.example
+    "https://x@api.nexmo.com/v3/media/1", "https://api-eu.vonage.com%2f.attacker.example/v3/media/1",
+    "https://evil.com\uff0fx.nexmo.com/v3/media/1",  # urlsplit raises ValueError: a 500 once
+    "https://api-eu.vonage.com:99999/v3/media/1", "https://api-eu.vonage.com /v3/media/1",
+    "https://attacker.example\x00.vonage.com/v3/media/1",
+])
 def test_a_media_url_off_vonages_hosts_never_gets_the_jwt(url):
+    with pytest.raises(ProviderRejected, match="not on a Vonage host") as refused:
+        make_adapter("vonage", {"VONAGE_API_BASE": "https://api.nexmo.com"}).fetch_media(
+            Media(url, protected=True), max_bytes=1000)
+    assert refused.value.reason == "MediaNotFetched"
+
+
+@pytest.fixture
+def capture() -> Iterator[tuple[int, list[str | None]]]:
+    """A server on 127.0.0.1 that records the Authorization of every request it gets: (its port, those)."""
+    seen: list[str | None] = []
+
+    class Capture(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"png")
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Capture)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], seen
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("spelling", [
+    "http://127.0.0.1:{capture}/v3/media/1",  # the API base's host, on another port
+    "http://127.0.0.1:{capture}\\@127.0.0.1:{api}/v3/media/1",  # urlsplit reads the API base, requests the capture
+    "http://x@127.0.0.1:{capture}/v3/media/1",
+    "https://127.0.0.1:{api}/v3/media/1",
+])
+def test_a_media_url_that_only_looks_like_the_api_base_never_gets_the_jwt(capture, spelling):
+    port, seen = capture
+    api = free_port()
+    adapter = make_adapter("vonage", {"VONAGE_API_BASE": f"http://127.0.0.1:{api}"})
     with pytest.raises(ProviderRejected, match="not on a Vonage host"):
-        make_adapter("vonage").fetch_media(Media(url, protected=True), max_bytes=1000)
+        adapter.fetch_media(Media(spelling.format(capture=port, api=api), protected=True), max_bytes=1000)
+    assert seen == []
+    # The capture does see the JWT when it is the API base: the check above is not vacuous.
+    make_adapter("vonage", {"VONAGE_API_BASE": f"http://127.0.0.1:{port}"}).fetch_media(
+        Media(f"http://127.0.0.1:{port}/v3/media/1", protected=True), max_bytes=1000)
+    assert [auth.split(" ")[0] for auth in seen if auth] == ["Bearer"]
 
 
 def test_wrong_application_credentials_are_refused_by_the_media_store(sim, fake_relay):

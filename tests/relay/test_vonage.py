@@ -4,11 +4,17 @@ the user on the channel they wrote on; a changed, replayed or stale webhook is r
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import time
+import uuid
 
 import requests
 
 from devstack.channels import DEV_VALUES, webhooks
+from devstack.procs import wait_until
+from relay.channels import vonage
+from relay.store.conversations import ConversationKey
 
 
 def test_an_sms_and_a_whatsapp_message_each_get_their_reply_on_their_own_channel(relay_stack):
@@ -48,3 +54,26 @@ def test_a_webhook_signed_longer_ago_than_the_window_is_refused(relay_stack):
     response = requests.post(hook.url, data=hook.body, headers=hook.headers, timeout=10)
     assert response.status_code == 401
     assert stack.record("vonage", "447700900105") is None
+
+
+def test_a_media_url_the_relay_cannot_read_never_holds_back_the_users_next_message(relay_stack):
+    """"\\uff0f" (a full-width slash) made urlsplit raise ValueError: the image's message was never posted and
+    every later message of its user waited behind it. Now the image goes without its file, the text follows."""
+    stack = relay_stack()
+    user = "whatsapp:447700900106"
+    genuine = json.loads(webhooks.build("vonage", DEV_VALUES, stack.env["RELAY_PUBLIC_BASE_URL"], sender=user,
+                                        text="").body)
+    image = {**genuine, "message_type": "image", "image": {"url": "https://evil.com\uff0fx.nexmo.com/v3/media/1"}}
+    del image["text"]
+    body = json.dumps(image).encode()
+    claims = {"iat": int(time.time()), "jti": str(uuid.uuid4()), "payload_hash": hashlib.sha256(body).hexdigest(),
+              "application_id": DEV_VALUES["VONAGE_APPLICATION_ID"]}
+    token = vonage.signed_webhook_jwt(claims, DEV_VALUES["VONAGE_SIGNATURE_SECRET"])
+    response = requests.post(f"{stack.env['RELAY_PUBLIC_BASE_URL']}/api/channels/vonage", data=body, timeout=10,
+                             headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    stack.send("vonage", user, "and my question")
+    wait_until(lambda: "and my question" in stack.user_messages_at_bot(stack.record("vonage", user).conversation_id),
+               timeout=30, what="the text after the unreadable image to reach the bot")
+    [letter] = stack.store.dead_letters.list_letters(ConversationKey("vonage", user))
+    assert (letter.kind, "MediaNotFetched" in letter.reason) == ("media", True)

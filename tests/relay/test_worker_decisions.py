@@ -17,7 +17,7 @@ from standardwebhooks import Webhook
 
 from devstack.directline.echo import greeting
 from relay.activities import directline_user_id
-from relay.channels.base import InboundMessage
+from relay.channels.base import InboundMessage, Media
 from relay.errors import TokenExpired
 from relay.inbound import accept_all
 from relay.store.conversations import ConversationKey, ConversationState
@@ -959,3 +959,25 @@ def test_the_relays_prompt_for_a_cards_next_input_waits_out_a_provider_outage_an
     relay.work(key)
     *_, posted = relay.activities_at_bot(conversation_id)
     assert posted["value"] == {"action": "order", "size": "S", "note": "No thanks"}
+
+
+def test_a_medium_whose_fetch_breaks_unexpectedly_is_left_out_and_the_users_next_message_follows(
+        inprocess_relay, monkeypatch):
+    """Any exception out of fetch_media (once a ValueError from urlsplit) is that medium not fetched: a message
+    that raised it stayed first in its outbox and every later one of its user waited behind it."""
+    relay = inprocess_relay()
+
+    def broken(self, media, *, max_bytes):
+        raise ValueError("netloc contains invalid characters under NFKC normalization")
+
+    monkeypatch.setattr(type(relay.ctx.adapter("generic")), "fetch_media", broken)
+    photo = Media("https://media.example/1.png", content_type="image/png", protected=True)
+    messages = [InboundMessage("m-photo", "u-media", "look", media=(photo,), reply_context={"user_id": "u-media"}),
+                InboundMessage("m-next", "u-media", "and then", reply_context={"user_id": "u-media"})]
+    [(key, marks)] = accept_all(relay.ctx, "generic", messages).items()
+    relay.arrivals[key] = marks
+    relay.work(key)
+
+    assert relay.messages_at_bot(relay.record(key).conversation_id) == ["look", "and then"]
+    [letter] = relay.store.dead_letters.list_letters(key)
+    assert letter.kind == "media" and "MediaNotFetched" in letter.reason and "ValueError" in letter.reason

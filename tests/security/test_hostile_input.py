@@ -24,9 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devstack.channels import DEV_VALUES
+from devstack.channels import DEV_VALUES, webhooks
 from devstack.procs import wait_until
-from relay.channels import bird, generic, messagebird
+from relay.channels import bird, generic, messagebird, vonage
 from relay.store.conversations import ConversationKey
 from tests.security.conftest import ALLOWED_ORIGIN, PROVIDERS, sign
 
@@ -352,3 +352,65 @@ def test_repeated_and_missing_headers(exposed_relay, provider):
     missing = exposed_relay.request("POST", f"/api/channels/{provider}", data=genuine.body,
                                     headers={"Content-Type": genuine.headers.get("Content-Type", "")})
     assert_json_error(missing, {401})
+
+
+def resigned(exposed_relay, provider: str, sender: str, change) -> object:
+    """A genuine webhook from `sender` whose JSON body `change` alters, signed again as the key holder can."""
+    hook = exposed_relay.webhook(provider, sender, "hi")
+    body = json.loads(hook.body)
+    change(body)
+    raw = json.dumps(body).encode()
+    headers = {key: value for key, value in hook.headers.items() if key.lower() != "authorization"}
+    return exposed_relay.request("POST", hook.url.removeprefix(exposed_relay.public_url), data=raw,
+                                 headers={**headers, **sign(provider, raw, hook.url)})
+
+
+LONG_ID = "7" * 70_000
+"""An id storage cannot keep in one property (PROPERTY_VALUE_TOO_LARGE): refused for good, or retried forever."""
+
+
+@pytest.mark.parametrize(("provider", "sender", "where"), [
+    ("vonage", "447700900301", ("message_uuid",)),
+    ("vonage", "447700900302", ("from",)),
+    ("line", webhooks.line_user("long-id-1"), ("events", 0, "source", "userId")),
+    ("line", webhooks.line_user("long-id-2"), ("events", 0, "webhookEventId")),
+    ("telegram", "5550303", ("message", "chat", "id")),
+    ("generic", "+15550304", ("user", "id")),
+])
+def test_a_signed_id_too_long_to_store_is_a_bad_payload_never_a_503(exposed_relay, provider, sender, where):
+    """A 503 here would be forever: the provider retries it, and on LINE holds back the rest of the batch."""
+    def change(body):
+        *path, last = where
+        for step in path:
+            body = body[step]
+        body[last] = LONG_ID
+
+    response = resigned(exposed_relay, provider, sender, change)
+    assert_json_error(response, {400})
+    assert "4096" in response.json()["error"]["message"]
+
+
+def test_a_signed_400_digit_time_is_refused_never_a_500(exposed_relay):
+    """10**400 cannot be compared with a clock (as a float it overflows): Vonage's iat, LINE's timestamp."""
+    body = json.loads(exposed_relay.webhook("vonage", "447700900305", "hi").body)
+    raw = json.dumps(body).encode()
+    claims = {"iat": 10**400, "jti": str(uuid.uuid4()), "payload_hash": hashlib.sha256(raw).hexdigest(),
+              "application_id": DEV_VALUES["VONAGE_APPLICATION_ID"]}
+    token = vonage.signed_webhook_jwt(claims, DEV_VALUES["VONAGE_SIGNATURE_SECRET"])
+    response = exposed_relay.request("POST", "/api/channels/vonage", data=raw,
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    assert_json_error(response, {401})
+
+    def huge_timestamp(body):
+        body["events"][0]["timestamp"] = 10**400
+
+    assert_json_error(resigned(exposed_relay, "line", webhooks.line_user("huge-time"), huge_timestamp), {400})
+
+
+def test_a_telegram_message_dated_10_to_the_400_is_relayed_as_one_without_a_date(exposed_relay):
+    """Telegram's date only tells a replay too old to dedupe: one that is no time is judged new, never a 500."""
+    def huge_date(body):
+        body["message"]["date"] = 10**400
+
+    response = resigned(exposed_relay, "telegram", "5550306", huge_date)
+    assert response.status_code == 200, response.text[:300]
