@@ -125,32 +125,34 @@ def _count_conversations(result: TickResult) -> None:
 def _tick(ctx: RelayContext, started: float, *, limit: int, workers: int) -> TickResult:
     threshold = ctx.settings.relay.fanout_threshold
     due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=threshold + 1 if threshold else limit)
-    if threshold and len(due) > threshold:
-        result = TickResult(due=len(due), worked=0, posted=0, delivered=0, dead_letters=0, ended=0, failed=0,
-                            seconds=0.0, batches=_fan_out(ctx))
-    else:
+    batches = _fan_out(ctx) if threshold and len(due) > threshold else None
+    if batches is None:
+        if threshold and len(due) > threshold:  # the queue failed us: as many as one execution works
+            due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=max(limit, threshold))
         result = _work_due(ctx, due, started, workers=workers, tick=new_owner("poller"))
+    else:
+        result = TickResult(due=len(due), worked=0, posted=0, delivered=0, dead_letters=0, ended=0, failed=0,
+                            seconds=0.0, batches=batches)
     _refresh_session_tokens(ctx)
     result = replace(result, seconds=ctx.clock.monotonic() - started)
     _log("poll tick", result)
     return result
 
 
-def _fan_out(ctx: RelayContext) -> int:
-    """Hand every due row to the poll queue in batches, unless the last round is still there; the batches sent."""
+def _fan_out(ctx: RelayContext) -> int | None:
+    """Hand every due row to the poll queue in batches, unless the last round is still there: the batches sent.
+    None when the queue cannot be used: the tick then works what it read itself, as without fan-out."""
     queue = ctx.poll_queue
-    waiting = queue.pending()
-    if waiting:
-        log.info("poll tick: %d batches of an earlier round still in %s; the due conversations wait for them",
-                 waiting, queue.name)
-        return 0
-    rows = ctx.store.due_polls.list_due_rows(now=ctx.clock.now(), limit=MAX_FANOUT_ROWS)
     try:
-        return queue.send(batches_of(rows))
+        waiting = queue.pending()
+        if waiting:
+            log.info("poll tick: %d batches of an earlier round still in %s; the due conversations wait for them",
+                     waiting, queue.name)
+            return 0
+        return queue.send(batches_of(ctx.store.due_polls.list_due_rows(now=ctx.clock.now(), limit=MAX_FANOUT_ROWS)))
     except StoreError as error:
-        log.error("poll tick: could not hand the due conversations to %s: %s (they are due again next tick)",
-                  queue.name, error)
-        return 0
+        log.error("poll tick: could not hand the due conversations to %s (%s); working them here", queue.name, error)
+        return None
 
 
 def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, workers: int,
