@@ -79,10 +79,7 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
     never stops the others. Counted in telemetry, a tick that raised as failed."""
     started, outcome = ctx.clock.monotonic(), "failed"
     try:
-        with telemetry.span("relay.poll") as span:
-            result = _tick(ctx, started, limit=limit, workers=workers)
-            span.set(due=result.due, worked=result.worked, quiet=result.quiet, failed=result.failed,
-                     batches=result.batches)
+        result = _tick(ctx, started, limit=limit, workers=workers)
         _count_conversations(result)
         outcome = "ok"
         return result
@@ -124,15 +121,25 @@ def _count_conversations(result: TickResult) -> None:
 
 def _tick(ctx: RelayContext, started: float, *, limit: int, workers: int) -> TickResult:
     threshold = ctx.settings.relay.fanout_threshold
-    due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=threshold + 1 if threshold else limit)
-    batches = _fan_out(ctx) if threshold and len(due) > threshold else None
-    if batches is None:
-        if threshold and len(due) > threshold:  # the queue failed us: as many as one execution works
-            due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=max(limit, threshold))
-        result = _work_due(ctx, due, started, workers=workers, tick=new_owner("poller"))
+    try:
+        due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=threshold + 1 if threshold else limit)
+    except Exception:
+        with telemetry.span("relay.poll"):  # a tick that fails is traced, with its error
+            raise
+    if not due:  # most ticks of a timer that runs every second: no span (exported, it would be billed)
+        result = TickResult(due=0, worked=0, posted=0, delivered=0, dead_letters=0, ended=0, failed=0, seconds=0.0)
     else:
-        result = TickResult(due=len(due), worked=0, posted=0, delivered=0, dead_letters=0, ended=0, failed=0,
-                            seconds=0.0, batches=batches)
+        with telemetry.span("relay.poll") as span:
+            batches = _fan_out(ctx) if threshold and len(due) > threshold else None
+            if batches is None:
+                if threshold and len(due) > threshold:  # the queue failed us: as many as one execution works
+                    due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=max(limit, threshold))
+                result = _work_due(ctx, due, started, workers=workers, tick=new_owner("poller"))
+            else:
+                result = TickResult(due=len(due), worked=0, posted=0, delivered=0, dead_letters=0, ended=0, failed=0,
+                                    seconds=0.0, batches=batches)
+            span.set(due=result.due, worked=result.worked, quiet=result.quiet, failed=result.failed,
+                     batches=result.batches)
     _refresh_session_tokens(ctx)
     result = replace(result, seconds=ctx.clock.monotonic() - started)
     _log("poll tick", result)

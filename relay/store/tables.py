@@ -123,7 +123,7 @@ def queue_client(storage: StorageSettings, queue_name: str, **options) -> QueueC
     from azure.storage.queue import ExponentialRetry, QueueClient, TextBase64EncodePolicy
 
     # The storage SDK's own retry waits 15 s, then 45 s: a tick must fail fast and work on without the queue.
-    options = {"retry_policy": ExponentialRetry(initial_backoff=0.5, increment_base=2, retry_total=2),
+    options = {"retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=1),
                "message_encode_policy": TextBase64EncodePolicy(), **options}
     options.setdefault("transport", _PooledTransport(pool_size=4))
     if storage.connection_string:
