@@ -16,7 +16,7 @@ from relay.http import (
     webhook_request,
 )
 from relay.inbound import handle_webhook
-from relay.poller import poll_tick, sweep, work_batch
+from relay.poller import poll_tick, sweep, work_poll_message
 from relay.telemetry import configure_from_settings
 
 # The Azure SDK logs every storage request at INFO; keep the app's log about the relay.
@@ -35,13 +35,15 @@ def health(req: func.HttpRequest) -> func.HttpResponse:
 
 @app.function_name("channel_webhook")
 @app.route(route="channels/{channel}", methods=["GET", "POST"])
-def channel_webhook(req: func.HttpRequest) -> func.HttpResponse:
-    """A provider's webhook (the signature is the auth); GET answers handshakes."""
+@app.queue_output(arg_name="chases", queue_name="%RELAY_POLL_QUEUE%", connection="AzureWebJobsStorage")
+def channel_webhook(req: func.HttpRequest, chases: func.Out[list[str]]) -> func.HttpResponse:
+    """A provider's webhook (the signature is the auth); GET answers handshakes. The host writes the chases of
+    messages the bot did not answer within the burst to the poll queue."""
 
     def handle() -> func.HttpResponse:
         ctx = get_context()
         request = webhook_request(req, ctx.settings.relay.public_base_url)
-        return answer_response(handle_webhook(ctx, req.route_params["channel"], request))
+        return answer_response(handle_webhook(ctx, req.route_params["channel"], request, chase=chases.set))
 
     return guarded(handle)
 
@@ -85,8 +87,9 @@ def poller(timer: func.TimerRequest) -> None:
 @app.function_name("poll_batch")
 @app.queue_trigger(arg_name="batch", queue_name="%RELAY_POLL_QUEUE%", connection="AzureWebJobsStorage")
 def poll_batch(batch: func.QueueMessage) -> None:
-    """A batch of due conversations the poller handed out (relay/fanout.py); raising makes the host retry it."""
-    work_batch(get_context(), batch.get_body())
+    """A batch of due conversations the poller handed out, or a chase a webhook left (relay/fanout.py); raising
+    makes the host retry it."""
+    work_poll_message(get_context(), batch.get_body())
 
 
 @app.function_name("sweeper")

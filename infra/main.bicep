@@ -175,7 +175,7 @@ param directLineEndpoint string = ''
 @description('DIRECTLINE_BOT_IDS: comma-separated bot handles.')
 param directLineBotIds string = ''
 
-@description('RELAY_POLL_SCHEDULE: six-field NCRONTAB schedule of the poller (empty: every second).')
+@description('RELAY_POLL_SCHEDULE: six-field NCRONTAB schedule of the poller (empty: every 5 seconds).')
 param pollSchedule string = ''
 
 @description('RELAY_FANOUT_THRESHOLD: more conversations due in one tick than this go over the poll queue (empty: 500; 0: never).')
@@ -374,7 +374,7 @@ module app 'modules/function-app.bicep' = {
       DIRECTLINE_TOKEN_ENDPOINT: directLineTokenEndpoint
       DIRECTLINE_ENDPOINT: directLineEndpoint
       DIRECTLINE_BOT_IDS: directLineBotIds
-      RELAY_POLL_SCHEDULE: empty(pollSchedule) ? '* * * * * *' : pollSchedule
+      RELAY_POLL_SCHEDULE: empty(pollSchedule) ? '*/5 * * * * *' : pollSchedule
       // The host resolves %RELAY_POLL_QUEUE% in poll_batch's queue trigger itself: it must be set.
       RELAY_POLL_QUEUE: 'relay-poll'
       RELAY_FANOUT_THRESHOLD: fanoutThreshold

@@ -21,6 +21,14 @@ message count, one request): the queue holds at most one round of work, and a sl
 next instead of piling up copies of it. A message lives MESSAGE_TTL at most: a range from long ago
 is worth nothing.
 
+The same queue carries chases. A bot that answers later than the webhook's burst (Copilot Studio
+agents often take a few seconds) would wait for the timer; instead the webhook leaves a `Chase`
+through its queue output binding (function_app.py), and poll_batch looks for the reply every second
+until RELAY_CHASE_SECONDS after the user's message, without the lease until there is something to
+deliver (poller.work_chase). One execution per unanswered message, billed while it waits: far less
+than a timer every second, which bills every second of the month (docs/benchmarks.md compares them).
+A chase names its conversation by the keyed hash of its key (no user's address in a queue).
+
 Queue messages are JSON, base64-encoded as the Functions host expects (host.json
 extensions.queues.messageEncoding; see relay/store/tables.py queue_client).
 """
@@ -30,19 +38,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, TypeGuard
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from relay.errors import StoreError
 from relay.settings import Settings
-from relay.store.tables import queue_client, storage_errors
+from relay.store.tables import millis, queue_client, storage_errors
 
 if TYPE_CHECKING:
     from azure.storage.queue import QueueClient
 
-__all__ = ["BATCH_ROWS", "MAX_FANOUT_ROWS", "PollQueue", "batches_of", "parse_batch"]
+__all__ = ["BATCH_ROWS", "MAX_FANOUT_ROWS", "Chase", "PollQueue", "batches_of", "parse_message"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +63,8 @@ MAX_FANOUT_ROWS = 100_000
 """Due rows one tick hands out at most (1,000 messages); the rest are due at the next tick."""
 MESSAGE_TTL_SECONDS = 600
 _MAX_ROW_KEY_CHARS = 1024  # Table Storage's limit for a RowKey
+_PARTITION_KEY = re.compile(r"[0-9a-f]{16,64}")  # relay/store/conversations.py partition_of: a keyed hash in hex
+_MAX_MILLIS = 253_402_300_800_000  # the year 10000
 
 
 def batches_of(row_keys: Sequence[str], *, size: int = BATCH_ROWS) -> list[tuple[str, str]]:
@@ -60,19 +73,48 @@ def batches_of(row_keys: Sequence[str], *, size: int = BATCH_ROWS) -> list[tuple
             for start in range(0, len(row_keys), size)]
 
 
-def parse_batch(body: bytes) -> tuple[str, str] | None:
-    """The RowKey range of a poll queue message; None for anything this relay did not write."""
+@dataclass(frozen=True)
+class Chase:
+    """A poll queue message a webhook leaves: look for the bot's reply in one conversation every second
+    until `until` (RELAY_CHASE_SECONDS after the user's message), starting a second after `polled_at`."""
+
+    partition_key: str
+    until: datetime
+    polled_at: datetime
+
+    def message(self) -> str:
+        return json.dumps({"chase": self.partition_key, "until": millis(self.until), "polled": millis(self.polled_at)},
+                          separators=(",", ":"))
+
+
+def parse_message(body: bytes) -> tuple[str, str] | Chase | None:
+    """A poll queue message: a batch's RowKey range, or a chase; None for anything this relay did not write."""
     try:
         message = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         return None
     if not isinstance(message, dict):
         return None
+    if "chase" in message:
+        return _chase(message)
     first, last = message.get("from"), message.get("through")
     if not (isinstance(first, str) and isinstance(last, str) and first and first <= last
             and len(last) <= _MAX_ROW_KEY_CHARS):
         return None
     return first, last
+
+
+def _chase(message: dict) -> Chase | None:
+    partition_key, until, polled = message.get("chase"), message.get("until"), message.get("polled")
+    if not (isinstance(partition_key, str) and _PARTITION_KEY.fullmatch(partition_key)):
+        return None
+    if not (_is_millis(until) and _is_millis(polled)):
+        return None
+    return Chase(partition_key, datetime.fromtimestamp(until / 1000, UTC), datetime.fromtimestamp(polled / 1000, UTC))
+
+
+def _is_millis(value: object) -> TypeGuard[int]:
+    return type(value) is int and 0 < value < _MAX_MILLIS
 
 
 class PollQueue:

@@ -27,8 +27,9 @@ from relay.channels import ADAPTERS
 from relay.channels.base import ChannelAdapter, InboundMessage, WebhookAnswer, WebhookRequest
 from relay.conversations import RelayContext, new_owner, work_conversation
 from relay.errors import BadPayload, MethodNotAllowed, RelayError
+from relay.fanout import Chase
 from relay.http import error_answer
-from relay.store.conversations import ConversationKey
+from relay.store.conversations import ConversationKey, partition_of
 from relay.store.due_polls import InboundMark
 from relay.store.outbox import InboundState
 
@@ -44,13 +45,17 @@ RELAY_START_SECONDS = 2.0
 T = TypeVar("T")
 
 
-def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> WebhookAnswer:
+def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest, *,
+                   chase: Callable[[list[str]], None] | None = None) -> WebhookAnswer:
     """Verify, store and relay a provider's webhook; the answer the provider gets back (counted in telemetry:
-    accepted, duplicate, handshake; refused for a 4xx, failed for a 5xx)."""
+    accepted, duplicate, handshake; refused for a 4xx, failed for a 5xx).
+
+    `chase` takes the poll queue messages (relay/fanout.py Chase) for the users whose message the bot did not
+    answer within the burst, when RELAY_CHASE_SECONDS is on: function_app.py gives its queue output binding."""
     channel_name = channel if channel in ADAPTERS else "other"  # the route is anyone's to call: no free text
     with telemetry.span("relay.webhook", channel=channel_name) as span:
         try:
-            answer, outcome = _handle_webhook(ctx, channel, request)
+            answer, outcome = _handle_webhook(ctx, channel, request, chase)
         except Exception as error:
             status = error_answer(error)[0] if isinstance(error, RelayError) else 500
             _answered(span, channel_name, "refused" if status < 500 else "failed", status)
@@ -64,7 +69,8 @@ def _answered(span: telemetry.Span, channel: str, outcome: str, status: int) -> 
     telemetry.count(telemetry.WEBHOOKS, channel=channel, outcome=outcome, status=str(status))
 
 
-def _handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> tuple[WebhookAnswer, str]:
+def _handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest,
+                    chase: Callable[[list[str]], None] | None) -> tuple[WebhookAnswer, str]:
     adapter = ctx.adapter(channel)
     handshake = adapter.handshake(request)
     if handshake is not None:
@@ -77,7 +83,13 @@ def _handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) ->
     to_work = accept_all(ctx, channel, messages)
     stored = ctx.clock.monotonic()
     burst = ctx.settings.relay.burst_poll_seconds
-    relay_all(ctx, to_work, burst_until=ctx.clock.now() + timedelta(seconds=burst), poll=burst > 0)
+    accepted_at = ctx.clock.now()
+    answered = relay_all(ctx, to_work, burst_until=accepted_at + timedelta(seconds=burst), poll=burst > 0)
+    if chase is not None and ctx.settings.relay.chase_seconds > burst:
+        until = accepted_at + timedelta(seconds=ctx.settings.relay.chase_seconds)
+        unanswered = [key for key in to_work if key not in answered]
+        if unanswered:
+            chase([Chase(partition_of(ctx.store.tables, key), until, ctx.clock.now()).message() for key in unanswered])
     log.info("webhook %s: %d message(s) of %d user(s) new, stored in %.0f ms, relayed in %.0f ms", channel,
              len(messages), len(to_work), (stored - started) * 1000, (ctx.clock.monotonic() - stored) * 1000)
     return adapter.acknowledgement(), "duplicate" if messages and not to_work else "accepted"
@@ -147,18 +159,19 @@ def accept_all(ctx: RelayContext, channel: str,
 
 
 def relay_all(ctx: RelayContext, to_work: dict[ConversationKey, list[InboundMark]], *, burst_until: datetime,
-              poll: bool) -> None:
-    """relay_now for every user of one webhook, side by side, within the one burst that ends at `burst_until`.
+              poll: bool) -> set[ConversationKey]:
+    """relay_now for every user of one webhook, side by side, within the one burst that ends at `burst_until`;
+    the users the bot answered within it.
 
     A user whose turn comes after RELAY_START_SECONDS (or the burst, if longer) is left to the poller (its
     inbound rows keep it due): however many users a webhook carries, its answer does not wait for them all."""
     start_by = max(burst_until, ctx.clock.now() + timedelta(seconds=RELAY_START_SECONDS))
 
-    def relay(key: ConversationKey) -> None:
-        if ctx.clock.now() < start_by:
-            relay_now(ctx, key, to_work[key], burst_until=burst_until, poll=poll)
+    def relay(key: ConversationKey) -> bool:
+        return ctx.clock.now() < start_by and relay_now(ctx, key, to_work[key], burst_until=burst_until, poll=poll)
 
-    _side_by_side(relay, list(to_work))
+    keys = list(to_work)
+    return {key for key, answered in zip(keys, _side_by_side(relay, keys), strict=True) if answered}
 
 
 def _side_by_side(work: Callable[[ConversationKey], T], keys: list[ConversationKey]) -> list[T]:
@@ -171,9 +184,9 @@ def _side_by_side(work: Callable[[ConversationKey], T], keys: list[ConversationK
 
 
 def relay_now(ctx: RelayContext, key: ConversationKey, marks: list[InboundMark], *, burst_until: datetime,
-              poll: bool) -> None:
+              poll: bool) -> bool:
     """Post what waits and deliver quick replies (`poll`) under the lease, until `burst_until`; the poller
-    does it if we cannot (the messages' inbound rows keep the conversation due).
+    does it if we cannot (the messages' inbound rows keep the conversation due). True when a reply was delivered.
 
     Failures here are logged, never raised: the messages are stored, and the provider must hear 200."""
     owner = new_owner("webhook")
@@ -188,11 +201,12 @@ def relay_now(ctx: RelayContext, key: ConversationKey, marks: list[InboundMark],
                                                            create_with_user_id=user_id)
         if record is None:
             log.info("a %s conversation is busy; the poller will post its message", key.channel)
-            return
-        work_conversation(ctx, record, owner=owner, poll=poll, burst_until=burst_until, idle_check=False,
-                          inbound=marks)
+            return False
+        return work_conversation(ctx, record, owner=owner, poll=poll, burst_until=burst_until, idle_check=False,
+                                 inbound=marks).delivered > 0
     except RelayError as error:
         log.warning("could not relay a %s message now (%s: %s); it waits in the outbox", key.channel,
                     type(error).__name__, error)
     except Exception:
         log.exception("could not relay a %s message now; it waits in the outbox", key.channel)
+    return False

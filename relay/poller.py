@@ -41,13 +41,14 @@ from datetime import datetime, timedelta
 from relay import telemetry
 from relay.activities import directline_user_id
 from relay.conversations import Peek, RelayContext, WorkResult, new_owner, next_idle_poll, work_conversation
+from relay.delivery import MIN_POLL_GAP
 from relay.errors import DirectLineError, StoreError
-from relay.fanout import BATCH_ROWS, MAX_FANOUT_ROWS, batches_of, parse_batch
+from relay.fanout import BATCH_ROWS, MAX_FANOUT_ROWS, Chase, batches_of, parse_message
 from relay.store.due_polls import DueConversation
 from relay.store.sweep import sweep_tables
 from relay.tokens import refresh_session_tokens
 
-__all__ = ["TickResult", "poll_tick", "sweep", "work_batch"]
+__all__ = ["TickResult", "poll_tick", "sweep", "work_chase", "work_poll_message"]
 
 log = logging.getLogger(__name__)
 
@@ -88,29 +89,72 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
         telemetry.count(telemetry.POLL_TICKS, outcome=outcome)
 
 
-def work_batch(ctx: RelayContext, body: bytes, *, workers: int = WORKERS) -> TickResult | None:
-    """Work one batch of the poll queue (relay/fanout.py): the due rows of its RowKey range, as a tick would.
-
-    None for a message this relay did not write (logged and dropped: no retry can mend it). Raises
-    StoreError when the due index cannot be read: the host retries the batch, then moves it to the poison
-    queue, and its conversations are due again at the next tick either way."""
-    rows = parse_batch(body)
-    if rows is None:
-        log.error("poll batch: the message is not a batch of this relay's poll queue; dropped")
-        telemetry.count(telemetry.POLL_BATCHES, outcome="malformed")
+def work_poll_message(ctx: RelayContext, body: bytes, *, workers: int = WORKERS) -> TickResult | int | None:
+    """Work one message of the poll queue (relay/fanout.py): a batch of due rows (its TickResult) or a chase (the
+    replies it delivered). None for a message this relay did not write (logged and dropped: no retry can mend
+    it). Raises StoreError when storage cannot be read: the host retries the message, then moves it to the
+    poison queue; a batch's conversations are due again at the next tick either way."""
+    message = parse_message(body)
+    if message is None:
+        log.error("poll queue: the message is not one this relay wrote; dropped")
+        telemetry.count(telemetry.POLL_BATCHES, kind="unknown", outcome="malformed")
         return None
-    started, outcome = ctx.clock.monotonic(), "failed"
+    kind, outcome = ("chase", "failed") if isinstance(message, Chase) else ("rows", "failed")
     try:
-        with telemetry.span("relay.poll.batch") as span:
-            due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=2 * BATCH_ROWS, rows=rows)
-            result = _work_due(ctx, due, started, workers=workers, tick=new_owner("batch"))
-            span.set(due=result.due, worked=result.worked, quiet=result.quiet, failed=result.failed)
-        _count_conversations(result)
+        result = work_chase(ctx, message) if isinstance(message, Chase) else _work_rows(ctx, message, workers=workers)
         outcome = "ok"
-        _log("poll batch", result)
         return result
     finally:
-        telemetry.count(telemetry.POLL_BATCHES, outcome=outcome)
+        telemetry.count(telemetry.POLL_BATCHES, kind=kind, outcome=outcome)
+
+
+def _work_rows(ctx: RelayContext, rows: tuple[str, str], *, workers: int) -> TickResult:
+    """The due rows of a batch's RowKey range, worked as a tick would."""
+    started = ctx.clock.monotonic()
+    with telemetry.span("relay.poll.batch") as span:
+        due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=2 * BATCH_ROWS, rows=rows)
+        result = _work_due(ctx, due, started, workers=workers, tick=new_owner("batch"))
+        span.set(due=result.due, worked=result.worked, quiet=result.quiet, failed=result.failed)
+    _count_conversations(result)
+    _log("poll batch", result)
+    return result
+
+
+def work_chase(ctx: RelayContext, chase: Chase) -> int:
+    """Look for the bot's reply in the chased conversation every second until `chase.until`, without its lease;
+    deliver what arrives under the lease (as the timer would). Returns the replies delivered.
+
+    Ends early when the bot answered and a second passed without more, when the user wrote again (that
+    message's webhook chases on), when someone else holds the lease (the timer or a webhook delivers), or
+    when Direct Line fails (the timer deals with it): the schedule still polls the conversation either way."""
+    record = ctx.store.conversations.get_record_at(chase.partition_key)
+    owner, delivered, peek_at = new_owner("chase"), 0, chase.polled_at + MIN_POLL_GAP
+    while record is not None and record.active and record.conversation_id and peek_at < chase.until:
+        if record.last_user_activity_at and record.last_user_activity_at > chase.polled_at:
+            break
+        if not record.token and ctx.directline.uses_token_endpoint:
+            break
+        ctx.clock.sleep(max(0.0, (peek_at - ctx.clock.now()).total_seconds()))
+        peek_at = ctx.clock.now() + MIN_POLL_GAP
+        try:
+            page = ctx.directline.get_activities(record.conversation_id, watermark=record.watermark,
+                                                 token=record.token or None)
+        except DirectLineError:
+            break
+        if not page.activities:
+            if delivered:
+                break
+            continue
+        claimed = ctx.store.conversations.acquire_lease(record.key, owner=owner,
+                                                        lease_seconds=ctx.settings.relay.lease_seconds)
+        if claimed is None:
+            break
+        peek = Peek(record.conversation_id, record.watermark, page, ctx.clock.monotonic())
+        with telemetry.span("relay.conversation", channel=record.key.channel,
+                            conversation=telemetry.conversation_tag(ctx.store, record.key)):
+            delivered += work_conversation(ctx, claimed, owner=owner, peek=peek, idle_check=False).delivered
+        record = ctx.store.conversations.get_record(record.key)
+    return delivered
 
 
 def _count_conversations(result: TickResult) -> None:

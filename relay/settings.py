@@ -89,10 +89,12 @@ SETTINGS: dict[str, Setting] = _catalogue(
     # Relay behaviour
     Setting("RELAY_PUBLIC_BASE_URL", "Scheme and host the providers call (e.g. https://myrelay.azurewebsites.net);"
             " signatures cover this plus the request path and query.", default="", group="relay"),
-    Setting("RELAY_POLL_SCHEDULE", "Six-field NCRONTAB schedule of the poller timer. Every second by default: "
-            "each conversation keeps its own schedule (every second for 10 s after the user wrote, then every 5 s "
-            "for 2 min, then backing off), so a tick with nothing due costs one table query.",
-            default="* * * * * *", group="relay"),
+    Setting("RELAY_POLL_SCHEDULE", "Six-field NCRONTAB schedule of the poller timer (each execution is billed at "
+            "least a second: every 5 s is a fifth of an instance's month).", default="*/5 * * * * *", group="relay"),
+    Setting("RELAY_CHASE_SECONDS", "After a user's message the bot did not answer within the webhook's burst, keep "
+            "looking for its reply every second until this many seconds after the message, in the background (a "
+            "poll queue message worked by poll_batch), so a late reply does not wait for the timer. 0 turns it "
+            "off.", default="10", group="relay"),
     Setting("RELAY_FANOUT_THRESHOLD", "More conversations due in one tick than this are fanned out over the poll "
             "queue (batches of 100 worked by the queue-triggered poll_batch function, on as many instances as "
             "the platform scales to); this many or fewer are worked in the timer's own execution. 0: never.",
@@ -366,6 +368,8 @@ class RelaySettings:
     event_webhook_secret: str = field(default="", repr=False)
     event_transcript_messages: int = 20
     fanout_threshold: int = 500
+    chase_seconds: float = 10.0
+    """After a user's message, how long its reply is looked for every second in the background (0: never)."""
     """More due conversations than this in one tick go over the poll queue; 0: never."""
     poll_queue: str = "relay-poll"
 
@@ -495,8 +499,21 @@ def _relay(env: _Environment) -> RelaySettings:
         event_webhook_secret=_event_webhook_secret(env),
         event_transcript_messages=_transcript_messages(env),
         fanout_threshold=env.integer("RELAY_FANOUT_THRESHOLD"),
+        chase_seconds=_chase_seconds(env),
         poll_queue=_poll_queue(env),
     )
+
+
+MAX_CHASE_SECONDS = 60
+
+
+def _chase_seconds(env: _Environment) -> float:
+    """At most a minute: a chase is one execution polling every second, and a reply later than that is the
+    timer's."""
+    seconds = env.number("RELAY_CHASE_SECONDS")
+    if seconds > MAX_CHASE_SECONDS:
+        raise SettingsError(f"RELAY_CHASE_SECONDS must be at most {MAX_CHASE_SECONDS}")
+    return seconds
 
 
 _QUEUE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]")

@@ -82,7 +82,8 @@ _COUNTERS = {
     DEAD_LETTERS: "dead letters written (channel, kind: reply, media, inbound, event)",
     POLL_CONVERSATIONS: "conversations a poll tick handled (outcome: worked, quiet, failed)",
     POLL_TICKS: "poll ticks (outcome: ok, failed = the tick raised)",
-    POLL_BATCHES: "poll queue batches worked (outcome: ok, failed = retried by the host, malformed = dropped)",
+    POLL_BATCHES: "poll queue messages worked (kind: rows, chase; outcome: ok, failed = retried by the host, "
+                  "malformed = dropped)",
     DIRECTLINE_ERRORS: "Direct Line requests that failed (operation; status, or network)",
     TOKENS_REFRESHED: "Direct Line token refreshes (kind: conversation, session; outcome: refreshed, failed)",
 }

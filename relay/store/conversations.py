@@ -148,6 +148,12 @@ class Conversations:
         entity = self._table.get(partition_of(self._tables, key), _ROW)
         return None if entity is None else _from_entity(key, entity)
 
+    def get_record_at(self, partition_key: str) -> ConversationRecord | None:
+        """The record whose PartitionKey is `partition_key` (what a poll queue message names a conversation by,
+        so that no user's address is in a queue), or None."""
+        entity = self._table.get(partition_key, _ROW)
+        return None if entity is None else _from_entity(ConversationKey(entity["channel"], entity["user"]), entity)
+
     def list_records(self, *, channel: str | None = None, limit: int = 100) -> list[ConversationRecord]:
         """Up to `limit` records, of `channel` only when given, in no particular order: a scan of the table (one
         request per 1000 records read), for an operator."""

@@ -9,9 +9,12 @@ batches are taken from the real queue as the host takes them (tests/test_host.py
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 from azure.storage.queue import QueueClient
@@ -20,9 +23,11 @@ from benchmarks.polling import bot_says, seed
 from benchmarks.stack import SimulatedClock, relay_context
 from devstack.channels import DEV_VALUES
 from devstack.procs import azurite_connection_string
+from relay.clock import SYSTEM_CLOCK
 from relay.errors import StoreError
-from relay.fanout import BATCH_ROWS, batches_of, parse_batch
-from relay.poller import poll_tick, work_batch
+from relay.fanout import BATCH_ROWS, Chase, batches_of, parse_message
+from relay.poller import poll_tick, work_poll_message
+from relay.store.conversations import partition_of
 
 DEAD_STORAGE = azurite_connection_string(9, 9, 9)  # nothing listens on port 9
 
@@ -34,14 +39,14 @@ def fanout_stack(storage_connection_string, table_prefix, start_emulator, start_
     emulator = start_emulator()
     simulator = start_simulator(relay_url="http://127.0.0.1:9")
 
-    def make(threshold: int, connection_string: str = storage_connection_string, **values: str):
+    def make(threshold: int, connection_string: str = storage_connection_string, clock=None, **values: str):
         queue_name = f"poll-{table_prefix}"
         ctx, _ = relay_context({
             **DEV_VALUES, **simulator.api_bases(), "AzureWebJobsStorage": connection_string,
             "RELAY_TABLE_PREFIX": table_prefix, "DIRECTLINE_SECRET": emulator.secret,
             "DIRECTLINE_ENDPOINT": emulator.base_url, "RELAY_PUBLIC_BASE_URL": "http://127.0.0.1:9",
             "RELAY_FANOUT_THRESHOLD": str(threshold), "RELAY_POLL_QUEUE": queue_name, **values,
-        }, clock=SimulatedClock())
+        }, clock=clock or SimulatedClock())
         queue = QueueClient.from_connection_string(storage_connection_string, queue_name)
         return ctx, emulator, simulator, queue
 
@@ -78,7 +83,7 @@ def test_above_the_threshold_a_tick_hands_out_batches_and_workers_deliver_each_r
     assert len(bodies) == 3
     # Two workers take every batch (the queue delivers at least once; a batch may be worked twice at once).
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda body: work_batch(ctx, body), bodies + bodies))
+        results = list(pool.map(lambda body: work_poll_message(ctx, body), bodies + bodies))
     assert all(result is not None for result in results)
     assert sum(result.delivered for result in results) == len(news)
     assert bot_replies(simulator, records) == Counter({f"news for {r.key.user}": 1 for r in news})
@@ -134,7 +139,7 @@ def test_a_batch_that_cannot_read_the_due_index_raises_so_the_host_retries_it(fa
     ctx, *_ = fanout_stack(threshold=5, connection_string=DEAD_STORAGE)
     body = b'{"from":"000000000000000|a","through":"999999999999999|z"}'
     with pytest.raises(StoreError, match="ServiceRequestError"):
-        work_batch(ctx, body)
+        work_poll_message(ctx, body)
 
 
 @pytest.mark.parametrize("body", [b"", b"not json", b"[]", b'"text"', b'{"from": 1, "through": 2}',
@@ -143,8 +148,8 @@ def test_a_batch_that_cannot_read_the_due_index_raises_so_the_host_retries_it(fa
                                   ('{"from": "a", "through": "' + "z" * 2000 + '"}').encode()])
 def test_a_message_the_relay_did_not_write_is_dropped_without_a_retry(fanout_stack, body):
     ctx, *_ = fanout_stack(threshold=5)
-    assert parse_batch(body) is None
-    assert work_batch(ctx, body) is None
+    assert parse_message(body) is None
+    assert work_poll_message(ctx, body) is None
 
 
 def test_batches_are_consecutive_ranges_of_at_most_a_hundred_rows():
@@ -152,3 +157,91 @@ def test_batches_are_consecutive_ranges_of_at_most_a_hundred_rows():
     assert batches_of(keys) == [("00000", "00099"), ("00100", "00199"), ("00200", "00249")]
     assert batches_of([]) == []
     assert BATCH_ROWS == 100
+
+
+# ------------------------------------------------------------------------------------------- chases
+
+
+def user_wrote(ctx, record, text: str):
+    """The user's `text` posted to the bot and its immediate echo read (what the webhook's burst does), so that
+    only a later reply is left to find: the record as the webhook leaves it."""
+    ctx.directline.post_activity(record.conversation_id, {"type": "message", "from": {"id": record.user_id},
+                                                          "text": text}, token=record.token)
+    page = ctx.directline.get_activities(record.conversation_id, watermark=record.watermark, token=record.token)
+    now = ctx.clock.now()
+    return ctx.store.conversations.update_record(
+        record.key, lambda r: replace(r, watermark=page.watermark, last_user_activity_at=now))
+
+
+def chase_of(ctx, record, *, seconds: float) -> bytes:
+    now = ctx.clock.now()
+    return Chase(partition_of(ctx.store.tables, record.key), now + timedelta(seconds=seconds), now).message().encode()
+
+
+def test_a_chase_delivers_the_bots_late_reply_once(fanout_stack):
+    ctx, emulator, simulator, _ = fanout_stack(threshold=0, clock=SYSTEM_CLOCK)
+    [record] = seed(ctx, 1, last_activity_ago=0)
+    record = user_wrote(ctx, record, "later")  # the emulator's echo answers "Late reply: later" 3 s after
+    emulator.reset_counters()
+
+    assert work_poll_message(ctx, chase_of(ctx, record, seconds=10)) == 1
+
+    assert bot_replies(simulator, [record]) == Counter({"Late reply: later": 1})
+    # About one look a second until the reply came, one more to see the bot went quiet: not ten seconds' worth.
+    assert 3 <= emulator.counters()["requests"].get("activities/get", 0) <= 7
+    assert ctx.store.conversations.get_record(record.key).lease_owner is None
+
+
+def test_a_chase_for_a_bot_that_never_answers_stops_when_its_time_is_up(fanout_stack):
+    ctx, emulator, simulator, _ = fanout_stack(threshold=0, clock=SYSTEM_CLOCK)
+    [record] = seed(ctx, 1, last_activity_ago=0)
+    record = user_wrote(ctx, record, "hello")
+    emulator.reset_counters()
+
+    assert work_poll_message(ctx, chase_of(ctx, record, seconds=4)) == 0
+
+    assert 2 <= emulator.counters()["requests"].get("activities/get", 0) <= 4  # one a second, for 4 s
+    assert bot_replies(simulator, [record]) == Counter()
+
+
+def test_a_chase_ends_at_once_when_the_user_wrote_again(fanout_stack):
+    ctx, emulator, _, _ = fanout_stack(threshold=0, clock=SYSTEM_CLOCK)
+    [record] = seed(ctx, 1, last_activity_ago=0)
+    stale = chase_of(ctx, record, seconds=10)
+    user_wrote(ctx, record, "hello again")  # that message's webhook chases on
+    emulator.reset_counters()
+
+    assert work_poll_message(ctx, stale) == 0
+    assert emulator.counters()["requests"] == {}
+
+
+def test_a_chase_leaves_news_to_whoever_holds_the_conversation(fanout_stack):
+    ctx, emulator, simulator, _ = fanout_stack(threshold=0, clock=SYSTEM_CLOCK)
+    [record] = seed(ctx, 1, last_activity_ago=0)
+    record = user_wrote(ctx, record, "hello")
+    assert ctx.store.conversations.acquire_lease(record.key, owner="the-timer", lease_seconds=60) is not None
+    bot_says(emulator.url, record.conversation_id, "an answer")
+
+    assert work_poll_message(ctx, chase_of(ctx, record, seconds=10)) == 0
+    assert bot_replies(simulator, [record]) == Counter()  # the holder delivers it; the chase never does
+    assert ctx.store.conversations.get_record(record.key).lease_owner == "the-timer"
+
+
+@pytest.mark.parametrize("message", [
+    {"chase": "not-hex", "until": 1, "polled": 1}, {"chase": "ab" * 16, "until": "1", "polled": 1},
+    {"chase": "ab" * 16, "until": 1}, {"chase": "ab" * 16, "until": True, "polled": 1},
+    {"chase": "ab" * 16, "until": 10**20, "polled": 1}, {"chase": 5, "until": 1, "polled": 1},
+])
+def test_a_chase_the_relay_did_not_write_is_dropped(fanout_stack, message):
+    ctx, *_ = fanout_stack(threshold=0)
+    body = json.dumps(message).encode()
+    assert parse_message(body) is None
+    assert work_poll_message(ctx, body) is None
+
+
+def test_a_chase_of_a_conversation_that_is_gone_does_nothing(fanout_stack):
+    ctx, emulator, _, _ = fanout_stack(threshold=0, clock=SYSTEM_CLOCK)
+    now = ctx.clock.now()
+    body = Chase("ab" * 16, now + timedelta(seconds=5), now).message().encode()
+    assert work_poll_message(ctx, body) == 0
+    assert emulator.counters()["requests"].get("activities/get", 0) == 0
