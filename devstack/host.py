@@ -275,7 +275,7 @@ class FunctionsHost:
         self.environ = environ
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._listeners: list[QueueListener] = []
+        self._listeners: list[tuple[QueueListener, threading.Thread]] = []
         self._server: LocalHTTPServer | None = None
 
     # HTTP -----------------------------------------------------------------------------------------
@@ -455,20 +455,20 @@ class FunctionsHost:
             )
             thread = threading.Thread(target=listener.run, name=f"queue:{function.name}", daemon=True)
             thread.start()
-            self._listeners.append(listener)
-            self._threads.append(thread)
+            self._listeners.append((listener, thread))
             log.info("%s: queueTrigger %s", function.name, queue_name)
 
     def stop(self, *, grace: float = STOP_GRACE_SECONDS) -> None:
         """Stop serving and fetching; wait up to `grace` seconds for queue invocations still running."""
         self._stop.set()
-        for listener in self._listeners:
+        for listener, _ in self._listeners:
             listener.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
         deadline = time.monotonic() + grace
-        for listener in self._listeners:
+        for listener, thread in self._listeners:
+            thread.join(max(0.0, deadline - time.monotonic()))  # a fetch under way releases what it got
             still_running = listener.drain(max(0.0, deadline - time.monotonic()))
             if still_running:
                 log.warning("function %s: %d invocations still running at stop; their messages reappear after "

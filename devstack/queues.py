@@ -276,6 +276,10 @@ class QueueListener:
         found_since_wait = False
         while not self._stopping.is_set():
             messages = self._fetch()
+            if messages and self._stopping.is_set():
+                for message in messages:  # fetched as the host stopped: back to the queue for the other instances
+                    self._release(message, visibility_timeout=0)
+                return
             if not messages:
                 if self._stopping.wait(self._backoff.next_delay(found_message=found_since_wait)):
                     return
@@ -289,7 +293,8 @@ class QueueListener:
                                        or self._stopping.is_set())
 
     def stop(self) -> None:
-        """Fetch no more (running invocations go on: see drain())."""
+        """Fetch no more: run() returns soon, releasing what a fetch under way returns (running invocations go on:
+        see drain())."""
         self._stopping.set()
         with self._changed:
             self._changed.notify_all()
@@ -366,9 +371,12 @@ class QueueListener:
         elif dequeue_count >= self.options.max_dequeue_count:
             self._to_poison(message, f"Message has reached MaxDequeueCount of {self.options.max_dequeue_count}")
         else:
-            with _unless_gone(self.function.name, "release", message):
-                self.queue.update_message(message.id, message.pop_receipt,
-                                          visibility_timeout=int(self.options.visibility_timeout))
+            self._release(message, visibility_timeout=int(self.options.visibility_timeout))
+
+    def _release(self, message: QueueMessage, *, visibility_timeout: int) -> None:
+        """Make the message visible again after `visibility_timeout` seconds."""
+        with _unless_gone(self.function.name, "release", message):
+            self.queue.update_message(message.id, message.pop_receipt, visibility_timeout=visibility_timeout)
 
     def _decode(self, text: str) -> bytes | None:
         if self.options.message_encoding is MessageEncoding.NONE:

@@ -14,8 +14,14 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient
 
 from devstack.procs import Azurite, ManagedProcess, wait_until
-from devstack.queues import PollingBackoff, QueuesOptions, parse_timespan, poison_queue_name, queue_service, \
-    validate_queue_name
+from devstack.queues import (
+    PollingBackoff,
+    QueuesOptions,
+    parse_timespan,
+    poison_queue_name,
+    queue_service,
+    validate_queue_name,
+)
 
 APP = Path(__file__).parent / "apps" / "queue_app.py"
 NEVER = "0 0 0 1 1 *"
