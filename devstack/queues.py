@@ -276,10 +276,6 @@ class QueueListener:
         found_since_wait = False
         while not self._stopping.is_set():
             messages = self._fetch()
-            if messages and self._stopping.is_set():
-                for message in messages:  # fetched as the host stopped: back to the queue for the other instances
-                    self._release(message, visibility_timeout=0)
-                return
             if not messages:
                 if self._stopping.wait(self._backoff.next_delay(found_message=found_since_wait)):
                     return
@@ -293,8 +289,9 @@ class QueueListener:
                                        or self._stopping.is_set())
 
     def stop(self) -> None:
-        """Fetch no more: run() returns soon, releasing what a fetch under way returns (running invocations go on:
-        see drain())."""
+        """Fetch no more: run() returns once a fetch under way has ended, and what it brought is released, not run.
+
+        Invocations already running go on: see drain()."""
         self._stopping.set()
         with self._changed:
             self._changed.notify_all()
@@ -335,6 +332,9 @@ class QueueListener:
                 self._changed.notify_all()
 
     def _handle(self, message: QueueMessage) -> None:
+        if self._stopping.is_set():  # fetched as the host stopped: back to the queue for the other instances
+            self._release(message, visibility_timeout=0)
+            return
         body = self._decode(message.content or "")
         dequeue_count = message.dequeue_count or 0
         if body is None:
