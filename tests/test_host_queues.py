@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,8 @@ from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePoli
 from devstack.procs import Azurite, ManagedProcess, wait_until
 from devstack.queues import (
     PollingBackoff,
+    QueueFunction,
+    QueueListener,
     QueuesOptions,
     parse_timespan,
     poison_queue_name,
@@ -289,3 +292,33 @@ def test_a_connection_is_a_connection_string_or_an_identity_based_service_uri(az
     assert "hunter2" not in str(error.value)
     with pytest.raises(ValueError, match="set the app setting Missing"):
         queue_service("Missing", {})
+
+
+def test_messages_a_fetch_brings_as_the_host_stops_go_back_to_the_queue_unrun(azurite):
+    """A fetch under way when the host stops: its messages are visible again at once, not after the lease."""
+    fetching, stopped = threading.Event(), threading.Event()
+
+    class StoppedMidFetch(QueueClient):
+        def receive_messages(self, **options):
+            fetching.set()
+            stopped.wait(10)
+            return super().receive_messages(**options)
+
+    name = f"midfetch-{uuid.uuid4().hex[:10]}"
+    queue = queue_client(azurite, name)
+    queue.create_queue()
+    queue.send_message(b"not now")
+    calls = []
+    listener = QueueListener(
+        QueueFunction(name="work", trigger_arg="message", queue_name=name, connection="", user_function=None),
+        queue=StoppedMidFetch.from_connection_string(azurite.connection_string, name), poison_queue=None,
+        options=QueuesOptions(max_polling_interval=0.5), call=lambda message, invocation_id: calls.append(message))
+    runner = threading.Thread(target=listener.run)
+    runner.start()
+    assert fetching.wait(10)
+    listener.stop()
+    stopped.set()
+    runner.join(10)
+    assert listener.drain(10) == 0
+    assert calls == []
+    assert [m.dequeue_count for m in queue.peek_messages()] == [1]  # fetched once, visible again
