@@ -219,9 +219,10 @@ def test_a_host_json_queues_setting_out_of_range_stops_the_host_with_its_name(ho
 
 def test_an_unresolved_queue_name_or_connection_skips_only_that_function(hosts):
     host, _ = hosts.start(env={"QUEUE_APP_OTHER_QUEUE": "Not_A_Queue", "AzureWebJobsStorage": ""}, **FAST)
-    log = host.log_path.read_text()
-    assert "function other is not listening: queue name 'not_a_queue' is invalid" in log
-    assert "function work is not listening: connection 'AzureWebJobsStorage': set the app setting" in log
+    wait_until(lambda: "function other is not listening: queue name 'not_a_queue' is invalid"
+               in host.log_path.read_text(), timeout=10, what="the queue name's error")
+    wait_until(lambda: "function work is not listening: connection 'AzureWebJobsStorage': set the app setting"
+               in host.log_path.read_text(), timeout=10, what="the connection's error")
     assert requests.get(f"{host.url}/api/ping", timeout=10).text == "pong"
 
 
