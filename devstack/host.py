@@ -1,6 +1,6 @@
 """A local stand-in for the Azure Functions host, because Core Tools cannot be installed here.
 
-    python -m devstack.host [--port 7071] [--script function_app.py]
+    python -m devstack.host [--port 7071] [--script function_app.py] [--host-json host.json]
 
 It imports the script, indexes its functions once through `FunctionApp.get_functions()` (the
 metadata the real Python worker reports to the host), and then:
@@ -11,7 +11,15 @@ metadata the real Python worker reports to the host), and then:
 - runs each timer function on its six-field NCRONTAB schedule with `%SETTING%` substitution,
   `runOnStartup` and `past_due`; a tick never overlaps the previous run of the same function
   (the real host holds a singleton lock per timer function);
-- logs one line per invocation and stops cleanly on Ctrl-C (SIGINT) or SIGTERM.
+- runs each queue function on its Azure Storage queue (Azurite locally) as the real host's
+  Storage Queues extension 5.x does, with host.json `extensions.queues` (batchSize,
+  newBatchThreshold, maxPollingInterval, visibilityTimeout, maxDequeueCount, messageEncoding),
+  the poison queue and the polling back-off: devstack/queues.py says how, and where that is documented;
+- leaves out any function whose app setting `AzureWebJobs.<name>.Disabled` is "true" or "1" (an
+  HTTP route then answers 404), as the real host does: several hosts can share one queue while
+  only one runs the timers;
+- logs one line per invocation and stops cleanly on Ctrl-C (SIGINT) or SIGTERM: no new fetch from
+  a queue, and a few seconds for the invocations still running.
 
 Like Core Tools it loads `local.settings.json` `Values` into the environment before importing the
 app; a variable already set in the environment wins. Auth levels are ignored, as Core Tools does.
@@ -34,6 +42,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -45,8 +54,19 @@ from azure.functions.timer import TimerRequest
 from croniter import croniter
 
 from devstack.http_server import LocalHTTPServer
+from devstack.queues import (
+    QueueFunction,
+    QueueListener,
+    QueuesOptions,
+    poison_queue_name,
+    queue_service,
+    validate_queue_name,
+)
 
 log = logging.getLogger("devstack.host")
+
+STOP_GRACE_SECONDS = 5.0
+"""How long stopping waits for queue invocations still running (their messages reappear after the lease)."""
 
 MAX_REQUEST_BODY_BYTES = 104_857_600
 """The Functions host's request body limit (100 MB, FUNCTIONS_REQUEST_BODY_SIZE_LIMIT's default): 413 above."""
@@ -160,16 +180,31 @@ def import_app(script: Path) -> func.FunctionApp:
     return apps[0]
 
 
-def index_functions(app: func.FunctionApp) -> tuple[list[HttpFunction], list[TimerFunction]]:
-    """Read the functions' metadata once (get_functions() cannot be called twice)."""
-    http, timers = [], []
+def is_disabled(function_name: str, environ: Mapping[str, str] | os._Environ = os.environ) -> bool:
+    """`AzureWebJobs.<name>.Disabled` is "true" or "1" (setting names are case-insensitive to the host)."""
+    wanted = f"AzureWebJobs.{function_name}.Disabled".lower()
+    return any(key.lower() == wanted and value.strip().lower() in ("true", "1") for key, value in environ.items())
+
+
+@dataclass
+class FunctionIndex:
+    http: list[HttpFunction] = field(default_factory=list)
+    timers: list[TimerFunction] = field(default_factory=list)
+    queues: list[QueueFunction] = field(default_factory=list)
+
+
+def index_functions(app: func.FunctionApp, environ: Mapping[str, str] | os._Environ = os.environ) -> FunctionIndex:
+    """Read the functions' metadata once (get_functions() cannot be called twice), leaving out disabled ones."""
+    index = FunctionIndex()
     for function in app.get_functions():
         metadata = json.loads(function.get_function_json())
         trigger = next(b for b in metadata["bindings"] if b["direction"] == "IN" and b["type"].endswith("Trigger"))
         name = function.get_function_name() or function.get_user_function().__name__
-        if trigger["type"] == "httpTrigger":
+        if is_disabled(name, environ):
+            log.info("Function 'Functions.%s' is disabled (AzureWebJobs.%s.Disabled)", name, name)
+        elif trigger["type"] == "httpTrigger":
             methods = trigger.get("methods")
-            http.append(HttpFunction(
+            index.http.append(HttpFunction(
                 name=name,
                 trigger_arg=trigger["name"],
                 route=trigger.get("route") or name,
@@ -177,33 +212,41 @@ def index_functions(app: func.FunctionApp) -> tuple[list[HttpFunction], list[Tim
                 user_function=function.get_user_function(),
             ))
         elif trigger["type"] == "timerTrigger":
-            timers.append(TimerFunction(
+            index.timers.append(TimerFunction(
                 name=name,
                 trigger_arg=trigger["name"],
                 schedule=trigger["schedule"],
                 run_on_startup=bool(trigger.get("runOnStartup")),
                 user_function=function.get_user_function(),
             ))
+        elif trigger["type"] == "queueTrigger":
+            index.queues.append(QueueFunction(
+                name=name,
+                trigger_arg=trigger["name"],
+                queue_name=trigger["queueName"],
+                connection=trigger.get("connection") or "",
+                user_function=function.get_user_function(),
+            ))
         else:
             log.warning("function %s: trigger %s is not supported by the local host; skipped", name, trigger["type"])
-    return http, timers
+    return index
 
 
 class _Context:
     """The subset of func.Context that a function may ask for by declaring a `context` parameter."""
 
-    def __init__(self, function_name: str):
-        self.invocation_id = str(uuid.uuid4())
+    def __init__(self, function_name: str, invocation_id: str):
+        self.invocation_id = invocation_id
         self.function_name = function_name
         self.function_directory = os.getcwd()
         self.trace_context = None
         self.retry_context = None
 
 
-def invoke(user_function, function_name: str, arguments: dict[str, Any]):
+def invoke(user_function, function_name: str, arguments: dict[str, Any], *, invocation_id: str | None = None):
     """Call a user function as the worker does: async functions on an event loop, `context` injected."""
     if "context" in inspect.signature(user_function).parameters:
-        arguments = {**arguments, "context": _Context(function_name)}
+        arguments = {**arguments, "context": _Context(function_name, invocation_id or str(uuid.uuid4()))}
     result = user_function(**arguments)
     if inspect.isawaitable(result):
         result = asyncio.run(_await(result))
@@ -214,13 +257,25 @@ async def _await(awaitable):
     return await awaitable
 
 
+def _queue_caller(function: QueueFunction) -> Callable[[func.QueueMessage, str], object]:
+    def call(message: func.QueueMessage, invocation_id: str) -> object:
+        return invoke(function.user_function, function.name, {function.trigger_arg: message},
+                      invocation_id=invocation_id)
+
+    return call
+
+
 class FunctionsHost:
-    def __init__(self, app: func.FunctionApp, *, route_prefix: str = "api", environ=os.environ):
-        self.http, self.timers = index_functions(app)
+    def __init__(self, app: func.FunctionApp, *, route_prefix: str = "api",
+                 queues_options: QueuesOptions | None = None, environ=os.environ):
+        index = index_functions(app, environ)
+        self.http, self.timers, self.queues = index.http, index.timers, index.queues
         self.route_prefix = route_prefix.strip("/")
+        self.queues_options = queues_options or QueuesOptions.from_host_json({}, environ)
         self.environ = environ
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._listeners: list[tuple[QueueListener, threading.Thread]] = []
         self._server: LocalHTTPServer | None = None
 
     # HTTP -----------------------------------------------------------------------------------------
@@ -380,18 +435,51 @@ class FunctionsHost:
                 due, missed = now, True
                 cron = croniter(schedule, now, second_at_beginning=True)
 
-    def stop(self) -> None:
+    # Queues ---------------------------------------------------------------------------------------
+    def start_queues(self) -> None:
+        """Start a listener per queue function; one whose queue or connection is not resolved is logged, skipped."""
+        for function in self.queues:
+            try:
+                queue_name = validate_queue_name(expand_settings(function.queue_name, self.environ))
+                service = queue_service(function.connection, self.environ)
+            except (KeyError, ValueError) as error:
+                log.error("function %s is not listening: %s", function.name, error.args[0])
+                continue
+            poison_name = poison_queue_name(queue_name)
+            listener = QueueListener(
+                function,
+                queue=service.get_queue_client(queue_name),
+                poison_queue=service.get_queue_client(poison_name) if poison_name else None,
+                options=self.queues_options,
+                call=_queue_caller(function),
+            )
+            thread = threading.Thread(target=listener.run, name=f"queue:{function.name}", daemon=True)
+            thread.start()
+            self._listeners.append((listener, thread))
+            log.info("%s: queueTrigger %s", function.name, queue_name)
+
+    def stop(self, *, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop serving and fetching; wait up to `grace` seconds for queue invocations still running."""
         self._stop.set()
+        for listener, _ in self._listeners:
+            listener.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+        deadline = time.monotonic() + grace
+        for listener, thread in self._listeners:
+            thread.join(max(0.0, deadline - time.monotonic()))  # a fetch under way releases what it got
+            still_running = listener.drain(max(0.0, deadline - time.monotonic()))
+            if still_running:
+                log.warning("function %s: %d invocations still running at stop; their messages reappear after "
+                            "the lease", listener.function.name, still_running)
 
 
-def read_route_prefix(host_json: Path) -> str:
+def read_extensions(host_json: Path) -> dict[str, Any]:
+    """host.json's `extensions` section; empty when there is no host.json."""
     if not host_json.exists():
-        return "api"
-    prefix = json.loads(host_json.read_text()).get("extensions", {}).get("http", {}).get("routePrefix")
-    return "api" if prefix is None else prefix
+        return {}
+    return json.loads(host_json.read_text()).get("extensions", {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,9 +497,18 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_local_settings(args.settings)
     if loaded:
         log.info("loaded %d settings from %s", len(loaded), args.settings)
+    # Every fetch from an empty queue would be a line at INFO, as function_app.py says of the table requests.
+    logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
+    extensions = read_extensions(args.host_json or args.script.resolve().parent / "host.json")
+    try:
+        queues_options = QueuesOptions.from_host_json(extensions.get("queues", {}))
+    except ValueError as error:
+        log.error("%s", error)
+        return 2
+    route_prefix = extensions.get("http", {}).get("routePrefix")
     app = import_app(args.script)
-    host_json = args.host_json or args.script.resolve().parent / "host.json"
-    host = FunctionsHost(app, route_prefix=read_route_prefix(host_json))
+    host = FunctionsHost(app, route_prefix="api" if route_prefix is None else route_prefix,
+                         queues_options=queues_options)
     host.serve(args.host, args.port)
     for function in host.http:
         methods = ",".join(sorted(function.methods)) if function.methods else "all"
@@ -420,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     host.start_timers()
     for timer in host.timers:
         log.info("%s: timerTrigger %s", timer.name, timer.schedule)
+    host.start_queues()
     log.info("host listening on http://%s:%d", args.host, args.port)
     sys.stdout.flush()
 

@@ -69,14 +69,17 @@ def subprocess_env(**values: str) -> dict[str, str]:
 
 @pytest.fixture
 def start_host(tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
-    """Start devstack.host on a free port: start_host(script=..., env={...}) -> process with .url."""
+    """Start devstack.host on a free port: start_host(script=..., env={...}, host_json=...) -> process with .url."""
     started: list[ManagedProcess] = []
 
     def start(script: Path = ROOT / "function_app.py", env: dict[str, str] | None = None,
-              settings_file: Path | None = None, port: int | None = None) -> ManagedProcess:
+              settings_file: Path | None = None, port: int | None = None,
+              host_json: Path | None = None) -> ManagedProcess:
         port = port or free_port()
         argv = python_module("devstack.host", "--port", str(port), "--script", str(script),
                              "--settings", str(settings_file or tmp_path / "absent.settings.json"))
+        if host_json is not None:
+            argv += ["--host-json", str(host_json)]
         process = ManagedProcess(
             "host", argv, env=subprocess_env(**(env or {})),
             ready=lambda: http_ok(f"http://127.0.0.1:{port}/"),
