@@ -97,7 +97,10 @@ class SeedRelay:
 
 
 def _sample(relay: SeedRelay, user: str, delay: float) -> tuple[float, float]:
-    time.sleep(delay)  # staggered starts, so samples fall at every phase of the interval (not synchronisation)
+    """The user's second message, "later", at a random moment of its thread's polling (the first starts the
+    conversation and its thread, so it would always fall at the same moment of it)."""
+    relay.post(user, "hello")
+    time.sleep(delay)  # so samples fall at every phase of the interval (not synchronisation)
     relay.post(user, "later")
     prompt, late = (_latency(relay, user, reply) for reply in ("You said: later", "Late reply: later"))
     return prompt, late
@@ -111,8 +114,9 @@ def _latency(relay: SeedRelay, user: str, reply: str) -> float:
 
 def seed_benchmark(stack: Stack, *, intervals: tuple[float, ...] = (1.0, 3.0), conversations: int = 16,
                    window_seconds: float = 30.0, latency_ms: int = 50) -> list[dict]:
-    """For each polling interval: `conversations` users each write "later" at a random moment, which the echo bot
-    answers at once and again 3 s later (reply latency: from the bot's timestamp to the thread seeing it); then
+    """For each polling interval: `conversations` users each write "hello", then "later" at a random moment, which
+    the echo bot answers at once and again 3 s later (reply latency: from the bot's timestamp to the thread seeing
+    it); then
     the GETs of those conversations over `window_seconds`, scaled to a conversation-hour (the sample polls at
     the same rate whether or not anything happens, until the bot ends the conversation)."""
     results = []
