@@ -5,7 +5,7 @@
                          [--only SECTION,...] [--out docs]
 
 It starts what it needs (Azurite, the Direct Line emulator, the provider simulator, the local host)
-on free loopback ports and stops them afterwards. Ten minutes or so on two cores. `--only` measures
+on free loopback ports and stops them afterwards. A quarter of an hour on two cores. `--only` measures
 the sections named (ticks, idle, latency, inbound, cold_start, latency_cost, seed) and keeps the
 others from OUT/benchmarks.json.
 """

@@ -123,6 +123,8 @@ def seed_benchmark(stack: Stack, *, intervals: tuple[float, ...] = (1.0, 3.0), c
     stack.emulator.set_faults(latency_ms=latency_ms)
     try:
         for interval in intervals:
+            print(f"  polling every {interval:g} s: {conversations} conversations, then {window_seconds:g} s counted",
+                  flush=True)
             relay = SeedRelay(stack.emulator.base_url, interval=interval)
             try:
                 users = [f"+1999{random.randrange(10**7):07d}" for _ in range(conversations)]
