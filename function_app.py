@@ -16,7 +16,7 @@ from relay.http import (
     webhook_request,
 )
 from relay.inbound import handle_webhook
-from relay.poller import poll_tick, sweep
+from relay.poller import poll_tick, sweep, work_batch
 from relay.telemetry import configure_from_settings
 
 # The Azure SDK logs every storage request at INFO; keep the app's log about the relay.
@@ -75,9 +75,18 @@ def webchat_file(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @app.function_name("poller")
-@app.timer_trigger(schedule="%RELAY_POLL_SCHEDULE%", arg_name="timer", run_on_startup=False, use_monitor=True)
+@app.timer_trigger(schedule="%RELAY_POLL_SCHEDULE%", arg_name="timer", run_on_startup=False, use_monitor=False)
 def poller(timer: func.TimerRequest) -> None:
+    """Every second: the due conversations, worked here or handed to the poll queue (a missed tick needs no
+    catching up, so no schedule monitor and its storage writes)."""
     poll_tick(get_context())
+
+
+@app.function_name("poll_batch")
+@app.queue_trigger(arg_name="batch", queue_name="%RELAY_POLL_QUEUE%", connection="AzureWebJobsStorage")
+def poll_batch(batch: func.QueueMessage) -> None:
+    """A batch of due conversations the poller handed out (relay/fanout.py); raising makes the host retry it."""
+    work_batch(get_context(), batch.get_body())
 
 
 @app.function_name("sweeper")

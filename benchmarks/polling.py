@@ -95,7 +95,7 @@ def tick_benchmark(stack: Stack, sizes: list[int], *, latency_ms: int = 50, work
     results = []
     for size in sizes:
         clock = SimulatedClock()
-        ctx, transport = stack.context(_prefix("tick"), clock=clock)
+        ctx, transport = stack.context(_prefix("tick"), clock=clock, RELAY_FANOUT_THRESHOLD="0")  # inline
         stack.emulator.set_faults(latency_ms=0)
         records = seed(ctx, size, last_activity_ago=30)
         poll_tick(ctx)  # the tick after the users wrote: every conversation is worked once (not measured)

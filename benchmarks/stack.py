@@ -79,22 +79,29 @@ def request_kind(method: str, url: str) -> str:
 
 
 class SimulatedClock(Clock):
-    """The system clock with its wall time moved by hand (the idle hour takes seconds, not an hour).
+    """The system clock with its wall time moved by hand (the idle hour takes seconds, not an hour), and its
+    monotonic time moved with it (what the relay spaces out by it, the sessions' refresh, follows the hour).
 
     Timers and waits stay real: the emulator and the simulator answer in real time."""
 
     def __init__(self, start: datetime | None = None):
         super().__init__()
         self._now = start or SYSTEM_CLOCK.now()
+        self._skipped = 0.0
         self._lock = threading.Lock()
 
     def now(self) -> datetime:
         with self._lock:
             return self._now
 
+    def monotonic(self) -> float:
+        with self._lock:
+            return super().monotonic() + self._skipped
+
     def advance(self, seconds: float) -> None:
         with self._lock:
             self._now += timedelta(seconds=seconds)
+            self._skipped += seconds
 
 
 @dataclass

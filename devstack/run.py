@@ -106,6 +106,8 @@ def build_stack(ports: Ports, settings_file: Path, data_dir: Path,
     # Loopback provider URLs follow the ports actually used, so the simulator and the host agree.
     loopback = {**simulator.api_bases(), "RELAY_PUBLIC_BASE_URL": host_url}
     host_env = {
+        # The host resolves %RELAY_POLL_QUEUE% itself (poll_batch's trigger): a settings file older than it lacks it.
+        "RELAY_POLL_QUEUE": SETTINGS["RELAY_POLL_QUEUE"].default or "",
         **os.environ,
         **values,
         **{k: v for k, v in loopback.items() if values.get(k, "").startswith("http://127.0.0.1:")},

@@ -175,8 +175,11 @@ param directLineEndpoint string = ''
 @description('DIRECTLINE_BOT_IDS: comma-separated bot handles.')
 param directLineBotIds string = ''
 
-@description('RELAY_POLL_SCHEDULE: six-field NCRONTAB schedule of the poller (empty: every 5 seconds).')
+@description('RELAY_POLL_SCHEDULE: six-field NCRONTAB schedule of the poller (empty: every second).')
 param pollSchedule string = ''
+
+@description('RELAY_FANOUT_THRESHOLD: more conversations due in one tick than this go over the poll queue (empty: 500; 0: never).')
+param fanoutThreshold string = ''
 
 @description('RELAY_OMNICHANNEL_CONTEXT: JSON of per-channel channelData for Omnichannel (see the README).')
 param omnichannelContext string = ''
@@ -371,7 +374,10 @@ module app 'modules/function-app.bicep' = {
       DIRECTLINE_TOKEN_ENDPOINT: directLineTokenEndpoint
       DIRECTLINE_ENDPOINT: directLineEndpoint
       DIRECTLINE_BOT_IDS: directLineBotIds
-      RELAY_POLL_SCHEDULE: empty(pollSchedule) ? '*/5 * * * * *' : pollSchedule
+      RELAY_POLL_SCHEDULE: empty(pollSchedule) ? '* * * * * *' : pollSchedule
+      // The host resolves %RELAY_POLL_QUEUE% in poll_batch's queue trigger itself: it must be set.
+      RELAY_POLL_QUEUE: 'relay-poll'
+      RELAY_FANOUT_THRESHOLD: fanoutThreshold
       RELAY_OMNICHANNEL_CONTEXT: omnichannelContext
       RELAY_EVENT_WEBHOOK_URL: eventWebhookUrl
       RELAY_EVENT_WEBHOOK_SECRET: empty(eventWebhookSecret) ? '' : '${kvRef}relay-event-webhook-secret/)'

@@ -19,31 +19,42 @@ lease, and a peek is never postponed past that time. So an open conversation's t
 however long it idles, for one refresh (and one leased run, about ten storage transactions) per
 half-life of its token.
 
-Each tick then refreshes the Web Chat sessions' tokens that are due (relay/tokens.py), found with one
-more range query, for a few seconds at most (SESSION_REFRESH_BUDGET_SECONDS, whatever Direct Line does).
+When more conversations are due than RELAY_FANOUT_THRESHOLD, the tick works none of them: it hands
+them to the poll queue in batches, which the queue-triggered `poll_batch` function works on as many
+instances as the platform gives it (`work_batch`, the same work; relay/fanout.py says how it stays
+exactly once).
+
+The timer runs every second (RELAY_POLL_SCHEDULE) so that a reply is found soon after the bot sent
+it, while each conversation is polled on its own schedule (conversations.next_idle_poll): a tick
+with nothing due costs one query. Every SESSION_REFRESH_EVERY a tick also refreshes the Web Chat
+sessions' tokens that are due (relay/tokens.py), found with one more range query, for a few seconds
+at most (SESSION_REFRESH_BUDGET_SECONDS, whatever Direct Line does).
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from relay import telemetry
 from relay.activities import directline_user_id
 from relay.conversations import Peek, RelayContext, WorkResult, new_owner, next_idle_poll, work_conversation
-from relay.errors import DirectLineError
+from relay.errors import DirectLineError, StoreError
+from relay.fanout import BATCH_ROWS, MAX_FANOUT_ROWS, batches_of, parse_batch
 from relay.store.due_polls import DueConversation
 from relay.store.sweep import sweep_tables
 from relay.tokens import refresh_session_tokens
 
-__all__ = ["TickResult", "poll_tick", "sweep"]
+__all__ = ["TickResult", "poll_tick", "sweep", "work_batch"]
 
 log = logging.getLogger(__name__)
 
 MAX_CONVERSATIONS_PER_TICK = 1000
 WORKERS = 64  # mostly waiting on Direct Line: 64 measured fastest for 1,000 due conversations (docs/benchmarks.md)
+SESSION_REFRESH_EVERY = 5.0
+"""Seconds between two looks for Web Chat session tokens to refresh (a query each): well inside their refresh margin."""
 FULL_POLL_EVERY = timedelta(hours=1)
 """A peeked conversation is still worked under its lease this often (idle expiry, a lost nudge)."""
 
@@ -59,19 +70,20 @@ class TickResult:
     failed: int
     seconds: float
     quiet: int = 0  # peeked without the lease and found nothing new
+    batches: int = 0  # handed to the poll queue (relay/fanout.py) instead of worked here
 
 
 def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, workers: int = WORKERS) -> TickResult:
-    """Work every due conversation (up to `limit`, `workers` at a time) and refresh the due session tokens; one
-    conversation's trouble never stops the others. Counted in telemetry, a tick that raised as failed."""
+    """Work every due conversation (up to `limit`, `workers` at a time), or hand them to the poll queue when
+    more than RELAY_FANOUT_THRESHOLD are due, and refresh the due session tokens; one conversation's trouble
+    never stops the others. Counted in telemetry, a tick that raised as failed."""
     started, outcome = ctx.clock.monotonic(), "failed"
     try:
         with telemetry.span("relay.poll") as span:
             result = _tick(ctx, started, limit=limit, workers=workers)
-            span.set(due=result.due, worked=result.worked, quiet=result.quiet, failed=result.failed)
-        telemetry.count(telemetry.POLL_CONVERSATIONS, result.worked - result.failed, outcome="worked")
-        telemetry.count(telemetry.POLL_CONVERSATIONS, result.quiet, outcome="quiet")
-        telemetry.count(telemetry.POLL_CONVERSATIONS, result.failed, outcome="failed")
+            span.set(due=result.due, worked=result.worked, quiet=result.quiet, failed=result.failed,
+                     batches=result.batches)
+        _count_conversations(result)
         outcome = "ok"
         return result
     finally:
@@ -79,10 +91,72 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
         telemetry.count(telemetry.POLL_TICKS, outcome=outcome)
 
 
+def work_batch(ctx: RelayContext, body: bytes, *, workers: int = WORKERS) -> TickResult | None:
+    """Work one batch of the poll queue (relay/fanout.py): the due rows of its RowKey range, as a tick would.
+
+    None for a message this relay did not write (logged and dropped: no retry can mend it). Raises
+    StoreError when the due index cannot be read: the host retries the batch, then moves it to the poison
+    queue, and its conversations are due again at the next tick either way."""
+    rows = parse_batch(body)
+    if rows is None:
+        log.error("poll batch: the message is not a batch of this relay's poll queue; dropped")
+        telemetry.count(telemetry.POLL_BATCHES, outcome="malformed")
+        return None
+    started, outcome = ctx.clock.monotonic(), "failed"
+    try:
+        with telemetry.span("relay.poll.batch") as span:
+            due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=2 * BATCH_ROWS, rows=rows)
+            result = _work_due(ctx, due, started, workers=workers, tick=new_owner("batch"))
+            span.set(due=result.due, worked=result.worked, quiet=result.quiet, failed=result.failed)
+        _count_conversations(result)
+        outcome = "ok"
+        _log("poll batch", result)
+        return result
+    finally:
+        telemetry.count(telemetry.POLL_BATCHES, outcome=outcome)
+
+
+def _count_conversations(result: TickResult) -> None:
+    telemetry.count(telemetry.POLL_CONVERSATIONS, result.worked - result.failed, outcome="worked")
+    telemetry.count(telemetry.POLL_CONVERSATIONS, result.quiet, outcome="quiet")
+    telemetry.count(telemetry.POLL_CONVERSATIONS, result.failed, outcome="failed")
+
+
 def _tick(ctx: RelayContext, started: float, *, limit: int, workers: int) -> TickResult:
-    tick = new_owner("poller")
+    threshold = ctx.settings.relay.fanout_threshold
+    due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=threshold + 1 if threshold else limit)
+    if threshold and len(due) > threshold:
+        result = TickResult(due=len(due), worked=0, posted=0, delivered=0, dead_letters=0, ended=0, failed=0,
+                            seconds=0.0, batches=_fan_out(ctx))
+    else:
+        result = _work_due(ctx, due, started, workers=workers, tick=new_owner("poller"))
+    _refresh_session_tokens(ctx)
+    result = replace(result, seconds=ctx.clock.monotonic() - started)
+    _log("poll tick", result)
+    return result
+
+
+def _fan_out(ctx: RelayContext) -> int:
+    """Hand every due row to the poll queue in batches, unless the last round is still there; the batches sent."""
+    queue = ctx.poll_queue
+    waiting = queue.pending()
+    if waiting:
+        log.info("poll tick: %d batches of an earlier round still in %s; the due conversations wait for them",
+                 waiting, queue.name)
+        return 0
+    rows = ctx.store.due_polls.list_due_rows(now=ctx.clock.now(), limit=MAX_FANOUT_ROWS)
+    try:
+        return queue.send(batches_of(rows))
+    except StoreError as error:
+        log.error("poll tick: could not hand the due conversations to %s: %s (they are due again next tick)",
+                  queue.name, error)
+        return 0
+
+
+def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, workers: int,
+              tick: str) -> TickResult:
+    """Peek or work each due conversation, `workers` at a time, and move the quiet ones' next peek on."""
     now = ctx.clock.now()
-    due = ctx.store.due_polls.list_due(now=now, limit=limit)
     quiet: list[tuple[DueConversation, datetime, float]] = []
 
     def work(item: DueConversation) -> WorkResult | None:
@@ -93,6 +167,7 @@ def _tick(ctx: RelayContext, started: float, *, limit: int, workers: int) -> Tic
                 peek = _peek(ctx, item)
                 if peek is not None and not peek.page.activities:
                     interval, after = next_idle_poll(ctx.clock.now(), last_activity=item.last_activity_at,
+                                                     last_user_activity=item.last_user_activity_at,
                                                      interval=item.poll_interval,
                                                      ceiling=ctx.settings.relay.poll_ceiling_seconds)
                     quiet.append((item, after, interval))  # list.append is atomic: no lock needed
@@ -118,8 +193,7 @@ def _tick(ctx: RelayContext, started: float, *, limit: int, workers: int) -> Tic
         results = []
     if quiet:
         ctx.store.due_polls.postpone_rows(quiet)
-    _refresh_session_tokens(ctx)
-    result = TickResult(
+    return TickResult(
         due=len(due),
         worked=len(results),
         posted=sum(r.posted for r in results),
@@ -130,14 +204,22 @@ def _tick(ctx: RelayContext, started: float, *, limit: int, workers: int) -> Tic
         seconds=ctx.clock.monotonic() - started,
         quiet=len(quiet),
     )
-    log.info("poll tick: due=%d quiet=%d worked=%d posted=%d delivered=%d dead_letters=%d ended=%d failed=%d "
-             "in %.0f ms", result.due, result.quiet, result.worked, result.posted, result.delivered,
-             result.dead_letters, result.ended, result.failed, result.seconds * 1000)
-    return result
+
+
+def _log(what: str, result: TickResult) -> None:
+    """One line per tick or batch that found something due (a tick every second finding nothing says nothing)."""
+    log.log(logging.INFO if result.due or result.batches else logging.DEBUG,
+            "%s: due=%d quiet=%d worked=%d posted=%d delivered=%d dead_letters=%d ended=%d failed=%d batches=%d "
+            "in %.0f ms", what, result.due, result.quiet, result.worked, result.posted, result.delivered,
+            result.dead_letters, result.ended, result.failed, result.batches, result.seconds * 1000)
 
 
 def _refresh_session_tokens(ctx: RelayContext) -> None:
-    """Keep the Web Chat sessions' tokens fresh (relay/tokens.py); its trouble never stops the polling."""
+    """Keep the Web Chat sessions' tokens fresh (relay/tokens.py) every SESSION_REFRESH_EVERY at most, whatever
+    the timer's schedule (a query each time); its trouble never stops the polling."""
+    if ctx.clock.monotonic() < ctx.next_session_refresh:
+        return
+    ctx.next_session_refresh = ctx.clock.monotonic() + SESSION_REFRESH_EVERY
     try:
         refresh_session_tokens(ctx.store, ctx.directline, clock=ctx.clock)
     except Exception:

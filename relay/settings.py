@@ -76,6 +76,8 @@ SETTINGS: dict[str, Setting] = _catalogue(
             group="storage"),
     Setting("AzureWebJobsStorage__tableServiceUri", "Table service URI for identity-based storage.",
             default="", group="storage"),
+    Setting("AzureWebJobsStorage__queueServiceUri", "Queue service URI for identity-based storage (the poll queue "
+            "of RELAY_FANOUT_THRESHOLD; the host's queue trigger reads it too).", default="", group="storage"),
     Setting("AzureWebJobsStorage__accountName", "Storage account name for identity-based storage "
             "(public cloud shorthand for the service URIs).", default="", group="storage"),
     Setting("AzureWebJobsStorage__credential", "'managedidentity' for identity-based storage.",
@@ -87,8 +89,16 @@ SETTINGS: dict[str, Setting] = _catalogue(
     # Relay behaviour
     Setting("RELAY_PUBLIC_BASE_URL", "Scheme and host the providers call (e.g. https://myrelay.azurewebsites.net);"
             " signatures cover this plus the request path and query.", default="", group="relay"),
-    Setting("RELAY_POLL_SCHEDULE", "Six-field NCRONTAB schedule of the poller timer.",
-            default="*/5 * * * * *", group="relay"),
+    Setting("RELAY_POLL_SCHEDULE", "Six-field NCRONTAB schedule of the poller timer. Every second by default: "
+            "each conversation keeps its own schedule (every second for 10 s after the user wrote, then every 5 s "
+            "for 2 min, then backing off), so a tick with nothing due costs one table query.",
+            default="* * * * * *", group="relay"),
+    Setting("RELAY_FANOUT_THRESHOLD", "More conversations due in one tick than this are fanned out over the poll "
+            "queue (batches of 100 worked by the queue-triggered poll_batch function, on as many instances as "
+            "the platform scales to); this many or fewer are worked in the timer's own execution. 0: never.",
+            default="500", group="relay"),
+    Setting("RELAY_POLL_QUEUE", "The storage queue of fanned-out poll batches (the poison queue is its name + "
+            "'-poison'); 3-56 lowercase letters, digits and single hyphens.", default="relay-poll", group="relay"),
     Setting("RELAY_BURST_POLL_SECONDS", "How long a webhook waits for the bot's quick replies (0 turns it off).",
             default="2", group="relay"),
     Setting("RELAY_POLL_CEILING_SECONDS", "Longest gap between polls of an idle conversation.",
@@ -326,6 +336,7 @@ class StorageSettings:
     credential: str
     client_id: str
     table_prefix: str
+    queue_service_uri: str = ""
 
     @property
     def uses_identity(self) -> bool:
@@ -354,6 +365,9 @@ class RelaySettings:
     event_webhook_url: str = ""
     event_webhook_secret: str = field(default="", repr=False)
     event_transcript_messages: int = 20
+    fanout_threshold: int = 500
+    """More due conversations than this in one tick go over the poll queue; 0: never."""
+    poll_queue: str = "relay-poll"
 
 
 @dataclass(frozen=True)
@@ -394,7 +408,7 @@ class Settings:
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = _Environment(os.environ if environ is None else environ)
-        return cls(
+        settings = cls(
             directline=_directline(env),
             storage=_storage(env),
             relay=_relay(env),
@@ -402,6 +416,12 @@ class Settings:
             channels=_channels(env),
             telemetry=_telemetry(env),
         )
+        storage = settings.storage
+        if settings.relay.fanout_threshold and storage.uses_identity and not storage.queue_service_uri:
+            raise SettingsError("AzureWebJobsStorage__queueServiceUri is not set: the poll queue "
+                                "(RELAY_FANOUT_THRESHOLD) needs it with identity-based storage (or set "
+                                "RELAY_FANOUT_THRESHOLD to 0)")
+        return settings
 
 
 def _directline(env: _Environment) -> DirectLineSettings:
@@ -429,8 +449,11 @@ def _storage(env: _Environment) -> StorageSettings:
     connection_string = env.text("AzureWebJobsStorage")
     table_uri = env.url("AzureWebJobsStorage__tableServiceUri")
     account = env.text("AzureWebJobsStorage__accountName")
+    queue_uri = env.url("AzureWebJobsStorage__queueServiceUri")
     if not connection_string and not table_uri and account:
         table_uri = f"https://{account}.table.core.windows.net"
+    if not connection_string and not queue_uri and account:
+        queue_uri = f"https://{account}.queue.core.windows.net"
     if not connection_string and not table_uri:
         raise SettingsError(
             "AzureWebJobsStorage is not set: give a connection string, or AzureWebJobsStorage__tableServiceUri "
@@ -448,6 +471,7 @@ def _storage(env: _Environment) -> StorageSettings:
         credential=credential,
         client_id=env.text("AzureWebJobsStorage__clientId"),
         table_prefix=prefix,
+        queue_service_uri=queue_uri,
     )
 
 
@@ -470,7 +494,22 @@ def _relay(env: _Environment) -> RelaySettings:
         event_webhook_url=_event_webhook_url(env),
         event_webhook_secret=_event_webhook_secret(env),
         event_transcript_messages=_transcript_messages(env),
+        fanout_threshold=env.integer("RELAY_FANOUT_THRESHOLD"),
+        poll_queue=_poll_queue(env),
     )
+
+
+_QUEUE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]")
+_POISON_SUFFIX = "-poison"
+
+
+def _poll_queue(env: _Environment) -> str:
+    """A queue name Azure accepts, with room for the poison queue's suffix (names are at most 63 characters)."""
+    name = env.text("RELAY_POLL_QUEUE")
+    if not (3 <= len(name) <= 63 - len(_POISON_SUFFIX) and _QUEUE_NAME.fullmatch(name)):
+        raise SettingsError("RELAY_POLL_QUEUE must be 3-56 lowercase letters, digits and single hyphens, starting "
+                            "and ending with a letter or digit")
+    return name
 
 
 _LOCALE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*")

@@ -39,6 +39,7 @@ __all__ = [
     "DIRECTLINE_ERRORS",
     "MESSAGES_POSTED",
     "OUTBOX_AGE",
+    "POLL_BATCHES",
     "POLL_CONVERSATIONS",
     "POLL_DURATION",
     "POLL_TICKS",
@@ -70,6 +71,7 @@ DEAD_LETTERS = "relay.dead_letters"
 POLL_DURATION = "relay.poll.duration"
 POLL_CONVERSATIONS = "relay.poll.conversations"
 POLL_TICKS = "relay.poll.ticks"
+POLL_BATCHES = "relay.poll.batches"
 DIRECTLINE_ERRORS = "relay.directline.errors"
 TOKENS_REFRESHED = "relay.tokens.refreshed"
 
@@ -80,6 +82,7 @@ _COUNTERS = {
     DEAD_LETTERS: "dead letters written (channel, kind: reply, media, inbound, event)",
     POLL_CONVERSATIONS: "conversations a poll tick handled (outcome: worked, quiet, failed)",
     POLL_TICKS: "poll ticks (outcome: ok, failed = the tick raised)",
+    POLL_BATCHES: "poll queue batches worked (outcome: ok, failed = retried by the host, malformed = dropped)",
     DIRECTLINE_ERRORS: "Direct Line requests that failed (operation; status, or network)",
     TOKENS_REFRESHED: "Direct Line token refreshes (kind: conversation, session; outcome: refreshed, failed)",
 }

@@ -41,7 +41,6 @@ BUILT_IN_ROLES = {
 # relay/settings.py. Each must be provisioned: the deployment does not work without it.
 PLATFORM_SETTINGS = {
     "AzureWebJobsStorage__blobServiceUri": "host: leases, timer schedules (identity-based storage)",
-    "AzureWebJobsStorage__queueServiceUri": "host: identity-based storage",
     "AZURE_CLIENT_ID": "azure-identity: DefaultAzureCredential picks the user-assigned identity",
 }
 
@@ -52,6 +51,8 @@ DEPLOYMENT_MUST_SET = {
     "AzureWebJobsStorage__credential": "identity-based storage",
     "AzureWebJobsStorage__clientId": "identity-based storage with the user-assigned identity",
     "AzureWebJobsStorage__tableServiceUri": "identity-based storage for the relay's tables",
+    "AzureWebJobsStorage__queueServiceUri": "identity-based storage: the host's queue trigger and the poll queue",
+    "RELAY_POLL_QUEUE": "the host resolves %RELAY_POLL_QUEUE% in poll_batch's queue trigger: no setting, no fan-out",
 }
 
 # What Flex Consumption refuses or ignores (Learn, "Flex Consumption plan deprecations",

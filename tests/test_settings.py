@@ -14,7 +14,8 @@ BASE = {"DIRECTLINE_SECRET": "dl-secret-value", "AzureWebJobsStorage": "UseDevel
 def test_defaults():
     settings = Settings.from_environ(BASE)
     assert settings.directline.endpoint == "https://directline.botframework.com/v3/directline"
-    assert settings.relay.poll_schedule == "*/5 * * * * *"
+    assert settings.relay.poll_schedule == "* * * * * *"
+    assert settings.relay.fanout_threshold == 500 and settings.relay.poll_queue == "relay-poll"
     assert settings.relay.burst_poll_seconds == 2
     assert settings.channels == {}
     assert settings.webchat.demo_enabled is False

@@ -80,6 +80,8 @@ class DueConversation:
     watermark: str | None = None
     last_activity_at: datetime | None = None
     poll_interval: float = 0.0
+    last_user_activity_at: datetime | None = None
+    """The user's last message (None in rows written before it was kept): the schedule's fast phase follows it."""
     token_refresh_at: datetime | None = None
     """When the conversation's token wants refreshing: no peek from then on, and no postponement past it."""
     token: str = field(default="", repr=False)
@@ -126,20 +128,20 @@ class DuePolls:
             except StoreError as error:
                 log.warning("could not clear inbound rows: %s", error)
 
-    def list_due(self, *, now: datetime | None = None, limit: int = 200) -> list[DueConversation]:
+    def list_due(self, *, now: datetime | None = None, limit: int = 200,
+                 rows: tuple[str, str] | None = None) -> list[DueConversation]:
         """Conversations whose next poll (or peek) time has come, earliest first: one RowKey range of the index.
 
         Conversations that are not due are not read at all, so thousands of idle ones cost nothing here
-        (a query page of up to 1000 rows is one transaction).
+        (a query page of up to 1000 rows is one transaction). `rows`: only the rows from the first RowKey
+        through the second (a batch of the poll queue, relay/fanout.py).
         """
         now = now or self._clock.now()
         query = self._table.client.query_entities(
-            # `not (... gt ...)`: a row without peek_after (older code wrote none) is due by its RowKey alone.
-            # (The space before ")" lets the SDK find the @now parameter.)
-            "PartitionKey eq @pk and RowKey lt @upper and not (peek_after gt @now )",
-            parameters={"pk": _PARTITION, "upper": f"{millis(now) + 1:015d}", "now": now},
-            select=["RowKey", "channel", "user", "conversation_id", "watermark", "last_activity_at", "poll_interval",
-                    "token_refresh_at", "token", "message_id", "marked_at"],
+            f"{self._due_filter(rows)} and not (peek_after gt @now )",
+            parameters=self._due_parameters(now, rows),
+            select=["RowKey", "channel", "user", "conversation_id", "watermark", "last_activity_at",
+                    "last_user_activity_at", "poll_interval", "token_refresh_at", "token", "message_id", "marked_at"],
             results_per_page=min(max(limit, 1), 1000),
         )
         due: dict[ConversationKey, DueConversation] = {}
@@ -158,6 +160,7 @@ class DuePolls:
                     due[key] = DueConversation(
                         key, at, entity["RowKey"], conversation_id=entity.get("conversation_id") or "",
                         watermark=entity.get("watermark"), last_activity_at=entity.get("last_activity_at"),
+                        last_user_activity_at=entity.get("last_user_activity_at"),
                         poll_interval=entity.get("poll_interval") or 0.0,
                         token_refresh_at=entity.get("token_refresh_at"), token=entity.get("token") or "",
                         etag=entity.metadata.get("etag"))
@@ -166,6 +169,35 @@ class DuePolls:
                 if len(due) >= limit:
                     break
         return list(due.values())
+
+    def list_due_rows(self, *, now: datetime | None = None, limit: int) -> list[str]:
+        """The RowKeys of up to `limit` due rows, in order (what the timer splits into the poll queue's batches):
+        the same rows as list_due reads, without their properties."""
+        now = now or self._clock.now()
+        query = self._table.client.query_entities(
+            f"{self._due_filter(None)} and not (peek_after gt @now )", parameters=self._due_parameters(now, None),
+            select=["RowKey"], results_per_page=1000)
+        keys: list[str] = []
+        with storage_errors("read the due index"):
+            for entity in query:
+                keys.append(entity["RowKey"])
+                if len(keys) >= limit:
+                    break
+        return keys
+
+    @staticmethod
+    def _due_filter(rows: tuple[str, str] | None) -> str:
+        # `not (... gt ...)` (appended by the callers): a row without peek_after (older code wrote none) is due by
+        # its RowKey alone. (The space before ")" lets the SDK find the @now parameter.)
+        bounds = " and RowKey ge @first and RowKey le @last" if rows else ""
+        return f"PartitionKey eq @pk and RowKey lt @upper{bounds}"
+
+    @staticmethod
+    def _due_parameters(now: datetime, rows: tuple[str, str] | None) -> dict:
+        parameters = {"pk": _PARTITION, "upper": f"{millis(now) + 1:015d}", "now": now}
+        if rows:
+            parameters |= {"first": rows[0], "last": rows[1]}
+        return parameters
 
     def postpone_rows(self, postponements: Sequence[tuple[DueConversation, datetime, float]]) -> int:
         """Move the next peek of conversations that had nothing new: (row, peek after, idle interval) each.
@@ -221,6 +253,7 @@ class DuePolls:
             row |= {"conversation_id": record.conversation_id, "watermark": record.watermark,
                     "last_activity_at": max((t for t in (record.last_user_activity_at, record.last_bot_activity_at)
                                              if t), default=None),
+                    "last_user_activity_at": record.last_user_activity_at,
                     "poll_interval": float(record.poll_interval), "token_refresh_at": record.token_refresh_at,
                     "token": record.token}
         self._table.create(row)

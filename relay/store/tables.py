@@ -24,7 +24,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
@@ -37,6 +37,9 @@ from relay.clock import Clock
 from relay.errors import StoreError
 from relay.settings import StorageSettings
 
+if TYPE_CHECKING:
+    from azure.storage.queue import QueueClient
+
 __all__ = [
     "BATCH_LIMIT",
     "UPDATE_ATTEMPTS",
@@ -47,6 +50,7 @@ __all__ = [
     "millis",
     "pause_after_conflict",
     "put_json",
+    "queue_client",
     "storage_errors",
     "table_service_client",
     "transaction_error_code",
@@ -71,7 +75,7 @@ _MAX_STRING = 30_000  # characters per string property (Table Storage allows 64 
 _DEVELOPMENT_STORAGE = (
     "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
     "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
-    "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;"
+    "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1;"
 )
 
 
@@ -106,11 +110,29 @@ def table_service_client(storage: StorageSettings, **options) -> TableServiceCli
     options = {**_CLIENT_OPTIONS, **options}
     options.setdefault("transport", _PooledTransport())
     if storage.connection_string:
-        connection_string = storage.connection_string
-        if connection_string.replace(" ", "").lower() == "usedevelopmentstorage=true":
-            connection_string = _DEVELOPMENT_STORAGE
-        return TableServiceClient.from_connection_string(connection_string, **options)
+        return TableServiceClient.from_connection_string(_connection_string(storage), **options)
     return TableServiceClient(endpoint=storage.table_service_uri, credential=_storage_credential(storage), **options)
+
+
+def queue_client(storage: StorageSettings, queue_name: str, **options) -> QueueClient:
+    """A client for queue `queue_name` of the account of `storage`, its messages base64-encoded as the Functions
+    host's queue trigger reads them (host.json extensions.queues.messageEncoding, "base64" by default).
+
+    The SDK is imported here, not with the module: it takes about half a second to load (cryptography), which
+    only a tick that fans out pays, never a webhook's cold start."""
+    from azure.storage.queue import QueueClient, TextBase64EncodePolicy
+
+    options = {**_CLIENT_OPTIONS, "message_encode_policy": TextBase64EncodePolicy(), **options}
+    options.setdefault("transport", _PooledTransport(pool_size=4))
+    if storage.connection_string:
+        return QueueClient.from_connection_string(_connection_string(storage), queue_name, **options)
+    return QueueClient(storage.queue_service_uri, queue_name, credential=_storage_credential(storage), **options)
+
+
+def _connection_string(storage: StorageSettings) -> str:
+    if storage.connection_string.replace(" ", "").lower() == "usedevelopmentstorage=true":
+        return _DEVELOPMENT_STORAGE
+    return storage.connection_string
 
 
 @contextlib.contextmanager

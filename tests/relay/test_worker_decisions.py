@@ -390,8 +390,10 @@ def test_a_reply_refused_part_way_for_good_is_dead_lettered_naming_the_part_and_
 
 @pytest.mark.parametrize(("quiet_for", "interval", "bot_reply", "fault", "next_poll", "next_interval", "peekable"), [
     pytest.param(30, 0, True, None, 1, 0, True, id="a reply delivered: polled again a second later"),
-    pytest.param(60, 0, False, None, 1, 0, True,
-                 id="nothing new a minute after the last message: polled at every tick while a reply is likely"),
+    pytest.param(5, 0, False, None, 1, 0, True,
+                 id="nothing new 5 s after the user wrote: polled again a second later while a reply is imminent"),
+    pytest.param(60, 0, False, None, 5, 0, True,
+                 id="nothing new a minute after the last message: polled every 5 s while a reply is likely"),
     pytest.param(600, 0, False, None, 5, 5, True, id="nothing new for ten minutes: polled again in 5 seconds"),
     pytest.param(600, 20, False, None, 40, 40, True, id="nothing new again: the gap doubles"),
     pytest.param(600, 40, False, None, 60, 60, True, id="the gap never passes the ceiling"),
