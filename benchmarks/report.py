@@ -153,7 +153,7 @@ def late_reply_verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, bo
         ("idle: Direct Line requests per conversation-hour, default schedule", f"{dl:.1f} (before {dl_before:.1f})",
          f"<= {dl_before * most:.1f} (+{TARGETS['idle_cost_growth']:.0%})", dl <= dl_before * most),
         ("idle: Table transactions per conversation-hour, default schedule (the fixed cost of every tick apart: "
-         f"{idle['fixed_table_transactions_per_tick']:g} a tick, {_fixed_per_hour(idle):,.0f} an hour, before "
+         f"{idle['fixed_table_transactions_per_tick']:.2f} a tick, {_fixed_per_hour(idle):,.0f} an hour, before "
          f"{_fixed_per_hour(before):,.0f})", f"{tx:.2f} (before {tx_before:.2f})",
          f"<= {tx_before * most:.2f} (+{TARGETS['idle_cost_growth']:.0%})", tx <= tx_before * most),
     ]
@@ -439,9 +439,9 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
         f"({_reply(rows[0], 'late')['samples']} samples each), and {first['conversations']} conversations idle "
         f"for {first['hours']:g} simulated hour(s) of ticks at the schedule's interval, as in section 2. The "
         "idle cost is split in two: what a tick costs with nothing due, whatever the number of conversations "
-        "(the due-index query and the Web Chat sessions' refresh-index query: a fixed cost per tick, measured on "
-        "the ticks with nothing due), and what each conversation adds on top (its peeks, and the index rows they "
-        "postpone). Monthly costs as in the cost model below, with the schedule's own ticks. "
+        "(the due-index query, and the Web Chat sessions' refresh-index query every 5 s at most: a fixed cost per "
+        "tick, the mean over the ticks with nothing due), and what each conversation adds on top (its peeks, and "
+        "the index rows they postpone). Monthly costs as in the cost model below, with the schedule's own ticks. "
         f"The baseline is the 5 s timer before issue 19 (run of {baseline['run']}).",
         "",
         "| Schedule | Late p50 | Late p95 | Prompt p50 | Idle DL requests per conversation-hour | Idle table tx "
@@ -452,7 +452,7 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
         f"{baseline['late']['p95']:.2f} s | {baseline['prompt']['p50']:.2f} s | "
         f"{before['directline_requests_per_conversation_hour']:.1f} | "
         f"{before['per_conversation_table_transactions_per_hour']:.2f} | "
-        f"{before['fixed_table_transactions_per_tick']:g} ({_fixed_per_hour(before):,.0f}) | | | |",
+        f"{before['fixed_table_transactions_per_tick']:.2f} ({_fixed_per_hour(before):,.0f}) | | | |",
     ]
     for candidate in rows:
         late, prompt, idle = _reply(candidate, "late"), _reply(candidate, "prompt"), candidate["idle"]
@@ -464,7 +464,7 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
             f"{prompt['p50']:.2f} s | "
             f"{idle['directline_requests_per_conversation_hour']:.1f} | "
             f"{idle['per_conversation_table_transactions_per_hour']:.2f} | "
-            f"{idle['fixed_table_transactions_per_tick']:g} ({_fixed_per_hour(idle):,.0f}) | "
+            f"{idle['fixed_table_transactions_per_tick']:.2f} ({_fixed_per_hour(idle):,.0f}) | "
             f"{cost[VOLUMES[0]]['executions']:,.0f} to {cost[VOLUMES[-1]]['executions']:,.0f} | {totals} | "
             f"${cost[1_000]['usd']['functions']:,.2f} |")
     out += [
