@@ -387,7 +387,9 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         f"is billed as an active period of its own, at least {MIN_BILLABLE_SECONDS:g} s and rounded up to "
         f"{BILLING_STEP_SECONDS:g} s as Flex Consumption bills (executions that overlap on one instance share one "
         "period in reality, so this is an upper bound; a timer every second keeps an instance billed all month). "
-        f"Months have {DAYS_PER_MONTH} days.",
+        f"Months have {DAYS_PER_MONTH} days."
+        + (" Section 6 gives the same model for each timer schedule, the default included." if "latency_cost" in
+           results else ""),
         "",
         "| Conversations a day | Executions | GB-s | Table transactions | Direct Line requests | Direct Line "
         "messages | Functions | Tables | Direct Line | Total a month |",
