@@ -22,7 +22,7 @@ class Candidate:
 
 
 CANDIDATES = (
-    Candidate("5 s timer (before)", "*/5 * * * * *", 5.0),
+    Candidate("5 s timer", "*/5 * * * * *", 5.0),
     Candidate("2 s timer", "*/2 * * * * *", 2.0),
     Candidate("1 s timer", "* * * * * *", 1.0),
 )

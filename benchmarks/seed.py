@@ -96,9 +96,10 @@ class SeedRelay:
             raise RuntimeError(f"{len(self._errors)} polling thread(s) failed, the first with {self._errors[0]!r}")
 
 
-def _sample(relay: SeedRelay, user: str, delay: float) -> tuple[float, float]:
+def _sample(relay: SeedRelay, user: str, start: float, delay: float) -> tuple[float, float]:
     """The user's second message, "later", at a random moment of its thread's polling (the first starts the
     conversation and its thread, so it would always fall at the same moment of it)."""
+    time.sleep(start)  # the threads' polls spread over the interval, as users' are (not synchronisation)
     relay.post(user, "hello")
     time.sleep(delay)  # so samples fall at every phase of the interval (not synchronisation)
     relay.post(user, "later")
@@ -128,9 +129,10 @@ def seed_benchmark(stack: Stack, *, intervals: tuple[float, ...] = (1.0, 3.0), c
             relay = SeedRelay(stack.emulator.base_url, interval=interval)
             try:
                 users = [f"+1999{random.randrange(10**7):07d}" for _ in range(conversations)]
+                starts = [random.uniform(0, interval) for _ in users]
                 delays = [random.uniform(0, 2 * interval) for _ in users]
                 with ThreadPoolExecutor(conversations) as pool:
-                    samples = list(pool.map(functools.partial(_sample, relay), users, delays))
+                    samples = list(pool.map(functools.partial(_sample, relay), users, starts, delays))
                 ids = set(relay.conversations.values())
                 before, started = _gets(stack, ids), time.monotonic()
                 time.sleep(window_seconds)  # the measuring window (not synchronisation)
