@@ -473,12 +473,16 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
         "",
         f"![Late-reply latency against monthly cost]({LATENCY_COST_CHART})",
         "",
+        "Issue 19's target (see Where we stand): with the default settings, late replies at p50 <= "
+        f"{TARGETS['late_reply_p50_seconds']:g} s and p95 <= {TARGETS['late_reply_p95_seconds']:g} s, while "
+        f"the idle cost per conversation-hour stays within {TARGETS['idle_cost_growth']:.0%} of the baseline's. "
         "Direct Line messages (the same for every schedule) dominate the totals; what the schedule changes is "
-        "the Functions bill: a timer execution is billed at least "
-        f"{MIN_BILLABLE_SECONDS:g} s of a {INSTANCE_GB:g} GB instance however short the tick, so a timer every "
-        "second keeps an instance billed all month, five times what the 5 s timer costs, at any traffic. The "
-        "fixed table transactions grow the same way (so many a tick), but at Table Storage's price they stay "
-        "cents a month.",
+        f"the Functions bill: a timer execution is billed at least {MIN_BILLABLE_SECONDS:g} s of a "
+        f"{INSTANCE_GB:g} GB instance however short the tick, so a timer every second keeps an instance billed "
+        f"all month ({INSTANCE_GB * MONTH_SECONDS:,.0f} GB-s, "
+        f"${INSTANCE_GB * MONTH_SECONDS * PRICES['flex_gb_second']['usd']:,.0f} before the free grant) at any "
+        "traffic, and a timer every n seconds 1/n of that. The fixed table transactions grow the same way (so "
+        "many a tick), but at Table Storage's price they stay cents a month.",
     ]
     return out
 
@@ -486,6 +490,9 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
 def seed_markdown(results: dict[str, Any]) -> list[str]:
     """Section 7: the sample's thread-per-conversation polling beside the relay."""
     seeds = results["seed"]
+    default = next((c for c in results.get("latency_cost", []) if c["default"]), None)
+    minute = (default or results)["idle"]["settled"]["directline_requests_per_conversation_minute"]
+    settled = minute * 60
     out = [
         "",
         "## 7. The seed's design beside ours",
@@ -501,8 +508,8 @@ def seed_markdown(results: dict[str, Any]) -> list[str]:
         "simulator receiving it: a few milliseconds more). Direct Line requests are the GETs the emulator counted "
         f"on those conversations over {seeds[0]['window_seconds']:.0f} s, scaled to a conversation-hour: the "
         "sample polls at that rate whether anything happens or not, hour after hour, where the relay's idle "
-        "conversations back off to one request a minute (the relay's column is its first idle hour, from section "
-        "6; after 5 idle minutes it is 60 an hour) and end after RELAY_IDLE_TIMEOUT_MINUTES.",
+        "conversations back off (the relay's column is its first idle hour, from section 6; idle 5 minutes or "
+        f"more, {settled:.0f} an hour) and end after RELAY_IDLE_TIMEOUT_MINUTES.",
         "",
         "| Design | Polls every | Direct Line requests per conversation-hour | Prompt reply p50 / p95 | Late (3 s) "
         "reply p50 / p95 | State |",
