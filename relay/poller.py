@@ -79,10 +79,7 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
     never stops the others. Counted in telemetry, a tick that raised as failed."""
     started, outcome = ctx.clock.monotonic(), "failed"
     try:
-        with telemetry.span("relay.poll") as span:
-            result = _tick(ctx, started, limit=limit, workers=workers)
-            span.set(due=result.due, worked=result.worked, quiet=result.quiet, failed=result.failed,
-                     batches=result.batches)
+        result = _tick(ctx, started, limit=limit, workers=workers)
         _count_conversations(result)
         outcome = "ok"
         return result
@@ -124,33 +121,45 @@ def _count_conversations(result: TickResult) -> None:
 
 def _tick(ctx: RelayContext, started: float, *, limit: int, workers: int) -> TickResult:
     threshold = ctx.settings.relay.fanout_threshold
-    due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=threshold + 1 if threshold else limit)
-    if threshold and len(due) > threshold:
-        result = TickResult(due=len(due), worked=0, posted=0, delivered=0, dead_letters=0, ended=0, failed=0,
-                            seconds=0.0, batches=_fan_out(ctx))
+    try:
+        due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=threshold + 1 if threshold else limit)
+    except Exception:
+        with telemetry.span("relay.poll"):  # a tick that fails is traced, with its error
+            raise
+    if not due:  # most ticks of a timer that runs every second: no span (exported, it would be billed)
+        result = TickResult(due=0, worked=0, posted=0, delivered=0, dead_letters=0, ended=0, failed=0, seconds=0.0)
     else:
-        result = _work_due(ctx, due, started, workers=workers, tick=new_owner("poller"))
+        with telemetry.span("relay.poll") as span:
+            batches = _fan_out(ctx) if threshold and len(due) > threshold else None
+            if batches is None:
+                if threshold and len(due) > threshold:  # the queue failed us: as many as one execution works
+                    due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=max(limit, threshold))
+                result = _work_due(ctx, due, started, workers=workers, tick=new_owner("poller"))
+            else:
+                result = TickResult(due=len(due), worked=0, posted=0, delivered=0, dead_letters=0, ended=0, failed=0,
+                                    seconds=0.0, batches=batches)
+            span.set(due=result.due, worked=result.worked, quiet=result.quiet, failed=result.failed,
+                     batches=result.batches)
     _refresh_session_tokens(ctx)
     result = replace(result, seconds=ctx.clock.monotonic() - started)
     _log("poll tick", result)
     return result
 
 
-def _fan_out(ctx: RelayContext) -> int:
-    """Hand every due row to the poll queue in batches, unless the last round is still there; the batches sent."""
+def _fan_out(ctx: RelayContext) -> int | None:
+    """Hand every due row to the poll queue in batches, unless the last round is still there: the batches sent.
+    None when the queue cannot be used: the tick then works what it read itself, as without fan-out."""
     queue = ctx.poll_queue
-    waiting = queue.pending()
-    if waiting:
-        log.info("poll tick: %d batches of an earlier round still in %s; the due conversations wait for them",
-                 waiting, queue.name)
-        return 0
-    rows = ctx.store.due_polls.list_due_rows(now=ctx.clock.now(), limit=MAX_FANOUT_ROWS)
     try:
-        return queue.send(batches_of(rows))
+        waiting = queue.pending()
+        if waiting:
+            log.info("poll tick: %d batches of an earlier round still in %s; the due conversations wait for them",
+                     waiting, queue.name)
+            return 0
+        return queue.send(batches_of(ctx.store.due_polls.list_due_rows(now=ctx.clock.now(), limit=MAX_FANOUT_ROWS)))
     except StoreError as error:
-        log.error("poll tick: could not hand the due conversations to %s: %s (they are due again next tick)",
-                  queue.name, error)
-        return 0
+        log.error("poll tick: could not hand the due conversations to %s (%s); working them here", queue.name, error)
+        return None
 
 
 def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, workers: int,

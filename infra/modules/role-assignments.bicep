@@ -16,7 +16,7 @@ var roles = {
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
   keyVaultSecretsUser: '4633458b-17de-408a-b874-0445c86b69e6'
 }
-// Blob: host leases and the deployment package; queue: the host; table: the relay's state.
+// Blob: host leases and the deployment package; queue: the host and the poll queue (poll_batch); table: the relay's state.
 var storageRoles = [
   roles.storageBlobDataOwner
   roles.storageTableDataContributor

@@ -120,9 +120,11 @@ def queue_client(storage: StorageSettings, queue_name: str, **options) -> QueueC
 
     The SDK is imported here, not with the module: it takes about half a second to load (cryptography), which
     only a tick that fans out pays, never a webhook's cold start."""
-    from azure.storage.queue import QueueClient, TextBase64EncodePolicy
+    from azure.storage.queue import ExponentialRetry, QueueClient, TextBase64EncodePolicy
 
-    options = {**_CLIENT_OPTIONS, "message_encode_policy": TextBase64EncodePolicy(), **options}
+    # The storage SDK's own retry waits 15 s, then 45 s: a tick must fail fast and work on without the queue.
+    options = {"retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=1),
+               "message_encode_policy": TextBase64EncodePolicy(), **options}
     options.setdefault("transport", _PooledTransport(pool_size=4))
     if storage.connection_string:
         return QueueClient.from_connection_string(_connection_string(storage), queue_name, **options)
