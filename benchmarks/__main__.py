@@ -1,10 +1,13 @@
 """`make bench`: measure the relay on the local stack, write docs/benchmarks.{json,md,png}, print a summary.
 
     python -m benchmarks [--sizes 10,100,1000] [--idle-conversations 200] [--idle-hours 1]
-                         [--latency-samples 16] [--out docs]
+                         [--latency-samples 16] [--seed-conversations 16] [--seed-window 30]
+                         [--only SECTION,...] [--out docs]
 
 It starts what it needs (Azurite, the Direct Line emulator, the provider simulator, the local host)
-on free loopback ports and stops them afterwards. A few minutes on two cores.
+on free loopback ports and stops them afterwards. A quarter of an hour on two cores. `--only` measures
+the sections named (ticks, idle, latency, inbound, cold_start, latency_cost, seed) and keeps the
+others from OUT/benchmarks.json.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import coldstart, hosted, polling, report
+from benchmarks import candidates, coldstart, hosted, polling, report, seed
+from benchmarks.report import SECTIONS
 from benchmarks.stack import local_stack
 from devstack.procs import ROOT
 
@@ -31,6 +35,18 @@ BEFORE = {
              "directline_requests_per_conversation_minute_peak": 1.45},
 }
 
+# What the relay spent before issue 19 (docs/benchmarks.json of the run of 2026-11-22, commit 396c3fa): the 5 s
+# timer, 200 conversations idle for a simulated hour, late replies with the 2 s burst. Kept as the baseline.
+BASELINE = {
+    "run": "2026-11-22, commit 396c3fa",
+    "idle": {"tick_seconds": 5.0, "conversations": 200, "table_transactions_per_conversation_hour": 10.445,
+             "directline_requests_per_conversation_hour": 85.0, "fixed_table_transactions_per_tick": 1,
+             "per_conversation_table_transactions_per_hour": 6.845,
+             "directline_requests_per_conversation_minute_settled": 1.0},
+    "late": {"p50": 2.417, "p95": 4.711},
+    "prompt": {"p50": 0.150, "p95": 0.155},
+}
+
 
 def child_env() -> dict[str, str]:
     """Our environment without relay settings that would leak into the processes we start."""
@@ -39,29 +55,50 @@ def child_env() -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith(prefixes)}, "PYTHONUNBUFFERED": "1"}
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, results: dict) -> dict:
+    """Measure the sections in `args.only` into `results` (the others stay as they are)."""
     env = child_env()
     started = dt.datetime.now(dt.UTC)
-    results: dict = {"meta": {"started": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": platform.machine(),
-                              "cpus": os.cpu_count(), "python": platform.python_version(),
-                              "load_average_before": os.getloadavg()[0]},
-                     "before": BEFORE}
+    results["meta"] = {"started": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": platform.machine(),
+                       "cpus": os.cpu_count(), "python": platform.python_version(),
+                       "load_average_before": os.getloadavg()[0], "sections": list(args.only)}
+    results["before"], results["baseline"] = BEFORE, BASELINE
     logs = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     print(f"logs in {logs}", flush=True)
-    with local_stack(logs, env) as stack:
-        print("1/5 poll tick at", args.sizes, flush=True)
-        results["ticks"] = polling.tick_benchmark(stack, args.sizes)
-        print(f"2/5 idle: {args.idle_conversations} conversations, {args.idle_hours:g} simulated hour(s)", flush=True)
-        results["idle"] = polling.idle_benchmark(stack, conversations=args.idle_conversations, hours=args.idle_hours)
-        print("3/5 reply latency through the local host", flush=True)
-        results["latency"] = hosted.latency_benchmark(stack, env, samples=args.latency_samples)
-        print("4/5 inbound webhooks", flush=True)
-        results["inbound"] = hosted.inbound_benchmark(stack, env)
-        results["webhook_cost"] = hosted.webhook_cost(stack, burst=0)
-        results["webhook_cost_burst"] = hosted.webhook_cost(stack, count=10, burst=2)
-    print("5/5 cold start", flush=True)
-    results["cold_start"] = coldstart.cold_start_benchmark(env)
+    wanted = [name for name in SECTIONS if name in args.only]
+    step = iter(range(1, len(wanted) + 1))
+
+    def announce(name: str, what: str) -> bool:
+        if name in wanted:
+            print(f"{next(step)}/{len(wanted)} {what}", flush=True)
+        return name in wanted
+
+    if set(wanted) - {"cold_start"}:
+        with local_stack(logs, env) as stack:
+            if announce("ticks", f"poll tick at {args.sizes}"):
+                results["ticks"] = polling.tick_benchmark(stack, args.sizes)
+            if announce("idle", f"idle: {args.idle_conversations} conversations, {args.idle_hours:g} simulated "
+                                "hour(s)"):
+                results["idle"] = polling.idle_benchmark(stack, conversations=args.idle_conversations,
+                                                         hours=args.idle_hours)
+            if announce("latency", "reply latency through the local host"):
+                results["latency"] = hosted.latency_benchmark(stack, env, samples=args.latency_samples)
+            if announce("inbound", "inbound webhooks"):
+                results["inbound"] = hosted.inbound_benchmark(stack, env)
+                results["webhook_cost"] = hosted.webhook_cost(stack, burst=0)
+                results["webhook_cost_burst"] = hosted.webhook_cost(stack, count=10, burst=2)
+            if announce("latency_cost", "late replies: latency against cost, for each timer schedule"):
+                results["latency_cost"] = candidates.latency_cost_benchmark(
+                    stack, env, samples=args.latency_samples, idle_conversations=args.idle_conversations,
+                    idle_hours=args.idle_hours)
+            if announce("seed", "the seed's design: a thread per conversation"):
+                results["seed"] = seed.seed_benchmark(stack, conversations=args.seed_conversations,
+                                                      window_seconds=args.seed_window)
+    if announce("cold_start", "cold start"):
+        results["cold_start"] = coldstart.cold_start_benchmark(env)
     results["cost"] = report.cost_model(results)
+    for candidate in results.get("latency_cost", []):
+        candidate["cost"] = report.cost_model(results, candidate["idle"])
     results["meta"]["seconds"] = (dt.datetime.now(dt.UTC) - started).total_seconds()
     results["meta"]["load_average_after"] = os.getloadavg()[0]
     return results
@@ -71,7 +108,18 @@ def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmarks.json").write_text(json.dumps(results, indent=1) + "\n")
     report.chart(results, out / "benchmarks.png")
+    if "latency_cost" in results:
+        report.latency_cost_chart(results, out / report.LATENCY_COST_CHART)
     (out / "benchmarks.md").write_text(report.markdown(results, "benchmarks.png"))
+
+
+def sections(value: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or '(none)'}: choose from "
+                                         f"{', '.join(SECTIONS)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,11 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-conversations", type=int, default=200)
     parser.add_argument("--idle-hours", type=float, default=1.0)
     parser.add_argument("--latency-samples", type=int, default=16)
+    parser.add_argument("--seed-conversations", type=int, default=16)
+    parser.add_argument("--seed-window", type=float, default=30.0, help="seconds the seed's GETs are counted")
+    parser.add_argument("--only", type=sections, default=SECTIONS,
+                        help=f"comma-separated sections to measure ({','.join(SECTIONS)}); the others are kept "
+                             "from OUT/benchmarks.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--render-only", action="store_true", help="rewrite the docs from OUT/benchmarks.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
-    results = json.loads((args.out / "benchmarks.json").read_text()) if args.render_only else run(args)
+    previous = args.out / "benchmarks.json"
+    partial = set(args.only) != set(SECTIONS)
+    if (args.render_only or partial) and not previous.exists():
+        parser.error(f"{previous} is missing: run every section first (without --only or --render-only)")
+    results = json.loads(previous.read_text()) if args.render_only or partial else {}
+    if not args.render_only:
+        results = run(args, results)
     write(results, args.out)
     print(report.summary(results))
     print(f"wrote {args.out / 'benchmarks.md'}, benchmarks.json and benchmarks.png "

@@ -74,22 +74,31 @@ def _sample(stack: Stack, store: RelayStore, send: str, reply: str, user: str, d
     return received()[0]["at"] - sent
 
 
+REPLIES = (("prompt", "hello", "You said: hello"), ("late (proactive)", "later", "Late reply: later"))
+
+
+def reply_latency(stack: Stack, store: RelayStore, *, timer_seconds: float, samples: int) -> list[dict]:
+    """Prompt and late reply latency through a running host: `samples` users each, starting at random moments
+    over two timer periods."""
+    rows = []
+    for kind, send, reply in REPLIES:
+        users = [f"+1777{random.randrange(10**7):07d}" for _ in range(samples)]
+        delays = [random.uniform(0, 2 * timer_seconds) for _ in users]
+        with ThreadPoolExecutor(samples) as pool:
+            values = list(pool.map(functools.partial(_sample, stack, store, send, reply, timeout=60), users, delays))
+        rows.append({"reply": kind, "samples": len(values), "p50": percentile(values, 50),
+                     "p95": percentile(values, 95), "max": max(values), "timer_seconds": timer_seconds})
+    return rows
+
+
 def latency_benchmark(stack: Stack, env: dict[str, str], *, samples: int = 16, latency_ms: int = 50) -> list[dict]:
     stack.emulator.set_faults(latency_ms=latency_ms)
     results = []
     try:
         for burst in (2.0, 0.0):
             with relay_host(stack, burst=burst, env=env, log_name=f"host-latency-burst{burst:g}.log") as (_, store):
-                for kind, send, reply in (("prompt", "hello", "You said: hello"),
-                                          ("late (proactive)", "later", "Late reply: later")):
-                    users = [f"+1777{random.randrange(10**7):07d}" for _ in range(samples)]
-                    delays = [random.uniform(0, 2 * SCHEDULE_SECONDS) for _ in users]
-                    with ThreadPoolExecutor(samples) as pool:
-                        values = list(pool.map(functools.partial(_sample, stack, store, send, reply, timeout=60),
-                                               users, delays))
-                    results.append({"burst_seconds": burst, "reply": kind, "samples": len(values),
-                                    "p50": _percentile(values, 50), "p95": _percentile(values, 95),
-                                    "max": max(values), "timer_seconds": SCHEDULE_SECONDS})
+                results += [{"burst_seconds": burst, **row}
+                            for row in reply_latency(stack, store, timer_seconds=SCHEDULE_SECONDS, samples=samples)]
     finally:
         stack.emulator.set_faults(latency_ms=0)
     return results
@@ -132,8 +141,8 @@ def inbound_benchmark(stack: Stack, env: dict[str, str], *, count: int = 200, co
     mean = statistics.mean(sequential)
     return {
         "webhooks": count, "concurrency": concurrency, "latency_ms": latency_ms, "burst_seconds": 0,
-        "webhooks_per_second": count / wall, "p50_seconds": _percentile(durations, 50),
-        "p95_seconds": _percentile(durations, 95), "directline_requests": concurrent_dl,
+        "webhooks_per_second": count / wall, "p50_seconds": percentile(durations, 50),
+        "p95_seconds": percentile(durations, 95), "directline_requests": concurrent_dl,
         "sequential_mean_seconds": mean, "directline_requests_per_webhook": dl_per_webhook,
         "relay_own_seconds": mean - dl_per_webhook * latency_ms / 1000,
     }
@@ -148,7 +157,7 @@ def _post(session, hook: webhooks.Webhook) -> float:
     return elapsed
 
 
-def _percentile(values: list[float], percent: float) -> float:
+def percentile(values: list[float], percent: float) -> float:
     ordered = sorted(values)
     if not ordered:
         return float("nan")
