@@ -116,6 +116,7 @@ class Stack:
             **DEV_VALUES, **self.simulator.api_bases(),
             "AzureWebJobsStorage": self.azurite.connection_string,
             "RELAY_TABLE_PREFIX": prefix,
+            "RELAY_POLL_QUEUE": f"poll-{prefix.lower()}",
             "DIRECTLINE_SECRET": SECRET,
             "DIRECTLINE_ENDPOINT": self.emulator.base_url,
             "DIRECTLINE_TIMEOUT_SECONDS": "10",

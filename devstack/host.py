@@ -15,6 +15,9 @@ metadata the real Python worker reports to the host), and then:
   Storage Queues extension 5.x does, with host.json `extensions.queues` (batchSize,
   newBatchThreshold, maxPollingInterval, visibilityTimeout, maxDequeueCount, messageEncoding),
   the poison queue and the polling back-off: devstack/queues.py says how, and where that is documented;
+- writes what an HTTP function set on a queue output binding (`func.Out`: a string, bytes or a list
+  of them, one message each) to its queue once the function returned, encoded per messageEncoding,
+  creating the queue when missing; a failed write fails the invocation (500), as the host's does;
 - leaves out any function whose app setting `AzureWebJobs.<name>.Disabled` is "true" or "1" (an
   HTTP route then answers 404), as the real host does: several hosts can share one queue while
   only one runs the timers;
@@ -29,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import contextlib
 import datetime as dt
 import importlib.util
 import inspect
@@ -50,11 +55,14 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import azure.functions as func
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.functions.timer import TimerRequest
+from azure.storage.queue import QueueClient
 from croniter import croniter
 
 from devstack.http_server import LocalHTTPServer
 from devstack.queues import (
+    MessageEncoding,
     QueueFunction,
     QueueListener,
     QueuesOptions,
@@ -143,6 +151,28 @@ def route_pattern(route: str) -> re.Pattern:
     return re.compile(pattern + r"/?", re.IGNORECASE)
 
 
+@dataclass(frozen=True)
+class QueueOutput:
+    """A queue output binding: what the function sets on its `arg` the host writes to `queue_name` afterwards."""
+
+    arg: str
+    queue_name: str
+    connection: str
+
+
+class Out:
+    """What the Python worker passes for an output binding (azure.functions.Out): the function `set`s a value."""
+
+    def __init__(self) -> None:
+        self._value: Any = None
+
+    def set(self, value: Any) -> None:
+        self._value = value
+
+    def get(self) -> Any:
+        return self._value
+
+
 @dataclass
 class HttpFunction:
     name: str
@@ -150,6 +180,7 @@ class HttpFunction:
     route: str
     methods: frozenset[str] | None
     user_function: Any
+    outputs: tuple[QueueOutput, ...] = ()
     pattern: re.Pattern = field(init=False)
 
     def __post_init__(self):
@@ -210,6 +241,8 @@ def index_functions(app: func.FunctionApp, environ: Mapping[str, str] | os._Envi
                 route=trigger.get("route") or name,
                 methods=frozenset(m.upper() for m in methods) if methods else None,
                 user_function=function.get_user_function(),
+                outputs=tuple(QueueOutput(b["name"], b["queueName"], b.get("connection") or "")
+                              for b in metadata["bindings"] if b["direction"] == "OUT" and b["type"] == "queue"),
             ))
         elif trigger["type"] == "timerTrigger":
             index.timers.append(TimerFunction(
@@ -276,6 +309,8 @@ class FunctionsHost:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._listeners: list[tuple[QueueListener, threading.Thread]] = []
+        self._output_queues: dict[tuple[str, str], QueueClient] = {}
+        self._lock = threading.Lock()
         self._server: LocalHTTPServer | None = None
 
     # HTTP -----------------------------------------------------------------------------------------
@@ -310,8 +345,10 @@ class FunctionsHost:
             route_params=route_params, body=body,
         )
         started = time.perf_counter()
+        outputs = {output.arg: Out() for output in function.outputs}
         try:
-            response = invoke(function.user_function, function.name, {function.trigger_arg: request})
+            response = invoke(function.user_function, function.name, {function.trigger_arg: request, **outputs})
+            self._write_outputs(function, outputs)
         except Exception:
             log.error("Executed 'Functions.%s' (Failed, Duration=%dms)\n%s", function.name,
                       (time.perf_counter() - started) * 1000, traceback.format_exc())
@@ -327,6 +364,35 @@ class FunctionsHost:
             charset = f"; charset={response.charset}" if response.charset else ""
             out_headers["Content-Type"] = f"{response.mimetype}{charset}"
         return response.status_code, out_headers, response.get_body() or b""
+
+    def _write_outputs(self, function: HttpFunction, outputs: dict[str, Out]) -> None:
+        """Write what the function set on its queue outputs, as the host does once it returned (the queue is
+        created when missing; each item of a list is a message, encoded per messageEncoding). A failure fails
+        the invocation."""
+        for output in function.outputs:
+            value = outputs[output.arg].get()
+            if value is None:
+                continue
+            items = [value] if isinstance(value, str | bytes) else list(value)
+            queue = self._output_queue(output)
+            for item in items:
+                data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+                text = (base64.b64encode(data).decode("ascii")
+                        if self.queues_options.message_encoding is MessageEncoding.BASE64 else data.decode("utf-8"))
+                try:
+                    queue.send_message(text)
+                except ResourceNotFoundError:
+                    with contextlib.suppress(ResourceExistsError):
+                        queue.create_queue()
+                    queue.send_message(text)
+
+    def _output_queue(self, output: QueueOutput) -> QueueClient:
+        key = (output.connection, output.queue_name)
+        with self._lock:
+            if key not in self._output_queues:
+                name = validate_queue_name(expand_settings(output.queue_name, self.environ))
+                self._output_queues[key] = queue_service(output.connection, self.environ).get_queue_client(name)
+            return self._output_queues[key]
 
     def serve(self, host: str, port: int) -> LocalHTTPServer:
         owner = self

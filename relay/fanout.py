@@ -22,11 +22,13 @@ next instead of piling up copies of it. A message lives MESSAGE_TTL at most: a r
 is worth nothing.
 
 The same queue carries chases. A bot that answers later than the webhook's burst (Copilot Studio
-agents often take a few seconds) would wait for the timer; instead the webhook leaves a `Chase`
-through its queue output binding (function_app.py), and poll_batch looks for the reply every second
-until RELAY_CHASE_SECONDS after the user's message, without the lease until there is something to
-deliver (poller.work_chase). One execution per unanswered message, billed while it waits: far less
-than a timer every second, which bills every second of the month (docs/benchmarks.md compares them).
+agents often take a few seconds, or answer at once and then again) would wait for the timer;
+instead the webhook leaves a `Chase` through its queue output binding (function_app.py), and
+poll_batch looks for replies every second until RELAY_CHASE_SECONDS after the user's message,
+without the lease until there is something to deliver (poller.work_chase). One execution per
+message, billed while it waits (at most the chase's seconds): far less than a timer every second,
+which bills every second of the month (Flex Consumption bills an execution at least 1 s;
+docs/benchmarks.md compares them).
 A chase names its conversation by the keyed hash of its key (no user's address in a queue).
 
 Queue messages are JSON, base64-encoded as the Functions host expects (host.json

@@ -50,8 +50,8 @@ def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest, *,
     """Verify, store and relay a provider's webhook; the answer the provider gets back (counted in telemetry:
     accepted, duplicate, handshake; refused for a 4xx, failed for a 5xx).
 
-    `chase` takes the poll queue messages (relay/fanout.py Chase) for the users whose message the bot did not
-    answer within the burst, when RELAY_CHASE_SECONDS is on: function_app.py gives its queue output binding."""
+    `chase` takes a poll queue message (relay/fanout.py Chase) for each user whose message was new, when
+    RELAY_CHASE_SECONDS is longer than the burst: function_app.py gives its queue output binding."""
     channel_name = channel if channel in ADAPTERS else "other"  # the route is anyone's to call: no free text
     with telemetry.span("relay.webhook", channel=channel_name) as span:
         try:
@@ -84,12 +84,10 @@ def _handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest,
     stored = ctx.clock.monotonic()
     burst = ctx.settings.relay.burst_poll_seconds
     accepted_at = ctx.clock.now()
-    answered = relay_all(ctx, to_work, burst_until=accepted_at + timedelta(seconds=burst), poll=burst > 0)
-    if chase is not None and ctx.settings.relay.chase_seconds > burst:
-        until = accepted_at + timedelta(seconds=ctx.settings.relay.chase_seconds)
-        unanswered = [key for key in to_work if key not in answered]
-        if unanswered:
-            chase([Chase(partition_of(ctx.store.tables, key), until, ctx.clock.now()).message() for key in unanswered])
+    relay_all(ctx, to_work, burst_until=accepted_at + timedelta(seconds=burst), poll=burst > 0)
+    if chase is not None and to_work and ctx.settings.relay.chase_seconds > burst:
+        until, polled_at = accepted_at + timedelta(seconds=ctx.settings.relay.chase_seconds), ctx.clock.now()
+        chase([Chase(partition_of(ctx.store.tables, key), until, polled_at).message() for key in to_work])
     log.info("webhook %s: %d message(s) of %d user(s) new, stored in %.0f ms, relayed in %.0f ms", channel,
              len(messages), len(to_work), (stored - started) * 1000, (ctx.clock.monotonic() - stored) * 1000)
     return adapter.acknowledgement(), "duplicate" if messages and not to_work else "accepted"
@@ -159,19 +157,18 @@ def accept_all(ctx: RelayContext, channel: str,
 
 
 def relay_all(ctx: RelayContext, to_work: dict[ConversationKey, list[InboundMark]], *, burst_until: datetime,
-              poll: bool) -> set[ConversationKey]:
-    """relay_now for every user of one webhook, side by side, within the one burst that ends at `burst_until`;
-    the users the bot answered within it.
+              poll: bool) -> None:
+    """relay_now for every user of one webhook, side by side, within the one burst that ends at `burst_until`.
 
     A user whose turn comes after RELAY_START_SECONDS (or the burst, if longer) is left to the poller (its
     inbound rows keep it due): however many users a webhook carries, its answer does not wait for them all."""
     start_by = max(burst_until, ctx.clock.now() + timedelta(seconds=RELAY_START_SECONDS))
 
-    def relay(key: ConversationKey) -> bool:
-        return ctx.clock.now() < start_by and relay_now(ctx, key, to_work[key], burst_until=burst_until, poll=poll)
+    def relay(key: ConversationKey) -> None:
+        if ctx.clock.now() < start_by:
+            relay_now(ctx, key, to_work[key], burst_until=burst_until, poll=poll)
 
-    keys = list(to_work)
-    return {key for key, answered in zip(keys, _side_by_side(relay, keys), strict=True) if answered}
+    _side_by_side(relay, list(to_work))
 
 
 def _side_by_side(work: Callable[[ConversationKey], T], keys: list[ConversationKey]) -> list[T]:
@@ -184,9 +181,9 @@ def _side_by_side(work: Callable[[ConversationKey], T], keys: list[ConversationK
 
 
 def relay_now(ctx: RelayContext, key: ConversationKey, marks: list[InboundMark], *, burst_until: datetime,
-              poll: bool) -> bool:
+              poll: bool) -> None:
     """Post what waits and deliver quick replies (`poll`) under the lease, until `burst_until`; the poller
-    does it if we cannot (the messages' inbound rows keep the conversation due). True when a reply was delivered.
+    does it if we cannot (the messages' inbound rows keep the conversation due).
 
     Failures here are logged, never raised: the messages are stored, and the provider must hear 200."""
     owner = new_owner("webhook")
@@ -201,12 +198,11 @@ def relay_now(ctx: RelayContext, key: ConversationKey, marks: list[InboundMark],
                                                            create_with_user_id=user_id)
         if record is None:
             log.info("a %s conversation is busy; the poller will post its message", key.channel)
-            return False
-        return work_conversation(ctx, record, owner=owner, poll=poll, burst_until=burst_until, idle_check=False,
-                                 inbound=marks).delivered > 0
+            return
+        work_conversation(ctx, record, owner=owner, poll=poll, burst_until=burst_until, idle_check=False,
+                          inbound=marks)
     except RelayError as error:
         log.warning("could not relay a %s message now (%s: %s); it waits in the outbox", key.channel,
                     type(error).__name__, error)
     except Exception:
         log.exception("could not relay a %s message now; it waits in the outbox", key.channel)
-    return False

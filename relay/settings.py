@@ -91,10 +91,10 @@ SETTINGS: dict[str, Setting] = _catalogue(
             " signatures cover this plus the request path and query.", default="", group="relay"),
     Setting("RELAY_POLL_SCHEDULE", "Six-field NCRONTAB schedule of the poller timer (each execution is billed at "
             "least a second: every 5 s is a fifth of an instance's month).", default="*/5 * * * * *", group="relay"),
-    Setting("RELAY_CHASE_SECONDS", "After a user's message the bot did not answer within the webhook's burst, keep "
-            "looking for its reply every second until this many seconds after the message, in the background (a "
-            "poll queue message worked by poll_batch), so a late reply does not wait for the timer. 0 turns it "
-            "off.", default="10", group="relay"),
+    Setting("RELAY_CHASE_SECONDS", "After a user's message, keep looking for the bot's replies every second until "
+            "this many seconds after it, in the background (a poll queue message the webhook leaves, worked by "
+            "poll_batch), so a late reply does not wait for the timer. 0 (or no more than the burst) turns it off.",
+            default="10", group="relay"),
     Setting("RELAY_FANOUT_THRESHOLD", "More conversations due in one tick than this are fanned out over the poll "
             "queue (batches of 100 worked by the queue-triggered poll_batch function, on as many instances as "
             "the platform scales to); this many or fewer are worked in the timer's own execution. 0: never.",

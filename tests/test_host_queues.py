@@ -323,3 +323,14 @@ def test_messages_a_fetch_brings_as_the_host_stops_go_back_to_the_queue_unrun(az
     assert listener.drain(10) == 0
     assert calls == []
     assert [m.dequeue_count for m in queue.peek_messages()] == [1]  # fetched once, visible again
+
+
+def test_what_an_http_function_sets_on_its_queue_output_is_written_to_the_queue_and_triggers_it(hosts):
+    host, record_file = hosts.start(**FAST)  # the queue does not exist yet: the output binding creates it
+    answer = requests.post(f"{host.url}/api/enqueue", data="first\nsecond ✓".encode(), timeout=10)
+    assert answer.status_code == 202
+    wait_until(lambda: len(records(record_file)) == 2, timeout=30, what="both messages run")
+    assert sorted(bytes.fromhex(r["body"]).decode() for r in records(record_file)) == ["first", "second ✓"]
+    assert requests.post(f"{host.url}/api/enqueue", data=b"", timeout=10).status_code == 202  # nothing set: none
+    wait_until(lambda: stored(hosts.queue) == 0, timeout=30, what="the queue drained")
+    assert len(records(record_file)) == 2

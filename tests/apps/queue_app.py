@@ -64,3 +64,13 @@ def ping(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="pong", methods=["GET"])
 def pong(req: func.HttpRequest) -> func.HttpResponse:
     return func.HttpResponse("ping")
+
+
+@app.route(route="enqueue", methods=["POST"])
+@app.queue_output(arg_name="out", queue_name="%QUEUE_APP_QUEUE%", connection="AzureWebJobsStorage")
+def enqueue(req: func.HttpRequest, out: func.Out[list[str]]) -> func.HttpResponse:
+    """Each line of the body becomes a message of QUEUE_APP_QUEUE (none for an empty body)."""
+    lines = req.get_body().decode().splitlines()
+    if lines:
+        out.set(lines)
+    return func.HttpResponse(f"{len(lines)} queued", status_code=202)

@@ -199,6 +199,7 @@ class ChaosStack:
             **DEV_VALUES, **self.simulator.api_bases(),
             "AzureWebJobsStorage": self.azurite.connection_string,
             "RELAY_TABLE_PREFIX": self.prefix,
+            "RELAY_POLL_QUEUE": f"poll-{self.prefix.lower()}",
             "DIRECTLINE_SECRET": SECRET,
             "DIRECTLINE_ENDPOINT": self.emulator.base_url,
             "DIRECTLINE_TIMEOUT_SECONDS": "5",

@@ -113,6 +113,7 @@ def relay_stack(storage_connection_string, table_prefix, start_emulator, start_h
             **DEV_VALUES, **simulator.api_bases(),
             "AzureWebJobsStorage": storage_connection_string,
             "RELAY_TABLE_PREFIX": table_prefix,
+            "RELAY_POLL_QUEUE": f"poll-{table_prefix}",  # the chases and batches of this test's own
             **directline_settings(emulator, emulator.secret, token_endpoint),
             "DIRECTLINE_TIMEOUT_SECONDS": "5",
             "RELAY_PUBLIC_BASE_URL": host_url,

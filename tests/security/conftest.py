@@ -96,6 +96,7 @@ def exposed_relay(storage_connection_string, directline_emulator, start_simulato
         **DEV_VALUES, **simulator.api_bases(),
         "AzureWebJobsStorage": storage_connection_string,
         "RELAY_TABLE_PREFIX": prefix,
+        "RELAY_POLL_QUEUE": f"poll-{prefix.lower()}",
         "DIRECTLINE_SECRET": directline_emulator.secret,
         "DIRECTLINE_ENDPOINT": directline_emulator.base_url,
         "DIRECTLINE_TIMEOUT_SECONDS": "5",

@@ -63,6 +63,7 @@ def start_stack(tmp: Path, storage_connection_string: str, *, token_ttl: float =
     port = free_port()
     # The public base URL is the host's own, as in Azure (and under `make run`): its pages' origin.
     values = {"AzureWebJobsStorage": storage_connection_string, "RELAY_TABLE_PREFIX": prefix,
+              "RELAY_POLL_QUEUE": f"poll-{prefix}",
               "DIRECTLINE_SECRET": secret, "DIRECTLINE_ENDPOINT": emulator.base_url,
               "RELAY_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", **(env or {})}
     # The host runs in the app's folder, as in Azure; devstack comes from this checkout.
