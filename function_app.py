@@ -79,8 +79,8 @@ def webchat_file(req: func.HttpRequest) -> func.HttpResponse:
 @app.function_name("poller")
 @app.timer_trigger(schedule="%RELAY_POLL_SCHEDULE%", arg_name="timer", run_on_startup=False, use_monitor=False)
 def poller(timer: func.TimerRequest) -> None:
-    """Every second: the due conversations, worked here or handed to the poll queue (a missed tick needs no
-    catching up, so no schedule monitor and its storage writes)."""
+    """The due conversations, worked here or handed to the poll queue (a missed tick needs no catching up, so
+    no schedule monitor and its storage writes)."""
     poll_tick(get_context())
 
 

@@ -86,13 +86,12 @@ RETRY_WAITING_AFTER = 5.0  # seconds: messages still waiting after a failure nob
 
 def next_idle_poll(now: datetime, *, last_activity: datetime | None, last_user_activity: datetime | None,
                    interval: float, ceiling: float) -> tuple[float, datetime]:
-    """(interval, next poll) with nothing new: every second while a reply is imminent, every 5 s while one is
-    likely, then backing off to `ceiling`.
+    """(interval, next poll) with nothing new: every second while a reply is imminent (the user wrote less than
+    REPLY_IMMINENT_FOR ago), every 5 s while one is likely, then backing off to `ceiling`.
 
-    The fast phase is what lets the timer run every second (RELAY_POLL_SCHEDULE) without polling anything more
-    often than before: a conversation's Direct Line requests follow its own schedule, not the timer's, and the
-    second-by-second polls are spent only in the few seconds after the user wrote (docs/benchmarks.md: late
-    replies found within about a second, for about 8 more requests per message)."""
+    A conversation's Direct Line requests follow its own schedule, not the timer's: with the default timer
+    (every 5 s) the first two phases are every tick; a faster RELAY_POLL_SCHEDULE polls faster only in the
+    seconds after the user wrote (docs/benchmarks.md compares the schedules)."""
     if last_user_activity and now - last_user_activity < REPLY_IMMINENT_FOR:
         return 0.0, now + MIN_POLL_GAP
     if last_activity and now - last_activity < REPLY_LIKELY_FOR:

@@ -24,11 +24,14 @@ them to the poll queue in batches, which the queue-triggered `poll_batch` functi
 instances as the platform gives it (`work_batch`, the same work; relay/fanout.py says how it stays
 exactly once).
 
-The timer runs every second (RELAY_POLL_SCHEDULE) so that a reply is found soon after the bot sent
-it, while each conversation is polled on its own schedule (conversations.next_idle_poll): a tick
-with nothing due costs one query. Every SESSION_REFRESH_EVERY a tick also refreshes the Web Chat
-sessions' tokens that are due (relay/tokens.py), found with one more range query, for a few seconds
-at most (SESSION_REFRESH_BUDGET_SECONDS, whatever Direct Line does).
+The same function works the chases webhooks leave (`work_chase`): a late reply is looked for every
+second for a few seconds after the user's message, so it does not wait for the next tick.
+
+Each conversation is polled on its own schedule (conversations.next_idle_poll), whatever the timer's
+(RELAY_POLL_SCHEDULE): a tick with nothing due costs one query and logs nothing. Every
+SESSION_REFRESH_EVERY a tick also refreshes the Web Chat sessions' tokens that are due
+(relay/tokens.py), found with one more range query, for a few seconds at most
+(SESSION_REFRESH_BUDGET_SECONDS, whatever Direct Line does).
 """
 
 from __future__ import annotations
@@ -170,7 +173,7 @@ def _tick(ctx: RelayContext, started: float, *, limit: int, workers: int) -> Tic
     except Exception:
         with telemetry.span("relay.poll"):  # a tick that fails is traced, with its error
             raise
-    if not due:  # most ticks of a timer that runs every second: no span (exported, it would be billed)
+    if not due:  # most ticks at low traffic: no span (exported, 17,280 a day would be billed)
         result = TickResult(due=0, worked=0, posted=0, delivered=0, dead_letters=0, ended=0, failed=0, seconds=0.0)
     else:
         with telemetry.span("relay.poll") as span:
