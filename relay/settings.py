@@ -12,6 +12,7 @@ import base64
 import binascii
 import functools
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -274,6 +275,8 @@ class _Environment:
             value = float(raw)
         except ValueError:
             raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+        if not math.isfinite(value):  # float() takes "nan" and "inf", which slip past every comparison below
+            raise SettingsError(f"{name} must be a number, got {raw!r}")
         if value < minimum:
             raise SettingsError(f"{name} must be at least {minimum:g}")
         return value

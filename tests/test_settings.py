@@ -76,13 +76,18 @@ def test_a_malformed_token_endpoint_is_named():
     ("WEBCHAT_SESSION_HOURS", "a day", "must be a number"),
     ("WEBCHAT_SESSION_HOURS", "0", "more than 0"),
     ("WEBCHAT_SESSION_HOURS", "337", "at most 336"),
-    ("WEBCHAT_SESSION_HOURS", "nan", "more than 0"),
+    ("WEBCHAT_SESSION_HOURS", "nan", "must be a number"),
     ("WEBCHAT_BUNDLE_URL", "cdn.example/webchat.js", "absolute http"),
     ("WEBCHAT_BUNDLE_URL", "http://cdn.example/webchat.js", "https URL"),
     ("DIRECTLINE_SECRET", "@Microsoft.KeyVault(SecretUri=https://v.vault.azure.net/secrets/x/)", "Key Vault"),
     ("RELAY_DEFAULT_LOCALE", "english please", "BCP 47"),
     ("RELAY_EVENT_WEBHOOK_URL", "http://desk.example/events", "https URL"),
     ("RELAY_EVENT_TRANSCRIPT_MESSAGES", "101", "at most 100"),
+    ("RELAY_CHASE_SECONDS", "nan", "must be a number"),  # else every comparison is false: the chase silently off
+    ("RELAY_LEASE_SECONDS", "inf", "must be a number"),
+    ("RELAY_CHASE_SECONDS", "61", "at most 60"),
+    ("RELAY_FANOUT_THRESHOLD", "-1", "at least 0"),
+    ("RELAY_POLL_QUEUE", "Relay_Poll", "lowercase"),
 ])
 def test_malformed_values_are_named(name, value, message):
     with pytest.raises(SettingsError, match=message) as raised:
