@@ -47,6 +47,7 @@ from relay.conversations import Peek, RelayContext, WorkResult, new_owner, next_
 from relay.delivery import MIN_POLL_GAP
 from relay.errors import DirectLineError, StoreError
 from relay.fanout import BATCH_ROWS, MAX_FANOUT_ROWS, Chase, batches_of, parse_message
+from relay.settings import MAX_CHASE_SECONDS
 from relay.store.due_polls import DueConversation
 from relay.store.sweep import sweep_tables
 from relay.tokens import refresh_session_tokens
@@ -59,6 +60,8 @@ MAX_CONVERSATIONS_PER_TICK = 1000
 WORKERS = 64  # mostly waiting on Direct Line: 64 measured fastest for 1,000 due conversations (docs/benchmarks.md)
 SESSION_REFRESH_EVERY = 5.0
 """Seconds between two looks for Web Chat session tokens to refresh (a query each): well inside their refresh margin."""
+CHASE_CLOCK_SKEW = timedelta(seconds=5)
+"""How far ahead of this instance's clock the webhook's instance may have written a chase's times."""
 FULL_POLL_EVERY = timedelta(hours=1)
 """A peeked conversation is still worked under its lease this often (idle expiry, a lost nudge)."""
 
@@ -98,7 +101,7 @@ def work_poll_message(ctx: RelayContext, body: bytes, *, workers: int = WORKERS)
     it). Raises StoreError when storage cannot be read: the host retries the message, then moves it to the
     poison queue; a batch's conversations are due again at the next tick either way."""
     message = parse_message(body)
-    if message is None:
+    if message is None or (isinstance(message, Chase) and not _chase_in_bounds(ctx, message)):
         log.error("poll queue: the message is not one this relay wrote; dropped")
         telemetry.count(telemetry.POLL_BATCHES, kind="unknown", outcome="malformed")
         return None
@@ -158,6 +161,14 @@ def work_chase(ctx: RelayContext, chase: Chase) -> int:
             delivered += work_conversation(ctx, claimed, owner=owner, peek=peek, idle_check=False).delivered
         record = ctx.store.conversations.get_record(record.key)
     return delivered
+
+
+def _chase_in_bounds(ctx: RelayContext, chase: Chase) -> bool:
+    """A webhook writes a chase as it answers, ending at most MAX_CHASE_SECONDS later: one that starts in the future
+    or ends long after it started would hold an execution asleep, or polling every second, until the host's
+    functionTimeout, and again on each retry."""
+    return (chase.polled_at <= ctx.clock.now() + CHASE_CLOCK_SKEW
+            and chase.until <= chase.polled_at + timedelta(seconds=MAX_CHASE_SECONDS))
 
 
 def _count_conversations(result: TickResult) -> None:

@@ -23,7 +23,7 @@ from benchmarks.polling import bot_says, seed
 from benchmarks.stack import SimulatedClock, relay_context
 from devstack.channels import DEV_VALUES
 from devstack.procs import azurite_connection_string
-from relay.clock import SYSTEM_CLOCK
+from relay.clock import SYSTEM_CLOCK, ManualClock
 from relay.errors import StoreError
 from relay.fanout import BATCH_ROWS, Chase, batches_of, parse_message
 from relay.poller import poll_tick, work_poll_message
@@ -239,9 +239,28 @@ def test_a_chase_the_relay_did_not_write_is_dropped(fanout_stack, message):
     assert work_poll_message(ctx, body) is None
 
 
+@pytest.mark.parametrize(("starts_in", "lasts"), [(3600, 5), (0, 3600)], ids=["starting later", "lasting an hour"])
+def test_a_chase_outside_the_times_a_webhook_writes_is_dropped_at_once(fanout_stack, starts_in, lasts):
+    """Else it holds an execution asleep, or polling every second, until the host's timeout, and on every retry."""
+    clock = ManualClock(SYSTEM_CLOCK.now().replace(microsecond=0))
+    ctx, emulator, _, _ = fanout_stack(threshold=0, clock=clock)
+    [record] = seed(ctx, 1, last_activity_ago=0)
+    record = user_wrote(ctx, record, "hello")
+    emulator.reset_counters()
+    started = clock.now()
+    polled = started + timedelta(seconds=starts_in)
+    body = Chase(partition_of(ctx.store.tables, record.key), polled + timedelta(seconds=lasts), polled).message()
+
+    assert work_poll_message(ctx, body.encode()) is None
+
+    assert clock.now() - started < timedelta(seconds=1)  # nothing slept
+    assert emulator.counters()["requests"] == {}
+
+
 def test_a_chase_of_a_conversation_that_is_gone_does_nothing(fanout_stack):
     ctx, emulator, _, _ = fanout_stack(threshold=0, clock=SYSTEM_CLOCK)
     now = ctx.clock.now()
     body = Chase("ab" * 16, now + timedelta(seconds=5), now).message().encode()
     assert work_poll_message(ctx, body) == 0
     assert emulator.counters()["requests"].get("activities/get", 0) == 0
+
