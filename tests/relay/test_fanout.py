@@ -264,3 +264,24 @@ def test_a_chase_of_a_conversation_that_is_gone_does_nothing(fanout_stack):
     assert work_poll_message(ctx, body) == 0
     assert emulator.counters()["requests"].get("activities/get", 0) == 0
 
+
+@pytest.mark.xfail(strict=True, reason="open: _fan_out reads any message in the poll queue, a chase too, as a round "
+                   "still being worked, and the tick then works nothing (a finding of the attack on issue 19)")
+def test_a_chase_waiting_in_the_queue_does_not_stop_the_timer_from_polling(fanout_stack):
+    """Chases share the poll queue with the batches: a busy deployment (always some user's chase in the queue)
+    must still have its due conversations polled, by the queue or by the timer."""
+    ctx, emulator, simulator, queue = fanout_stack(threshold=5, clock=SYSTEM_CLOCK)
+    records = seed(ctx, 12, last_activity_ago=30)
+    bot_says(emulator.url, records[3].conversation_id, "still here")
+    now = ctx.clock.now()
+    chase = Chase(partition_of(ctx.store.tables, records[0].key), now + timedelta(seconds=10), now)
+    queue.create_queue()
+    queue.send_message(base64.b64encode(chase.message().encode()).decode())  # as a webhook's output binding does
+
+    tick = poll_tick(ctx)
+
+    handed_out = [parse_message(body) for body in take_batches(queue)]
+    worked_by_batches = sum(work_poll_message(ctx, json.dumps({"from": first, "through": last}).encode()).delivered
+                            for first, last in (m for m in handed_out if isinstance(m, tuple)))
+    assert tick.delivered + worked_by_batches == 1
+    assert bot_replies(simulator, records) == Counter({"still here": 1})
