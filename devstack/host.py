@@ -17,7 +17,8 @@ metadata the real Python worker reports to the host), and then:
   the poison queue and the polling back-off: devstack/queues.py says how, and where that is documented;
 - writes what an HTTP function set on a queue output binding (`func.Out`: a string, bytes or a list
   of them, one message each) to its queue once the function returned, encoded per messageEncoding,
-  creating the queue when missing; a failed write fails the invocation (500), as the host's does;
+  creating the queue when missing; a failed write fails the invocation (500), as the host's does; a
+  function whose output names an unset app setting is left out, as the host fails to index it;
 - leaves out any function whose app setting `AzureWebJobs.<name>.Disabled` is "true" or "1" (an
   HTTP route then answers 404), as the real host does: several hosts can share one queue while
   only one runs the timers;
@@ -302,7 +303,6 @@ class FunctionsHost:
     def __init__(self, app: func.FunctionApp, *, route_prefix: str = "api",
                  queues_options: QueuesOptions | None = None, environ=os.environ):
         index = index_functions(app, environ)
-        self.http, self.timers, self.queues = index.http, index.timers, index.queues
         self.route_prefix = route_prefix.strip("/")
         self.queues_options = queues_options or QueuesOptions.from_host_json({}, environ)
         self.environ = environ
@@ -312,6 +312,8 @@ class FunctionsHost:
         self._output_queues: dict[tuple[str, str], QueueClient] = {}
         self._lock = threading.Lock()
         self._server: LocalHTTPServer | None = None
+        self.http = [function for function in index.http if self._outputs_resolve(function)]
+        self.timers, self.queues = index.timers, index.queues
 
     # HTTP -----------------------------------------------------------------------------------------
     def match(self, method: str, path: str) -> tuple[int, HttpFunction | None, dict[str, str]]:
@@ -385,6 +387,19 @@ class FunctionsHost:
                     with contextlib.suppress(ResourceExistsError):
                         queue.create_queue()
                     queue.send_message(text)
+
+    def _outputs_resolve(self, function: HttpFunction) -> bool:
+        """Whether every queue output's name and connection resolve. The real host fails to index a function whose
+        binding names an app setting that is not set ("Error indexing method", "does not resolve to a value") and
+        runs the others: such a function is left out here too (its route answers 404), never run and failed after
+        its work was done."""
+        try:
+            for output in function.outputs:
+                self._output_queue(output)
+        except (KeyError, ValueError) as error:
+            log.error("function %s is in error and not loaded: %s", function.name, error.args[0])
+            return False
+        return True
 
     def _output_queue(self, output: QueueOutput) -> QueueClient:
         key = (output.connection, output.queue_name)

@@ -334,3 +334,12 @@ def test_what_an_http_function_sets_on_its_queue_output_is_written_to_the_queue_
     assert requests.post(f"{host.url}/api/enqueue", data=b"", timeout=10).status_code == 202  # nothing set: none
     wait_until(lambda: stored(hosts.queue) == 0, timeout=30, what="the queue drained")
     assert len(records(record_file)) == 2
+
+
+def test_an_http_function_whose_queue_output_does_not_resolve_is_left_out_and_the_others_run(hosts):
+    """As the real host fails to index it: not run, its work done, and only then failed (500) at every request."""
+    host, _ = hosts.start(env={"QUEUE_APP_QUEUE": "Not_A_Queue"}, **FAST)
+    wait_until(lambda: "function enqueue is in error and not loaded: queue name 'not_a_queue' is invalid"
+               in host.log_path.read_text(), timeout=10, what="the output's error")
+    assert requests.post(f"{host.url}/api/enqueue", data=b"first", timeout=10).status_code == 404
+    assert requests.get(f"{host.url}/api/ping", timeout=10).text == "pong"
