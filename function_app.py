@@ -35,15 +35,13 @@ def health(req: func.HttpRequest) -> func.HttpResponse:
 
 @app.function_name("channel_webhook")
 @app.route(route="channels/{channel}", methods=["GET", "POST"])
-@app.queue_output(arg_name="chases", queue_name="%RELAY_POLL_QUEUE%", connection="AzureWebJobsStorage")
-def channel_webhook(req: func.HttpRequest, chases: func.Out[list[str]]) -> func.HttpResponse:
-    """A provider's webhook (the signature is the auth); GET answers handshakes. The host writes the chases of
-    messages the bot did not answer within the burst to the poll queue."""
+def channel_webhook(req: func.HttpRequest) -> func.HttpResponse:
+    """A provider's webhook (the signature is the auth); GET answers handshakes."""
 
     def handle() -> func.HttpResponse:
         ctx = get_context()
         request = webhook_request(req, ctx.settings.relay.public_base_url)
-        return answer_response(handle_webhook(ctx, req.route_params["channel"], request, chase=chases.set))
+        return answer_response(handle_webhook(ctx, req.route_params["channel"], request))
 
     return guarded(handle)
 
@@ -87,9 +85,15 @@ def poller(timer: func.TimerRequest) -> None:
 @app.function_name("poll_batch")
 @app.queue_trigger(arg_name="batch", queue_name="%RELAY_POLL_QUEUE%", connection="AzureWebJobsStorage")
 def poll_batch(batch: func.QueueMessage) -> None:
-    """A batch of due conversations the poller handed out, or a chase a webhook left (relay/fanout.py); raising
-    makes the host retry it."""
+    """A batch of due conversations the poller handed out (relay/fanout.py); raising makes the host retry it."""
     work_poll_message(get_context(), batch.get_body())
+
+
+@app.function_name("chase")
+@app.queue_trigger(arg_name="chase", queue_name="%RELAY_POLL_QUEUE%-chase", connection="AzureWebJobsStorage")
+def chase(chase: func.QueueMessage) -> None:
+    """A webhook's chase of the bot's late replies to one user (relay/fanout.py)."""
+    work_poll_message(get_context(), chase.get_body())
 
 
 @app.function_name("sweeper")

@@ -126,7 +126,12 @@ class RelayContext:
     @functools.cached_property
     def poll_queue(self) -> PollQueue:
         """Where a tick hands its due conversations when there are too many for one execution (RELAY_POLL_QUEUE)."""
-        return PollQueue.from_settings(self.settings)
+        return PollQueue.for_batches(self.settings)
+
+    @functools.cached_property
+    def chase_queue(self) -> PollQueue:
+        """Where a webhook leaves its chases (RELAY_POLL_QUEUE + "-chase")."""
+        return PollQueue.for_chases(self.settings)
 
     @functools.cached_property
     def events(self) -> EventWebhook:

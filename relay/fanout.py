@@ -21,11 +21,14 @@ message count, one request): the queue holds at most one round of work, and a sl
 next instead of piling up copies of it. A message lives MESSAGE_TTL at most: a range from long ago
 is worth nothing.
 
-The same queue carries chases. A bot that answers later than the webhook's burst (Copilot Studio
-agents often take a few seconds, or answer at once and then again) would wait for the timer;
-instead the webhook leaves a `Chase` through its queue output binding (function_app.py), and
-poll_batch looks for replies every second until RELAY_CHASE_SECONDS after the user's message,
-without the lease until there is something to deliver (poller.work_chase). One execution per
+A queue beside it carries chases (RELAY_POLL_QUEUE + "-chase", worked by the `chase` function). A
+bot that answers later than the webhook's burst (Copilot Studio agents often take a few seconds, or
+answer at once and then again) would wait for the timer; instead the webhook leaves a `Chase` per
+user (after its burst; a queue that cannot take it is logged and the webhook answers as ever), and
+the chase looks for replies every second until RELAY_CHASE_SECONDS after the user's message,
+without the lease until there is something to deliver (poller.work_chase). Chases have a queue of
+their own so that the timer's "is the last round still there?" counts batches only, and so that
+they scale apart. One execution per
 message, billed while it waits (at most the chase's seconds): far less than a timer every second,
 which bills every second of the month (Flex Consumption bills an execution at least 1 s;
 docs/benchmarks.md compares them).
@@ -55,7 +58,7 @@ from relay.store.tables import millis, queue_client, storage_errors
 if TYPE_CHECKING:
     from azure.storage.queue import QueueClient
 
-__all__ = ["BATCH_ROWS", "MAX_FANOUT_ROWS", "Chase", "PollQueue", "batches_of", "parse_message"]
+__all__ = ["BATCH_ROWS", "CHASE_SUFFIX", "MAX_FANOUT_ROWS", "Chase", "PollQueue", "batches_of", "parse_message"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ BATCH_ROWS = 100
 MAX_FANOUT_ROWS = 100_000
 """Due rows one tick hands out at most (1,000 messages); the rest are due at the next tick."""
 MESSAGE_TTL_SECONDS = 600
+CHASE_SUFFIX = "-chase"
 _MAX_ROW_KEY_CHARS = 1024  # Table Storage's limit for a RowKey
 _PARTITION_KEY = re.compile(r"[0-9a-f]{16,64}")  # relay/store/conversations.py partition_of: a keyed hash in hex
 _MAX_MILLIS = 253_402_300_800_000  # the year 10000
@@ -120,14 +124,20 @@ def _is_millis(value: object) -> TypeGuard[int]:
 
 
 class PollQueue:
-    """The storage queue the timer hands its batches to (RELAY_POLL_QUEUE)."""
+    """A storage queue of poll work: the timer's batches (RELAY_POLL_QUEUE) or the webhooks' chases (the same
+    name + CHASE_SUFFIX, a queue of its own, so that chases never count as a round of batches still being
+    worked, and scale apart from them)."""
 
     def __init__(self, client: QueueClient):
         self._client = client
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PollQueue:
+    def for_batches(cls, settings: Settings) -> PollQueue:
         return cls(queue_client(settings.storage, settings.relay.poll_queue))
+
+    @classmethod
+    def for_chases(cls, settings: Settings) -> PollQueue:
+        return cls(queue_client(settings.storage, settings.relay.poll_queue + CHASE_SUFFIX))
 
     @property
     def name(self) -> str:
@@ -153,8 +163,13 @@ class PollQueue:
             sent += 1
         return sent
 
+    def send_chases(self, chases: Sequence[Chase]) -> None:
+        """Enqueue each chase; StoreError when one could not be (the conversations are polled anyway)."""
+        for chase in chases:
+            self._send(chase.message())
+
     def _send(self, content: str) -> None:
-        with storage_errors("enqueue a poll batch"):
+        with storage_errors(f"enqueue to {self.name}"):
             try:
                 self._client.send_message(content, time_to_live=MESSAGE_TTL_SECONDS)
             except ResourceNotFoundError:

@@ -26,14 +26,15 @@ from relay.activities import build_inbound_activity, directline_user_id
 from relay.channels import ADAPTERS
 from relay.channels.base import ChannelAdapter, InboundMessage, WebhookAnswer, WebhookRequest
 from relay.conversations import RelayContext, new_owner, work_conversation
-from relay.errors import BadPayload, MethodNotAllowed, RelayError
+from relay.errors import BadPayload, MethodNotAllowed, RelayError, StoreError
 from relay.fanout import Chase
 from relay.http import error_answer
 from relay.store.conversations import ConversationKey, partition_of
 from relay.store.due_polls import InboundMark
 from relay.store.outbox import InboundState
 
-__all__ = ["accept_all", "accept_message", "handle_webhook", "parse_messages", "relay_all", "relay_now"]
+__all__ = ["accept_all", "accept_message", "handle_webhook", "leave_chases", "parse_messages", "relay_all",
+           "relay_now"]
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +46,13 @@ RELAY_START_SECONDS = 2.0
 T = TypeVar("T")
 
 
-def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest, *,
-                   chase: Callable[[list[str]], None] | None = None) -> WebhookAnswer:
+def handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> WebhookAnswer:
     """Verify, store and relay a provider's webhook; the answer the provider gets back (counted in telemetry:
-    accepted, duplicate, handshake; refused for a 4xx, failed for a 5xx).
-
-    `chase` takes a poll queue message (relay/fanout.py Chase) for each user whose message was new, when
-    RELAY_CHASE_SECONDS is longer than the burst: function_app.py gives its queue output binding."""
+    accepted, duplicate, handshake; refused for a 4xx, failed for a 5xx)."""
     channel_name = channel if channel in ADAPTERS else "other"  # the route is anyone's to call: no free text
     with telemetry.span("relay.webhook", channel=channel_name) as span:
         try:
-            answer, outcome = _handle_webhook(ctx, channel, request, chase)
+            answer, outcome = _handle_webhook(ctx, channel, request)
         except Exception as error:
             status = error_answer(error)[0] if isinstance(error, RelayError) else 500
             _answered(span, channel_name, "refused" if status < 500 else "failed", status)
@@ -69,8 +66,7 @@ def _answered(span: telemetry.Span, channel: str, outcome: str, status: int) -> 
     telemetry.count(telemetry.WEBHOOKS, channel=channel, outcome=outcome, status=str(status))
 
 
-def _handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest,
-                    chase: Callable[[list[str]], None] | None) -> tuple[WebhookAnswer, str]:
+def _handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest) -> tuple[WebhookAnswer, str]:
     adapter = ctx.adapter(channel)
     handshake = adapter.handshake(request)
     if handshake is not None:
@@ -85,12 +81,22 @@ def _handle_webhook(ctx: RelayContext, channel: str, request: WebhookRequest,
     burst = ctx.settings.relay.burst_poll_seconds
     accepted_at = ctx.clock.now()
     relay_all(ctx, to_work, burst_until=accepted_at + timedelta(seconds=burst), poll=burst > 0)
-    if chase is not None and to_work and ctx.settings.relay.chase_seconds > burst:
-        until, polled_at = accepted_at + timedelta(seconds=ctx.settings.relay.chase_seconds), ctx.clock.now()
-        chase([Chase(partition_of(ctx.store.tables, key), until, polled_at).message() for key in to_work])
+    if to_work and ctx.settings.relay.chase_seconds > burst:
+        leave_chases(ctx, list(to_work), until=accepted_at + timedelta(seconds=ctx.settings.relay.chase_seconds))
     log.info("webhook %s: %d message(s) of %d user(s) new, stored in %.0f ms, relayed in %.0f ms", channel,
              len(messages), len(to_work), (stored - started) * 1000, (ctx.clock.monotonic() - stored) * 1000)
     return adapter.acknowledgement(), "duplicate" if messages and not to_work else "accepted"
+
+
+def leave_chases(ctx: RelayContext, keys: list[ConversationKey], *, until: datetime) -> None:
+    """A chase per user on the chase queue (relay/fanout.py): the bot's later replies are looked for every second
+    until `until`. Best effort: a queue that cannot take them is logged (the timer polls them anyway), never
+    the provider's problem."""
+    polled_at = ctx.clock.now()
+    try:
+        ctx.chase_queue.send_chases([Chase(partition_of(ctx.store.tables, key), until, polled_at) for key in keys])
+    except StoreError as error:
+        log.warning("could not leave chases for %d user(s): %s; the timer polls them", len(keys), error)
 
 
 def parse_messages(adapter: ChannelAdapter, channel: str, request: WebhookRequest) -> list[InboundMessage]:

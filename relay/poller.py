@@ -58,6 +58,12 @@ log = logging.getLogger(__name__)
 
 MAX_CONVERSATIONS_PER_TICK = 1000
 WORKERS = 64  # mostly waiting on Direct Line: 64 measured fastest for 1,000 due conversations (docs/benchmarks.md)
+BATCH_WORKERS = 10
+"""Conversations of one poll queue batch worked at a time: the host runs up to 6 batches at once on an instance
+(host.json batchSize + newBatchThreshold), within the storage client's pool of 64 connections."""
+CHASE_QUIET = timedelta(seconds=5)
+"""A chase ends once the bot answered the user's message and was quiet this long: long enough for the answer
+that follows an acknowledgement ("let me look that up"), far shorter than the chase for a bot done at once."""
 SESSION_REFRESH_EVERY = 5.0
 """Seconds between two looks for Web Chat session tokens to refresh (a query each): well inside their refresh margin."""
 CHASE_CLOCK_SKEW = timedelta(seconds=5)
@@ -95,7 +101,7 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
         telemetry.count(telemetry.POLL_TICKS, outcome=outcome)
 
 
-def work_poll_message(ctx: RelayContext, body: bytes, *, workers: int = WORKERS) -> TickResult | int | None:
+def work_poll_message(ctx: RelayContext, body: bytes, *, workers: int = BATCH_WORKERS) -> TickResult | int | None:
     """Work one message of the poll queue (relay/fanout.py): a batch of due rows (its TickResult) or a chase (the
     replies it delivered). None for a message this relay did not write (logged and dropped: no retry can mend
     it). Raises StoreError when storage cannot be read: the host retries the message, then moves it to the
@@ -130,7 +136,7 @@ def work_chase(ctx: RelayContext, chase: Chase) -> int:
     """Look for the bot's reply in the chased conversation every second until `chase.until`, without its lease;
     deliver what arrives under the lease (as the timer would). Returns the replies delivered.
 
-    Ends early when the bot answered and a second passed without more, when the user wrote again (that
+    Ends early when the bot answered and then stayed quiet for CHASE_QUIET, when the user wrote again (that
     message's webhook chases on), when someone else holds the lease (the timer or a webhook delivers), or
     when Direct Line fails (the timer deals with it): the schedule still polls the conversation either way."""
     record = ctx.store.conversations.get_record_at(chase.partition_key)
@@ -148,8 +154,10 @@ def work_chase(ctx: RelayContext, chase: Chase) -> int:
         except DirectLineError:
             break
         if not page.activities:
-            if delivered:
-                break
+            answered_at = record.last_bot_activity_at
+            if (answered_at and record.last_user_activity_at and answered_at >= record.last_user_activity_at
+                    and ctx.clock.now() - answered_at >= CHASE_QUIET):
+                break  # the bot answered and went quiet
             continue
         claimed = ctx.store.conversations.acquire_lease(record.key, owner=owner,
                                                         lease_seconds=ctx.settings.relay.lease_seconds)

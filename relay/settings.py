@@ -93,15 +93,18 @@ SETTINGS: dict[str, Setting] = _catalogue(
     Setting("RELAY_POLL_SCHEDULE", "Six-field NCRONTAB schedule of the poller timer (each execution is billed at "
             "least a second: every 5 s is a fifth of an instance's month).", default="*/5 * * * * *", group="relay"),
     Setting("RELAY_CHASE_SECONDS", "After a user's message, keep looking for the bot's replies every second until "
-            "this many seconds after it, in the background (a poll queue message the webhook leaves, worked by "
-            "poll_batch), so a late reply does not wait for the timer. 0 (or no more than the burst) turns it off.",
+            "this many seconds after it, in the background (a message the webhook leaves on the chase queue, "
+            "worked by the chase function), so a late reply does not wait for the timer. 0 (or no more than the "
+            "burst) turns it off; at most 60.",
             default="10", group="relay"),
     Setting("RELAY_FANOUT_THRESHOLD", "More conversations due in one tick than this are fanned out over the poll "
             "queue (batches of 100 worked by the queue-triggered poll_batch function, on as many instances as "
             "the platform scales to); this many or fewer are worked in the timer's own execution. 0: never.",
             default="500", group="relay"),
-    Setting("RELAY_POLL_QUEUE", "The storage queue of fanned-out poll batches (the poison queue is its name + "
-            "'-poison'); 3-56 lowercase letters, digits and single hyphens.", default="relay-poll", group="relay"),
+    Setting("RELAY_POLL_QUEUE", "The storage queue of fanned-out poll batches; the chases go to its name + "
+            "'-chase', and each has a poison queue (+ '-poison'). 3-50 lowercase letters, digits and single "
+            "hyphens. The host resolves it in the queue triggers: it must be set.", default="relay-poll",
+            group="relay"),
     Setting("RELAY_BURST_POLL_SECONDS", "How long a webhook waits for the bot's quick replies (0 turns it off).",
             default="2", group="relay"),
     Setting("RELAY_POLL_CEILING_SECONDS", "Longest gap between polls of an idle conversation.",
@@ -461,6 +464,8 @@ def _storage(env: _Environment) -> StorageSettings:
         table_uri = f"https://{account}.table.core.windows.net"
     if not connection_string and not queue_uri and account:
         queue_uri = f"https://{account}.queue.core.windows.net"
+    if not connection_string and not queue_uri and ".table." in table_uri:  # the account's queues, in any cloud
+        queue_uri = table_uri.replace(".table.", ".queue.", 1)
     if not connection_string and not table_uri:
         raise SettingsError(
             "AzureWebJobsStorage is not set: give a connection string, or AzureWebJobsStorage__tableServiceUri "
@@ -520,15 +525,16 @@ def _chase_seconds(env: _Environment) -> float:
 
 
 _QUEUE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]")
-_POISON_SUFFIX = "-poison"
+_SUFFIXES = "-chase-poison"  # the chase queue's poison queue
 
 
 def _poll_queue(env: _Environment) -> str:
-    """A queue name Azure accepts, with room for the poison queue's suffix (names are at most 63 characters)."""
+    """A queue name Azure accepts, with room for the chase queue's and the poison queue's suffixes (names are at
+    most 63 characters)."""
     name = env.text("RELAY_POLL_QUEUE")
-    if not (3 <= len(name) <= 63 - len(_POISON_SUFFIX) and _QUEUE_NAME.fullmatch(name)):
-        raise SettingsError("RELAY_POLL_QUEUE must be 3-56 lowercase letters, digits and single hyphens, starting "
-                            "and ending with a letter or digit")
+    if not (3 <= len(name) <= 63 - len(_SUFFIXES) and _QUEUE_NAME.fullmatch(name)):
+        raise SettingsError(f"RELAY_POLL_QUEUE must be 3-{63 - len(_SUFFIXES)} lowercase letters, digits and single "
+                            "hyphens, starting and ending with a letter or digit")
     return name
 
 

@@ -25,7 +25,8 @@ from devstack.channels import DEV_VALUES
 from devstack.procs import azurite_connection_string
 from relay.clock import SYSTEM_CLOCK, ManualClock
 from relay.errors import StoreError
-from relay.fanout import BATCH_ROWS, Chase, batches_of, parse_message
+from relay.fanout import BATCH_ROWS, CHASE_SUFFIX, Chase, batches_of, parse_message
+from relay.inbound import leave_chases
 from relay.poller import poll_tick, work_poll_message
 from relay.store.conversations import partition_of
 
@@ -187,8 +188,8 @@ def test_a_chase_delivers_the_bots_late_reply_once(fanout_stack):
     assert work_poll_message(ctx, chase_of(ctx, record, seconds=10)) == 1
 
     assert bot_replies(simulator, [record]) == Counter({"Late reply: later": 1})
-    # About one look a second until the reply came, one more to see the bot went quiet: not ten seconds' worth.
-    assert 3 <= emulator.counters()["requests"].get("activities/get", 0) <= 7
+    # About one look a second, until the reply came and the bot had been quiet for a while: at most the chase's.
+    assert 3 <= emulator.counters()["requests"].get("activities/get", 0) <= 10
     assert ctx.store.conversations.get_record(record.key).lease_owner is None
 
 
@@ -265,23 +266,33 @@ def test_a_chase_of_a_conversation_that_is_gone_does_nothing(fanout_stack):
     assert emulator.counters()["requests"].get("activities/get", 0) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="open: _fan_out reads any message in the poll queue, a chase too, as a round "
-                   "still being worked, and the tick then works nothing (a finding of the attack on issue 19)")
-def test_a_chase_waiting_in_the_queue_does_not_stop_the_timer_from_polling(fanout_stack):
-    """Chases share the poll queue with the batches: a busy deployment (always some user's chase in the queue)
-    must still have its due conversations polled, by the queue or by the timer."""
+def test_chases_waiting_in_their_queue_do_not_hold_up_the_timers_batches(fanout_stack, storage_connection_string):
+    """A busy deployment always has some user's chase waiting: the tick's "is the last round still there?"
+    counts batches only, so its due conversations are still handed out (a finding of the attack on issue 19)."""
     ctx, emulator, simulator, queue = fanout_stack(threshold=5, clock=SYSTEM_CLOCK)
     records = seed(ctx, 12, last_activity_ago=30)
     bot_says(emulator.url, records[3].conversation_id, "still here")
-    now = ctx.clock.now()
-    chase = Chase(partition_of(ctx.store.tables, records[0].key), now + timedelta(seconds=10), now)
-    queue.create_queue()
-    queue.send_message(base64.b64encode(chase.message().encode()).decode())  # as a webhook's output binding does
+    leave_chases(ctx, [records[0].key], until=ctx.clock.now() + timedelta(seconds=10))  # as a webhook does
+    chases = QueueClient.from_connection_string(storage_connection_string, queue.queue_name + CHASE_SUFFIX)
+    assert chases.get_queue_properties().approximate_message_count == 1
 
     tick = poll_tick(ctx)
 
-    handed_out = [parse_message(body) for body in take_batches(queue)]
-    worked_by_batches = sum(work_poll_message(ctx, json.dumps({"from": first, "through": last}).encode()).delivered
-                            for first, last in (m for m in handed_out if isinstance(m, tuple)))
-    assert tick.delivered + worked_by_batches == 1
+    assert tick.batches == 1
+    [body] = take_batches(queue)
+    assert work_poll_message(ctx, body).delivered == 1
     assert bot_replies(simulator, records) == Counter({"still here": 1})
+
+
+def test_a_chase_after_a_prompt_answer_ends_once_the_bot_was_quiet_for_a_while(fanout_stack):
+    ctx, emulator, _, _ = fanout_stack(threshold=0, clock=SYSTEM_CLOCK)
+    [record] = seed(ctx, 1, last_activity_ago=0)
+    record = user_wrote(ctx, record, "hello")
+    answered = ctx.clock.now()  # the burst delivered the echo
+    ctx.store.conversations.update_record(record.key, lambda r: replace(r, last_bot_activity_at=answered))
+    emulator.reset_counters()
+
+    assert work_poll_message(ctx, chase_of(ctx, record, seconds=30)) == 0
+
+    # One look a second until the bot had been quiet for CHASE_QUIET (5 s), not for the chase's 30 s.
+    assert 3 <= emulator.counters()["requests"].get("activities/get", 0) <= 6
