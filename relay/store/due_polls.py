@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 _TABLE = "duepolls"
 _PARTITION = "due"
 _INBOUND_AT = f"{0:015d}"  # before every time: inbound rows are always due, and read first
+POSTPONE_WORKERS = 4
+"""Postponing transactions sent at a time (each of up to 100 rows of the one partition "due")."""
 
 
 @dataclass(frozen=True)
@@ -204,34 +207,38 @@ class DuePolls:
 
         A peek is never moved past the row's `token_refresh_at`: the token is refreshed in time however
         long the conversation stays idle. Rows are updated in place under their ETags, up to 100 in one
-        entity-group transaction (one billed transaction). A row rescheduled or removed meanwhile (a
-        webhook, a worker's finish) is left alone: that schedule wins. Best effort: a row not moved is
-        only peeked again. Returns how many moved."""
-        moved = 0
+        entity-group transaction (one billed transaction), up to POSTPONE_WORKERS transactions at a time: each
+        waits mostly on the service, and 1,000 quiet conversations one batch after another took longer than
+        peeking them. A row rescheduled or removed meanwhile (a webhook, a worker's finish) is left alone: that
+        schedule wins. Best effort: a row not moved is only peeked again. Returns how many moved."""
         operations = [("update", {"PartitionKey": _PARTITION, "RowKey": row.index_key,
                                   "peek_after": min(after, row.token_refresh_at) if row.token_refresh_at else after,
                                   "poll_interval": float(interval)},
                        {"mode": UpdateMode.MERGE, "etag": row.etag, "match_condition": MatchConditions.IfNotModified})
                       for row, after, interval in postponements if row.etag]
-        for start in range(0, len(operations), BATCH_LIMIT):
-            batch = operations[start:start + BATCH_LIMIT]
-            for _ in range(3):  # a conflicting row fails its whole batch: drop it and try the rest again
-                try:
-                    self._table.client.submit_transaction(batch)
-                except TableTransactionError as error:
-                    if transaction_error_code(error) not in ("UpdateConditionNotSatisfied", "ResourceNotFound"):
-                        log.warning("could not postpone due rows: %s", transaction_error_code(error))
-                        break
-                    batch = batch[:error.index] + batch[error.index + 1:]
-                    if not batch:
-                        break
-                    continue
-                except AzureError as error:
-                    log.warning("could not postpone due rows: %s", type(error).__name__)
-                    break
-                moved += len(batch)
-                break
-        return moved
+        batches = [operations[start:start + BATCH_LIMIT] for start in range(0, len(operations), BATCH_LIMIT)]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(batches), POSTPONE_WORKERS)),
+                                thread_name_prefix="postpone") as pool:
+            return sum(pool.map(self._postpone_batch, batches))
+
+    def _postpone_batch(self, batch: list) -> int:
+        """One transaction of postpone_rows: how many of its rows moved."""
+        for _ in range(3):  # a conflicting row fails its whole batch: drop it and try the rest again
+            try:
+                self._table.client.submit_transaction(batch)
+            except TableTransactionError as error:
+                if transaction_error_code(error) not in ("UpdateConditionNotSatisfied", "ResourceNotFound"):
+                    log.warning("could not postpone due rows: %s", transaction_error_code(error))
+                    return 0
+                batch = batch[:error.index] + batch[error.index + 1:]
+                if not batch:
+                    return 0
+                continue
+            except AzureError as error:
+                log.warning("could not postpone due rows: %s", type(error).__name__)
+                return 0
+            return len(batch)
+        return 0
 
     def schedule(self, record: ConversationRecord, *, previous: ConversationRecord | None) -> str | None:
         """The RowKey of the record's index row, inserted first when `previous` (the stored record) has none to keep.

@@ -129,3 +129,23 @@ def test_a_settled_row_carries_the_token_a_peek_reads_with_and_a_new_token_gets_
                                       current=record)
     [row] = store.due_polls.list_due(now=T0)
     assert row.token == "second-token"
+
+
+def test_quiet_rows_of_several_transactions_are_all_postponed_but_a_row_rewritten_meanwhile_keeps_its_schedule(store):
+    """Quiet conversations are postponed in transactions of 100 sent side by side: every row moves, except
+    one a webhook or a worker rewrote since it was read, which fails only its own transaction's first try."""
+    table = store.tables.client("duepolls")
+    at = f"{int(T0.timestamp() * 1000):015d}"
+    rows = [{"PartitionKey": "due", "RowKey": f"{at}|quiet{i:04d}|n", "channel": "twilio", "user": f"quiet-{i}",
+             "conversation_id": f"conv-{i}", "watermark": "1", "peek_after": T0} for i in range(250)]
+    for start in range(0, len(rows), 100):
+        table.submit_transaction([("create", row) for row in rows[start:start + 100]])
+    due = store.due_polls.list_due(now=T0, limit=1000)
+    assert len(due) == 250 and all(d.peekable for d in due)
+    table.upsert_entity({**rows[150], "watermark": "2"})  # rewritten after the tick read it
+
+    later = T0 + timedelta(minutes=5)
+    assert store.due_polls.postpone_rows([(row, later, 60.0) for row in due]) == 249
+
+    assert [d.key.user for d in store.due_polls.list_due(now=T0, limit=1000)] == ["quiet-150"]
+    assert len(store.due_polls.list_due(now=later, limit=1000)) == 250
