@@ -35,6 +35,8 @@ PRICES: dict[str, dict[str, Any]] = {
                              "source": "assumption: as remembered (2025), not confirmed"},
     "table_10k_transactions": {"usd": 0.00036, "unit": "10,000 Table transactions (Standard, LRS)",
                                "source": "assumption: Table Storage pricing page as remembered (2025), not confirmed"},
+    "queue_10k_operations": {"usd": 0.0004, "unit": "10,000 Queue Storage operations (Standard, LRS)",
+                             "source": "assumption: Queue Storage pricing page as remembered (2025), not confirmed"},
     "premium_channel_1k_messages": {"usd": 0.50, "unit": "1,000 Direct Line (premium channel) messages, S1",
                                     "source": "assumption: Bot Service pricing as remembered (2025), not "
                                               "confirmed; polling GETs are not messages"},
@@ -44,6 +46,7 @@ PRICES: dict[str, dict[str, Any]] = {
 MIN_BILLABLE_SECONDS = 1.0
 BILLING_STEP_SECONDS = 0.1
 INSTANCE_GB = 2.0  # Flex Consumption's default instance memory (2,048 MB)
+QUEUE_CONCURRENCY = 6  # messages one instance works at once: host.json extensions.queues batchSize + newBatchThreshold
 MESSAGES_PER_CONVERSATION = 10  # user messages a day's conversation brings (and as many bot replies)
 OPEN_HOURS_PER_CONVERSATION = 24  # idle until RELAY_IDLE_TIMEOUT_MINUTES (1440) ends it
 DAYS_PER_MONTH = 30
@@ -58,10 +61,27 @@ def billed_seconds(seconds: float) -> float:
     return max(MIN_BILLABLE_SECONDS, math.ceil(round(seconds / BILLING_STEP_SECONDS, 6)) * BILLING_STEP_SECONDS)
 
 
-def cost_model(results: dict[str, Any], idle: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def busy_instances(running: float, *, per_instance: int = QUEUE_CONCURRENCY) -> float:
+    """The mean number of instances busy when executions arrive at random (Poisson) and `running` are under way
+    on average, each instance working up to `per_instance` at once: E[ceil(N / per_instance)], N ~ Poisson."""
+    if running <= 0:
+        return 0.0
+    probability, total, n = math.exp(-running), 0.0, 0
+    while n <= running + 12 * math.sqrt(running) + 30:
+        total += probability * math.ceil(n / per_instance)
+        n += 1
+        probability *= running / n
+    return total
+
+
+def cost_model(results: dict[str, Any], idle: dict[str, Any] | None = None,
+               chase: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Monthly usage and cost for 100, 1,000 and 10,000 conversations a day, from the measured counts: the timer
     ticking as the idle hour did (`idle`, the idle section's unless given), each tick costing the due-index
-    query (the fixed cost per tick) plus what each due conversation adds."""
+    query (the fixed cost per tick) plus what each due conversation adds; with `chase` (candidates.chase_cost),
+    a chase per user message: a poll_batch execution as long as the measured chase, its Direct Line GETs and
+    its queue transactions. Chases overlap (one per message, seconds each), so they are billed as the instances
+    they keep busy (busy_instances), not one active period each."""
     idle = idle or results["idle"]
     ticks = results["ticks"]
     hook_burst = results["webhook_cost_burst"]
@@ -89,16 +109,25 @@ def cost_model(results: dict[str, Any], idle: dict[str, Any] | None = None) -> l
         directline = (webhooks * hook_burst["directline_requests_per_webhook"]
                       + conversations * OPEN_HOURS_PER_CONVERSATION * idle_dl_hour)
         messages = webhooks * 2
+        queue = 0.0
+        if chase:
+            running = webhooks / MONTH_SECONDS * billed_seconds(chase["seconds_per_chase"])
+            gb_seconds += INSTANCE_GB * MONTH_SECONDS * busy_instances(running)
+            executions += webhooks
+            directline += webhooks * chase["directline_requests_per_chase"]
+            queue = webhooks * chase["queue_transactions_per_chase"]
         usd = {
             "functions": max(0.0, gb_seconds - PRICES["flex_free_gb_seconds"]["usd"]) * PRICES["flex_gb_second"]["usd"]
             + max(0.0, executions - PRICES["flex_free_executions"]["usd"]) / 1e6
             * PRICES["flex_million_executions"]["usd"],
             "tables": table / 10_000 * PRICES["table_10k_transactions"]["usd"],
+            "queues": queue / 10_000 * PRICES["queue_10k_operations"]["usd"],
             "directline_messages": messages / 1000 * PRICES["premium_channel_1k_messages"]["usd"],
         }
         rows.append({"conversations_per_day": per_day, "executions": executions, "gb_seconds": gb_seconds,
                      "timer_gb_seconds": INSTANCE_GB * timer_billed, "table_transactions": table,
-                     "fixed_table_transactions": fixed_table, "directline_requests": directline,
+                     "fixed_table_transactions": fixed_table, "queue_transactions": queue,
+                     "directline_requests": directline,
                      "directline_messages": messages, "usd": usd, "usd_total": sum(usd.values())})
     return rows
 
@@ -217,7 +246,7 @@ def latency_cost_chart(results: dict[str, Any], path: Path, *, per_day: int = 1_
     for candidate in results["latency_cost"]:
         late = next(r for r in candidate["latency"] if r["reply"].startswith("late"))
         row = next(r for r in candidate["cost"] if r["conversations_per_day"] == per_day)
-        usd = row["usd"]["functions"] + row["usd"]["tables"]
+        usd = row["usd"]["functions"] + row["usd"]["tables"] + row["usd"].get("queues", 0.0)
         most = max(most, usd)
         line = axes.plot([usd, usd], [late["p50"], late["p95"]], marker="o", linewidth=3, alpha=0.7,
                          label=f"{candidate['name']}{' (default)' if candidate['default'] else ''}")
@@ -388,18 +417,21 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         f"{BILLING_STEP_SECONDS:g} s as Flex Consumption bills (executions that overlap on one instance share one "
         "period in reality, so this is an upper bound; a timer every second keeps an instance billed all month). "
         f"Months have {DAYS_PER_MONTH} days."
-        + (" Section 6 gives the same model for each timer schedule, the default included." if "latency_cost" in
+        + (" With the default settings every user message is chased too (section 6 says how a chase is billed)."
+           if any(c["default"] and c.get("chase") for c in results.get("latency_cost", [])) else "")
+        + (" Section 6 gives the same model for each candidate, the default included." if "latency_cost" in
            results else ""),
         "",
         "| Conversations a day | Executions | GB-s | Table transactions | Direct Line requests | Direct Line "
-        "messages | Functions | Tables | Direct Line | Total a month |",
+        "messages | Functions | Tables (and queues) | Direct Line | Total a month |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["cost"]:
         usd = row["usd"]
         out.append(f"| {row['conversations_per_day']:,} | {row['executions']:,.0f} | {row['gb_seconds']:,.0f} | "
                    f"{row['table_transactions']:,.0f} | {row['directline_requests']:,.0f} | "
-                   f"{row['directline_messages']:,.0f} | ${usd['functions']:,.2f} | ${usd['tables']:,.2f} | "
+                   f"{row['directline_messages']:,.0f} | ${usd['functions']:,.2f} | "
+                   f"${usd['tables'] + usd.get('queues', 0.0):,.2f} | "
                    f"${usd['directline_messages']:,.2f} | ${row['usd_total']:,.2f} |")
     out += ["", "Prices used (USD, pay-as-you-go):", ""]
     for name, price in PRICES.items():
@@ -436,7 +468,8 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
         "## 6. Late replies: latency against cost",
         "",
         "The bot answers 3 s after the user's message (the emulator's echo bot answers \"later\" with \"Late reply: "
-        "later\" 3 s after the turn). For each timer schedule (RELAY_POLL_SCHEDULE; every other setting at its "
+        "later\" 3 s after the turn). For each timer schedule (RELAY_POLL_SCHEDULE), without and with the chase "
+        "(RELAY_CHASE_SECONDS; every other setting at its "
         f"default, burst {rows[0]['burst_seconds']:g} s): reply latency through the local host as in section 3 "
         f"({_reply(rows[0], 'late')['samples']} samples each), and {first['conversations']} conversations idle "
         f"for {first['hours']:g} simulated hour(s) of ticks at the schedule's interval, as in section 2. The "
@@ -446,7 +479,7 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
         "the index rows they postpone). Monthly costs as in the cost model below, with the schedule's own ticks. "
         f"The baseline is the 5 s timer before issue 19 (run of {baseline['run']}).",
         "",
-        "| Schedule | Late p50 | Late p95 | Prompt p50 | Idle DL requests per conversation-hour | Idle table tx "
+        "| Candidate | Late p50 | Late p95 | Prompt p50 | Idle DL requests per conversation-hour | Idle table tx "
         "per conversation-hour (the conversation's) | Fixed: table tx per tick (per hour) | Executions a month "
         "| A month at 100 / 1,000 / 10,000 conversations a day | of which Functions (at 1,000) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -461,14 +494,16 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
         cost = {row["conversations_per_day"]: row for row in candidate["cost"]}
         totals = " / ".join(f"${cost[v]['usd_total']:,.0f}" for v in VOLUMES)
         name = f"**{candidate['name']} (default)**" if candidate["default"] else candidate["name"]
+        chase = f", chase {candidate['chase_seconds']:g} s" if candidate.get("chase_seconds") else ""
         out.append(
-            f"| {name}: `{candidate['schedule']}` | {late['p50']:.2f} s | {late['p95']:.2f} s | "
+            f"| {name}: `{candidate['schedule']}`{chase} | {late['p50']:.2f} s | {late['p95']:.2f} s | "
             f"{prompt['p50']:.2f} s | "
             f"{idle['directline_requests_per_conversation_hour']:.1f} | "
             f"{idle['per_conversation_table_transactions_per_hour']:.2f} | "
             f"{idle['fixed_table_transactions_per_tick']:.2f} ({_fixed_per_hour(idle):,.0f}) | "
             f"{cost[VOLUMES[0]]['executions']:,.0f} to {cost[VOLUMES[-1]]['executions']:,.0f} | {totals} | "
             f"${cost[1_000]['usd']['functions']:,.2f} |")
+    out += _chase_markdown(rows)
     out += [
         "",
         f"![Late-reply latency against monthly cost]({LATENCY_COST_CHART})",
@@ -484,6 +519,36 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
         "traffic, and a timer every n seconds 1/n of that. The fixed table transactions grow the same way (so "
         "many a tick), but at Table Storage's price they stay cents a month.",
     ]
+    return out
+
+
+def _chase_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """What the chase candidate costs per message, and why its idle hour is the 5 s timer's."""
+    out = []
+    for candidate in rows:
+        chase = candidate.get("chase")
+        if not chase:
+            continue
+        prompt, late = chase["by_reply"]["prompt"], chase["by_reply"]["late"]
+        out += [
+            "",
+            f"The chase ({candidate['name']}): every webhook with a new message leaves a poll queue message, and "
+            f"poll_batch looks for the bot's replies every second until {chase['chase_seconds']:g} s after the "
+            "message (RELAY_CHASE_SECONDS), ending a second after it delivered one. The timer-only rows run with "
+            "RELAY_CHASE_SECONDS=0. Measured through the local host with the timer out of the way (every poll_batch "
+            "execution is a chase, every GET after the webhook answered is the chase's), "
+            f"{prompt['messages']} messages of each kind: a message the bot answers at once (the burst delivers "
+            f"the reply) keeps its chase {prompt['mean_seconds']:.1f} s (max {prompt['max_seconds']:.1f} s) for "
+            f"{prompt['directline_requests_per_chase']:.1f} GETs; one it answers again 3 s later "
+            f"{late['mean_seconds']:.1f} s (max {late['max_seconds']:.1f} s) for "
+            f"{late['directline_requests_per_chase']:.1f} GETs. The cost model charges every message the longer of "
+            f"the two ({chase['seconds_per_chase']:.1f} s, {chase['directline_requests_per_chase']:.1f} GETs: an "
+            f"upper bound) and {chase['queue_transactions_per_chase']} queue transactions (put, get, delete). "
+            "Chases overlap, so they are billed as the instances they keep busy: messages arrive at random and an "
+            f"instance works {QUEUE_CONCURRENCY} at once (host.json batchSize + newBatchThreshold). "
+            "While nobody writes there is no chase: the idle cost is the "
+            f"{candidate.get('idle_shared_with', 'same schedule')}'s, the same run.",
+        ]
     return out
 
 
