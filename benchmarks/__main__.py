@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, results: dict) -> dict:
                                                       window_seconds=args.seed_window)
     if announce("cold_start", "cold start"):
         results["cold_start"] = coldstart.cold_start_benchmark(env)
-    default = next((c for c in results.get("latency_cost", []) if c["default"]), {})
+    default: dict = next((c for c in results.get("latency_cost", []) if c["default"]), {})
     results["cost"] = report.cost_model(results, chase=default.get("chase"))
     for candidate in results.get("latency_cost", []):
         candidate["cost"] = report.cost_model(results, candidate["idle"], candidate.get("chase"))

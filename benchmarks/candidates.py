@@ -11,9 +11,11 @@ the timer out of the way. The monthly cost of each comes from report.cost_model.
 
 from __future__ import annotations
 
+import functools
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from azure.storage.queue import QueueClient
 
@@ -52,7 +54,7 @@ def is_default(candidate: Candidate) -> bool:
 def latency_cost_benchmark(stack: Stack, env: dict[str, str], *, samples: int = 16, idle_conversations: int = 200,
                            idle_hours: float = 1.0, latency_ms: int = 50) -> list[dict]:
     """Each candidate's reply latency (the relay's default settings but the schedule and the chase) and idle cost."""
-    results = []
+    results: list[dict] = []
     idle_runs: dict[float, dict] = {}  # timer seconds -> the idle hour (the chase adds nothing while nobody writes)
     for candidate in CANDIDATES:
         print(f"  {candidate.name}: reply latency", flush=True)
@@ -102,22 +104,8 @@ def chase_cost(stack: Stack, env: dict[str, str], *, chase_seconds: float, sampl
             queue = QueueClient.from_connection_string(stack.azurite.connection_string,
                                                        stack.settings_environ(store.tables.prefix)["RELAY_POLL_QUEUE"])
             for kind, text, replies in (("prompt", "hello", 1), ("late", "later", 2)):
-                done_before = len(hosted.executions(stack.logs / log_name, "poll_batch"))
-                users = [f"+1444{kind == 'late':d}{number:06d}" for number in range(samples)]
-                with ThreadPoolExecutor(samples) as pool:
-                    during_webhook = dict(zip(users, pool.map(
-                        lambda user: _webhook_gets(stack, store, user, text), users, strict=True), strict=True))
-                for user in users:
-                    wait_until(lambda u=user: len(stack.simulator.replies(hosted.PROVIDER, u)) >= 1 + replies,
-                               timeout=60, what=f"{replies} replies for {user}")
-                wait_until(lambda: (queue.get_queue_properties().approximate_message_count or 0) == 0
-                           and len(hosted.executions(stack.logs / log_name, "poll_batch")) >= done_before + samples,
-                           timeout=3 * chase_seconds + 30, what="every chase done")
-                seconds = hosted.executions(stack.logs / log_name, "poll_batch")[done_before:]
-                gets = [_gets(stack, store, user) - before for user, before in during_webhook.items()]
-                by_reply[kind] = {"chases": len(seconds), "messages": samples,
-                                  "mean_seconds": statistics.mean(seconds), "max_seconds": max(seconds),
-                                  "directline_requests_per_chase": statistics.mean(gets)}
+                by_reply[kind] = _chases(stack, store, queue, stack.logs / log_name, kind=kind, text=text,
+                                         replies=replies, samples=samples, timeout=3 * chase_seconds + 30)
     finally:
         stack.emulator.set_faults(latency_ms=0)
     longest = max(by_reply.values(), key=lambda r: r["mean_seconds"])
@@ -127,6 +115,31 @@ def chase_cost(stack: Stack, env: dict[str, str], *, chase_seconds: float, sampl
             "seconds_per_chase": longest["mean_seconds"],
             "directline_requests_per_chase": longest["directline_requests_per_chase"],
             "queue_transactions_per_chase": QUEUE_TRANSACTIONS_PER_CHASE}
+
+
+def _chases(stack: Stack, store, queue: QueueClient, log_path: Path, *, kind: str, text: str, replies: int,
+            samples: int, timeout: float) -> dict:
+    """`samples` users write `text` at once; each chase's time (its poll_batch execution) and GETs."""
+    done_before = len(hosted.executions(log_path, "poll_batch"))
+    users = [f"+1444{kind == 'late':d}{number:06d}" for number in range(samples)]
+    with ThreadPoolExecutor(samples) as pool:
+        during_webhook = dict(zip(users, pool.map(lambda user: _webhook_gets(stack, store, user, text), users),
+                                  strict=True))
+
+    def replied(user: str) -> bool:
+        return len([r for r in stack.simulator.replies(hosted.PROVIDER, user) if r["direction"] == "bot"]) >= replies
+
+    def chased() -> bool:
+        return ((queue.get_queue_properties().approximate_message_count or 0) == 0
+                and len(hosted.executions(log_path, "poll_batch")) >= done_before + samples)
+
+    for user in users:
+        wait_until(functools.partial(replied, user), timeout=60, what=f"{replies} replies for {user}")
+    wait_until(chased, timeout=timeout, what="every chase done")
+    seconds = hosted.executions(log_path, "poll_batch")[done_before:]
+    gets = [_gets(stack, store, user) - before for user, before in during_webhook.items()]
+    return {"chases": len(seconds), "messages": samples, "mean_seconds": statistics.mean(seconds),
+            "max_seconds": max(seconds), "directline_requests_per_chase": statistics.mean(gets)}
 
 
 def _webhook_gets(stack: Stack, store, user: str, text: str) -> int:
