@@ -19,7 +19,7 @@ from pathlib import Path
 
 from azure.storage.queue import QueueClient
 
-from benchmarks import hosted, polling
+from benchmarks import fanout, hosted, polling
 from benchmarks.stack import Stack
 from devstack.procs import wait_until
 from relay.settings import SETTINGS
@@ -130,7 +130,7 @@ def _chases(stack: Stack, store, queue: QueueClient, log_path: Path, *, kind: st
         return len([r for r in stack.simulator.replies(hosted.PROVIDER, user) if r["direction"] == "bot"]) >= replies
 
     def chased() -> bool:
-        return ((queue.get_queue_properties().approximate_message_count or 0) == 0
+        return (fanout.queued(queue) == 0
                 and len(hosted.executions(log_path, "poll_batch")) >= done_before + samples)
 
     for user in users:

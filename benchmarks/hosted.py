@@ -109,7 +109,7 @@ def latency_benchmark(stack: Stack, env: dict[str, str], *, samples: int = 16, l
     try:
         for burst in (2.0, 0.0):
             with relay_host(stack, burst=burst, env=env, log_name=f"host-latency-burst{burst:g}.log") as (_, store):
-                results += [{"burst_seconds": burst, **row}
+                results += [{"burst_seconds": burst, "chase_seconds": CHASE_SECONDS, **row}
                             for row in reply_latency(stack, store, timer_seconds=SCHEDULE_SECONDS, samples=samples)]
     finally:
         stack.emulator.set_faults(latency_ms=0)

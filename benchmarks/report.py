@@ -17,6 +17,8 @@ TARGETS = {
     "late_reply_p50_seconds": 1.0,
     "late_reply_p95_seconds": 2.0,
     "idle_cost_growth": 0.10,  # idle Direct Line requests and table transactions per conversation-hour
+    "fanout_conversations": 2000,  # due at once, worked by 4 hosts with no reply lost or doubled
+    "fanout_hosts": 4,
 }
 
 # Published list prices (USD, pay-as-you-go, East US). Checked 2025 (see `source`): where a figure
@@ -52,8 +54,16 @@ OPEN_HOURS_PER_CONVERSATION = 24  # idle until RELAY_IDLE_TIMEOUT_MINUTES (1440)
 DAYS_PER_MONTH = 30
 MONTH_SECONDS = DAYS_PER_MONTH * 86_400
 VOLUMES = (100, 1_000, 10_000)  # conversations a day
-SECTIONS = ("ticks", "idle", "latency", "inbound", "cold_start", "latency_cost", "seed")  # what `make bench` measures
+SECTIONS = ("ticks", "idle", "latency", "inbound", "cold_start", "latency_cost", "seed", "fanout")  # `make bench`
 LATENCY_COST_CHART = "benchmarks-latency-cost.png"
+FANOUT_CHART = "benchmarks-fanout.png"
+# The capacity model (fan-out): how many open conversations are in an exchange (a message within the last 2
+# minutes: polled every REPLY_LIKELY_GAP), the rest idle at the ceiling. Assumptions, not measurements.
+CAPACITY_CONVERSATIONS = (10_000, 100_000)
+EXCHANGE_SHARE = 0.10
+EXCHANGE_POLL_SECONDS = 5.0  # relay/conversations.py REPLY_LIKELY_GAP
+IDLE_POLL_SECONDS = 60.0  # RELAY_POLL_CEILING_SECONDS' default
+INSTANCE_VCPUS = 1.0  # assumption: a 2,048 MB Flex Consumption instance has about one vCPU (not confirmed)
 
 
 def billed_seconds(seconds: float) -> float:
@@ -132,6 +142,52 @@ def cost_model(results: dict[str, Any], idle: dict[str, Any] | None = None,
     return rows
 
 
+def capacity_model(fanout: dict[str, Any]) -> dict[str, Any]:
+    """Instances the poll needs for 10,000 and 100,000 open conversations at the default schedule, from the
+    fan-out run on one host (an instance alone): per instance, as many conversations a second as its batches
+    work side by side (QUEUE_CONCURRENCY batches, each at the measured wall time per conversation) or its CPU
+    allows (INSTANCE_VCPUS over the measured CPU time per conversation), whichever is fewer."""
+    one = min(fanout["runs"], key=lambda run: run["hosts"])
+    counts = max(fanout["runs"], key=lambda run: run["hosts"])  # the counts hardly depend on the hosts
+    by_wall = QUEUE_CONCURRENCY / one["batch_seconds_per_conversation"]
+    by_cpu = INSTANCE_VCPUS / one["cpu_seconds_per_conversation"]
+    per_instance = min(by_wall, by_cpu)
+    share = EXCHANGE_SHARE / EXCHANGE_POLL_SECONDS + (1 - EXCHANGE_SHARE) / IDLE_POLL_SECONDS
+    rows = []
+    for conversations in CAPACITY_CONVERSATIONS:
+        due = conversations * share
+        rows.append({"conversations": conversations, "due_per_second": due,
+                     "instances": math.ceil(due / per_instance), "cpu_seconds_per_second": due
+                     * one["cpu_seconds_per_conversation"],
+                     "directline_requests_per_second": due * counts["directline_requests_per_conversation"],
+                     "table_transactions_per_second": due * counts["table_transactions_per_conversation"],
+                     "queue_transactions_per_second": due * counts["queue_transactions_per_conversation"]})
+    return {"exchange_share": EXCHANGE_SHARE, "exchange_poll_seconds": EXCHANGE_POLL_SECONDS,
+            "idle_poll_seconds": IDLE_POLL_SECONDS, "instance_vcpus": INSTANCE_VCPUS,
+            "queue_concurrency": QUEUE_CONCURRENCY, "per_instance_by_wall": by_wall, "per_instance_by_cpu": by_cpu,
+            "per_instance": per_instance, "rows": rows}
+
+
+def fanout_verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(target, measured, goal, met) for issue 19's fan-out targets."""
+    fanout = results.get("fanout")
+    if not fanout:
+        return []
+    most = max(fanout["runs"], key=lambda run: run["hosts"])
+    wanted = TARGETS["fanout_conversations"]
+    met = (most["hosts"] >= TARGETS["fanout_hosts"] and most["conversations"] >= wanted
+           and most["duplicates"] == 0 and most["missing"] == 0)
+    largest = fanout["capacity"]["rows"][-1]
+    return [
+        (f"fan-out: {TARGETS['fanout_hosts']} worker hosts, {wanted:,} due conversations, no reply doubled or lost",
+         f"{most['hosts']} hosts, {most['conversations']:,} conversations in {most['seconds']:.1f} s: "
+         f"{most['duplicates']} duplicates, {most['missing']} missing", "0 duplicates, 0 missing", met),
+        (f"capacity: instances for {largest['conversations']:,} open conversations at the default schedule",
+         f"{largest['instances']:,} ({largest['due_per_second']:,.0f} due a second, "
+         f"{fanout['capacity']['per_instance']:,.0f} per instance)", "shown", True),
+    ]
+
+
 def verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     """(target, measured, goal, met) for each target of issue 9."""
     big = results["ticks"][-1]
@@ -190,7 +246,7 @@ def late_reply_verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, bo
 
 def summary(results: dict[str, Any]) -> str:
     lines = ["Benchmark summary (targets of issues 9 and 19):"]
-    for target, measured, goal, met in verdicts(results) + late_reply_verdicts(results):
+    for target, measured, goal, met in verdicts(results) + late_reply_verdicts(results) + fanout_verdicts(results):
         lines.append(f"  [{'met' if met else 'MISSED'}] {target}: {measured} (target {goal})")
     return "\n".join(lines)
 
@@ -292,7 +348,7 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "| Target | Measured | Goal | |",
         "|---|---|---|---|",
     ]
-    for target, measured, goal, met in verdicts(results) + late_reply_verdicts(results):
+    for target, measured, goal, met in verdicts(results) + late_reply_verdicts(results) + fanout_verdicts(results):
         out.append(f"| {target} | {measured} | {goal} | {'met' if met else '**missed**'} |")
     out += [
         "",
@@ -357,7 +413,11 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "",
         "From the bot putting its reply into the conversation (the emulator's activity timestamp) to the "
         f"provider simulator receiving it, through the local host with the timer every "
-        f"{results['latency'][0]['timer_seconds']} s. Samples start at random moments over two timer periods. "
+        f"{results['latency'][0]['timer_seconds']} s"
+        + (f" and the chase at its default (RELAY_CHASE_SECONDS={results['latency'][0]['chase_seconds']:g}: a reply "
+           "the burst missed is looked for every second, section 6)" if results["latency"][0].get("chase_seconds")
+           else "")
+        + ". Samples start at random moments over two timer periods. "
         "A late (proactive) reply comes 3 s after the user's message, after a 2 s burst has ended.",
         "",
         "| Burst polling | Reply | Samples | p50 | p95 | max | p50 / timer |",
@@ -404,6 +464,8 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         out += latency_cost_markdown(results)
     if "seed" in results:
         out += seed_markdown(results)
+    if "fanout" in results:
+        out += fanout_markdown(results)
     out += [
         "",
         "## Cost model",
@@ -593,3 +655,118 @@ def seed_markdown(results: dict[str, Any]) -> list[str]:
                    f"{prompt['p95']:.2f} s | {late['p50']:.2f} / {late['p95']:.2f} s | Table Storage: survives "
                    "restarts, any number of instances |")
     return out
+
+
+def fanout_markdown(results: dict[str, Any]) -> list[str]:
+    """Section 8: the poll fanned out over the queue on 1, 2 and 4 hosts, and the capacity model."""
+    fanout, capacity = results["fanout"], results["fanout"]["capacity"]
+    runs = fanout["runs"]
+    out = [
+        "",
+        "## 8. Fan-out over the poll queue",
+        "",
+        f"{fanout['conversations']:,} conversations are due at once ({fanout['reply_share']:.0%} with a bot reply "
+        "waiting; the others idle at the ceiling, so one worked is not due again during the run). N local hosts "
+        "(devstack.host on function_app) share Azurite and the emulator "
+        f"({fanout['latency_ms']} ms added to every Direct Line request): the first runs the timer "
+        f"(`{fanout['schedule']}`), which hands the due rows to the poll queue in batches of 100 (more than "
+        f"RELAY_FANOUT_THRESHOLD={fanout['fanout_threshold']} are due); the others have "
+        "AzureWebJobs.poller.Disabled and work batches only (poll_batch, up to "
+        f"{QUEUE_CONCURRENCY} at once per host). Time: from the batches appearing in the queue until no row "
+        "due at the start is due any more and every waiting reply was delivered. Every reply was delivered exactly "
+        "once (the provider simulator's records; the run fails otherwise). CPU: each host process's user + "
+        "system time over the run (/proc), idle polling of the queue included. Storage transactions are counted "
+        "in the hosts at the storage client's transport, as elsewhere. All hosts share this 2-core machine with "
+        "Azurite and the emulator, so more hosts add no cores: the runs show the work spreads and stays "
+        "exactly once, not how fast separate instances would be.",
+        "",
+        "| Hosts | Time | Conversations/s | Ticks | poll_batch executions per host | Batch: median time "
+        "(conversations) | CPU per conversation | DL requests per conversation | Table tx per conversation "
+        "| Queue tx per "
+        "conversation | Delivered / duplicates / missing |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in runs:
+        batch = (f"{run['batch_seconds_median']:.2f} s ({run['batch_conversations_median']:.0f})"
+                 if run["batch_seconds_median"] is not None else "")
+        out.append(f"| {run['hosts']} | {run['seconds']:.1f} s | {run['conversations_per_second']:.0f} | "
+                   f"{run['ticks']} | {' + '.join(str(n) for n in run['poll_batch_executions_per_host'])} | {batch} | "
+                   f"{run['cpu_seconds_per_conversation'] * 1000:.1f} ms | "
+                   f"{run['directline_requests_per_conversation']:.2f} | "
+                   f"{run['table_transactions_per_conversation']:.3f} | "
+                   f"{run['queue_transactions_per_conversation']:.3f} | {run['delivered']} / {run['duplicates']} / "
+                   f"{run['missing']} |")
+    out += [
+        "",
+        f"![Fan-out on 1, 2 and 4 hosts]({FANOUT_CHART})",
+        "",
+        "### Capacity model",
+        "",
+        f"Open conversations are polled on their own schedule: assume {capacity['exchange_share']:.0%} are in an "
+        f"exchange (a message within the last 2 minutes: polled every {capacity['exchange_poll_seconds']:g} s) "
+        f"and the rest idle at the ceiling (every {capacity['idle_poll_seconds']:g} s, RELAY_POLL_CEILING_SECONDS): "
+        "assumptions, not measurements. One instance works "
+        f"{capacity['queue_concurrency']} batches at once (host.json batchSize + newBatchThreshold), so at the "
+        "measured wall time per conversation in a batch (one host) it works "
+        f"{capacity['per_instance_by_wall']:,.0f} conversations a second; its CPU (assumption: "
+        f"{capacity['instance_vcpus']:g} vCPU for 2,048 MB, not confirmed) allows "
+        f"{capacity['per_instance_by_cpu']:,.0f} at the measured CPU time per conversation. The lower, "
+        f"**{capacity['per_instance']:,.0f} conversations a second per instance**, gives the instances the poll "
+        "needs (webhooks and chases scale on their own, apart):",
+        "",
+        "| Open conversations | Due a second | Instances | CPU seconds a second | Direct Line requests a second "
+        "| Table tx a second | Queue tx a second |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in capacity["rows"]:
+        out.append(f"| {row['conversations']:,} | {row['due_per_second']:,.0f} | {row['instances']:,} | "
+                   f"{row['cpu_seconds_per_second']:,.1f} | {row['directline_requests_per_second']:,.0f} | "
+                   f"{row['table_transactions_per_second']:,.0f} | {row['queue_transactions_per_second']:,.1f} |")
+    out += [
+        "",
+        "Beyond instances: the due index is one table partition, which Azure Table Storage targets at about "
+        "2,000 entities a second (its scalability targets), and every due conversation's row is read by a batch "
+        "query and rewritten when it is postponed; Direct Line's own rate limits apply to the GETs. Either may "
+        "bound the poll before the instances do.",
+    ]
+    return out
+
+
+def fanout_chart(results: dict[str, Any], path: Path) -> None:
+    """Time and CPU per conversation on 1, 2 and 4 hosts; instances against open conversations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fanout = results["fanout"]
+    runs, capacity = fanout["runs"], fanout["capacity"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    hosts = [str(run["hosts"]) for run in runs]
+    left.bar(hosts, [run["seconds"] for run in runs], color="tab:blue", label="time to work them all (s)")
+    left.set_xlabel(f"worker hosts ({fanout['conversations']:,} due conversations, one 2-core machine)")
+    left.set_ylabel("seconds")
+    cpu = left.twinx()
+    cpu.plot(hosts, [run["cpu_seconds_per_conversation"] * 1000 for run in runs], color="tab:red", marker="o",
+             label="CPU per conversation (ms)")
+    cpu.set_ylabel("CPU ms per conversation")
+    cpu.set_ylim(bottom=0)
+    left.legend(loc="upper left", fontsize=8)
+    cpu.legend(loc="upper right", fontsize=8)
+    left.set_title("Fan-out: time and CPU")
+    open_conversations = [1_000, 3_000, 10_000, 30_000, 100_000, 300_000]
+    share = (capacity["exchange_share"] / capacity["exchange_poll_seconds"]
+             + (1 - capacity["exchange_share"]) / capacity["idle_poll_seconds"])
+    right.plot(open_conversations, [math.ceil(n * share / capacity["per_instance"]) for n in open_conversations],
+               marker="o")
+    for row in capacity["rows"]:
+        right.annotate(f"{row['instances']} at {row['conversations']:,}", (row["conversations"], row["instances"]),
+                       textcoords="offset points", xytext=(-10, 8), fontsize=8, ha="right")
+    right.set_xscale("log")
+    right.set_xlabel(f"open conversations ({capacity['exchange_share']:.0%} in an exchange)")
+    right.set_ylabel("instances the poll needs")
+    right.set_ylim(bottom=0)
+    right.set_title(f"Capacity: {capacity['per_instance']:,.0f} conversations/s per instance")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
