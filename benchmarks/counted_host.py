@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 from collections import Counter
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return send(self, request, **kwargs)
 
     RequestsTransport.send = counted
+    # Stopped with SIGINT (devstack.procs), which a shell's background job would have us ignore: the counts are
+    # written only when the host stops cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return host.main(host_args)
     finally:

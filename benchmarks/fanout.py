@@ -25,20 +25,24 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import QueueClient
 
 from benchmarks import hosted, polling
-from benchmarks.stack import Stack
+from benchmarks.stack import SimulatedClock, Stack
 from devstack.procs import ManagedProcess, free_port, http_ok, python_module, wait_until
+from relay.clock import SYSTEM_CLOCK
+from relay.poller import poll_tick
 from relay.settings import SETTINGS
 
 REPLY_TEXT = "A new reply"
 SCHEDULE = SETTINGS["RELAY_POLL_SCHEDULE"].default or "*/5 * * * * *"
 DEFAULT_THRESHOLD = int(SETTINGS["RELAY_FANOUT_THRESHOLD"].default or 0)
 SEED_POLL_INTERVAL = float(SETTINGS["RELAY_POLL_CEILING_SECONDS"].default or 60)
+_TICK_LINE = re.compile(r"poll tick: due=(?P<due>\d+) .* batches=(?P<batches>\d+) in")
 _BATCH_LINE = re.compile(r"poll batch: due=(?P<due>\d+) quiet=(?P<quiet>\d+) worked=(?P<worked>\d+) .* in "
                          r"(?P<ms>\d+) ms")
 
@@ -64,9 +68,15 @@ def fanout_benchmark(stack: Stack, env: dict[str, str], *, conversations: int = 
 def _run(stack: Stack, env: dict[str, str], *, conversations: int, hosts: int, reply_share: float,
          latency_ms: int, threshold: int) -> dict:
     prefix = f"bfan{uuid.uuid4().hex[:8]}"
-    ctx, _ = stack.context(prefix)
+    # Seeded and worked once (a conversation's first poll claims it; from then on it is peeked) on a clock a
+    # ceiling and a bit in the past, so that each is due again now, as settled conversations fall due.
+    past = SimulatedClock(SYSTEM_CLOCK.now() - timedelta(seconds=SEED_POLL_INTERVAL + 10))
+    warm_up, _ = stack.context(prefix, clock=past, RELAY_FANOUT_THRESHOLD="0")
     stack.emulator.set_faults(latency_ms=0)
-    records = polling.seed(ctx, conversations, last_activity_ago=3600, poll_interval=SEED_POLL_INTERVAL)
+    records = polling.seed(warm_up, conversations, last_activity_ago=3600, poll_interval=SEED_POLL_INTERVAL)
+    poll_tick(warm_up, limit=conversations)
+    warm_up.directline.close()
+    ctx, _ = stack.context(prefix)
     waiting = records[::round(1 / reply_share)]
     for record in waiting:
         polling.bot_says(stack.emulator.url, record.conversation_id, REPLY_TEXT)
@@ -88,10 +98,9 @@ def _run(stack: Stack, env: dict[str, str], *, conversations: int, hosts: int, r
 
             finished = _wait_for(done, timeout=max(120.0, conversations / 5), what="every due conversation worked",
                                  interval=0.25)
+            wait_until(lambda: queued(queue) == 0, timeout=60, what="the poll queue drained")
             cpu = [_cpu_seconds(h) - before for h, before in zip(running, cpu_before, strict=True)]
             directline = sum(stack.directline_requests().values())
-            wait_until(lambda: queued(queue) == 0, timeout=60,
-                       what="the poll queue drained")
     finally:
         stack.emulator.set_faults(latency_ms=0)
         ctx.directline.close()
@@ -110,6 +119,11 @@ def _run(stack: Stack, env: dict[str, str], *, conversations: int, hosts: int, r
     batches = [hosted.executions(log, "poll_batch") for log in logs]
     lines = [m for log in logs for m in _BATCH_LINE.finditer(log.read_text(errors="replace"))]
     worked = [m for m in lines if int(m["due"])]
+    # Conversations worked over the run: the batches', and the timer's own below the threshold (the replies'
+    # conversations fall due again soon, and a conversation worked early may fall due again before the end).
+    inline = sum(int(m["due"]) for log in logs[:1] for m in _TICK_LINE.finditer(log.read_text(errors="replace"))
+                 if not int(m["batches"]))
+    total = sum(int(m["due"]) for m in worked) + inline
     table = sum(n for kind, n in storage.items() if kind.startswith("table:"))
     queue_ops = sum(n for kind, n in storage.items() if kind.startswith("queue:"))
     return {
@@ -123,10 +137,11 @@ def _run(stack: Stack, env: dict[str, str], *, conversations: int, hosts: int, r
         "batch_seconds_per_conversation": (sum(int(m["ms"]) for m in worked) / 1000
                                            / max(1, sum(int(m["due"]) for m in worked))),
         "delivered": sum(delivered.values()), "duplicates": duplicates, "missing": missing,
-        "cpu_seconds_per_host": cpu, "cpu_seconds_per_conversation": sum(cpu) / conversations,
-        "directline_requests_per_conversation": directline / conversations,
-        "table_transactions_per_conversation": table / conversations,
-        "queue_transactions_per_conversation": queue_ops / conversations,
+        "conversations_worked": total, "conversations_worked_by_the_timer": inline,
+        "cpu_seconds_per_host": cpu, "cpu_seconds_per_conversation": sum(cpu) / total,
+        "directline_requests_per_conversation": directline / total,
+        "table_transactions_per_conversation": table / total,
+        "queue_transactions_per_conversation": queue_ops / total,
         "storage_by_kind": dict(storage),
     }
 
@@ -134,10 +149,11 @@ def _run(stack: Stack, env: dict[str, str], *, conversations: int, hosts: int, r
 @contextlib.contextmanager
 def _hosts(stack: Stack, env: dict[str, str], values: dict[str, str], count: int,
            prefix: str) -> Iterator[list[ManagedProcess]]:
-    """`count` worker hosts on the same tables and queue; only the first runs the timers."""
+    """`count` worker hosts on the same tables and queue; only the first runs the timers, and starts last (so that
+    every host listens when the timer fans out)."""
     with contextlib.ExitStack() as started:
-        running = []
-        for number in range(count):
+        running: list[ManagedProcess] = []
+        for number in reversed(range(count)):
             port = free_port()
             disabled = {} if number == 0 else {"AzureWebJobs.poller.Disabled": "true",
                                                 "AzureWebJobs.sweeper.Disabled": "true"}
@@ -149,7 +165,7 @@ def _hosts(stack: Stack, env: dict[str, str], values: dict[str, str], count: int
                               str(stack.logs / "absent.settings.json")),
                 env={**env, **values, **disabled}, ready=ready,
                 log_path=stack.logs / f"{prefix}-host{number}.log")
-            running.append(started.enter_context(host))
+            running.insert(0, started.enter_context(host))
         yield running
 
 
