@@ -42,7 +42,7 @@ REPLY_TEXT = "A new reply"
 SCHEDULE = SETTINGS["RELAY_POLL_SCHEDULE"].default or "*/5 * * * * *"
 DEFAULT_THRESHOLD = int(SETTINGS["RELAY_FANOUT_THRESHOLD"].default or 0)
 SEED_POLL_INTERVAL = float(SETTINGS["RELAY_POLL_CEILING_SECONDS"].default or 60)
-_TICK_LINE = re.compile(r"poll tick: due=(?P<due>\d+) .* batches=(?P<batches>\d+) in")
+_TICK_LINE = re.compile(r"poll tick: due=(?P<due>\d+) quiet=(?P<quiet>\d+) worked=(?P<worked>\d+) .* in (?P<ms>\d+) ms")
 _BATCH_LINE = re.compile(r"poll batch: due=(?P<due>\d+) quiet=(?P<quiet>\d+) worked=(?P<worked>\d+) .* in "
                          r"(?P<ms>\d+) ms")
 
@@ -121,9 +121,8 @@ def _run(stack: Stack, env: dict[str, str], *, conversations: int, hosts: int, r
     worked = [m for m in lines if int(m["due"])]
     # Conversations worked over the run: the batches', and the timer's own below the threshold (the replies'
     # conversations fall due again soon, and a conversation worked early may fall due again before the end).
-    inline = sum(int(m["due"]) for log in logs[:1] for m in _TICK_LINE.finditer(log.read_text(errors="replace"))
-                 if not int(m["batches"]))
-    total = sum(int(m["due"]) for m in worked) + inline
+    inline = sum(_worked(m) for m in _TICK_LINE.finditer(logs[0].read_text(errors="replace")))
+    total = sum(_worked(m) for m in worked) + inline
     table = sum(n for kind, n in storage.items() if kind.startswith("table:"))
     queue_ops = sum(n for kind, n in storage.items() if kind.startswith("queue:"))
     return {
@@ -135,7 +134,7 @@ def _run(stack: Stack, env: dict[str, str], *, conversations: int, hosts: int, r
         "batch_seconds_median": statistics.median(int(m["ms"]) / 1000 for m in worked) if worked else None,
         "batch_conversations_median": statistics.median(int(m["due"]) for m in worked) if worked else None,
         "batch_seconds_per_conversation": (sum(int(m["ms"]) for m in worked) / 1000
-                                           / max(1, sum(int(m["due"]) for m in worked))),
+                                           / max(1, sum(_worked(m) for m in worked))),
         "delivered": sum(delivered.values()), "duplicates": duplicates, "missing": missing,
         "conversations_worked": total, "conversations_worked_by_the_timer": inline,
         "cpu_seconds_per_host": cpu, "cpu_seconds_per_conversation": sum(cpu) / total,
@@ -167,6 +166,11 @@ def _hosts(stack: Stack, env: dict[str, str], values: dict[str, str], count: int
                 log_path=stack.logs / f"{prefix}-host{number}.log")
             running.insert(0, started.enter_context(host))
         yield running
+
+
+def _worked(line: re.Match) -> int:
+    """Conversations a tick's or batch's log line says were peeked or worked (a row another worker held is not)."""
+    return int(line["quiet"]) + int(line["worked"])
 
 
 def queued(queue: QueueClient) -> int:
