@@ -229,7 +229,8 @@ def late_reply_verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, bo
     dl_before = before["directline_requests_per_conversation_hour"]
     tx = idle["per_conversation_table_transactions_per_hour"]
     tx_before = before["per_conversation_table_transactions_per_hour"]
-    where = f"default settings ({default['schedule']}, burst {default['burst_seconds']:g} s)"
+    chase = f", chase {default['chase_seconds']:g} s" if default.get("chase_seconds") else ""
+    where = f"default settings ({default['schedule']}, burst {default['burst_seconds']:g} s{chase})"
     return [
         (f"late (3 s) reply p50, {where}", f"{late['p50']:.2f} s", f"<= {TARGETS['late_reply_p50_seconds']:g} s",
          late["p50"] <= TARGETS["late_reply_p50_seconds"]),
