@@ -42,9 +42,10 @@ REPLY_TEXT = "A new reply"
 SCHEDULE = SETTINGS["RELAY_POLL_SCHEDULE"].default or "*/5 * * * * *"
 DEFAULT_THRESHOLD = int(SETTINGS["RELAY_FANOUT_THRESHOLD"].default or 0)
 SEED_POLL_INTERVAL = float(SETTINGS["RELAY_POLL_CEILING_SECONDS"].default or 60)
-_TICK_LINE = re.compile(r"poll tick: due=(?P<due>\d+) quiet=(?P<quiet>\d+) worked=(?P<worked>\d+) .* in (?P<ms>\d+) ms")
-_BATCH_LINE = re.compile(r"poll batch: due=(?P<due>\d+) quiet=(?P<quiet>\d+) worked=(?P<worked>\d+) .* in "
-                         r"(?P<ms>\d+) ms")
+_TICK_LINE = re.compile(r"poll tick: due=(?P<due>\d+) quiet=(?P<quiet>\d+) worked=(?P<worked>\d+) .* "
+                        r"failed=(?P<failed>\d+) .* in (?P<ms>\d+) ms")
+_BATCH_LINE = re.compile(r"poll batch: due=(?P<due>\d+) quiet=(?P<quiet>\d+) worked=(?P<worked>\d+) .* "
+                         r"failed=(?P<failed>\d+) .* in (?P<ms>\d+) ms")
 
 
 def fanout_benchmark(stack: Stack, env: dict[str, str], *, conversations: int = 2000,
@@ -121,8 +122,10 @@ def _run(stack: Stack, env: dict[str, str], *, conversations: int, hosts: int, r
     worked = [m for m in lines if int(m["due"])]
     # Conversations worked over the run: the batches', and the timer's own below the threshold (the replies'
     # conversations fall due again soon, and a conversation worked early may fall due again before the end).
-    inline = sum(_worked(m) for m in _TICK_LINE.finditer(logs[0].read_text(errors="replace")))
+    ticks = list(_TICK_LINE.finditer(logs[0].read_text(errors="replace")))
+    inline = sum(_worked(m) for m in ticks)
     total = sum(_worked(m) for m in worked) + inline
+    failed = sum(int(m["failed"]) for m in [*worked, *ticks])
     table = sum(n for kind, n in storage.items() if kind.startswith("table:"))
     queue_ops = sum(n for kind, n in storage.items() if kind.startswith("queue:"))
     return {
@@ -136,6 +139,7 @@ def _run(stack: Stack, env: dict[str, str], *, conversations: int, hosts: int, r
         "batch_seconds_per_conversation": (sum(int(m["ms"]) for m in worked) / 1000
                                            / max(1, sum(_worked(m) for m in worked))),
         "delivered": sum(delivered.values()), "duplicates": duplicates, "missing": missing,
+        "failed_attempts": failed,
         "conversations_worked": total, "conversations_worked_by_the_timer": inline,
         "cpu_seconds_per_host": cpu, "cpu_seconds_per_conversation": sum(cpu) / total,
         "directline_requests_per_conversation": directline / total,
