@@ -2,11 +2,12 @@
 
     python -m benchmarks [--sizes 10,100,1000] [--idle-conversations 200] [--idle-hours 1]
                          [--latency-samples 16] [--seed-conversations 16] [--seed-window 30]
-                         [--only SECTION,...] [--out docs]
+                         [--fanout-conversations 2000] [--fanout-hosts 1,2,4] [--only SECTION,...] [--out docs]
 
 It starts what it needs (Azurite, the Direct Line emulator, the provider simulator, the local host)
-on free loopback ports and stops them afterwards. A quarter of an hour on two cores. `--only` measures
-the sections named (ticks, idle, latency, inbound, cold_start, latency_cost, seed) and keeps the
+on free loopback ports and stops them afterwards. Most of an hour on two cores (the fan-out section, seeding
+6,000 conversations, about a quarter of it). `--only` measures
+the sections named (ticks, idle, latency, inbound, cold_start, latency_cost, seed, fanout) and keeps the
 others from OUT/benchmarks.json.
 """
 
@@ -22,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import candidates, coldstart, hosted, polling, report, seed
+from benchmarks import candidates, coldstart, fanout, hosted, polling, report, seed
 from benchmarks.report import SECTIONS
 from benchmarks.stack import local_stack
 from devstack.procs import ROOT
@@ -94,11 +95,18 @@ def run(args: argparse.Namespace, results: dict) -> dict:
             if announce("seed", "the seed's design: a thread per conversation"):
                 results["seed"] = seed.seed_benchmark(stack, conversations=args.seed_conversations,
                                                       window_seconds=args.seed_window)
+            if announce("fanout", f"fan-out: {args.fanout_conversations:,} due conversations on "
+                                  f"{', '.join(map(str, args.fanout_hosts))} worker host(s)"):
+                results["fanout"] = fanout.fanout_benchmark(stack, env, conversations=args.fanout_conversations,
+                                                            hosts=args.fanout_hosts)
     if announce("cold_start", "cold start"):
         results["cold_start"] = coldstart.cold_start_benchmark(env)
-    results["cost"] = report.cost_model(results)
+    if "fanout" in results:
+        results["fanout"]["capacity"] = report.capacity_model(results["fanout"])
+    default: dict = next((c for c in results.get("latency_cost", []) if c["default"]), {})
+    results["cost"] = report.cost_model(results, chase=default.get("chase"))
     for candidate in results.get("latency_cost", []):
-        candidate["cost"] = report.cost_model(results, candidate["idle"])
+        candidate["cost"] = report.cost_model(results, candidate["idle"], candidate.get("chase"))
     results["meta"]["seconds"] = (dt.datetime.now(dt.UTC) - started).total_seconds()
     results["meta"]["load_average_after"] = os.getloadavg()[0]
     return results
@@ -110,6 +118,8 @@ def write(results: dict, out: Path) -> None:
     report.chart(results, out / "benchmarks.png")
     if "latency_cost" in results:
         report.latency_cost_chart(results, out / report.LATENCY_COST_CHART)
+    if "fanout" in results:
+        report.fanout_chart(results, out / report.FANOUT_CHART)
     (out / "benchmarks.md").write_text(report.markdown(results, "benchmarks.png"))
 
 
@@ -130,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-samples", type=int, default=16)
     parser.add_argument("--seed-conversations", type=int, default=16)
     parser.add_argument("--seed-window", type=float, default=30.0, help="seconds the seed's GETs are counted")
+    parser.add_argument("--fanout-conversations", type=int, default=2000)
+    parser.add_argument("--fanout-hosts", type=lambda v: tuple(int(x) for x in v.split(",")), default=(1, 2, 4))
     parser.add_argument("--only", type=sections, default=SECTIONS,
                         help=f"comma-separated sections to measure ({','.join(SECTIONS)}); the others are kept "
                              "from OUT/benchmarks.json")

@@ -10,19 +10,21 @@ import contextlib
 import datetime as dt
 import functools
 import random
+import re
 import statistics
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import requests
 
 from benchmarks.stack import Stack
 from devstack.channels import webhooks
 from devstack.procs import ManagedProcess, http_ok, python_module, wait_until
-from relay.settings import Settings
+from relay.settings import SETTINGS, Settings
 from relay.store import RelayStore
 from relay.store.conversations import ConversationKey
 
@@ -30,14 +32,18 @@ PROVIDER = "twilio"
 SCHEDULE_SECONDS = 5
 SCHEDULE = f"*/{SCHEDULE_SECONDS} * * * * *"
 NEVER = "0 0 0 1 1 *"  # the timer stays out of the way (once a year)
+CHASE_SECONDS = float(SETTINGS["RELAY_CHASE_SECONDS"].default or 0)
+_EXECUTED = re.compile(r"Executed 'Functions\.(?P<name>\w+)' \(Succeeded, .*Duration=(?P<ms>\d+)ms\)")
 
 
 @contextlib.contextmanager
-def relay_host(stack: Stack, *, burst: float, env: dict[str, str], log_name: str,
-               schedule: str = SCHEDULE) -> Iterator[tuple[str, RelayStore]]:
-    """devstack.host serving function_app on the simulator's relay URL, on tables of its own."""
+def relay_host(stack: Stack, *, burst: float, env: dict[str, str], log_name: str, schedule: str = SCHEDULE,
+               chase_seconds: float = CHASE_SECONDS) -> Iterator[tuple[str, RelayStore]]:
+    """devstack.host serving function_app on the simulator's relay URL, on tables and a poll queue of its own
+    (its queue trigger runs poll_batch: the chases its webhooks leave)."""
     prefix = f"bhost{uuid.uuid4().hex[:8]}"
     values = stack.settings_environ(prefix, RELAY_POLL_SCHEDULE=schedule, RELAY_BURST_POLL_SECONDS=f"{burst:g}",
+                                    RELAY_CHASE_SECONDS=f"{chase_seconds:g}",
                                     RELAY_PUBLIC_BASE_URL=stack.simulator.relay_url)
     port = int(stack.simulator.relay_url.rsplit(":", 1)[1])
     host = ManagedProcess("host", python_module("devstack.host", "--port", str(port), "--settings",
@@ -47,6 +53,12 @@ def relay_host(stack: Stack, *, burst: float, env: dict[str, str], log_name: str
     store = RelayStore.from_settings(Settings.from_environ(values).storage)
     with host:
         yield stack.simulator.relay_url, store
+
+
+def executions(log_path: Path, function: str) -> list[float]:
+    """The durations (seconds) of the host's successful executions of `function`, from its log lines."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    return [int(m["ms"]) / 1000 for m in _EXECUTED.finditer(text) if m["name"] == function]
 
 
 def _bot_reply_time(stack: Stack, store: RelayStore, user: str, text: str) -> float | None:
@@ -97,7 +109,7 @@ def latency_benchmark(stack: Stack, env: dict[str, str], *, samples: int = 16, l
     try:
         for burst in (2.0, 0.0):
             with relay_host(stack, burst=burst, env=env, log_name=f"host-latency-burst{burst:g}.log") as (_, store):
-                results += [{"burst_seconds": burst, **row}
+                results += [{"burst_seconds": burst, "chase_seconds": CHASE_SECONDS, **row}
                             for row in reply_latency(stack, store, timer_seconds=SCHEDULE_SECONDS, samples=samples)]
     finally:
         stack.emulator.set_faults(latency_ms=0)
@@ -106,11 +118,13 @@ def latency_benchmark(stack: Stack, env: dict[str, str], *, samples: int = 16, l
 
 def inbound_benchmark(stack: Stack, env: dict[str, str], *, count: int = 200, concurrency: int = 8,
                       latency_ms: int = 50) -> dict:
-    """Signed webhooks through the host with burst polling off: what the relay takes to store and post one."""
+    """Signed webhooks through the host with burst polling and the chase off: what the relay takes to store and post
+    one (the chase, a poll_batch execution of its own, is measured in benchmarks/candidates.py)."""
     values = {name: value for name, value in stack.settings_environ("x").items()}
     stack.emulator.set_faults(latency_ms=latency_ms)
     try:
-        with relay_host(stack, burst=0, env=env, log_name="host-inbound.log", schedule=NEVER) as (url, _):
+        with relay_host(stack, burst=0, env=env, log_name="host-inbound.log", schedule=NEVER,
+                        chase_seconds=0) as (url, _):
             session = requests.Session()
             _post(session, webhooks.build(PROVIDER, values, url, sender="+18880000000", text="warm up"))
             durations: list[float] = []

@@ -28,11 +28,12 @@ def _prefix(kind: str) -> str:
     return f"b{kind}{uuid.uuid4().hex[:8]}"
 
 
-def seed(ctx, count: int, *, last_activity_ago: float) -> list[ConversationRecord]:
+def seed(ctx, count: int, *, last_activity_ago: float, poll_interval: float = 0.0) -> list[ConversationRecord]:
     """`count` conversations as the relay leaves them after a user wrote and the bot's echo was delivered.
 
     Each has a Direct Line conversation (user message + echo reply), a record at the end of it, and
-    is due now. Made with no added latency (latency is set before measuring)."""
+    is due now; `poll_interval`, its idle schedule's last gap (the next is at least as long). Made with no added
+    latency (latency is set before measuring)."""
     now = ctx.clock.now()
 
     def one(number: int) -> ConversationRecord:
@@ -50,7 +51,7 @@ def seed(ctx, count: int, *, last_activity_ago: float) -> list[ConversationRecor
             delivered_ids=tuple(a["id"] for a in page.activities if (a.get("from") or {}).get("role") == "bot"),
             last_user_activity_at=now - timedelta(seconds=last_activity_ago),
             last_bot_activity_at=now - timedelta(seconds=last_activity_ago),
-            next_poll_at=now, poll_interval=0.0, reply_context={"to": user, "from": RELAY_NUMBER})
+            next_poll_at=now, poll_interval=poll_interval, reply_context={"to": user, "from": RELAY_NUMBER})
         return ctx.store.conversations.update_record(key, lambda _: record)
 
     with ThreadPoolExecutor(32) as pool:

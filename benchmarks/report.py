@@ -17,6 +17,8 @@ TARGETS = {
     "late_reply_p50_seconds": 1.0,
     "late_reply_p95_seconds": 2.0,
     "idle_cost_growth": 0.10,  # idle Direct Line requests and table transactions per conversation-hour
+    "fanout_conversations": 2000,  # due at once, worked by 4 hosts with no reply lost or doubled
+    "fanout_hosts": 4,
 }
 
 # Published list prices (USD, pay-as-you-go, East US). Checked 2025 (see `source`): where a figure
@@ -35,6 +37,8 @@ PRICES: dict[str, dict[str, Any]] = {
                              "source": "assumption: as remembered (2025), not confirmed"},
     "table_10k_transactions": {"usd": 0.00036, "unit": "10,000 Table transactions (Standard, LRS)",
                                "source": "assumption: Table Storage pricing page as remembered (2025), not confirmed"},
+    "queue_10k_operations": {"usd": 0.0004, "unit": "10,000 Queue Storage operations (Standard, LRS)",
+                             "source": "assumption: Queue Storage pricing page as remembered (2025), not confirmed"},
     "premium_channel_1k_messages": {"usd": 0.50, "unit": "1,000 Direct Line (premium channel) messages, S1",
                                     "source": "assumption: Bot Service pricing as remembered (2025), not "
                                               "confirmed; polling GETs are not messages"},
@@ -44,13 +48,22 @@ PRICES: dict[str, dict[str, Any]] = {
 MIN_BILLABLE_SECONDS = 1.0
 BILLING_STEP_SECONDS = 0.1
 INSTANCE_GB = 2.0  # Flex Consumption's default instance memory (2,048 MB)
+QUEUE_CONCURRENCY = 6  # messages one instance works at once: host.json extensions.queues batchSize + newBatchThreshold
 MESSAGES_PER_CONVERSATION = 10  # user messages a day's conversation brings (and as many bot replies)
 OPEN_HOURS_PER_CONVERSATION = 24  # idle until RELAY_IDLE_TIMEOUT_MINUTES (1440) ends it
 DAYS_PER_MONTH = 30
 MONTH_SECONDS = DAYS_PER_MONTH * 86_400
 VOLUMES = (100, 1_000, 10_000)  # conversations a day
-SECTIONS = ("ticks", "idle", "latency", "inbound", "cold_start", "latency_cost", "seed")  # what `make bench` measures
+SECTIONS = ("ticks", "idle", "latency", "inbound", "cold_start", "latency_cost", "seed", "fanout")  # `make bench`
 LATENCY_COST_CHART = "benchmarks-latency-cost.png"
+FANOUT_CHART = "benchmarks-fanout.png"
+# The capacity model (fan-out): how many open conversations are in an exchange (a message within the last 2
+# minutes: polled every REPLY_LIKELY_GAP), the rest idle at the ceiling. Assumptions, not measurements.
+CAPACITY_CONVERSATIONS = (10_000, 100_000)
+EXCHANGE_SHARE = 0.10
+EXCHANGE_POLL_SECONDS = 5.0  # relay/conversations.py REPLY_LIKELY_GAP
+IDLE_POLL_SECONDS = 60.0  # RELAY_POLL_CEILING_SECONDS' default
+INSTANCE_VCPUS = 1.0  # assumption: a 2,048 MB Flex Consumption instance has about one vCPU (not confirmed)
 
 
 def billed_seconds(seconds: float) -> float:
@@ -58,10 +71,27 @@ def billed_seconds(seconds: float) -> float:
     return max(MIN_BILLABLE_SECONDS, math.ceil(round(seconds / BILLING_STEP_SECONDS, 6)) * BILLING_STEP_SECONDS)
 
 
-def cost_model(results: dict[str, Any], idle: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def busy_instances(running: float, *, per_instance: int = QUEUE_CONCURRENCY) -> float:
+    """The mean number of instances busy when executions arrive at random (Poisson) and `running` are under way
+    on average, each instance working up to `per_instance` at once: E[ceil(N / per_instance)], N ~ Poisson."""
+    if running <= 0:
+        return 0.0
+    probability, total, n = math.exp(-running), 0.0, 0
+    while n <= running + 12 * math.sqrt(running) + 30:
+        total += probability * math.ceil(n / per_instance)
+        n += 1
+        probability *= running / n
+    return total
+
+
+def cost_model(results: dict[str, Any], idle: dict[str, Any] | None = None,
+               chase: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Monthly usage and cost for 100, 1,000 and 10,000 conversations a day, from the measured counts: the timer
     ticking as the idle hour did (`idle`, the idle section's unless given), each tick costing the due-index
-    query (the fixed cost per tick) plus what each due conversation adds."""
+    query (the fixed cost per tick) plus what each due conversation adds; with `chase` (candidates.chase_cost),
+    a chase per user message: a poll_batch execution as long as the measured chase, its Direct Line GETs and
+    its queue transactions. Chases overlap (one per message, seconds each), so they are billed as the instances
+    they keep busy (busy_instances), not one active period each."""
     idle = idle or results["idle"]
     ticks = results["ticks"]
     hook_burst = results["webhook_cost_burst"]
@@ -89,18 +119,73 @@ def cost_model(results: dict[str, Any], idle: dict[str, Any] | None = None) -> l
         directline = (webhooks * hook_burst["directline_requests_per_webhook"]
                       + conversations * OPEN_HOURS_PER_CONVERSATION * idle_dl_hour)
         messages = webhooks * 2
+        queue = 0.0
+        if chase:
+            running = webhooks / MONTH_SECONDS * billed_seconds(chase["seconds_per_chase"])
+            gb_seconds += INSTANCE_GB * MONTH_SECONDS * busy_instances(running)
+            executions += webhooks
+            directline += webhooks * chase["directline_requests_per_chase"]
+            queue = webhooks * chase["queue_transactions_per_chase"]
         usd = {
             "functions": max(0.0, gb_seconds - PRICES["flex_free_gb_seconds"]["usd"]) * PRICES["flex_gb_second"]["usd"]
             + max(0.0, executions - PRICES["flex_free_executions"]["usd"]) / 1e6
             * PRICES["flex_million_executions"]["usd"],
             "tables": table / 10_000 * PRICES["table_10k_transactions"]["usd"],
+            "queues": queue / 10_000 * PRICES["queue_10k_operations"]["usd"],
             "directline_messages": messages / 1000 * PRICES["premium_channel_1k_messages"]["usd"],
         }
         rows.append({"conversations_per_day": per_day, "executions": executions, "gb_seconds": gb_seconds,
                      "timer_gb_seconds": INSTANCE_GB * timer_billed, "table_transactions": table,
-                     "fixed_table_transactions": fixed_table, "directline_requests": directline,
+                     "fixed_table_transactions": fixed_table, "queue_transactions": queue,
+                     "directline_requests": directline,
                      "directline_messages": messages, "usd": usd, "usd_total": sum(usd.values())})
     return rows
+
+
+def capacity_model(fanout: dict[str, Any]) -> dict[str, Any]:
+    """Instances the poll needs for 10,000 and 100,000 open conversations at the default schedule, from the
+    fan-out run on one host (an instance alone): per instance, as many conversations a second as its batches
+    work side by side (QUEUE_CONCURRENCY batches, each at the measured wall time per conversation) or its CPU
+    allows (INSTANCE_VCPUS over the measured CPU time per conversation), whichever is fewer."""
+    one = min(fanout["runs"], key=lambda run: run["hosts"])
+    counts = max(fanout["runs"], key=lambda run: run["hosts"])  # the counts hardly depend on the hosts
+    by_wall = QUEUE_CONCURRENCY / one["batch_seconds_per_conversation"]
+    by_cpu = INSTANCE_VCPUS / one["cpu_seconds_per_conversation"]
+    per_instance = min(by_wall, by_cpu)
+    share = EXCHANGE_SHARE / EXCHANGE_POLL_SECONDS + (1 - EXCHANGE_SHARE) / IDLE_POLL_SECONDS
+    rows = []
+    for conversations in CAPACITY_CONVERSATIONS:
+        due = conversations * share
+        rows.append({"conversations": conversations, "due_per_second": due,
+                     "instances": math.ceil(due / per_instance), "cpu_seconds_per_second": due
+                     * one["cpu_seconds_per_conversation"],
+                     "directline_requests_per_second": due * counts["directline_requests_per_conversation"],
+                     "table_transactions_per_second": due * counts["table_transactions_per_conversation"],
+                     "queue_transactions_per_second": due * counts["queue_transactions_per_conversation"]})
+    return {"exchange_share": EXCHANGE_SHARE, "exchange_poll_seconds": EXCHANGE_POLL_SECONDS,
+            "idle_poll_seconds": IDLE_POLL_SECONDS, "instance_vcpus": INSTANCE_VCPUS,
+            "queue_concurrency": QUEUE_CONCURRENCY, "per_instance_by_wall": by_wall, "per_instance_by_cpu": by_cpu,
+            "per_instance": per_instance, "rows": rows}
+
+
+def fanout_verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(target, measured, goal, met) for issue 19's fan-out targets."""
+    fanout = results.get("fanout")
+    if not fanout:
+        return []
+    most = max(fanout["runs"], key=lambda run: run["hosts"])
+    wanted = TARGETS["fanout_conversations"]
+    met = (most["hosts"] >= TARGETS["fanout_hosts"] and most["conversations"] >= wanted
+           and most["duplicates"] == 0 and most["missing"] == 0)
+    largest = fanout["capacity"]["rows"][-1]
+    return [
+        (f"fan-out: {TARGETS['fanout_hosts']} worker hosts, {wanted:,} due conversations, no reply doubled or lost",
+         f"{most['hosts']} hosts, {most['conversations']:,} conversations in {most['seconds']:.1f} s: "
+         f"{most['duplicates']} duplicates, {most['missing']} missing", "0 duplicates, 0 missing", met),
+        (f"capacity: instances for {largest['conversations']:,} open conversations at the default schedule",
+         f"{largest['instances']:,} ({largest['due_per_second']:,.0f} due a second, "
+         f"{fanout['capacity']['per_instance']:,.0f} per instance)", "shown", True),
+    ]
 
 
 def verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
@@ -144,7 +229,8 @@ def late_reply_verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, bo
     dl_before = before["directline_requests_per_conversation_hour"]
     tx = idle["per_conversation_table_transactions_per_hour"]
     tx_before = before["per_conversation_table_transactions_per_hour"]
-    where = f"default settings ({default['schedule']}, burst {default['burst_seconds']:g} s)"
+    chase = f", chase {default['chase_seconds']:g} s" if default.get("chase_seconds") else ""
+    where = f"default settings ({default['schedule']}, burst {default['burst_seconds']:g} s{chase})"
     return [
         (f"late (3 s) reply p50, {where}", f"{late['p50']:.2f} s", f"<= {TARGETS['late_reply_p50_seconds']:g} s",
          late["p50"] <= TARGETS["late_reply_p50_seconds"]),
@@ -161,7 +247,7 @@ def late_reply_verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, bo
 
 def summary(results: dict[str, Any]) -> str:
     lines = ["Benchmark summary (targets of issues 9 and 19):"]
-    for target, measured, goal, met in verdicts(results) + late_reply_verdicts(results):
+    for target, measured, goal, met in verdicts(results) + late_reply_verdicts(results) + fanout_verdicts(results):
         lines.append(f"  [{'met' if met else 'MISSED'}] {target}: {measured} (target {goal})")
     return "\n".join(lines)
 
@@ -217,7 +303,7 @@ def latency_cost_chart(results: dict[str, Any], path: Path, *, per_day: int = 1_
     for candidate in results["latency_cost"]:
         late = next(r for r in candidate["latency"] if r["reply"].startswith("late"))
         row = next(r for r in candidate["cost"] if r["conversations_per_day"] == per_day)
-        usd = row["usd"]["functions"] + row["usd"]["tables"]
+        usd = row["usd"]["functions"] + row["usd"]["tables"] + row["usd"].get("queues", 0.0)
         most = max(most, usd)
         line = axes.plot([usd, usd], [late["p50"], late["p95"]], marker="o", linewidth=3, alpha=0.7,
                          label=f"{candidate['name']}{' (default)' if candidate['default'] else ''}")
@@ -263,7 +349,7 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "| Target | Measured | Goal | |",
         "|---|---|---|---|",
     ]
-    for target, measured, goal, met in verdicts(results) + late_reply_verdicts(results):
+    for target, measured, goal, met in verdicts(results) + late_reply_verdicts(results) + fanout_verdicts(results):
         out.append(f"| {target} | {measured} | {goal} | {'met' if met else '**missed**'} |")
     out += [
         "",
@@ -328,7 +414,11 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "",
         "From the bot putting its reply into the conversation (the emulator's activity timestamp) to the "
         f"provider simulator receiving it, through the local host with the timer every "
-        f"{results['latency'][0]['timer_seconds']} s. Samples start at random moments over two timer periods. "
+        f"{results['latency'][0]['timer_seconds']} s"
+        + (f" and the chase at its default (RELAY_CHASE_SECONDS={results['latency'][0]['chase_seconds']:g}: a reply "
+           "the burst missed is looked for every second, section 6)" if results["latency"][0].get("chase_seconds")
+           else "")
+        + ". Samples start at random moments over two timer periods. "
         "A late (proactive) reply comes 3 s after the user's message, after a 2 s burst has ended.",
         "",
         "| Burst polling | Reply | Samples | p50 | p95 | max | p50 / timer |",
@@ -375,6 +465,8 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         out += latency_cost_markdown(results)
     if "seed" in results:
         out += seed_markdown(results)
+    if "fanout" in results:
+        out += fanout_markdown(results)
     out += [
         "",
         "## Cost model",
@@ -388,18 +480,21 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         f"{BILLING_STEP_SECONDS:g} s as Flex Consumption bills (executions that overlap on one instance share one "
         "period in reality, so this is an upper bound; a timer every second keeps an instance billed all month). "
         f"Months have {DAYS_PER_MONTH} days."
-        + (" Section 6 gives the same model for each timer schedule, the default included." if "latency_cost" in
+        + (" With the default settings every user message is chased too (section 6 says how a chase is billed)."
+           if any(c["default"] and c.get("chase") for c in results.get("latency_cost", [])) else "")
+        + (" Section 6 gives the same model for each candidate, the default included." if "latency_cost" in
            results else ""),
         "",
         "| Conversations a day | Executions | GB-s | Table transactions | Direct Line requests | Direct Line "
-        "messages | Functions | Tables | Direct Line | Total a month |",
+        "messages | Functions | Tables (and queues) | Direct Line | Total a month |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["cost"]:
         usd = row["usd"]
         out.append(f"| {row['conversations_per_day']:,} | {row['executions']:,.0f} | {row['gb_seconds']:,.0f} | "
                    f"{row['table_transactions']:,.0f} | {row['directline_requests']:,.0f} | "
-                   f"{row['directline_messages']:,.0f} | ${usd['functions']:,.2f} | ${usd['tables']:,.2f} | "
+                   f"{row['directline_messages']:,.0f} | ${usd['functions']:,.2f} | "
+                   f"${usd['tables'] + usd.get('queues', 0.0):,.2f} | "
                    f"${usd['directline_messages']:,.2f} | ${row['usd_total']:,.2f} |")
     out += ["", "Prices used (USD, pay-as-you-go):", ""]
     for name, price in PRICES.items():
@@ -436,7 +531,8 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
         "## 6. Late replies: latency against cost",
         "",
         "The bot answers 3 s after the user's message (the emulator's echo bot answers \"later\" with \"Late reply: "
-        "later\" 3 s after the turn). For each timer schedule (RELAY_POLL_SCHEDULE; every other setting at its "
+        "later\" 3 s after the turn). For each timer schedule (RELAY_POLL_SCHEDULE), without and with the chase "
+        "(RELAY_CHASE_SECONDS; every other setting at its "
         f"default, burst {rows[0]['burst_seconds']:g} s): reply latency through the local host as in section 3 "
         f"({_reply(rows[0], 'late')['samples']} samples each), and {first['conversations']} conversations idle "
         f"for {first['hours']:g} simulated hour(s) of ticks at the schedule's interval, as in section 2. The "
@@ -446,7 +542,7 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
         "the index rows they postpone). Monthly costs as in the cost model below, with the schedule's own ticks. "
         f"The baseline is the 5 s timer before issue 19 (run of {baseline['run']}).",
         "",
-        "| Schedule | Late p50 | Late p95 | Prompt p50 | Idle DL requests per conversation-hour | Idle table tx "
+        "| Candidate | Late p50 | Late p95 | Prompt p50 | Idle DL requests per conversation-hour | Idle table tx "
         "per conversation-hour (the conversation's) | Fixed: table tx per tick (per hour) | Executions a month "
         "| A month at 100 / 1,000 / 10,000 conversations a day | of which Functions (at 1,000) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -461,14 +557,16 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
         cost = {row["conversations_per_day"]: row for row in candidate["cost"]}
         totals = " / ".join(f"${cost[v]['usd_total']:,.0f}" for v in VOLUMES)
         name = f"**{candidate['name']} (default)**" if candidate["default"] else candidate["name"]
+        chase = f", chase {candidate['chase_seconds']:g} s" if candidate.get("chase_seconds") else ""
         out.append(
-            f"| {name}: `{candidate['schedule']}` | {late['p50']:.2f} s | {late['p95']:.2f} s | "
+            f"| {name}: `{candidate['schedule']}`{chase} | {late['p50']:.2f} s | {late['p95']:.2f} s | "
             f"{prompt['p50']:.2f} s | "
             f"{idle['directline_requests_per_conversation_hour']:.1f} | "
             f"{idle['per_conversation_table_transactions_per_hour']:.2f} | "
             f"{idle['fixed_table_transactions_per_tick']:.2f} ({_fixed_per_hour(idle):,.0f}) | "
             f"{cost[VOLUMES[0]]['executions']:,.0f} to {cost[VOLUMES[-1]]['executions']:,.0f} | {totals} | "
             f"${cost[1_000]['usd']['functions']:,.2f} |")
+    out += _chase_markdown(rows)
     out += [
         "",
         f"![Late-reply latency against monthly cost]({LATENCY_COST_CHART})",
@@ -484,6 +582,36 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
         "traffic, and a timer every n seconds 1/n of that. The fixed table transactions grow the same way (so "
         "many a tick), but at Table Storage's price they stay cents a month.",
     ]
+    return out
+
+
+def _chase_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """What the chase candidate costs per message, and why its idle hour is the 5 s timer's."""
+    out = []
+    for candidate in rows:
+        chase = candidate.get("chase")
+        if not chase:
+            continue
+        prompt, late = chase["by_reply"]["prompt"], chase["by_reply"]["late"]
+        out += [
+            "",
+            f"The chase ({candidate['name']}): every webhook with a new message leaves a poll queue message, and "
+            f"poll_batch looks for the bot's replies every second until {chase['chase_seconds']:g} s after the "
+            "message (RELAY_CHASE_SECONDS), ending a second after it delivered one. The timer-only rows run with "
+            "RELAY_CHASE_SECONDS=0. Measured through the local host with the timer out of the way (every poll_batch "
+            "execution is a chase, every GET after the webhook answered is the chase's), "
+            f"{prompt['messages']} messages of each kind: a message the bot answers at once (the burst delivers "
+            f"the reply) keeps its chase {prompt['mean_seconds']:.1f} s (max {prompt['max_seconds']:.1f} s) for "
+            f"{prompt['directline_requests_per_chase']:.1f} GETs; one it answers again 3 s later "
+            f"{late['mean_seconds']:.1f} s (max {late['max_seconds']:.1f} s) for "
+            f"{late['directline_requests_per_chase']:.1f} GETs. The cost model charges every message the longer of "
+            f"the two ({chase['seconds_per_chase']:.1f} s, {chase['directline_requests_per_chase']:.1f} GETs: an "
+            f"upper bound) and {chase['queue_transactions_per_chase']} queue transactions (put, get, delete). "
+            "Chases overlap, so they are billed as the instances they keep busy: messages arrive at random and an "
+            f"instance works {QUEUE_CONCURRENCY} at once (host.json batchSize + newBatchThreshold). "
+            "While nobody writes there is no chase: the idle cost is the "
+            f"{candidate.get('idle_shared_with', 'same schedule')}'s, the same run.",
+        ]
     return out
 
 
@@ -528,3 +656,121 @@ def seed_markdown(results: dict[str, Any]) -> list[str]:
                    f"{prompt['p95']:.2f} s | {late['p50']:.2f} / {late['p95']:.2f} s | Table Storage: survives "
                    "restarts, any number of instances |")
     return out
+
+
+def fanout_markdown(results: dict[str, Any]) -> list[str]:
+    """Section 8: the poll fanned out over the queue on 1, 2 and 4 hosts, and the capacity model."""
+    fanout, capacity = results["fanout"], results["fanout"]["capacity"]
+    runs = fanout["runs"]
+    out = [
+        "",
+        "## 8. Fan-out over the poll queue",
+        "",
+        f"{fanout['conversations']:,} conversations are due at once ({fanout['reply_share']:.0%} with a bot reply "
+        "waiting; the others idle at the ceiling, so one worked is not due again during the run). N local hosts "
+        "(devstack.host on function_app) share Azurite and the emulator "
+        f"({fanout['latency_ms']} ms added to every Direct Line request): the first runs the timer "
+        f"(`{fanout['schedule']}`), which hands the due rows to the poll queue in batches of 100 (more than "
+        f"RELAY_FANOUT_THRESHOLD={fanout['fanout_threshold']} are due); the others have "
+        "AzureWebJobs.poller.Disabled and work batches only (poll_batch, up to "
+        f"{QUEUE_CONCURRENCY} at once per host). Time: from the batches appearing in the queue until no row "
+        "due at the start is due any more and every waiting reply was delivered. Every reply was delivered exactly "
+        "once (the provider simulator's records; the run fails otherwise). A conversation whose work failed (here: "
+        "Azurite timing out under the load) stays due and is worked by a later round. A run longer than the ceiling "
+        "sees conversations fall due again: the figures per conversation are over every conversation peeked or "
+        "worked (the log lines of batches and ticks). CPU: each host process's user + "
+        "system time over the run (/proc), idle polling of the queue included. Storage transactions are counted "
+        "in the hosts at the storage client's transport, as elsewhere. All hosts share this 2-core machine with "
+        "Azurite and the emulator, so more hosts add no cores: the runs show the work spreads and stays "
+        "exactly once, not how fast separate instances would be.",
+        "",
+        "| Hosts | Time | Conversations/s | Ticks | poll_batch executions per host | Batch: median time "
+        "(conversations) | CPU per conversation | DL requests per conversation | Table tx per conversation "
+        "| Queue tx per "
+        "conversation | Delivered / duplicates / missing | Failed attempts (worked again) |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for run in runs:
+        batch = (f"{run['batch_seconds_median']:.2f} s ({run['batch_conversations_median']:.0f})"
+                 if run["batch_seconds_median"] is not None else "")
+        out.append(f"| {run['hosts']} | {run['seconds']:.1f} s | {run['conversations_per_second']:.0f} | "
+                   f"{run['ticks']} | {' + '.join(str(n) for n in run['poll_batch_executions_per_host'])} | {batch} | "
+                   f"{run['cpu_seconds_per_conversation'] * 1000:.1f} ms | "
+                   f"{run['directline_requests_per_conversation']:.2f} | "
+                   f"{run['table_transactions_per_conversation']:.3f} | "
+                   f"{run['queue_transactions_per_conversation']:.3f} | {run['delivered']} / {run['duplicates']} / "
+                   f"{run['missing']} | {run.get('failed_attempts', 0)} |")
+    out += [
+        "",
+        f"![Fan-out on 1, 2 and 4 hosts]({FANOUT_CHART})",
+        "",
+        "### Capacity model",
+        "",
+        f"Open conversations are polled on their own schedule: assume {capacity['exchange_share']:.0%} are in an "
+        f"exchange (a message within the last 2 minutes: polled every {capacity['exchange_poll_seconds']:g} s) "
+        f"and the rest idle at the ceiling (every {capacity['idle_poll_seconds']:g} s, RELAY_POLL_CEILING_SECONDS): "
+        "assumptions, not measurements. One instance works "
+        f"{capacity['queue_concurrency']} batches at once (host.json batchSize + newBatchThreshold), so at the "
+        "measured wall time per conversation in a batch (one host) it works "
+        f"{capacity['per_instance_by_wall']:,.0f} conversations a second; its CPU (assumption: "
+        f"{capacity['instance_vcpus']:g} vCPU for 2,048 MB, not confirmed) allows "
+        f"{capacity['per_instance_by_cpu']:,.0f} at the measured CPU time per conversation. The lower, "
+        f"**{capacity['per_instance']:,.0f} conversations a second per instance**, gives the instances the poll "
+        "needs (webhooks and chases scale on their own, apart):",
+        "",
+        "| Open conversations | Due a second | Instances | CPU seconds a second | Direct Line requests a second "
+        "| Table tx a second | Queue tx a second |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in capacity["rows"]:
+        out.append(f"| {row['conversations']:,} | {row['due_per_second']:,.0f} | {row['instances']:,} | "
+                   f"{row['cpu_seconds_per_second']:,.1f} | {row['directline_requests_per_second']:,.0f} | "
+                   f"{row['table_transactions_per_second']:,.0f} | {row['queue_transactions_per_second']:,.1f} |")
+    out += [
+        "",
+        "Beyond instances: the due index is one table partition, which Azure Table Storage targets at about "
+        "2,000 entities a second (its scalability targets), and every due conversation's row is read by a batch "
+        "query and rewritten when it is postponed; Direct Line's own rate limits apply to the GETs. Either may "
+        "bound the poll before the instances do.",
+    ]
+    return out
+
+
+def fanout_chart(results: dict[str, Any], path: Path) -> None:
+    """Time and CPU per conversation on 1, 2 and 4 hosts; instances against open conversations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fanout = results["fanout"]
+    runs, capacity = fanout["runs"], fanout["capacity"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    hosts = [str(run["hosts"]) for run in runs]
+    left.bar(hosts, [run["seconds"] for run in runs], color="tab:blue", label="time to work them all (s)")
+    left.set_xlabel(f"worker hosts ({fanout['conversations']:,} due conversations, one 2-core machine)")
+    left.set_ylabel("seconds")
+    cpu = left.twinx()
+    cpu.plot(hosts, [run["cpu_seconds_per_conversation"] * 1000 for run in runs], color="tab:red", marker="o",
+             label="CPU per conversation (ms)")
+    cpu.set_ylabel("CPU ms per conversation")
+    cpu.set_ylim(bottom=0)
+    left.legend(loc="upper left", fontsize=8)
+    cpu.legend(loc="upper right", fontsize=8)
+    left.set_title("Fan-out: time and CPU")
+    open_conversations = [1_000, 3_000, 10_000, 30_000, 100_000, 300_000]
+    share = (capacity["exchange_share"] / capacity["exchange_poll_seconds"]
+             + (1 - capacity["exchange_share"]) / capacity["idle_poll_seconds"])
+    right.plot(open_conversations, [math.ceil(n * share / capacity["per_instance"]) for n in open_conversations],
+               marker="o")
+    for row in capacity["rows"]:
+        right.annotate(f"{row['instances']} at {row['conversations']:,}", (row["conversations"], row["instances"]),
+                       textcoords="offset points", xytext=(-10, 8), fontsize=8, ha="right")
+    right.set_xscale("log")
+    right.set_xlabel(f"open conversations ({capacity['exchange_share']:.0%} in an exchange)")
+    right.set_ylabel("instances the poll needs")
+    right.set_ylim(bottom=0)
+    right.set_title(f"Capacity: {capacity['per_instance']:,.0f} conversations/s per instance")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
