@@ -1,12 +1,13 @@
 """Measurement 6: late-reply latency against cost, for each way the relay could find a late reply.
 
-The candidates: the timer alone every 5, 2 or 1 s (RELAY_CHASE_SECONDS=0), and the 5 s timer with the chase
-(RELAY_CHASE_SECONDS=10: each webhook leaves a poll queue message and poll_batch looks for the bot's reply every
-second until 10 s after the user's message). For each: prompt and late (3 s) reply latency through the local host
-with the default burst, and an idle hour of simulated ticks at the timer's interval (what waiting costs). The chase
-costs nothing while nobody writes, so its idle hour is the 5 s timer's, not run twice; what it costs per message
-(a poll_batch execution, its Direct Line GETs, three queue transactions) is measured apart, through the host with
-the timer out of the way. The monthly cost of each comes from report.cost_model.
+The candidates: the timer alone every 5, 2 or 1 s (RELAY_CHASE_SECONDS=0), and the 5 s timer with the
+chase (RELAY_CHASE_SECONDS=10: each webhook leaves a chase queue message and the chase function looks
+for the bot's reply every second until 10 s after the user's message). For each: prompt and late (3 s)
+reply latency through the local host with the default burst, and an idle hour of simulated ticks at the
+timer's interval (what waiting costs). The chase costs nothing while nobody writes, so its idle hour is
+the 5 s timer's, not run twice; what it costs per message (a chase execution, its Direct Line GETs,
+three queue transactions) is measured apart, through the host with the timer out of the way. The
+monthly cost of each comes from report.cost_model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from azure.storage.queue import QueueClient
 from benchmarks import fanout, hosted, polling
 from benchmarks.stack import Stack
 from devstack.procs import wait_until
+from relay.fanout import CHASE_SUFFIX
 from relay.settings import SETTINGS
 from relay.store.conversations import ConversationKey
 
@@ -69,7 +71,7 @@ def latency_cost_benchmark(stack: Stack, env: dict[str, str], *, samples: int = 
         row = {"name": candidate.name, "schedule": candidate.schedule, "timer_seconds": candidate.timer_seconds,
                "chase_seconds": candidate.chase_seconds, "default": is_default(candidate),
                "burst_seconds": DEFAULT_BURST, "latency": latency,
-               "poll_batch_executions": len(hosted.executions(stack.logs / log_name, "poll_batch"))}
+               "poll_batch_executions": len(hosted.executions(stack.logs / log_name, "chase"))}
         if candidate.timer_seconds in idle_runs:
             print(f"  {candidate.name}: idle cost as the {candidate.timer_seconds:g} s timer's (no messages, no "
                   "chase)", flush=True)
@@ -91,8 +93,8 @@ def latency_cost_benchmark(stack: Stack, env: dict[str, str], *, samples: int = 
 
 def chase_cost(stack: Stack, env: dict[str, str], *, chase_seconds: float, samples: int = 16,
                latency_ms: int = 50) -> dict:
-    """What one user message's chase costs, through the host with the timer out of the way (so every poll_batch
-    execution is a chase and every GET after the webhook answered is the chase's): for a message the bot answers
+    """What one user message's chase costs, through the host with the timer out of the way (so every chase
+    execution is one and every GET after the webhook answered is the chase's): for a message the bot answers
     at once ("hello": the burst delivers the reply, the chase looks on until RELAY_CHASE_SECONDS) and one it
     answers again 3 s later ("later": the chase delivers the late reply, then ends a second later)."""
     log_name = f"host-chase-cost-{chase_seconds:g}s.log"
@@ -101,8 +103,8 @@ def chase_cost(stack: Stack, env: dict[str, str], *, chase_seconds: float, sampl
     try:
         with hosted.relay_host(stack, burst=DEFAULT_BURST, env=env, schedule=hosted.NEVER, chase_seconds=chase_seconds,
                                log_name=log_name) as (_, store):
-            queue = QueueClient.from_connection_string(stack.azurite.connection_string,
-                                                       stack.settings_environ(store.tables.prefix)["RELAY_POLL_QUEUE"])
+            chase_queue = stack.settings_environ(store.tables.prefix)["RELAY_POLL_QUEUE"] + CHASE_SUFFIX
+            queue = QueueClient.from_connection_string(stack.azurite.connection_string, chase_queue)
             for kind, text, replies in (("prompt", "hello", 1), ("late", "later", 2)):
                 by_reply[kind] = _chases(stack, store, queue, stack.logs / log_name, kind=kind, text=text,
                                          replies=replies, samples=samples, timeout=3 * chase_seconds + 30)
@@ -119,8 +121,8 @@ def chase_cost(stack: Stack, env: dict[str, str], *, chase_seconds: float, sampl
 
 def _chases(stack: Stack, store, queue: QueueClient, log_path: Path, *, kind: str, text: str, replies: int,
             samples: int, timeout: float) -> dict:
-    """`samples` users write `text` at once; each chase's time (its poll_batch execution) and GETs."""
-    done_before = len(hosted.executions(log_path, "poll_batch"))
+    """`samples` users write `text` at once; each chase's time (its chase execution) and GETs."""
+    done_before = len(hosted.executions(log_path, "chase"))
     users = [f"+1444{kind == 'late':d}{number:06d}" for number in range(samples)]
     with ThreadPoolExecutor(samples) as pool:
         during_webhook = dict(zip(users, pool.map(lambda user: _webhook_gets(stack, store, user, text), users),
@@ -131,12 +133,12 @@ def _chases(stack: Stack, store, queue: QueueClient, log_path: Path, *, kind: st
 
     def chased() -> bool:
         return (fanout.queued(queue) == 0
-                and len(hosted.executions(log_path, "poll_batch")) >= done_before + samples)
+                and len(hosted.executions(log_path, "chase")) >= done_before + samples)
 
     for user in users:
         wait_until(functools.partial(replied, user), timeout=60, what=f"{replies} replies for {user}")
     wait_until(chased, timeout=timeout, what="every chase done")
-    seconds = hosted.executions(log_path, "poll_batch")[done_before:]
+    seconds = hosted.executions(log_path, "chase")[done_before:]
     gets = [_gets(stack, store, user) - before for user, before in during_webhook.items()]
     return {"chases": len(seconds), "messages": samples, "mean_seconds": statistics.mean(seconds),
             "max_seconds": max(seconds), "directline_requests_per_chase": statistics.mean(gets)}

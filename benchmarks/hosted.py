@@ -40,7 +40,7 @@ _EXECUTED = re.compile(r"Executed 'Functions\.(?P<name>\w+)' \(Succeeded, .*Dura
 def relay_host(stack: Stack, *, burst: float, env: dict[str, str], log_name: str, schedule: str = SCHEDULE,
                chase_seconds: float = CHASE_SECONDS) -> Iterator[tuple[str, RelayStore]]:
     """devstack.host serving function_app on the simulator's relay URL, on tables and a poll queue of its own
-    (its queue trigger runs poll_batch: the chases its webhooks leave)."""
+    (its queue triggers run poll_batch and chase: the chases its webhooks leave)."""
     prefix = f"bhost{uuid.uuid4().hex[:8]}"
     values = stack.settings_environ(prefix, RELAY_POLL_SCHEDULE=schedule, RELAY_BURST_POLL_SECONDS=f"{burst:g}",
                                     RELAY_CHASE_SECONDS=f"{chase_seconds:g}",
@@ -119,7 +119,7 @@ def latency_benchmark(stack: Stack, env: dict[str, str], *, samples: int = 16, l
 def inbound_benchmark(stack: Stack, env: dict[str, str], *, count: int = 200, concurrency: int = 8,
                       latency_ms: int = 50) -> dict:
     """Signed webhooks through the host with burst polling and the chase off: what the relay takes to store and post
-    one (the chase, a poll_batch execution of its own, is measured in benchmarks/candidates.py)."""
+    one (the chase, an execution of its own, is measured in benchmarks/candidates.py)."""
     values = {name: value for name, value in stack.settings_environ("x").items()}
     stack.emulator.set_faults(latency_ms=latency_ms)
     try:

@@ -37,6 +37,7 @@ SESSION_REFRESH_EVERY a tick also refreshes the Web Chat sessions' tokens that a
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -50,6 +51,7 @@ from relay.fanout import BATCH_ROWS, MAX_FANOUT_ROWS, Chase, batches_of, parse_m
 from relay.settings import MAX_CHASE_SECONDS
 from relay.store.due_polls import DueConversation
 from relay.store.sweep import sweep_tables
+from relay.store.tables import BATCH_LIMIT
 from relay.tokens import refresh_session_tokens
 
 __all__ = ["TickResult", "poll_tick", "sweep", "work_chase", "work_poll_message"]
@@ -230,9 +232,23 @@ def _fan_out(ctx: RelayContext) -> int | None:
 
 def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, workers: int,
               tick: str) -> TickResult:
-    """Peek or work each due conversation, `workers` at a time, and move the quiet ones' next peek on."""
+    """Peek or work each due conversation, `workers` at a time, and move the quiet ones' next peek on: a worker
+    that completes a transaction's worth (BATCH_LIMIT rows) postpones them while the others still peek."""
     now = ctx.clock.now()
     quiet: list[tuple[DueConversation, datetime, float]] = []
+    quiet_count = 0
+    lock = threading.Lock()
+
+    def postpone_later(row: tuple[DueConversation, datetime, float]) -> None:
+        nonlocal quiet_count
+        with lock:
+            quiet.append(row)
+            quiet_count += 1
+            full = quiet[:] if len(quiet) >= BATCH_LIMIT else []
+            if full:
+                quiet.clear()
+        if full:
+            ctx.store.due_polls.postpone_rows(full)
 
     def work(item: DueConversation) -> WorkResult | None:
         owner = f"{tick}:{item.index_key[-8:]}"
@@ -245,7 +261,7 @@ def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, 
                                                      last_user_activity=item.last_user_activity_at,
                                                      interval=item.poll_interval,
                                                      ceiling=ctx.settings.relay.poll_ceiling_seconds)
-                    quiet.append((item, after, interval))  # list.append is atomic: no lock needed
+                    postpone_later((item, after, interval))
                     return None
             record = ctx.store.conversations.claim_due(item, owner=owner,
                                                        lease_seconds=ctx.settings.relay.lease_seconds,
@@ -277,7 +293,7 @@ def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, 
         ended=sum(r.ended for r in results),
         failed=sum(bool(r.error) for r in results),
         seconds=ctx.clock.monotonic() - started,
-        quiet=len(quiet),
+        quiet=quiet_count,
     )
 
 
