@@ -141,9 +141,8 @@ def wall_sampler(top: int, *, interval: float = 0.002) -> Iterator[None]:
 
 @contextmanager
 def timed_phases(ctx, azurite_pid: int) -> Iterator[dict[str, float]]:
-    """Wall seconds of the tick's serial phases (listing the due index, postponing, the session tokens), Azurite's
+    """Wall seconds of the tick's serial phases (listing the due index, postponing), Azurite's
     CPU seconds in each, and the relay's CPU and wall seconds in the postponing transactions."""
-    import relay.poller
 
     phases: dict[str, float] = {}
 
@@ -158,7 +157,7 @@ def timed_phases(ctx, azurite_pid: int) -> Iterator[dict[str, float]]:
         return wrapper
 
     due_polls = ctx.store.due_polls
-    batches = due_polls._table.client
+    batches = ctx.store.tables.client("duepolls")  # the one client the due index writes its batches with
 
     def submit(fn):
         def wrapper(*args, **kwargs):
@@ -173,12 +172,9 @@ def timed_phases(ctx, azurite_pid: int) -> Iterator[dict[str, float]]:
     batches.submit_transaction = submit(batches.submit_transaction)
     due_polls.list_due = timing("list_due", due_polls.list_due)
     due_polls.postpone_rows = timing("postpone_rows", due_polls.postpone_rows)
-    refresh = relay.poller._refresh_session_tokens
-    relay.poller._refresh_session_tokens = timing("session_tokens", refresh)
     try:
         yield phases
     finally:
-        relay.poller._refresh_session_tokens = refresh
         del due_polls.list_due, due_polls.postpone_rows, batches.submit_transaction
 
 

@@ -537,7 +537,7 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
         f"({_reply(rows[0], 'late')['samples']} samples each), and {first['conversations']} conversations idle "
         f"for {first['hours']:g} simulated hour(s) of ticks at the schedule's interval, as in section 2. The "
         "idle cost is split in two: what a tick costs with nothing due, whatever the number of conversations "
-        "(the due-index query, and the Web Chat sessions' refresh-index query every 5 s at most: a fixed cost per "
+        "(the due-index query, and the Web Chat sessions' refresh-index query: two queries, a fixed cost per "
         "tick, the mean over the ticks with nothing due), and what each conversation adds on top (its peeks, and "
         "the index rows they postpone). Monthly costs as in the cost model below, with the schedule's own ticks. "
         f"The baseline is the 5 s timer before issue 19 (run of {baseline['run']}).",

@@ -120,8 +120,6 @@ class RelayContext:
     directline: DirectLineClient
     adapter: Callable[[str], ChannelAdapter]
     clock: Clock = SYSTEM_CLOCK
-    next_session_refresh: float = field(default=float("-inf"), repr=False, compare=False)
-    """When the poller looks for Web Chat session tokens to refresh next (the clock's monotonic time)."""
 
     @functools.cached_property
     def poll_queue(self) -> PollQueue:

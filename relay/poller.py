@@ -28,10 +28,9 @@ The same function works the chases webhooks leave (`work_chase`): a late reply i
 second for a few seconds after the user's message, so it does not wait for the next tick.
 
 Each conversation is polled on its own schedule (conversations.next_idle_poll), whatever the timer's
-(RELAY_POLL_SCHEDULE): a tick with nothing due costs one query and logs nothing. Every
-SESSION_REFRESH_EVERY a tick also refreshes the Web Chat sessions' tokens that are due
-(relay/tokens.py), found with one more range query, for a few seconds at most
-(SESSION_REFRESH_BUDGET_SECONDS, whatever Direct Line does).
+(RELAY_POLL_SCHEDULE): a tick with nothing due costs one query and logs nothing. Each tick also
+refreshes the Web Chat sessions' tokens that are due (relay/tokens.py), found with one more range
+query, for a few seconds at most (SESSION_REFRESH_BUDGET_SECONDS, whatever Direct Line does).
 """
 
 from __future__ import annotations
@@ -66,8 +65,6 @@ BATCH_WORKERS = 10
 CHASE_QUIET = timedelta(seconds=5)
 """A chase ends once the bot answered the user's message and was quiet this long: long enough for the answer
 that follows an acknowledgement ("let me look that up"), far shorter than the chase for a bot done at once."""
-SESSION_REFRESH_EVERY = 5.0
-"""Seconds between two looks for Web Chat session tokens to refresh (a query each): well inside their refresh margin."""
 CHASE_CLOCK_SKEW = timedelta(seconds=5)
 """How far ahead of this instance's clock the webhook's instance may have written a chase's times."""
 FULL_POLL_EVERY = timedelta(hours=1)
@@ -306,11 +303,7 @@ def _log(what: str, result: TickResult) -> None:
 
 
 def _refresh_session_tokens(ctx: RelayContext) -> None:
-    """Keep the Web Chat sessions' tokens fresh (relay/tokens.py) every SESSION_REFRESH_EVERY at most, whatever
-    the timer's schedule (a query each time); its trouble never stops the polling."""
-    if ctx.clock.monotonic() < ctx.next_session_refresh:
-        return
-    ctx.next_session_refresh = ctx.clock.monotonic() + SESSION_REFRESH_EVERY
+    """Keep the Web Chat sessions' tokens fresh (relay/tokens.py); its trouble never stops the polling."""
     try:
         refresh_session_tokens(ctx.store, ctx.directline, clock=ctx.clock)
     except Exception:

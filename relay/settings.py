@@ -23,6 +23,7 @@ from relay.errors import SettingsError
 
 __all__ = [
     "CHANNEL_SWITCHES",
+    "MAX_CHASE_SECONDS",
     "SETTINGS",
     "DirectLineSettings",
     "RelaySettings",

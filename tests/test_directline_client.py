@@ -174,17 +174,24 @@ def test_find_activity_by_client_id(client):
     assert client.find_activity_by_client_id(conversation.conversation_id, "SM-unknown") is None
 
 
-class _NoWatermark(BaseHTTPRequestHandler):
+class _JsonAnswer(BaseHTTPRequestHandler):
+    """Answers every GET with `body`, JSON."""
+
+    body = b"{}"
+
     def do_GET(self):
-        body = b'{"activities": []}'
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(self.body)
 
     def log_message(self, *args):
         pass
+
+
+class _NoWatermark(_JsonAnswer):
+    body = b'{"activities": []}'
 
 
 def test_an_answer_without_watermark_keeps_the_previous_one():
@@ -201,22 +208,15 @@ def test_an_answer_without_watermark_keeps_the_previous_one():
         server.server_close()
 
 
-class _Proxy(BaseHTTPRequestHandler):
+class _Proxy(_JsonAnswer):
     """A forward proxy that answers every GET itself, remembering the URL it was asked for."""
 
     asked: list[str] = []
+    body = b'{"activities": [], "watermark": "1"}'
 
     def do_GET(self):
         self.asked.append(self.path)
-        body = b'{"activities": [], "watermark": "1"}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        super().do_GET()
 
 
 def test_the_environments_proxy_is_used_unless_no_proxy_names_the_host(monkeypatch):
