@@ -74,13 +74,13 @@ FULL_POLL_EVERY = timedelta(hours=1)
 @dataclass(frozen=True)
 class TickResult:
     due: int
-    worked: int
-    posted: int
-    delivered: int
-    dead_letters: int
-    ended: int
-    failed: int
-    seconds: float
+    worked: int = 0
+    posted: int = 0
+    delivered: int = 0
+    dead_letters: int = 0
+    ended: int = 0
+    failed: int = 0
+    seconds: float = 0.0
     quiet: int = 0  # peeked without the lease and found nothing new
     batches: int = 0  # handed to the poll queue (relay/fanout.py) instead of worked here
 
@@ -110,7 +110,7 @@ def work_poll_message(ctx: RelayContext, body: bytes, *, workers: int = BATCH_WO
         log.error("poll queue: the message is not one this relay wrote; dropped")
         telemetry.count(telemetry.POLL_BATCHES, kind="unknown", outcome="malformed")
         return None
-    kind, outcome = ("chase", "failed") if isinstance(message, Chase) else ("rows", "failed")
+    kind, outcome = "chase" if isinstance(message, Chase) else "rows", "failed"
     try:
         result = work_chase(ctx, message) if isinstance(message, Chase) else _work_rows(ctx, message, workers=workers)
         outcome = "ok"
@@ -192,17 +192,17 @@ def _tick(ctx: RelayContext, started: float, *, limit: int, workers: int) -> Tic
         with telemetry.span("relay.poll"):  # a tick that fails is traced, with its error
             raise
     if not due:  # most ticks at low traffic: no span (exported, 17,280 a day would be billed)
-        result = TickResult(due=0, worked=0, posted=0, delivered=0, dead_letters=0, ended=0, failed=0, seconds=0.0)
+        result = TickResult(due=0)
     else:
         with telemetry.span("relay.poll") as span:
-            batches = _fan_out(ctx) if threshold and len(due) > threshold else None
+            too_many = bool(threshold) and len(due) > threshold
+            batches = _fan_out(ctx) if too_many else None
             if batches is None:
-                if threshold and len(due) > threshold:  # the queue failed us: as many as one execution works
+                if too_many:  # the queue failed us: as many as one execution works
                     due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=max(limit, threshold))
                 result = _work_due(ctx, due, started, workers=workers, tick=new_owner("poller"))
             else:
-                result = TickResult(due=len(due), worked=0, posted=0, delivered=0, dead_letters=0, ended=0, failed=0,
-                                    seconds=0.0, batches=batches)
+                result = TickResult(due=len(due), batches=batches)
             span.set(due=result.due, worked=result.worked, quiet=result.quiet, failed=result.failed,
                      batches=result.batches)
     _refresh_session_tokens(ctx)
@@ -295,7 +295,7 @@ def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, 
 
 
 def _log(what: str, result: TickResult) -> None:
-    """One line per tick or batch that found something due (a tick every second finding nothing says nothing)."""
+    """One line per tick or batch that found something due (a tick finding nothing says nothing: most of them)."""
     log.log(logging.INFO if result.due or result.batches else logging.DEBUG,
             "%s: due=%d quiet=%d worked=%d posted=%d delivered=%d dead_letters=%d ended=%d failed=%d batches=%d "
             "in %.0f ms", what, result.due, result.quiet, result.worked, result.posted, result.delivered,
