@@ -56,7 +56,7 @@ test: deps browser
 soak: deps
 	$(PY) -m tests.chaos.soak $(SOAK_ARGS)
 
-# Benchmarks on the local stack (a quarter of an hour): docs/benchmarks.{md,json} and charts, and a summary.
+# Benchmarks on the local stack (about an hour): docs/benchmarks.{md,json} and charts, and a summary.
 # Never part of `make test`. Smaller: make bench BENCH_ARGS="--sizes 10,100 --idle-hours 0.25".
 # Some sections only, the others kept from docs/benchmarks.json: make bench BENCH_ARGS="--only latency_cost,seed".
 bench: deps

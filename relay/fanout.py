@@ -4,7 +4,7 @@ The timer is a singleton (the host runs it on one instance at a time), so past a
 conversations one execution cannot work them all. Above the threshold it works none itself: it lists
 the due rows' keys and enqueues them in batches of BATCH_ROWS, each a RowKey range of the due index;
 the queue-triggered `poll_batch` function (function_app.py) reads its range with one query and works
-it as the timer would (poller.work_batch). Flex Consumption scales a queue-triggered function out by
+it as the timer would (poller.work_poll_message). Flex Consumption scales a queue-triggered function out by
 the queue's length, so the poll runs on as many instances as the due conversations need, on the
 platform's own machinery: no scheduler of ours.
 
@@ -18,7 +18,7 @@ retried by the host and, after maxDequeueCount (5, host.json) attempts, moved to
 (RELAY_POLL_QUEUE + "-poison", kept for the operator); its conversations are simply due again at the
 next tick. So a tick does not enqueue while an earlier round is still in the queue (its approximate
 message count, one request): the queue holds at most one round of work, and a slow round delays the
-next instead of piling up copies of it. A message lives MESSAGE_TTL at most: a range from long ago
+next instead of piling up copies of it. A message lives MESSAGE_TTL_SECONDS at most: a range from long ago
 is worth nothing.
 
 A queue beside it carries chases (RELAY_POLL_QUEUE + "-chase", worked by the `chase` function). A
@@ -28,11 +28,10 @@ user (after its burst; a queue that cannot take it is logged and the webhook ans
 the chase looks for replies every second until RELAY_CHASE_SECONDS after the user's message,
 without the lease until there is something to deliver (poller.work_chase). Chases have a queue of
 their own so that the timer's "is the last round still there?" counts batches only, and so that
-they scale apart. One execution per
-message, billed while it waits (at most the chase's seconds): far less than a timer every second,
-which bills every second of the month (Flex Consumption bills an execution at least 1 s;
-docs/benchmarks.md compares them).
-A chase names its conversation by the keyed hash of its key (no user's address in a queue).
+they scale apart. One execution per message, billed while it waits (at most the chase's seconds):
+far less than a timer every second, which bills every second of the month (Flex Consumption bills
+an execution at least 1 s; docs/benchmarks.md compares them). A chase names its conversation by
+the keyed hash of its key (no user's address in a queue).
 
 Queue messages are JSON, base64-encoded as the Functions host expects (host.json
 extensions.queues.messageEncoding; see relay/store/tables.py queue_client).
