@@ -8,19 +8,22 @@ It starts what it needs (Azurite, the Direct Line emulator, the provider simulat
 on free loopback ports and stops them afterwards. Most of an hour on two cores (the fan-out section, seeding
 6,000 conversations, about a quarter of it). `--only` measures
 the sections named (ticks, idle, latency, inbound, cold_start, latency_cost, seed, fanout) and keeps the
-others from OUT/benchmarks.json.
+others from OUT/benchmarks.json. Each section is saved there as soon as it is measured: after a failure,
+`--only` the sections still missing finishes the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import logging
 import os
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import candidates, coldstart, fanout, hosted, polling, report, seed
@@ -56,8 +59,9 @@ def child_env() -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith(prefixes)}, "PYTHONUNBUFFERED": "1"}
 
 
-def run(args: argparse.Namespace, results: dict) -> dict:
-    """Measure the sections in `args.only` into `results` (the others stay as they are)."""
+def run(args: argparse.Namespace, results: dict, checkpoint: Callable[[dict], None]) -> dict:
+    """Measure the sections in `args.only` into `results` (the others stay as they are), passing `results` to
+    `checkpoint` after each section: a run that fails late keeps what it measured."""
     env = child_env()
     started = dt.datetime.now(dt.UTC)
     results["meta"] = {"started": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": platform.machine(),
@@ -69,9 +73,14 @@ def run(args: argparse.Namespace, results: dict) -> dict:
     wanted = [name for name in SECTIONS if name in args.only]
     step = iter(range(1, len(wanted) + 1))
 
+    measured: list[str] = []
+
     def announce(name: str, what: str) -> bool:
+        if measured:
+            checkpoint(results)
         if name in wanted:
             print(f"{next(step)}/{len(wanted)} {what}", flush=True)
+            measured.append(name)
         return name in wanted
 
     if set(wanted) - {"cold_start"}:
@@ -101,6 +110,7 @@ def run(args: argparse.Namespace, results: dict) -> dict:
                                                             hosts=args.fanout_hosts)
     if announce("cold_start", "cold start"):
         results["cold_start"] = coldstart.cold_start_benchmark(env)
+    checkpoint(results)
     if "fanout" in results:
         results["fanout"]["capacity"] = report.capacity_model(results["fanout"])
     default: dict = next((c for c in results.get("latency_cost", []) if c["default"]), {})
@@ -110,6 +120,12 @@ def run(args: argparse.Namespace, results: dict) -> dict:
     results["meta"]["seconds"] = (dt.datetime.now(dt.UTC) - started).total_seconds()
     results["meta"]["load_average_after"] = os.getloadavg()[0]
     return results
+
+
+def save_measured(results: dict, *, path: Path) -> None:
+    """What is measured so far, where --only finds it: after a failure, measure only the sections missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def write(results: dict, out: Path) -> None:
@@ -155,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{previous} is missing: run every section first (without --only or --render-only)")
     results = json.loads(previous.read_text()) if args.render_only or partial else {}
     if not args.render_only:
-        results = run(args, results)
+        results = run(args, results, checkpoint=functools.partial(save_measured, path=previous))
     write(results, args.out)
     print(report.summary(results))
     print(f"wrote {args.out / 'benchmarks.md'}, benchmarks.json and benchmarks.png "

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import FrameType
 
 from benchmarks.__main__ import child_env
-from benchmarks.polling import _prefix, bot_says, seed
+from benchmarks.polling import TICK_SECONDS, _prefix, bot_says, seed
 from benchmarks.stack import SimulatedClock, Stack, local_stack
 from relay.poller import poll_tick
 
@@ -181,13 +181,13 @@ def timed_phases(ctx, azurite_pid: int) -> Iterator[dict[str, float]]:
 def prepare(stack: Stack, size: int, *, latency_ms: int):
     """What tick_benchmark does before the relay's measured tick (the naive poller aside)."""
     clock = SimulatedClock()
-    ctx, transport = stack.context(_prefix("prof"), clock=clock)
+    ctx, transport = stack.context(_prefix("prof"), clock=clock, RELAY_FANOUT_THRESHOLD="0")  # inline
     stack.emulator.set_faults(latency_ms=0)
     records = seed(ctx, size, last_activity_ago=30)
     poll_tick(ctx)
     for record in records[::50]:
         bot_says(stack.emulator.url, record.conversation_id, "A new reply")
-    clock.advance(2)
+    clock.advance(TICK_SECONDS)  # the next tick, as tick_benchmark
     stack.emulator.set_faults(latency_ms=latency_ms)
     return ctx, transport
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 TARGETS = {
-    "tick_seconds_1000": 2.5,
+    "tick_seconds_1000": 1.5,  # issue 19 (issue 9 asked < 2.5 s)
     "speedup_1000": 20.0,
     "idle_table_transactions_per_conversation_tick": 0.02,
     "idle_directline_requests_per_conversation_minute": 1.0,
@@ -196,7 +196,7 @@ def verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     share = burst_prompt["p50"] / burst_prompt["timer_seconds"]
     return [
         (f"{big['conversations']:,} active conversations in one tick", f"{big['relay']['seconds']:.2f} s",
-         f"< {TARGETS['tick_seconds_1000']} s", big["relay"]["seconds"] < TARGETS["tick_seconds_1000"]),
+         f"<= {TARGETS['tick_seconds_1000']} s", big["relay"]["seconds"] <= TARGETS["tick_seconds_1000"]),
         ("... faster than the naive poller", f"{big['speedup']:.0f}x", f">= {TARGETS['speedup_1000']:.0f}x",
          big["speedup"] >= TARGETS["speedup_1000"]),
         ("idle: Table transactions per conversation per tick",
@@ -360,7 +360,9 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "Every conversation is due (a user wrote 30 s ago, so a reply is likely and the schedule polls it at "
         "every tick); 2 % have a new bot reply waiting, which is delivered to the provider simulator. The relay "
         "peeks each settled conversation with the due index's copy of its watermark and only claims and works "
-        "(lease, outbox, delivery, schedule) the ones with something new. The naive poller does the same job "
+        "(lease, outbox, delivery, schedule) the ones with something new; a quiet row stays as it is, since it is "
+        "due again at the next tick anyway (a row backing off is moved on, 100 to a transaction: 10 batches for "
+        "1,000). The naive poller does the same job "
         "statelessly, one conversation after another: read the record, GET activities, deliver, write.",
         "",
         "| Conversations | Relay tick | Conversations/s | Worked / quiet | DL requests | Table tx per conversation "

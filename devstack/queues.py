@@ -349,6 +349,8 @@ class QueueListener:
             pop_receipt=message.pop_receipt,
         )
         invocation_id, started = str(uuid.uuid4()), time.monotonic()
+        log.info("Executing 'Functions.%s' (Reason='New queue message detected on '%s'.', Id=%s)",
+                 self.function.name, self.queue.queue_name, invocation_id)
         try:
             self._call(trigger, invocation_id)
         except Exception:

@@ -230,17 +230,25 @@ def _fan_out(ctx: RelayContext) -> int | None:
 def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, workers: int,
               tick: str) -> TickResult:
     """Peek or work each due conversation, `workers` at a time, and move the quiet ones' next peek on: a worker
-    that completes a transaction's worth (BATCH_LIMIT rows) postpones them while the others still peek."""
+    that completes a transaction's worth (BATCH_LIMIT rows) postpones them while the others still peek.
+
+    A quiet row's next peek counts from the tick's start, so that "every 5 s" at a 5 s timer is every tick, not
+    every other one; a row already due at the next tick as it stands (reply likely, at the default timer) is
+    left as it is."""
     now = ctx.clock.now()
+    period = ctx.settings.relay.poll_period_seconds
+    next_tick = now + timedelta(seconds=period) if period else None
     quiet: list[tuple[DueConversation, datetime, float]] = []
     quiet_count = 0
     lock = threading.Lock()
 
-    def postpone_later(row: tuple[DueConversation, datetime, float]) -> None:
+    def settle_quiet(row: tuple[DueConversation, datetime, float], *, move: bool) -> None:
         nonlocal quiet_count
         with lock:
-            quiet.append(row)
             quiet_count += 1
+            if not move:
+                return
+            quiet.append(row)
             full = quiet[:] if len(quiet) >= BATCH_LIMIT else []
             if full:
                 quiet.clear()
@@ -254,11 +262,13 @@ def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, 
             if _may_peek(ctx, item, now):
                 peek = _peek(ctx, item)
                 if peek is not None and not peek.page.activities:
-                    interval, after = next_idle_poll(ctx.clock.now(), last_activity=item.last_activity_at,
+                    interval, after = next_idle_poll(now, last_activity=item.last_activity_at,
                                                      last_user_activity=item.last_user_activity_at,
                                                      interval=item.poll_interval,
                                                      ceiling=ctx.settings.relay.poll_ceiling_seconds)
-                    postpone_later((item, after, interval))
+                    # due again at the next tick as it stands: moving it would only cost a transaction
+                    stays = next_tick is not None and after <= next_tick and interval == item.poll_interval
+                    settle_quiet((item, after, interval), move=not stays)
                     return None
             record = ctx.store.conversations.claim_due(item, owner=owner,
                                                        lease_seconds=ctx.settings.relay.lease_seconds,

@@ -375,10 +375,22 @@ class RelaySettings:
     event_webhook_secret: str = field(default="", repr=False)
     event_transcript_messages: int = 20
     fanout_threshold: int = 500
+    """More due conversations than this in one tick go over the poll queue; 0: never."""
     chase_seconds: float = 10.0
     """After a user's message, how long its reply is looked for every second in the background (0: never)."""
-    """More due conversations than this in one tick go over the poll queue; 0: never."""
     poll_queue: str = "relay-poll"
+
+    @property
+    def poll_period_seconds(self) -> float | None:
+        """Seconds between two timer executions when RELAY_POLL_SCHEDULE fires at an even pace ("*/N * * * * *"
+        with N dividing 60, or every second); None for any other schedule."""
+        seconds, *rest = self.poll_schedule.split()
+        if any(part != "*" for part in rest):
+            return None
+        if seconds == "*":
+            return 1.0
+        step = seconds.removeprefix("*/")
+        return float(step) if step != seconds and step.isdigit() and int(step) and 60 % int(step) == 0 else None
 
 
 @dataclass(frozen=True)

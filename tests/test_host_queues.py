@@ -205,7 +205,8 @@ def test_stopping_lets_a_running_invocation_finish_and_complete(hosts):
     hosts.queue.create_queue()
     hosts.queue.send_message(b"sleep:1.5")
     host, record_file = hosts.start(**FAST)
-    wait_until(lambda: not hosts.queue.peek_messages(), timeout=30, what="the fetch")  # invisible: running
+    # Fetched is not yet running: a message fetched as the host stops goes back to the queue.
+    wait_until(lambda: "Executing 'Functions.work'" in host.log_path.read_text(), timeout=30, what="the invocation")
     host.stop()
     assert host.returncode == 0
     assert len(records(record_file)) == 1

@@ -7,22 +7,33 @@ next peek sends it down the full path, which delivers the reply exactly once.
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.polling import bot_says, seed
 from benchmarks.stack import SimulatedClock, relay_context
 from devstack.channels import DEV_VALUES
 from relay.poller import poll_tick
 
 
-def test_idle_conversations_cost_one_peek_each_and_one_batch_and_news_is_delivered_once(
-        storage_connection_string, table_prefix, start_emulator, start_simulator):
-    emulator = start_emulator()
-    simulator = start_simulator(relay_url="http://127.0.0.1:9")
-    clock = SimulatedClock()
-    ctx, transport = relay_context({
-        **DEV_VALUES, **simulator.api_bases(), "AzureWebJobsStorage": storage_connection_string,
-        "RELAY_TABLE_PREFIX": table_prefix, "DIRECTLINE_SECRET": emulator.secret,
-        "DIRECTLINE_ENDPOINT": emulator.base_url, "RELAY_PUBLIC_BASE_URL": "http://127.0.0.1:9",
-    }, clock=clock)
+@pytest.fixture
+def relay(storage_connection_string, table_prefix, start_emulator, start_simulator):
+    """(emulator, simulator, clock, a context on `schedule`, its table transport) for a RELAY_POLL_SCHEDULE."""
+    def make(schedule: str = "*/5 * * * * *"):
+        emulator = start_emulator()
+        simulator = start_simulator(relay_url="http://127.0.0.1:9")
+        clock = SimulatedClock()
+        ctx, transport = relay_context({
+            **DEV_VALUES, **simulator.api_bases(), "AzureWebJobsStorage": storage_connection_string,
+            "RELAY_TABLE_PREFIX": table_prefix, "DIRECTLINE_SECRET": emulator.secret,
+            "DIRECTLINE_ENDPOINT": emulator.base_url, "RELAY_PUBLIC_BASE_URL": "http://127.0.0.1:9",
+            "RELAY_POLL_SCHEDULE": schedule,
+        }, clock=clock)
+        return emulator, simulator, clock, ctx, transport
+    return make
+
+
+def test_idle_conversations_cost_one_peek_each_and_one_batch_and_news_is_delivered_once(relay):
+    emulator, simulator, clock, ctx, transport = relay()
     records = seed(ctx, 3, last_activity_ago=600)
     first = poll_tick(ctx)  # the tick after the users wrote: each one worked under its lease, then settled
     assert (first.worked, first.quiet, first.delivered) == (3, 0, 0)
@@ -47,3 +58,42 @@ def test_idle_conversations_cost_one_peek_each_and_one_batch_and_news_is_deliver
     assert poll_tick(ctx).delivered == 0
     texts = [r["text"] for r in simulator.replies("twilio", records[0].key.user) if r["direction"] == "bot"]
     assert texts == ["Are you still there?"]
+
+
+def test_while_a_reply_is_likely_a_5_s_timer_peeks_at_every_tick_without_writing_the_rows(relay):
+    emulator, _, clock, ctx, transport = relay("*/5 * * * * *")
+    seed(ctx, 3, last_activity_ago=30)
+    assert poll_tick(ctx).worked == 3
+    for _ in range(3):  # the schedule says every 5 s: every tick, and the rows stay due as they are
+        clock.advance(5)
+        transport.reset()
+        emulator.reset_counters()
+        tick = poll_tick(ctx)
+        assert (tick.due, tick.quiet) == (3, 3)
+        assert dict(transport.snapshot()) == {"query": 2}
+        assert emulator.counters()["requests"] == {"activities/get": 3}
+
+    clock.advance(120)  # the reply is no longer likely: each step of the back-off (5, 10 s...) is one batch
+    for _ in range(2):
+        transport.reset()
+        assert poll_tick(ctx).quiet == 3
+        assert dict(transport.snapshot()) == {"query": 2, "batch": 1}
+        clock.advance(5)
+    assert poll_tick(ctx).due == 0
+
+
+def test_a_faster_timer_keeps_a_likely_reply_to_one_peek_every_5_s(relay):
+    emulator, _, clock, ctx, transport = relay("* * * * * *")
+    seed(ctx, 3, last_activity_ago=30)
+    assert poll_tick(ctx).worked == 3
+    clock.advance(5)
+    transport.reset()
+    assert poll_tick(ctx).quiet == 3
+    assert dict(transport.snapshot()) == {"query": 2, "batch": 1}
+    emulator.reset_counters()
+    for _ in range(4):
+        clock.advance(1)
+        assert poll_tick(ctx).due == 0
+    clock.advance(1)
+    assert poll_tick(ctx).quiet == 3
+    assert emulator.counters()["requests"] == {"activities/get": 3}

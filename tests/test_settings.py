@@ -222,3 +222,13 @@ def test_a_connection_string_without_an_instrumentation_key_is_named_and_telemet
     assert Settings.from_environ(BASE).telemetry.connection_string == ""
     assert APP_INSIGHTS not in repr(Settings.from_environ({**BASE, "APPLICATIONINSIGHTS_CONNECTION_STRING":
                                                            APP_INSIGHTS}))
+
+
+@pytest.mark.parametrize(("schedule", "period"), [
+    ("*/5 * * * * *", 5.0), ("* * * * * *", 1.0), ("*/30 * * * * *", 30.0),
+    ("*/7 * * * * *", None),  # 56 s, then 0 s: 4 s apart at each minute
+    ("0 */5 * * * *", None), ("0,30 * * * * *", None), ("*/0 * * * * *", None),
+])
+def test_the_timer_period_is_known_only_for_an_even_pace(schedule, period):
+    settings = Settings.from_environ({**BASE, "RELAY_POLL_SCHEDULE": schedule})
+    assert settings.relay.poll_period_seconds == period
