@@ -73,15 +73,17 @@ def run(args: argparse.Namespace, results: dict, checkpoint: Callable[[dict], No
     wanted = [name for name in SECTIONS if name in args.only]
     step = iter(range(1, len(wanted) + 1))
 
-    measured: list[str] = []
+    measuring = False
 
     def announce(name: str, what: str) -> bool:
-        if measured:
+        nonlocal measuring
+        if name not in wanted:
+            return False
+        if measuring:  # the section before is complete
             checkpoint(results)
-        if name in wanted:
-            print(f"{next(step)}/{len(wanted)} {what}", flush=True)
-            measured.append(name)
-        return name in wanted
+        print(f"{next(step)}/{len(wanted)} {what}", flush=True)
+        measuring = True
+        return True
 
     if set(wanted) - {"cold_start"}:
         with local_stack(logs, env) as stack:
@@ -129,8 +131,7 @@ def save_measured(results: dict, *, path: Path) -> None:
 
 
 def write(results: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmarks.json").write_text(json.dumps(results, indent=1) + "\n")
+    save_measured(results, path=out / "benchmarks.json")
     report.chart(results, out / "benchmarks.png")
     if "latency_cost" in results:
         report.latency_cost_chart(results, out / report.LATENCY_COST_CHART)
