@@ -50,6 +50,7 @@ from relay.errors import (
     ConversationLapsed,
     ConversationNotFound,
     DirectLineError,
+    LeaseLost,
     Throttled,
     TokenExpired,
 )
@@ -207,6 +208,17 @@ class ConversationWorker:
 
         self.record = self.ctx.store.conversations.update_record(self.key, apply, current=self.record,
                                                                  lease_owner=self.owner) or self.record
+
+    def hold_lease(self) -> None:
+        """Renew the lease when less than half of it is left, before a step that cannot be taken back (a reply
+        sent): a worker slowed past its lease (a Direct Line call riding out its retries, a storage outage)
+        would otherwise send what the worker that took the conversation over sends too. LeaseLost when
+        that already happened: the reply is left to the new holder."""
+        expires = self.record.lease_expires_at
+        half = timedelta(seconds=self.ctx.settings.relay.lease_seconds / 2)
+        if expires is not None and expires - self.ctx.clock.now() >= half:
+            return
+        self.save(lambda r: replace(r))  # a copy is a change to save: the save renews the lease
 
     # --------------------------------------------------------------------------------- Direct Line
     def start_directline(self, *, locale: str | None = None) -> None:
@@ -439,6 +451,7 @@ def work_conversation(ctx: RelayContext, record: ConversationRecord, *, owner: s
     `peek`: the page the poller already read for this conversation (used instead of asking again).
     `inbound`: the conversation's inbound rows that brought the worker here, removed once scheduled."""
     worker = ConversationWorker(ctx, record, owner=owner, peek=peek, patient=burst_until is not None)
+    lease_lost = False
     try:
         worker.posting.take_arrivals()  # first: what arrived changes the record (and it is not idle then)
         worker.claimed = worker.record
@@ -466,10 +479,17 @@ def work_conversation(ctx: RelayContext, record: ConversationRecord, *, owner: s
         worker.wait(None, attempts=2)
         worker.result.error = str(error)
         log.warning("Direct Line failed for a %s conversation: %s", record.key.channel, error)
+    except LeaseLost as error:
+        # This worker was slower than its lease and another one took the conversation over: it carries on.
+        lease_lost = True
+        worker.settled = False
+        worker.result.error = str(error)
+        log.warning("a %s conversation was taken over while this worker held it up; left to the new holder",
+                    record.key.channel)
     except BaseException:
         worker.settled = False
         raise
     finally:
-        if worker.finish() and inbound:
+        if not lease_lost and worker.finish() and inbound:
             worker.posting.clear_inbound(inbound)
     return worker.result

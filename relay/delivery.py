@@ -202,6 +202,7 @@ class ReplyDelivery:
     def _send(self, message: OutboundMessage, activity_id: str, *, payload: dict) -> bool | None:
         """Send one message to the user: True once the provider took it, False when it refused it for good (a
         dead letter with `payload`), None when it cannot take it now (the worker comes back later)."""
+        self.worker.hold_lease()
         first_part = _parts_done(self.worker.record, activity_id)
         adapter = self.ctx.adapter(self.worker.key.channel)
         reply_context = self.spend_reply_context(adapter)
@@ -287,6 +288,7 @@ class ReplyDelivery:
             log.info("the bot sent event %r in %s conversation %s; RELAY_EVENT_WEBHOOK_URL is not set: not forwarded",
                      name, self.worker.key.channel, record.conversation_id)
         else:
+            self.worker.hold_lease()
             payload = event_payload(activity, conversation_id=record.conversation_id, channel=self.worker.key.channel,
                                     user=self.worker.key.user, directline_user=record.user_id,
                                     transcript=self.transcript(activity_id), now=self.ctx.clock.now().isoformat())

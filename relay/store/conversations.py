@@ -180,12 +180,13 @@ class Conversations:
         returning its argument unchanged writes nothing. On a conflict it is called again on fresh
         data (so it must be free of side effects); after UPDATE_ATTEMPTS conflicts ConcurrencyConflict.
         Pass `current` (a record you just read, with its ETag) to save the first read. With
-        `lease_owner`, LeaseLost is raised instead when another poller has taken the lease over.
+        `lease_owner`, LeaseLost is raised instead when the lease is no longer that owner's: another poller
+        took it over, or took it and gave it back (a record without a lease is not ours to change).
         The due index follows `next_poll_at` and `state` automatically.
         """
         for attempt in range(UPDATE_ATTEMPTS):
             stored = current if attempt == 0 and current is not None else self.get_record(key)
-            if lease_owner is not None and (stored is None or (stored.lease_owner or lease_owner) != lease_owner):
+            if lease_owner is not None and (stored is None or stored.lease_owner != lease_owner):
                 raise LeaseLost(f"the lease on a {key.channel} conversation is no longer held by this poller")
             wanted = change(stored)
             if wanted is None or wanted is stored or (stored is not None and wanted == stored):

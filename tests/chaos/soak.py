@@ -64,6 +64,9 @@ from tests.security.leaks import log_files, scan
 PROVIDERS = ("twilio", "whatsapp", "messagebird", "bird", "generic", "vonage", "line", "telegram")
 SECRET = "chaos-directline-secret"
 ECHO = "You said: "
+KILL_WINDOW = (2.0, 1.0)
+"""Seconds before and after the SIGKILL in which the provider may have taken a reply from the killed host: its
+delivered id not saved yet, or its request still in the provider's socket when the kill was recorded."""
 STALE_LEASE_AFTER = timedelta(seconds=15)  # past expiry, with pollers ticking every second: nobody takes it over
 
 
@@ -94,6 +97,7 @@ class ChaosReport:
     replies: int = 0
     reply_duplicates: int = 0
     crash_resends: list = dataclasses.field(default_factory=list)
+    doubled_replies: list = dataclasses.field(default_factory=list)  # each one outside that window, with its trail
     lost_replies: list = dataclasses.field(default_factory=list)  # "<provider> <user>: <text> ..." of each
     reply_lost: int = 0
     reply_out_of_order: int = 0
@@ -123,6 +127,7 @@ class ChaosReport:
             f"lost {self.reply_lost}, out of order {self.reply_out_of_order}",
             f"  replies sent again across the SIGKILL (the at-least-once window): {len(self.crash_resends)}"
             + "".join(f"\n    {r}" for r in self.crash_resends),
+            *[f"  doubled reply: {r}" for r in self.doubled_replies],
             *[f"  lost reply: {r}" for r in self.lost_replies],
             f"  dead letters {self.dead_letters}, outbox rows left {self.outbox_left}, "
             f"leases held past expiry {self.stale_leases}",
@@ -477,7 +482,8 @@ class ChaosRun:
         resent = 0
         for text, sent in copies.items():
             first, *again = sorted(sent, key=lambda r: r["at"])
-            if len(again) == 1 and self.killed_at - 2 <= first["at"] <= self.killed_at < again[0]["at"]:
+            if len(again) == 1 and (self.killed_at - KILL_WINDOW[0] <= first["at"] <= self.killed_at + KILL_WINDOW[1]
+                                    < again[0]["at"]):
                 resent += 1
                 same_id = first["id"] == again[0]["id"]
                 self.report.crash_resends.append(
@@ -485,6 +491,29 @@ class ChaosRun:
                     f"again {again[0]['at'] - self.killed_at:.0f} s after it"
                     + (" with the same webhook-id (a Standard Webhooks receiver keeps one)" if same_id else ""))
         return resent
+
+    def doubled_trail(self, user: User, replies: list[dict], said_as: dict[str, str]) -> list[str]:
+        """Each reply this user got more than once, told with when each copy came (against the SIGKILL) and the
+        hosts' log lines naming its activity: a failed run says which path sent it twice."""
+        copies: dict[str, list[dict]] = collections.defaultdict(list)
+        for reply in replies:
+            copies[reply["text"]].append(reply)
+        logs = {path.name: path.read_text(errors="replace").splitlines()
+                for path in sorted(self.stack.workdir.glob("host-*.log"))}
+        trails = []
+        for text, sent in copies.items():
+            if len(sent) < 2:
+                continue
+            activity_id = said_as.get(text, "")
+            kill = self.killed_at
+            when = ", ".join(f"{time.strftime('%H:%M:%S', time.localtime(r['at']))}.{int(r['at'] % 1 * 1000):03d}"
+                             + (f" ({r['at'] - kill:+.2f} s from the kill)" if kill is not None else "")
+                             + f" id {r['id']}" for r in sent)
+            lines = [f"{name}: {line}" for name, content in logs.items() for line in content
+                     if activity_id and activity_id in line]
+            trails.append(f"{user.provider} {text!r} (activity {activity_id or 'unknown'}) taken at {when}"
+                          + "".join(f"\n    {line}" for line in lines[:12]))
+        return trails
 
     def audit(self) -> None:
         report, store = self.report, self.stack.store
@@ -495,6 +524,7 @@ class ChaosRun:
         report.directline_calls = counters.get("requests", {})
         at_bot: dict[str, list[str]] = collections.defaultdict(list)
         said_in: dict[str, str] = {}  # the bot's reply text -> the Direct Line conversation it is in (texts are unique)
+        said_as: dict[str, str] = {}  # the bot's reply text -> its activity id
         for conversation_id in counters.get("conversations", {}):
             try:
                 activities = self.stack.emulator.conversation(conversation_id)["activities"]
@@ -505,6 +535,7 @@ class ChaosRun:
                     continue
                 if (activity.get("from") or {}).get("role") == "bot":
                     said_in[activity.get("text", "")] = conversation_id
+                    said_as[activity.get("text", "")] = activity.get("id", "")
                 else:
                     at_bot[activity["from"]["id"]].append(activity.get("text", ""))
         # --- at the provider
@@ -527,7 +558,10 @@ class ChaosRun:
                                         f"{said_in.get(text, 'no conversation')}; the user's conversation now "
                                         f"{record.conversation_id if record else None})"
                                         for text in (ECHO + t for t in user.texts) if text not in got_texts]
-            report.reply_duplicates += doubled - min(doubled, self.crash_resent(user, replies))
+            resent = self.crash_resent(user, replies)
+            report.reply_duplicates += doubled - min(doubled, resent)
+            if doubled > resent:
+                report.doubled_replies += self.doubled_trail(user, replies, said_as)
             report.reply_out_of_order += disordered
             report.outbox_left += len(store.outbox.list_messages(user.key, limit=100))
             report.stale_leases += self.stale_lease(user)

@@ -1,10 +1,13 @@
-"""The chaos run's own bookkeeping, on a stand-in for its stack: when it stops waiting for replies."""
+"""The chaos run's own bookkeeping, on a stand-in for its stack: when it stops waiting for replies, and which
+doubled reply is the documented window of the SIGKILL."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from tests.chaos.soak import ECHO, ChaosOptions, ChaosRun, missing_replies
 
@@ -52,3 +55,22 @@ def test_the_run_stops_waiting_once_every_reply_came_at_least_once(tmp_path):
 
     assert run.report.problems == []
     assert missing_replies(run.users, stack.replies) == []
+
+
+@pytest.mark.parametrize(("first", "again", "window"), [
+    pytest.param(-0.5, 30.0, True, id="taken just before the kill, sent again once the lease ran out"),
+    pytest.param(0.06, 31.5, True, id="the killed host's request still in the provider's socket at the kill"),
+    pytest.param(-5.0, 30.0, False, id="taken long before the kill: its id was saved, a resend is a bug"),
+    pytest.param(-30.0, -0.5, False, id="both copies before the kill: no crash explains it"),
+])
+def test_only_a_reply_taken_around_the_kill_and_sent_again_after_it_is_the_documented_window(tmp_path, first,
+                                                                                             again, window):
+    run, _ = chaos_run(tmp_path)
+    user = run.users[0]
+    run.killed_at = 1_000.0
+    text = ECHO + user.texts[0]
+    replies = [{"text": text, "at": run.killed_at + first, "id": "1"}, {"text": text, "at": run.killed_at + again,
+                                                                         "id": "2"}]
+
+    assert run.crash_resent(user, replies) == (1 if window else 0)
+    assert len(run.report.crash_resends) == (1 if window else 0)

@@ -18,7 +18,8 @@ from standardwebhooks import Webhook
 from devstack.directline.echo import greeting
 from relay.activities import directline_user_id
 from relay.channels.base import InboundMessage, Media
-from relay.errors import TokenExpired
+from relay.conversations import ConversationWorker
+from relay.errors import LeaseLost, TokenExpired
 from relay.inbound import accept_all
 from relay.store.conversations import ConversationKey, ConversationState
 from tests.relay.conftest import EVENT_SECRET, EventReceiver, InProcessRelay
@@ -72,6 +73,42 @@ def test_the_poller_works_a_conversation_only_under_a_lease_it_holds(inprocess_r
         assert (tick.worked, tick.posted) == (0, 0)
         assert relay.calls() == {}
         assert len(waiting) == 1 and record.lease_owner == "webhook:stalled"
+
+
+@pytest.mark.parametrize(("meanwhile", "replies_after_resuming"), [
+    pytest.param("taken over and given back", ["a late reply"],
+                 id="another worker delivered the reply and gave the lease back: the stalled one sends nothing"),
+    pytest.param("taken over and held", [],
+                 id="another worker holds the lease now: the stalled one sends nothing, the holder will"),
+    pytest.param("nobody", ["a late reply"],
+                 id="nobody took the lapsed lease: the stalled worker renews it and sends the reply once"),
+])
+def test_a_worker_stalled_past_its_lease_never_sends_a_reply_the_next_holder_sends(inprocess_relay, meanwhile,
+                                                                                   replies_after_resuming):
+    relay = inprocess_relay()
+    key = settled(relay)
+    relay.bot_says(relay.record(key).conversation_id, "a late reply")
+    lease = relay.ctx.settings.relay.lease_seconds
+    stalled = relay.store.conversations.acquire_lease(key, owner="poller:stalled", lease_seconds=lease,
+                                                      now=relay.time())
+    assert stalled is not None
+    worker = ConversationWorker(relay.ctx, stalled, owner="poller:stalled", peek=None, patient=False)
+    relay.time.advance(lease + 1)  # e.g. a Direct Line call riding out its retries
+    if meanwhile == "taken over and given back":
+        relay.tick()
+        assert relay.replies(key)[1:] == ["a late reply"]
+    elif meanwhile == "taken over and held":
+        assert relay.store.conversations.acquire_lease(key, owner="poller:next", lease_seconds=lease,
+                                                       now=relay.time())
+
+    try:
+        worker.delivery.deliver()
+    except LeaseLost:
+        assert meanwhile != "nobody"
+    else:
+        assert meanwhile == "nobody"
+
+    assert relay.replies(key)[1:] == replies_after_resuming
 
 
 def test_a_conversation_keeps_the_user_id_it_began_with_and_new_users_get_keyed_ones(inprocess_relay):
