@@ -363,7 +363,10 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "(lease, outbox, delivery, schedule) the ones with something new; a quiet row stays as it is, since it is "
         "due again at the next tick anyway (a row backing off is moved on, 100 to a transaction: 10 batches for "
         "1,000). The naive poller does the same job "
-        "statelessly, one conversation after another: read the record, GET activities, deliver, write.",
+        "statelessly, one conversation after another: read the record, GET activities, deliver, write. The relay's "
+        "tick is the median of several alike (each with new replies for the same 2 %): "
+        + "; ".join(f"{t['conversations']:,}: " + ", ".join(f"{x:.2f}" for x in t["relay"].get("tick_seconds", []))
+                    + " s" for t in ticks) + ".",
         "",
         "| Conversations | Relay tick | Conversations/s | Worked / quiet | DL requests | Table tx per conversation "
         "| Peak RSS (growth) | Naive tick | Naive DL requests | Naive tx per conversation | Speed-up |",
