@@ -7,6 +7,8 @@ next peek sends it down the full path, which delivers the reply exactly once.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from benchmarks.polling import bot_says, seed
@@ -97,3 +99,24 @@ def test_a_faster_timer_keeps_a_likely_reply_to_one_peek_every_5_s(relay):
     clock.advance(1)
     assert poll_tick(ctx).quiet == 3
     assert emulator.counters()["requests"] == {"activities/get": 3}
+
+
+def test_a_conversation_worked_for_its_token_refresh_keeps_its_idle_back_off(relay):
+    emulator, _, clock, ctx, _ = relay()
+    seed(ctx, 1, last_activity_ago=3600)
+    poll_tick(ctx)  # worked once after the user wrote, then idle: peeked less and less often
+    peeks = []
+    for second in range(0, 3600, 5):
+        clock.advance(5)
+        emulator.reset_counters()
+        tick = poll_tick(ctx)
+        if tick.due:
+            peeks.append((second, tick.worked, emulator.counters()["requests"]))
+    refreshes = [second for second, _, requests in peeks if "tokens/refresh" in requests]
+    assert refreshes  # the 30-minute token was refreshed within the hour
+    ceiling = ctx.settings.relay.poll_ceiling_seconds
+    after_refresh = [(earlier, later) for earlier, later in itertools.pairwise(peeks)
+                     if earlier[0] >= refreshes[0] and "tokens/refresh" not in later[2]]
+    # The ceiling (60 s) goes on after a refresh: it is no news, so no 5, 10, 20, 40 s again (only the peek
+    # before the next refresh comes sooner, to refresh the token in time).
+    assert after_refresh and all(later[0] - earlier[0] >= ceiling for earlier, later in after_refresh), peeks

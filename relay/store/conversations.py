@@ -234,6 +234,9 @@ class Conversations:
             self._due_polls.delete_row(due.index_key)
         if record is None or not record.active or record.next_poll_at is None or record.next_poll_at > now:
             return None
+        if due.poll_interval > record.poll_interval:
+            # Peeks back off on the row alone: the worker carries on from there (a token refresh is no news).
+            record = replace(record, poll_interval=due.poll_interval)
         return self.acquire_lease(due.key, owner=owner, lease_seconds=lease_seconds, now=now, current=record)
 
     def acquire_lease(self, key: ConversationKey, *, owner: str, lease_seconds: float, now: datetime | None = None,
