@@ -135,9 +135,11 @@ def work_chase(ctx: RelayContext, chase: Chase) -> int:
     """Look for the bot's reply in the chased conversation every second until `chase.until`, without its lease;
     deliver what arrives under the lease (as the timer would). Returns the replies delivered.
 
+    News found while someone else holds the lease is theirs; the chase looks again a second later, as the holder
+    (the timer, mostly) may have read the conversation just before the reply came and leave it to the next tick.
     Ends early when the bot answered and then stayed quiet for CHASE_QUIET, when the user wrote again (that
-    message's webhook chases on), when someone else holds the lease (the timer or a webhook delivers), or
-    when Direct Line fails (the timer deals with it): the schedule still polls the conversation either way."""
+    message's webhook chases on), or when Direct Line fails (the timer deals with it): the schedule still polls
+    the conversation either way."""
     record = ctx.store.conversations.get_record_at(chase.partition_key)
     owner, delivered, peek_at = new_owner("chase"), 0, chase.polled_at + MIN_POLL_GAP
     while record is not None and record.active and record.conversation_id and peek_at < chase.until:
@@ -160,8 +162,9 @@ def work_chase(ctx: RelayContext, chase: Chase) -> int:
             continue
         claimed = ctx.store.conversations.acquire_lease(record.key, owner=owner,
                                                         lease_seconds=ctx.settings.relay.lease_seconds)
-        if claimed is None:
-            break
+        if claimed is None:  # the holder delivers it, unless it read just before the reply came: look again
+            record = ctx.store.conversations.get_record(record.key)
+            continue
         peek = Peek(record.conversation_id, record.watermark, page, ctx.clock.monotonic())
         with telemetry.span("relay.conversation", channel=record.key.channel,
                             conversation=telemetry.conversation_tag(ctx.store, record.key)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -22,7 +23,7 @@ from azure.storage.queue import QueueClient
 from benchmarks.polling import bot_says, seed
 from benchmarks.stack import SimulatedClock, relay_context
 from devstack.channels import DEV_VALUES
-from devstack.procs import azurite_connection_string
+from devstack.procs import azurite_connection_string, wait_until
 from relay.clock import SYSTEM_CLOCK, ManualClock
 from relay.errors import StoreError
 from relay.fanout import BATCH_ROWS, CHASE_SUFFIX, Chase, batches_of, parse_message
@@ -223,9 +224,30 @@ def test_a_chase_leaves_news_to_whoever_holds_the_conversation(fanout_stack):
     assert ctx.store.conversations.acquire_lease(record.key, owner="the-timer", lease_seconds=60) is not None
     bot_says(emulator.url, record.conversation_id, "an answer")
 
-    assert work_poll_message(ctx, chase_of(ctx, record, seconds=10)) == 0
+    assert work_poll_message(ctx, chase_of(ctx, record, seconds=3)) == 0
     assert bot_replies(simulator, [record]) == Counter()  # the holder delivers it; the chase never does
     assert ctx.store.conversations.get_record(record.key).lease_owner == "the-timer"
+
+
+def test_a_chase_delivers_a_reply_the_holder_read_too_early_for(fanout_stack):
+    """The timer works the conversation (its GET came back empty) as the bot's reply arrives: once the timer
+    gives the conversation back, the chase delivers the reply instead of leaving it to the next tick."""
+    ctx, emulator, simulator, _ = fanout_stack(threshold=0, clock=SYSTEM_CLOCK)
+    [record] = seed(ctx, 1, last_activity_ago=0)
+    record = user_wrote(ctx, record, "hello")
+    held = ctx.store.conversations.acquire_lease(record.key, owner="the-timer", lease_seconds=60)
+    assert held is not None
+    bot_says(emulator.url, record.conversation_id, "an answer")
+    emulator.reset_counters()
+    chase = threading.Thread(target=work_poll_message, args=(ctx, chase_of(ctx, record, seconds=8)))
+    chase.start()
+    # It found the reply, could not take the conversation, and looked again.
+    wait_until(lambda: emulator.counters()["requests"].get("activities/get", 0) >= 2, timeout=6,
+               what="the chase looking again while the timer holds the conversation")
+    ctx.store.conversations.release_lease(held, owner="the-timer")  # the timer read before the reply came
+    chase.join(timeout=15)
+
+    assert bot_replies(simulator, [record]) == Counter({"an answer": 1})
 
 
 @pytest.mark.parametrize("message", [
