@@ -59,9 +59,11 @@ log = logging.getLogger(__name__)
 
 MAX_CONVERSATIONS_PER_TICK = 1000
 WORKERS = 64  # mostly waiting on Direct Line: 64 measured fastest for 1,000 due conversations (docs/benchmarks.md)
-BATCH_WORKERS = 10
-"""Conversations of one poll queue batch worked at a time: the host runs up to 6 batches at once on an instance
-(host.json batchSize + newBatchThreshold), within the storage client's pool of 64 connections."""
+BATCH_WORKERS = 2
+"""Conversations of one poll queue batch worked at a time: the host runs up to 24 batches at once on an instance
+(host.json batchSize + newBatchThreshold), within the storage client's pool of 64 connections. host.json allows
+24 so that as many chases run at once: a chase sleeps between its looks, and with 6 (the earlier setting) a
+burst of messages left chases waiting in the queue past the bot's late reply (docs/benchmarks.md, section 6)."""
 CHASE_QUIET = timedelta(seconds=5)
 """A chase ends once the bot answered the user's message and was quiet this long: long enough for the answer
 that follows an acknowledgement ("let me look that up"), far shorter than the chase for a bot done at once."""
@@ -140,25 +142,32 @@ def work_chase(ctx: RelayContext, chase: Chase) -> int:
     Ends early when the bot answered and then stayed quiet for CHASE_QUIET, when the user wrote again (that
     message's webhook chases on), or when Direct Line fails (the timer deals with it): the schedule still polls
     the conversation either way."""
+    started = ctx.clock.now()
     record = ctx.store.conversations.get_record_at(chase.partition_key)
-    owner, delivered, peek_at = new_owner("chase"), 0, chase.polled_at + MIN_POLL_GAP
+    owner, delivered, peek_at, looks = new_owner("chase"), 0, chase.polled_at + MIN_POLL_GAP, 0
+    ended = "its time was up"
     while record is not None and record.active and record.conversation_id and peek_at < chase.until:
         if record.last_user_activity_at and record.last_user_activity_at > chase.polled_at:
+            ended = "the user wrote again"
             break
         if not record.token and ctx.directline.uses_token_endpoint:
+            ended = "the conversation has no token"
             break
         ctx.clock.sleep(max(0.0, (peek_at - ctx.clock.now()).total_seconds()))
         peek_at = ctx.clock.now() + MIN_POLL_GAP
+        looks += 1
         try:
             page = ctx.directline.get_activities(record.conversation_id, watermark=record.watermark,
                                                  token=record.token or None)
-        except DirectLineError:
+        except DirectLineError as error:
+            ended = f"Direct Line failed ({type(error).__name__})"
             break
         if not page.activities:
             answered_at = record.last_bot_activity_at
             if (answered_at and record.last_user_activity_at and answered_at >= record.last_user_activity_at
                     and ctx.clock.now() - answered_at >= CHASE_QUIET):
-                break  # the bot answered and went quiet
+                ended = "the bot answered and went quiet"
+                break
             continue
         claimed = ctx.store.conversations.acquire_lease(record.key, owner=owner,
                                                         lease_seconds=ctx.settings.relay.lease_seconds)
@@ -170,6 +179,11 @@ def work_chase(ctx: RelayContext, chase: Chase) -> int:
                             conversation=telemetry.conversation_tag(ctx.store, record.key)):
             delivered += work_conversation(ctx, claimed, owner=owner, peek=peek, idle_check=False).delivered
         record = ctx.store.conversations.get_record(record.key)
+    if record is None or not record.active or not record.conversation_id:
+        ended = "the conversation is gone or ended"
+    # Time spent waiting in the queue: chases that wait long outnumber what the instances run at once.
+    log.info("chase: %s after %d looks, %d replies delivered; it waited %.1f s in the queue", ended, looks,
+             delivered, max(0.0, (started - chase.polled_at).total_seconds()))
     return delivered
 
 
