@@ -35,6 +35,7 @@ query, for a few seconds at most (SESSION_REFRESH_BUDGET_SECONDS, whatever Direc
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -59,11 +60,11 @@ log = logging.getLogger(__name__)
 
 MAX_CONVERSATIONS_PER_TICK = 1000
 WORKERS = 64  # mostly waiting on Direct Line: 64 measured fastest for 1,000 due conversations (docs/benchmarks.md)
-BATCH_WORKERS = 2
-"""Conversations of one poll queue batch worked at a time: the host runs up to 24 batches at once on an instance
-(host.json batchSize + newBatchThreshold), within the storage client's pool of 64 connections. host.json allows
-24 so that as many chases run at once: a chase sleeps between its looks, and with 6 (the earlier setting) a
-burst of messages left chases waiting in the queue past the bot's late reply (docs/benchmarks.md, section 6)."""
+BATCH_WORKERS = 60
+"""Conversations of poll queue batches worked at once in one process, however many batches the host runs side by
+side, within the clients' pools of 64 connections: a batch alone on an instance gets them all, 24 share them.
+(host.json allows 24 queue messages at once so that as many chases run: a chase sleeps between its looks, and
+with 6, the earlier setting, a burst of messages left chases waiting in the queue past the bot's late reply.)"""
 CHASE_QUIET = timedelta(seconds=5)
 """A chase ends once the bot answered the user's message and was quiet this long: long enough for the answer
 that follows an acknowledgement ("let me look that up"), far shorter than the chase for a bot done at once."""
@@ -102,7 +103,7 @@ def poll_tick(ctx: RelayContext, *, limit: int = MAX_CONVERSATIONS_PER_TICK, wor
         telemetry.count(telemetry.POLL_TICKS, outcome=outcome)
 
 
-def work_poll_message(ctx: RelayContext, body: bytes, *, workers: int = BATCH_WORKERS) -> TickResult | int | None:
+def work_poll_message(ctx: RelayContext, body: bytes) -> TickResult | int | None:
     """Work one message of the poll queue (relay/fanout.py): a batch of due rows (its TickResult) or a chase (the
     replies it delivered). None for a message this relay did not write (logged and dropped: no retry can mend
     it). Raises StoreError when storage cannot be read: the host retries the message, then moves it to the
@@ -114,19 +115,25 @@ def work_poll_message(ctx: RelayContext, body: bytes, *, workers: int = BATCH_WO
         return None
     kind, outcome = "chase" if isinstance(message, Chase) else "rows", "failed"
     try:
-        result = work_chase(ctx, message) if isinstance(message, Chase) else _work_rows(ctx, message, workers=workers)
+        result = work_chase(ctx, message) if isinstance(message, Chase) else _work_rows(ctx, message)
         outcome = "ok"
         return result
     finally:
         telemetry.count(telemetry.POLL_BATCHES, kind=kind, outcome=outcome)
 
 
-def _work_rows(ctx: RelayContext, rows: tuple[str, str], *, workers: int) -> TickResult:
-    """The due rows of a batch's RowKey range, worked as a tick would."""
+@functools.lru_cache(maxsize=1)
+def _batch_pool() -> ThreadPoolExecutor:
+    """The process's BATCH_WORKERS threads, shared by every poll batch it runs."""
+    return ThreadPoolExecutor(max_workers=BATCH_WORKERS, thread_name_prefix="batch")
+
+
+def _work_rows(ctx: RelayContext, rows: tuple[str, str]) -> TickResult:
+    """The due rows of a batch's RowKey range, worked as a tick would, on the threads all batches share."""
     started = ctx.clock.monotonic()
     with telemetry.span("relay.poll.batch") as span:
         due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=2 * BATCH_ROWS, rows=rows)
-        result = _work_due(ctx, due, started, workers=workers, tick=new_owner("batch"))
+        result = _work_due(ctx, due, started, pool=_batch_pool(), tick=new_owner("batch"))
         span.set(due=result.due, worked=result.worked, quiet=result.quiet, failed=result.failed)
     _count_conversations(result)
     _log("poll batch", result)
@@ -217,7 +224,8 @@ def _tick(ctx: RelayContext, started: float, *, limit: int, workers: int) -> Tic
             if batches is None:
                 if too_many:  # the queue failed us: as many as one execution works
                     due = ctx.store.due_polls.list_due(now=ctx.clock.now(), limit=max(limit, threshold))
-                result = _work_due(ctx, due, started, workers=workers, tick=new_owner("poller"))
+                with ThreadPoolExecutor(max_workers=max(1, min(workers, len(due))), thread_name_prefix="poll") as pool:
+                    result = _work_due(ctx, due, started, pool=pool, tick=new_owner("poller"))
             else:
                 result = TickResult(due=len(due), batches=batches)
             span.set(due=result.due, worked=result.worked, quiet=result.quiet, failed=result.failed,
@@ -244,9 +252,9 @@ def _fan_out(ctx: RelayContext) -> int | None:
         return None
 
 
-def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, workers: int,
+def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, pool: ThreadPoolExecutor,
               tick: str) -> TickResult:
-    """Peek or work each due conversation, `workers` at a time, and move the quiet ones' next peek on: a worker
+    """Peek or work each due conversation on `pool`'s threads, and move the quiet ones' next peek on: a worker
     that completes a transaction's worth (BATCH_LIMIT rows) postpones them while the others still peek.
 
     A quiet row's next peek counts from the tick's start, so that "every 5 s" at a 5 s timer is every tick, not
@@ -301,11 +309,7 @@ def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, 
             log.exception("poller: a %s conversation failed", item.key.channel)
             return WorkResult(error=type(error).__name__)
 
-    if due:
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(due))), thread_name_prefix="poll") as pool:
-            results = [r for r in pool.map(telemetry.carry_context(work), due) if r is not None]
-    else:
-        results = []
+    results = [r for r in pool.map(telemetry.carry_context(work), due) if r is not None]
     if quiet:
         ctx.store.due_polls.postpone_rows(quiet)
     return TickResult(
