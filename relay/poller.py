@@ -62,9 +62,9 @@ MAX_CONVERSATIONS_PER_TICK = 1000
 WORKERS = 64  # mostly waiting on Direct Line: 64 measured fastest for 1,000 due conversations (docs/benchmarks.md)
 BATCH_WORKERS = 60
 """Conversations of poll queue batches worked at once in one process, however many batches the host runs side by
-side, within the clients' pools of 64 connections: a batch alone on an instance gets them all, 24 share them.
-(host.json allows 24 queue messages at once so that as many chases run: a chase sleeps between its looks, and
-with 6, the earlier setting, a burst of messages left chases waiting in the queue past the bot's late reply.)"""
+side (up to 6, host.json batchSize + newBatchThreshold), within the clients' pools of 64 connections: a batch
+alone on an instance gets them all, 6 share them. (A larger host.json concurrency would let one instance take
+most of a round's batches, and the scale controller add fewer instances: the fan-out would not spread.)"""
 CHASE_QUIET = timedelta(seconds=5)
 """A chase ends once the bot answered the user's message and was quiet this long: long enough for the answer
 that follows an acknowledgement ("let me look that up"), far shorter than the chase for a bot done at once."""
