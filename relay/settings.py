@@ -113,7 +113,8 @@ SETTINGS: dict[str, Setting] = _catalogue(
     Setting("RELAY_IDLE_TIMEOUT_MINUTES", "A conversation idle this long is ended.", default="1440",
             group="relay"),
     Setting("RELAY_LEASE_SECONDS", "How long one instance holds a conversation it works (renewed as it makes "
-            "progress); after a crash, others take the conversation over when this has passed.", default="60",
+            "progress, and before a reply is sent when less than half is left); after a crash, others take the "
+            "conversation over when this has passed.", default="60",
             group="relay"),
     Setting("RELAY_SIGNATURE_WINDOW_SECONDS", "Accepted age of a signed webhook's timestamp.",
             default="300", group="relay"),
