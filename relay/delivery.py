@@ -288,10 +288,10 @@ class ReplyDelivery:
             log.info("the bot sent event %r in %s conversation %s; RELAY_EVENT_WEBHOOK_URL is not set: not forwarded",
                      name, self.worker.key.channel, record.conversation_id)
         else:
-            self.worker.hold_lease()
             payload = event_payload(activity, conversation_id=record.conversation_id, channel=self.worker.key.channel,
                                     user=self.worker.key.user, directline_user=record.user_id,
                                     transcript=self.transcript(activity_id), now=self.ctx.clock.now().isoformat())
+            self.worker.hold_lease()  # after the transcript's reads: right before what cannot be taken back
             try:
                 events.send(payload, activity_id=activity_id)
             except ProviderRejected as error:

@@ -476,18 +476,15 @@ class ChaosRun:
         finding it undelivered, sent it again after the lease expired. Each one is described in the report."""
         if self.killed_at is None:
             return 0
-        copies: dict[str, list[dict]] = collections.defaultdict(list)
-        for reply in replies:
-            copies[reply["text"]].append(reply)
         resent = 0
-        for text, sent in copies.items():
+        for text, sent in copies_by_text(replies).items():
             first, *again = sorted(sent, key=lambda r: r["at"])
             if len(again) == 1 and (self.killed_at - KILL_WINDOW[0] <= first["at"] <= self.killed_at + KILL_WINDOW[1]
                                     < again[0]["at"]):
                 resent += 1
                 same_id = first["id"] == again[0]["id"]
                 self.report.crash_resends.append(
-                    f"{user.provider} {text!r}: taken {self.killed_at - first['at']:.2f} s before the kill, sent "
+                    f"{user.provider} {text!r}: taken {first['at'] - self.killed_at:+.2f} s from the kill, sent "
                     f"again {again[0]['at'] - self.killed_at:.0f} s after it"
                     + (" with the same webhook-id (a Standard Webhooks receiver keeps one)" if same_id else ""))
         return resent
@@ -495,13 +492,10 @@ class ChaosRun:
     def doubled_trail(self, user: User, replies: list[dict], said_as: dict[str, str]) -> list[str]:
         """Each reply this user got more than once, told with when each copy came (against the SIGKILL) and the
         hosts' log lines naming its activity: a failed run says which path sent it twice."""
-        copies: dict[str, list[dict]] = collections.defaultdict(list)
-        for reply in replies:
-            copies[reply["text"]].append(reply)
         logs = {path.name: path.read_text(errors="replace").splitlines()
                 for path in sorted(self.stack.workdir.glob("host-*.log"))}
         trails = []
-        for text, sent in copies.items():
+        for text, sent in copies_by_text(replies).items():
             if len(sent) < 2:
                 continue
             activity_id = said_as.get(text, "")
@@ -593,6 +587,14 @@ def replies_by_user(users: Sequence[User], replies: Iterable[dict]) -> dict[tupl
             else reply["user"]
         found[(reply["provider"], user)].append(reply)
     return found
+
+
+def copies_by_text(replies: Iterable[dict]) -> dict[str, list[dict]]:
+    """The provider's replies grouped by their text (the run's texts are unique: more than one is a copy)."""
+    copies: dict[str, list[dict]] = collections.defaultdict(list)
+    for reply in replies:
+        copies[reply["text"]].append(reply)
+    return copies
 
 
 def missing_replies(users: Sequence[User], replies: Iterable[dict]) -> list[tuple[User, str]]:
