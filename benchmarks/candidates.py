@@ -5,8 +5,9 @@ chase (RELAY_CHASE_SECONDS=10: each webhook leaves a chase queue message and the
 for the bot's reply every second until 10 s after the user's message). For each: prompt and late (3 s)
 reply latency through the local host with the default burst, and an idle hour of simulated ticks at the
 timer's interval (what waiting costs). The chase costs nothing while nobody writes, so its idle hour is
-the 5 s timer's, not run twice; what it costs per message (a chase execution, its Direct Line GETs,
-three queue transactions) is measured apart, through the host with the timer out of the way. The
+the 5 s timer's, not run twice; what it costs per message (its looks, each a short execution with one
+record read and three queue transactions, and its Direct Line GETs) is measured apart, through the host
+with the timer out of the way. The
 monthly cost of each comes from report.cost_model.
 """
 
@@ -45,7 +46,8 @@ CANDIDATES = (
     Candidate("1 s timer", "* * * * * *", 1.0, 0.0),
     Candidate("5 s timer + chase", "*/5 * * * * *", 5.0, 10.0),
 )
-QUEUE_TRANSACTIONS_PER_CHASE = 3  # the output binding's put, the trigger's get, its delete on success
+QUEUE_TRANSACTIONS_PER_LOOK = 3  # its message's put (by the webhook or the look before), the trigger's get, its delete
+TABLE_TRANSACTIONS_PER_LOOK = 1  # the conversation's record (a look that delivers works it as the timer would have)
 
 
 def is_default(candidate: Candidate) -> bool:
@@ -110,18 +112,20 @@ def chase_cost(stack: Stack, env: dict[str, str], *, chase_seconds: float, sampl
                                          replies=replies, samples=samples, timeout=3 * chase_seconds + 30)
     finally:
         stack.emulator.set_faults(latency_ms=0)
-    longest = max(by_reply.values(), key=lambda r: r["mean_seconds"])
+    longest = max(by_reply.values(), key=lambda r: r["looks_per_chase"])
     return {"chase_seconds": chase_seconds, "burst_seconds": DEFAULT_BURST, "latency_ms": latency_ms,
             "by_reply": by_reply,
-            # The cost model takes the longer kind for every message: an upper bound.
-            "seconds_per_chase": longest["mean_seconds"],
+            # The cost model takes the kind with more looks for every message: an upper bound.
+            "looks_per_chase": longest["looks_per_chase"],
+            "seconds_per_look": longest["mean_seconds"],
             "directline_requests_per_chase": longest["directline_requests_per_chase"],
-            "queue_transactions_per_chase": QUEUE_TRANSACTIONS_PER_CHASE}
+            "queue_transactions_per_chase": QUEUE_TRANSACTIONS_PER_LOOK * longest["looks_per_chase"],
+            "table_transactions_per_chase": TABLE_TRANSACTIONS_PER_LOOK * longest["looks_per_chase"]}
 
 
 def _chases(stack: Stack, store, queue: QueueClient, log_path: Path, *, kind: str, text: str, replies: int,
             samples: int, timeout: float) -> dict:
-    """`samples` users write `text` at once; each chase's time (its chase execution) and GETs."""
+    """`samples` users write `text` at once; their chases' looks (chase executions) and GETs."""
     done_before = len(hosted.executions(log_path, "chase"))
     users = [f"+1444{kind == 'late':d}{number:06d}" for number in range(samples)]
     with ThreadPoolExecutor(samples) as pool:
@@ -140,8 +144,9 @@ def _chases(stack: Stack, store, queue: QueueClient, log_path: Path, *, kind: st
     wait_until(chased, timeout=timeout, what="every chase done")
     seconds = hosted.executions(log_path, "chase")[done_before:]
     gets = [_gets(stack, store, user) - before for user, before in during_webhook.items()]
-    return {"chases": len(seconds), "messages": samples, "mean_seconds": statistics.mean(seconds),
-            "max_seconds": max(seconds), "directline_requests_per_chase": statistics.mean(gets)}
+    return {"looks": len(seconds), "messages": samples, "looks_per_chase": len(seconds) / samples,
+            "mean_seconds": statistics.mean(seconds), "max_seconds": max(seconds),
+            "directline_requests_per_chase": statistics.mean(gets)}
 
 
 def _webhook_gets(stack: Stack, store, user: str, text: str) -> int:

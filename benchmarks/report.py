@@ -89,9 +89,9 @@ def cost_model(results: dict[str, Any], idle: dict[str, Any] | None = None,
     """Monthly usage and cost for 100, 1,000 and 10,000 conversations a day, from the measured counts: the timer
     ticking as the idle hour did (`idle`, the idle section's unless given), each tick costing the due-index
     query (the fixed cost per tick) plus what each due conversation adds; with `chase` (candidates.chase_cost),
-    a chase per user message: a poll_batch execution as long as the measured chase, its Direct Line GETs and
-    its queue transactions. Chases overlap (one per message, seconds each), so they are billed as the instances
-    they keep busy (busy_instances), not one active period each."""
+    a chase per user message: its looks, each an execution as long as the measured look with its record read
+    and queue transactions, and its Direct Line GETs. Looks overlap (a chase's every second, many chases at
+    once), so they are billed as the instances they keep busy (busy_instances), not one active period each."""
     idle = idle or results["idle"]
     ticks = results["ticks"]
     hook_burst = results["webhook_cost_burst"]
@@ -121,10 +121,12 @@ def cost_model(results: dict[str, Any], idle: dict[str, Any] | None = None,
         messages = webhooks * 2
         queue = 0.0
         if chase:
-            running = webhooks / MONTH_SECONDS * billed_seconds(chase["seconds_per_chase"])
+            looks = webhooks * chase["looks_per_chase"]
+            running = looks / MONTH_SECONDS * billed_seconds(chase["seconds_per_look"])
             gb_seconds += INSTANCE_GB * MONTH_SECONDS * busy_instances(running)
-            executions += webhooks
+            executions += looks
             directline += webhooks * chase["directline_requests_per_chase"]
+            table += webhooks * chase["table_transactions_per_chase"]
             queue = webhooks * chase["queue_transactions_per_chase"]
         usd = {
             "functions": max(0.0, gb_seconds - PRICES["flex_free_gb_seconds"]["usd"]) * PRICES["flex_gb_second"]["usd"]
@@ -600,19 +602,21 @@ def _chase_markdown(rows: list[dict[str, Any]]) -> list[str]:
         prompt, late = chase["by_reply"]["prompt"], chase["by_reply"]["late"]
         out += [
             "",
-            f"The chase ({candidate['name']}): every webhook with a new message leaves a poll queue message, and "
-            f"poll_batch looks for the bot's replies every second until {chase['chase_seconds']:g} s after the "
-            "message (RELAY_CHASE_SECONDS), ending a second after it delivered one. The timer-only rows run with "
-            "RELAY_CHASE_SECONDS=0. Measured through the local host with the timer out of the way (every poll_batch "
-            "execution is a chase, every GET after the webhook answered is the chase's), "
+            f"The chase ({candidate['name']}): every webhook with a new message leaves a chase queue message, and "
+            f"the chase function looks for the bot's replies every second until {chase['chase_seconds']:g} s after "
+            "the message (RELAY_CHASE_SECONDS), ending once the bot answered and was quiet for 5 s; one look per "
+            "execution, each leaving the next on the queue a second later. The timer-only rows run with "
+            "RELAY_CHASE_SECONDS=0. Measured through the local host with the timer out of the way (every chase "
+            "execution is a look, every GET after the webhook answered is the chase's), "
             f"{prompt['messages']} messages of each kind: a message the bot answers at once (the burst delivers "
-            f"the reply) keeps its chase {prompt['mean_seconds']:.1f} s (max {prompt['max_seconds']:.1f} s) for "
-            f"{prompt['directline_requests_per_chase']:.1f} GETs; one it answers again 3 s later "
-            f"{late['mean_seconds']:.1f} s (max {late['max_seconds']:.1f} s) for "
-            f"{late['directline_requests_per_chase']:.1f} GETs. The cost model charges every message the longer of "
-            f"the two ({chase['seconds_per_chase']:.1f} s, {chase['directline_requests_per_chase']:.1f} GETs: an "
-            f"upper bound) and {chase['queue_transactions_per_chase']} queue transactions (put, get, delete). "
-            "Chases overlap, so they are billed as the instances they keep busy: messages arrive at random and an "
+            f"the reply) is chased for {prompt['looks_per_chase']:.1f} looks of {prompt['mean_seconds'] * 1000:.0f} ms "
+            f"(max {prompt['max_seconds'] * 1000:.0f} ms) and {prompt['directline_requests_per_chase']:.1f} GETs; one "
+            f"it answers again 3 s later for {late['looks_per_chase']:.1f} looks of "
+            f"{late['mean_seconds'] * 1000:.0f} ms (max {late['max_seconds'] * 1000:.0f} ms) and "
+            f"{late['directline_requests_per_chase']:.1f} GETs. The cost model charges every message the kind with "
+            f"more looks ({chase['looks_per_chase']:.1f} looks, {chase['directline_requests_per_chase']:.1f} GETs: "
+            f"an upper bound), each look an execution, a record read and 3 queue transactions (put, get, delete). "
+            "Looks overlap, so they are billed as the instances they keep busy: messages arrive at random and an "
             f"instance works {QUEUE_CONCURRENCY} at once (host.json batchSize + newBatchThreshold). "
             "While nobody writes there is no chase: the idle cost is the "
             f"{candidate.get('idle_shared_with', 'same schedule')}'s, the same run.",

@@ -24,14 +24,21 @@ is worth nothing.
 A queue beside it carries chases (RELAY_POLL_QUEUE + "-chase", worked by the `chase` function). A
 bot that answers later than the webhook's burst (Copilot Studio agents often take a few seconds, or
 answer at once and then again) would wait for the timer; instead the webhook leaves a `Chase` per
-user (after its burst; a queue that cannot take it is logged and the webhook answers as ever), and
-the chase looks for replies every second until RELAY_CHASE_SECONDS after the user's message,
-without the lease until there is something to deliver (poller.work_chase). Chases have a queue of
-their own so that the timer's "is the last round still there?" counts batches only, and so that
-they scale apart. One execution per message, billed while it waits (at most the chase's seconds):
-far less than a timer every second, which bills every second of the month (Flex Consumption bills
-an execution at least 1 s; docs/benchmarks.md compares them). A chase names its conversation by
-the keyed hash of its key (no user's address in a queue).
+user (after its burst; a queue that cannot take it is logged and the webhook answers as ever). A chase
+is one look per execution: it looks for replies without the lease, delivers what arrived under the
+lease (poller.work_chase), and unless it is over leaves its next look on the queue, invisible for a
+second (`visibility_timeout`), until RELAY_CHASE_SECONDS after the user's message. So no execution
+sleeps between looks: a burst of messages never leaves chases waiting for a slot behind others that
+sleep (host.json lets an instance run 6 queue messages at once), and each look is a short execution
+plus three queue transactions (put, get, delete). Chases have a queue of their own so that the
+timer's "is the last round still there?" counts batches only, and so that they scale apart. At low
+traffic far less than a timer every second, which bills every second of the month (Flex Consumption
+bills an execution at least 1 s, executions side by side on one instance once); at 10,000
+conversations a day about as much (docs/benchmarks.md compares them). A chase names its
+conversation by the keyed hash of its key (no user's address in a queue). A look that fails is
+retried by the host; an instance lost after leaving the next look but before its message was
+deleted leaves two chases of one conversation until the chase's end: twice the looks, never a
+reply twice (the lease).
 
 Queue messages are JSON, base64-encoded as the Functions host expects (host.json
 extensions.queues.messageEncoding; see relay/store/tables.py queue_client).
@@ -42,14 +49,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeGuard
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
+from relay.delivery import MIN_POLL_GAP
 from relay.errors import StoreError
 from relay.settings import Settings
 from relay.store.tables import millis, queue_client, storage_errors
@@ -70,6 +79,7 @@ CHASE_SUFFIX = "-chase"
 _MAX_ROW_KEY_CHARS = 1024  # Table Storage's limit for a RowKey
 _PARTITION_KEY = re.compile(r"[0-9a-f]{16,64}")  # relay/store/conversations.py partition_of: a keyed hash in hex
 _MAX_MILLIS = 253_402_300_800_000  # the year 10000
+_MAX_COUNT = 1_000_000
 
 
 def batches_of(row_keys: Sequence[str], *, size: int = BATCH_ROWS) -> list[tuple[str, str]]:
@@ -80,16 +90,32 @@ def batches_of(row_keys: Sequence[str], *, size: int = BATCH_ROWS) -> list[tuple
 
 @dataclass(frozen=True)
 class Chase:
-    """A poll queue message a webhook leaves: look for the bot's reply in one conversation every second
-    until `until` (RELAY_CHASE_SECONDS after the user's message), starting a second after `polled_at`."""
+    """A chase queue message: look for the bot's reply in one conversation at `look_at`, and every second after
+    until `until` (RELAY_CHASE_SECONDS after the user's message, polled at `polled_at`). It carries what the
+    chase's last look logs: the looks done, the replies delivered and the longest a look waited in the queue."""
 
     partition_key: str
     until: datetime
     polled_at: datetime
+    look_at: datetime | None = None  # None: MIN_POLL_GAP after polled_at, the webhook's first look
+    looks: int = 0
+    delivered: int = 0
+    longest_wait_ms: int = 0
+
+    @property
+    def due_at(self) -> datetime:
+        return self.look_at or self.polled_at + MIN_POLL_GAP
+
+    def next_look(self, now: datetime, *, delivered: int) -> Chase:
+        """The chase's next message, once this look (at `now`) delivered `delivered` replies."""
+        waited = max(0, millis(now) - millis(self.due_at))
+        return replace(self, look_at=now + MIN_POLL_GAP, looks=self.looks + 1, delivered=self.delivered + delivered,
+                       longest_wait_ms=max(self.longest_wait_ms, waited))
 
     def message(self) -> str:
-        return json.dumps({"chase": self.partition_key, "until": millis(self.until), "polled": millis(self.polled_at)},
-                          separators=(",", ":"))
+        return json.dumps({"chase": self.partition_key, "until": millis(self.until), "polled": millis(self.polled_at),
+                           "at": millis(self.due_at), "looks": self.looks, "delivered": self.delivered,
+                           "waited": self.longest_wait_ms}, separators=(",", ":"))
 
 
 def parse_message(body: bytes) -> tuple[str, str] | Chase | None:
@@ -110,12 +136,21 @@ def parse_message(body: bytes) -> tuple[str, str] | Chase | None:
 
 
 def _chase(message: dict) -> Chase | None:
+    """A chase; one a relay before re-enqueued looks wrote (no "at" and counts) is its first look."""
     partition_key, until, polled = message.get("chase"), message.get("until"), message.get("polled")
     if not (isinstance(partition_key, str) and _PARTITION_KEY.fullmatch(partition_key)):
         return None
     if not (_is_millis(until) and _is_millis(polled)):
         return None
-    return Chase(partition_key, datetime.fromtimestamp(until / 1000, UTC), datetime.fromtimestamp(polled / 1000, UTC))
+    look_at = message.get("at", polled + int(MIN_POLL_GAP.total_seconds() * 1000))
+    counts = [message.get(name, 0) for name in ("looks", "delivered", "waited")]
+    if not (_is_millis(look_at) and all(type(count) is int and 0 <= count < _MAX_COUNT for count in counts)):
+        return None
+    return Chase(partition_key, _moment(until), _moment(polled), _moment(look_at), *counts)
+
+
+def _moment(value: int) -> datetime:
+    return datetime.fromtimestamp(value / 1000, UTC)
 
 
 def _is_millis(value: object) -> TypeGuard[int]:
@@ -163,17 +198,19 @@ class PollQueue:
         return sent
 
     def send_chases(self, chases: Sequence[Chase]) -> None:
-        """Enqueue each chase; StoreError when one could not be (the conversations are polled anyway)."""
+        """Enqueue each chase, visible at its next look (whole seconds, as the service counts them); StoreError
+        when one could not be (the conversations are polled anyway)."""
         for chase in chases:
-            self._send(chase.message())
+            self._send(chase.message(), visible_in=MIN_POLL_GAP)
 
-    def _send(self, content: str) -> None:
+    def _send(self, content: str, *, visible_in: timedelta | None = None) -> None:
+        delay = math.ceil(visible_in.total_seconds()) if visible_in else None
         with storage_errors(f"enqueue to {self.name}"):
             try:
-                self._client.send_message(content, time_to_live=MESSAGE_TTL_SECONDS)
+                self._client.send_message(content, visibility_timeout=delay, time_to_live=MESSAGE_TTL_SECONDS)
             except ResourceNotFoundError:
                 self._create()
-                self._client.send_message(content, time_to_live=MESSAGE_TTL_SECONDS)
+                self._client.send_message(content, visibility_timeout=delay, time_to_live=MESSAGE_TTL_SECONDS)
 
     def _create(self) -> None:
         """The queue, on first use (infra/ does not create it; the host's trigger treats a missing queue as empty)."""

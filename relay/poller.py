@@ -24,8 +24,9 @@ them to the poll queue in batches, which the queue-triggered `poll_batch` functi
 instances as the platform gives it (`work_batch`, the same work; relay/fanout.py says how it stays
 exactly once).
 
-The same function works the chases webhooks leave (`work_chase`): a late reply is looked for every
-second for a few seconds after the user's message, so it does not wait for the next tick.
+The chase function works the chases webhooks leave (`work_chase`): a late reply is looked for every
+second for a few seconds after the user's message, one look per execution, so it does not wait for
+the next tick.
 
 Each conversation is polled on its own schedule (conversations.next_idle_poll), whatever the timer's
 (RELAY_POLL_SCHEDULE): a tick with nothing due costs one query and logs nothing. Each tick also
@@ -49,6 +50,7 @@ from relay.delivery import MIN_POLL_GAP
 from relay.errors import DirectLineError, StoreError
 from relay.fanout import BATCH_ROWS, MAX_FANOUT_ROWS, Chase, batches_of, parse_message
 from relay.settings import MAX_CHASE_SECONDS
+from relay.store.conversations import ConversationRecord
 from relay.store.due_polls import DueConversation
 from relay.store.sweep import sweep_tables
 from relay.store.tables import BATCH_LIMIT
@@ -141,64 +143,76 @@ def _work_rows(ctx: RelayContext, rows: tuple[str, str]) -> TickResult:
 
 
 def work_chase(ctx: RelayContext, chase: Chase) -> int:
-    """Look for the bot's reply in the chased conversation every second until `chase.until`, without its lease;
-    deliver what arrives under the lease (as the timer would). Returns the replies delivered.
+    """One look for the bot's reply in the chased conversation, without its lease; what arrived is delivered
+    under the lease (as the timer would). Unless the chase is over, its next look goes on the chase queue, a
+    second later (relay/fanout.py): no execution waits between looks. Returns the replies delivered.
 
     News found while someone else holds the lease is theirs; the chase looks again a second later, as the holder
     (the timer, mostly) may have read the conversation just before the reply came and leave it to the next tick.
-    Ends early when the bot answered and then stayed quiet for CHASE_QUIET, when the user wrote again (that
-    message's webhook chases on), or when Direct Line fails (the timer deals with it): the schedule still polls
-    the conversation either way."""
-    started = ctx.clock.now()
+    Over when its time is up, when the bot answered and then stayed quiet for CHASE_QUIET, when the user wrote
+    again (that message's webhook chases on), or when Direct Line fails (the timer deals with it): the schedule
+    still polls the conversation either way."""
     record = ctx.store.conversations.get_record_at(chase.partition_key)
-    owner, delivered, peek_at, looks = new_owner("chase"), 0, chase.polled_at + MIN_POLL_GAP, 0
-    ended = "its time was up"
-    while record is not None and record.active and record.conversation_id and peek_at < chase.until:
-        if record.last_user_activity_at and record.last_user_activity_at > chase.polled_at:
-            ended = "the user wrote again"
-            break
-        if not record.token and ctx.directline.uses_token_endpoint:
-            ended = "the conversation has no token"
-            break
-        ctx.clock.sleep(max(0.0, (peek_at - ctx.clock.now()).total_seconds()))
-        peek_at = ctx.clock.now() + MIN_POLL_GAP
-        looks += 1
+    delivered, ended = 0, _chase_over(ctx, chase, record)
+    if ended is None and record is not None:
+        delivered, ended = _look(ctx, record)
+    now = ctx.clock.now()
+    if ended is None and now + MIN_POLL_GAP >= chase.until:
+        ended = "its time was up"
+    if ended is None:
         try:
-            page = ctx.directline.get_activities(record.conversation_id, watermark=record.watermark,
-                                                 token=record.token or None)
-        except DirectLineError as error:
-            ended = f"Direct Line failed ({type(error).__name__})"
-            break
-        if not page.activities:
-            answered_at = record.last_bot_activity_at
-            if (answered_at and record.last_user_activity_at and answered_at >= record.last_user_activity_at
-                    and ctx.clock.now() - answered_at >= CHASE_QUIET):
-                ended = "the bot answered and went quiet"
-                break
-            continue
-        claimed = ctx.store.conversations.acquire_lease(record.key, owner=owner,
-                                                        lease_seconds=ctx.settings.relay.lease_seconds)
-        if claimed is None:  # the holder delivers it, unless it read just before the reply came: look again
-            record = ctx.store.conversations.get_record(record.key)
-            continue
-        peek = Peek(record.conversation_id, record.watermark, page, ctx.clock.monotonic())
-        with telemetry.span("relay.conversation", channel=record.key.channel,
-                            conversation=telemetry.conversation_tag(ctx.store, record.key)):
-            delivered += work_conversation(ctx, claimed, owner=owner, peek=peek, idle_check=False).delivered
-        record = ctx.store.conversations.get_record(record.key)
-    if record is None or not record.active or not record.conversation_id:
-        ended = "the conversation is gone or ended"
-    # Time spent waiting in the queue: chases that wait long outnumber what the instances run at once.
-    log.info("chase: %s after %d looks, %d replies delivered; it waited %.1f s in the queue", ended, looks,
-             delivered, max(0.0, (started - chase.polled_at).total_seconds()))
+            ctx.chase_queue.send_chases([chase.next_look(now, delivered=delivered)])
+        except StoreError as error:
+            log.warning("chase: its next look could not be queued (%s); the timer polls the conversation", error)
+            ended = "its next look could not be queued"
+    if ended is not None:
+        done = chase.next_look(now, delivered=delivered)
+        # How long looks waited in the queue past their time: long waits mean more chases than instances run.
+        log.info("chase: %s after %d looks, %d replies delivered; a look waited at most %.1f s in the queue", ended,
+                 done.looks, done.delivered, done.longest_wait_ms / 1000)
     return delivered
 
 
+def _chase_over(ctx: RelayContext, chase: Chase, record: ConversationRecord | None) -> str | None:
+    """Why the chase ends before this look, if it does."""
+    if record is None or not record.active or not record.conversation_id:
+        return "the conversation is gone or ended"
+    if record.last_user_activity_at and record.last_user_activity_at > chase.polled_at:
+        return "the user wrote again"
+    if not record.token and ctx.directline.uses_token_endpoint:
+        return "the conversation has no token"
+    return None
+
+
+def _look(ctx: RelayContext, record: ConversationRecord) -> tuple[int, str | None]:
+    """The replies one look delivered, and why the chase ends after it (None: it goes on)."""
+    try:
+        page = ctx.directline.get_activities(record.conversation_id, watermark=record.watermark,
+                                             token=record.token or None)
+    except DirectLineError as error:
+        return 0, f"Direct Line failed ({type(error).__name__})"
+    if not page.activities:
+        answered_at = record.last_bot_activity_at
+        if (answered_at and record.last_user_activity_at and answered_at >= record.last_user_activity_at
+                and ctx.clock.now() - answered_at >= CHASE_QUIET):
+            return 0, "the bot answered and went quiet"
+        return 0, None
+    owner = new_owner("chase")
+    claimed = ctx.store.conversations.acquire_lease(record.key, owner=owner,
+                                                    lease_seconds=ctx.settings.relay.lease_seconds)
+    if claimed is None:  # the holder delivers it, unless it read just before the reply came: the next look sees
+        return 0, None
+    peek = Peek(record.conversation_id, record.watermark, page, ctx.clock.monotonic())
+    with telemetry.span("relay.conversation", channel=record.key.channel,
+                        conversation=telemetry.conversation_tag(ctx.store, record.key)):
+        return work_conversation(ctx, claimed, owner=owner, peek=peek, idle_check=False).delivered, None
+
+
 def _chase_in_bounds(ctx: RelayContext, chase: Chase) -> bool:
-    """A webhook writes a chase as it answers, ending at most MAX_CHASE_SECONDS later: one that starts in the future
-    or ends long after it started would hold an execution asleep, or polling every second, until the host's
-    functionTimeout, and again on each retry."""
-    return (chase.polled_at <= ctx.clock.now() + CHASE_CLOCK_SKEW
+    """A webhook writes a chase as it answers, ending at most MAX_CHASE_SECONDS later, and each look leaves the
+    next a second on: a chase whose look is not yet due, or that ends long after it started (it would look every
+    second until then), is not one the relay wrote."""
+    return (chase.polled_at <= chase.due_at <= ctx.clock.now() + CHASE_CLOCK_SKEW
             and chase.until <= chase.polled_at + timedelta(seconds=MAX_CHASE_SECONDS))
 
 

@@ -530,7 +530,7 @@ MAX_CHASE_SECONDS = 60
 
 
 def _chase_seconds(env: _Environment) -> float:
-    """At most a minute: a chase is one execution polling every second, and a reply later than that is the
+    """At most a minute: a chase looks every second (an execution each), and a reply later than that is the
     timer's."""
     seconds = env.number("RELAY_CHASE_SECONDS")
     if seconds > MAX_CHASE_SECONDS:

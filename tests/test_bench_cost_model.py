@@ -44,7 +44,8 @@ def test_a_timer_every_second_is_billed_a_month_of_an_instance_and_every_5_s_a_f
     assert every_second["usd"]["functions"] > 4 * every_5_s["usd"]["functions"]
 
 
-CHASE = {"seconds_per_chase": 6.0, "directline_requests_per_chase": 7.0, "queue_transactions_per_chase": 3}
+CHASE = {"looks_per_chase": 6.0, "seconds_per_look": 0.05, "directline_requests_per_chase": 7.0,
+         "queue_transactions_per_chase": 18.0, "table_transactions_per_chase": 6.0}
 
 
 @pytest.mark.parametrize("running", [0.01, 0.5, 3.0, 40.0])
@@ -55,15 +56,16 @@ def test_chases_that_overlap_share_instances_up_to_the_queue_concurrency(running
         assert busy == pytest.approx(1 - math.exp(-running))  # one instance, busy while any chase runs
 
 
-def test_a_chase_per_message_adds_its_execution_gets_and_queue_transactions():
+def test_a_chase_per_message_adds_its_looks_gets_and_transactions():
     without, with_chase = cost_model(_results(5.0))[1], cost_model(_results(5.0), chase=CHASE)[1]
     messages = 1_000 * DAYS_PER_MONTH * MESSAGES_PER_CONVERSATION
-    assert with_chase["executions"] - without["executions"] == messages
+    assert with_chase["executions"] - without["executions"] == pytest.approx(6 * messages)  # one per look
     assert with_chase["directline_requests"] - without["directline_requests"] == pytest.approx(7 * messages)
-    assert with_chase["queue_transactions"] == 3 * messages
+    assert with_chase["queue_transactions"] == pytest.approx(18 * messages)
+    assert with_chase["table_transactions"] - without["table_transactions"] == pytest.approx(6 * messages)
     chase_gb_seconds = with_chase["gb_seconds"] - without["gb_seconds"]
-    # Billed as the instances the chases keep busy: never more than an active period of its own for each.
-    assert 0 < chase_gb_seconds <= messages * INSTANCE_GB * 6.0
+    # Billed as the instances the looks keep busy: never more than a billed second of its own for each look.
+    assert 0 < chase_gb_seconds <= 6 * messages * INSTANCE_GB * 1.0
 
 
 def test_the_capacity_model_takes_the_fewer_conversations_of_wall_time_and_cpu():

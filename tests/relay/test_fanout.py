@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import QueueClient
 
 from benchmarks.polling import bot_says, seed
@@ -26,10 +28,11 @@ from devstack.channels import DEV_VALUES
 from devstack.procs import azurite_connection_string, wait_until
 from relay.clock import SYSTEM_CLOCK, ManualClock
 from relay.errors import StoreError
-from relay.fanout import BATCH_ROWS, CHASE_SUFFIX, Chase, batches_of, parse_message
+from relay.fanout import BATCH_ROWS, CHASE_SUFFIX, Chase, PollQueue, batches_of, parse_message
 from relay.inbound import leave_chases
 from relay.poller import poll_tick, work_poll_message
 from relay.store.conversations import partition_of
+from relay.store.tables import queue_client
 
 DEAD_STORAGE = azurite_connection_string(9, 9, 9)  # nothing listens on port 9
 
@@ -176,8 +179,42 @@ def user_wrote(ctx, record, text: str):
 
 
 def chase_of(ctx, record, *, seconds: float) -> bytes:
+    """A chase's first look as the webhook leaves it, but due now (the queue would have held it a second)."""
     now = ctx.clock.now()
-    return Chase(partition_of(ctx.store.tables, record.key), now + timedelta(seconds=seconds), now).message().encode()
+    return Chase(partition_of(ctx.store.tables, record.key), now + timedelta(seconds=seconds), now, look_at=now
+                 ).message().encode()
+
+
+def chase_queue(ctx) -> QueueClient:
+    return QueueClient.from_connection_string(ctx.settings.storage.connection_string,
+                                              ctx.settings.relay.poll_queue + CHASE_SUFFIX)
+
+
+def run_chase(ctx, body: bytes) -> int:
+    """Work a chase as the host does, one look per message: this look, then each next look the chase leaves on its
+    queue, once the queue shows it, until a look leaves none. The replies it delivered."""
+    queue, delivered = chase_queue(ctx), 0
+    while True:
+        delivered += work_poll_message(ctx, body)
+        if not queue_exists_with_messages(queue):
+            return delivered
+        body = next_message(queue)
+
+
+def next_message(queue: QueueClient) -> bytes:
+    """The queue's one message, once it is visible, deleted."""
+    taken: list[bytes] = []
+    wait_until(lambda: taken.extend(take_batches(queue)) or taken, timeout=5, what=f"a message on {queue.queue_name}")
+    [body] = taken
+    return body
+
+
+def queue_exists_with_messages(queue: QueueClient) -> bool:
+    """Messages waiting, visible or not (the service's count includes those not yet visible)."""
+    try:
+        return (queue.get_queue_properties().approximate_message_count or 0) > 0
+    except ResourceNotFoundError:
+        return False
 
 
 def test_a_chase_delivers_the_bots_late_reply_once(fanout_stack):
@@ -186,7 +223,7 @@ def test_a_chase_delivers_the_bots_late_reply_once(fanout_stack):
     record = user_wrote(ctx, record, "later")  # the emulator's echo answers "Late reply: later" 3 s after
     emulator.reset_counters()
 
-    assert work_poll_message(ctx, chase_of(ctx, record, seconds=10)) == 1
+    assert run_chase(ctx, chase_of(ctx, record, seconds=10)) == 1
 
     assert bot_replies(simulator, [record]) == Counter({"Late reply: later": 1})
     # About one look a second, until the reply came and the bot had been quiet for a while: at most the chase's.
@@ -200,7 +237,7 @@ def test_a_chase_for_a_bot_that_never_answers_stops_when_its_time_is_up(fanout_s
     record = user_wrote(ctx, record, "hello")
     emulator.reset_counters()
 
-    assert work_poll_message(ctx, chase_of(ctx, record, seconds=4)) == 0
+    assert run_chase(ctx, chase_of(ctx, record, seconds=4)) == 0
 
     assert 2 <= emulator.counters()["requests"].get("activities/get", 0) <= 4  # one a second, for 4 s
     assert bot_replies(simulator, [record]) == Counter()
@@ -213,7 +250,7 @@ def test_a_chase_ends_at_once_when_the_user_wrote_again(fanout_stack):
     user_wrote(ctx, record, "hello again")  # that message's webhook chases on
     emulator.reset_counters()
 
-    assert work_poll_message(ctx, stale) == 0
+    assert run_chase(ctx, stale) == 0
     assert emulator.counters()["requests"] == {}
 
 
@@ -224,7 +261,7 @@ def test_a_chase_leaves_news_to_whoever_holds_the_conversation(fanout_stack):
     assert ctx.store.conversations.acquire_lease(record.key, owner="the-timer", lease_seconds=60) is not None
     bot_says(emulator.url, record.conversation_id, "an answer")
 
-    assert work_poll_message(ctx, chase_of(ctx, record, seconds=3)) == 0
+    assert run_chase(ctx, chase_of(ctx, record, seconds=3)) == 0
     assert bot_replies(simulator, [record]) == Counter()  # the holder delivers it; the chase never does
     assert ctx.store.conversations.get_record(record.key).lease_owner == "the-timer"
 
@@ -239,7 +276,7 @@ def test_a_chase_delivers_a_reply_the_holder_read_too_early_for(fanout_stack):
     assert held is not None
     bot_says(emulator.url, record.conversation_id, "an answer")
     emulator.reset_counters()
-    chase = threading.Thread(target=work_poll_message, args=(ctx, chase_of(ctx, record, seconds=8)))
+    chase = threading.Thread(target=run_chase, args=(ctx, chase_of(ctx, record, seconds=8)))
     chase.start()
     # It found the reply, could not take the conversation, and looked again.
     wait_until(lambda: emulator.counters()["requests"].get("activities/get", 0) >= 2, timeout=6,
@@ -250,10 +287,53 @@ def test_a_chase_delivers_a_reply_the_holder_read_too_early_for(fanout_stack):
     assert bot_replies(simulator, [record]) == Counter({"an answer": 1})
 
 
+def test_a_look_leaves_the_next_for_a_second_later_instead_of_waiting_for_it(fanout_stack):
+    """No execution sleeps between looks: a burst of chases never waits for slots others hold asleep."""
+    ctx, emulator, _, _ = fanout_stack(threshold=0, clock=SYSTEM_CLOCK)
+    [record] = seed(ctx, 1, last_activity_ago=0)
+    record = user_wrote(ctx, record, "hello")
+    emulator.reset_counters()
+    first = chase_of(ctx, record, seconds=10)
+
+    assert work_poll_message(ctx, first) == 0
+
+    assert emulator.counters()["requests"].get("activities/get", 0) == 1
+    queue = chase_queue(ctx)
+    assert queue_exists_with_messages(queue)
+    assert take_batches(queue) == []  # not visible yet: due a second after this look
+    after = parse_message(next_message(queue))
+    assert isinstance(after, Chase)
+    assert (after.partition_key, after.until, after.polled_at, after.looks) == (
+        parse_message(first).partition_key, parse_message(first).until, parse_message(first).polled_at, 1)
+
+
+def test_a_chase_whose_next_look_cannot_be_queued_ends_and_leaves_the_conversation_to_the_timer(
+        fanout_stack, caplog):
+    ctx, *_ = fanout_stack(threshold=0, clock=SYSTEM_CLOCK)
+    [record] = seed(ctx, 1, last_activity_ago=0)
+    record = user_wrote(ctx, record, "hello")
+    ctx.chase_queue = PollQueue(queue_client(replace(ctx.settings.storage, connection_string=DEAD_STORAGE), "chase"))
+
+    with caplog.at_level(logging.INFO, logger="relay.poller"):
+        assert work_poll_message(ctx, chase_of(ctx, record, seconds=10)) == 0  # no raise: no retry, no poison
+
+    assert "its next look could not be queued" in caplog.text
+
+
+def test_a_chase_a_relay_before_this_one_wrote_is_worked_as_its_first_look():
+    """Chases in the queue while a deployment rolls out: a message without the look's fields."""
+    chase = parse_message(b'{"chase":"' + b"ab" * 16 + b'","until":2000,"polled":1000}')
+    assert isinstance(chase, Chase)
+    assert (chase.due_at, chase.looks, chase.delivered) == (datetime.fromtimestamp(2, UTC), 0, 0)
+
+
 @pytest.mark.parametrize("message", [
     {"chase": "not-hex", "until": 1, "polled": 1}, {"chase": "ab" * 16, "until": "1", "polled": 1},
     {"chase": "ab" * 16, "until": 1}, {"chase": "ab" * 16, "until": True, "polled": 1},
     {"chase": "ab" * 16, "until": 10**20, "polled": 1}, {"chase": 5, "until": 1, "polled": 1},
+    {"chase": "ab" * 16, "until": 1, "polled": 1, "at": "1"}, {"chase": "ab" * 16, "until": 1, "polled": 1, "at": 0},
+    {"chase": "ab" * 16, "until": 1, "polled": 1, "looks": -1},
+    {"chase": "ab" * 16, "until": 1, "polled": 1, "waited": 1.5},
 ])
 def test_a_chase_the_relay_did_not_write_is_dropped(fanout_stack, message):
     ctx, *_ = fanout_stack(threshold=0)
@@ -314,7 +394,7 @@ def test_a_chase_after_a_prompt_answer_ends_once_the_bot_was_quiet_for_a_while(f
     ctx.store.conversations.update_record(record.key, lambda r: replace(r, last_bot_activity_at=answered))
     emulator.reset_counters()
 
-    assert work_poll_message(ctx, chase_of(ctx, record, seconds=30)) == 0
+    assert run_chase(ctx, chase_of(ctx, record, seconds=30)) == 0
 
     # One look a second until the bot had been quiet for CHASE_QUIET (5 s), not for the chase's 30 s.
     assert 3 <= emulator.counters()["requests"].get("activities/get", 0) <= 6
