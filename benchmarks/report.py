@@ -587,7 +587,12 @@ def latency_cost_markdown(results: dict[str, Any]) -> list[str]:
         f"all month ({INSTANCE_GB * MONTH_SECONDS:,.0f} GB-s, "
         f"${INSTANCE_GB * MONTH_SECONDS * PRICES['flex_gb_second']['usd']:,.0f} before the free grant) at any "
         "traffic, and a timer every n seconds 1/n of that. The fixed table transactions grow the same way (so "
-        "many a tick), but at Table Storage's price they stay cents a month.",
+        "many a tick), but at Table Storage's price they stay cents a month. The baseline predates the token "
+        "keep-alive (issue 16: an open conversation's token is refreshed at about half its life however long "
+        "it idles, four times an hour with 30-minute tokens; ../shared/reference/directline.md asks for it), "
+        "so every candidate's idle table transactions carry those refreshes (each a record read, its due row "
+        "replaced and the record written: four transactions) and the hourly full poll under the lease, which "
+        "the baseline's did not.",
     ]
     return out
 

@@ -4,10 +4,11 @@ The worker holds the lease, saves the record and keeps the Direct Line token usa
 takes the outbox to Direct Line and `delivery.py` the bot's replies to the provider, both through it.
 Everything here runs under the conversation's lease, so exactly one worker talks to Direct Line and
 the provider for a conversation at a time. Only the worker writes the record: what arrived since
-(the outbox) is applied to it first, under the lease. Progress is saved as it is made (each delivered
-activity id right after the provider accepted it, the watermark once its whole page is handled),
-so an instance that dies between any two lines loses nothing and repeats at most the one
-provider call that was in flight.
+(the outbox) is applied to it first, under the lease (the one exception, the poller's refresh of a
+quiet conversation's token, writes only while nobody holds the lease, under the record's ETag).
+Progress is saved as it is made (each delivered activity id right after the provider accepted it,
+the watermark once its whole page is handled), so an instance that dies between any two lines
+loses nothing and repeats at most the one provider call that was in flight.
 
 The conversation's token is kept alive for as long as the conversation is open: it is refreshed
 once about half its lifetime has passed (`expires_in` as Direct Line gave it, the share drawn per
@@ -69,6 +70,7 @@ __all__ = [
     "get_context",
     "new_owner",
     "next_idle_poll",
+    "token_change",
     "work_conversation",
 ]
 from relay.store.due_polls import InboundMark
@@ -146,6 +148,12 @@ def get_context() -> RelayContext:
     return RelayContext(settings=settings, store=get_store(), directline=get_directline_client(),
                         adapter=functools.cache(lambda name: get_adapter(name, settings, clock=SYSTEM_CLOCK)),
                         clock=SYSTEM_CLOCK)
+
+
+def token_change(granted: ConversationToken, *, clock: Clock) -> Callable[[ConversationRecord], ConversationRecord]:
+    """The change that stores `granted` (granted now), with when it expires and when it wants refreshing."""
+    expires_at, refresh_at = granted.schedule(now=clock.now(), clock=clock)
+    return lambda r: replace(r, token=granted.token, token_expires_at=expires_at, token_refresh_at=refresh_at)
 
 
 def new_owner(kind: str) -> str:
@@ -230,7 +238,7 @@ class ConversationWorker:
         old one asked is forgotten (the new one's bot never asked it)."""
         started = self.ctx.directline.start_conversation(user_id=self.record.user_id)
         self._greet(started, locale or self.ctx.settings.relay.default_locale)
-        with_token = self._with_token(started)
+        with_token = token_change(started, clock=self.ctx.clock)
         log.info("started Direct Line conversation %s for a %s user", started.conversation_id, self.key.channel)
         self.save(lambda r: replace(with_token(r), conversation_id=started.conversation_id, watermark=None,
                                      state=ConversationState.ACTIVE, pending_question=None))
@@ -277,11 +285,6 @@ class ConversationWorker:
         """Refresh the conversation's token once its refresh time has come, let it go once it lapsed."""
         self._token()
 
-    def _with_token(self, granted: ConversationToken) -> Callable[[ConversationRecord], ConversationRecord]:
-        """The change that stores `granted`, with when it expires and when it wants refreshing."""
-        expires_at, refresh_at = granted.schedule(now=self.ctx.clock.now(), clock=self.ctx.clock)
-        return lambda r: replace(r, token=granted.token, token_expires_at=expires_at, token_refresh_at=refresh_at)
-
     def _token(self) -> str | None:
         """The conversation's live token, refreshed first once its refresh time has come; None when it has none.
 
@@ -310,7 +313,7 @@ class ConversationWorker:
             self._refresh_deferred = True
             return record.token
         telemetry.count(telemetry.TOKENS_REFRESHED, kind="conversation", outcome="refreshed")
-        self.save(self._with_token(refreshed))
+        self.save(token_change(refreshed, clock=self.ctx.clock))
         return self.record.token
 
     def _let_token_go(self, why: str) -> None:

@@ -106,11 +106,17 @@ class Chase:
     def due_at(self) -> datetime:
         return self.look_at or self.polled_at + MIN_POLL_GAP
 
-    def next_look(self, now: datetime, *, delivered: int) -> Chase:
-        """The chase's next message, once this look (at `now`) delivered `delivered` replies."""
-        waited = max(0, millis(now) - millis(self.due_at))
-        return replace(self, look_at=now + MIN_POLL_GAP, looks=self.looks + 1, delivered=self.delivered + delivered,
+    def after_look(self, *, started: datetime, looked: bool, delivered: int) -> Chase:
+        """The chase once this execution (started at `started`) made its look or not, delivering `delivered`
+        replies: what its next message carries, and its last logs."""
+        waited = max(0, millis(started) - millis(self.due_at))
+        return replace(self, looks=self.looks + int(looked), delivered=self.delivered + delivered,
                        longest_wait_ms=max(self.longest_wait_ms, waited))
+
+    def next_look(self, now: datetime) -> Chase:
+        """This chase's next look, a second from `now` and never sooner than a second after this one (clocks
+        of instances differ)."""
+        return replace(self, look_at=max(now, self.due_at) + MIN_POLL_GAP)
 
     def message(self) -> str:
         return json.dumps({"chase": self.partition_key, "until": millis(self.until), "polled": millis(self.polled_at),

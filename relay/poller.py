@@ -13,11 +13,13 @@ lapsed and the conversation was left) is not peeked but worked under its lease, 
 to read. So peeking costs the same in both modes; the price is a copy of each open conversation's
 token in its due row.
 
-A peek never replaces the run that refreshes the conversation's token: from the time the token wants
-refreshing (about half its lifetime, carried by the due row) the conversation is worked under its
-lease, and a peek is never postponed past that time. So an open conversation's token stays alive
-however long it idles, for one refresh (and one leased run, about ten storage transactions) per
-half-life of its token.
+A peek is never postponed past the time the conversation's token wants refreshing (about half its
+lifetime, carried by the due row). The peek at that time reads with the token, still good until it
+expires; when it finds nothing new the token is refreshed there without the lease (the record read,
+then written under its ETag: four storage transactions, where a leased run costs about ten), and a
+worker holding the conversation is left to refresh it itself. So an open conversation's token stays
+alive however long it idles, for one refresh per half-life of its token; a refresh that fails there
+goes down the full path, whose worker lets a refused token go or backs off.
 
 When more conversations are due than RELAY_FANOUT_THRESHOLD, the tick works none of them: it hands
 them to the poll queue in batches, which the queue-triggered `poll_batch` function works on as many
@@ -45,7 +47,15 @@ from datetime import datetime, timedelta
 
 from relay import telemetry
 from relay.activities import directline_user_id
-from relay.conversations import Peek, RelayContext, WorkResult, new_owner, next_idle_poll, work_conversation
+from relay.conversations import (
+    Peek,
+    RelayContext,
+    WorkResult,
+    new_owner,
+    next_idle_poll,
+    token_change,
+    work_conversation,
+)
 from relay.delivery import MIN_POLL_GAP
 from relay.errors import DirectLineError, StoreError
 from relay.fanout import BATCH_ROWS, MAX_FANOUT_ROWS, Chase, batches_of, parse_message
@@ -152,21 +162,21 @@ def work_chase(ctx: RelayContext, chase: Chase) -> int:
     Over when its time is up, when the bot answered and then stayed quiet for CHASE_QUIET, when the user wrote
     again (that message's webhook chases on), or when Direct Line fails (the timer deals with it): the schedule
     still polls the conversation either way."""
+    started = ctx.clock.now()
     record = ctx.store.conversations.get_record_at(chase.partition_key)
-    delivered, ended = 0, _chase_over(ctx, chase, record)
+    delivered, ended, looked = 0, _chase_over(ctx, chase, record), False
     if ended is None and record is not None:
-        delivered, ended = _look(ctx, record)
-    now = ctx.clock.now()
+        (delivered, ended), looked = _look(ctx, record), True
+    done, now = chase.after_look(started=started, looked=looked, delivered=delivered), ctx.clock.now()
     if ended is None and now + MIN_POLL_GAP >= chase.until:
         ended = "its time was up"
     if ended is None:
         try:
-            ctx.chase_queue.send_chases([chase.next_look(now, delivered=delivered)])
+            ctx.chase_queue.send_chases([done.next_look(now)])
         except StoreError as error:
             log.warning("chase: its next look could not be queued (%s); the timer polls the conversation", error)
             ended = "its next look could not be queued"
     if ended is not None:
-        done = chase.next_look(now, delivered=delivered)
         # How long looks waited in the queue past their time: long waits mean more chases than instances run.
         log.info("chase: %s after %d looks, %d replies delivered; a look waited at most %.1f s in the queue", ended,
                  done.looks, done.delivered, done.longest_wait_ms / 1000)
@@ -212,7 +222,7 @@ def _chase_in_bounds(ctx: RelayContext, chase: Chase) -> bool:
     """A webhook writes a chase as it answers, ending at most MAX_CHASE_SECONDS later, and each look leaves the
     next a second on: a chase whose look is not yet due, or that ends long after it started (it would look every
     second until then), is not one the relay wrote."""
-    return (chase.polled_at <= chase.due_at <= ctx.clock.now() + CHASE_CLOCK_SKEW
+    return (chase.polled_at - CHASE_CLOCK_SKEW <= chase.due_at <= ctx.clock.now() + CHASE_CLOCK_SKEW
             and chase.until <= chase.polled_at + timedelta(seconds=MAX_CHASE_SECONDS))
 
 
@@ -305,10 +315,15 @@ def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, 
                                                      last_user_activity=item.last_user_activity_at,
                                                      interval=item.poll_interval,
                                                      ceiling=ctx.settings.relay.poll_ceiling_seconds)
-                    # due again at the next tick as it stands: moving it would only cost a transaction
-                    stays = next_tick is not None and after <= next_tick and interval == item.poll_interval
-                    settle_quiet((item, after, interval), move=not stays)
-                    return None
+                    if not _wants_token_refresh(item, now):
+                        # due again at the next tick as it stands: moving it would only cost a transaction
+                        stays = next_tick is not None and after <= next_tick and interval == item.poll_interval
+                        settle_quiet((item, after, interval), move=not stays)
+                        return None
+                    if _refresh_quiet_token(ctx, item, after, interval):
+                        settle_quiet((item, after, interval), move=False)  # its row was replaced, or is not ours
+                        return None
+                    # Direct Line did not refresh the token: the full path deals with it
             record = ctx.store.conversations.claim_due(item, owner=owner,
                                                        lease_seconds=ctx.settings.relay.lease_seconds,
                                                        user_id=directline_user_id(item.key.channel, item.key.user,
@@ -356,13 +371,54 @@ def _refresh_session_tokens(ctx: RelayContext) -> None:
 
 
 def _may_peek(ctx: RelayContext, item: DueConversation, now: datetime) -> bool:
-    """A settled row, not yet due for its hourly full poll, its token's refresh, nor for ending as idle."""
+    """A settled row, not yet due for its hourly full poll nor for ending as idle (a row whose token wants
+    refreshing is peeked too: its token is good until it expires, past its refresh time)."""
     if not item.peekable or now - item.due_at >= FULL_POLL_EVERY:
-        return False
-    if item.token_refresh_at is not None and now >= item.token_refresh_at:
         return False
     idle_limit = timedelta(minutes=ctx.settings.relay.idle_timeout_minutes)
     return item.last_activity_at is None or now - item.last_activity_at < idle_limit
+
+
+def _wants_token_refresh(item: DueConversation, now: datetime) -> bool:
+    return item.token_refresh_at is not None and now >= item.token_refresh_at
+
+
+def _refresh_quiet_token(ctx: RelayContext, item: DueConversation, peek_after: datetime, interval: float) -> bool:
+    """Refresh the token of a conversation its peek found quiet, without the lease: a read of its record, the
+    refresh, and the record written with the new token under its ETag (its due row replaced, keeping its due
+    time, so its hourly full poll, and its next peek at `peek_after`): four transactions where a leased run
+    costs about ten. True when done, or left to the worker holding the conversation (it keeps the token fresh
+    itself); False for the full path to deal with: Direct Line did not refresh it (the worker tries once more,
+    then lets a refused token go or backs off), or the record is not as the row says (a row it no longer
+    points at is removed there, and its own row found)."""
+    now = ctx.clock.now()
+    record = ctx.store.conversations.get_record(item.key)
+    if record is not None and record.lease_held_by_other("", now):
+        return True
+    if record is None or not _quiet_as_its_row_says(record, item, now):
+        return False
+    try:
+        granted = ctx.directline.refresh_token(token=record.token)
+    except DirectLineError:
+        return False
+    telemetry.count(telemetry.TOKENS_REFRESHED, kind="conversation", outcome="refreshed")
+    store_token = token_change(granted, clock=ctx.clock)
+
+    def change(stored: ConversationRecord | None) -> ConversationRecord | None:
+        if (stored is None or stored.token != record.token or stored.lease_held_by_other("", ctx.clock.now())
+                or not _quiet_as_its_row_says(stored, item, ctx.clock.now())):
+            return stored
+        return replace(store_token(stored), poll_interval=max(stored.poll_interval, interval))
+
+    ctx.store.conversations.update_record(item.key, change, current=record, peek_after=peek_after)
+    return True
+
+
+def _quiet_as_its_row_says(record: ConversationRecord, item: DueConversation, now: datetime) -> bool:
+    """The record is the row's (the row is its current one) and active, with a live token that wants refreshing."""
+    return (record.active and record.due_index_key == item.index_key and bool(record.token)
+            and record.token_refresh_at is not None and record.token_refresh_at <= now
+            and (record.token_expires_at is None or now < record.token_expires_at))
 
 
 def _peek(ctx: RelayContext, item: DueConversation) -> Peek | None:

@@ -101,7 +101,7 @@ def test_a_faster_timer_keeps_a_likely_reply_to_one_peek_every_5_s(relay):
     assert emulator.counters()["requests"] == {"activities/get": 3}
 
 
-def test_a_conversation_worked_for_its_token_refresh_keeps_its_idle_back_off(relay):
+def test_a_token_refresh_keeps_the_conversations_idle_back_off(relay):
     emulator, _, clock, ctx, _ = relay()
     seed(ctx, 1, last_activity_ago=3600)
     poll_tick(ctx)  # worked once after the user wrote, then idle: peeked less and less often
@@ -120,3 +120,20 @@ def test_a_conversation_worked_for_its_token_refresh_keeps_its_idle_back_off(rel
     # The ceiling (60 s) goes on after a refresh: it is no news, so no 5, 10, 20, 40 s again (only the peek
     # before the next refresh comes sooner, to refresh the token in time).
     assert after_refresh and all(later[0] - earlier[0] >= ceiling for earlier, later in after_refresh), peeks
+
+
+def test_an_idle_conversations_token_refresh_costs_four_transactions_not_a_leased_run(relay):
+    emulator, _, clock, ctx, transport = relay()
+    [record] = seed(ctx, 1, last_activity_ago=3600)
+    poll_tick(ctx)
+    refresh_at = ctx.store.conversations.get_record(record.key).token_refresh_at
+    clock.advance((refresh_at - clock.now()).total_seconds() + 1)
+    transport.reset()
+    emulator.reset_counters()
+
+    tick = poll_tick(ctx)
+
+    assert (tick.due, tick.quiet, tick.worked) == (1, 1, 0)
+    assert emulator.counters()["requests"] == {"activities/get": 1, "tokens/refresh": 1}
+    # The two queries of every tick; then the record read, its new due row, the record, the old row gone.
+    assert dict(transport.snapshot()) == {"query": 2, "read": 1, "insert": 1, "write": 1, "delete": 1}

@@ -172,6 +172,7 @@ class Conversations:
         *,
         current: ConversationRecord | None = None,
         lease_owner: str | None = None,
+        peek_after: datetime | None = None,
         now: datetime | None = None,
     ) -> ConversationRecord | None:
         """Create or change a conversation record under its ETag and return what is stored.
@@ -182,7 +183,8 @@ class Conversations:
         Pass `current` (a record you just read, with its ETag) to save the first read. With
         `lease_owner`, LeaseLost is raised instead when the lease is no longer that owner's: another poller
         took it over, or took it and gave it back (a record without a lease is not ours to change).
-        The due index follows `next_poll_at` and `state` automatically.
+        The due index follows `next_poll_at` and `state` automatically; `peek_after` (DuePolls.schedule) moves
+        a new row's next peek past its due time.
         """
         for attempt in range(UPDATE_ATTEMPTS):
             stored = current if attempt == 0 and current is not None else self.get_record(key)
@@ -196,7 +198,7 @@ class Conversations:
             written_at = now or self._clock.now()
             wanted = replace(wanted, created_at=wanted.created_at or written_at, updated_at=written_at)
             old_index = stored.due_index_key if stored is not None else None
-            new_index = self._due_polls.schedule(wanted, previous=stored)
+            new_index = self._due_polls.schedule(wanted, previous=stored, peek_after=peek_after)
             entity = _to_entity(replace(wanted, due_index_key=new_index), partition_of(self._tables, key))
             with storage_errors("write a conversation record"):
                 try:

@@ -7,12 +7,13 @@ peek time `peek_after`) and when its token wants refreshing (`token_refresh_at`)
 for new activities without reading the record or taking the lease, and when there are none it only
 moves `peek_after` on, for up to 100 conversations in one batch, never past `token_refresh_at`. So
 the row of an idle conversation is due at the latest when its token wants refreshing, and the
-poller then works it under its lease (a peek is not allowed from that time on): the token is kept
-alive for as long as the conversation is open, at the cost of one refresh per half-life. The row
+poller then refreshes it (poller.py): the token is kept alive for as long as the conversation is
+open, at the cost of one refresh per half-life. The row
 also carries the conversation's token (`token`), which a peek reads with: in token endpoint mode
 there is no secret to read with. It is a copy of the record's, in the same storage account, written
 anew with each refresh (a refresh moves `token_refresh_at`, so the row is replaced anyway) and good
-until at least `token_refresh_at`, past which no peek uses it.
+until the token expires, well past `token_refresh_at`: the peek at that time still reads with it,
+then the token is refreshed.
 
 The record points at its row (`due_index_key`); a row is written before the record points at it,
 so none is ever missing, and a row nothing points at any more is removed when it is claimed.
@@ -86,7 +87,7 @@ class DueConversation:
     last_user_activity_at: datetime | None = None
     """The user's last message (None in rows written before it was kept): the schedule's fast phase follows it."""
     token_refresh_at: datetime | None = None
-    """When the conversation's token wants refreshing: no peek from then on, and no postponement past it."""
+    """When the conversation's token wants refreshing: no postponement past it (the peek then refreshes it)."""
     token: str = field(default="", repr=False)
     """The conversation's token when the row was written ("" when it had none): what a peek reads with."""
     etag: str | None = field(default=None, repr=False, compare=False)
@@ -240,12 +241,15 @@ class DuePolls:
             return len(batch)
         return 0
 
-    def schedule(self, record: ConversationRecord, *, previous: ConversationRecord | None) -> str | None:
+    def schedule(self, record: ConversationRecord, *, previous: ConversationRecord | None,
+                 peek_after: datetime | None = None) -> str | None:
         """The RowKey of the record's index row, inserted first when `previous` (the stored record) has none to keep.
 
         A row is kept while the schedule and what a peek relies on stay the same; None when the
-        record wants no polling (ended, or nothing scheduled). Raises StoreError when the row cannot
-        be written."""
+        record wants no polling (ended, or nothing scheduled). A new row's first peek is at `peek_after`
+        when later than its due time, never past its token's refresh (a kept row ignores it): a quiet
+        conversation whose token was refreshed without its lease keeps its due time (so its hourly full poll)
+        and its back-off. Raises StoreError when the row cannot be written."""
         if record.state != ConversationState.ACTIVE or record.next_poll_at is None:
             return None
         old_index = previous.due_index_key if previous is not None else None
@@ -254,8 +258,10 @@ class DuePolls:
         if reusable and old_index and old_index.startswith(prefix):
             return old_index
         index = f"{prefix}{secrets.token_hex(4)}"
+        if peek_after is not None and record.token_refresh_at is not None:
+            peek_after = min(peek_after, record.token_refresh_at)  # as postpone_rows: never past the refresh
         row = {"PartitionKey": _PARTITION, "RowKey": index, "channel": record.key.channel,
-               "user": record.key.user, "peek_after": record.next_poll_at}
+               "user": record.key.user, "peek_after": max(record.next_poll_at, peek_after or record.next_poll_at)}
         if _peek_view(record):
             row |= {"conversation_id": record.conversation_id, "watermark": record.watermark,
                     "last_activity_at": max((t for t in (record.last_user_activity_at, record.last_bot_activity_at)

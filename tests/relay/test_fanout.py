@@ -243,15 +243,17 @@ def test_a_chase_for_a_bot_that_never_answers_stops_when_its_time_is_up(fanout_s
     assert bot_replies(simulator, [record]) == Counter()
 
 
-def test_a_chase_ends_at_once_when_the_user_wrote_again(fanout_stack):
+def test_a_chase_ends_at_once_when_the_user_wrote_again(fanout_stack, caplog):
     ctx, emulator, _, _ = fanout_stack(threshold=0, clock=SYSTEM_CLOCK)
     [record] = seed(ctx, 1, last_activity_ago=0)
     stale = chase_of(ctx, record, seconds=10)
     user_wrote(ctx, record, "hello again")  # that message's webhook chases on
     emulator.reset_counters()
 
-    assert run_chase(ctx, stale) == 0
+    with caplog.at_level(logging.INFO, logger="relay.poller"):
+        assert run_chase(ctx, stale) == 0
     assert emulator.counters()["requests"] == {}
+    assert "chase: the user wrote again after 0 looks" in caplog.text
 
 
 def test_a_chase_leaves_news_to_whoever_holds_the_conversation(fanout_stack):

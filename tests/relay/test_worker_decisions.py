@@ -154,8 +154,6 @@ def new_user_message(relay: InProcessRelay, key: ConversationKey) -> None:
                  id="a late bot reply is claimed and delivered from the page the peek read, not read twice"),
     pytest.param(new_user_message, 2, 0, 1, {"activities/post": 1, "activities/get": 1},
                  ["You said: and another thing"], id="a waiting user message is worked at once, never peeked"),
-    pytest.param(nothing, 1000, 0, 1, {"tokens/refresh": 1, "activities/get": 1}, [],
-                 id="once its token wants refreshing it is worked under the lease and the token refreshed"),
     pytest.param(nothing, 3601, 0, 1, {"activities/get": 1}, [],
                  id="after an hour without a tick the full poll runs under the lease, reading with the secret"),
 ])
@@ -525,6 +523,83 @@ def test_the_token_is_refreshed_by_how_long_it_has_left_and_never_renewed_with_t
         assert seconds_until_next_poll(relay, key) <= 0.55 * 1800
     else:
         assert (after.token, after.token_expires_at, after.token_refresh_at) == ("", None, None)
+
+
+def until_its_token_wants_refreshing(relay: InProcessRelay, key: ConversationKey) -> None:
+    relay.time.advance((relay.record(key).token_refresh_at - relay.time()).total_seconds() + 1)
+
+
+def test_a_quiet_conversation_whose_token_wants_refreshing_has_it_refreshed_without_the_lease(inprocess_relay):
+    relay = inprocess_relay()
+    key = settled(relay)
+    before = relay.record(key)
+    until_its_token_wants_refreshing(relay, key)
+
+    tick = relay.tick()
+
+    assert (tick.quiet, tick.worked) == (1, 0)
+    assert relay.calls() == {"activities/get": 1, "tokens/refresh": 1}
+    after = relay.record(key)
+    assert after.token not in ("", before.token) and after.token_refresh_at > relay.time()
+    assert after.lease_owner is None
+    assert after.next_poll_at == before.next_poll_at  # its due time kept: the hourly full poll still comes
+    [row] = relay.store.due_polls.list_due(now=relay.time() + timedelta(hours=2))
+    assert row.index_key == after.due_index_key and row.token == after.token  # what the next peek reads with
+    assert relay.tick().due == 0  # its next peek moved on as a quiet peek's does
+    late_bot_reply(relay, key)
+    relay.time.advance(relay.ctx.settings.relay.poll_ceiling_seconds)
+    assert relay.tick().delivered == 1
+    assert relay.replies(key) == ["You said: hello", "a late reply"]
+
+
+def test_a_token_refresh_is_left_to_whoever_holds_the_conversation(inprocess_relay):
+    relay = inprocess_relay()
+    key = settled(relay)
+    before = relay.record(key)
+    until_its_token_wants_refreshing(relay, key)
+    assert relay.store.conversations.acquire_lease(key, owner="the-timer", lease_seconds=60, now=relay.time())
+
+    assert relay.tick().worked == 0
+
+    assert relay.calls() == {"activities/get": 1}
+    after = relay.record(key)
+    assert (after.token, after.lease_owner) == (before.token, "the-timer")
+
+
+def test_a_leftover_row_at_its_tokens_refresh_is_removed_and_the_token_refreshed_all_the_same(inprocess_relay):
+    """A worker moved the conversation to a new row and could not delete the old one (best effort): the old row,
+    due first, must not keep the token from being refreshed (a finding of the review of the quiet refresh)."""
+    relay = inprocess_relay()
+    key = settled(relay)
+    before = relay.record(key)
+    due = relay.store.tables.table("duepolls")
+    leftover = due.get("due", before.due_index_key)
+    relay.store.conversations.update_record(key, lambda r: replace(r, next_poll_at=r.next_poll_at + timedelta(
+        seconds=1)))
+    due.create(dict(leftover))  # as if its delete had failed
+    until_its_token_wants_refreshing(relay, key)
+
+    relay.tick()
+    relay.tick()
+
+    after = relay.record(key)
+    assert after.token not in ("", before.token) and after.token_expires_at > relay.time()
+    rows = relay.store.due_polls.list_due(now=relay.time() + timedelta(hours=2))
+    assert [row.index_key for row in rows] == [after.due_index_key]
+
+
+def test_a_refresh_direct_line_cannot_do_on_the_peek_is_left_to_the_full_path(inprocess_relay):
+    relay = inprocess_relay()
+    key = settled(relay)
+    before = relay.record(key)
+    until_its_token_wants_refreshing(relay, key)
+    relay.emulator.set_faults(error_500_rate=1.0, limit=1, endpoints=["tokens/refresh"])
+
+    assert relay.tick().worked == 1
+
+    assert relay.calls() == {"activities/get": 1, "tokens/refresh": 2}  # the peek's failed, the worker's went
+    after = relay.record(key)
+    assert after.token not in ("", before.token) and after.lease_owner is None
 
 
 def test_a_refresh_direct_line_cannot_do_now_keeps_the_token_and_is_tried_again_after_a_backoff(inprocess_relay):
