@@ -7,8 +7,7 @@ reply latency through the local host with the default burst, and an idle hour of
 timer's interval (what waiting costs). The chase costs nothing while nobody writes, so its idle hour is
 the 5 s timer's, not run twice; what it costs per message (its looks, each a short execution with one
 record read and three queue transactions, and its Direct Line GETs) is measured apart, through the host
-with the timer out of the way. The
-monthly cost of each comes from report.cost_model.
+with the timer out of the way. The monthly cost of each comes from report.cost_model.
 """
 
 from __future__ import annotations

@@ -148,11 +148,12 @@ def _chase(message: dict) -> Chase | None:
         return None
     if not (_is_millis(until) and _is_millis(polled)):
         return None
-    look_at = message.get("at", polled + int(MIN_POLL_GAP.total_seconds() * 1000))
+    look_at = message.get("at")
     counts = [message.get(name, 0) for name in ("looks", "delivered", "waited")]
-    if not (_is_millis(look_at) and all(type(count) is int and 0 <= count < _MAX_COUNT for count in counts)):
+    if not ((look_at is None or _is_millis(look_at))
+            and all(type(count) is int and 0 <= count < _MAX_COUNT for count in counts)):
         return None
-    return Chase(partition_key, _moment(until), _moment(polled), _moment(look_at), *counts)
+    return Chase(partition_key, _moment(until), _moment(polled), None if look_at is None else _moment(look_at), *counts)
 
 
 def _moment(value: int) -> datetime:

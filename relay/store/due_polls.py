@@ -213,7 +213,7 @@ class DuePolls:
         peeking them. A row rescheduled or removed meanwhile (a webhook, a worker's finish) is left alone: that
         schedule wins. Best effort: a row not moved is only peeked again. Returns how many moved."""
         operations = [("update", {"PartitionKey": _PARTITION, "RowKey": row.index_key,
-                                  "peek_after": min(after, row.token_refresh_at) if row.token_refresh_at else after,
+                                  "peek_after": _before_refresh(after, row.token_refresh_at),
                                   "poll_interval": float(interval)},
                        {"mode": UpdateMode.MERGE, "etag": row.etag, "match_condition": MatchConditions.IfNotModified})
                       for row, after, interval in postponements if row.etag]
@@ -258,10 +258,11 @@ class DuePolls:
         if reusable and old_index and old_index.startswith(prefix):
             return old_index
         index = f"{prefix}{secrets.token_hex(4)}"
-        if peek_after is not None and record.token_refresh_at is not None:
-            peek_after = min(peek_after, record.token_refresh_at)  # as postpone_rows: never past the refresh
+        first_peek = record.next_poll_at
+        if peek_after is not None:
+            first_peek = max(first_peek, _before_refresh(peek_after, record.token_refresh_at))
         row = {"PartitionKey": _PARTITION, "RowKey": index, "channel": record.key.channel,
-               "user": record.key.user, "peek_after": max(record.next_poll_at, peek_after or record.next_poll_at)}
+               "user": record.key.user, "peek_after": first_peek}
         if _peek_view(record):
             row |= {"conversation_id": record.conversation_id, "watermark": record.watermark,
                     "last_activity_at": max((t for t in (record.last_user_activity_at, record.last_bot_activity_at)
@@ -275,6 +276,11 @@ class DuePolls:
     def delete_row(self, index_key: str) -> None:
         """Best effort: a leftover row is harmless (Conversations.claim_due removes it later)."""
         self._table.delete_quietly(_PARTITION, index_key)
+
+
+def _before_refresh(peek_after: datetime, token_refresh_at: datetime | None) -> datetime:
+    """A next peek never later than the token's refresh: the peek at that time refreshes it."""
+    return min(peek_after, token_refresh_at) if token_refresh_at else peek_after
 
 
 def _peek_view(record: ConversationRecord) -> tuple | None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from azure.core.exceptions import ResourceNotFoundError
+from azure.storage.queue import QueueClient
 
 from devstack.channels import DEV_VALUES, ProviderSimulator, webhooks
 from devstack.channels.transport import InProcessSimulator
@@ -345,3 +347,12 @@ def event_receiver() -> Iterator[EventReceiver]:
     yield receiver
     server.shutdown()
     server.server_close()
+
+
+def queue_exists_with_messages(queue: QueueClient) -> bool:
+    """Messages waiting on a storage queue, visible or not (the service's count includes those not yet visible);
+    False for a queue never created (nothing was ever left on it)."""
+    try:
+        return (queue.get_queue_properties().approximate_message_count or 0) > 0
+    except ResourceNotFoundError:
+        return False

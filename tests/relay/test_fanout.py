@@ -19,7 +19,6 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import QueueClient
 
 from benchmarks.polling import bot_says, seed
@@ -33,6 +32,7 @@ from relay.inbound import leave_chases
 from relay.poller import poll_tick, work_poll_message
 from relay.store.conversations import partition_of
 from relay.store.tables import queue_client
+from tests.relay.conftest import queue_exists_with_messages
 
 DEAD_STORAGE = azurite_connection_string(9, 9, 9)  # nothing listens on port 9
 
@@ -207,14 +207,6 @@ def next_message(queue: QueueClient) -> bytes:
     wait_until(lambda: taken.extend(take_batches(queue)) or taken, timeout=5, what=f"a message on {queue.queue_name}")
     [body] = taken
     return body
-
-
-def queue_exists_with_messages(queue: QueueClient) -> bool:
-    """Messages waiting, visible or not (the service's count includes those not yet visible)."""
-    try:
-        return (queue.get_queue_properties().approximate_message_count or 0) > 0
-    except ResourceNotFoundError:
-        return False
 
 
 def test_a_chase_delivers_the_bots_late_reply_once(fanout_stack):

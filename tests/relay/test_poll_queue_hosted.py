@@ -11,7 +11,7 @@ import re
 from azure.storage.queue import QueueClient
 
 from devstack.procs import wait_until
-from tests.relay.conftest import EVERY_SECOND, NEVER
+from tests.relay.conftest import EVERY_SECOND, NEVER, queue_exists_with_messages
 
 
 def queue_of(stack, suffix: str = "") -> QueueClient:
@@ -55,14 +55,6 @@ def test_without_a_chase_a_late_reply_waits_for_the_timer(relay_stack):
                timeout=30, what="the bot's late reply in the conversation")
     assert not queue_exists_with_messages(queue_of(stack, "-chase"))
     assert stack.replies("twilio", user) == ["You said: later"]  # nobody polls: no timer, no chase
-
-
-def queue_exists_with_messages(queue: QueueClient) -> bool:
-    try:
-        return not drained(queue)
-    except Exception as error:  # never created: nothing was ever left on it
-        assert "QueueNotFound" in str(error)
-        return False
 
 
 def test_above_the_threshold_the_timer_hands_the_conversations_to_poll_batch(relay_stack):
