@@ -48,21 +48,28 @@ def process_cpu(pid: int) -> float:
 
 @contextmanager
 def counted_connections() -> Iterator[Counter[int]]:
-    """TCP connections urllib3 opens inside the block, by port."""
+    """TCP connections opened inside the block, by port: urllib3's (requests, the storage SDK) and http.client's
+    (the Direct Line client's kept connections)."""
+    import http.client
+
     from urllib3.connection import HTTPConnection
 
     opened: Counter[int] = Counter()
-    original = HTTPConnection.connect
+    originals = {cls: cls.connect for cls in (HTTPConnection, http.client.HTTPConnection)}
 
-    def connect(self):
-        opened[self.port] += 1
-        return original(self)
+    def counting(original):
+        def connect(self):
+            opened[self.port] += 1
+            return original(self)
+        return connect
 
-    HTTPConnection.connect = connect  # type: ignore[method-assign]
+    for cls, original in originals.items():
+        cls.connect = counting(original)  # type: ignore[method-assign]
     try:
         yield opened
     finally:
-        HTTPConnection.connect = original  # type: ignore[method-assign]
+        for cls, original in originals.items():
+            cls.connect = original  # type: ignore[method-assign]
 
 
 @contextmanager

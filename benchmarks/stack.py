@@ -17,10 +17,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-import requests
-from azure.core.pipeline.transport import RequestsTransport
-from requests.adapters import HTTPAdapter
-
 from devstack.channels import DEV_VALUES, ProviderSimulator
 from devstack.directline import DirectLineEmulator
 from devstack.procs import Azurite, free_port
@@ -31,20 +27,17 @@ from relay.conversations import RelayContext
 from relay.directline import DirectLineClient
 from relay.settings import Settings
 from relay.store import RelayStore
+from relay.store.tables import StorageTransport
 
 SECRET = "bench-directline-secret"  # noqa: S105 - the local emulator's, nothing real
 T = TypeVar("T")
 
 
-class CountingTransport(RequestsTransport):
-    """A RequestsTransport that counts the requests it sends, by kind (read, write, query, batch...)."""
+class CountingTransport(StorageTransport):
+    """The relay's storage transport, counting the requests it sends by kind (read, write, query, batch...)."""
 
     def __init__(self, *, pool_size: int = 128, **kwargs):
-        session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        super().__init__(session=session, session_owner=True, **kwargs)
+        super().__init__(pool_size=pool_size, **kwargs)
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
 

@@ -19,8 +19,10 @@ process's one, shared by its clones) from the environment's
 A 4xx (not 429) from either agent route is AgentEndpointRefused, never a Direct Line verdict on a
 conversation or a token.
 
-Secrets and tokens never appear in log lines, exception messages or reprs. `requests` is imported
-on first use: the module stays cheap to import at a cold start.
+GETs (the poller's peeks: most of a busy tick's CPU) go on http.client connections kept open
+(relay/kept_connections.py) unless a proxy or a test transport serves the origin; everything else
+on the requests session. Secrets and tokens never appear in log lines, exception messages or reprs.
+`requests` and http.client are imported on first use: the module stays cheap to import at a cold start.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from relay import telemetry
 from relay.clock import SYSTEM_CLOCK, Clock
@@ -57,6 +59,8 @@ if TYPE_CHECKING:
     import requests
     from requests.adapters import BaseAdapter
 
+    from relay.kept_connections import HttpAnswer, KeptConnections
+
 __all__ = [
     "DEFAULT_TOKEN_SECONDS",
     "TOKEN_REFRESH_SHARE",
@@ -71,6 +75,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 3.05  # seconds; just above a TCP retransmission window
+USER_AGENT = "directline-relay/0.1"
 ACTIVITY_CONTENT_TYPE = "application/vnd.microsoft.activity"
 REGIONAL_SETTINGS_PATH = "/powervirtualagents/regionalchannelsettings"
 AGENT_API_VERSION = "2022-03-01-preview"
@@ -140,12 +145,14 @@ class UploadFile:
 
 
 class DirectLineClient:
-    """Direct Line 3.0 on one pooled requests.Session (thread-safe for the poller's workers).
+    """Direct Line 3.0 on one pooled requests.Session and, for GETs, kept connections (thread-safe for the
+    poller's workers).
 
     Every conversation call authenticates with the secret unless a `token` is given. The waits between
     tries, their jitter and the reading of a Retry-After date go through `clock`. `transport` is a
     test seam, unused in production: a requests adapter mounted for the endpoint instead of the network
-    (devstack/directline/transport.py serves the emulator through one).
+    (devstack/directline/transport.py serves the emulator through one); every call, GETs included, then
+    goes through it. `pool_size` bounds the connections kept open to each origin, on either path.
     """
 
     def __init__(self, settings: DirectLineSettings, *, retry: RetryPolicy = RetryPolicy(),
@@ -159,6 +166,7 @@ class DirectLineClient:
         self._lock = threading.Lock()
         self._discovered = _Discovered()
         self._environment_proxies: dict[str, dict[str, str]] = {}
+        self._kept: dict[str, KeptConnections] = {}  # by origin: the GETs' connections
 
     def __repr__(self) -> str:
         where = self._settings.endpoint or f"discovered from {_origin(self._settings.token_endpoint)}"
@@ -192,12 +200,17 @@ class DirectLineClient:
                                  transport=self._transport)
         clone._session = self._http()
         clone._discovered = self._discovered
+        clone._kept = self._kept
         return clone
 
     def close(self) -> None:
         if self._session is not None:
             self._session.close()
             self._session = None
+        with self._lock:
+            kept, self._kept = list(self._kept.values()), {}
+        for connections in kept:
+            connections.close()
 
     # ------------------------------------------------------------------------------------ tokens
 
@@ -347,7 +360,7 @@ class DirectLineClient:
                         for url in (self._settings.endpoint, _origin(self._settings.token_endpoint)):
                             if url:
                                 session.mount(url, self._transport)
-                    session.headers["User-Agent"] = "directline-relay/0.1"
+                    session.headers["User-Agent"] = USER_AGENT
                     self._session = session
         return self._session
 
@@ -369,9 +382,9 @@ class DirectLineClient:
         waited = 0.0
         for attempt in range(1, self._retry.attempts + 1):
             try:
-                response = self._attempt(operation, method, path if agent_route else self.endpoint + path, auth=auth,
-                                         idempotent=idempotent, json_body=json_body, params=params, files=files,
-                                         agent_route=agent_route)
+                answer = self._attempt(operation, method, path if agent_route else self.endpoint + path, auth=auth,
+                                       idempotent=idempotent, json_body=json_body, params=params, files=files,
+                                       agent_route=agent_route)
             except DirectLineError as error:
                 delay = self._retry_delay(error, attempt, waited)
                 if delay is None:
@@ -380,31 +393,73 @@ class DirectLineClient:
                 self._clock.sleep(delay)
                 waited += delay
                 continue
-            return _json(response, operation, idempotent)
+            return _json(answer, operation, idempotent)
         raise AssertionError("unreachable")  # the last attempt always raises
 
     def _attempt(self, operation: str, method: str, url: str, *, auth: str | None, idempotent: bool,
                  json_body: Any, params: dict[str, str] | None, files: list | None,
-                 agent_route: bool) -> requests.Response:
-        """One request: Direct Line's successful answer, or its failure raised as a DirectLineError."""
+                 agent_route: bool) -> HttpAnswer:
+        """One request: Direct Line's successful answer, or its failure raised as a DirectLineError.
+
+        A GET goes on a kept connection (relay/kept_connections.py: a third of the CPU) unless a proxy or a
+        test transport stands in the way; everything else on the requests session."""
+        from relay.kept_connections import HttpAnswer  # with http.client: not at a cold start
+
         started = self._clock.monotonic()
-        with _connection_errors(operation, idempotent):
-            response = self._http().request(method, url, headers={"Authorization": f"Bearer {auth}"} if auth else {},
-                                            params=params, json=json_body, files=files,
-                                            proxies=self._proxies(url),
-                                            timeout=(CONNECT_TIMEOUT, self._settings.timeout_seconds))
-        log.debug("Direct Line %s: %s in %.0f ms", operation, response.status_code,
+        headers = {"Authorization": f"Bearer {auth}"} if auth else {}
+        kept = self._kept_connections(url) if method == "GET" else None
+        if kept is not None:
+            answer = self._get_kept(kept, operation, url, headers, params)
+        else:
+            with _connection_errors(operation, idempotent):
+                response = self._http().request(method, url, headers=headers, params=params, json=json_body,
+                                                files=files, proxies=self._proxies(url),
+                                                timeout=(CONNECT_TIMEOUT, self._settings.timeout_seconds))
+            answer = HttpAnswer(response.status_code, response.reason or "", response.headers, response.content)
+        log.debug("Direct Line %s: %s in %.0f ms", operation, answer.status,
                   (self._clock.monotonic() - started) * 1000)
-        if response.status_code >= 300:
+        if answer.status >= 300:
             telemetry.count(telemetry.DIRECTLINE_ERRORS, operation=OPERATION_NAMES[operation],
-                            status=str(response.status_code))
-            error = _status_error(operation, response, idempotent, secrets=(auth or "", self._settings.secret),
+                            status=str(answer.status))
+            error = _status_error(operation, answer, idempotent, secrets=(auth or "", self._settings.secret),
                                   retry_after_cap=self._retry.max_retry_after, now=self._clock.now())
             if agent_route and not isinstance(error, Throttled | TransientError):
                 raise AgentEndpointRefused(str(error), upstream_status=error.upstream_status,
                                            upstream_code=error.upstream_code)
             raise error
-        return response
+        return answer
+
+    def _kept_connections(self, url: str) -> KeptConnections | None:
+        """The kept connections to `url`'s origin; None when a test transport or a proxy serves it."""
+        origin = _origin(url)
+        if self._transport is not None or self._proxies(url):
+            return None
+        kept = self._kept.get(origin)
+        if kept is None:
+            from relay.kept_connections import KeptConnections
+
+            with self._lock:
+                kept = self._kept.setdefault(origin, KeptConnections(urlsplit(origin), size=self._pool_size,
+                                                                     connect_timeout=CONNECT_TIMEOUT))
+        return kept
+
+    def _get_kept(self, kept: KeptConnections, operation: str, url: str, headers: dict[str, str],
+                  params: dict[str, str] | None) -> HttpAnswer:
+        """GET `url` on `kept`; a connection that failed is a TransientError, as on the session."""
+        import http.client
+
+        from relay.kept_connections import ConnectFailed
+
+        parts = urlsplit(url)
+        query = "&".join(part for part in (parts.query, urlencode(params or {})) if part)
+        try:
+            return kept.get(parts.path + (f"?{query}" if query else ""),
+                            {"User-Agent": USER_AGENT, **headers}, read_timeout=self._settings.timeout_seconds)
+        except (OSError, http.client.HTTPException) as error:
+            telemetry.count(telemetry.DIRECTLINE_ERRORS, operation=OPERATION_NAMES[operation], status="network")
+            what = ("could not connect" if isinstance(error, ConnectFailed)
+                    else "timed out" if isinstance(error, TimeoutError) else "lost its connection")
+            raise TransientError(f"Direct Line {operation} {what} ({type(error).__name__})") from None
 
     def _retry_delay(self, error: DirectLineError, attempt: int, waited: float) -> float | None:
         """Seconds to wait before trying again, or None to give up and raise `error`."""
@@ -472,23 +527,23 @@ def _activity_id(payload: Mapping[str, Any]) -> str | None:
     return str(activity_id) if activity_id else None
 
 
-def _json(response: requests.Response, operation: str, idempotent: bool) -> dict[str, Any]:
+def _json(answer: HttpAnswer, operation: str, idempotent: bool) -> dict[str, Any]:
     """The answer's JSON object ({} when it has none); TransientError when it is not JSON, ambiguous
     for a POST: Direct Line took it, but its id cannot be read."""
-    if not response.content:
+    if not answer.content:
         return {}
     try:
-        payload = response.json()
+        payload = json.loads(answer.content)
     except ValueError:
-        raise TransientError(f"Direct Line {operation} answered {response.status_code} without JSON",
-                             ambiguous=not idempotent, upstream_status=response.status_code) from None
+        raise TransientError(f"Direct Line {operation} answered {answer.status} without JSON",
+                             ambiguous=not idempotent, upstream_status=answer.status) from None
     return payload if isinstance(payload, dict) else {}
 
 
-def _status_error(operation: str, response: requests.Response, idempotent: bool, *, secrets: Sequence[str],
+def _status_error(operation: str, answer: HttpAnswer, idempotent: bool, *, secrets: Sequence[str],
                   retry_after_cap: float, now: datetime) -> DirectLineError:
-    status = response.status_code
-    code, message = _error_body(response)
+    status = answer.status
+    code, message = _error_body(answer)
     text = _redact(f"Direct Line {operation} answered {status} {code}: {message}", secrets)
     upstream: dict[str, Any] = {"upstream_status": status, "upstream_code": code}
     if status == 401:
@@ -498,7 +553,7 @@ def _status_error(operation: str, response: requests.Response, idempotent: bool,
     if status == 404:
         return ConversationNotFound(text, **upstream)
     if status == 429:
-        retry_after = retry_after_seconds(response.headers.get("Retry-After"), cap=retry_after_cap, now=now)
+        retry_after = retry_after_seconds(answer.headers.get("Retry-After"), cap=retry_after_cap, now=now)
         return Throttled(text, retry_after=retry_after, **upstream)
     if status < 500:
         return BadRequest(text, **upstream)
@@ -508,14 +563,14 @@ def _status_error(operation: str, response: requests.Response, idempotent: bool,
     return TransientError(text, ambiguous=not idempotent and status == 500, **upstream)
 
 
-def _error_body(response: requests.Response) -> tuple[str, str]:
+def _error_body(answer: HttpAnswer) -> tuple[str, str]:
     try:
-        error = response.json().get("error") or {}
+        error = json.loads(answer.content).get("error") or {}
     except (ValueError, AttributeError):
         error = {}
     if not isinstance(error, dict):
         error = {}
-    code = str(error.get("code") or response.reason or "Error")[:80]
+    code = str(error.get("code") or answer.reason or "Error")[:80]
     return code, str(error.get("message") or "")[:200]
 
 

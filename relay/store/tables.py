@@ -44,6 +44,7 @@ __all__ = [
     "BATCH_LIMIT",
     "UPDATE_ATTEMPTS",
     "Budget",
+    "StorageTransport",
     "Table",
     "Tables",
     "get_json",
@@ -79,7 +80,7 @@ _DEVELOPMENT_STORAGE = (
 )
 
 
-class _PooledTransport(RequestsTransport):
+class StorageTransport(RequestsTransport):
     """azure-core's requests transport with a connection pool as large as the poller's worker pool.
 
     With the default pool of 10, concurrent workers open and drop a TCP connection per request."""
@@ -108,7 +109,7 @@ def _storage_credential(storage: StorageSettings):
 def table_service_client(storage: StorageSettings, **options) -> TableServiceClient:
     """A client for the storage account of `storage`; `options` go to the SDK (a `transport`, timeouts)."""
     options = {**_CLIENT_OPTIONS, **options}
-    options.setdefault("transport", _PooledTransport())
+    options.setdefault("transport", StorageTransport())
     if storage.connection_string:
         return TableServiceClient.from_connection_string(_connection_string(storage), **options)
     return TableServiceClient(endpoint=storage.table_service_uri, credential=_storage_credential(storage), **options)
@@ -125,7 +126,7 @@ def queue_client(storage: StorageSettings, queue_name: str, **options) -> QueueC
     # The storage SDK's own retry waits 15 s, then 45 s: a tick must fail fast and work on without the queue.
     options = {"retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=1),
                "message_encode_policy": TextBase64EncodePolicy(), **options}
-    options.setdefault("transport", _PooledTransport(pool_size=4))
+    options.setdefault("transport", StorageTransport(pool_size=4))
     if storage.connection_string:
         return QueueClient.from_connection_string(_connection_string(storage), queue_name, **options)
     return QueueClient(storage.queue_service_uri, queue_name, credential=_storage_credential(storage), **options)

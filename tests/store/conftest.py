@@ -5,17 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from azure.core.pipeline.transport import RequestsTransport
 
 from relay.settings import Settings
 from relay.store import RelayStore
 from relay.store.conversations import ConversationKey, ConversationRecord
+from relay.store.tables import StorageTransport
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
-class CountingTransport(RequestsTransport):
-    """Counts the HTTP requests (= billed table transactions) a store makes."""
+class CountingTransport(StorageTransport):
+    """The relay's storage transport, counting the HTTP requests (= billed table transactions) a store makes."""
 
     def __init__(self):
         super().__init__()
