@@ -207,8 +207,9 @@ class DirectLineClient:
         if self._session is not None:
             self._session.close()
             self._session = None
-        with self._lock:
-            kept, self._kept = list(self._kept.values()), {}
+        with self._lock:  # emptied in place: clones share the dict, and find new pools in it
+            kept = list(self._kept.values())
+            self._kept.clear()
         for connections in kept:
             connections.close()
 
@@ -401,16 +402,17 @@ class DirectLineClient:
                  agent_route: bool) -> HttpAnswer:
         """One request: Direct Line's successful answer, or its failure raised as a DirectLineError.
 
-        A GET goes on a kept connection (relay/kept_connections.py: a third of the CPU) unless a proxy or a
-        test transport stands in the way; everything else on the requests session."""
+        A GET to Direct Line goes on a kept connection (relay/kept_connections.py: a third of the CPU) unless a
+        proxy or a test transport stands in the way; everything else on the requests session, and so does a GET
+        answered with a redirect (the session follows it, as it always did). The agent routes (token endpoint,
+        discovery: rare) stay on the session too."""
         from relay.kept_connections import HttpAnswer  # with http.client: not at a cold start
 
         started = self._clock.monotonic()
         headers = {"Authorization": f"Bearer {auth}"} if auth else {}
-        kept = self._kept_connections(url) if method == "GET" else None
-        if kept is not None:
-            answer = self._get_kept(kept, operation, url, headers, params)
-        else:
+        kept = self._kept_connections(url) if method == "GET" and not agent_route else None
+        answer = self._get_kept(kept, operation, url, headers, params) if kept is not None else None
+        if answer is None or 300 <= answer.status < 400:
             with _connection_errors(operation, idempotent):
                 response = self._http().request(method, url, headers=headers, params=params, json=json_body,
                                                 files=files, proxies=self._proxies(url),
@@ -438,26 +440,30 @@ class DirectLineClient:
         if kept is None:
             from relay.kept_connections import KeptConnections
 
+            new = KeptConnections(urlsplit(origin), size=self._pool_size, connect_timeout=CONNECT_TIMEOUT)
             with self._lock:
-                kept = self._kept.setdefault(origin, KeptConnections(urlsplit(origin), size=self._pool_size,
-                                                                     connect_timeout=CONNECT_TIMEOUT))
+                kept = self._kept.setdefault(origin, new)
         return kept
 
     def _get_kept(self, kept: KeptConnections, operation: str, url: str, headers: dict[str, str],
                   params: dict[str, str] | None) -> HttpAnswer:
-        """GET `url` on `kept`; a connection that failed is a TransientError, as on the session."""
+        """GET `url` on `kept`, its path quoted as requests quotes it; a request that failed is a TransientError,
+        as on the session (its type named, never a header or the URL: they carry the credential)."""
         import http.client
+
+        from requests.utils import requote_uri
 
         from relay.kept_connections import ConnectFailed
 
-        parts = urlsplit(url)
+        parts = urlsplit(requote_uri(url))
         query = "&".join(part for part in (parts.query, urlencode(params or {})) if part)
         try:
             return kept.get(parts.path + (f"?{query}" if query else ""),
                             {"User-Agent": USER_AGENT, **headers}, read_timeout=self._settings.timeout_seconds)
-        except (OSError, http.client.HTTPException) as error:
+        except (OSError, ValueError, http.client.HTTPException) as error:
             telemetry.count(telemetry.DIRECTLINE_ERRORS, operation=OPERATION_NAMES[operation], status="network")
             what = ("could not connect" if isinstance(error, ConnectFailed)
+                    else "could not be sent" if isinstance(error, ValueError)  # a header or URL http.client refuses
                     else "timed out" if isinstance(error, TimeoutError) else "lost its connection")
             raise TransientError(f"Direct Line {operation} {what} ({type(error).__name__})") from None
 

@@ -11,8 +11,8 @@ idle connections), a connect timeout apart from the read timeout, TLS verified a
 bundle (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, else certifi's, as requests reads them), and a
 connection the server closed while idle never handed out again (checked before reuse, as urllib3
 does; one closed while the GET was on its way fails the GET, as it did through requests, and the
-caller's retry policy decides). What it leaves to the requests session: proxies, redirects, bodies, compression
-(it asks for none).
+caller's retry policy decides). What it leaves to the requests session (relay/directline.py sends
+those there): proxies, redirects, bodies; and it asks for no compression.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class KeptConnections:
         self._connect_timeout = connect_timeout
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
+        self._closed = False
         self._tls: ssl.SSLContext | None = _tls_context() if origin.scheme == "https" else None
 
     def get(self, target: str, headers: Mapping[str, str], *, read_timeout: float) -> HttpAnswer:
@@ -63,7 +64,9 @@ class KeptConnections:
         return self._exchange(self._take() or self._connect(), target, headers, read_timeout)
 
     def close(self) -> None:
+        """Close the idle connections now, and those in use when their GET is done."""
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
@@ -114,7 +117,7 @@ class KeptConnections:
 
     def _give_back(self, connection: http.client.HTTPConnection) -> None:
         with self._lock:
-            if len(self._idle) < self._size:
+            if not self._closed and len(self._idle) < self._size:
                 self._idle.append(connection)
                 return
         connection.close()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,41 @@ def start_simulator(tmp_path_factory) -> Iterator[Callable[..., ManagedProcess]]
     yield start
     for process in started:
         process.stop()
+
+
+@dataclass
+class ForwardProxy:
+    """A forward proxy named by the environment's HTTP_PROXY that answers every GET itself with `body` (JSON of
+    `content_type`), remembering the URL it was asked for."""
+
+    body: bytes = b"{}"
+    content_type: str = "application/json"
+    asked: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def forward_proxy(monkeypatch) -> Iterator[ForwardProxy]:
+    proxy = ForwardProxy()
+
+    class Answering(BaseHTTPRequestHandler):
+        def do_GET(self):
+            proxy.asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", proxy.content_type)
+            self.send_header("Content-Length", str(len(proxy.body)))
+            self.end_headers()
+            self.wfile.write(proxy.body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_port}")
+    try:
+        yield proxy
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -208,41 +208,20 @@ def test_an_answer_without_watermark_keeps_the_previous_one():
         server.server_close()
 
 
-class _Proxy(_JsonAnswer):
-    """A forward proxy that answers every GET itself, remembering the URL it was asked for."""
-
-    asked: list[str] = []
-    body = b'{"activities": [], "watermark": "1"}'
-
-    def do_GET(self):
-        self.asked.append(self.path)
-        super().do_GET()
-
-
-def test_the_environments_proxy_is_used_unless_no_proxy_names_the_host(monkeypatch):
+def test_the_environments_proxy_is_used_unless_no_proxy_names_the_host(forward_proxy, monkeypatch):
     """The environment is read once per client (not at every request), and still honoured."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_port}")
-    try:
-        client = make_client(secret="s", endpoint="http://directline.invalid/v3/directline",
-                             retry=RetryPolicy(attempts=1))
-        assert client.get_activities("c1").watermark == "1"
-        assert client.get_activities("c2").watermark == "1"
-        assert _Proxy.asked == ["http://directline.invalid/v3/directline/conversations/c1/activities",
-                                "http://directline.invalid/v3/directline/conversations/c2/activities"]
+    forward_proxy.body = b'{"activities": [], "watermark": "1"}'
+    client = make_client(secret="s", endpoint="http://directline.invalid/v3/directline", retry=RetryPolicy(attempts=1))
+    assert client.get_activities("c1").watermark == "1"
+    assert client.get_activities("c2").watermark == "1"
+    assert forward_proxy.asked == ["http://directline.invalid/v3/directline/conversations/c1/activities",
+                                   "http://directline.invalid/v3/directline/conversations/c2/activities"]
 
-        monkeypatch.setenv("NO_PROXY", "directline.invalid")
-        direct = make_client(secret="s", endpoint="http://directline.invalid/v3/directline",
-                             retry=RetryPolicy(attempts=1))
-        with pytest.raises(TransientError):  # straight to a host that never resolves
-            direct.get_activities("c3")
-        assert len(_Proxy.asked) == 2
-    finally:
-        server.shutdown()
-        server.server_close()
+    monkeypatch.setenv("NO_PROXY", "directline.invalid")
+    direct = make_client(secret="s", endpoint="http://directline.invalid/v3/directline", retry=RetryPolicy(attempts=1))
+    with pytest.raises(TransientError):  # straight to a host that never resolves
+        direct.get_activities("c3")
+    assert len(forward_proxy.asked) == 2
 
 
 @pytest.mark.parametrize("answer", [

@@ -201,3 +201,53 @@ def test_the_server_sees_the_credential_and_the_watermark_as_through_requests():
         client_for(served.endpoint).get_activities("a b/c", watermark="12&x", token="tok")
     assert seen == [("/v3/directline/conversations/a%20b%2Fc/activities?watermark=12%26x", "Bearer tok",
                      "directline-relay/0.1")]
+
+
+class _Redirecting(_Counting):
+    """Sends every GET under /v3/directline/ to /moved/... (302), and answers there."""
+
+    def do_GET(self):
+        if self.path.startswith("/v3/"):
+            self.send_response(302)
+            self.send_header("Location", "/moved" + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
+
+def test_a_redirected_read_is_followed_as_requests_did():
+    with serving(handler=_Redirecting) as served:
+        assert client_for(served.endpoint).get_activities("c1").watermark == "7"
+
+
+def test_a_token_http_client_refuses_to_send_is_a_transient_error_that_does_not_show_it():
+    with serving() as served, pytest.raises(TransientError, match="could not be sent") as raised:
+        client_for(served.endpoint).get_activities("c1", token="SECRET-TOKEN\r\nX-Injected: 1")
+    assert "SECRET" not in str(raised.value) and raised.value.__cause__ is None
+    assert sum(served.connections) == 0
+
+
+def test_an_endpoint_path_with_a_space_is_quoted_as_requests_quoted_it():
+    seen: list[str] = []
+
+    class Recording(_Counting):
+        def do_GET(self):
+            seen.append(self.path)
+            super().do_GET()
+
+    with serving(handler=Recording) as served:
+        assert client_for(served.endpoint.replace("/directline", "/direct line")).get_activities("c1").watermark == "7"
+    assert seen == ["/v3/direct%20line/conversations/c1/activities"]
+
+
+def test_a_closed_client_reads_again_on_new_connections_and_its_clone_with_it():
+    with serving() as served:
+        client = client_for(served.endpoint)
+        clone = client.with_options(timeout_seconds=3)
+        client.get_activities("c1")
+        client.close()
+        client.get_activities("c2")
+        clone.get_activities("c3")
+        client.close()
+    assert served.connections == [1, 2]

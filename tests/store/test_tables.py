@@ -7,11 +7,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import pytest
+
+from relay.errors import StoreError
 from relay.settings import Settings
 from relay.store import RelayStore
 from relay.store.conversations import ConversationKey
 from relay.store.dead_letters import DeadLetterKind
-from relay.store.tables import table_service_client
+from relay.store.tables import storage_errors, table_service_client
 from tests.store.conftest import T0, create, make_store
 
 
@@ -97,3 +100,22 @@ def test_every_instance_derives_the_same_keys_and_another_prefix_other_ones(stor
     assert len(derived) == 1
     elsewhere = make_store(storage_connection_string, table_prefix + "x")
     assert elsewhere.tables.key_for("conversation", "twilio", "+1555") not in derived  # a secret of its own
+
+
+def test_the_environments_proxy_is_used_unless_no_proxy_names_the_storage_host(forward_proxy, monkeypatch):
+    """The storage transport reads the environment once per origin, not at every request, and still honours it."""
+    forward_proxy.body, forward_proxy.content_type = b'{"value": []}', "application/json;odata=minimalmetadata"
+    storage = Settings.from_environ({
+        "DIRECTLINE_SECRET": "x",
+        "AzureWebJobsStorage": "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;"
+                               "TableEndpoint=http://storage.invalid/devstoreaccount1;"}).storage
+    service = table_service_client(storage, retry_total=0)
+    assert list(service.list_tables()) == []
+    assert list(service.list_tables()) == []
+    tables_url = "http://storage.invalid/devstoreaccount1/Tables"
+    assert [url.split("?")[0] for url in forward_proxy.asked] == [tables_url, tables_url]
+
+    monkeypatch.setenv("NO_PROXY", "storage.invalid")
+    with pytest.raises(StoreError), storage_errors("list tables"):  # straight to a host that never resolves
+        list(table_service_client(storage, retry_total=0).list_tables())
+    assert len(forward_proxy.asked) == 2
