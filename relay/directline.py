@@ -31,7 +31,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -52,6 +51,7 @@ from relay.errors import (
     TokenExpired,
     TransientError,
 )
+from relay.http_environment import OriginProxies, ca_bundle, origin_of
 from relay.retry_after import retry_after_seconds
 from relay.settings import DirectLineSettings, get_settings
 
@@ -165,11 +165,11 @@ class DirectLineClient:
         self._session: requests.Session | None = None
         self._lock = threading.Lock()
         self._discovered = _Discovered()
-        self._environment_proxies: dict[str, dict[str, str]] = {}
+        self._proxies = OriginProxies()
         self._kept: dict[str, KeptConnections] = {}  # by origin: the GETs' connections
 
     def __repr__(self) -> str:
-        where = self._settings.endpoint or f"discovered from {_origin(self._settings.token_endpoint)}"
+        where = self._settings.endpoint or f"discovered from {origin_of(self._settings.token_endpoint)}"
         return f"DirectLineClient(endpoint={where!r})"
 
     @property
@@ -330,7 +330,7 @@ class DirectLineClient:
         """The Direct Line base named by the environment of the agent's token endpoint (regionalchannelsettings)."""
         token_endpoint = self._settings.token_endpoint
         version = parse_qs(urlsplit(token_endpoint).query).get("api-version", [AGENT_API_VERSION])[-1]
-        payload = self._call("regionalchannelsettings", "GET", _origin(token_endpoint) + REGIONAL_SETTINGS_PATH,
+        payload = self._call("regionalchannelsettings", "GET", origin_of(token_endpoint) + REGIONAL_SETTINGS_PATH,
                              auth=None, idempotent=True, params={"api-version": version}, agent_route=True)
         urls = payload.get("channelUrlsById")
         directline = urls.get("directline") if isinstance(urls, dict) else None
@@ -349,31 +349,20 @@ class DirectLineClient:
                     from requests.adapters import HTTPAdapter
 
                     session = requests.Session()
-                    # The environment's CA bundle is read here and its proxies once per origin (_proxies), not at
-                    # every request: requests would walk os.environ twice and look for ~/.netrc per request, a
-                    # quarter of the poller's CPU per peek. (No .netrc login ever replaces our credential.)
+                    # The environment read once (relay/http_environment.py), not at every request. (No .netrc
+                    # login ever replaces our credential.)
                     session.trust_env = False
-                    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+                    session.verify = ca_bundle() or True
                     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self._pool_size, max_retries=0)
                     session.mount("https://", adapter)
                     session.mount("http://", adapter)
                     if self._transport is not None:
-                        for url in (self._settings.endpoint, _origin(self._settings.token_endpoint)):
+                        for url in (self._settings.endpoint, origin_of(self._settings.token_endpoint)):
                             if url:
                                 session.mount(url, self._transport)
                     session.headers["User-Agent"] = USER_AGENT
                     self._session = session
         return self._session
-
-    def _proxies(self, url: str) -> dict[str, str]:
-        """The proxies the environment names for `url`'s origin (HTTPS_PROXY, NO_PROXY...), read once per origin."""
-        origin = _origin(url)
-        proxies = self._environment_proxies.get(origin)
-        if proxies is None:
-            from requests.utils import get_environ_proxies
-
-            proxies = self._environment_proxies[origin] = get_environ_proxies(origin)
-        return proxies
 
     def _call(self, operation: str, method: str, path: str, *, auth: str | None, idempotent: bool,
               json_body: Any = None, params: dict[str, str] | None = None,
@@ -433,7 +422,7 @@ class DirectLineClient:
 
     def _kept_connections(self, url: str) -> KeptConnections | None:
         """The kept connections to `url`'s origin; None when a test transport or a proxy serves it."""
-        origin = _origin(url)
+        origin = origin_of(url)
         if self._transport is not None or self._proxies(url):
             return None
         kept = self._kept.get(origin)
@@ -461,11 +450,10 @@ class DirectLineClient:
             return kept.get(parts.path + (f"?{query}" if query else ""),
                             {"User-Agent": USER_AGENT, **headers}, read_timeout=self._settings.timeout_seconds)
         except (OSError, ValueError, http.client.HTTPException) as error:
-            telemetry.count(telemetry.DIRECTLINE_ERRORS, operation=OPERATION_NAMES[operation], status="network")
             what = ("could not connect" if isinstance(error, ConnectFailed)
                     else "could not be sent" if isinstance(error, ValueError)  # a header or URL http.client refuses
                     else "timed out" if isinstance(error, TimeoutError) else "lost its connection")
-            raise TransientError(f"Direct Line {operation} {what} ({type(error).__name__})") from None
+            raise _network_failure(operation, what, error) from None
 
     def _retry_delay(self, error: DirectLineError, attempt: int, waited: float) -> float | None:
         """Seconds to wait before trying again, or None to give up and raise `error`."""
@@ -504,12 +492,6 @@ class _Discovered:
 
     endpoint: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _origin(url: str) -> str:
-    """scheme://host[:port] of `url` ("" for "")."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else ""
 
 
 def _segment(value: str) -> str:
@@ -589,11 +571,15 @@ def _connection_errors(operation: str, idempotent: bool) -> Iterator[None]:
     try:
         yield
     except requests.RequestException as exc:
-        telemetry.count(telemetry.DIRECTLINE_ERRORS, operation=OPERATION_NAMES[operation], status="network")
         never_sent = isinstance(exc, requests.ConnectTimeout) or _refused(exc)
         what = "timed out" if isinstance(exc, requests.Timeout) else "lost its connection"
-        raise TransientError(f"Direct Line {operation} {what} ({type(exc).__name__})",
-                             ambiguous=not idempotent and not never_sent) from None
+        raise _network_failure(operation, what, exc, ambiguous=not idempotent and not never_sent) from None
+
+
+def _network_failure(operation: str, what: str, error: Exception, *, ambiguous: bool = False) -> TransientError:
+    """A request that failed on the wire, counted; the error's type named, never its text (it may quote a header)."""
+    telemetry.count(telemetry.DIRECTLINE_ERRORS, operation=OPERATION_NAMES[operation], status="network")
+    return TransientError(f"Direct Line {operation} {what} ({type(error).__name__})", ambiguous=ambiguous)
 
 
 def _refused(exc: Exception) -> bool:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from email.message import Message
 from urllib.parse import SplitResult
 
+from relay.http_environment import ca_bundle
+
 __all__ = ["ConnectFailed", "HttpAnswer", "KeptConnections"]
 
 
@@ -48,7 +50,6 @@ class KeptConnections:
     """GETs to one origin (http or https) on connections kept open; thread-safe."""
 
     def __init__(self, origin: SplitResult, *, size: int, connect_timeout: float):
-        self._scheme = origin.scheme
         self._host = origin.hostname or ""
         self._port = origin.port
         self._size = size
@@ -137,7 +138,7 @@ def _readable(sock) -> bool:
 
 def _tls_context() -> ssl.SSLContext:
     """Verifies certificates and host names against the CA bundle requests would use."""
-    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    bundle = ca_bundle()
     if not bundle:
         from requests.certs import where
 

@@ -32,11 +32,13 @@ PAGE = b'{"activities": [], "watermark": "7"}'
 
 
 class _Counting(BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive; counts the connections it was given and the requests on them."""
+    """HTTP/1.1 with keep-alive; counts the connections it was given and the requests on them, and records what
+    each request asked."""
 
     protocol_version = "HTTP/1.1"
     connections: list[int]  # requests answered, one entry per connection
     closed: list[int]  # connections closed by the server
+    asked: list[tuple[str, str | None, str | None]]  # path, Authorization, User-Agent of each request
     close_after_answer = False  # close the connection after answering, without saying so (an idle timeout)
     drop = False  # close the connection instead of answering
     stall = 0.0  # seconds to wait before answering
@@ -53,6 +55,7 @@ class _Counting(BaseHTTPRequestHandler):
         self.closed.append(self.number)
 
     def do_GET(self):
+        self.asked.append((self.path, self.headers.get("Authorization"), self.headers.get("User-Agent")))
         if self.drop:
             self.close_connection = True
             return
@@ -75,14 +78,16 @@ class Served:
     endpoint: str  # the Direct Line base URL it answers on
     connections: list[int]  # requests answered, one entry per connection
     closed: list[int]  # connections closed by the server
+    asked: list[tuple[str, str | None, str | None]]  # path, Authorization, User-Agent of each request
 
 
 @contextmanager
 def serving(tls: ssl.SSLContext | None = None, handler: type[_Counting] = _Counting,
             **behaviour) -> Iterator[Served]:
     """A local server answering every GET with PAGE."""
-    served = Served("", [], [])
-    handler = type("Handler", (handler,), {"connections": served.connections, "closed": served.closed, **behaviour})
+    served = Served("", [], [], [])
+    handler = type("Handler", (handler,), {"connections": served.connections, "closed": served.closed,
+                                           "asked": served.asked, **behaviour})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
@@ -190,16 +195,9 @@ def test_a_clone_with_another_timeout_reads_on_the_same_connections():
 
 
 def test_the_server_sees_the_credential_and_the_watermark_as_through_requests():
-    seen: list[tuple[str, str | None, str | None]] = []
-
-    class Recording(_Counting):
-        def do_GET(self):
-            seen.append((self.path, self.headers.get("Authorization"), self.headers.get("User-Agent")))
-            super().do_GET()
-
-    with serving(handler=Recording) as served:
+    with serving() as served:
         client_for(served.endpoint).get_activities("a b/c", watermark="12&x", token="tok")
-    assert seen == [("/v3/directline/conversations/a%20b%2Fc/activities?watermark=12%26x", "Bearer tok",
+    assert served.asked == [("/v3/directline/conversations/a%20b%2Fc/activities?watermark=12%26x", "Bearer tok",
                      "directline-relay/0.1")]
 
 
@@ -229,16 +227,9 @@ def test_a_token_http_client_refuses_to_send_is_a_transient_error_that_does_not_
 
 
 def test_an_endpoint_path_with_a_space_is_quoted_as_requests_quoted_it():
-    seen: list[str] = []
-
-    class Recording(_Counting):
-        def do_GET(self):
-            seen.append(self.path)
-            super().do_GET()
-
-    with serving(handler=Recording) as served:
+    with serving() as served:
         assert client_for(served.endpoint.replace("/directline", "/direct line")).get_activities("c1").watermark == "7"
-    assert seen == ["/v3/direct%20line/conversations/c1/activities"]
+    assert [path for path, _, _ in served.asked] == ["/v3/direct%20line/conversations/c1/activities"]
 
 
 def test_a_closed_client_reads_again_on_new_connections_and_its_clone_with_it():

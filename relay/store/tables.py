@@ -20,24 +20,22 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.core.pipeline.transport import RequestsTransport
 from azure.data.tables import TableClient, TableEntity, TableServiceClient, TableTransactionError
 from requests.adapters import HTTPAdapter
-from requests.utils import get_environ_proxies
 from urllib3.util.retry import Retry
 
 from relay.clock import Clock
 from relay.errors import StoreError
+from relay.http_environment import OriginProxies, ca_bundle
 from relay.settings import StorageSettings
 
 if TYPE_CHECKING:
@@ -85,28 +83,21 @@ _DEVELOPMENT_STORAGE = (
 
 class StorageTransport(RequestsTransport):
     """azure-core's requests transport with a connection pool as large as the poller's worker pool, and the
-    environment read once instead of at every request.
+    environment read once instead of at every request (relay/http_environment.py: about a third of a table
+    read's CPU in a Functions app).
 
-    With the default pool of 10, concurrent workers open and drop a TCP connection per request. Trusting the
-    environment, requests walks all of os.environ twice (and looks for ~/.netrc) at every request; in a
-    Functions app, where every app setting is an environment variable, that is about a third of a table
-    read's CPU (1.7 instead of 2.4 ms with 136 variables, benchmarks aside). What requests would find there
-    is read here once: the proxies per origin (HTTP(S)_PROXY, NO_PROXY...) and the CA bundle
-    (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE)."""
+    With the default pool of 10, concurrent workers open and drop a TCP connection per request."""
 
     def __init__(self, *, pool_size: int = _CONNECTION_POOL_SIZE, **kwargs):
-        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        bundle = ca_bundle()
         super().__init__(**{**_TRANSPORT_OPTIONS, "use_env_settings": False,
                             **({"connection_verify": bundle} if bundle else {}), **kwargs})
         self._pool_size = pool_size
-        self._proxies: dict[str, dict[str, str]] = {}
+        self._proxies = OriginProxies()
 
     def send(self, request, **kwargs):
         if not kwargs.get("proxies"):  # none set on the client (its ProxyPolicy): the environment's
-            origin = "{0.scheme}://{0.netloc}".format(urlsplit(request.url))
-            if origin not in self._proxies:
-                self._proxies[origin] = get_environ_proxies(origin)
-            kwargs["proxies"] = self._proxies[origin]
+            kwargs["proxies"] = self._proxies(request.url)
         return super().send(request, **kwargs)
 
     def _init_session(self, session) -> None:
