@@ -193,6 +193,7 @@ def idle_benchmark(stack: Stack, *, conversations: int = 100, hours: float = 1.0
                        "seconds": tick.seconds, "table_transactions": transport.total - before_tx,
                        "directline_requests": sum(after_dl.values()) - sum(before_dl.values())})
         clock.advance(tick_seconds)
+    refreshes = stack.directline_requests()["tokens/refresh"]
     stack.emulator.set_faults(latency_ms=0)
     ctx.directline.close()
     total_tx = sum(s["table_transactions"] for s in series)
@@ -212,6 +213,9 @@ def idle_benchmark(stack: Stack, *, conversations: int = 100, hours: float = 1.0
         "directline_requests_per_conversation_hour": total_dl / conversations / hours,
         "table_transactions_per_conversation_tick": total_tx / conversations / ticks,
         "table_transactions_total": total_tx, "directline_requests_total": total_dl,
+        # The token keep-alive of issue 16 (an open conversation's token refreshed at about half its life), which
+        # the baselines of issues 9 and 19 predate.
+        "token_refreshes_per_conversation_hour": refreshes / conversations / hours,
         "empty_tick_seconds": statistics.median([s["seconds"] for s in empty] or [0.0]),
         # The due-index query, once a tick whatever the number of conversations (measured on the ticks
         # with nothing due), and what each conversation adds on top of it.

@@ -14,12 +14,14 @@ to read. So peeking costs the same in both modes; the price is a copy of each op
 token in its due row.
 
 A peek is never postponed past the time the conversation's token wants refreshing (about half its
-lifetime, carried by the due row). The peek at that time reads with the token, still good until it
-expires; when it finds nothing new the token is refreshed there without the lease (the record read,
-then written under its ETag: four storage transactions, where a leased run costs about ten), and a
-worker holding the conversation is left to refresh it itself. So an open conversation's token stays
-alive however long it idles, for one refresh per half-life of its token; a refresh that fails there
-goes down the full path, whose worker lets a refused token go or backs off.
+lifetime, carried by the due row). The last peek before that time reads with the token, still good
+until it expires; when it finds nothing new the token is refreshed there, early by at most the
+conversation's idle interval, without the lease: the record read, then written under its ETag with
+the new token, which its row takes in the postponing batch (two storage transactions and a share of
+a batch where a leased run costs about ten, and no Direct Line request but the refresh). A worker
+holding the conversation is left to refresh it itself. So an open conversation's token stays alive
+however long it idles, for one refresh per half-life of its token; a refresh that fails there goes
+down the full path, whose worker lets a refused token go or backs off.
 
 When more conversations are due than RELAY_FANOUT_THRESHOLD, the tick works none of them: it hands
 them to the poll queue in batches, which the queue-triggered `poll_batch` function works on as many
@@ -61,7 +63,7 @@ from relay.errors import DirectLineError, StoreError
 from relay.fanout import BATCH_ROWS, MAX_FANOUT_ROWS, Chase, batches_of, parse_message
 from relay.settings import MAX_CHASE_SECONDS
 from relay.store.conversations import ConversationRecord
-from relay.store.due_polls import DueConversation
+from relay.store.due_polls import DueConversation, Postponement
 from relay.store.sweep import sweep_tables
 from relay.store.tables import BATCH_LIMIT
 from relay.tokens import refresh_session_tokens
@@ -287,17 +289,17 @@ def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, 
     now = ctx.clock.now()
     period = ctx.settings.relay.poll_period_seconds
     next_tick = now + timedelta(seconds=period) if period else None
-    quiet: list[tuple[DueConversation, datetime, float]] = []
+    quiet: list[Postponement] = []
     quiet_count = 0
     lock = threading.Lock()
 
-    def settle_quiet(row: tuple[DueConversation, datetime, float], *, move: bool) -> None:
+    def settle_quiet(postponement: Postponement, *, move: bool) -> None:
         nonlocal quiet_count
         with lock:
             quiet_count += 1
             if not move:
                 return
-            quiet.append(row)
+            quiet.append(postponement)
             full = quiet[:] if len(quiet) >= BATCH_LIMIT else []
             if full:
                 quiet.clear()
@@ -315,13 +317,15 @@ def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, 
                                                      last_user_activity=item.last_user_activity_at,
                                                      interval=item.poll_interval,
                                                      ceiling=ctx.settings.relay.poll_ceiling_seconds)
-                    if not _wants_token_refresh(item, now):
+                    postponement = Postponement(item, after, interval)
+                    if not _wants_token_refresh(item, before=after):
                         # due again at the next tick as it stands: moving it would only cost a transaction
                         stays = next_tick is not None and after <= next_tick and interval == item.poll_interval
-                        settle_quiet((item, after, interval), move=not stays)
+                        settle_quiet(postponement, move=not stays)
                         return None
-                    if _refresh_quiet_token(ctx, item, after, interval):
-                        settle_quiet((item, after, interval), move=False)  # its row was replaced, or is not ours
+                    refreshed = _refresh_quiet_token(ctx, postponement)
+                    if refreshed is not None:
+                        settle_quiet(refreshed, move=True)
                         return None
                     # Direct Line did not refresh the token: the full path deals with it
             record = ctx.store.conversations.claim_due(item, owner=owner,
@@ -379,45 +383,53 @@ def _may_peek(ctx: RelayContext, item: DueConversation, now: datetime) -> bool:
     return item.last_activity_at is None or now - item.last_activity_at < idle_limit
 
 
-def _wants_token_refresh(item: DueConversation, now: datetime) -> bool:
-    return item.token_refresh_at is not None and now >= item.token_refresh_at
+def _wants_token_refresh(item: DueConversation, *, before: datetime) -> bool:
+    """The row's token wants refreshing before its next peek at `before`: it is refreshed at this one."""
+    return item.token_refresh_at is not None and item.token_refresh_at <= before
 
 
-def _refresh_quiet_token(ctx: RelayContext, item: DueConversation, peek_after: datetime, interval: float) -> bool:
-    """Refresh the token of a conversation its peek found quiet, without the lease: a read of its record, the
-    refresh, and the record written with the new token under its ETag (its due row replaced, keeping its due
-    time, so its hourly full poll, and its next peek at `peek_after`): four transactions where a leased run
-    costs about ten. True when done, or left to the worker holding the conversation (it keeps the token fresh
-    itself); False for the full path to deal with: Direct Line did not refresh it (the worker tries once more,
-    then lets a refused token go or backs off), or the record is not as the row says (a row it no longer
-    points at is removed there, and its own row found)."""
+def _refresh_quiet_token(ctx: RelayContext, postponement: Postponement) -> Postponement | None:
+    """Refresh the token of a conversation its peek found quiet, at the last peek before the token wants it, without
+    the lease: a read of its record, the refresh, and the record written with the new token under its ETag, keeping
+    its row (so its due time, its hourly full poll); the row takes the new token in the postponing batch. Two
+    transactions and a share of a batch, where a leased run costs about ten, and no Direct Line request but the
+    refresh. The postponement to make: with the new token, or as it was when the conversation is not this peek's
+    to refresh (a worker holding it keeps the token fresh itself, or its record moved on). None for the full path
+    to deal with: Direct Line did not refresh the token (the worker tries once more, then lets a refused token go
+    or backs off), or the record is not as the row says (a row it no longer points at is removed there, and its
+    own row found)."""
+    item, next_peek = postponement.row, postponement.peek_after
     now = ctx.clock.now()
     record = ctx.store.conversations.get_record(item.key)
     if record is not None and record.lease_held_by_other("", now):
-        return True
-    if record is None or not _quiet_as_its_row_says(record, item, now):
-        return False
+        return postponement
+    if record is None or not _quiet_as_its_row_says(record, item, now, next_peek):
+        return None
     try:
         granted = ctx.directline.refresh_token(token=record.token)
     except DirectLineError:
-        return False
+        return None
     telemetry.count(telemetry.TOKENS_REFRESHED, kind="conversation", outcome="refreshed")
     store_token = token_change(granted, clock=ctx.clock)
 
     def change(stored: ConversationRecord | None) -> ConversationRecord | None:
         if (stored is None or stored.token != record.token or stored.lease_held_by_other("", ctx.clock.now())
-                or not _quiet_as_its_row_says(stored, item, ctx.clock.now())):
+                or not _quiet_as_its_row_says(stored, item, ctx.clock.now(), next_peek)):
             return stored
-        return replace(store_token(stored), poll_interval=max(stored.poll_interval, interval))
+        return replace(store_token(stored), poll_interval=max(stored.poll_interval, postponement.interval))
 
-    ctx.store.conversations.update_record(item.key, change, current=record, peek_after=peek_after)
-    return True
+    stored = ctx.store.conversations.update_record(item.key, change, current=record, keep_row=True)
+    if stored is None or stored.token != granted.token:
+        return postponement  # changed meanwhile by whoever holds it now: its token is theirs to keep
+    return replace(postponement, token=stored.token, token_refresh_at=stored.token_refresh_at)
 
 
-def _quiet_as_its_row_says(record: ConversationRecord, item: DueConversation, now: datetime) -> bool:
-    """The record is the row's (the row is its current one) and active, with a live token that wants refreshing."""
+def _quiet_as_its_row_says(record: ConversationRecord, item: DueConversation, now: datetime,
+                           next_peek: datetime) -> bool:
+    """The record is the row's (the row is its current one) and active, with a live token that wants refreshing
+    before the next peek."""
     return (record.active and record.due_index_key == item.index_key and bool(record.token)
-            and record.token_refresh_at is not None and record.token_refresh_at <= now
+            and record.token_refresh_at is not None and record.token_refresh_at <= next_peek
             and (record.token_expires_at is None or now < record.token_expires_at))
 
 

@@ -8,6 +8,7 @@ next peek sends it down the full path, which delivers the reply exactly once.
 from __future__ import annotations
 
 import itertools
+from datetime import timedelta
 
 import pytest
 
@@ -101,39 +102,51 @@ def test_a_faster_timer_keeps_a_likely_reply_to_one_peek_every_5_s(relay):
     assert emulator.counters()["requests"] == {"activities/get": 3}
 
 
-def test_a_token_refresh_keeps_the_conversations_idle_back_off(relay):
+def test_a_token_refresh_rides_on_an_idle_conversations_peek_and_keeps_its_back_off(relay):
     emulator, _, clock, ctx, _ = relay()
     seed(ctx, 1, last_activity_ago=3600)
     poll_tick(ctx)  # worked once after the user wrote, then idle: peeked less and less often
     peeks = []
-    for second in range(0, 3600, 5):
+    for second in range(0, 2 * 3600, 5):
         clock.advance(5)
         emulator.reset_counters()
         tick = poll_tick(ctx)
         if tick.due:
             peeks.append((second, emulator.counters()["requests"]))
     refreshes = [second for second, requests in peeks if "tokens/refresh" in requests]
-    assert refreshes  # the 30-minute token was refreshed within the hour
+    assert len(refreshes) >= 6  # the 30-minute token, refreshed at about half its life for two hours
     ceiling = ctx.settings.relay.poll_ceiling_seconds
-    after_refresh = [(earlier, later) for earlier, later in itertools.pairwise(peeks)
-                     if earlier[0] >= refreshes[0] and "tokens/refresh" not in later[1]]
-    # The ceiling (60 s) goes on after a refresh: it is no news, so no 5, 10, 20, 40 s again (only the peek
-    # before the next refresh comes sooner, to refresh the token in time).
-    assert after_refresh and all(later[0] - earlier[0] >= ceiling for earlier, later in after_refresh), peeks
+    settled = [(second, requests) for second, requests in peeks if second >= refreshes[0] - ceiling]
+    # Once at the ceiling (60 s) the peeks keep to it, refreshes and all: a refresh is made at the last peek before
+    # the token wants it, never at a peek of its own, and it is no news, so no 5, 10, 20, 40 s again after it.
+    assert all(later[0] - earlier[0] == ceiling for earlier, later in itertools.pairwise(settled)), peeks
+    assert all(requests == {"activities/get": 1, "tokens/refresh": 1} for second, requests in settled
+               if second in refreshes), peeks
 
 
-def test_an_idle_conversations_token_refresh_costs_four_transactions_not_a_leased_run(relay):
+def test_idle_conversations_token_refreshes_cost_two_transactions_each_and_one_shared_batch(relay):
     emulator, _, clock, ctx, transport = relay()
-    [record] = seed(ctx, 1, last_activity_ago=3600)
+    seed(ctx, 3, last_activity_ago=3600)
     poll_tick(ctx)
-    refresh_at = ctx.store.conversations.get_record(record.key).token_refresh_at
+    keys = [row.key for row in ctx.store.due_polls.list_due(now=clock.now() + timedelta(hours=2))]
+    records = [ctx.store.conversations.get_record(key) for key in keys]
+    refresh_at = max(record.token_refresh_at for record in records)
     clock.advance((refresh_at - clock.now()).total_seconds() + 1)
     transport.reset()
     emulator.reset_counters()
 
     tick = poll_tick(ctx)
 
-    assert (tick.due, tick.quiet, tick.worked) == (1, 1, 0)
-    assert emulator.counters()["requests"] == {"activities/get": 1, "tokens/refresh": 1}
-    # The two queries of every tick; then the record read, its new due row, the record, the old row gone.
-    assert dict(transport.snapshot()) == {"query": 2, "read": 1, "insert": 1, "write": 1, "delete": 1}
+    assert (tick.due, tick.quiet, tick.worked) == (3, 3, 0)
+    assert emulator.counters()["requests"] == {"activities/get": 3, "tokens/refresh": 3}
+    # The two queries of every tick; then each record read and written with its new token, and one batch that
+    # moves every row's next peek on and gives it the new token: no row written anew, no lease, no outbox.
+    assert dict(transport.snapshot()) == {"query": 2, "read": 3, "write": 3, "batch": 1}
+    for record in records:
+        after = ctx.store.conversations.get_record(record.key)
+        assert after.due_index_key == record.due_index_key and after.token != record.token
+    rows = ctx.store.due_polls.list_due(now=clock.now() + timedelta(hours=2))
+    assert sorted(row.token for row in rows) == sorted(ctx.store.conversations.get_record(r.key).token
+                                                       for r in records)
+
+

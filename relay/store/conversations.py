@@ -172,7 +172,7 @@ class Conversations:
         *,
         current: ConversationRecord | None = None,
         lease_owner: str | None = None,
-        peek_after: datetime | None = None,
+        keep_row: bool = False,
         now: datetime | None = None,
     ) -> ConversationRecord | None:
         """Create or change a conversation record under its ETag and return what is stored.
@@ -183,8 +183,9 @@ class Conversations:
         Pass `current` (a record you just read, with its ETag) to save the first read. With
         `lease_owner`, LeaseLost is raised instead when the lease is no longer that owner's: another poller
         took it over, or took it and gave it back (a record without a lease is not ours to change).
-        The due index follows `next_poll_at` and `state` automatically; `peek_after` (DuePolls.schedule) moves
-        a new row's next peek past its due time.
+        The due index follows `next_poll_at` and `state` automatically. With `keep_row`, a stored record keeps
+        its row as it is, whatever changed: the poller's refresh of a quiet conversation's token, which brings
+        the new token into the row itself (DuePolls.postpone_rows) and leaves its due time alone.
         """
         for attempt in range(UPDATE_ATTEMPTS):
             stored = current if attempt == 0 and current is not None else self.get_record(key)
@@ -195,10 +196,14 @@ class Conversations:
                 return stored
             if wanted.key != key:
                 raise ValueError("change() must not change the conversation key")
+            if keep_row and stored is not None and (wanted.next_poll_at, wanted.state) != (stored.next_poll_at,
+                                                                                           stored.state):
+                raise ValueError("change() must not move a conversation's schedule while it keeps its row")
             written_at = now or self._clock.now()
             wanted = replace(wanted, created_at=wanted.created_at or written_at, updated_at=written_at)
             old_index = stored.due_index_key if stored is not None else None
-            new_index = self._due_polls.schedule(wanted, previous=stored, peek_after=peek_after)
+            new_index = (old_index if keep_row and stored is not None
+                         else self._due_polls.schedule(wanted, previous=stored))
             entity = _to_entity(replace(wanted, due_index_key=new_index), partition_of(self._tables, key))
             with storage_errors("write a conversation record"):
                 try:

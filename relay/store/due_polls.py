@@ -7,13 +7,12 @@ peek time `peek_after`) and when its token wants refreshing (`token_refresh_at`)
 for new activities without reading the record or taking the lease, and when there are none it only
 moves `peek_after` on, for up to 100 conversations in one batch, never past `token_refresh_at`. So
 the row of an idle conversation is due at the latest when its token wants refreshing, and the
-poller then refreshes it (poller.py): the token is kept alive for as long as the conversation is
-open, at the cost of one refresh per half-life. The row
-also carries the conversation's token (`token`), which a peek reads with: in token endpoint mode
-there is no secret to read with. It is a copy of the record's, in the same storage account, written
-anew with each refresh (a refresh moves `token_refresh_at`, so the row is replaced anyway) and good
-until the token expires, well past `token_refresh_at`: the peek at that time still reads with it,
-then the token is refreshed.
+poller refreshes it at the last peek before that time (poller.py): the token is kept alive for as
+long as the conversation is open, at the cost of one refresh per half-life. The row also carries
+the conversation's token (`token`), which a peek reads with: in token endpoint mode there is no
+secret to read with. It is a copy of the record's, in the same storage account, brought into the
+row in place with each refresh (in the postponing batch, with the row's new `token_refresh_at`), and
+good until the token expires, well past `token_refresh_at`.
 
 The record points at its row (`due_index_key`); a row is written before the record points at it,
 so none is ever missing, and a row nothing points at any more is removed when it is claimed.
@@ -45,7 +44,7 @@ from relay.errors import StoreError
 from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState, partition_of
 from relay.store.tables import BATCH_LIMIT, Tables, millis, storage_errors, transaction_error_code
 
-__all__ = ["DueConversation", "DuePolls", "InboundMark"]
+__all__ = ["DueConversation", "DuePolls", "InboundMark", "Postponement"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +96,20 @@ class DueConversation:
     @property
     def peekable(self) -> bool:
         return bool(self.conversation_id) and not self.inbound
+
+
+@dataclass(frozen=True)
+class Postponement:
+    """A quiet row's next peek moved to `peek_after` (never past its token's refresh), at idle interval `interval`.
+
+    With `token_refresh_at`, its conversation's token was refreshed since the row was read and `token` is the new
+    one, already in the record: the row takes both, so it stays the record's own without being written anew."""
+
+    row: DueConversation
+    peek_after: datetime
+    interval: float
+    token: str = field(default="", repr=False)
+    token_refresh_at: datetime | None = None
 
 
 class DuePolls:
@@ -203,20 +216,20 @@ class DuePolls:
             parameters |= {"first": rows[0], "last": rows[1]}
         return parameters
 
-    def postpone_rows(self, postponements: Sequence[tuple[DueConversation, datetime, float]]) -> int:
-        """Move the next peek of conversations that had nothing new: (row, peek after, idle interval) each.
+    def postpone_rows(self, postponements: Sequence[Postponement]) -> int:
+        """Move the next peek of conversations that had nothing new, and bring a refreshed token into its row.
 
         A peek is never moved past the row's `token_refresh_at`: the token is refreshed in time however
-        long the conversation stays idle. Rows are updated in place under their ETags, up to 100 in one
-        entity-group transaction (one billed transaction), up to POSTPONE_WORKERS transactions at a time: each
-        waits mostly on the service, and 1,000 quiet conversations one batch after another took longer than
-        peeking them. A row rescheduled or removed meanwhile (a webhook, a worker's finish) is left alone: that
-        schedule wins. Best effort: a row not moved is only peeked again. Returns how many moved."""
-        operations = [("update", {"PartitionKey": _PARTITION, "RowKey": row.index_key,
-                                  "peek_after": _before_refresh(after, row.token_refresh_at),
-                                  "poll_interval": float(interval)},
-                       {"mode": UpdateMode.MERGE, "etag": row.etag, "match_condition": MatchConditions.IfNotModified})
-                      for row, after, interval in postponements if row.etag]
+        long the conversation stays idle. Rows are updated in place, up to 100 in one entity-group transaction
+        (one billed transaction), up to POSTPONE_WORKERS transactions at a time: each waits mostly on the service,
+        and 1,000 quiet conversations one batch after another took longer than peeking them. A plain postponement
+        is made under the row's ETag: a row changed or removed meanwhile (a webhook, a worker's finish) is left
+        alone, that schedule wins. A refreshed token goes into the row whatever its ETag, as long as the row
+        exists: it is the record's token, and nothing else writes a row in place but postponements. Best effort:
+        a row not moved is only peeked again, and one that missed its refreshed token only goes down the full
+        path at its old refresh time (its record says otherwise). Returns how many moved."""
+        operations = [_postponing(postponement) for postponement in postponements
+                      if postponement.row.etag or postponement.token_refresh_at]
         batches = [operations[start:start + BATCH_LIMIT] for start in range(0, len(operations), BATCH_LIMIT)]
         with ThreadPoolExecutor(max_workers=max(1, min(len(batches), POSTPONE_WORKERS)),
                                 thread_name_prefix="postpone") as pool:
@@ -241,15 +254,11 @@ class DuePolls:
             return len(batch)
         return 0
 
-    def schedule(self, record: ConversationRecord, *, previous: ConversationRecord | None,
-                 peek_after: datetime | None = None) -> str | None:
+    def schedule(self, record: ConversationRecord, *, previous: ConversationRecord | None) -> str | None:
         """The RowKey of the record's index row, inserted first when `previous` (the stored record) has none to keep.
 
         A row is kept while the schedule and what a peek relies on stay the same; None when the
-        record wants no polling (ended, or nothing scheduled). A new row's first peek is at `peek_after`
-        when later than its due time, never past its token's refresh (a kept row ignores it): a quiet
-        conversation whose token was refreshed without its lease keeps its due time (so its hourly full poll)
-        and its back-off. Raises StoreError when the row cannot be written."""
+        record wants no polling (ended, or nothing scheduled). Raises StoreError when the row cannot be written."""
         if record.state != ConversationState.ACTIVE or record.next_poll_at is None:
             return None
         old_index = previous.due_index_key if previous is not None else None
@@ -258,11 +267,8 @@ class DuePolls:
         if reusable and old_index and old_index.startswith(prefix):
             return old_index
         index = f"{prefix}{secrets.token_hex(4)}"
-        first_peek = record.next_poll_at
-        if peek_after is not None:
-            first_peek = max(first_peek, _before_refresh(peek_after, record.token_refresh_at))
         row = {"PartitionKey": _PARTITION, "RowKey": index, "channel": record.key.channel,
-               "user": record.key.user, "peek_after": first_peek}
+               "user": record.key.user, "peek_after": record.next_poll_at}
         if _peek_view(record):
             row |= {"conversation_id": record.conversation_id, "watermark": record.watermark,
                     "last_activity_at": max((t for t in (record.last_user_activity_at, record.last_bot_activity_at)
@@ -276,6 +282,19 @@ class DuePolls:
     def delete_row(self, index_key: str) -> None:
         """Best effort: a leftover row is harmless (Conversations.claim_due removes it later)."""
         self._table.delete_quietly(_PARTITION, index_key)
+
+
+def _postponing(postponement: Postponement) -> tuple:
+    """The transaction operation of one postponement (DuePolls.postpone_rows)."""
+    row, refresh_at = postponement.row, postponement.token_refresh_at or postponement.row.token_refresh_at
+    entity = {"PartitionKey": _PARTITION, "RowKey": row.index_key,
+              "peek_after": _before_refresh(postponement.peek_after, refresh_at),
+              "poll_interval": float(postponement.interval)}
+    if postponement.token_refresh_at:  # If-Match: *, the row as it is now
+        return "update", entity | {"token": postponement.token, "token_refresh_at": refresh_at}, {
+            "mode": UpdateMode.MERGE}
+    return "update", entity, {"mode": UpdateMode.MERGE, "etag": row.etag,
+                              "match_condition": MatchConditions.IfNotModified}
 
 
 def _before_refresh(peek_after: datetime, token_refresh_at: datetime | None) -> datetime:

@@ -6,7 +6,10 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
+import pytest
+
 from relay.store.conversations import ConversationKey, ConversationState
+from relay.store.due_polls import Postponement
 from tests.store.conftest import T0, CountingTransport, create, make_store
 
 
@@ -110,7 +113,7 @@ def test_a_peek_is_never_postponed_past_the_time_the_conversations_token_wants_r
     [row] = store.due_polls.list_due(now=T0)
     assert row.peekable and row.token_refresh_at == refresh_at
 
-    assert store.due_polls.postpone_rows([(row, T0 + timedelta(minutes=5), 60.0)]) == 1
+    assert store.due_polls.postpone_rows([Postponement(row, T0 + timedelta(minutes=5), 60.0)]) == 1
 
     assert store.due_polls.list_due(now=refresh_at - timedelta(seconds=1)) == []
     assert [d.key for d in store.due_polls.list_due(now=refresh_at)] == [key]
@@ -118,7 +121,7 @@ def test_a_peek_is_never_postponed_past_the_time_the_conversations_token_wants_r
 
 def test_a_settled_row_carries_the_token_a_peek_reads_with_and_a_new_token_gets_a_new_row(store):
     """Token endpoint mode has no secret: the poller peeks with the conversation's token, so the row must hold the
-    record's current one (a refresh writes a new row), never in its repr."""
+    record's current one (a worker's change of token writes a new row), never in its repr."""
     key = ConversationKey("twilio", "+1556")
     record = create(store, key, token="first-token", token_expires_at=T0 + timedelta(hours=1),
                     token_refresh_at=T0 + timedelta(minutes=30), peekable=True, next_poll_at=T0)
@@ -129,6 +132,42 @@ def test_a_settled_row_carries_the_token_a_peek_reads_with_and_a_new_token_gets_
                                       current=record)
     [row] = store.due_polls.list_due(now=T0)
     assert row.token == "second-token"
+
+
+def test_a_token_refreshed_on_a_quiet_peek_goes_into_the_record_and_its_row_in_place(store):
+    """The poller's refresh of a quiet conversation: the record written with the new token keeps its row, and the
+    postponing batch brings the token into the row, even one postponed meanwhile (its ETag changed); a row its
+    record moved away from stays gone."""
+    key, gone = ConversationKey("twilio", "+1557"), ConversationKey("twilio", "+1558")
+    for each in (key, gone):
+        create(store, each, token="old-token", token_expires_at=T0 + timedelta(minutes=30),
+               token_refresh_at=T0 + timedelta(minutes=15), peekable=True, next_poll_at=T0)
+    rows = {row.key: row for row in store.due_polls.list_due(now=T0)}
+    renewed = T0 + timedelta(minutes=30)
+    for each in (key, gone):
+        stored = store.conversations.update_record(
+            each, lambda r: replace(r, token="new-token", token_refresh_at=renewed), keep_row=True)
+        assert stored.due_index_key == rows[each].index_key
+    assert store.due_polls.postpone_rows([Postponement(rows[key], T0 + timedelta(minutes=1), 60.0)]) == 1
+    store.conversations.update_record(gone, lambda r: replace(r, next_poll_at=T0 + timedelta(seconds=1)))
+
+    later = T0 + timedelta(minutes=2)
+    assert store.due_polls.postpone_rows([Postponement(rows[each], later, 60.0, token="new-token",
+                                                       token_refresh_at=renewed) for each in (key, gone)]) == 1
+
+    [row] = [row for row in store.due_polls.list_due(now=T0 + timedelta(hours=1)) if row.key == key]
+    assert (row.index_key, row.token, row.token_refresh_at) == (rows[key].index_key, "new-token", renewed)
+    assert [row.key for row in store.due_polls.list_due(now=later - timedelta(seconds=1))] == [gone]
+    [moved] = [row for row in store.due_polls.list_due(now=T0 + timedelta(hours=1)) if row.key == gone]
+    assert moved.index_key != rows[gone].index_key
+
+
+def test_a_record_that_keeps_its_row_cannot_move_its_schedule(store):
+    key = ConversationKey("twilio", "+1559")
+    create(store, key, token="t", peekable=True, next_poll_at=T0)
+    with pytest.raises(ValueError, match="schedule"):
+        store.conversations.update_record(key, lambda r: replace(r, next_poll_at=T0 + timedelta(minutes=1)),
+                                          keep_row=True)
 
 
 def test_quiet_rows_of_several_transactions_are_all_postponed_but_a_row_rewritten_meanwhile_keeps_its_schedule(store):
@@ -145,7 +184,7 @@ def test_quiet_rows_of_several_transactions_are_all_postponed_but_a_row_rewritte
     table.upsert_entity({**rows[150], "watermark": "2"})  # rewritten after the tick read it
 
     later = T0 + timedelta(minutes=5)
-    assert store.due_polls.postpone_rows([(row, later, 60.0) for row in due]) == 249
+    assert store.due_polls.postpone_rows([Postponement(row, later, 60.0) for row in due]) == 249
 
     assert [d.key.user for d in store.due_polls.list_due(now=T0, limit=1000)] == ["quiet-150"]
     assert len(store.due_polls.list_due(now=later, limit=1000)) == 250
