@@ -12,8 +12,9 @@ loses nothing and repeats at most the one provider call that was in flight.
 
 The conversation's token is kept alive for as long as the conversation is open: it is refreshed
 once about half its lifetime has passed (`expires_in` as Direct Line gave it, the share drawn per
-token so refreshes spread out), and the record's next poll is never later than that, so the timer
-comes back for an idle conversation too (see poller.py). That costs one refresh per half-life per
+token so refreshes spread out), at the timer's last look before that time (so at most the idle
+ceiling early, and never a look of its own), and the record's next poll is never later than that, so
+the timer comes back for an idle conversation too (see poller.py). That costs one refresh per half-life per
 open conversation (with 30-minute tokens, four an hour). Reconnecting with the secret is never
 relied on: it fails under enhanced authentication. A token that lapsed anyway (an outage longer than
 its life, or Direct Line refusing it) is let go: the bot's replies are then read with the secret
@@ -282,11 +283,15 @@ class ConversationWorker:
                     self.ctx.settings.relay.start_event[:100], started.conversation_id, why, self.key.channel)
 
     def keep_token_fresh(self) -> None:
-        """Refresh the conversation's token once its refresh time has come, let it go once it lapsed."""
-        self._token()
+        """Refresh the conversation's token when it wants it before the timer's next look could come (at most the
+        idle ceiling from now: as the poller's quiet peek does, so the refresh never costs a look of its own); let
+        it go once it lapsed."""
+        ceiling = timedelta(seconds=self.ctx.settings.relay.poll_ceiling_seconds)
+        self._token(refresh_by=self.ctx.clock.now() + ceiling)
 
-    def _token(self) -> str | None:
-        """The conversation's live token, refreshed first once its refresh time has come; None when it has none.
+    def _token(self, *, refresh_by: datetime | None = None) -> str | None:
+        """The conversation's live token, refreshed first once its refresh time has come (or comes by `refresh_by`);
+        None when it has none.
 
         A token past its expiry, or one whose refresh Direct Line refuses, is let go: nothing brings it
         back. A refresh Direct Line cannot do now (throttled, down) keeps the token, still good for a
@@ -297,7 +302,8 @@ class ConversationWorker:
         if record.token_expires_at is not None and now >= record.token_expires_at:
             self._let_token_go("expired")
             return None
-        if self._refresh_deferred or (record.token_refresh_at is not None and now < record.token_refresh_at):
+        if self._refresh_deferred or (record.token_refresh_at is not None
+                                      and (refresh_by or now) < record.token_refresh_at):
             return record.token
         try:
             refreshed = self.ctx.directline.refresh_token(token=record.token)

@@ -102,8 +102,15 @@ def test_a_faster_timer_keeps_a_likely_reply_to_one_peek_every_5_s(relay):
     assert emulator.counters()["requests"] == {"activities/get": 3}
 
 
-def test_a_token_refresh_rides_on_an_idle_conversations_peek_and_keeps_its_back_off(relay):
+@pytest.mark.parametrize("shares", [
+    pytest.param((), id="tokens refreshed at a random share of their life"),
+    pytest.param((0.5, 0.55, 0.55), id="a refresh due just after the hourly full poll"),
+])
+def test_a_token_refresh_rides_on_an_idle_conversations_peek_and_keeps_its_back_off(relay, shares):
     emulator, _, clock, ctx, _ = relay()
+    draws = list(shares)
+    if draws:  # the share of its life after which each new token wants refreshing, in turn
+        clock.uniform = lambda low, high: draws.pop(0) if draws else (low + high) / 2
     seed(ctx, 1, last_activity_ago=3600)
     poll_tick(ctx)  # worked once after the user wrote, then idle: peeked less and less often
     peeks = []
@@ -117,8 +124,9 @@ def test_a_token_refresh_rides_on_an_idle_conversations_peek_and_keeps_its_back_
     assert len(refreshes) >= 6  # the 30-minute token, refreshed at about half its life for two hours
     ceiling = ctx.settings.relay.poll_ceiling_seconds
     settled = [(second, requests) for second, requests in peeks if second >= refreshes[0] - ceiling]
-    # Once at the ceiling (60 s) the peeks keep to it, refreshes and all: a refresh is made at the last peek before
-    # the token wants it, never at a peek of its own, and it is no news, so no 5, 10, 20, 40 s again after it.
+    # Once at the ceiling (60 s) the peeks keep to it, refreshes and the hourly full poll under the lease and all: a
+    # refresh is made at the last look before the token wants it, never at a look of its own, and it is no news,
+    # so no 5, 10, 20, 40 s again after it.
     assert all(later[0] - earlier[0] == ceiling for earlier, later in itertools.pairwise(settled)), peeks
     assert all(requests == {"activities/get": 1, "tokens/refresh": 1} for second, requests in settled
                if second in refreshes), peeks

@@ -225,9 +225,10 @@ class DuePolls:
         and 1,000 quiet conversations one batch after another took longer than peeking them. A plain postponement
         is made under the row's ETag: a row changed or removed meanwhile (a webhook, a worker's finish) is left
         alone, that schedule wins. A refreshed token goes into the row whatever its ETag, as long as the row
-        exists: it is the record's token, and nothing else writes a row in place but postponements. Best effort:
-        a row not moved is only peeked again, and one that missed its refreshed token only goes down the full
-        path at its old refresh time (its record says otherwise). Returns how many moved."""
+        exists: it is a token its record was given, and nothing else writes a row in place but postponements.
+        Best effort: a row not moved is only peeked again, and one that missed its refreshed token stays due, its
+        next peek setting it right (the full path writes it anew, or the token is refreshed again). Returns how
+        many moved."""
         operations = [_postponing(postponement) for postponement in postponements
                       if postponement.row.etag or postponement.token_refresh_at]
         batches = [operations[start:start + BATCH_LIMIT] for start in range(0, len(operations), BATCH_LIMIT)]
@@ -252,7 +253,9 @@ class DuePolls:
                 log.warning("could not postpone due rows: %s", type(error).__name__)
                 return 0
             return len(batch)
-        return 0
+        # rows kept changing under it: the refreshed tokens, which no change of a row refuses, still go in
+        tokens = [operation for operation in batch if "etag" not in operation[2]]
+        return self._postpone_batch(tokens) if tokens and len(tokens) < len(batch) else 0
 
     def schedule(self, record: ConversationRecord, *, previous: ConversationRecord | None) -> str | None:
         """The RowKey of the record's index row, inserted first when `previous` (the stored record) has none to keep.
@@ -298,7 +301,7 @@ def _postponing(postponement: Postponement) -> tuple:
 
 
 def _before_refresh(peek_after: datetime, token_refresh_at: datetime | None) -> datetime:
-    """A next peek never later than the token's refresh: the peek at that time refreshes it."""
+    """A next peek never later than the token's refresh time: a peek comes before the token wants refreshing."""
     return min(peek_after, token_refresh_at) if token_refresh_at else peek_after
 
 

@@ -162,6 +162,30 @@ def test_a_token_refreshed_on_a_quiet_peek_goes_into_the_record_and_its_row_in_p
     assert moved.index_key != rows[gone].index_key
 
 
+def test_a_refreshed_token_goes_into_its_row_however_many_rows_of_its_batch_changed_meanwhile(store):
+    key = ConversationKey("twilio", "+1560")
+    create(store, key, token="old-token", token_expires_at=T0 + timedelta(minutes=30),
+           token_refresh_at=T0 + timedelta(minutes=15), peekable=True, next_poll_at=T0)
+    table = store.tables.client("duepolls")
+    at = f"{int(T0.timestamp() * 1000):015d}"
+    others = [{"PartitionKey": "due", "RowKey": f"{at}|busy{i}|n", "channel": "twilio", "user": f"busy-{i}",
+               "conversation_id": f"conv-{i}", "watermark": "1", "peek_after": T0} for i in range(4)]
+    table.submit_transaction([("create", row) for row in others])
+    rows = store.due_polls.list_due(now=T0)
+    for row in others:
+        table.upsert_entity({**row, "watermark": "2"})  # every other row rewritten after the tick read it
+    renewed = T0 + timedelta(minutes=30)
+
+    store.due_polls.postpone_rows([
+        Postponement(row, T0 + timedelta(minutes=1), 60.0,
+                     **({"token": "new-token", "token_refresh_at": renewed} if row.key == key else {}))
+        for row in rows])
+
+    [row] = [row for row in store.due_polls.list_due(now=T0 + timedelta(hours=1)) if row.key == key]
+    assert (row.token, row.token_refresh_at) == ("new-token", renewed)
+    assert sorted(row.key.user for row in store.due_polls.list_due(now=T0)) == [f"busy-{i}" for i in range(4)]
+
+
 def test_a_record_that_keeps_its_row_cannot_move_its_schedule(store):
     key = ConversationKey("twilio", "+1559")
     create(store, key, token="t", peekable=True, next_poll_at=T0)
