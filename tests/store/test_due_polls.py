@@ -162,15 +162,24 @@ def test_a_token_refreshed_on_a_quiet_peek_goes_into_the_record_and_its_row_in_p
     assert moved.index_key != rows[gone].index_key
 
 
+def settled_rows_due_at_t0(store, name: str, count: int) -> list[dict]:
+    """`count` peekable due rows of users "<name>-<n>", due at T0 (as a settled conversation's row, without its
+    record), written 100 to a transaction."""
+    at = f"{int(T0.timestamp() * 1000):015d}"
+    rows = [{"PartitionKey": "due", "RowKey": f"{at}|{name}{i:04d}|n", "channel": "twilio", "user": f"{name}-{i}",
+             "conversation_id": f"conv-{i}", "watermark": "1", "peek_after": T0} for i in range(count)]
+    table = store.tables.client("duepolls")
+    for start in range(0, len(rows), 100):
+        table.submit_transaction([("create", row) for row in rows[start:start + 100]])
+    return rows
+
+
 def test_a_refreshed_token_goes_into_its_row_however_many_rows_of_its_batch_changed_meanwhile(store):
     key = ConversationKey("twilio", "+1560")
     create(store, key, token="old-token", token_expires_at=T0 + timedelta(minutes=30),
            token_refresh_at=T0 + timedelta(minutes=15), peekable=True, next_poll_at=T0)
     table = store.tables.client("duepolls")
-    at = f"{int(T0.timestamp() * 1000):015d}"
-    others = [{"PartitionKey": "due", "RowKey": f"{at}|busy{i}|n", "channel": "twilio", "user": f"busy-{i}",
-               "conversation_id": f"conv-{i}", "watermark": "1", "peek_after": T0} for i in range(4)]
-    table.submit_transaction([("create", row) for row in others])
+    others = settled_rows_due_at_t0(store, "busy", 4)
     rows = store.due_polls.list_due(now=T0)
     for row in others:
         table.upsert_entity({**row, "watermark": "2"})  # every other row rewritten after the tick read it
@@ -198,11 +207,7 @@ def test_quiet_rows_of_several_transactions_are_all_postponed_but_a_row_rewritte
     """Quiet conversations are postponed in transactions of 100 sent side by side: every row moves, except
     one a webhook or a worker rewrote since it was read, which fails only its own transaction's first try."""
     table = store.tables.client("duepolls")
-    at = f"{int(T0.timestamp() * 1000):015d}"
-    rows = [{"PartitionKey": "due", "RowKey": f"{at}|quiet{i:04d}|n", "channel": "twilio", "user": f"quiet-{i}",
-             "conversation_id": f"conv-{i}", "watermark": "1", "peek_after": T0} for i in range(250)]
-    for start in range(0, len(rows), 100):
-        table.submit_transaction([("create", row) for row in rows[start:start + 100]])
+    rows = settled_rows_due_at_t0(store, "quiet", 250)
     due = store.due_polls.list_due(now=T0, limit=1000)
     assert len(due) == 250 and all(d.peekable for d in due)
     table.upsert_entity({**rows[150], "watermark": "2"})  # rewritten after the tick read it
