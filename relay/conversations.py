@@ -283,11 +283,17 @@ class ConversationWorker:
                     self.ctx.settings.relay.start_event[:100], started.conversation_id, why, self.key.channel)
 
     def keep_token_fresh(self) -> None:
-        """Refresh the conversation's token when it wants it before the timer's next look could come (at most the
-        idle ceiling from now: as the poller's quiet peek does, so the refresh never costs a look of its own); let
-        it go once it lapsed."""
-        ceiling = timedelta(seconds=self.ctx.settings.relay.poll_ceiling_seconds)
-        self._token(refresh_by=self.ctx.clock.now() + ceiling)
+        """Refresh the conversation's token when it wants it before the timer's next look as its idle schedule has
+        it (as the poller's quiet peek does, so the refresh never costs a look of its own; a conversation in an
+        exchange is looked at again within seconds, so its token is refreshed hardly early); let it go once it
+        lapsed."""
+        record = self.record
+        recent = max((t for t in (record.last_user_activity_at, record.last_bot_activity_at) if t), default=None)
+        _, next_look = next_idle_poll(self.ctx.clock.now(), last_activity=recent,
+                                      last_user_activity=record.last_user_activity_at,
+                                      interval=record.poll_interval,
+                                      ceiling=self.ctx.settings.relay.poll_ceiling_seconds)
+        self._token(refresh_by=next_look)
 
     def _token(self, *, refresh_by: datetime | None = None) -> str | None:
         """The conversation's live token, refreshed first once its refresh time has come (or comes by `refresh_by`);

@@ -524,6 +524,24 @@ def test_the_token_is_refreshed_by_how_long_it_has_left_and_never_renewed_with_t
         assert (after.token, after.token_expires_at, after.token_refresh_at) == ("", None, None)
 
 
+def test_a_conversation_in_an_exchange_has_its_token_refreshed_only_once_its_refresh_time_is_near(inprocess_relay):
+    """The worker refreshes at its last look before the token wants it, by the idle schedule: a conversation whose
+    user just wrote is looked at again within seconds, so a token wanting refreshing in 30 s is not refreshed yet
+    (with 60 s tokens, as in the soak, refreshing at every run would multiply the refreshes)."""
+    relay = inprocess_relay()
+    key = settled(relay)
+    now = relay.time()
+    relay.store.conversations.update_record(key, lambda r: replace(r, last_user_activity_at=now,
+                                                                   token_refresh_at=now + timedelta(seconds=30)))
+
+    relay.work(key)
+
+    assert "tokens/refresh" not in relay.calls()
+    relay.time.advance(31)
+    relay.work(key)
+    assert relay.calls()["tokens/refresh"] == 1
+
+
 def until_its_token_wants_refreshing(relay: InProcessRelay, key: ConversationKey) -> None:
     relay.time.advance((relay.record(key).token_refresh_at - relay.time()).total_seconds() + 1)
 
