@@ -4,8 +4,8 @@ The worker holds the lease, saves the record and keeps the Direct Line token usa
 takes the outbox to Direct Line and `delivery.py` the bot's replies to the provider, both through it.
 Everything here runs under the conversation's lease, so exactly one worker talks to Direct Line and
 the provider for a conversation at a time. Only the worker writes the record: what arrived since
-(the outbox) is applied to it first, under the lease (the one exception, the poller's refresh of a
-quiet conversation's token, writes only while nobody holds the lease, under the record's ETag).
+(the outbox) is applied to it first, under the lease, and the newer token a quiet refresh left in
+its due row is brought in as the lease is taken.
 Progress is saved as it is made (each delivered activity id right after the provider accepted it,
 the watermark once its whole page is handled), so an instance that dies between any two lines
 loses nothing and repeats at most the one provider call that was in flight.
@@ -13,8 +13,9 @@ loses nothing and repeats at most the one provider call that was in flight.
 The conversation's token is kept alive for as long as the conversation is open: it is refreshed
 once about half its lifetime has passed (`expires_in` as Direct Line gave it, the share drawn per
 token so refreshes spread out), at the timer's last look before that time (so at most the idle
-ceiling early, and never a look of its own), and the record's next poll is never later than that, so
-the timer comes back for an idle conversation too (see poller.py). That costs one refresh per half-life per
+ceiling early, and never a look of its own; a quiet conversation's new token is kept in its due
+row until the next lease), and the record's next poll is never later than that, so the timer comes
+back for an idle conversation too (see poller.py). That costs one refresh per half-life per
 open conversation (with 30-minute tokens, four an hour). Reconnecting with the secret is never
 relied on: it fails under enhanced authentication. A token that lapsed anyway (an outage longer than
 its life, or Direct Line refusing it) is let go: the bot's replies are then read with the secret
@@ -64,6 +65,7 @@ from relay.store import RelayStore, get_store
 from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState
 
 __all__ = [
+    "CLOCK_SKEW",
     "ConversationWorker",
     "Peek",
     "RelayContext",
@@ -85,6 +87,8 @@ REPLY_LIKELY_FOR = timedelta(minutes=2)
 """After a user or bot message, poll every REPLY_LIKELY_GAP this long, then back off."""
 REPLY_LIKELY_GAP = timedelta(seconds=5)
 FIRST_IDLE_INTERVAL = 5.0
+CLOCK_SKEW = timedelta(seconds=5)
+"""How far apart two instances' clocks may be (what one wrote for another to act on)."""
 RETRY_WAITING_AFTER = 5.0  # seconds: messages still waiting after a failure nobody put a time on
 
 
@@ -124,6 +128,13 @@ class RelayContext:
     directline: DirectLineClient
     adapter: Callable[[str], ChannelAdapter]
     clock: Clock = SYSTEM_CLOCK
+
+    @property
+    def token_lookahead(self) -> timedelta:
+        """How long before a conversation's token wants refreshing a quiet peek may have refreshed it in its due row
+        alone (Conversations.acquire_lease): one idle interval at most, the idle ceiling, and the skew between two
+        instances' clocks."""
+        return timedelta(seconds=self.settings.relay.poll_ceiling_seconds) + CLOCK_SKEW
 
     @functools.cached_property
     def poll_queue(self) -> PollQueue:

@@ -15,6 +15,7 @@ prompt bot does not wait for the timer.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -194,14 +195,14 @@ def relay_now(ctx: RelayContext, key: ConversationKey, marks: list[InboundMark],
     Failures here are logged, never raised: the messages are stored, and the provider must hear 200."""
     owner = new_owner("webhook")
     try:
-        lease = ctx.settings.relay.lease_seconds
         user_id = directline_user_id(key.channel, key.user, key_for=ctx.store.tables.key_for)
-        record = ctx.store.conversations.acquire_lease(key, owner=owner, lease_seconds=lease,
-                                                       create_with_user_id=user_id)
+        take_lease = functools.partial(ctx.store.conversations.acquire_lease, key, owner=owner,
+                                       lease_seconds=ctx.settings.relay.lease_seconds, create_with_user_id=user_id,
+                                       token_lookahead=ctx.token_lookahead)
+        record = take_lease()
         while record is None and ctx.clock.now() + timedelta(seconds=LEASE_WAIT_STEP) < burst_until:
             ctx.clock.sleep(LEASE_WAIT_STEP)  # another worker has this conversation right now
-            record = ctx.store.conversations.acquire_lease(key, owner=owner, lease_seconds=lease,
-                                                           create_with_user_id=user_id)
+            record = take_lease()
         if record is None:
             log.info("a %s conversation is busy; the poller will post its message", key.channel)
             return

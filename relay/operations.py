@@ -100,7 +100,7 @@ def get_stats(store: RelayStore, *, now: datetime | None = None) -> RelayStats:
 def conversation_view(store: RelayStore, key: ConversationKey) -> dict[str, Any]:
     """One conversation's record as an operator sees it (never its token: only until when it is good), with the
     messages waiting in its outbox and its dead letters' ids. NotFound when the user has no record."""
-    record = store.conversations.get_record(key)
+    record = store.conversations.get_record(key, newest_token=True)  # what the relay works with
     if record is None:
         raise NotFound(f"no {key.channel} conversation with user {key.user}")
     return {
@@ -298,8 +298,8 @@ def _leased(ctx: RelayContext, key: ConversationKey) -> Iterator[tuple[Conversat
     while True:
         if ctx.store.conversations.get_record(key) is None:
             raise NotFound(f"no {key.channel} conversation with user {key.user}")
-        record = ctx.store.conversations.acquire_lease(key, owner=owner,
-                                                       lease_seconds=ctx.settings.relay.lease_seconds)
+        record = ctx.store.conversations.acquire_lease(key, owner=owner, lease_seconds=ctx.settings.relay.lease_seconds,
+                                                       token_lookahead=ctx.token_lookahead)
         if record is not None:
             break
         if ctx.clock.monotonic() >= deadline:

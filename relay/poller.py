@@ -16,12 +16,13 @@ token in its due row.
 A peek is never postponed past the time the conversation's token wants refreshing (about half its
 lifetime, carried by the due row). The last peek before that time reads with the token, still good
 until it expires; when it finds nothing new the token is refreshed there, early by at most the
-conversation's idle interval, without the lease: the record read, then written under its ETag with
-the new token, which its row takes in the postponing batch (two storage transactions and a share of
-a batch where a leased run costs about ten, and no Direct Line request but the refresh). A worker
-holding the conversation is left to refresh it itself. So an open conversation's token stays alive
-however long it idles, for one refresh per half-life of its token; a refresh that fails there goes
-down the full path, whose worker lets a refused token go or backs off.
+conversation's idle interval, without the lease and without the record: the row takes the new token
+in the postponing batch, and the record takes it from the row with its next lease
+(Conversations.acquire_lease). That costs no storage transaction but a share of a batch the row is
+in anyway, where a leased run costs about ten, and no Direct Line request but the refresh. So an
+open conversation's token stays alive however long it idles, for one refresh per half-life of its
+token; a refresh that fails there goes down the full path, whose worker lets a refused token go or
+backs off.
 
 When more conversations are due than RELAY_FANOUT_THRESHOLD, the tick works none of them: it hands
 them to the poll queue in batches, which the queue-triggered `poll_batch` function works on as many
@@ -50,12 +51,12 @@ from datetime import datetime, timedelta
 from relay import telemetry
 from relay.activities import directline_user_id
 from relay.conversations import (
+    CLOCK_SKEW,
     Peek,
     RelayContext,
     WorkResult,
     new_owner,
     next_idle_poll,
-    token_change,
     work_conversation,
 )
 from relay.delivery import MIN_POLL_GAP
@@ -82,8 +83,6 @@ most of a round's batches, and the scale controller add fewer instances: the fan
 CHASE_QUIET = timedelta(seconds=5)
 """A chase ends once the bot answered the user's message and was quiet this long: long enough for the answer
 that follows an acknowledgement ("let me look that up"), far shorter than the chase for a bot done at once."""
-CHASE_CLOCK_SKEW = timedelta(seconds=5)
-"""How far ahead of this instance's clock the webhook's instance may have written a chase's times."""
 FULL_POLL_EVERY = timedelta(hours=1)
 """A peeked conversation is still worked under its lease this often (idle expiry, a lost nudge)."""
 
@@ -165,7 +164,8 @@ def work_chase(ctx: RelayContext, chase: Chase) -> int:
     again (that message's webhook chases on), or when Direct Line fails (the timer deals with it): the schedule
     still polls the conversation either way."""
     started = ctx.clock.now()
-    record = ctx.store.conversations.get_record_at(chase.partition_key)
+    record = ctx.store.conversations.get_record_at(chase.partition_key, newest_token=True,
+                                                   token_lookahead=ctx.token_lookahead)
     delivered, ended, looked = 0, _chase_over(ctx, chase, record), False
     if ended is None and record is not None:
         (delivered, ended), looked = _look(ctx, record), True
@@ -211,7 +211,8 @@ def _look(ctx: RelayContext, record: ConversationRecord) -> tuple[int, str | Non
         return 0, None
     owner = new_owner("chase")
     claimed = ctx.store.conversations.acquire_lease(record.key, owner=owner,
-                                                    lease_seconds=ctx.settings.relay.lease_seconds)
+                                                    lease_seconds=ctx.settings.relay.lease_seconds,
+                                                    token_lookahead=ctx.token_lookahead)
     if claimed is None:  # the holder delivers it, unless it read just before the reply came: the next look sees
         return 0, None
     peek = Peek(record.conversation_id, record.watermark, page, ctx.clock.monotonic())
@@ -224,7 +225,7 @@ def _chase_in_bounds(ctx: RelayContext, chase: Chase) -> bool:
     """A webhook writes a chase as it answers, ending at most MAX_CHASE_SECONDS later, and each look leaves the
     next a second on: a chase whose look is not yet due, or that ends long after it started (it would look every
     second until then), is not one the relay wrote."""
-    return (chase.polled_at - CHASE_CLOCK_SKEW <= chase.due_at <= ctx.clock.now() + CHASE_CLOCK_SKEW
+    return (chase.polled_at - CLOCK_SKEW <= chase.due_at <= ctx.clock.now() + CLOCK_SKEW
             and chase.until <= chase.polled_at + timedelta(seconds=MAX_CHASE_SECONDS))
 
 
@@ -332,7 +333,7 @@ def _work_due(ctx: RelayContext, due: list[DueConversation], started: float, *, 
                                                        lease_seconds=ctx.settings.relay.lease_seconds,
                                                        user_id=directline_user_id(item.key.channel, item.key.user,
                                                                                   key_for=ctx.store.tables.key_for),
-                                                       now=ctx.clock.now())
+                                                       token_lookahead=ctx.token_lookahead, now=ctx.clock.now())
             if record is None:
                 return None  # not due after all, or another poller holds it
             with telemetry.span("relay.conversation", channel=item.key.channel,
@@ -389,48 +390,26 @@ def _wants_token_refresh(item: DueConversation, *, before: datetime) -> bool:
 
 
 def _refresh_quiet_token(ctx: RelayContext, postponement: Postponement) -> Postponement | None:
-    """Refresh the token of a conversation its peek found quiet, at the last peek before the token wants it, without
-    the lease: a read of its record, the refresh, and the record written with the new token under its ETag, keeping
-    its row (so its due time, its hourly full poll); the row takes the new token in the postponing batch. Two
-    transactions and a share of a batch, where a leased run costs about ten, and no Direct Line request but the
-    refresh. The postponement to make: with the new token, or as it was when the conversation is not this peek's
-    to refresh (a worker holding it keeps the token fresh itself, or its record moved on). None for the full path
-    to deal with: Direct Line did not refresh the token (the worker tries once more, then lets a refused token go
-    or backs off), or the record is not as the row says (a row it no longer points at is removed there, and its
-    own row found)."""
-    item, next_peek = postponement.row, postponement.peek_after
-    now = ctx.clock.now()
-    record = ctx.store.conversations.get_record(item.key)
-    if record is not None and record.lease_held_by_other("", now):
-        return postponement
-    if record is None or not _quiet_as_its_row_says(record, item, now, next_peek):
+    """Refresh the token of a conversation its peek found quiet, at the last peek before the token wants it: the row's
+    token, without the lease and without touching the record. The postponing batch brings the new token into the
+    row, and whoever next takes the lease brings it into the record (Conversations.acquire_lease). So a refresh costs
+    no transaction but a share of a batch the row is in anyway, where a leased run costs about ten, and no Direct
+    Line request but the refresh. The postponement to make, with the new token; None for the full path to deal with
+    a token that expired or that Direct Line did not refresh (the worker tries once more, then lets a refused token
+    go or backs off).
+
+    A row whose conversation is worked meanwhile (its worker writes it a new row, deleting this one) loses the token
+    refreshed here, and keeps its own: still good until it expires, the worker refreshes it in time."""
+    item = postponement.row
+    if not item.token or (item.token_expires_at is not None and ctx.clock.now() >= item.token_expires_at):
         return None
     try:
-        granted = ctx.directline.refresh_token(token=record.token)
+        granted = ctx.directline.refresh_token(token=item.token)
     except DirectLineError:
         return None
     telemetry.count(telemetry.TOKENS_REFRESHED, kind="conversation", outcome="refreshed")
-    store_token = token_change(granted, clock=ctx.clock)
-
-    def change(stored: ConversationRecord | None) -> ConversationRecord | None:
-        if (stored is None or stored.token != record.token or stored.lease_held_by_other("", ctx.clock.now())
-                or not _quiet_as_its_row_says(stored, item, ctx.clock.now(), next_peek)):
-            return stored
-        return replace(store_token(stored), poll_interval=max(stored.poll_interval, postponement.interval))
-
-    stored = ctx.store.conversations.update_record(item.key, change, current=record, keep_row=True)
-    if stored is None or stored.token != granted.token:
-        return postponement  # changed meanwhile by whoever holds it now: its token is theirs to keep
-    return replace(postponement, token=stored.token, token_refresh_at=stored.token_refresh_at)
-
-
-def _quiet_as_its_row_says(record: ConversationRecord, item: DueConversation, now: datetime,
-                           next_peek: datetime) -> bool:
-    """The record is the row's (the row is its current one) and active, with a live token that wants refreshing
-    before the next peek."""
-    return (record.active and record.due_index_key == item.index_key and bool(record.token)
-            and record.token_refresh_at is not None and record.token_refresh_at <= next_peek
-            and (record.token_expires_at is None or now < record.token_expires_at))
+    expires_at, refresh_at = granted.schedule(now=ctx.clock.now(), clock=ctx.clock)
+    return replace(postponement, token=granted.token, token_refresh_at=refresh_at, token_expires_at=expires_at)
 
 
 def _peek(ctx: RelayContext, item: DueConversation) -> Peek | None:

@@ -132,7 +132,7 @@ def test_a_token_refresh_rides_on_an_idle_conversations_peek_and_keeps_its_back_
                if second in refreshes), peeks
 
 
-def test_idle_conversations_token_refreshes_cost_two_transactions_each_and_one_shared_batch(relay):
+def test_idle_conversations_token_refreshes_cost_only_the_batch_their_rows_are_moved_in(relay):
     emulator, _, clock, ctx, transport = relay()
     seed(ctx, 3, last_activity_ago=3600)
     poll_tick(ctx)
@@ -147,14 +147,23 @@ def test_idle_conversations_token_refreshes_cost_two_transactions_each_and_one_s
 
     assert (tick.due, tick.quiet, tick.worked) == (3, 3, 0)
     assert emulator.counters()["requests"] == {"activities/get": 3, "tokens/refresh": 3}
-    # The two queries of every tick; then each record read and written with its new token, and one batch that
-    # moves every row's next peek on and gives it the new token: no row written anew, no lease, no outbox.
-    assert dict(transport.snapshot()) == {"query": 2, "read": 3, "write": 3, "batch": 1}
+    # The two queries of every tick, and one batch that moves every row's next peek on and gives it its new token:
+    # no record read or written, no row written anew, no lease, no outbox.
+    assert dict(transport.snapshot()) == {"query": 2, "batch": 1}
+    rows = {row.key: row for row in ctx.store.due_polls.list_due(now=clock.now() + timedelta(hours=2))}
     for record in records:
-        after = ctx.store.conversations.get_record(record.key)
-        assert after.due_index_key == record.due_index_key and after.token != record.token
-    rows = ctx.store.due_polls.list_due(now=clock.now() + timedelta(hours=2))
-    assert sorted(row.token for row in rows) == sorted(ctx.store.conversations.get_record(r.key).token
-                                                       for r in records)
+        row = rows[record.key]
+        assert row.index_key == record.due_index_key and row.token not in ("", record.token)
+        assert row.token_expires_at > row.token_refresh_at > clock.now()
+
+    # The next lease (the user's next message, the hourly full poll) brings the row's token into the record, in the
+    # write that takes the lease: one read of the row more, and the row kept.
+    transport.reset()
+    leased = ctx.store.conversations.acquire_lease(records[0].key, owner="webhook", lease_seconds=60,
+                                                   token_lookahead=ctx.token_lookahead)
+    assert (leased.token, leased.due_index_key) == (rows[records[0].key].token, records[0].due_index_key)
+    assert dict(transport.snapshot()) == {"read": 2, "write": 1}
+    assert ctx.directline.get_activities(leased.conversation_id, token=leased.token) is not None
+
 
 

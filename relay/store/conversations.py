@@ -3,8 +3,9 @@
 One row per (channel, channel user): PartitionKey = `partition_of(key)`, the keyed hash of the
 channel and the user's address (both kept in the `channel` and `user` properties), RowKey
 "conversation". The record holds the user's Direct Line conversation, its token and when that token
-wants refreshing, the watermark, the activity ids already delivered, the schedule of its next poll
-and the lease of the one worker that may work it.
+wants refreshing (its due row may hold a newer one, which the next lease brings in), the watermark,
+the activity ids already delivered, the schedule of its next poll and the lease of the one worker
+that may work it.
 
 Every write is conditional on the record's ETag: a conflicting update is re-applied on fresh data
 or raised as ConcurrencyConflict, never silently overwritten. The due index (`due_polls`) follows
@@ -143,16 +144,29 @@ class Conversations:
         self._due_polls = due_polls
         self._clock = clock
 
-    def get_record(self, key: ConversationKey) -> ConversationRecord | None:
-        """The stored record, or None when the user has none."""
+    def get_record(self, key: ConversationKey, *, newest_token: bool = False,
+                   token_lookahead: timedelta | None = None) -> ConversationRecord | None:
+        """The stored record, or None when the user has none. With `newest_token`, with the newer token its due row
+        holds, if it does (one read more, as acquire_lease reads it with `token_lookahead`): the token its next lease
+        works with."""
         entity = self._table.get(partition_of(self._tables, key), _ROW)
-        return None if entity is None else _from_entity(key, entity)
+        return None if entity is None else self._record(key, entity, newest_token, token_lookahead)
 
-    def get_record_at(self, partition_key: str) -> ConversationRecord | None:
+    def get_record_at(self, partition_key: str, *, newest_token: bool = False,
+                      token_lookahead: timedelta | None = None) -> ConversationRecord | None:
         """The record whose PartitionKey is `partition_key` (what a poll queue message names a conversation by,
-        so that no user's address is in a queue), or None."""
+        so that no user's address is in a queue), or None; `newest_token` as get_record's."""
         entity = self._table.get(partition_key, _ROW)
-        return None if entity is None else _from_entity(ConversationKey(entity["channel"], entity["user"]), entity)
+        if entity is None:
+            return None
+        return self._record(ConversationKey(entity["channel"], entity["user"]), entity, newest_token, token_lookahead)
+
+    def _record(self, key: ConversationKey, entity: TableEntity, newest_token: bool,
+                token_lookahead: timedelta | None) -> ConversationRecord:
+        record = _from_entity(key, entity)
+        if not newest_token:
+            return record
+        return self._with_row_token(record, None, lookahead=token_lookahead, now=self._clock.now())
 
     def list_records(self, *, channel: str | None = None, limit: int = 100) -> list[ConversationRecord]:
         """Up to `limit` records, of `channel` only when given, in no particular order: a scan of the table (one
@@ -184,8 +198,7 @@ class Conversations:
         `lease_owner`, LeaseLost is raised instead when the lease is no longer that owner's: another poller
         took it over, or took it and gave it back (a record without a lease is not ours to change).
         The due index follows `next_poll_at` and `state` automatically. With `keep_row`, a stored record keeps
-        its row as it is, whatever changed: the poller's refresh of a quiet conversation's token, which brings
-        the new token into the row itself (DuePolls.postpone_rows) and leaves its due time alone.
+        its row as it is, whatever changed: a lease taken, with the newer token the record took from its row.
         """
         for attempt in range(UPDATE_ATTEMPTS):
             stored = current if attempt == 0 and current is not None else self.get_record(key)
@@ -224,18 +237,18 @@ class Conversations:
         raise ConcurrencyConflict(f"a {key.channel} conversation kept changing under {UPDATE_ATTEMPTS} attempts")
 
     def claim_due(self, due: DueConversation, *, owner: str, lease_seconds: float, user_id: str = "",
-                  now: datetime | None = None) -> ConversationRecord | None:
+                  token_lookahead: timedelta | None = None, now: datetime | None = None) -> ConversationRecord | None:
         """Take the lease of a due conversation; None when it is not ours to work now.
 
         A schedule row is claimed only when the record is active and due; a stale one (the record
-        moved on, ended or vanished) is removed here. An inbound row (`due.inbound`: a message
-        waits) is claimed whatever the schedule, creating the record with `user_id` when it has
-        none; the worker removes it once the message is seen.
+        moved on, ended or vanished) is removed here. The record takes the row's token when it is newer
+        (acquire_lease). An inbound row (`due.inbound`: a message waits) is claimed whatever the schedule,
+        creating the record with `user_id` when it has none; the worker removes it once the message is seen.
         """
         now = now or self._clock.now()
         if due.inbound:
             return self.acquire_lease(due.key, owner=owner, lease_seconds=lease_seconds, now=now,
-                                      create_with_user_id=user_id or None)
+                                      create_with_user_id=user_id or None, token_lookahead=token_lookahead)
         record = self.get_record(due.key)
         if record is None or record.due_index_key != due.index_key:
             self._due_polls.delete_row(due.index_key)
@@ -244,17 +257,25 @@ class Conversations:
         if due.poll_interval > record.poll_interval:
             # Peeks back off on the row alone: the worker carries on from there (a token refresh is no news).
             record = replace(record, poll_interval=due.poll_interval)
-        return self.acquire_lease(due.key, owner=owner, lease_seconds=lease_seconds, now=now, current=record)
+        return self.acquire_lease(due.key, owner=owner, lease_seconds=lease_seconds, now=now, current=record,
+                                  row=due, token_lookahead=token_lookahead)
 
     def acquire_lease(self, key: ConversationKey, *, owner: str, lease_seconds: float, now: datetime | None = None,
-                      current: ConversationRecord | None = None,
-                      create_with_user_id: str | None = None) -> ConversationRecord | None:
+                      current: ConversationRecord | None = None, create_with_user_id: str | None = None,
+                      token_lookahead: timedelta | None = None,
+                      row: DueConversation | None = None) -> ConversationRecord | None:
         """Hold the conversation for `lease_seconds` (renews our own lease); None while another owner holds it.
 
         A lease ends on its own when its holder dies: after expiry anyone may take it over. With
         `create_with_user_id`, a conversation without a record gets one, with that Direct Line user
         id, inserted only if absent: concurrent creators all end up with the first one's record.
         Without it, None when there is no record.
+
+        The lease brings into the record the newer token its due row holds (a quiet refresh puts its token
+        there alone: poller.py), in the same write, so the holder never works with a token older than the
+        row's. The row is the one given (`row`, as the caller read it), else read when it may hold one: a
+        settled record with a token, from `token_lookahead` before its refresh time (the poller's idle
+        ceiling: a quiet refresh is early by at most one idle interval; None: whatever the time).
         """
         now = now or self._clock.now()
         held_by_other = False
@@ -266,10 +287,28 @@ class Conversations:
             held_by_other = record is not None and record.lease_held_by_other(owner, now)
             if record is None or held_by_other:
                 return record
-            return replace(record, lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+            return replace(self._with_row_token(record, row, lookahead=token_lookahead, now=now), lease_owner=owner,
+                           lease_expires_at=now + timedelta(seconds=lease_seconds))
 
-        record = self.update_record(key, take, current=current, now=now)
+        record = self.update_record(key, take, current=current, keep_row=True, now=now)
         return None if record is None or held_by_other else record
+
+    def _with_row_token(self, record: ConversationRecord, row: DueConversation | None, *,
+                        lookahead: timedelta | None, now: datetime) -> ConversationRecord:
+        """`record` with its row's token when the row holds a newer one for the same Direct Line conversation."""
+        if not (record.peekable and record.token and record.due_index_key):
+            return record  # only a settled record's row is peeked, and so refreshed; a token let go stays gone
+        if row is None or row.index_key != record.due_index_key:
+            if (lookahead is not None and record.token_refresh_at is not None
+                    and now + lookahead < record.token_refresh_at):
+                return record  # too early for a peek to have refreshed the token
+            row = self._due_polls.get_row(key=record.key, index_key=record.due_index_key)
+        if (row is None or not row.token or row.conversation_id != record.conversation_id
+                or row.token_expires_at is None  # written before rows kept it: never newer than the record's
+                or (record.token_expires_at is not None and row.token_expires_at <= record.token_expires_at)):
+            return record  # newer is later to expire (a refresh time is drawn at random within the token's life)
+        return replace(record, token=row.token, token_refresh_at=row.token_refresh_at,
+                       token_expires_at=row.token_expires_at)
 
     def release_lease(self, record: ConversationRecord, *, owner: str, now: datetime | None = None) -> None:
         """Give the lease back early (a no-op when it is no longer ours)."""

@@ -9,10 +9,12 @@ moves `peek_after` on, for up to 100 conversations in one batch, never past `tok
 the row of an idle conversation is due at the latest when its token wants refreshing, and the
 poller refreshes it at the last peek before that time (poller.py): the token is kept alive for as
 long as the conversation is open, at the cost of one refresh per half-life. The row also carries
-the conversation's token (`token`), which a peek reads with: in token endpoint mode there is no
-secret to read with. It is a copy of the record's, in the same storage account, brought into the
-row in place with each refresh (in the postponing batch, with the row's new `token_refresh_at`), and
-good until the token expires, well past `token_refresh_at`.
+the conversation's token (`token`) and its expiry (`token_expires_at`), which a peek reads with: in
+token endpoint mode there is no secret to read with. The row is written with the record's token; a
+quiet refresh (poller.py) puts the new token into the row alone, in place, in the postponing batch,
+so between two leased runs the row may hold a newer token than its record. Whoever takes the lease
+brings it into the record (Conversations.acquire_lease): a record never works with an older token
+than its row holds. Each token is good until it expires, well past `token_refresh_at`.
 
 The record points at its row (`due_index_key`); a row is written before the record points at it,
 so none is ever missing, and a row nothing points at any more is removed when it is claimed.
@@ -37,7 +39,7 @@ from datetime import UTC, datetime
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError
-from azure.data.tables import TableTransactionError, UpdateMode
+from azure.data.tables import TableEntity, TableTransactionError, UpdateMode
 
 from relay.clock import Clock
 from relay.errors import StoreError
@@ -88,7 +90,9 @@ class DueConversation:
     token_refresh_at: datetime | None = None
     """When the conversation's token wants refreshing: no postponement past it (the peek then refreshes it)."""
     token: str = field(default="", repr=False)
-    """The conversation's token when the row was written ("" when it had none): what a peek reads with."""
+    """The conversation's token ("" when it had none): what a peek reads with; newer than the record's once a quiet
+    refresh put its new token here."""
+    token_expires_at: datetime | None = None
     etag: str | None = field(default=None, repr=False, compare=False)
     inbound: tuple[InboundMark, ...] = ()
     """The conversation's inbound rows that were read: messages that may wait, whatever the schedule."""
@@ -102,14 +106,15 @@ class DueConversation:
 class Postponement:
     """A quiet row's next peek moved to `peek_after` (never past its token's refresh), at idle interval `interval`.
 
-    With `token_refresh_at`, its conversation's token was refreshed since the row was read and `token` is the new
-    one, already in the record: the row takes both, so it stays the record's own without being written anew."""
+    With `token_refresh_at`, the peek refreshed the row's token and `token` is the new one, expiring at
+    `token_expires_at`: the row takes all three, and the record takes them from the row at its next lease."""
 
     row: DueConversation
     peek_after: datetime
     interval: float
     token: str = field(default="", repr=False)
     token_refresh_at: datetime | None = None
+    token_expires_at: datetime | None = None
 
 
 class DuePolls:
@@ -158,7 +163,8 @@ class DuePolls:
             f"{self._due_filter(rows)} and not (peek_after gt @now )",
             parameters=self._due_parameters(now, rows),
             select=["RowKey", "channel", "user", "conversation_id", "watermark", "last_activity_at",
-                    "last_user_activity_at", "poll_interval", "token_refresh_at", "token", "message_id", "marked_at"],
+                    "last_user_activity_at", "poll_interval", "token_refresh_at", "token", "token_expires_at",
+                    "message_id", "marked_at"],
             results_per_page=min(max(limit, 1), 1000),
         )
         due: dict[ConversationKey, DueConversation] = {}
@@ -173,19 +179,17 @@ class DuePolls:
                         continue
                     due[key] = DueConversation(key, mark.marked_at, mark.row_key, inbound=(mark,))
                 elif key not in due:
-                    at = datetime.fromtimestamp(int(entity["RowKey"][:15]) / 1000, UTC)
-                    due[key] = DueConversation(
-                        key, at, entity["RowKey"], conversation_id=entity.get("conversation_id") or "",
-                        watermark=entity.get("watermark"), last_activity_at=entity.get("last_activity_at"),
-                        last_user_activity_at=entity.get("last_user_activity_at"),
-                        poll_interval=entity.get("poll_interval") or 0.0,
-                        token_refresh_at=entity.get("token_refresh_at"), token=entity.get("token") or "",
-                        etag=entity.metadata.get("etag"))
+                    due[key] = _scheduled(key, entity)
                 else:
                     continue
                 if len(due) >= limit:
                     break
         return list(due.values())
+
+    def get_row(self, key: ConversationKey, index_key: str) -> DueConversation | None:
+        """Conversation `key`'s scheduled row `index_key` (the record's `due_index_key`), or None when it is gone."""
+        entity = self._table.get(_PARTITION, index_key)
+        return None if entity is None else _scheduled(key, entity)
 
     def list_due_rows(self, *, now: datetime | None = None, limit: int) -> list[str]:
         """The RowKeys of up to `limit` due rows, in order (what the timer splits into the poll queue's batches):
@@ -225,9 +229,9 @@ class DuePolls:
         and 1,000 quiet conversations one batch after another took longer than peeking them. A plain postponement
         is made under the row's ETag: a row changed or removed meanwhile (a webhook, a worker's finish) is left
         alone, that schedule wins. A refreshed token goes into the row whatever its ETag, as long as the row
-        exists: it is a token its record was given, and nothing else writes a row in place but postponements.
-        Best effort: a row not moved is only peeked again, and one that missed its refreshed token stays due, its
-        next peek setting it right (the full path writes it anew, or the token is refreshed again). Returns how
+        exists: nothing else writes a row in place but postponements (a worker's schedule is a new row). Best
+        effort: a row not moved is only peeked again, and one that missed its refreshed token stays due, its next
+        peek refreshing the token again (the token it held is good until it expires, long after). Returns how
         many moved."""
         operations = [_postponing(postponement) for postponement in postponements
                       if postponement.row.etag or postponement.token_refresh_at]
@@ -278,7 +282,7 @@ class DuePolls:
                                              if t), default=None),
                     "last_user_activity_at": record.last_user_activity_at,
                     "poll_interval": float(record.poll_interval), "token_refresh_at": record.token_refresh_at,
-                    "token": record.token}
+                    "token": record.token, "token_expires_at": record.token_expires_at}
         self._table.create(row)
         return index
 
@@ -294,10 +298,21 @@ def _postponing(postponement: Postponement) -> tuple:
               "peek_after": _before_refresh(postponement.peek_after, refresh_at),
               "poll_interval": float(postponement.interval)}
     if postponement.token_refresh_at:  # If-Match: *, the row as it is now
-        return "update", entity | {"token": postponement.token, "token_refresh_at": refresh_at}, {
-            "mode": UpdateMode.MERGE}
+        return "update", entity | {"token": postponement.token, "token_refresh_at": refresh_at,
+                                   "token_expires_at": postponement.token_expires_at}, {"mode": UpdateMode.MERGE}
     return "update", entity, {"mode": UpdateMode.MERGE, "etag": row.etag,
                               "match_condition": MatchConditions.IfNotModified}
+
+
+def _scheduled(key: ConversationKey, entity: TableEntity) -> DueConversation:
+    """A scheduled (not inbound) row as read."""
+    return DueConversation(
+        key, datetime.fromtimestamp(int(entity["RowKey"][:15]) / 1000, UTC), entity["RowKey"],
+        conversation_id=entity.get("conversation_id") or "", watermark=entity.get("watermark"),
+        last_activity_at=entity.get("last_activity_at"), last_user_activity_at=entity.get("last_user_activity_at"),
+        poll_interval=entity.get("poll_interval") or 0.0, token_refresh_at=entity.get("token_refresh_at"),
+        token=entity.get("token") or "", token_expires_at=entity.get("token_expires_at"),
+        etag=entity.metadata.get("etag"))
 
 
 def _before_refresh(peek_after: datetime, token_refresh_at: datetime | None) -> datetime:

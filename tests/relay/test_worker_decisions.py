@@ -19,8 +19,10 @@ from relay.activities import directline_user_id
 from relay.channels.base import InboundMessage, Media
 from relay.conversations import ConversationWorker
 from relay.errors import LeaseLost, TokenExpired
-from relay.inbound import accept_all
-from relay.store.conversations import ConversationKey, ConversationState
+from relay.fanout import Chase
+from relay.inbound import accept_all, relay_now
+from relay.poller import work_chase
+from relay.store.conversations import ConversationKey, ConversationRecord, ConversationState, partition_of
 from tests.relay.conftest import EVENT_SECRET, EventReceiver, InProcessRelay
 
 USER = "+15550200001"
@@ -546,7 +548,14 @@ def until_its_token_wants_refreshing(relay: InProcessRelay, key: ConversationKey
     relay.time.advance((relay.record(key).token_refresh_at - relay.time()).total_seconds() + 1)
 
 
-def test_a_quiet_conversation_whose_token_wants_refreshing_has_it_refreshed_without_the_lease(inprocess_relay):
+def with_newest_token(relay: InProcessRelay, key: ConversationKey) -> ConversationRecord:
+    """The record with the token its next lease works with: its due row's, when a quiet refresh left a newer one."""
+    record = relay.store.conversations.get_record(key, newest_token=True)
+    assert record is not None
+    return record
+
+
+def test_a_quiet_conversation_whose_token_wants_refreshing_has_it_refreshed_in_its_row_alone(inprocess_relay):
     relay = inprocess_relay()
     key = settled(relay)
     before = relay.record(key)
@@ -556,36 +565,92 @@ def test_a_quiet_conversation_whose_token_wants_refreshing_has_it_refreshed_with
 
     assert (tick.quiet, tick.worked) == (1, 0)
     assert relay.calls() == {"activities/get": 1, "tokens/refresh": 1}
-    after = relay.record(key)
-    assert after.token not in ("", before.token) and after.token_refresh_at > relay.time()
-    assert after.lease_owner is None
-    assert after.next_poll_at == before.next_poll_at  # its due time kept: the hourly full poll still comes
+    assert relay.record(key) == before  # not written: no lease, its due time kept (the hourly full poll still comes)
     [row] = relay.store.due_polls.list_due(now=relay.time() + timedelta(hours=2))
-    assert row.index_key == after.due_index_key and row.token == after.token  # what the next peek reads with
+    assert row.index_key == before.due_index_key and row.token not in ("", before.token)  # what the next peek uses
+    assert row.token_expires_at > row.token_refresh_at > relay.time()
     assert relay.tick().due == 0  # its next peek moved on as a quiet peek's does
     late_bot_reply(relay, key)
     relay.time.advance(relay.ctx.settings.relay.poll_ceiling_seconds)
     assert relay.tick().delivered == 1
     assert relay.replies(key) == ["You said: hello", "a late reply"]
+    assert relay.record(key).token == row.token  # the worker's lease brought the row's token into the record
+    assert relay.calls()["tokens/refresh"] == 1
 
 
-def test_a_token_refresh_is_left_to_whoever_holds_the_conversation(inprocess_relay):
+def idle_past_the_records_token(inprocess_relay) -> tuple[InProcessRelay, ConversationKey, ConversationRecord]:
+    """A settled conversation on tokens that live a minute, left quiet (ticks every 5 s) until three minutes past
+    its record's token's expiry: (relay, key, the record as it was settled)."""
+    relay = inprocess_relay(token_ttl=60, env={"RELAY_POLL_CEILING_SECONDS": "20"})
+    key = settled(relay)
+    before = relay.record(key)
+    while relay.time() < before.token_expires_at + timedelta(minutes=3):
+        relay.time.advance(5)
+        relay.tick()
+    return relay, key, before
+
+
+def test_a_user_writing_after_quiet_refreshes_outlived_the_records_token_reaches_the_same_conversation(
+        inprocess_relay):
+    """Tokens that live a minute: the record's own is long expired when the user writes; the message goes with the
+    token the row was kept alive with, into the conversation the user was in, not a new one."""
+    relay, key, before = idle_past_the_records_token(inprocess_relay)
+    assert relay.record(key).token == before.token  # quiet all along: only its row was given the new tokens
+    assert relay.calls()["tokens/refresh"] >= 5
+
+    relay.message(key.channel, key.user, "still there?")
+    relay_now(relay.ctx, key, relay.arrivals.pop(key), burst_until=relay.time(), poll=True)  # as the webhook does
+
+    assert relay.record(key).conversation_id == before.conversation_id
+    assert relay.messages_at_bot(before.conversation_id)[-1] == "still there?"
+    assert relay.replies(key)[-1] == "You said: still there?"
+    assert "conversations/start" not in relay.calls()
+
+
+def test_a_chase_looks_with_the_token_the_row_was_kept_alive_with(inprocess_relay):
+    """A chase looks without the lease, so it takes the row's newer token itself: no webhook took the lease since
+    the record's own expired (a user left for the timer in a crowded webhook), and the reply still goes at once."""
+    relay, key, before = idle_past_the_records_token(inprocess_relay)
+    late_bot_reply(relay, key)
+    now = relay.time()
+
+    delivered = work_chase(relay.ctx, Chase(partition_of(relay.store.tables, key), now + timedelta(seconds=10), now,
+                                            look_at=now))
+
+    assert delivered == 1
+    assert relay.replies(key) == ["You said: hello", "a late reply"]
+    assert relay.record(key).conversation_id == before.conversation_id
+
+
+def test_a_token_refreshed_while_a_worker_holds_the_conversation_reaches_the_workers_successor(inprocess_relay):
+    """The peek does not read the record, so it refreshes the row's token even while a worker holds the
+    conversation: the holder works on with its own token (good until it expires), and the next lease takes the
+    row's."""
     relay = inprocess_relay()
     key = settled(relay)
     before = relay.record(key)
     until_its_token_wants_refreshing(relay, key)
-    assert relay.store.conversations.acquire_lease(key, owner="the-timer", lease_seconds=60, now=relay.time())
+    holder = relay.store.conversations.acquire_lease(key, owner="the-timer", lease_seconds=60, now=relay.time())
+    assert holder is not None
 
     assert relay.tick().worked == 0
 
-    assert relay.calls() == {"activities/get": 1}
-    after = relay.record(key)
-    assert (after.token, after.lease_owner) == (before.token, "the-timer")
+    assert relay.calls() == {"activities/get": 1, "tokens/refresh": 1}
+    assert (relay.record(key).token, relay.record(key).lease_owner) == (before.token, "the-timer")
+    relay.store.conversations.release_lease(holder, owner="the-timer")  # its run ends, its own token unchanged
+    refreshed = with_newest_token(relay, key)
+    assert refreshed.token not in ("", before.token)
+    late_bot_reply(relay, key)
+    relay.time.advance(relay.ctx.settings.relay.poll_ceiling_seconds)
+    assert relay.tick().delivered == 1
+    assert relay.record(key).token == refreshed.token
+    assert relay.calls()["tokens/refresh"] == 1
 
 
-def test_a_leftover_row_at_its_tokens_refresh_is_removed_and_the_token_refreshed_all_the_same(inprocess_relay):
+def test_a_leftover_row_at_its_tokens_refresh_does_not_keep_the_token_from_being_refreshed(inprocess_relay):
     """A worker moved the conversation to a new row and could not delete the old one (best effort): the old row,
-    due first, must not keep the token from being refreshed (a finding of the review of the quiet refresh)."""
+    due first, must not keep the token from being refreshed (a finding of the review of the quiet refresh), and it
+    goes once its peek finds news."""
     relay = inprocess_relay()
     key = settled(relay)
     before = relay.record(key)
@@ -599,8 +664,14 @@ def test_a_leftover_row_at_its_tokens_refresh_is_removed_and_the_token_refreshed
     relay.tick()
     relay.tick()
 
+    kept = with_newest_token(relay, key)
+    assert kept.token not in ("", before.token) and kept.token_expires_at > relay.time()
+    late_bot_reply(relay, key)
+    relay.time.advance(relay.ctx.settings.relay.poll_ceiling_seconds)
+    relay.tick()
+    assert relay.replies(key) == ["You said: hello", "a late reply"]
     after = relay.record(key)
-    assert after.token not in ("", before.token) and after.token_expires_at > relay.time()
+    assert after.token == kept.token
     rows = relay.store.due_polls.list_due(now=relay.time() + timedelta(hours=2))
     assert [row.index_key for row in rows] == [after.due_index_key]
 
@@ -645,10 +716,10 @@ def test_an_idle_conversation_keeps_a_live_token_by_refreshing_it_at_about_half_
     refreshes = 0
     first = token = relay.record(key).token
     for _ in range(120):
-        wanted_at = relay.record(key).token_refresh_at  # about half its life after it was granted
+        wanted_at = with_newest_token(relay, key).token_refresh_at  # about half its life after it was granted
         relay.time.advance(5)
         relay.tick()
-        record = relay.record(key)
+        record = with_newest_token(relay, key)
         assert record.token and record.token_expires_at > relay.time()  # never a moment without a live token
         if record.token != token:
             refreshes += 1

@@ -134,32 +134,89 @@ def test_a_settled_row_carries_the_token_a_peek_reads_with_and_a_new_token_gets_
     assert row.token == "second-token"
 
 
-def test_a_token_refreshed_on_a_quiet_peek_goes_into_the_record_and_its_row_in_place(store):
-    """The poller's refresh of a quiet conversation: the record written with the new token keeps its row, and the
-    postponing batch brings the token into the row, even one postponed meanwhile (its ETag changed); a row its
-    record moved away from stays gone."""
+def test_a_token_refreshed_on_a_quiet_peek_goes_into_its_row_in_place_and_the_next_lease_takes_it(store):
+    """The poller's refresh of a quiet conversation: the postponing batch brings the token into the row, even one
+    postponed meanwhile (its ETag changed), the record untouched; the next lease brings it into the record and
+    keeps the row. A row its record moved away from stays gone."""
     key, gone = ConversationKey("twilio", "+1557"), ConversationKey("twilio", "+1558")
     for each in (key, gone):
         create(store, each, token="old-token", token_expires_at=T0 + timedelta(minutes=30),
                token_refresh_at=T0 + timedelta(minutes=15), peekable=True, next_poll_at=T0)
     rows = {row.key: row for row in store.due_polls.list_due(now=T0)}
-    renewed = T0 + timedelta(minutes=30)
-    for each in (key, gone):
-        stored = store.conversations.update_record(
-            each, lambda r: replace(r, token="new-token", token_refresh_at=renewed), keep_row=True)
-        assert stored.due_index_key == rows[each].index_key
+    renewed, expires = T0 + timedelta(minutes=30), T0 + timedelta(minutes=45)
     assert store.due_polls.postpone_rows([Postponement(rows[key], T0 + timedelta(minutes=1), 60.0)]) == 1
     store.conversations.update_record(gone, lambda r: replace(r, next_poll_at=T0 + timedelta(seconds=1)))
 
     later = T0 + timedelta(minutes=2)
     assert store.due_polls.postpone_rows([Postponement(rows[each], later, 60.0, token="new-token",
-                                                       token_refresh_at=renewed) for each in (key, gone)]) == 1
+                                                       token_refresh_at=renewed, token_expires_at=expires)
+                                          for each in (key, gone)]) == 1
 
     [row] = [row for row in store.due_polls.list_due(now=T0 + timedelta(hours=1)) if row.key == key]
-    assert (row.index_key, row.token, row.token_refresh_at) == (rows[key].index_key, "new-token", renewed)
+    assert (row.index_key, row.token, row.token_refresh_at, row.token_expires_at) == (
+        rows[key].index_key, "new-token", renewed, expires)
+    assert store.conversations.get_record(key).token == "old-token"
     assert [row.key for row in store.due_polls.list_due(now=later - timedelta(seconds=1))] == [gone]
     [moved] = [row for row in store.due_polls.list_due(now=T0 + timedelta(hours=1)) if row.key == gone]
     assert moved.index_key != rows[gone].index_key
+
+    leased = store.conversations.acquire_lease(key, owner="webhook", lease_seconds=30, now=later)
+    assert (leased.token, leased.token_refresh_at, leased.token_expires_at) == ("new-token", renewed, expires)
+    assert leased.due_index_key == rows[key].index_key
+    assert store.conversations.get_record(key).token == "new-token"
+
+
+def _another_conversation(record):
+    return replace(record, conversation_id="conv-new")
+
+
+def _token_let_go(record):
+    return record.without_token()
+
+
+def _refreshed_under_the_lease_since(record):
+    return replace(record, token="worker-token", token_refresh_at=T0 + timedelta(minutes=40),
+                   token_expires_at=T0 + timedelta(minutes=55))
+
+
+@pytest.mark.parametrize(("change", "token"), [
+    pytest.param(_another_conversation, "old-token", id="a row of the conversation the record left is not taken"),
+    pytest.param(_token_let_go, "", id="a token the record let go is not brought back"),
+    pytest.param(_refreshed_under_the_lease_since, "worker-token",
+                 id="a worker's newer token is not replaced by the row's older one"),
+])
+def test_a_lease_takes_only_a_newer_token_of_the_same_conversation_from_the_row(store, change, token):
+    key = ConversationKey("twilio", "+1561")
+    create(store, key, token="old-token", token_expires_at=T0 + timedelta(minutes=30),
+           token_refresh_at=T0 + timedelta(minutes=15), peekable=True, next_poll_at=T0)
+    [row] = store.due_polls.list_due(now=T0)
+    store.due_polls.postpone_rows([Postponement(row, T0 + timedelta(minutes=1), 60.0, token="row-token",
+                                                token_refresh_at=T0 + timedelta(minutes=30),
+                                                token_expires_at=T0 + timedelta(minutes=45))])
+    store.conversations.update_record(key, change, keep_row=True)
+
+    leased = store.conversations.acquire_lease(key, owner="webhook", lease_seconds=30, now=T0 + timedelta(minutes=2))
+
+    assert leased.token == token
+
+
+def test_a_lease_long_before_the_tokens_refresh_time_does_not_read_the_row(storage_connection_string, table_prefix):
+    counter = CountingTransport()
+    store = make_store(storage_connection_string, table_prefix, transport=counter)
+    key = ConversationKey("twilio", "+1562")
+    create(store, key, token="t", token_expires_at=T0 + timedelta(minutes=30),
+           token_refresh_at=T0 + timedelta(minutes=15), peekable=True, next_poll_at=T0)
+    lookahead = timedelta(seconds=65)
+
+    counter.requests.clear()
+    store.conversations.acquire_lease(key, owner="a", lease_seconds=30, token_lookahead=lookahead,
+                                      now=T0 + timedelta(minutes=13))
+    assert [request.split()[0] for request in counter.requests] == ["GET", "PUT"]  # the record, read and written
+
+    counter.requests.clear()
+    store.conversations.acquire_lease(key, owner="b", lease_seconds=30, token_lookahead=lookahead,
+                                      now=T0 + timedelta(minutes=14, seconds=30))
+    assert [request.split()[0] for request in counter.requests] == ["GET", "GET", "PUT"]  # and its row, maybe newer
 
 
 def settled_rows_due_at_t0(store, name: str, count: int) -> list[dict]:
@@ -187,7 +244,8 @@ def test_a_refreshed_token_goes_into_its_row_however_many_rows_of_its_batch_chan
 
     store.due_polls.postpone_rows([
         Postponement(row, T0 + timedelta(minutes=1), 60.0,
-                     **({"token": "new-token", "token_refresh_at": renewed} if row.key == key else {}))
+                     **({"token": "new-token", "token_refresh_at": renewed, "token_expires_at": renewed}
+                        if row.key == key else {}))
         for row in rows])
 
     [row] = [row for row in store.due_polls.list_due(now=T0 + timedelta(hours=1)) if row.key == key]
