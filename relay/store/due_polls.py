@@ -93,6 +93,7 @@ class DueConversation:
     """The conversation's token ("" when it had none): what a peek reads with; newer than the record's once a quiet
     refresh put its new token here."""
     token_expires_at: datetime | None = None
+    """When `token` expires (None in rows written before rows kept it): the later of two tokens is the newer."""
     etag: str | None = field(default=None, repr=False, compare=False)
     inbound: tuple[InboundMark, ...] = ()
     """The conversation's inbound rows that were read: messages that may wait, whatever the schedule."""
